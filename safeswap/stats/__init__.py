@@ -1,0 +1,30 @@
+"""safeswap.stats: pure statistics for guarded rollouts (numpy + scipy only).
+
+Public API (names are a contract used by the decide agent and the stream processor):
+
+* sufficient statistics: ``Proportion``, ``Mean``, ``Ratio``, ``LatencyHistogram``,
+  ``stat_from_dict``
+* ``sequential_compare`` -> ``SequentialResult`` (asymptotic confidence sequences)
+* ``GuardrailMonitor`` -> ``GuardrailVerdict``; ``split_alpha``
+* ``srm_test`` -> ``SRMResult``; ``SRMMonitor``
+* ``quantile_compare`` -> ``QuantileResult``
+* ``plan_sample_size`` -> ``SamplePlan``; ``watch_hours``
+
+See docs/statistics.md for the methods, references and validation figures.
+"""
+
+from safeswap.stats.guardrail import GuardrailMonitor, GuardrailVerdict, split_alpha
+from safeswap.stats.sequential import SequentialResult, sequential_compare
+from safeswap.stats.sufficient import Mean, Proportion, Ratio, stat_from_dict
+
+__all__ = [
+    "GuardrailMonitor",
+    "GuardrailVerdict",
+    "Mean",
+    "Proportion",
+    "Ratio",
+    "SequentialResult",
+    "sequential_compare",
+    "split_alpha",
+    "stat_from_dict",
+]
