@@ -1,0 +1,3 @@
+from safeswap.cli import main
+
+main()

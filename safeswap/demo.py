@@ -1,0 +1,229 @@
+"""``safeswap demo``: the whole product in one command.
+
+Starts the embedded broker (unless a broker is given) and a worker process,
+registers a plan, and simulates users: a FlagClient assigns each user, an Emitter
+sends their traces and feedback, and the candidate has a clearly higher
+thumbs-down rate. It ends when the worker's rollback decision reaches the
+FlagClient and the candidate's users are served control again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any, Iterator
+
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from safeswap.emitter import Emitter
+from safeswap.flags import FlagClient
+from schemas import Decision, FeedbackEvent, GuardrailSpec, RolloutPlan, TraceEvent, encode
+from streams.broker import EmbeddedBroker
+from streams.settings import ENV_PREFIX, Settings
+from streams.topics import ensure_topics
+
+THUMBS_DOWN = {"control": 0.05, "candidate": 0.15}
+ERROR_RATE = {"control": 0.01, "candidate": 0.01}
+MODELS = {"control": "claude-sonnet-4-5-20250929", "candidate": "claude-sonnet-4-6-20260301"}
+
+
+def demo_plan(rollout_id: str) -> RolloutPlan:
+    return RolloutPlan(
+        rollout_id=rollout_id,
+        percent=20.0,
+        alpha=0.05,
+        min_users_per_arm=200,
+        guardrails=[
+            GuardrailSpec(metric="thumbs_down_rate", max_relative_increase=0.20, action="rollback"),
+            GuardrailSpec(metric="error_rate", max_relative_increase=0.10, action="rollback"),
+        ],
+    )
+
+
+@contextlib.contextmanager
+def worker_process(settings: Settings) -> Iterator[subprocess.Popen]:
+    """A ``safeswap worker`` child, always stopped (SIGINT, then SIGKILL) and reaped."""
+    env = dict(os.environ)
+    env[ENV_PREFIX + "BROKER"] = settings.broker
+    env[ENV_PREFIX + "STATE_DIR"] = settings.state_dir
+    log_file = tempfile.NamedTemporaryFile(prefix="safeswap-worker-", suffix=".log", delete=False)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "safeswap", "worker"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # Ctrl-C reaches us; we stop the worker in order
+    )
+    try:
+        yield process
+    finally:
+        stop_process(process)
+        log_file.close()
+        os.unlink(log_file.name)
+
+
+def stop_process(process: subprocess.Popen, timeout_s: float = 8.0) -> None:
+    if process.poll() is not None:
+        return
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()  # a worker whose broker vanished may ignore signals
+        process.wait()
+
+
+def simulated_events(flags: FlagClient, rollout_id: str, user_index: int, ts_ms: int, rng: random.Random):
+    """One simulated user's request and reaction, assigned by the real FlagClient."""
+    user_id = f"user-{user_index}"
+    variant = flags.variant(rollout_id, user_id)
+    trace_id = uuid.UUID(int=rng.getrandbits(128)).hex
+    common = dict(rollout_id=rollout_id, variant=variant, user_id=user_id, session_id=f"s-{user_index}")
+    trace = TraceEvent(
+        event_id=f"t-{trace_id}",
+        ts=ts_ms,
+        trace_id=trace_id,
+        prompt_version="v41",
+        model_version=MODELS[variant],
+        latency_ms=rng.lognormvariate(6.8, 0.5),
+        input_tokens=rng.randint(200, 800),
+        output_tokens=rng.randint(50, 400),
+        cost_usd=0.002,
+        cache_hit=rng.random() < 0.3,
+        error="timeout" if rng.random() < ERROR_RATE[variant] else "none",
+        **common,
+    )
+    events: list[Any] = [trace]
+    if rng.random() < THUMBS_DOWN[variant]:
+        events.append(FeedbackEvent(event_id=f"f-{trace_id}", ts=ts_ms + 5_000, trace_id=trace_id, kind="thumbs_down", **common))
+    return variant, events
+
+
+def _status_table(sent: int, users: dict[str, int], decision: Decision | None, elapsed: float) -> Table:
+    table = Table(title="safeswap demo: candidate has 3x the thumbs-down rate", show_header=False)
+    table.add_row("elapsed", f"{elapsed:5.1f} s")
+    table.add_row("events sent", f"{sent:,}")
+    table.add_row("users control / candidate", f"{users['control']:,} / {users['candidate']:,}")
+    if decision is None:
+        table.add_row("controller", "waiting for the worker to register the plan...")
+    else:
+        table.add_row("last decision", f"#{decision.seq} {decision.action} ({decision.stage}, {decision.percent:g}%)")
+        table.add_row("reason", decision.reason)
+    return table
+
+
+def evidence_table(decision: Decision) -> Table:
+    table = Table(title=f"decision #{decision.seq}: {decision.action} {decision.rollout_id}")
+    for column in ("guardrail", "status", "estimate", "always-valid CI", "p-value", "limit", "users ctl/cand"):
+        table.add_column(column)
+    for item in decision.evidence:
+        interval = "-" if item.ci_low is None else f"[{item.ci_low:+.3f}, {item.ci_high:+.3f}]"
+        table.add_row(
+            item.metric,
+            item.status,
+            "-" if item.estimate is None else f"{item.estimate:+.3f}",
+            interval,
+            "-" if item.p_value is None else f"{item.p_value:.2g}",
+            "-" if item.threshold is None else f"{item.threshold:+.2f}",
+            f"{item.users_control:,}/{item.users_candidate:,}",
+        )
+    return table
+
+
+async def _simulate(settings: Settings, rollout_id: str, max_users: int, deadline: float, console: Console, started: float) -> dict:
+    plan = demo_plan(rollout_id)
+    rng = random.Random(7)
+    users = {"control": 0, "candidate": 0}
+    sent = 0
+    async with Emitter(settings=settings) as emitter, FlagClient(settings=settings) as flags:
+        # Register the plan (what `safeswap rollout start` does).
+        from aiokafka import AIOKafkaProducer
+
+        producer = AIOKafkaProducer(bootstrap_servers=settings.broker)
+        await producer.start()
+        try:
+            await producer.send_and_wait(settings.topic("plans"), encode(plan), key=rollout_id.encode())
+        finally:
+            await producer.stop()
+        with Live(_status_table(0, users, None, 0), console=console, refresh_per_second=8, transient=False) as live:
+            await _wait(lambda: flags.decision(rollout_id) is not None, deadline)
+            event_time = int(time.time() * 1000)
+            index = 0
+            while time.monotonic() < deadline:
+                decision = flags.decision(rollout_id)
+                if decision is not None and decision.action == "rollback":
+                    break
+                if index < max_users:
+                    for _ in range(100):  # a batch of users, then a beat for the worker
+                        variant, events = simulated_events(flags, rollout_id, index, event_time, rng)
+                        users[variant] += 1
+                        index += 1
+                        event_time += 1_000
+                        for event in events:
+                            sent += (emitter.trace if isinstance(event, TraceEvent) else emitter.feedback)(event)
+                live.update(_status_table(sent, users, decision, time.monotonic() - started))
+                await asyncio.sleep(0.05)
+            decision = flags.decision(rollout_id)
+            live.update(_status_table(sent, users, decision, time.monotonic() - started))
+        candidates_served = sum(flags.variant(rollout_id, f"user-{i}") == "candidate" for i in range(index))
+    return {"decision": decision, "events_sent": sent, "users": users, "candidate_users_now": candidates_served}
+
+
+async def _wait(condition, deadline: float) -> None:
+    while not condition() and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
+def run_demo(settings: Settings, *, max_users: int, timeout_s: float, json_out: bool) -> dict:
+    console = Console(stderr=json_out)
+    started = time.monotonic()
+    deadline = started + timeout_s
+    rollout_id = f"demo-{uuid.uuid4().hex[:6]}"
+    with contextlib.ExitStack() as stack:
+        if not settings.broker:
+            broker = stack.enter_context(EmbeddedBroker())
+            settings = settings.replace(broker=broker.bootstrap)
+            console.print(f"embedded Kafka-protocol broker (Tansu) on {broker.bootstrap}")
+        state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="safeswap-demo-"))
+        settings = settings.replace(state_dir=state_dir)
+        asyncio.run(ensure_topics(settings))
+        worker = stack.enter_context(worker_process(settings))
+        console.print(f"worker started (pid {worker.pid}); registering plan {rollout_id}")
+        outcome = asyncio.run(_simulate(settings, rollout_id, max_users, deadline, console, started))
+    decision: Decision | None = outcome["decision"]
+    seconds = round(time.monotonic() - started, 2)
+    if decision is not None and decision.evidence:
+        console.print(evidence_table(decision))
+    if decision is not None and decision.action == "rollback":
+        console.print(
+            f"[bold green]rolled back[/] after {outcome['events_sent']:,} events in {seconds} s: {decision.reason}\n"
+            f"candidate users served the candidate now: {outcome['candidate_users_now']}"
+        )
+    else:
+        console.print(f"[bold red]no rollback within {timeout_s:g} s[/]")
+    return {
+        "rollout_id": rollout_id,
+        "action": decision.action if decision else None,
+        "stage": decision.stage if decision else None,
+        "percent": decision.percent if decision else None,
+        "reason": decision.reason if decision else "no decision",
+        "seq": decision.seq if decision else None,
+        "evidence": [
+            {k: getattr(item, k) for k in item.__struct_fields__} for item in (decision.evidence if decision else [])
+        ],
+        "events_sent": outcome["events_sent"],
+        "users": outcome["users"],
+        "candidate_users_after": outcome["candidate_users_now"],
+        "seconds": seconds,
+    }

@@ -1,0 +1,241 @@
+"""Wire contracts v1: the events apps emit and the records safeswap publishes.
+
+Every event's ``ts`` is its event time. On the wire it is an RFC 3339 string with
+an offset (``2026-11-02T09:16:40Z``); decoders also accept integer epoch
+milliseconds. After decoding, ``ts`` is always integer epoch milliseconds (UTC),
+so windows and joins do plain integer arithmetic.
+
+Decoding validates: a bad event raises :class:`InvalidEvent` whose message names
+the field and the reason (``Expected `float` >= 0, got -3 - at `$.latency_ms```).
+Unknown fields are ignored, so emitters may send newer fields to older workers.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Annotated, Any, Literal, Union
+
+import msgspec
+from msgspec import Meta
+
+SCHEMA_VERSION = 1
+
+Variant = Literal["control", "candidate"]
+VARIANTS: tuple[str, ...] = ("control", "candidate")
+ErrorKind = Literal["none", "rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other"]
+ERROR_KINDS: tuple[str, ...] = ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other")
+FeedbackKind = Literal["thumbs_up", "thumbs_down", "edit", "retry", "abandon", "follow_up", "copy"]
+
+NonEmpty = Annotated[str, Meta(min_length=1, max_length=512)]
+NonNegative = Annotated[float, Meta(ge=0)]
+Count = Annotated[int, Meta(ge=0)]
+# RFC 3339 with an offset (naive times are refused: they are ambiguous), or epoch ms.
+EventTime = Union[Annotated[int, Meta(ge=0)], Annotated[datetime, Meta(tz=True)]]
+
+
+class InvalidEvent(ValueError):
+    """An event that does not decode or validate; the message says where and why."""
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_MS = timedelta(milliseconds=1)
+
+
+def to_epoch_ms(ts: int | datetime) -> int:
+    if isinstance(ts, datetime):
+        return (ts - _EPOCH) // _ONE_MS  # exact: no float rounding
+    return ts
+
+
+def rfc3339(ts_ms: int) -> str:
+    """Epoch milliseconds as an RFC 3339 UTC string, the wire form of ``ts``."""
+    moment = datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Event(msgspec.Struct, kw_only=True):
+    event_id: NonEmpty
+    ts: EventTime
+
+    def __post_init__(self) -> None:
+        self.ts = to_epoch_ms(self.ts)
+
+
+class TraceEvent(_Event, kw_only=True):
+    """One LLM response served to a user, tagged with what produced it."""
+
+    rollout_id: NonEmpty
+    variant: Variant
+    user_id: NonEmpty
+    session_id: NonEmpty
+    trace_id: NonEmpty
+    prompt_version: NonEmpty
+    model_version: NonEmpty
+    latency_ms: NonNegative
+    ttft_ms: NonNegative | None = None
+    input_tokens: Count
+    output_tokens: Count
+    cost_usd: NonNegative
+    cache_hit: bool
+    error: ErrorKind = "none"
+    prompt_text: str | None = None
+    response_text: str | None = None
+
+
+class FeedbackEvent(_Event, kw_only=True):
+    """What the user did with a response: thumbs, an edit, a retry, leaving."""
+
+    trace_id: NonEmpty
+    user_id: NonEmpty
+    session_id: NonEmpty
+    rollout_id: NonEmpty
+    variant: Variant
+    kind: FeedbackKind
+    final_text: str | None = None
+
+
+class GuardrailSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A rollback rule fixed before the start: "thumbs-down +20% vs control: roll back"."""
+
+    metric: NonEmpty
+    max_relative_increase: Annotated[float, Meta(gt=0)] | None = None
+    max_absolute_increase: Annotated[float, Meta(gt=0)] | None = None
+    action: Literal["rollback", "pause"] = "rollback"
+
+
+class RolloutPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Minimal v1 plan: one canary split guarded by sequential tests.
+
+    The controller issue extends it with stages, watch periods and health checks.
+    """
+
+    rollout_id: NonEmpty
+    salt: str | None = None
+    stakes: Literal["high", "low"] = "high"
+    percent: Annotated[float, Meta(ge=0, le=100)] = 5.0
+    alpha: Annotated[float, Meta(gt=0, lt=1)] = 0.05
+    min_users_per_arm: Annotated[int, Meta(ge=1)] = 100
+    guardrails: list[GuardrailSpec] = []
+
+    @property
+    def effective_salt(self) -> str:
+        return self.salt or self.rollout_id
+
+
+class GuardrailEvidence(msgspec.Struct, kw_only=True):
+    """What a guardrail test saw at the moment of a decision."""
+
+    metric: str
+    status: str
+    estimate: float | None
+    ci_low: float | None
+    ci_high: float | None
+    p_value: float | None
+    threshold: float | None
+    users_control: int
+    users_candidate: int
+
+
+class Decision(msgspec.Struct, kw_only=True):
+    """The controller's word on a rollout; the flag client serves what it says.
+
+    Published to the compacted ``safeswap.decisions`` keyed by rollout_id, so the
+    last decision per rollout is its current state.
+    """
+
+    rollout_id: str
+    seq: int
+    ts: int
+    action: Literal["start", "hold", "promote", "pause", "resume", "rollback", "complete"]
+    stage: str
+    percent: float
+    salt: str
+    reason: str
+    plan_hash: str = ""
+    evidence: list[GuardrailEvidence] = []
+    schema_version: int = SCHEMA_VERSION
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """An input that could not be used, with where it came from and why."""
+
+    topic: str
+    partition: int
+    offset: int
+    reason: str
+    agent: str
+    value_b64: str
+    key_b64: str | None = None
+    ts: int
+
+
+EVENT_TYPES: dict[str, type[msgspec.Struct]] = {
+    "trace": TraceEvent,
+    "feedback": FeedbackEvent,
+    "decision": Decision,
+    "rollout_plan": RolloutPlan,
+}
+
+_decoders: dict[type, msgspec.json.Decoder] = {}
+
+
+def decoder(event_type: type[msgspec.Struct]) -> msgspec.json.Decoder:
+    if event_type not in _decoders:
+        _decoders[event_type] = msgspec.json.Decoder(event_type)
+    return _decoders[event_type]
+
+
+def decode(event_type: type[msgspec.Struct], raw: bytes | str) -> Any:
+    """Decode and validate one JSON event, or raise InvalidEvent naming the field."""
+    try:
+        return decoder(event_type).decode(raw)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid {event_type.__name__}: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise InvalidEvent(f"undecodable {event_type.__name__}: {exc}") from None
+
+
+def convert(event_type: type[msgspec.Struct], fields: dict[str, Any]) -> Any:
+    """Validate a dict (for example from an app) into an event, like ``decode``."""
+    try:
+        return msgspec.convert(fields, event_type)
+    except msgspec.ValidationError as exc:
+        raise InvalidEvent(f"invalid {event_type.__name__}: {exc}") from None
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode(event: msgspec.Struct) -> bytes:
+    """JSON bytes for an event; ``ts`` goes out in its RFC 3339 wire form."""
+    if isinstance(event, _Event):
+        fields = msgspec.structs.asdict(event)
+        fields["ts"] = rfc3339(event.ts)
+        return _encoder.encode(fields)
+    return _encoder.encode(event)
+
+
+def json_schemas() -> dict[str, dict[str, Any]]:
+    """One JSON Schema per event type, for emitters written in other languages."""
+    return {name: msgspec.json.schema(event_type) for name, event_type in EVENT_TYPES.items()}
+
+
+class StatsSnapshot(msgspec.Struct, kw_only=True):
+    """One partition's accumulated sufficient statistics for one rollout.
+
+    Published to ``safeswap.stats`` keyed by rollout_id. A snapshot replaces the
+    previous one from the same source partition (it is cumulative), so replays
+    are idempotent and the decide agent simply adds the latest per partition.
+    ``metrics[variant][metric]`` is a mergeable statistic's ``to_dict()``.
+    """
+
+    rollout_id: str
+    partition: int
+    seq: int  # increases per (rollout, source partition); older ones are ignored
+    ts: int  # latest event time folded in (epoch ms)
+    users: dict[str, int]
+    metrics: dict[str, dict[str, dict[str, Any]]]
+    schema_version: int = SCHEMA_VERSION
+
+
+EVENT_TYPES["stats_snapshot"] = StatsSnapshot

@@ -1,0 +1,53 @@
+"""The Faust app factory: one worker process runs every agent.
+
+Kafka plus Faust consumer groups are the distributed engine: start more workers
+(up to the partition count) and the partitions spread over them.
+"""
+
+from __future__ import annotations
+
+import faust
+
+from streams.settings import Settings
+
+
+def faust_broker_url(bootstrap: str) -> str:
+    """"h1:9092,h2:9092" -> "kafka://h1:9092;h2:9092" (Faust's form)."""
+    hosts = [h.strip() for h in bootstrap.replace(";", ",").split(",") if h.strip()]
+    return "kafka://" + ";".join(hosts)
+
+
+def raw_topic(app: faust.App, settings: Settings, *names: str) -> faust.TopicT:
+    """A topic (or several, consumed as one stream) of raw bytes: we decode ourselves,
+    so a bad message reaches our code (and the DLQ) instead of Faust's error path."""
+    return app.topic(
+        *(settings.topic(name) for name in names),
+        key_type=bytes,
+        value_type=bytes,
+        key_serializer="raw",
+        value_serializer="raw",
+    )
+
+
+def create_app(settings: Settings) -> faust.App:
+    from agents import decide, outcomes  # agents depend on the app, not the reverse
+
+    app = faust.App(
+        settings.app_id,
+        broker=faust_broker_url(settings.broker),
+        store="memory://",
+        datadir=settings.state_dir,
+        topic_partitions=settings.partitions,
+        topic_replication_factor=settings.replication_factor,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        consumer_auto_offset_reset="earliest",
+        web_enabled=False,
+        # Tansu has no idempotent producer; exactly-once effects come from
+        # idempotent processing (dedup, snapshots) instead.
+        processing_guarantee="at_least_once",
+    )
+    outcomes.register(app, settings)
+    decide.register(app, settings)
+    return app

@@ -1,0 +1,41 @@
+"""Running the Faust worker: topics first, then every agent."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from streams.settings import Settings
+from streams.topics import ensure_topics
+
+log = logging.getLogger(__name__)
+
+
+async def ensure_topics_with_retry(settings: Settings, timeout_s: float = 30.0) -> None:
+    """Create the topics, retrying while the broker comes up (compose starts them together)."""
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        try:
+            await ensure_topics(settings)
+            return
+        except Exception as exc:
+            if asyncio.get_running_loop().time() > deadline:
+                raise ConnectionError(f"cannot reach Kafka at {settings.broker}: {exc}") from None
+            await asyncio.sleep(0.5)
+
+
+def run_worker(settings: Settings) -> None:
+    """Blocks until the worker is stopped (SIGINT/SIGTERM)."""
+    from faust.worker import Worker
+
+    from streams.app import create_app
+
+    setup = asyncio.new_event_loop()
+    try:
+        setup.run_until_complete(ensure_topics_with_retry(settings))
+    finally:
+        setup.close()
+    asyncio.set_event_loop(asyncio.new_event_loop())
+    app = create_app(settings)
+    worker = Worker(app, loglevel=settings.log_level, quiet=True)
+    worker.execute_from_commandline()
