@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from schemas import Decision, GuardrailEvidence, RolloutPlan, StatsSnapshot
-from safeswap.stats import GuardrailMonitor, Ratio, split_alpha
+from safeswap.stats import GuardrailMonitor, split_alpha, stat_from_dict
 
 LIVE_STAGES = ("canary",)
 FINAL_ACTIONS = ("rollback", "pause")
@@ -62,15 +62,15 @@ def start(plan: RolloutPlan, ts: int) -> tuple[RolloutState, Decision]:
     return state, decision
 
 
-def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, Ratio]]:
+def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, object]]:
     """Add the latest snapshot of every partition: merged[variant][metric]."""
     merged: dict[str, dict[str, Ratio]] = {}
     for snapshot in snapshots.values():
         for variant, metrics in snapshot.metrics.items():
             into = merged.setdefault(variant, {})
             for metric, stat in metrics.items():
-                ratio = Ratio.from_dict(stat)
-                into[metric] = into[metric] + ratio if metric in into else ratio
+                value = stat_from_dict(stat)
+                into[metric] = into[metric] + value if metric in into else value
     return merged
 
 
