@@ -64,7 +64,7 @@ def start(plan: RolloutPlan, ts: int) -> tuple[RolloutState, Decision]:
 
 def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, object]]:
     """Add the latest snapshot of every partition: merged[variant][metric]."""
-    merged: dict[str, dict[str, Ratio]] = {}
+    merged: dict[str, dict[str, object]] = {}
     for snapshot in snapshots.values():
         for variant, metrics in snapshot.metrics.items():
             into = merged.setdefault(variant, {})

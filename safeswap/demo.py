@@ -13,13 +13,10 @@ import asyncio
 import contextlib
 import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 import uuid
-from typing import Any, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.live import Live
@@ -29,7 +26,8 @@ from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
 from schemas import Decision, FeedbackEvent, GuardrailSpec, RolloutPlan, TraceEvent, encode
 from streams.broker import EmbeddedBroker
-from streams.settings import ENV_PREFIX, Settings
+from streams.process import WorkerProcess
+from streams.settings import Settings
 from streams.topics import ensure_topics
 
 THUMBS_DOWN = {"control": 0.05, "candidate": 0.15}
@@ -48,40 +46,6 @@ def demo_plan(rollout_id: str) -> RolloutPlan:
             GuardrailSpec(metric="error_rate", max_relative_increase=0.10, action="rollback"),
         ],
     )
-
-
-@contextlib.contextmanager
-def worker_process(settings: Settings) -> Iterator[subprocess.Popen]:
-    """A ``safeswap worker`` child, always stopped (SIGINT, then SIGKILL) and reaped."""
-    env = dict(os.environ)
-    env[ENV_PREFIX + "BROKER"] = settings.broker
-    env[ENV_PREFIX + "STATE_DIR"] = settings.state_dir
-    log_file = tempfile.NamedTemporaryFile(prefix="safeswap-worker-", suffix=".log", delete=False)
-    process = subprocess.Popen(
-        [sys.executable, "-m", "safeswap", "worker"],
-        env=env,
-        stdin=subprocess.DEVNULL,
-        stdout=log_file,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,  # Ctrl-C reaches us; we stop the worker in order
-    )
-    try:
-        yield process
-    finally:
-        stop_process(process)
-        log_file.close()
-        os.unlink(log_file.name)
-
-
-def stop_process(process: subprocess.Popen, timeout_s: float = 8.0) -> None:
-    if process.poll() is not None:
-        return
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout_s)
-    except subprocess.TimeoutExpired:
-        process.kill()  # a worker whose broker vanished may ignore signals
-        process.wait()
 
 
 def simulated_events(flags: FlagClient, rollout_id: str, user_index: int, ts_ms: int, rng: random.Random):
@@ -198,7 +162,8 @@ def run_demo(settings: Settings, *, max_users: int, timeout_s: float, json_out: 
         state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="safeswap-demo-"))
         settings = settings.replace(state_dir=state_dir)
         asyncio.run(ensure_topics(settings))
-        worker = stack.enter_context(worker_process(settings))
+        worker = stack.enter_context(WorkerProcess(settings))
+        stack.callback(lambda: os.path.exists(worker.log_path) and os.unlink(worker.log_path))
         console.print(f"worker started (pid {worker.pid}); registering plan {rollout_id}")
         outcome = asyncio.run(_simulate(settings, rollout_id, max_users, deadline, console, started))
     decision: Decision | None = outcome["decision"]
