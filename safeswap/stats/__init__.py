@@ -14,17 +14,30 @@ See docs/statistics.md for the methods, references and validation figures.
 """
 
 from safeswap.stats.guardrail import GuardrailMonitor, GuardrailVerdict, split_alpha
+from safeswap.stats.planning import SamplePlan, plan_sample_size, watch_hours
+from safeswap.stats.quantiles import LatencyHistogram, QuantileResult, quantile_bounds, quantile_compare
 from safeswap.stats.sequential import SequentialResult, sequential_compare
+from safeswap.stats.srm import SRMMonitor, SRMResult, srm_test
 from safeswap.stats.sufficient import Mean, Proportion, Ratio, stat_from_dict
 
 __all__ = [
     "GuardrailMonitor",
     "GuardrailVerdict",
+    "LatencyHistogram",
     "Mean",
     "Proportion",
+    "QuantileResult",
     "Ratio",
+    "SRMMonitor",
+    "SRMResult",
+    "SamplePlan",
     "SequentialResult",
+    "plan_sample_size",
+    "quantile_bounds",
+    "quantile_compare",
     "sequential_compare",
     "split_alpha",
+    "srm_test",
     "stat_from_dict",
+    "watch_hours",
 ]

@@ -338,13 +338,9 @@ def stat_from_dict(data: Mapping[str, Any]):
     """Rebuild any statistic (including ``LatencyHistogram``) from its ``to_dict()``."""
     if not isinstance(data, Mapping):
         raise ValueError(f"data must be a mapping, got {type(data).__name__}")
-    kinds = {c.kind: c for c in (Proportion, Mean, Ratio)}
-    try:  # quantiles imports this module; import lazily to avoid a cycle
-        from safeswap.stats.quantiles import LatencyHistogram
-    except ImportError:
-        pass
-    else:
-        kinds[LatencyHistogram.kind] = LatencyHistogram
+    from safeswap.stats.quantiles import LatencyHistogram  # lazy: quantiles imports this module
+
+    kinds = {c.kind: c for c in (Proportion, Mean, Ratio, LatencyHistogram)}
     kind = data.get("kind")
     if kind not in kinds:
         raise ValueError(f"kind must be one of {sorted(kinds)}, got {kind!r}")
