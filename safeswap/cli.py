@@ -23,9 +23,11 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+topics_app = typer.Typer(help="Kafka topics safeswap reads and writes.", no_args_is_help=True)
 schema_app = typer.Typer(help="Wire contracts: JSON Schemas for emitters in other languages.", no_args_is_help=True)
 plan_app = typer.Typer(help="Rollout plans: size them, validate them.", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
+app.add_typer(topics_app, name="topics")
 app.add_typer(plan_app, name="plan")
 
 err = Console(stderr=True)
@@ -78,6 +80,23 @@ def worker(
     if settings.log_level not in ("crit", "error", "warn", "info", "debug"):
         raise UserError(f"--log-level {settings.log_level!r}: use one of crit|error|warn|info|debug")
     run_worker(settings)
+
+
+@topics_app.command("create")
+def topics_create(broker: BrokerOption = None) -> None:
+    """Create every safeswap topic that is missing (compacted where it must be)."""
+    import asyncio
+
+    from streams.worker import ensure_topics_with_retry
+
+    settings = settings_from(broker)
+    if not settings.broker:
+        raise UserError("no broker: set SAFESWAP_BROKER=host:port or pass --broker")
+    try:
+        asyncio.run(ensure_topics_with_retry(settings))
+    except ConnectionError as exc:
+        raise UserError(str(exc)) from None
+    err.print(f"topics ready on {settings.broker} (prefix {settings.topic_prefix})")
 
 
 @schema_app.command("export")
