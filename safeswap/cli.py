@@ -30,7 +30,7 @@ app.add_typer(schema_app, name="schema")
 app.add_typer(topics_app, name="topics")
 app.add_typer(plan_app, name="plan")
 
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 BrokerOption = Annotated[
     Optional[str],

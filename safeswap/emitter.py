@@ -87,8 +87,7 @@ class Emitter:
         try:
             if not isinstance(event, event_type):
                 event = convert(event_type, event)
-            self._put(self.settings.topic(topic), event.user_id.encode(), encode(event))
-            return True
+            return self._put(self.settings.topic(topic), event.user_id.encode(), encode(event))
         except InvalidEvent as exc:
             self.stats.invalid += 1
             log.warning("emitter: invalid event sent to the dead-letter topic: %s", exc)
@@ -101,16 +100,18 @@ class Emitter:
             log.warning("emitter: could not encode event: %r", exc)
             return False
 
-    def _put(self, topic: str, key: bytes | None, value: bytes) -> None:
+    def _put(self, topic: str, key: bytes | None, value: bytes) -> bool:
         try:
             self._queue.put_nowait((topic, key, value))
             self.stats.queued += 1
+            return True
         except asyncio.QueueFull:
             self.stats.dropped_full += 1
             # One log line per 1,000 drops: a full buffer must not flood the log too.
             if self.stats.dropped_full - self._last_drop_log >= 1000 or self.stats.dropped_full == 1:
                 self._last_drop_log = self.stats.dropped_full
                 log.warning("emitter: buffer full, %d events dropped so far", self.stats.dropped_full)
+            return False
 
     async def _connect(self) -> AIOKafkaProducer:
         delay = 0.2
