@@ -1,0 +1,122 @@
+"""CLI commands for the statistics library: ``validate-stats`` and ``plan size``.
+
+``register(app, plan_app)`` is called from ``safeswap/cli.py``.  Errors print
+one line on stderr and exit non-zero (no traceback).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+__all__ = ["register"]
+
+
+def _fail(message: str) -> None:
+    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _fmt_x(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
+def validate_stats(
+    runs: int = typer.Option(2000, "--runs", help="Simulated rollouts per scenario."),
+    seed: int = typer.Option(0, "--seed", help="Random seed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object on the last line."),
+) -> None:
+    """Monte-Carlo validation: false-rollback and detection rates, safeswap vs naive z-tests."""
+    from safeswap.stats.validation import run_validation
+
+    err = Console(stderr=True)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                      TimeElapsedColumn(), console=err, transient=True) as progress:
+            task = progress.add_task("simulating", total=None)
+
+            def report(name: str, done: int, total: int) -> None:
+                progress.update(task, description=name, completed=done, total=total)
+
+            result = run_validation(runs, seed, progress=report)
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    table = Table(title=f"safeswap.stats validation: {runs} runs, seed {seed}, alpha {result['alpha']}, "
+                        f"n_tune {result['n_tune']}, fixed-horizon n {result['fixed_horizon_per_arm']}/arm, "
+                        f"looks every {result['look_every_per_arm']} to {result['horizon_per_arm']}/arm")
+    for column in ("scenario", "type", "safeswap rate (±MC SE)", "naive rate (±MC SE)",
+                   "median stop", "p80 stop", "median stop | detected", "naive median stop"):
+        table.add_column(column)
+    for name, s in result["scenarios"].items():
+        ours, naive = s["safeswap"], s["naive"]
+        label = "false rollback" if s["kind"] == "aa" else "detection"
+        table.add_row(
+            name, label,
+            f"{ours['rate']:.3f} ± {ours['mc_se']:.3f}", f"{naive['rate']:.3f} ± {naive['mc_se']:.3f}",
+            _fmt_x(ours.get("median_stop_x")), _fmt_x(ours.get("p80_stop_x")),
+            _fmt_x(ours.get("median_stop_x_detected")), _fmt_x(naive.get("median_stop_x")),
+        )
+    Console().print(table)
+    if as_json:
+        print(json.dumps(result))
+
+
+def plan_size(
+    baseline: float = typer.Option(..., "--baseline", help="Control value (rate for proportions)."),
+    mde: float = typer.Option(..., "--mde", help="Relative minimum detectable effect, e.g. 0.2 = +20%."),
+    alpha: float = typer.Option(0.05, "--alpha"),
+    power: float = typer.Option(0.8, "--power"),
+    kind: str = typer.Option("proportion", "--kind", help="proportion | mean"),
+    std: Optional[float] = typer.Option(None, "--std", help="Per-unit standard deviation (kind=mean)."),
+    alternative: str = typer.Option("greater", "--alternative", help="greater | less | two-sided"),
+    variance_inflation: float = typer.Option(1.0, "--variance-inflation", help="Design effect for clustered metrics."),
+    n_tune: float = typer.Option(5000, "--n-tune", help="Total units where the sequential test is tightest."),
+    users_per_hour: Optional[float] = typer.Option(None, "--users-per-hour"),
+    percent: Optional[float] = typer.Option(None, "--percent", help="Candidate traffic share in percent."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Users per arm for the fixed-horizon and the sequential test, and how long to watch."""
+    from safeswap.stats.planning import plan_sample_size, watch_hours
+
+    try:
+        plan = plan_sample_size(baseline, mde, alpha=alpha, power=power, kind=kind, std=std,
+                                alternative=alternative, variance_inflation=variance_inflation, n_tune=n_tune)
+        hours = None
+        if (users_per_hour is None) != (percent is None):
+            raise ValueError("--users-per-hour and --percent go together")
+        if users_per_hour is not None:
+            hours = {
+                "fixed_horizon": watch_hours(plan.fixed_horizon_per_arm, users_per_hour, percent),
+                "sequential": watch_hours(plan.sequential_per_arm, users_per_hour, percent),
+            }
+    except ValueError as exc:
+        _fail(str(exc))
+        return
+    if as_json:
+        print(json.dumps({**plan.to_dict(), "watch_hours": hours}))
+        return
+    table = Table(title=f"{kind} {baseline:g} -> {baseline * (1 + mde):g} ({mde:+.0%}), alpha {alpha:g}, "
+                        f"power {power:g}, {alternative}")
+    table.add_column("test")
+    table.add_column("users per arm", justify="right")
+    if hours:
+        table.add_column(f"watch hours at {percent:g}% of {users_per_hour:g}/h", justify="right")
+    for label, n, key in (("fixed horizon", plan.fixed_horizon_per_arm, "fixed_horizon"),
+                          ("sequential (always-valid)", plan.sequential_per_arm, "sequential")):
+        row = [label, f"{n:,}"]
+        if hours:
+            row.append(f"{hours[key]:.1f}")
+        table.add_row(*row)
+    Console().print(table)
+
+
+def register(app: typer.Typer, plan_app: typer.Typer) -> None:
+    """Add ``validate-stats`` to ``app`` and ``size`` to the ``plan`` sub-app."""
+    app.command("validate-stats")(validate_stats)
+    plan_app.command("size")(plan_size)

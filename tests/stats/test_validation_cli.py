@@ -1,0 +1,80 @@
+"""Smoke of the validation simulation (CI-sized) and the CLI commands."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from safeswap.stats import Proportion, sequential_compare
+from safeswap.stats.cli import register
+from safeswap.stats.validation import N_TUNE, cs_reject, run_validation
+
+
+def test_vectorised_boundary_agrees_with_sequential_compare():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n = int(rng.integers(200, 12000))
+        a, b = Proportion(n, int(rng.binomial(n, 0.05))), Proportion(n, int(rng.binomial(n, 0.06)))
+        if a.successes in (0, n) or b.successes in (0, n):
+            continue
+        r = sequential_compare(a, b, difference="absolute", alternative="greater", n_tune=N_TUNE)
+        assert bool(cs_reject(np.array(r.estimate), np.array(r.std_error ** 2), 2 * n)) == (r.ci_low > 0)
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    return run_validation(300, seed=1)
+
+
+def test_validation_smoke_false_rollback_below_alpha(smoke):
+    """300 runs per scenario: every A/A false-rollback rate below alpha + 3 MC SE."""
+    se = math.sqrt(0.05 * 0.95 / 300)
+    for name, s in smoke["scenarios"].items():
+        if s["kind"] == "aa":
+            assert s["safeswap"]["rate"] <= 0.05 + 3 * se, name
+
+
+def test_validation_smoke_shows_naive_peeking_inflates_errors_and_we_detect(smoke):
+    se = math.sqrt(0.05 * 0.95 / 300)
+    assert smoke["scenarios"]["bernoulli_aa"]["naive"]["rate"] > 0.05 + 3 * se
+    ab = smoke["scenarios"]["bernoulli_ab"]["safeswap"]
+    assert ab["rate"] > 0.6 and ab["median_stop_x_detected"] < 1.5
+
+
+def test_validation_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="runs"):
+        run_validation(0)
+    with pytest.raises(ValueError, match="scenarios"):
+        run_validation(20, scenarios=["nope"])
+
+
+def _app():
+    app, plan_app = typer.Typer(), typer.Typer()
+    app.add_typer(plan_app, name="plan")
+    register(app, plan_app)
+    return app
+
+
+def test_cli_plan_size_json():
+    result = CliRunner().invoke(_app(), ["plan", "size", "--baseline", "0.05", "--mde", "0.2", "--users-per-hour",
+                                         "1000", "--percent", "10", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["fixed_horizon_per_arm"] == 6424
+    assert data["watch_hours"]["fixed_horizon"] == pytest.approx(64.24)
+
+
+def test_cli_errors_are_one_line_and_non_zero():
+    result = CliRunner().invoke(_app(), ["plan", "size", "--baseline", "1.5", "--mde", "0.2"])
+    assert result.exit_code != 0
+    assert "Traceback" not in result.output and "baseline" in result.output
+
+
+def test_cli_validate_stats_json_last_line():
+    result = CliRunner().invoke(_app(), ["validate-stats", "--runs", "20", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout.strip().splitlines()[-1])
+    assert data["runs"] == 20 and "bernoulli_aa" in data["scenarios"]
