@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import jsonschema
+import pytest
 
 
 def safeswap(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -52,3 +53,35 @@ def test_unknown_command_and_flag_exit_non_zero_without_traceback():
     for args in (["frobnicate"], ["demo", "--no-such-flag"]):
         result = safeswap(*args)
         assert result.returncode != 0 and "Traceback" not in result.stderr
+
+
+def test_demo_on_ctrl_c_stops_the_worker_and_the_broker():
+    import re
+    import signal
+
+    from streams.broker import wait_for_port
+
+    env = dict(os.environ, COLUMNS="200")
+    env.pop("SAFESWAP_BROKER", None)
+    demo = subprocess.Popen([sys.executable, "-m", "safeswap", "demo"], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    lines = []
+    try:
+        for line in demo.stdout:
+            lines.append(line)
+            if "worker started" in line:
+                break
+        text = "".join(lines)
+        port = int(re.search(r"on 127\.0\.0\.1:(\d+)", text).group(1))
+        worker_pid = int(re.search(r"pid (\d+)", text).group(1))
+        demo.send_signal(signal.SIGINT)
+        rest = demo.communicate(timeout=60)[0]
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert demo.returncode == 130, rest[-2000:]
+    assert "Traceback" not in rest
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker_pid, 0)  # the worker is gone (and reaped: no zombie answers)
+    assert not wait_for_port("127.0.0.1", port, timeout_s=0.5)  # the broker is gone
