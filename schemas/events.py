@@ -154,6 +154,12 @@ class Decision(msgspec.Struct, kw_only=True):
     plan_hash: str = ""
     evidence: list[GuardrailEvidence] = []
     schema_version: int = SCHEMA_VERSION
+    # Share of users (0-100) whose requests are also sent to the candidate in the
+    # background while they are served control; bucketed with salt + ":shadow".
+    shadow_percent: float = 0.0
+    # What each variant is, for flag metadata: {"model": ..., "prompt_version": ...}.
+    control: dict[str, str] = {}
+    candidate: dict[str, str] = {}
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
