@@ -1,5 +1,9 @@
 """Per-partition guardrail statistics, with users as the unit.
 
+The outcome metrics of docs/metrics.md live in :class:`VariantSums` (one per
+rollout and variant) below; :class:`PartitionStats` is the first, minimal
+accumulator (thumbs-down and errors only), kept for the controller's tests.
+
 Request-level rates (thumbs-down per response, errors per response) are ratios
 of per-user sums: a user who sends 20 requests is one unit, not 20, so the
 delta-method variance in :mod:`safeswap.stats` sees the clustering. Each
@@ -9,6 +13,7 @@ sums of squares and cross-products incrementally, O(1) per event.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections import defaultdict
 from typing import Iterable
 
@@ -126,3 +131,127 @@ def fold_raw(state: PartitionStats, is_trace: bool, raw: bytes) -> bool:
     if is_trace:
         return state.apply_trace(decode(TraceEvent, raw))
     return state.apply_feedback(decode(FeedbackEvent, raw))
+
+
+# --- Outcome metrics (docs/metrics.md) -------------------------------------------------
+
+ERROR_KIND_METRICS: tuple[str, ...] = tuple(f"error_rate_{kind}" for kind in
+                                            ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other"))
+# Every ratio metric: per-user numerator and denominator sums (safeswap.stats.Ratio).
+RATIO_METRICS: tuple[str, ...] = (
+    "thumbs_down_rate", "thumbs_up_rate", "edit_rate", "edit_distance_mean", "edit_distance_words_mean",
+    "retry_rate", "follow_up_rate", "session_turns_mean", "abandon_rate",
+    "error_rate", *ERROR_KIND_METRICS,
+    "latency_ms_mean", "latency_ms_mean_cache_hit", "latency_ms_mean_cache_miss",
+    "cost_usd_mean", "cost_per_session_mean", "cache_hit_rate",
+)
+M = {name: index for index, name in enumerate(RATIO_METRICS)}
+N_RATIO = len(RATIO_METRICS)
+# Request-level latency quantiles (safeswap.stats LatencyHistogram), per cache stratum.
+HISTOGRAM_METRICS: dict[str, str] = {
+    "latency_ms_p95": "all", "latency_ms_p95_cache_hit": "cache_hit", "latency_ms_p95_cache_miss": "cache_miss",
+}
+QUANTILE = 0.95
+
+try:  # being written alongside: fall back to publishing no p95 until it exists
+    from safeswap.stats.quantiles import LatencyHistogram
+except ImportError:  # pragma: no cover
+    LatencyHistogram = None  # type: ignore[assignment,misc]
+
+if LatencyHistogram is not None:
+    _LAYOUT = LatencyHistogram.empty()
+    HIST_EDGES: list[float] = [float(edge) for edge in _LAYOUT.edges]
+    HIST_BINS = len(_LAYOUT.counts)
+else:  # pragma: no cover
+    HIST_EDGES, HIST_BINS = [], 0
+
+
+class VariantSums:
+    """Sufficient statistics of one (rollout, variant) on one partition.
+
+    ``sums[6*m : 6*m+6]`` = (n_units, num, num_sq, den, den_sq, num_den) of ratio
+    metric ``m``, kept exact under increments *and* retractions from each user's
+    running totals (``user_totals[2*m]`` = num, ``[2*m+1]`` = den), which live in the
+    user's state while it is active (safeswap.outcomes).
+    """
+
+    __slots__ = ("sums", "hist", "users", "responses", "sessions", "models")
+
+    def __init__(self) -> None:
+        self.sums = [0.0] * (6 * N_RATIO)
+        self.hist = {stratum: [0] * HIST_BINS for stratum in ("all", "cache_hit", "cache_miss")}
+        self.users = 0
+        self.responses = 0
+        self.sessions = 0
+        self.models: dict[str, int] = {}
+
+    @staticmethod
+    def new_user_totals() -> list[float]:
+        return [0.0] * (2 * N_RATIO)
+
+    def add(self, totals: list[float], m: int, d_num: float, d_den: float) -> None:
+        i = 2 * m
+        a = totals[i]
+        b = totals[i + 1]
+        a2 = a + d_num
+        b2 = b + d_den
+        totals[i] = a2
+        totals[i + 1] = b2
+        s = self.sums
+        j = 6 * m
+        if b == 0.0 and b2 != 0.0:
+            s[j] += 1
+        elif b != 0.0 and b2 == 0.0:
+            s[j] -= 1
+        s[j + 1] += d_num
+        s[j + 2] += a2 * a2 - a * a
+        s[j + 3] += d_den
+        s[j + 4] += b2 * b2 - b * b
+        s[j + 5] += a2 * b2 - a * b
+
+    def add_latency(self, latency_ms: float, cache_hit: bool) -> None:
+        if not HIST_BINS:
+            return
+        index = bisect_right(HIST_EDGES, latency_ms)
+        self.hist["all"][index] += 1
+        self.hist["cache_hit" if cache_hit else "cache_miss"][index] += 1
+
+    def ratio(self, m: int) -> Ratio | None:
+        j = 6 * m
+        n, num, num_sq, den, den_sq, num_den = self.sums[j:j + 6]
+        if n <= 0 or den == 0:
+            return None
+        return Ratio(n_units=int(round(n)), num=num, num_sq=max(num_sq, 0.0), den=den, den_sq=max(den_sq, 0.0),
+                     num_den=num_den)
+
+    def histogram(self, stratum: str):
+        counts = self.hist[stratum]
+        if not HIST_BINS or not any(counts):
+            return None
+        return LatencyHistogram(tuple(counts))
+
+    def stats(self) -> dict[str, dict]:
+        """``metrics[metric] = stat.to_dict()`` for a StatsSnapshot (empty metrics left out)."""
+        out: dict[str, dict] = {}
+        for m, name in enumerate(RATIO_METRICS):
+            ratio = self.ratio(m)
+            if ratio is not None:
+                out[name] = ratio.to_dict()
+        for name, stratum in HISTOGRAM_METRICS.items():
+            hist = self.histogram(stratum)
+            if hist is not None:
+                out[name] = hist.to_dict()
+        return out
+
+
+def metric_values(stats: dict[str, object]) -> dict[str, float | None]:
+    """Point estimates from merged statistics (``stat_from_dict`` objects): what
+    ``safeswap replay`` prints. Every metric of docs/metrics.md appears; None = no data."""
+    values: dict[str, float | None] = {}
+    for name in RATIO_METRICS:
+        stat = stats.get(name)
+        values[name] = None if stat is None or stat.den == 0 else stat.estimate
+    for name in HISTOGRAM_METRICS:
+        stat = stats.get(name)
+        values[name] = None if stat is None or stat.n == 0 else stat.quantile(QUANTILE)
+    return values

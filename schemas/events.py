@@ -95,27 +95,87 @@ class FeedbackEvent(_Event, kw_only=True):
 
 
 class GuardrailSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """A rollback rule fixed before the start: "thumbs-down +20% vs control: roll back"."""
+    """A rule fixed before the start: "thumbs-down +20% vs control: roll back".
+
+    ``max_*_increase`` guards metrics where up is bad (thumbs-down, latency);
+    ``max_*_decrease`` those where down is bad (thumbs-up, follow-ups). None of
+    them means tolerance 0: any harm detected breaches.
+    """
 
     metric: NonEmpty
     max_relative_increase: Annotated[float, Meta(gt=0)] | None = None
     max_absolute_increase: Annotated[float, Meta(gt=0)] | None = None
+    max_relative_decrease: Annotated[float, Meta(gt=0, lt=1)] | None = None
+    max_absolute_decrease: Annotated[float, Meta(gt=0)] | None = None
     action: Literal["rollback", "pause"] = "rollback"
 
 
-class RolloutPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Minimal v1 plan: one canary split guarded by sequential tests.
+class VariantSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """What a variant is made of; the plan pins each part."""
 
-    The controller issue extends it with stages, watch periods and health checks.
+    model: str | None = None
+    prompt_version: str | None = None
+    tools_version: str | None = None
+    system_prompt_version: str | None = None
+    retrieval_version: str | None = None
+
+
+StageName = Literal["shadow", "canary", "ramp"]
+Duration = str  # "24h", "7d", "1d12h", "90m", "30s": parsed by safeswap.plan.parse_duration
+
+
+class StageSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """One step of the rollout and its watch period (event time)."""
+
+    name: StageName
+    percent: Annotated[float, Meta(ge=0, le=100)] | None = None
+    shadow_percent: Annotated[float, Meta(gt=0, le=100)] | None = None
+    min_duration: Duration | None = None
+    min_users_per_arm: Annotated[int, Meta(ge=0)] | None = None
+    # Shadow only: promote when the judge does not prefer control by more than
+    # this share of decided pairs (see the shadow analysis).
+    judge_max_control_preference: Annotated[float, Meta(ge=0, le=1)] | None = None
+
+
+class HealthSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Checks that the data can be trusted; a failure pauses rather than rolls back."""
+
+    srm: Literal["pause", "rollback", "ignore"] = "pause"
+    srm_alpha: Annotated[float, Meta(gt=0, lt=1)] = 0.001
+    crossover_max: Annotated[float, Meta(ge=0, le=1)] = 0.01
+    crossover: Literal["pause", "rollback", "ignore"] = "pause"
+    model_drift: Literal["pause", "rollback", "ignore"] = "pause"
+    model_drift_max_share: Annotated[float, Meta(ge=0, le=1)] = 0.01
+    cache_skew_alpha: Annotated[float, Meta(gt=0, lt=1)] = 0.01
+
+
+class RolloutPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """A rollout declared before it starts: stages, watch periods, guardrails, health.
+
+    Validated by ``safeswap plan validate`` (safeswap/plan.py); hashed when it
+    starts, and immutable from then on: a changed plan is a new rollout.
     """
 
     rollout_id: NonEmpty
     salt: str | None = None
     stakes: Literal["high", "low"] = "high"
-    percent: Annotated[float, Meta(ge=0, le=100)] = 5.0
+    description: str | None = None
+    control: VariantSpec = msgspec.field(default_factory=VariantSpec)
+    candidate: VariantSpec = msgspec.field(default_factory=VariantSpec)
+    stages: list[StageSpec] = []
     alpha: Annotated[float, Meta(gt=0, lt=1)] = 0.05
-    min_users_per_arm: Annotated[int, Meta(ge=1)] = 100
+    # No guardrail gives a verdict before this many users per arm (the CLT needs data).
+    min_users_per_arm: Annotated[int, Meta(ge=2)] = 100
+    # Total users (both arms) at which the confidence sequences are tightest;
+    # about 2x the planned fixed-horizon users per arm (docs/statistics.md).
+    n_tune: Annotated[int, Meta(ge=10)] = 5000
     guardrails: list[GuardrailSpec] = []
+    health: HealthSpec = msgspec.field(default_factory=HealthSpec)
+    allow_unpinned: bool = False
+    allow_multiple_changes: str | None = None
+    skip_shadow: str | None = None
+    # The offline eval gate's result (safeswap eval-gate --json), attached by rollout start.
+    eval_gate: dict[str, Any] | None = None
 
     @property
     def effective_salt(self) -> str:
@@ -242,6 +302,10 @@ class StatsSnapshot(msgspec.Struct, kw_only=True):
     users: dict[str, int]
     metrics: dict[str, dict[str, dict[str, Any]]]
     schema_version: int = SCHEMA_VERSION
+    # Served-model drift: model_version -> distinct traces, per variant (outcomes issue #4).
+    models: dict[str, dict[str, int]] = {}
+    # Plain counts per variant: {"responses": n, "sessions": n} (outcomes issue #4).
+    counts: dict[str, dict[str, int]] = {}
 
 
 EVENT_TYPES["stats_snapshot"] = StatsSnapshot

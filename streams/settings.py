@@ -37,6 +37,19 @@ class Settings:
     log_level: str = "warn"
     # Emitter: events buffered in the app before it starts dropping (and counting).
     emitter_buffer: int = 10_000
+    # Outcomes (docs/metrics.md): event-time windows of the outcomes agent.
+    session_gap_s: float = 1800.0  # a session ends after this long without a request
+    retry_window_s: float = 60.0  # a similar next request within this is an implicit retry
+    retry_similarity: float = 80.0  # rapidfuzz.fuzz.ratio of the prompts, 0..100
+    join_ttl_s: float = 3600.0  # feedback joins a trace at most this far apart in event time
+    allowed_lateness_s: float = 300.0  # behind its topic's newest event time: late (DLQ)
+    max_topic_skew_s: float = 7200.0  # a lagging/idle input holds the watermark back at most this long
+    max_future_s: float = 3600.0  # event times beyond wall clock + this are rejected (DLQ)
+    max_edit_chars: int = 10_000  # texts are truncated to this for edit distance
+    max_event_bytes: int = 1_000_000  # larger messages go to the DLQ undecoded
+    # Crash safety of the outcomes agent: whole-partition checkpoints (agents/outcomes.py).
+    checkpoint_interval_s: float = 5.0
+    checkpoint_every_events: int = 50_000
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

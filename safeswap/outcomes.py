@@ -1,0 +1,545 @@
+"""Outcomes as a pure step function: traces + feedback of one partition -> per-variant statistics.
+
+:class:`OutcomeProcessor` is the whole state of one source partition (both input
+topics are keyed by user_id, so partition *p* of traces and of feedback hold the
+same users). The outcomes agent (agents/outcomes.py) and ``safeswap replay``
+(safeswap/replay.py) drive the *same* object; nothing in here knows about Kafka,
+wall clocks (``now_ms`` is passed in) or Faust.
+
+Per (rollout, user) the state holds (:class:`UserState`):
+
+* ``open``: the requests of the sessions not closed yet, sorted by event time
+  (streams.sessions derives the sessions from them);
+* ``by_trace``: responses kept for the trace/feedback join until the watermark
+  passes ``ts + join_ttl`` (streams.join);
+* ``pending``: feedback that arrived before its trace;
+* ``ids``: event ids seen, for dedup (forgotten once a repeat would be late);
+* ``totals``: the user's running numerators/denominators per metric, from which
+  the per-variant sums of squares are kept exact (users are the unit).
+
+A user's state is released when the watermark has passed the session gap and the
+join TTL of everything it holds. The metric contract is docs/metrics.md.
+
+Determinism: every decision is a function of event times and the watermarks of
+streams.dedup, so two runs over the same per-topic logs give the same metrics
+however the two topics interleave (up to float summation order). That is what
+makes the crash recovery (replay from a checkpoint) and ``safeswap replay``
+agree with the streaming path.
+"""
+
+from __future__ import annotations
+
+from bisect import insort
+from dataclasses import dataclass
+from typing import Any, Iterable
+
+from rapidfuzz import fuzz
+from rapidfuzz.distance import Levenshtein
+
+from safeswap.metrics import M, VariantSums
+from schemas import FeedbackEvent, InvalidEvent, StatsSnapshot, TraceEvent, decode
+from schemas.events import rfc3339
+from streams.dedup import DueQueue, Watermarks
+from streams.join import PendingJoin, expired, joinable
+from streams.sessions import closable_sessions, first_session_end, same_session
+
+TRACE, FEEDBACK = "trace", "feedback"
+FAR_FUTURE = 1 << 62
+LATE_REASONS = ("late_event", "feedback_unjoined")
+INVALID_REASONS = ("invalid", "too_large", "future_timestamp")
+
+_THUMBS_DOWN, _THUMBS_UP, _EDIT = M["thumbs_down_rate"], M["thumbs_up_rate"], M["edit_rate"]
+_EDIT_DIST, _EDIT_WORDS = M["edit_distance_mean"], M["edit_distance_words_mean"]
+_RETRY, _FOLLOW = M["retry_rate"], M["follow_up_rate"]
+_TURNS, _ABANDON, _COST_SESSION = M["session_turns_mean"], M["abandon_rate"], M["cost_per_session_mean"]
+_ERROR, _LATENCY, _COST, _CACHE = M["error_rate"], M["latency_ms_mean"], M["cost_usd_mean"], M["cache_hit_rate"]
+_LATENCY_HIT, _LATENCY_MISS = M["latency_ms_mean_cache_hit"], M["latency_ms_mean_cache_miss"]
+_ERROR_KINDS = {kind: M[f"error_rate_{kind}"]
+                for kind in ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other")}
+_ERROR_KIND_LIST = tuple(_ERROR_KINDS.values())
+
+
+@dataclass(frozen=True)
+class OutcomeConfig:
+    gap_ms: int = 30 * 60_000
+    retry_window_ms: int = 60_000
+    retry_similarity: float = 80.0
+    join_ttl_ms: int = 60 * 60_000
+    lateness_ms: int = 5 * 60_000
+    max_skew_ms: int = 2 * 60 * 60_000
+    max_future_ms: int = 60 * 60_000
+    max_edit_chars: int = 10_000
+    max_event_bytes: int = 1_000_000
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "OutcomeConfig":
+        ms = lambda seconds: int(round(seconds * 1000))  # noqa: E731
+        return cls(
+            gap_ms=ms(settings.session_gap_s),
+            retry_window_ms=ms(settings.retry_window_s),
+            retry_similarity=float(settings.retry_similarity),
+            join_ttl_ms=ms(settings.join_ttl_s),
+            lateness_ms=ms(settings.allowed_lateness_s),
+            max_skew_ms=ms(settings.max_topic_skew_s),
+            max_future_ms=ms(settings.max_future_s),
+            max_edit_chars=int(settings.max_edit_chars),
+            max_event_bytes=int(settings.max_event_bytes),
+        )
+
+
+class Response:
+    """One served response and what is known about it so far."""
+
+    __slots__ = ("trace_id", "ts", "variant", "prompt", "text", "error", "cost", "closed",
+                 "down", "up", "edited", "edit_key", "dist", "dist_words",
+                 "explicit_retry", "implicit_retry", "explicit_follow", "has_next", "counted_retry",
+                 "counted_follow", "last_negative", "last_positive", "abandon_feedback")
+
+    def __init__(self, trace: TraceEvent, max_chars: int) -> None:
+        self.trace_id = trace.trace_id
+        self.ts = trace.ts
+        self.variant = trace.variant
+        self.prompt = trace.prompt_text[:max_chars] if trace.prompt_text is not None else None
+        self.text = trace.response_text[:max_chars] if trace.response_text is not None else None
+        self.error = trace.error
+        self.cost = trace.cost_usd
+        self.closed = False
+        self.down = self.up = self.edited = False
+        self.edit_key: tuple[int, str] | None = None
+        self.dist: float | None = None
+        self.dist_words: float | None = None
+        self.explicit_retry = self.implicit_retry = self.explicit_follow = self.has_next = False
+        self.counted_retry = self.counted_follow = False
+        self.last_negative: int | None = None
+        self.last_positive: int | None = None
+        self.abandon_feedback = False
+
+    def abandoned(self) -> bool:
+        """As the last response of a session: explicit abandon, an error, or a thumbs-down
+        or retry with no thumbs-up, copy or edit at or after it."""
+        if self.abandon_feedback or self.error != "none":
+            return True
+        negative, positive = self.last_negative, self.last_positive
+        return negative is not None and (positive is None or positive < negative)
+
+
+def _sort_key(response: Response) -> tuple[int, str]:
+    return response.ts, response.trace_id
+
+
+class UserState:
+    __slots__ = ("rollout_id", "user_id", "open", "by_trace", "pending", "ids", "totals", "due")
+
+    def __init__(self, rollout_id: str, user_id: str) -> None:
+        self.rollout_id = rollout_id
+        self.user_id = user_id
+        self.open: list[Response] = []
+        self.by_trace: dict[str, Response] = {}
+        self.pending: PendingJoin = PendingJoin()
+        self.ids: dict[str, int] = {}
+        self.totals: dict[str, list[float]] = {}
+        self.due = FAR_FUTURE
+
+
+class OutcomeProcessor:
+    """The outcome state of one source partition; see the module docstring.
+
+    ``apply``/``fold_raw`` return ``None`` when the event was used (or was a
+    repeat, counted in ``counts["duplicates"]``) and a reason string when it must
+    go to the DLQ. Feedback that waited for a trace in vain is rejected later, when
+    the watermark passes its TTL: those land in ``self.rejected`` as
+    ``(origin, reason)`` for the caller to dead-letter.
+    """
+
+    def __init__(self, partition: int = 0, config: OutcomeConfig | None = None) -> None:
+        self.partition = partition
+        self.config = config or OutcomeConfig()
+        self.marks = Watermarks((TRACE, FEEDBACK), self.config.lateness_ms, self.config.max_skew_ms)
+        self.users: dict[tuple[str, str], UserState] = {}
+        self.due = DueQueue()
+        self.variants: dict[tuple[str, str], VariantSums] = {}
+        self.counts = {"read": 0, "invalid": 0, "duplicates": 0, "late": 0}
+        self.reasons: dict[str, int] = {}
+        self.latest_ts: dict[str, int] = {}
+        self.dirty: set[str] = set()
+        self.offsets: dict[str, int] = {}  # the agent's next offset per source topic (checkpointed with the state)
+        self.rejected: list[tuple[Any, str]] = []
+        self.events_since_snapshot = 0
+        self.events_since_checkpoint = 0
+
+    # -- entry points ---------------------------------------------------------------------
+    def fold_raw(self, source: str, raw: bytes, now_ms: int, origin: Any = None) -> str | None:
+        """Decode one message of the traces (``source="trace"``) or feedback topic and apply it."""
+        self.counts["read"] += 1
+        self.events_since_snapshot += 1
+        self.events_since_checkpoint += 1
+        if len(raw) > self.config.max_event_bytes:
+            return self._reject("invalid", "too_large",
+                                f"event of {len(raw):,} bytes exceeds max_event_bytes={self.config.max_event_bytes:,}")
+        try:
+            event = decode(TraceEvent if source == TRACE else FeedbackEvent, raw)
+        except InvalidEvent as exc:
+            return self._reject("invalid", "invalid", str(exc))
+        if source == TRACE:
+            return self._on_trace(event, now_ms)
+        return self._on_feedback(event, now_ms, origin)
+
+    def apply(self, event: TraceEvent | FeedbackEvent, now_ms: int, origin: Any = None) -> str | None:
+        """Apply one decoded event (what replay and tests call)."""
+        self.counts["read"] += 1
+        self.events_since_snapshot += 1
+        self.events_since_checkpoint += 1
+        if isinstance(event, TraceEvent):
+            return self._on_trace(event, now_ms)
+        return self._on_feedback(event, now_ms, origin)
+
+    def finish(self) -> None:
+        """End of input (replay): close every session, expire every join."""
+        for key in list(self.users):
+            user = self.users.get(key)
+            if user is not None:
+                self._advance_user(user, FAR_FUTURE)
+
+    def reject_invalid(self, reason: str) -> str:
+        """Count an input rejected before it reached ``fold_raw`` (the agent's own checks)."""
+        self.counts["read"] += 1
+        return self._reject("invalid", "invalid", reason)
+
+    # -- traces and feedback --------------------------------------------------------------
+    def _on_trace(self, trace: TraceEvent, now_ms: int) -> str | None:
+        config = self.config
+        if trace.ts > now_ms + config.max_future_ms:
+            return self._reject("invalid", "future_timestamp", self._future_reason(trace.ts, now_ms))
+        key = (trace.rollout_id, trace.user_id)
+        user = self.users.get(key)
+        if user is not None and (trace.event_id in user.ids or trace.trace_id in user.by_trace):
+            self.counts["duplicates"] += 1
+            return None
+        marks = self.marks
+        if marks.is_late(TRACE, trace.ts):
+            return self._reject("late", "late_event", self._late_reason(TRACE, trace.ts))
+        marks.observe(TRACE, trace.ts)
+        if user is None:
+            user = self.users[key] = UserState(trace.rollout_id, trace.user_id)
+        user.ids[trace.event_id] = trace.ts
+
+        variant = trace.variant
+        sums = self.variants.get((trace.rollout_id, variant))
+        if sums is None:
+            sums = self.variants[(trace.rollout_id, variant)] = VariantSums()
+        totals = user.totals.get(variant)
+        if totals is None:
+            totals = user.totals[variant] = VariantSums.new_user_totals()
+            sums.users += 1
+        sums.responses += 1
+        models = sums.models
+        models[trace.model_version] = models.get(trace.model_version, 0) + 1
+        add = sums.add
+        for m in (_THUMBS_DOWN, _THUMBS_UP, _EDIT, _RETRY, _FOLLOW):
+            add(totals, m, 0.0, 1.0)
+        error = trace.error
+        add(totals, _ERROR, 0.0 if error == "none" else 1.0, 1.0)
+        error_m = _ERROR_KINDS.get(error)
+        for m in _ERROR_KIND_LIST:
+            add(totals, m, 1.0 if m == error_m else 0.0, 1.0)
+        latency = trace.latency_ms
+        add(totals, _LATENCY, latency, 1.0)
+        add(totals, _LATENCY_HIT if trace.cache_hit else _LATENCY_MISS, latency, 1.0)
+        add(totals, _COST, trace.cost_usd, 1.0)
+        add(totals, _CACHE, 1.0 if trace.cache_hit else 0.0, 1.0)
+        sums.add_latency(latency, trace.cache_hit)
+
+        response = Response(trace, config.max_edit_chars)
+        user.by_trace[trace.trace_id] = response
+        self._insert(user, totals, sums, response)
+        if user.pending.waiting:
+            for fb_ts, (feedback, origin) in user.pending.take(trace.trace_id):
+                if joinable(trace.ts, fb_ts, config.join_ttl_ms):
+                    self._join(user, response, feedback)
+                else:
+                    self.rejected.append((origin, self._reject("late", "feedback_unjoined",
+                                                               self._unjoined_reason(feedback, trace.ts))))
+        self._schedule(user, min(trace.ts + config.gap_ms, trace.ts + config.join_ttl_ms + 1))
+        self._touch(trace.rollout_id, trace.ts)
+        self._advance()
+        return None
+
+    def _on_feedback(self, feedback: FeedbackEvent, now_ms: int, origin: Any) -> str | None:
+        config = self.config
+        if feedback.ts > now_ms + config.max_future_ms:
+            return self._reject("invalid", "future_timestamp", self._future_reason(feedback.ts, now_ms))
+        key = (feedback.rollout_id, feedback.user_id)
+        user = self.users.get(key)
+        if user is not None and feedback.event_id in user.ids:
+            self.counts["duplicates"] += 1
+            return None
+        if self.marks.is_late(FEEDBACK, feedback.ts):
+            return self._reject("late", "late_event", self._late_reason(FEEDBACK, feedback.ts))
+        self.marks.observe(FEEDBACK, feedback.ts)
+        if user is None:
+            user = self.users[key] = UserState(feedback.rollout_id, feedback.user_id)
+        user.ids[feedback.event_id] = feedback.ts
+        response = user.by_trace.get(feedback.trace_id)
+        reason = None
+        if response is None:
+            user.pending.add(feedback.trace_id, feedback.ts, (feedback, origin))
+            self._schedule(user, feedback.ts + config.join_ttl_ms + 1)
+        elif joinable(response.ts, feedback.ts, config.join_ttl_ms):
+            self._join(user, response, feedback)
+        else:
+            reason = self._reject("late", "feedback_unjoined", self._unjoined_reason(feedback, response.ts))
+        self._touch(feedback.rollout_id, feedback.ts)
+        self._advance()
+        return reason
+
+    def _join(self, user: UserState, response: Response, feedback: FeedbackEvent) -> None:
+        sums = self.variants[(user.rollout_id, response.variant)]
+        totals = user.totals[response.variant]
+        kind = feedback.kind
+        ts = feedback.ts
+        if kind == "thumbs_down":
+            if not response.down:
+                response.down = True
+                sums.add(totals, _THUMBS_DOWN, 1.0, 0.0)
+            self._negative(response, ts)
+        elif kind == "thumbs_up":
+            if not response.up:
+                response.up = True
+                sums.add(totals, _THUMBS_UP, 1.0, 0.0)
+            self._positive(response, ts)
+        elif kind == "copy":
+            self._positive(response, ts)
+        elif kind == "edit":
+            if not response.edited:
+                response.edited = True
+                sums.add(totals, _EDIT, 1.0, 0.0)
+            self._positive(response, ts)
+            self._edit_distance(sums, totals, response, feedback)
+        elif kind == "retry":
+            response.explicit_retry = True
+            self._negative(response, ts)
+            self._recount(sums, totals, response)
+        elif kind == "follow_up":
+            response.explicit_follow = True
+            self._recount(sums, totals, response)
+        elif kind == "abandon":
+            response.abandon_feedback = True
+        self.dirty.add(user.rollout_id)
+
+    @staticmethod
+    def _negative(response: Response, ts: int) -> None:
+        if response.last_negative is None or ts > response.last_negative:
+            response.last_negative = ts
+
+    @staticmethod
+    def _positive(response: Response, ts: int) -> None:
+        if response.last_positive is None or ts > response.last_positive:
+            response.last_positive = ts
+
+    def _edit_distance(self, sums: VariantSums, totals: list[float], response: Response, feedback: FeedbackEvent) -> None:
+        """Distance of the latest edit (by event time, then event id) of a response."""
+        if feedback.final_text is None or response.text is None:
+            return
+        key = (feedback.ts, feedback.event_id)
+        if response.edit_key is not None and key <= response.edit_key:
+            return
+        response.edit_key = key
+        final = feedback.final_text[: self.config.max_edit_chars]
+        distance = Levenshtein.normalized_distance(response.text, final)
+        words = Levenshtein.normalized_distance(response.text.split(), final.split())
+        if response.dist is None:
+            sums.add(totals, _EDIT_DIST, distance, 1.0)
+            sums.add(totals, _EDIT_WORDS, words, 1.0)
+        else:
+            sums.add(totals, _EDIT_DIST, distance - response.dist, 0.0)
+            sums.add(totals, _EDIT_WORDS, words - response.dist_words, 0.0)
+        response.dist, response.dist_words = distance, words
+
+    # -- sessions: retry, follow-up -------------------------------------------------------
+    def _insert(self, user: UserState, totals: list[float], sums: VariantSums, response: Response) -> None:
+        opened = user.open
+        if not opened or _sort_key(opened[-1]) <= _sort_key(response):
+            opened.append(response)
+            index = len(opened) - 1
+        else:  # out of order (within the allowed lateness)
+            insort(opened, response, key=_sort_key)
+            index = opened.index(response)
+        self._link(response, opened[index + 1] if index + 1 < len(opened) else None)
+        self._recount(sums, totals, response)
+        if index > 0:
+            previous = opened[index - 1]
+            self._link(previous, response)
+            self._recount(self.variants[(user.rollout_id, previous.variant)], user.totals[previous.variant], previous)
+
+    def _link(self, response: Response, following: Response | None) -> None:
+        """Derive what the next request of the same user says about ``response``."""
+        config = self.config
+        if following is None:
+            response.has_next = response.implicit_retry = False
+            return
+        response.has_next = same_session(response.ts, following.ts, config.gap_ms)
+        response.implicit_retry = (
+            following.ts - response.ts <= config.retry_window_ms
+            and response.prompt is not None
+            and following.prompt is not None
+            and fuzz.ratio(response.prompt, following.prompt) >= config.retry_similarity
+        )
+
+    @staticmethod
+    def _recount(sums: VariantSums, totals: list[float], response: Response) -> None:
+        retried = response.explicit_retry or response.implicit_retry
+        followed = response.explicit_follow or (response.has_next and not response.implicit_retry)
+        if retried != response.counted_retry:
+            sums.add(totals, _RETRY, 1.0 if retried else -1.0, 0.0)
+            response.counted_retry = retried
+        if followed != response.counted_follow:
+            sums.add(totals, _FOLLOW, 1.0 if followed else -1.0, 0.0)
+            response.counted_follow = followed
+
+    # -- time: closing sessions, expiring joins, releasing users --------------------------
+    def _schedule(self, user: UserState, due: int) -> None:
+        if due < user.due:
+            user.due = due
+            self.due.schedule((user.rollout_id, user.user_id), due)
+
+    def _advance(self) -> None:
+        due = self.due
+        if not due.heap:
+            return
+        watermark = self.marks.combined()
+        if due.heap[0] * due.bucket_ms > watermark:
+            return
+        users = self.users
+        for key in list(due.pop_due(watermark)):
+            user = users.get(key)
+            if user is not None and user.due <= watermark:
+                self._advance_user(user, watermark)
+
+    def _advance_user(self, user: UserState, watermark: int) -> None:
+        config = self.config
+        opened = user.open
+        if opened:
+            closed = closable_sessions([r.ts for r in opened], watermark, config.gap_ms)
+            for first, last in closed:
+                self._close_session(user, opened[first:last + 1])
+            if closed:
+                del opened[: closed[-1][1] + 1]
+        ttl = config.join_ttl_ms
+        by_trace = user.by_trace
+        for trace_id in [t for t, r in by_trace.items() if r.closed and expired(r.ts, watermark, ttl)]:
+            del by_trace[trace_id]
+        if user.pending.waiting:
+            for feedback, origin in user.pending.expire(watermark, ttl):
+                self.rejected.append((origin, self._reject(
+                    "late", "feedback_unjoined",
+                    f"feedback {feedback.event_id} for trace {feedback.trace_id}: no trace within the join TTL "
+                    f"({ttl // 1000} s)")))
+        user.ids = {event_id: ts for event_id, ts in user.ids.items() if ts >= watermark}
+        key = (user.rollout_id, user.user_id)
+        if not opened and not by_trace and not user.pending.waiting:
+            del self.users[key]  # released: the session gap and the join TTL are over
+            return
+        candidates = []
+        if opened:
+            candidates.append(opened[first_session_end([r.ts for r in opened], config.gap_ms)].ts + config.gap_ms)
+        if by_trace:
+            candidates.append(min(r.ts for r in by_trace.values()) + ttl + 1)
+        oldest = user.pending.oldest_ts()
+        if oldest is not None:
+            candidates.append(oldest + ttl + 1)
+        user.due = FAR_FUTURE
+        self._schedule(user, max(min(candidates), watermark + 1))
+
+    def _close_session(self, user: UserState, responses: list[Response]) -> None:
+        last = responses[-1]
+        sums = self.variants[(user.rollout_id, last.variant)]
+        totals = user.totals[last.variant]
+        sums.add(totals, _TURNS, float(len(responses)), 1.0)
+        sums.add(totals, _COST_SESSION, sum(r.cost for r in responses), 1.0)
+        sums.add(totals, _ABANDON, 1.0 if last.abandoned() else 0.0, 1.0)
+        sums.sessions += 1
+        for response in responses:
+            response.closed = True
+        self.dirty.add(user.rollout_id)
+
+    # -- bookkeeping ----------------------------------------------------------------------
+    def _touch(self, rollout_id: str, ts: int) -> None:
+        if ts > self.latest_ts.get(rollout_id, -1):
+            self.latest_ts[rollout_id] = ts
+        self.dirty.add(rollout_id)
+
+    def _reject(self, counter: str, reason_key: str, reason: str) -> str:
+        self.counts[counter] += 1
+        self.reasons[reason_key] = self.reasons.get(reason_key, 0) + 1
+        return f"{reason_key}: {reason}"
+
+    def _late_reason(self, source: str, ts: int) -> str:
+        newest = self.marks.newest[source]
+        return (f"event time {rfc3339(ts)} is {(newest - ts) / 1000:.0f} s behind the newest {source} event "
+                f"({rfc3339(newest)}); allowed lateness is {self.config.lateness_ms / 1000:.0f} s")
+
+    def _future_reason(self, ts: int, now_ms: int) -> str:
+        return (f"event time {rfc3339(ts)} is more than {self.config.max_future_ms / 1000:.0f} s ahead of the "
+                f"worker's clock ({rfc3339(now_ms)})")
+
+    def _unjoined_reason(self, feedback: FeedbackEvent, trace_ts: int) -> str:
+        return (f"feedback {feedback.event_id} is {abs(feedback.ts - trace_ts) / 1000:.0f} s from its trace "
+                f"{feedback.trace_id}; the join TTL is {self.config.join_ttl_ms / 1000:.0f} s")
+
+    # -- output ---------------------------------------------------------------------------
+    def rollouts(self) -> list[str]:
+        return sorted({rollout for rollout, _ in self.variants})
+
+    def snapshot(self, rollout_id: str, seq: int) -> StatsSnapshot:
+        users: dict[str, int] = {}
+        metrics: dict[str, dict[str, dict]] = {}
+        models: dict[str, dict[str, int]] = {}
+        counts: dict[str, dict[str, int]] = {}
+        for (rollout, variant), sums in sorted(self.variants.items()):
+            if rollout != rollout_id:
+                continue
+            users[variant] = sums.users
+            metrics[variant] = sums.stats()
+            models[variant] = dict(sums.models)
+            counts[variant] = {"responses": sums.responses, "sessions": sums.sessions}
+        return StatsSnapshot(rollout_id=rollout_id, partition=self.partition, seq=seq,
+                             ts=self.latest_ts.get(rollout_id, 0), users=users, metrics=metrics,
+                             models=models, counts=counts)
+
+    def take_dirty_snapshots(self, seq: int) -> list[StatsSnapshot]:
+        dirty, self.dirty = self.dirty, set()
+        self.events_since_snapshot = 0
+        return [self.snapshot(rollout_id, seq) for rollout_id in sorted(dirty) if
+                any(r == rollout_id for r, _ in self.variants)]
+
+    def state_size(self) -> dict[str, int]:
+        """How much is held (for tests and the memory benchmark)."""
+        return {
+            "users": len(self.users),
+            "open_responses": sum(len(u.open) for u in self.users.values()),
+            "join_responses": sum(len(u.by_trace) for u in self.users.values()),
+            "pending_feedback": sum(len(items) for u in self.users.values() for _, items in u.pending),
+            "due_entries": len(self.due),
+        }
+
+
+def merged_snapshot_values(snapshots: Iterable[StatsSnapshot]) -> dict[str, dict[str, Any]]:
+    """Per-variant metric values (docs/metrics.md) of a rollout from the latest snapshot of
+    each partition, merged the way the decide agent merges them. Used by replay and tests."""
+    from safeswap.controller import merge_snapshots
+    from safeswap.metrics import metric_values
+
+    snapshots = list(snapshots)
+    merged = merge_snapshots({i: snapshot for i, snapshot in enumerate(snapshots)})
+    out: dict[str, dict[str, Any]] = {}
+    for variant in sorted({v for s in snapshots for v in s.users}):
+        counts = {"responses": 0, "sessions": 0, "users": 0}
+        models: dict[str, int] = {}
+        for snapshot in snapshots:
+            counts["users"] += snapshot.users.get(variant, 0)
+            for name, value in snapshot.counts.get(variant, {}).items():
+                counts[name] = counts.get(name, 0) + value
+            for model, n in snapshot.models.get(variant, {}).items():
+                models[model] = models.get(model, 0) + n
+        out[variant] = {**counts, **metric_values(merged.get(variant, {})), "models": models}
+    return out
