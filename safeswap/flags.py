@@ -380,9 +380,9 @@ class FlagClient:
             except asyncio.CancelledError:
                 pass
             self._tail = None
-        if self._consumer is not None:
-            await self._consumer.stop()
-            self._consumer = None
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            await _close(consumer)
 
     async def __aenter__(self) -> "FlagClient":
         return await self.start()
@@ -472,7 +472,7 @@ class FlagClient:
                 self._end_offsets = await consumer.end_offsets(assigned)
                 return consumer
             except Exception as exc:
-                await consumer.stop()
+                await _close(consumer)
                 log.warning("flag client: %s not readable (%s); retrying, serving last state", topic, exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -488,7 +488,7 @@ class FlagClient:
                 # Reconnect and re-read: sequence numbers make the replay harmless.
                 log.exception("flag client: tail failed; reconnecting, serving last state")
                 self._consumer = None
-                await consumer.stop()
+                await _close(consumer)
                 await asyncio.sleep(0.5)
 
     async def _tail_loop(self, consumer: AIOKafkaConsumer) -> None:
@@ -518,6 +518,19 @@ class FlagClient:
             if await consumer.position(tp) < end:
                 return False
         return True
+
+
+async def _close(consumer: AIOKafkaConsumer, timeout_s: float = 5.0) -> None:
+    """Stop a consumer without raising: with the broker gone, aiokafka's fetcher
+    close lets the CancelledError of its own in-flight fetch escape."""
+    try:
+        await asyncio.wait_for(consumer.stop(), timeout_s)
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # we are being cancelled ourselves
+    except Exception as exc:
+        log.warning("flag client: consumer did not stop cleanly: %r", exc)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
