@@ -90,15 +90,16 @@ class OutcomeConfig:
 class Response:
     """One served response and what is known about it so far."""
 
-    __slots__ = ("trace_id", "ts", "variant", "prompt", "text", "error", "cost", "closed",
+    __slots__ = ("trace_id", "ts", "variant", "totals", "prompt", "text", "error", "cost", "closed",
                  "down", "up", "edited", "edit_key", "dist", "dist_words",
                  "explicit_retry", "implicit_retry", "explicit_follow", "has_next", "counted_retry",
                  "counted_follow", "last_negative", "last_positive", "abandon_feedback")
 
-    def __init__(self, trace: TraceEvent, max_chars: int) -> None:
+    def __init__(self, trace: TraceEvent, max_chars: int, totals: list[float]) -> None:
         self.trace_id = trace.trace_id
         self.ts = trace.ts
         self.variant = trace.variant
+        self.totals = totals  # the per-user sums of the visit this response belongs to
         self.prompt = trace.prompt_text[:max_chars] if trace.prompt_text is not None else None
         self.text = trace.response_text[:max_chars] if trace.response_text is not None else None
         self.error = trace.error
@@ -128,7 +129,8 @@ def _sort_key(response: Response) -> tuple[int, str]:
 
 
 class UserState:
-    __slots__ = ("rollout_id", "user_id", "open", "by_trace", "pending", "ids", "totals", "due")
+    __slots__ = ("rollout_id", "user_id", "open", "by_trace", "pending", "ids", "totals", "due", "release_at",
+                 "visit_until")
 
     def __init__(self, rollout_id: str, user_id: str) -> None:
         self.rollout_id = rollout_id
@@ -137,8 +139,24 @@ class UserState:
         self.by_trace: dict[str, Response] = {}
         self.pending: PendingJoin = PendingJoin()
         self.ids: dict[str, int] = {}
-        self.totals: dict[str, list[float]] = {}
+        self.totals: dict[str, list[float]] = {}  # of the current visit, per variant
         self.due = FAR_FUTURE
+        # Every event holds the user's state until ts + max(gap, ttl + 1) (the
+        # watermark must pass it before release). A trace at or after the hold of
+        # all earlier traces starts a new *visit* (a new unit), whether or not the
+        # state was released meanwhile; judged on the traces topic alone, whose
+        # order is fixed, so the unit count does not depend on the interleaving.
+        self.release_at = -FAR_FUTURE
+        self.visit_until = -FAR_FUTURE
+
+    def hold(self, ts: int, hold_ms: int, is_trace: bool) -> None:
+        if is_trace:
+            if ts >= self.visit_until:
+                self.totals = {}
+            if ts + hold_ms > self.visit_until:
+                self.visit_until = ts + hold_ms
+        if ts + hold_ms > self.release_at:
+            self.release_at = ts + hold_ms
 
 
 class OutcomeProcessor:
@@ -166,6 +184,10 @@ class OutcomeProcessor:
         self.rejected: list[tuple[Any, str]] = []
         self.events_since_snapshot = 0
         self.events_since_checkpoint = 0
+
+    @property
+    def _hold_ms(self) -> int:
+        return max(self.config.gap_ms, self.config.join_ttl_ms + 1)
 
     # -- entry points ---------------------------------------------------------------------
     def fold_raw(self, source: str, raw: bytes, now_ms: int, origin: Any = None) -> str | None:
@@ -221,6 +243,7 @@ class OutcomeProcessor:
         marks.observe(TRACE, trace.ts)
         if user is None:
             user = self.users[key] = UserState(trace.rollout_id, trace.user_id)
+        user.hold(trace.ts, self._hold_ms, True)
         user.ids[trace.event_id] = trace.ts
 
         variant = trace.variant
@@ -249,9 +272,9 @@ class OutcomeProcessor:
         add(totals, _CACHE, 1.0 if trace.cache_hit else 0.0, 1.0)
         sums.add_latency(latency, trace.cache_hit)
 
-        response = Response(trace, config.max_edit_chars)
+        response = Response(trace, config.max_edit_chars, totals)
         user.by_trace[trace.trace_id] = response
-        self._insert(user, totals, sums, response)
+        self._insert(user, sums, response)
         if user.pending.waiting:
             for fb_ts, (feedback, origin) in user.pending.take(trace.trace_id):
                 if joinable(trace.ts, fb_ts, config.join_ttl_ms):
@@ -278,6 +301,7 @@ class OutcomeProcessor:
         self.marks.observe(FEEDBACK, feedback.ts)
         if user is None:
             user = self.users[key] = UserState(feedback.rollout_id, feedback.user_id)
+        user.hold(feedback.ts, self._hold_ms, False)
         user.ids[feedback.event_id] = feedback.ts
         response = user.by_trace.get(feedback.trace_id)
         reason = None
@@ -294,7 +318,7 @@ class OutcomeProcessor:
 
     def _join(self, user: UserState, response: Response, feedback: FeedbackEvent) -> None:
         sums = self.variants[(user.rollout_id, response.variant)]
-        totals = user.totals[response.variant]
+        totals = response.totals
         kind = feedback.kind
         ts = feedback.ts
         if kind == "thumbs_down":
@@ -356,7 +380,7 @@ class OutcomeProcessor:
         response.dist, response.dist_words = distance, words
 
     # -- sessions: retry, follow-up -------------------------------------------------------
-    def _insert(self, user: UserState, totals: list[float], sums: VariantSums, response: Response) -> None:
+    def _insert(self, user: UserState, sums: VariantSums, response: Response) -> None:
         opened = user.open
         if not opened or _sort_key(opened[-1]) <= _sort_key(response):
             opened.append(response)
@@ -365,11 +389,11 @@ class OutcomeProcessor:
             insort(opened, response, key=_sort_key)
             index = opened.index(response)
         self._link(response, opened[index + 1] if index + 1 < len(opened) else None)
-        self._recount(sums, totals, response)
+        self._recount(sums, response.totals, response)
         if index > 0:
             previous = opened[index - 1]
             self._link(previous, response)
-            self._recount(self.variants[(user.rollout_id, previous.variant)], user.totals[previous.variant], previous)
+            self._recount(self.variants[(user.rollout_id, previous.variant)], previous.totals, previous)
 
     def _link(self, response: Response, following: Response | None) -> None:
         """Derive what the next request of the same user says about ``response``."""
@@ -437,9 +461,10 @@ class OutcomeProcessor:
         user.ids = {event_id: ts for event_id, ts in user.ids.items() if ts >= watermark}
         key = (user.rollout_id, user.user_id)
         if not opened and not by_trace and not user.pending.waiting:
-            del self.users[key]  # released: the session gap and the join TTL are over
-            return
-        candidates = []
+            if watermark >= user.release_at:
+                del self.users[key]  # released: the session gap and the join TTL are over
+                return
+        candidates = [user.release_at]
         if opened:
             candidates.append(opened[first_session_end([r.ts for r in opened], config.gap_ms)].ts + config.gap_ms)
         if by_trace:
@@ -453,7 +478,7 @@ class OutcomeProcessor:
     def _close_session(self, user: UserState, responses: list[Response]) -> None:
         last = responses[-1]
         sums = self.variants[(user.rollout_id, last.variant)]
-        totals = user.totals[last.variant]
+        totals = last.totals
         sums.add(totals, _TURNS, float(len(responses)), 1.0)
         sums.add(totals, _COST_SESSION, sum(r.cost for r in responses), 1.0)
         sums.add(totals, _ABANDON, 1.0 if last.abandoned() else 0.0, 1.0)
