@@ -173,8 +173,8 @@ class FlagClient:
             return False
         if self._stale_control and self.is_stale():
             return False
-        if self.variant(rollout_id, user_id) != "control":
-            return False
+        if decision.percent > 0 and in_candidate(decision.salt, user_id, decision.percent):
+            return False  # served the candidate: nothing to compare (same snapshot as the checks above)
         return in_candidate(decision.salt + SHADOW_SALT_SUFFIX, user_id, decision.shadow_percent)
 
     def decision(self, rollout_id: str) -> Decision | None:

@@ -85,12 +85,14 @@ def test_sync_api_from_threads_with_a_context_manager(settings):
         for thread in threads:
             thread.start()
         for seq, percent in ((2, 10), (3, 25), (4, 50)):
-            asyncio.run(produce(settings.broker, topic, [(b"r", raw(seq, "promote", percent))]))
+            garbage = [(b"r", b"{not a decision")] if seq == 3 else []  # counted, state kept
+            asyncio.run(produce(settings.broker, topic, garbage + [(b"r", raw(seq, "promote", percent))]))
             flags.wait_for_sync(lambda d, seq=seq: d.seq == seq, 10)
         stop.set()
         for thread in threads:
             thread.join()
         assert flags.decision("r").percent == 50 and changes == [2, 3, 4]
+        assert flags.decode_errors == 1 and "undecodable" in flags.last_error
         thread_name = flags._thread.name
     assert errors == []
     assert thread_name not in {t.name for t in threading.enumerate()}  # stopped and joined
