@@ -114,6 +114,7 @@ def schema_export(directory: Annotated[Path, typer.Argument(help="Folder to writ
 
 
 def _register_extensions() -> None:
+    __import__("safeswap.replay").replay.register(app)
     try:
         from safeswap.stats import cli as stats_cli
     except ImportError:

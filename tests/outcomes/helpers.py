@@ -6,8 +6,8 @@ import random
 
 from schemas import FeedbackEvent, TraceEvent
 
-NOW = 1_800_000_000_000  # a fixed "wall clock" for the pure tests
-T0 = NOW - 24 * 3600 * 1000
+T0 = 1_700_000_000_000  # 2023-11-14: event times in the past of any real clock
+NOW = T0 + 48 * 3600 * 1000  # a fixed "wall clock" for the pure tests
 
 
 def trace(n, ts, user="u1", variant="control", prompt="how do I reset my password", rollout="r1", **fields):

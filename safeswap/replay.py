@@ -1,0 +1,179 @@
+"""``safeswap replay EVENTS.jsonl``: the outcomes logic offline, no Kafka.
+
+Each line is one JSON trace or feedback event with ``"type": "trace"|"feedback"``.
+Lines are routed to partitions exactly like the emitters' Kafka producer does
+(murmur2 of the user_id, ``--partitions``, default ``SAFESWAP_PARTITIONS``), and
+each partition runs the same :class:`~safeswap.outcomes.OutcomeProcessor` as the
+streaming agent, in file order per event type (= per topic). Its snapshots are
+merged the way the decide agent merges them, so replay and the streaming path
+give the same metrics on the same events (tests/outcomes/test_streaming.py).
+At the end of the input every session is closed and every join expired.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any, Iterable, Optional
+
+import msgspec
+import typer
+
+from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor, merged_snapshot_values
+from streams.settings import Settings
+
+
+class _Head(msgspec.Struct):
+    type: str
+    user_id: str = ""
+
+
+_head = msgspec.json.Decoder(_Head)
+MAX_REPORTED = 50  # rejected lines listed on stderr; the rest are counted
+
+
+def partition_for(user_id: str, partitions: int) -> int:
+    """The partition aiokafka's default partitioner (murmur2, like the Java client) picks."""
+    from aiokafka.partitioner import murmur2
+
+    return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
+
+
+def replay_lines(lines: Iterable[bytes], config: OutcomeConfig, partitions: int, now_ms: int | None = None,
+                 report=None) -> dict[str, Any]:
+    """Run the outcome logic over JSONL lines; ``report(line_no, reason)`` hears every rejected line."""
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    processors = [OutcomeProcessor(p, config) for p in range(partitions)]
+    counts = {"read": 0, "invalid": 0, "duplicates": 0, "late": 0}
+    reasons: dict[str, int] = {}
+    report = report or (lambda line_no, reason: None)
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            head = _head.decode(line)
+            if head.type not in (TRACE, FEEDBACK):
+                raise ValueError(f"field `type` must be trace or feedback, got {head.type!r}")
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+            counts["read"] += 1
+            counts["invalid"] += 1
+            reasons["invalid"] = reasons.get("invalid", 0) + 1
+            report(line_no, f"invalid: {exc}")
+            continue
+        processor = processors[partition_for(head.user_id, partitions)]
+        reason = processor.fold_raw(head.type, line, now_ms, origin=line_no)
+        if reason is not None:
+            report(line_no, reason)
+        for origin, why in processor.rejected:
+            report(origin, why)
+        processor.rejected.clear()
+    for processor in processors:
+        processor.finish()
+        for origin, why in processor.rejected:
+            report(origin, why)
+        processor.rejected.clear()
+        for name, value in processor.counts.items():
+            counts[name] += value
+        for name, value in processor.reasons.items():
+            reasons[name] = reasons.get(name, 0) + value
+    rollouts: dict[str, Any] = {}
+    for rollout_id in sorted({r for p in processors for r in p.rollouts()}):
+        snapshots = [p.snapshot(rollout_id, seq=p.counts["read"]) for p in processors if rollout_id in p.rollouts()]
+        rollouts[rollout_id] = {"variants": merged_snapshot_values(snapshots)}
+    return {"events": counts, "reasons": reasons, "rollouts": rollouts}
+
+
+def plan_hook(result: dict[str, Any], plan_path: Path) -> dict[str, Any]:
+    """``--plan``: validate the plan and attach it. HOOK for the controller: evaluate the
+    plan's guardrails on ``result["rollouts"][plan.rollout_id]`` and add ``"decision"``."""
+    from schemas import InvalidEvent, RolloutPlan, convert
+
+    try:
+        raw = plan_path.read_text()
+    except OSError as exc:
+        raise FileNotFoundError(f"{plan_path}: cannot read the plan: {exc.strerror} (fix: pass an existing plan file)")
+    import yaml
+
+    try:
+        plan = convert(RolloutPlan, yaml.safe_load(raw))
+    except (InvalidEvent, yaml.YAMLError) as exc:
+        raise ValueError(f"{plan_path}: {exc} (fix: see `safeswap plan` for the plan format)") from None
+    known = set(next(iter(result["rollouts"].get(plan.rollout_id, {}).get("variants", {}).values()), {}))
+    result["plan"] = {
+        "rollout_id": plan.rollout_id,
+        "guardrails": [spec.metric for spec in plan.guardrails],
+        "unknown_metrics": [spec.metric for spec in plan.guardrails if known and spec.metric not in known],
+        "decision": None,  # filled in by the controller (hook)
+    }
+    return result
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def replay(
+        events: Annotated[Path, typer.Argument(help="JSONL file: one trace or feedback event per line, field `type`.")],
+        plan: Annotated[Optional[Path], typer.Option("--plan", help="Rollout plan (YAML/JSON) to evaluate.")] = None,
+        json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")] = False,
+        partitions: Annotated[Optional[int], typer.Option(help="Partitions to route users to (default: settings).", min=1)] = None,
+    ) -> None:
+        """Compute the outcome metrics of a JSONL file of events offline (no Kafka)."""
+        from rich.console import Console
+
+        from safeswap.cli import UserError
+
+        try:
+            settings = Settings.from_env()
+        except ValueError as exc:
+            raise UserError(str(exc)) from None
+        err = Console(stderr=True)
+        try:
+            handle = events.open("rb")
+        except OSError as exc:
+            raise UserError(f"{events}: cannot read the events file: {exc.strerror} "
+                            "(fix: pass a JSONL file with one trace or feedback event per line)") from None
+
+        skipped = [0]
+
+        def report(line_no: Any, reason: str) -> None:
+            skipped[0] += 1
+            if skipped[0] <= MAX_REPORTED:
+                err.print(f"{events}:{line_no}: skipped: {reason[:300]}", highlight=False, markup=False, soft_wrap=True)
+
+        with handle:
+            result = replay_lines(handle, OutcomeConfig.from_settings(settings), partitions or settings.partitions,
+                                  report=report)
+        if skipped[0] > MAX_REPORTED:
+            err.print(f"{events}: ... and {skipped[0] - MAX_REPORTED:,} more skipped lines", highlight=False)
+        if plan is not None:
+            try:
+                result = plan_hook(result, plan)
+            except (FileNotFoundError, ValueError) as exc:
+                raise UserError(str(exc)) from None
+        if json_out:
+            sys.stdout.write(json.dumps(result) + "\n")
+        else:
+            Console().print(result_table(result))
+
+
+def result_table(result: dict[str, Any]):
+    from rich.table import Table
+
+    table = Table(title="safeswap replay: " + ", ".join(f"{k} {v:,}" for k, v in result["events"].items()))
+    table.add_column("rollout / metric")
+    variants = sorted({v for r in result["rollouts"].values() for v in r["variants"]})
+    for variant in variants:
+        table.add_column(variant, justify="right")
+    for rollout_id, rollout in result["rollouts"].items():
+        table.add_row(f"[bold]{rollout_id}[/bold]", *[""] * len(variants))
+        names = [n for n in next(iter(rollout["variants"].values())) if n != "models"]
+        for name in names:
+            cells = []
+            for variant in variants:
+                value = rollout["variants"].get(variant, {}).get(name)
+                cells.append("-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
+            table.add_row(name, *cells)
+        table.add_row("models", *[", ".join(f"{m}: {n}" for m, n in rollout["variants"].get(v, {}).get("models", {}).items())
+                                  for v in variants])
+    return table

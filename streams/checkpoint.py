@@ -1,0 +1,134 @@
+"""Whole-partition checkpoints on a compacted topic: crash-safe state without per-event table writes.
+
+Layout: topic ``<prefix>.checkpoints`` with the same partition count as the
+sources; source partition *p* writes only checkpoint partition *p*. One
+checkpoint = its payload (zlib'd pickle of the partition state, which includes
+the source offsets it covers) cut into chunks of at most ``CHUNK_BYTES``,
+written under keys ``p:<slot>:<i>`` (two slots, alternating, so a crash halfway
+through a write never damages the previous checkpoint), then one *head* record
+``p:head`` naming the generation, the slot, the chunks' offsets and a sha256.
+A checkpoint exists once its head is written; the reader takes the last head
+in the partition (it is the last record but for a write cut short by a crash)
+and verifies every chunk against it. Compaction keeps the log at ~2 checkpoints
+per partition on a real Kafka cluster (Tansu does not compact: reading the last
+head seeks from the end, so history does not slow recovery).
+
+The pickle is trusted input: only the worker writes this internal topic.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import zlib
+from typing import Any, Awaitable, Callable
+
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+CHUNK_BYTES = 512 * 1024
+FORMAT = 1
+
+
+def encode_state(state: Any) -> bytes:
+    return zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), 1)
+
+
+def decode_state(payload: bytes) -> Any:
+    return pickle.loads(zlib.decompress(payload))
+
+
+def chunks_of(payload: bytes) -> list[bytes]:
+    return [payload[i:i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)] or [b""]
+
+
+async def ensure_checkpoint_topic(bootstrap: str, topic: str, partitions: int, replication: int) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+    await admin.start()
+    try:
+        if topic not in set(await admin.list_topics()):
+            try:
+                await admin.create_topics([NewTopic(name=topic, num_partitions=partitions,
+                                                    replication_factor=replication,
+                                                    topic_configs={"cleanup.policy": "compact"})])
+            except Exception as exc:  # created meanwhile by another worker
+                if "exist" not in str(exc).lower():
+                    raise
+    finally:
+        await admin.close()
+
+
+Send = Callable[[bytes, bytes], Awaitable[int]]  # (key, value) -> offset, delivered
+
+
+class CheckpointWriter:
+    """Writes checkpoints of one partition through ``send`` (awaits delivery)."""
+
+    def __init__(self, partition: int, generation: int = 0) -> None:
+        self.partition = partition
+        self.generation = generation
+
+    async def write(self, send: Send, payload: bytes) -> dict:
+        self.generation += 1
+        slot = self.generation % 2
+        offsets = []
+        for index, chunk in enumerate(chunks_of(payload)):
+            key = f"{self.partition}:{slot}:{index}".encode()
+            offsets.append(await send(key, self.generation.to_bytes(8, "big") + chunk))
+        head = {"format": FORMAT, "generation": self.generation, "slot": slot, "chunks": offsets,
+                "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+        await send(f"{self.partition}:head".encode(), json.dumps(head).encode())
+        return head
+
+
+async def read_latest(bootstrap: str, topic: str, partition: int, timeout_ms: int = 10_000) -> tuple[bytes, dict] | None:
+    """The newest complete checkpoint of ``partition``: (payload, head), or None if there is none."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    await consumer.start()
+    try:
+        tp = TopicPartition(topic, partition)
+        consumer.assign([tp])
+        end = (await consumer.end_offsets([tp]))[tp]
+        begin = (await consumer.beginning_offsets([tp]))[tp]
+        head, window, stop = None, 16, end
+        while head is None and stop > begin:
+            start = max(begin, stop - window)
+            records = await _read_range(consumer, tp, start, stop, timeout_ms)
+            for record in reversed(records):
+                if record.key == f"{partition}:head".encode():
+                    head = json.loads(record.value)
+                    break
+            stop, window = start, window * 4
+        if head is None:
+            return None
+        parts = []
+        for index, offset in enumerate(head["chunks"]):
+            records = await _read_range(consumer, tp, offset, offset + 1, timeout_ms)
+            record = records[0] if records else None
+            if (record is None or record.key != f"{partition}:{head['slot']}:{index}".encode()
+                    or int.from_bytes(record.value[:8], "big") != head["generation"]):
+                raise RuntimeError(f"checkpoint {topic}[{partition}] generation {head['generation']}: "
+                                   f"chunk {index} at offset {offset} is missing or overwritten")
+            parts.append(record.value[8:])
+        payload = b"".join(parts)
+        if hashlib.sha256(payload).hexdigest() != head["sha256"]:
+            raise RuntimeError(f"checkpoint {topic}[{partition}] generation {head['generation']}: sha256 mismatch")
+        return payload, head
+    finally:
+        await consumer.stop()
+
+
+async def _read_range(consumer: AIOKafkaConsumer, tp: TopicPartition, start: int, stop: int, timeout_ms: int) -> list:
+    consumer.seek(tp, start)
+    records: list = []
+    waited = 0
+    while (not records or records[-1].offset < stop - 1) and waited < timeout_ms:
+        batch = await consumer.getmany(tp, timeout_ms=200, max_records=max(1, stop - start))
+        got = batch.get(tp, [])
+        if not got:
+            waited += 200
+        records.extend(r for r in got if r.offset < stop)
+        if got and got[-1].offset >= stop - 1:
+            break
+    return records
