@@ -50,4 +50,5 @@ def create_app(settings: Settings) -> faust.App:
     )
     outcomes.register(app, settings)
     decide.register(app, settings)
+    __import__("agents.sink").sink.register(app, settings)  # Parquet sinks (sinks/, docs/data.md)
     return app

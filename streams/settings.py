@@ -43,13 +43,22 @@ class Settings:
     retry_similarity: float = 80.0  # rapidfuzz.fuzz.ratio of the prompts, 0..100
     join_ttl_s: float = 3600.0  # feedback joins a trace at most this far apart in event time
     allowed_lateness_s: float = 300.0  # behind its topic's newest event time: late (DLQ)
-    max_topic_skew_s: float = 7200.0  # a lagging/idle input holds the watermark back at most this long
+    max_topic_skew_s: float = 86400.0  # an idle input (no feedback at all) holds the watermark back at most this long
     max_future_s: float = 3600.0  # event times beyond wall clock + this are rejected (DLQ)
     max_edit_chars: int = 10_000  # texts are truncated to this for edit distance
     max_event_bytes: int = 1_000_000  # larger messages go to the DLQ undecoded
     # Crash safety of the outcomes agent: whole-partition checkpoints (agents/outcomes.py).
     checkpoint_interval_s: float = 5.0
     checkpoint_every_events: int = 50_000
+    # Parquet sinks (sinks/, agents/sink.py): which datasets the worker writes
+    # ("all", "" for none, or names: "traces,feedback,decisions"), and when a
+    # partition's buffer becomes a file (whichever comes first). Offsets are
+    # committed only after the file is in place, so max age also bounds replays.
+    sink_datasets: str = "all"
+    sink_max_rows: int = 100_000
+    sink_max_bytes: int = 64 * 1024 * 1024
+    sink_max_age_s: float = 30.0
+    sink_idle_s: float = 2.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

@@ -1,0 +1,115 @@
+"""Reading the datasets with polars: ``scan(dataset, data_dir=...)`` -> LazyFrame.
+
+What ``scan`` takes care of:
+
+* only committed files: ``part-*.parquet`` inside the dataset folder; staging
+  files live outside it and hidden/underscore files are skipped;
+* typed hive partitions: ``rollout_id`` (String, percent-decoded) and ``date`` (Date);
+* schema evolution: the dataset's newest pinned schema is passed, so older files
+  without a newer (nullable) column read as nulls, and unknown columns are ignored;
+* compaction in flight: a merged file ``part-<p>-<a>-<b>`` supersedes the files of
+  the same partition and folder whose offset ranges it covers, so a reader that
+  lists the folder between the merge's rename and the removal of its inputs sees
+  every row once (``sinks.compact`` removes inputs only after a grace period).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import polars as pl
+
+from sinks.datasets import DATASETS, Dataset, dataset as dataset_named
+from sinks.writer import parse_file_name
+
+HIDDEN = (".", "_")
+
+
+def _polars_schema(ds: Dataset) -> pl.Schema:
+    empty = pl.from_arrow(ds.arrow_schema.empty_table())
+    assert isinstance(empty, pl.DataFrame)
+    return empty.schema
+
+
+def hive_schema(ds: Dataset) -> dict[str, pl.DataType]:
+    return {key: (pl.Date if key == "date" else pl.String) for key in ds.partition_by}
+
+
+def select_files(names: list[str]) -> tuple[list[str], list[str]]:
+    """Split one folder's file names into (kept, superseded).
+
+    Data files only (``part-<p>-<first>-<last>.parquet``). A file whose offset range
+    lies inside another file's range, same folder and partition, is superseded:
+    a compaction merged it and has not removed it yet."""
+    ranges: dict[int, list[tuple[int, int, str]]] = {}
+    for name in names:
+        parsed = parse_file_name(name)
+        if parsed is not None:
+            ranges.setdefault(parsed[0], []).append((parsed[1], parsed[2], name))
+    kept: list[str] = []
+    superseded: list[str] = []
+    for items in ranges.values():
+        # Sorted by first offset (widest first on ties), every kept range starts at or
+        # before this one: it is covered iff some kept range ends at or after it.
+        items.sort(key=lambda item: (item[0], -item[1]))
+        reach = -1
+        for first, last, name in items:
+            if last <= reach:
+                superseded.append(name)
+            else:
+                reach = last
+                kept.append(name)
+    return kept, superseded
+
+
+def data_folders(root: str | os.PathLike):
+    """(folder, file names) for every non-hidden folder under a dataset root."""
+    root = Path(root)
+    if not root.is_dir():
+        return
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith(HIDDEN))
+        yield folder, [name for name in files if not name.startswith(HIDDEN)]
+
+
+def list_files(root: str | os.PathLike) -> list[str]:
+    """The committed data files under a dataset root, superseded (compacted) files left out."""
+    found: list[str] = []
+    for folder, names in data_folders(root):
+        found.extend(os.path.join(folder, name) for name in select_files(names)[0])
+    return sorted(found)
+
+
+def scan(dataset: str, data_dir: str | os.PathLike = "./safeswap-data") -> pl.LazyFrame:
+    """One dataset as a polars LazyFrame (hive columns ``rollout_id`` and ``date`` included)."""
+    ds = dataset_named(dataset)
+    schema = _polars_schema(ds)
+    files = list_files(Path(data_dir) / ds.name)
+    if not files:
+        empty = pl.DataFrame(schema=schema).lazy()
+        return empty.with_columns([pl.lit(None, dtype=dtype).alias(key) for key, dtype in hive_schema(ds).items()])
+    return pl.scan_parquet(
+        files,
+        hive_partitioning=True,
+        hive_schema=hive_schema(ds),
+        schema=schema,
+        hidden_file_prefix=list(HIDDEN),
+        missing_columns="insert",
+        extra_columns="ignore",
+    )
+
+
+def count_rows(data_dir: str | os.PathLike, datasets: list[str] | None = None) -> dict[str, int]:
+    """Rows per dataset (every registered dataset, 0 where nothing was written).
+
+    Reads only Parquet footers (row-group metadata), not the data."""
+    import pyarrow.parquet as pq
+
+    counts: dict[str, int] = {}
+    for name in datasets or list(DATASETS):
+        total = 0
+        for path in list_files(Path(data_dir) / name):
+            total += pq.ParquetFile(path).metadata.num_rows
+        counts[name] = total
+    return counts
