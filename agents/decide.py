@@ -1,7 +1,14 @@
-"""Decide agent: plans + statistics snapshots -> decisions on the compacted control topic.
+"""Decide agent: plans, statistics snapshots and operator commands -> decisions.
 
-Plans and snapshots are both keyed by rollout_id with the same partition count,
-so one worker owns each rollout's whole decision state.
+Plans, snapshots and commands are all keyed by rollout_id with the same
+partition count, so one worker owns each rollout's whole decision state. That
+state lives in a Faust table (changelog-backed: a restarted or rebalanced worker
+recovers it), written once per event that changed it: snapshots arrive about
+once a second per partition, far below the rate where table writes cost.
+
+Decisions are a pure function of the inputs and use event time, so a replay
+after a crash republishes the same decision with the same sequence number, which
+the compacted topic and the flag client absorb.
 """
 
 from __future__ import annotations
@@ -10,41 +17,83 @@ import logging
 import time
 
 import faust
+import msgspec
 
 from agents.dlq import DeadLetters
-from safeswap.controller import PlanConflict, RolloutState, on_plan, on_snapshot
-from schemas import InvalidEvent, RolloutPlan, StatsSnapshot, decode, encode
+from safeswap.controller import PlanConflict, RolloutState, on_command, on_plan, on_snapshot, status_of
+from schemas import Command, InvalidEvent, RolloutPlan, StatsSnapshot, decode, encode
 from streams.app import raw_topic
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
+STATUS_EVERY_S = 1.0
 
 
 def register(app: faust.App, settings: Settings) -> None:
-    inputs = raw_topic(app, settings, "plans", "stats")
+    inputs = raw_topic(app, settings, "plans", "stats", "commands")
     decisions = raw_topic(app, settings, "decisions")
+    status_topic = raw_topic(app, settings, "status")
     dead_letters = DeadLetters(app, settings, agent="decide")
-    plans_name = settings.topic("plans")
-    rollouts: dict[str, RolloutState] = {}
+    plans_name, commands_name = settings.topic("plans"), settings.topic("commands")
+    table = app.Table(
+        "rollouts",
+        partitions=settings.partitions,
+        schema=faust.Schema(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+    )
+    cache: dict[str, RolloutState] = {}
+    status_sent: dict[str, float] = {}
+
+    @app.on_partitions_revoked.connect
+    async def forget(app: faust.App, revoked, **kwargs) -> None:
+        cache.clear()  # the table is the truth; rebuild lazily for what we still own
+
+    def load(rollout_id: str) -> RolloutState | None:
+        state = cache.get(rollout_id)
+        if state is None and (raw := table.get(rollout_id)) is not None:
+            state = cache[rollout_id] = RolloutState.from_dict(msgspec.json.decode(raw))
+        return state
 
     @app.agent(inputs, name="decide", concurrency=1)
     async def decide(stream: faust.StreamT) -> None:
         async for event in stream.events():
             message = event.message
+            rollout_id = None
             try:
+                event_ms = int(message.timestamp * 1000)
                 if message.topic == plans_name:
-                    decision = on_plan(rollouts, decode(RolloutPlan, event.value), int(time.time() * 1000))
+                    plan = decode(RolloutPlan, event.value)
+                    rollout_id = plan.rollout_id
+                    existing = load(rollout_id)
+                    rollouts = {rollout_id: existing} if existing else {}
+                    decision = on_plan(rollouts, plan, event_ms)
+                    cache[rollout_id] = rollouts[rollout_id]
+                elif message.topic == commands_name:
+                    command = decode(Command, event.value)
+                    rollout_id = command.rollout_id
+                    state = load(rollout_id)
+                    if state is None:
+                        raise InvalidEvent(f"command for unknown rollout {rollout_id!r}: start it first")
+                    decision = on_command(state, command.command, command.reason, command.ts or event_ms)
                 else:
                     snapshot = decode(StatsSnapshot, event.value)
-                    state = rollouts.get(snapshot.rollout_id)
+                    rollout_id = snapshot.rollout_id
+                    state = load(rollout_id)
                     decision = on_snapshot(state, snapshot) if state is not None else None
-            except (InvalidEvent, PlanConflict) as exc:
+            except (InvalidEvent, PlanConflict, ValueError) as exc:
                 await dead_letters.send(message, str(exc))
                 continue
             except Exception as exc:  # never leave the loop
                 log.exception("decide: failed on %s[%s]@%s", message.topic, message.partition, message.offset)
                 await dead_letters.send(message, f"internal error: {exc!r}")
                 continue
+            state = cache.get(rollout_id) if rollout_id else None
+            if state is None:
+                continue
             if decision is not None:
                 log.warning("decision %s #%d: %s (%s)", decision.rollout_id, decision.seq, decision.action, decision.reason)
                 await decisions.send(key=decision.rollout_id.encode(), value=encode(decision))
+            table[rollout_id] = msgspec.json.encode(state.to_dict())
+            now = time.monotonic()
+            if decision is not None or now - status_sent.get(rollout_id, 0.0) >= STATUS_EVERY_S:
+                status_sent[rollout_id] = now
+                await status_topic.send(key=rollout_id.encode(), value=encode(status_of(state)))

@@ -1,25 +1,48 @@
-"""The rollout controller as pure functions: plan + statistics snapshots -> decisions.
+"""The rollout controller as pure functions: plan + snapshots + commands -> decisions.
 
-The decide agent feeds it; tests call it directly. A rollout starts when its plan
-is registered (decision ``start``: the flag client begins serving the canary
-split). After each statistics snapshot the partitions' latest snapshots are
-merged and every guardrail's sequential monitor looks once more. A breach whose
-action is ``rollback`` publishes ``rollback`` at once (percent 0: control for
-everyone); ``pause`` holds the split. Both are final until a person acts.
+State machine (event time, never wall-clock, so a replay decides the same)::
+
+    registered -> shadow -> canary -> ramp ... -> complete
+         \\__________\\________\\________\\______-> paused (resume: back where it was)
+                     \\________\\________\\______-> rolled_back
+
+- ``registered``: a high-stakes plan waits here until it carries a passing
+  offline eval gate; any other plan starts its first stage at once.
+- A stage is *promoted* when its minimum duration (event time since the stage
+  began) and minimum users per arm are reached, every guardrail is ``ok``
+  (enough data, no breach) and the data is healthy. After the last stage the
+  rollout is ``complete`` (everyone on the candidate).
+- A guardrail breach acts at once: ``rollback`` (control for everyone) or
+  ``pause`` (the split is held), as the plan says.
+- Broken data pauses instead of deciding on it: sample-ratio mismatch against the
+  stage's allocation, users leaking from the candidate back to control, served
+  model drift within an arm, or one arm losing events (responses per user differ).
+  A cache-hit-rate difference between arms is flagged as a confounder for latency
+  and cost in the evidence; it does not act by itself.
+
+Guardrail monitors run cumulatively over the whole rollout (both arms are always
+measured over the same period), each with ``alpha / k`` (Bonferroni over the k
+guardrails). Every decision has a sequence number; the same inputs give the same
+decisions, so replays are idempotent.
 """
 
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
-from schemas import Decision, GuardrailEvidence, RolloutPlan, StatsSnapshot
-from safeswap.stats import GuardrailMonitor, split_alpha, stat_from_dict
+from safeswap.plan import METRIC_HARM, parse_duration
+from safeswap.stats import GuardrailMonitor, Mean, sequential_compare, split_alpha, stat_from_dict
+from safeswap.stats.srm import srm_test
+from schemas import Decision, GuardrailEvidence, RolloutPlan, RolloutStatus, StatsSnapshot
 
-LIVE_STAGES = ("canary",)
-FINAL_ACTIONS = ("rollback", "pause")
+LIVE = ("shadow", "canary", "ramp")
+# Health checks need this much data before they can pause anything.
+MIN_TRACES_FOR_DRIFT = 100
+EVENT_LOSS_ALPHA = 0.001
 
 
 def plan_hash(plan: RolloutPlan) -> str:
@@ -28,43 +51,180 @@ def plan_hash(plan: RolloutPlan) -> str:
     return hashlib.sha256(canonical).hexdigest()[:16]
 
 
+def gate_passed(plan: RolloutPlan) -> bool:
+    gate = plan.eval_gate or {}
+    return bool(gate.get("passed")) if isinstance(gate, dict) else False
+
+
+class PlanConflict(ValueError):
+    """A different plan under a rollout id that already started."""
+
+
+@dataclass
+class Health:
+    """What the data-quality checks found at one look."""
+
+    srm_p_value: float = 1.0
+    srm_counts: dict[str, int] = field(default_factory=dict)
+    crossover_share: float = 0.0
+    model_drift: dict[str, float] = field(default_factory=dict)  # variant -> share off the pinned model
+    responses_per_user: dict[str, Any] | None = None  # event-loss check
+    cache_skew: dict[str, Any] | None = None  # confounder flag
+    problems: list[tuple[str, str, str]] = field(default_factory=list)  # (check, action, reason)
+
+
+@dataclass
+class Evaluation:
+    """One look at a rollout: guardrails, health, progress in the stage."""
+
+    ts: int
+    users: dict[str, int]
+    verdicts: dict[str, Any]
+    health: Health
+    stage_elapsed_s: float
+    stage_min_duration_s: float
+    stage_min_users: int
+
+    @property
+    def evidence(self) -> list[GuardrailEvidence]:
+        return [_evidence(metric, verdict) for metric, verdict in self.verdicts.items()]
+
+
 @dataclass
 class RolloutState:
     plan: RolloutPlan
     plan_hash: str
-    monitors: dict[str, GuardrailMonitor]
-    stage: str = "canary"
+    stage: str = "registered"  # registered | shadow | canary | ramp | complete | paused | rolled_back
+    stage_index: int = -1
     percent: float = 0.0
+    shadow_percent: float = 0.0
+    stage_started_ts: int = 0
+    stage_start_exposures: dict[str, int] = field(default_factory=dict)
+    paused_stage: str | None = None  # the stage a pause holds, for resume
     seq: int = 0
+    now_ts: int = 0
+    srm_min_p: float = 1.0
     snapshots: dict[int, StatsSnapshot] = field(default_factory=dict)
+    monitors: dict[str, GuardrailMonitor] = field(default_factory=dict)
     last_decision: Decision | None = None
+    last_evaluation: Evaluation | None = None
 
     @property
     def live(self) -> bool:
-        return self.stage in LIVE_STAGES
+        return self.stage in LIVE
 
+    @property
+    def current_stage(self):
+        if 0 <= self.stage_index < len(self.plan.stages):
+            return self.plan.stages[self.stage_index]
+        return None
 
-def start(plan: RolloutPlan, ts: int) -> tuple[RolloutState, Decision]:
-    """Register a plan: guardrail monitors fixed now, canary split served from now."""
-    alpha_each = split_alpha(plan.alpha, max(1, len(plan.guardrails)))
-    monitors = {
-        spec.metric: GuardrailMonitor(
-            spec.metric,
-            max_relative_increase=spec.max_relative_increase,
-            max_absolute_increase=spec.max_absolute_increase,
-            alpha=alpha_each,
-            min_units_per_arm=plan.min_users_per_arm,
+    # -- persistence (the decide agent keeps this in a Faust table) --------------
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "plan": msgspec.to_builtins(self.plan),
+            "plan_hash": self.plan_hash,
+            "stage": self.stage,
+            "stage_index": self.stage_index,
+            "percent": self.percent,
+            "shadow_percent": self.shadow_percent,
+            "stage_started_ts": self.stage_started_ts,
+            "stage_start_exposures": self.stage_start_exposures,
+            "paused_stage": self.paused_stage,
+            "seq": self.seq,
+            "now_ts": self.now_ts,
+            "srm_min_p": self.srm_min_p,
+            "snapshots": {str(p): msgspec.to_builtins(s) for p, s in self.snapshots.items()},
+            "monitors": {m: monitor.to_dict() for m, monitor in self.monitors.items()},
+            "last_decision": msgspec.to_builtins(self.last_decision) if self.last_decision else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "RolloutState":
+        state = cls(
+            plan=msgspec.convert(data["plan"], RolloutPlan),
+            plan_hash=data["plan_hash"],
+            stage=data["stage"],
+            stage_index=data["stage_index"],
+            percent=data["percent"],
+            shadow_percent=data["shadow_percent"],
+            stage_started_ts=data["stage_started_ts"],
+            stage_start_exposures=data["stage_start_exposures"],
+            paused_stage=data["paused_stage"],
+            seq=data["seq"],
+            now_ts=data["now_ts"],
+            srm_min_p=data["srm_min_p"],
         )
-        for spec in plan.guardrails
-    }
-    state = RolloutState(plan=plan, plan_hash=plan_hash(plan), monitors=monitors, percent=plan.percent)
-    decision = _decide(state, ts, "start", f"canary started at {plan.percent:g}% of users", [])
-    return state, decision
+        state.snapshots = {int(p): msgspec.convert(s, StatsSnapshot) for p, s in data["snapshots"].items()}
+        state.monitors = {m: GuardrailMonitor.from_dict(d) for m, d in data["monitors"].items()}
+        if data.get("last_decision"):
+            state.last_decision = msgspec.convert(data["last_decision"], Decision)
+        return state
 
 
-def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, object]]:
+# -- entry points ----------------------------------------------------------------
+def on_plan(rollouts: dict[str, RolloutState], plan: RolloutPlan, ts: int) -> Decision | None:
+    """Register a plan once; the same plan again is a no-op (replay), a changed one is refused."""
+    current = rollouts.get(plan.rollout_id)
+    if current is not None:
+        if current.plan_hash == plan_hash(plan):
+            return None
+        raise PlanConflict(
+            f"rollout {plan.rollout_id!r} already started with plan {current.plan_hash}; "
+            "a started plan is immutable: give the changed plan a new rollout_id"
+        )
+    state = RolloutState(plan=plan, plan_hash=plan_hash(plan), now_ts=ts)
+    alpha_each = split_alpha(plan.alpha, max(1, len(plan.guardrails)))
+    for spec in plan.guardrails:
+        state.monitors[spec.metric] = _monitor(plan, spec, alpha_each)
+    rollouts[plan.rollout_id] = state
+    if not plan.stages:
+        return _decide(state, ts, "hold", "registered", "the plan has no stages: nothing to roll out")
+    if plan.stakes == "high" and not gate_passed(plan):
+        return _decide(state, ts, "hold", "registered",
+                       "high-stakes plan waits for a passing offline eval gate (safeswap eval-gate)")
+    return _enter_stage(state, 0, ts, "start")
+
+
+def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None:
+    """Fold one partition's cumulative snapshot in and look at the rollout once more."""
+    previous = state.snapshots.get(snapshot.partition)
+    if previous is not None and previous.seq >= snapshot.seq:
+        return None  # a replayed or older snapshot: already counted
+    state.snapshots[snapshot.partition] = snapshot
+    state.now_ts = max(state.now_ts, snapshot.ts)
+    if not state.live:
+        return None
+    evaluation = evaluate(state)
+    state.last_evaluation = evaluation
+    return decide(state, evaluation)
+
+
+def on_command(state: RolloutState, command: str, reason: str, ts: int) -> Decision | None:
+    """A person's word: pause, resume or abort (abort = roll back now)."""
+    ts = max(ts, state.now_ts)
+    who = f" ({reason})" if reason else ""
+    if command == "pause":
+        if not state.live:
+            return None
+        state.paused_stage = state.stage
+        return _decide(state, ts, "pause", "paused", f"paused by an operator{who}")
+    if command == "resume":
+        if state.stage != "paused" or state.paused_stage is None:
+            return None
+        stage, state.paused_stage = state.paused_stage, None
+        return _decide(state, ts, "resume", stage, f"resumed by an operator{who}")
+    if command == "abort":
+        if state.stage in ("rolled_back", "complete"):
+            return None
+        return _decide(state, ts, "rollback", "rolled_back", f"aborted by an operator{who}", percent=0.0)
+    raise ValueError(f"unknown command {command!r}: use pause, resume or abort")
+
+
+# -- one look ----------------------------------------------------------------------
+def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, Any]]:
     """Add the latest snapshot of every partition: merged[variant][metric]."""
-    merged: dict[str, dict[str, object]] = {}
+    merged: dict[str, dict[str, Any]] = {}
     for snapshot in snapshots.values():
         for variant, metrics in snapshot.metrics.items():
             into = merged.setdefault(variant, {})
@@ -74,31 +234,271 @@ def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, 
     return merged
 
 
-def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None:
-    """Fold one partition's snapshot in; a decision when a guardrail breaches."""
-    previous = state.snapshots.get(snapshot.partition)
-    if previous is not None and previous.seq >= snapshot.seq:
-        return None  # a replayed or older snapshot: already counted
-    state.snapshots[snapshot.partition] = snapshot
-    if not state.live:
-        return None
+def _sum_by_variant(snapshots: dict[int, StatsSnapshot], attribute: str) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for snapshot in snapshots.values():
+        for variant, count in getattr(snapshot, attribute).items():
+            total[variant] = total.get(variant, 0) + count
+    return total
+
+
+def evaluate(state: RolloutState) -> Evaluation:
     merged = merge_snapshots(state.snapshots)
     control, candidate = merged.get("control", {}), merged.get("candidate", {})
-    evidence: list[GuardrailEvidence] = []
-    breaches: list[tuple[str, str]] = []
-    for spec in state.plan.guardrails:
-        if spec.metric not in control or spec.metric not in candidate:
+    users = _sum_by_variant(state.snapshots, "users")
+    verdicts: dict[str, Any] = {}
+    if state.stage != "shadow":  # in shadow nobody is served the candidate: nothing to compare
+        for spec in state.plan.guardrails:
+            if spec.metric in control and spec.metric in candidate:
+                verdicts[spec.metric] = state.monitors[spec.metric].update(control[spec.metric], candidate[spec.metric])
+    stage = state.current_stage
+    return Evaluation(
+        ts=state.now_ts,
+        users=users,
+        verdicts=verdicts,
+        health=check_health(state, control, candidate, users),
+        stage_elapsed_s=(state.now_ts - state.stage_started_ts) / 1000,
+        stage_min_duration_s=parse_duration(stage.min_duration) if stage and stage.min_duration else 0.0,
+        stage_min_users=(stage.min_users_per_arm or 0) if stage else 0,
+    )
+
+
+def check_health(state: RolloutState, control: dict, candidate: dict, users: dict[str, int]) -> Health:
+    plan, health = state.plan, Health()
+    rules = plan.health
+    serving = state.stage in ("canary", "ramp") and 0 < state.percent < 100
+    # Sample-ratio mismatch on users first seen in this stage, against its split.
+    exposures = _sum_by_variant(state.snapshots, "first_exposures")
+    if serving and exposures and rules.srm != "ignore":
+        counts = [max(0, exposures.get(v, 0) - state.stage_start_exposures.get(v, 0)) for v in ("control", "candidate")]
+        health.srm_counts = {"control": counts[0], "candidate": counts[1]}
+        if sum(counts) > 0:
+            share = state.percent / 100
+            result = srm_test(counts, [1 - share, share])
+            state.srm_min_p = min(state.srm_min_p, result.p_value)
+            health.srm_p_value = state.srm_min_p
+            if state.srm_min_p < rules.srm_alpha:
+                health.problems.append(("srm", rules.srm, (
+                    f"sample ratio mismatch: {counts[1]:,} candidate / {counts[0]:,} control new users in "
+                    f"this stage, expected {state.percent:g}% candidate (p={state.srm_min_p:.2g})")))
+    # Users served the candidate, then control: the assignment leaks.
+    crossover = sum(s.crossover_users for s in state.snapshots.values())
+    total_users = sum(users.values())
+    if total_users:
+        health.crossover_share = crossover / total_users
+        if rules.crossover != "ignore" and health.crossover_share > rules.crossover_max and crossover >= 10:
+            health.problems.append(("crossover", rules.crossover, (
+                f"{crossover:,} users ({health.crossover_share:.1%}) were served the candidate and later control, "
+                f"above crossover_max {rules.crossover_max:.1%}: is the app assigning by request, not user?")))
+    # Served-model drift within an arm.
+    models = _models_by_variant(state.snapshots)
+    for variant in ("control", "candidate"):
+        pinned = getattr(plan, variant).model
+        seen = models.get(variant, {})
+        traces = sum(seen.values())
+        if pinned is None or traces < MIN_TRACES_FOR_DRIFT:
             continue
-        verdict = state.monitors[spec.metric].update(control[spec.metric], candidate[spec.metric])
-        evidence.append(_evidence(spec.metric, verdict))
-        if verdict.status == "breach":
-            breaches.append((spec.action, verdict.reason))
-    ts = max(s.ts for s in state.snapshots.values())
-    for action in FINAL_ACTIONS:  # rollback outranks pause
-        reasons = [reason for breach_action, reason in breaches if breach_action == action]
+        off = traces - seen.get(pinned, 0)
+        health.model_drift[variant] = off / traces
+        if rules.model_drift != "ignore" and off / traces > rules.model_drift_max_share:
+            others = ", ".join(sorted(m for m in seen if m != pinned))
+            health.problems.append(("model_drift", rules.model_drift, (
+                f"{variant} served {off / traces:.1%} of its responses from {others}, not the pinned {pinned}")))
+    # One arm losing events: responses per user differ between arms.
+    if serving:
+        control_rpu, candidate_rpu = _responses_per_user(control), _responses_per_user(candidate)
+        if control_rpu and candidate_rpu and min(control_rpu.n, candidate_rpu.n) >= plan.min_users_per_arm:
+            result = sequential_compare(control_rpu, candidate_rpu, alpha=EVENT_LOSS_ALPHA, n_tune=plan.n_tune,
+                                        difference="relative", alternative="two-sided")
+            health.responses_per_user = result.to_dict()
+            if result.p_value < EVENT_LOSS_ALPHA:
+                health.problems.append(("event_loss", "pause", (
+                    f"candidate responses per user {result.estimate:+.1%} vs control (p={result.p_value:.2g}): "
+                    "one arm is losing events, or the candidate changed engagement; check the emitters")))
+    # Cache-hit skew: a confounder for latency and cost, flagged, not acted on.
+    if "cache_hit_rate" in control and "cache_hit_rate" in candidate:
+        a, b = control["cache_hit_rate"], candidate["cache_hit_rate"]
+        if min(a.n, b.n) >= plan.min_users_per_arm:
+            result = sequential_compare(a, b, alpha=rules.cache_skew_alpha, n_tune=plan.n_tune,
+                                        difference="absolute", alternative="two-sided")
+            health.cache_skew = {**result.to_dict(), "skewed": result.p_value < rules.cache_skew_alpha}
+    return health
+
+
+def _models_by_variant(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, int]]:
+    models: dict[str, dict[str, int]] = {}
+    for snapshot in snapshots.values():
+        for variant, seen in snapshot.models.items():
+            into = models.setdefault(variant, {})
+            for model, count in seen.items():
+                into[model] = into.get(model, 0) + count
+    return models
+
+
+def _responses_per_user(metrics: dict) -> Mean | None:
+    """Responses per user, from the denominators of a per-response ratio."""
+    ratio = metrics.get("thumbs_down_rate") or metrics.get("error_rate")
+    if ratio is None or not hasattr(ratio, "den_sq") or ratio.n < 2:
+        return None
+    return Mean(n=ratio.n, total=ratio.den, total_sq=ratio.den_sq)
+
+
+def decide(state: RolloutState, evaluation: Evaluation) -> Decision | None:
+    """The action for one look: rollback > pause > promote > nothing."""
+    breaches = [(v.reason, spec.action) for spec in state.plan.guardrails
+                if (v := evaluation.verdicts.get(spec.metric)) is not None and v.status == "breach"]
+    problems = [(reason, action) for _, action, reason in evaluation.health.problems]
+    for action in ("rollback", "pause"):
+        reasons = [reason for reason, act in breaches + problems if act == action]
         if reasons:
-            return _decide(state, ts, action, "; ".join(reasons), evidence)
-    return None
+            if action == "rollback":
+                return _decide(state, evaluation.ts, "rollback", "rolled_back", "; ".join(reasons),
+                               evaluation=evaluation, percent=0.0)
+            state.paused_stage = state.stage
+            return _decide(state, evaluation.ts, "pause", "paused", "; ".join(reasons), evaluation=evaluation)
+    if not _ready_to_promote(state, evaluation):
+        return None
+    if state.stage_index + 1 < len(state.plan.stages):
+        return _enter_stage(state, state.stage_index + 1, evaluation.ts, "promote", evaluation)
+    state.stage_index = len(state.plan.stages)
+    return _decide(state, evaluation.ts, "complete", "complete",
+                   f"every stage passed; candidate serves everyone ({_summary(evaluation)})",
+                   evaluation=evaluation, percent=100.0, shadow_percent=0.0)
+
+
+def _ready_to_promote(state: RolloutState, evaluation: Evaluation) -> bool:
+    if evaluation.stage_elapsed_s < evaluation.stage_min_duration_s:
+        return False
+    arms = ("control",) if state.stage == "shadow" else ("control", "candidate")
+    if any(evaluation.users.get(arm, 0) < evaluation.stage_min_users for arm in arms):
+        return False
+    if state.stage == "shadow":
+        return True  # shadow evidence (judge, tails) is the shadow analysis' to add
+    # Every guardrail must have looked and be ok (not insufficient data).
+    return all(
+        (v := evaluation.verdicts.get(spec.metric)) is not None and v.status == "ok"
+        for spec in state.plan.guardrails
+    )
+
+
+def _summary(evaluation: Evaluation) -> str:
+    users = evaluation.users
+    return f"{users.get('control', 0):,} control / {users.get('candidate', 0):,} candidate users"
+
+
+def _enter_stage(state: RolloutState, index: int, ts: int, action: str, evaluation: Evaluation | None = None) -> Decision:
+    stage = state.plan.stages[index]
+    state.stage_index = index
+    state.stage_started_ts = ts
+    state.stage_start_exposures = _sum_by_variant(state.snapshots, "first_exposures")
+    state.srm_min_p = 1.0  # a new split: a new SRM test
+    if stage.name == "shadow":
+        percent, shadow_percent = 0.0, stage.shadow_percent or 0.0
+        what = f"shadow: {shadow_percent:g}% of users' requests also go to the candidate, unseen"
+    else:
+        percent, shadow_percent = stage.percent or 0.0, 0.0
+        what = f"{stage.name}: candidate served to {percent:g}% of users"
+    if action == "start":
+        reason = f"started; {what}"
+    else:
+        reason = f"promoted to {what} after {_hours(evaluation.stage_elapsed_s)}, {_summary(evaluation)}"
+    return _decide(state, ts, action, stage.name, reason, evaluation=evaluation, percent=percent,
+                   shadow_percent=shadow_percent)
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.1f} h"
+
+
+def _decide(state: RolloutState, ts: int, action: str, stage: str, reason: str, *,
+            evaluation: Evaluation | None = None, percent: float | None = None,
+            shadow_percent: float | None = None) -> Decision:
+    state.seq += 1
+    state.stage = stage
+    if percent is not None:
+        state.percent = percent
+    if shadow_percent is not None:
+        state.shadow_percent = shadow_percent
+    if stage in ("rolled_back", "complete"):
+        state.shadow_percent = 0.0
+    decision = Decision(
+        rollout_id=state.plan.rollout_id,
+        seq=state.seq,
+        ts=ts,
+        action=action,
+        stage=stage,
+        percent=state.percent,
+        salt=state.plan.effective_salt,
+        reason=reason,
+        plan_hash=state.plan_hash,
+        evidence=evaluation.evidence if evaluation else [],
+        shadow_percent=state.shadow_percent,
+        control=_variant_meta(state.plan.control),
+        candidate=_variant_meta(state.plan.candidate),
+        health=health_dict(evaluation.health) if evaluation else {},
+    )
+    state.last_decision = decision
+    return decision
+
+
+def health_dict(health: Health) -> dict[str, Any]:
+    return {
+        "srm_p_value": health.srm_p_value,
+        "srm_new_users": health.srm_counts,
+        "crossover_share": health.crossover_share,
+        "model_drift": health.model_drift,
+        "responses_per_user": health.responses_per_user,
+        "cache_skew": health.cache_skew,
+        "problems": [{"check": c, "action": a, "reason": r} for c, a, r in health.problems],
+    }
+
+
+def stage_label(stage) -> str:
+    if stage.name == "shadow":
+        return f"shadow {stage.shadow_percent:g}%"
+    return f"{stage.name} {stage.percent:g}%"
+
+
+def status_of(state: RolloutState) -> RolloutStatus:
+    """What ``safeswap rollout status`` shows: the controller's latest look."""
+    evaluation = state.last_evaluation
+    return RolloutStatus(
+        rollout_id=state.plan.rollout_id,
+        ts=state.now_ts,
+        stage=state.stage,
+        stage_index=state.stage_index,
+        stages=[stage_label(stage) for stage in state.plan.stages],
+        percent=state.percent,
+        shadow_percent=state.shadow_percent,
+        stage_started_ts=state.stage_started_ts,
+        stage_elapsed_s=(state.now_ts - state.stage_started_ts) / 1000 if state.stage_started_ts else 0.0,
+        stage_min_duration_s=evaluation.stage_min_duration_s if evaluation else 0.0,
+        stage_min_users=evaluation.stage_min_users if evaluation else 0,
+        users=evaluation.users if evaluation else {},
+        guardrails=evaluation.evidence if evaluation else [],
+        health=health_dict(evaluation.health) if evaluation else {},
+        last_decision=state.last_decision,
+        plan_hash=state.plan_hash,
+    )
+
+
+def _variant_meta(spec) -> dict[str, str]:
+    return {k: v for k, v in msgspec.to_builtins(spec).items() if v is not None}
+
+
+def _monitor(plan: RolloutPlan, spec, alpha: float) -> GuardrailMonitor:
+    direction = METRIC_HARM.get(spec.metric, "increase")
+    relative = spec.max_relative_increase if direction == "increase" else spec.max_relative_decrease
+    absolute = spec.max_absolute_increase if direction == "increase" else spec.max_absolute_decrease
+    return GuardrailMonitor(
+        spec.metric,
+        max_relative_increase=relative,
+        max_absolute_increase=absolute,
+        direction=direction,
+        alpha=alpha,
+        min_units_per_arm=plan.min_users_per_arm,
+        n_tune=plan.n_tune,
+    )
 
 
 def _evidence(metric: str, verdict) -> GuardrailEvidence:
@@ -113,43 +513,3 @@ def _evidence(metric: str, verdict) -> GuardrailEvidence:
         users_control=verdict.n_control,
         users_candidate=verdict.n_candidate,
     )
-
-
-def _decide(state: RolloutState, ts: int, action: str, reason: str, evidence: list[GuardrailEvidence]) -> Decision:
-    state.seq += 1
-    if action == "rollback":
-        state.stage, state.percent = "rolled_back", 0.0
-    elif action == "pause":
-        state.stage = "paused"
-    decision = Decision(
-        rollout_id=state.plan.rollout_id,
-        seq=state.seq,
-        ts=ts,
-        action=action,
-        stage=state.stage,
-        percent=state.percent,
-        salt=state.plan.effective_salt,
-        reason=reason,
-        plan_hash=state.plan_hash,
-        evidence=evidence,
-    )
-    state.last_decision = decision
-    return decision
-
-
-class PlanConflict(ValueError):
-    """A different plan under a rollout id that already started."""
-
-
-def on_plan(rollouts: dict[str, RolloutState], plan: RolloutPlan, ts: int) -> Decision | None:
-    """Register a plan once; the same plan again is a no-op (replay), a changed one is refused."""
-    current = rollouts.get(plan.rollout_id)
-    if current is not None:
-        if current.plan_hash == plan_hash(plan):
-            return None
-        raise PlanConflict(
-            f"rollout {plan.rollout_id!r} already started with plan {current.plan_hash}; "
-            "a started plan is immutable: give the changed plan a new rollout_id"
-        )
-    rollouts[plan.rollout_id], decision = start(plan, ts)
-    return decision

@@ -22,9 +22,11 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
+import sinks
+
 from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
-from schemas import Decision, FeedbackEvent, GuardrailSpec, RolloutPlan, TraceEvent, encode
+from schemas import Decision, FeedbackEvent, GuardrailSpec, RolloutPlan, StageSpec, TraceEvent, VariantSpec, encode
 from streams.broker import EmbeddedBroker
 from streams.process import WorkerProcess
 from streams.settings import Settings
@@ -36,9 +38,15 @@ MODELS = {"control": "claude-sonnet-4-5-20250929", "candidate": "claude-sonnet-4
 
 
 def demo_plan(rollout_id: str) -> RolloutPlan:
+    """A canary guarded by thumbs-down and error rate; a day's watch before any promotion."""
     return RolloutPlan(
         rollout_id=rollout_id,
-        percent=20.0,
+        stakes="low",
+        control=VariantSpec(model=MODELS["control"], prompt_version="v41"),
+        candidate=VariantSpec(model=MODELS["candidate"], prompt_version="v41"),
+        skip_shadow="demo: the simulated candidate exists only to be rolled back",
+        stages=[StageSpec(name="canary", percent=10, min_duration="24h", min_users_per_arm=200),
+                StageSpec(name="ramp", percent=100)],
         alpha=0.05,
         min_users_per_arm=200,
         guardrails=[
@@ -149,7 +157,7 @@ async def _wait(condition, deadline: float) -> None:
         await asyncio.sleep(0.05)
 
 
-def run_demo(settings: Settings, *, max_users: int, timeout_s: float, json_out: bool) -> dict:
+def run_demo(settings: Settings, *, max_users: int, timeout_s: float, json_out: bool, data_dir: str | None = None) -> dict:
     console = Console(stderr=json_out)
     started = time.monotonic()
     deadline = started + timeout_s
@@ -160,12 +168,15 @@ def run_demo(settings: Settings, *, max_users: int, timeout_s: float, json_out: 
             settings = settings.replace(broker=broker.bootstrap)
             console.print(f"embedded Kafka-protocol broker (Tansu) on {broker.bootstrap}")
         state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="safeswap-demo-"))
-        settings = settings.replace(state_dir=state_dir)
+        settings = settings.replace(state_dir=state_dir, data_dir=data_dir or settings.data_dir)
         asyncio.run(ensure_topics(settings))
         worker = stack.enter_context(WorkerProcess(settings))
         stack.callback(lambda: os.path.exists(worker.log_path) and os.unlink(worker.log_path))
         console.print(f"worker started (pid {worker.pid}); registering plan {rollout_id}")
         outcome = asyncio.run(_simulate(settings, rollout_id, max_users, deadline, console, started))
+        # The worker's sinks flush on rotation (idle/age), and the rest when it stops (SIGINT).
+        sinks.wait_for_rows(settings.data_dir, ["traces", "feedback"], outcome["events_sent"], rollout_id=rollout_id)
+    rows = sinks.count_rows(settings.data_dir, rollout_id=rollout_id)
     decision: Decision | None = outcome["decision"]
     seconds = round(time.monotonic() - started, 2)
     if decision is not None and decision.evidence:
@@ -191,4 +202,6 @@ def run_demo(settings: Settings, *, max_users: int, timeout_s: float, json_out: 
         "users": outcome["users"],
         "candidate_users_after": outcome["candidate_users_now"],
         "seconds": seconds,
+        "data_dir": os.path.abspath(settings.data_dir),
+        "rows": rows,
     }

@@ -1,6 +1,11 @@
 """Wire contracts: events, plans, decisions. No Faust or Kafka imports here."""
 
 from schemas.events import (
+    Command,
+    RolloutStatus,
+    StageSpec,
+    VariantSpec,
+    HealthSpec,
     DeadLetter,
     Decision,
     FeedbackEvent,
@@ -17,6 +22,11 @@ from schemas.events import (
 )
 
 __all__ = [
+    "Command",
+    "RolloutStatus",
+    "StageSpec",
+    "VariantSpec",
+    "HealthSpec",
     "DeadLetter",
     "Decision",
     "FeedbackEvent",

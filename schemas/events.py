@@ -220,6 +220,43 @@ class Decision(msgspec.Struct, kw_only=True):
     # What each variant is, for flag metadata: {"model": ..., "prompt_version": ...}.
     control: dict[str, str] = {}
     candidate: dict[str, str] = {}
+    # Data-quality findings at the decision: SRM p-value, crossover share, model
+    # drift, responses-per-user check, and the cache-hit skew confounder flag.
+    health: dict[str, Any] = {}
+
+
+class RolloutStatus(msgspec.Struct, kw_only=True):
+    """The controller's latest look at a rollout, published to the compacted
+    ``safeswap.status`` (at most about once a second per rollout) for
+    ``safeswap rollout status`` and the dashboard. Informational: the flag
+    client follows decisions, never status."""
+
+    rollout_id: str
+    ts: int  # event time of the look
+    stage: str
+    stage_index: int
+    stages: list[str]  # "shadow 10%", "canary 5%", ...
+    percent: float
+    shadow_percent: float
+    stage_started_ts: int
+    stage_elapsed_s: float
+    stage_min_duration_s: float
+    stage_min_users: int
+    users: dict[str, int]
+    guardrails: list[GuardrailEvidence]
+    health: dict[str, Any]
+    last_decision: Decision | None
+    plan_hash: str
+    schema_version: int = SCHEMA_VERSION
+
+
+class Command(msgspec.Struct, kw_only=True):
+    """An operator's word on a rollout (``safeswap rollout pause|resume|abort``)."""
+
+    rollout_id: NonEmpty
+    command: Literal["pause", "resume", "abort"]
+    reason: str = ""
+    ts: int = 0
 
 
 class DeadLetter(msgspec.Struct, kw_only=True):
@@ -306,6 +343,15 @@ class StatsSnapshot(msgspec.Struct, kw_only=True):
     models: dict[str, dict[str, int]] = {}
     # Plain counts per variant: {"responses": n, "sessions": n} (outcomes issue #4).
     counts: dict[str, dict[str, int]] = {}
+    # Health (controller issue #5). Users whose first-ever trace in this rollout was
+    # in each variant: a never-seen user arriving at split p lands in the candidate
+    # with probability p, so stage increments are what the SRM test checks.
+    first_exposures: dict[str, int] = {}
+    # Users served the candidate and later control while the rollout was live:
+    # a ramp only moves users the other way, so these are assignment leaks.
+    crossover_users: int = 0
 
 
 EVENT_TYPES["stats_snapshot"] = StatsSnapshot
+EVENT_TYPES["rollout_status"] = RolloutStatus
+EVENT_TYPES["command"] = Command

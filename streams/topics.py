@@ -31,6 +31,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("stats", key="rollout_id"),
     TopicSpec("plans", key="rollout_id", config=COMPACT),
     TopicSpec("decisions", key="rollout_id", config=COMPACT),
+    TopicSpec("commands", key="rollout_id"),
+    TopicSpec("status", key="rollout_id", config=COMPACT),
     TopicSpec("judgments", key="rollout_id"),
     TopicSpec("dlq", key="source key"),
 )

@@ -23,7 +23,7 @@ async def run_until_rollback(settings, rollout_id: str, timeout_s: float = 90.0)
     async with Emitter(settings=settings) as emitter, FlagClient(settings=settings) as flags:
         await produce(settings.broker, settings.topic("plans"), [(rollout_id.encode(), encode(demo_plan(rollout_id)))])
         start = await flags.wait_for(lambda d: d.rollout_id == rollout_id, timeout_s)
-        assert start.action == "start" and start.percent == 20
+        assert start.action == "start" and start.percent == demo_plan(rollout_id).stages[0].percent
         served_candidate = 0
         index = 0
         loop = asyncio.get_running_loop()

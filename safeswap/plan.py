@@ -1,0 +1,324 @@
+"""Rollout plans: load a YAML/JSON file, validate it, say exactly what is wrong.
+
+``load_plan(path)`` returns a :class:`PlanReport`: the plan (if it decodes), the
+errors that refuse it and the warnings that explain a risk, each naming the
+field (``stages[1].percent``), the line in the file and the fix. Pure: no Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from schemas import InvalidEvent, RolloutPlan, convert
+
+# Guardrail metrics (docs/metrics.md) and the direction in which each one is harm.
+METRIC_HARM: dict[str, str] = {
+    "thumbs_down_rate": "increase",
+    "thumbs_up_rate": "decrease",
+    "edit_rate": "increase",
+    "edit_distance_mean": "increase",
+    "edit_distance_words_mean": "increase",
+    "retry_rate": "increase",
+    "follow_up_rate": "decrease",
+    "session_turns_mean": "decrease",
+    "abandon_rate": "increase",
+    "error_rate": "increase",
+    "rate_limit_rate": "increase",
+    "tool_failure_rate": "increase",
+    "parse_error_rate": "increase",
+    "timeout_rate": "increase",
+    "refusal_rate": "increase",
+    "latency_ms_mean": "increase",
+    "latency_ms_p95": "increase",
+    "ttft_ms_p95": "increase",
+    "cost_usd_mean": "increase",
+    "cost_per_session_mean": "increase",
+    "cache_hit_rate": "decrease",
+}
+
+CHANGEABLE = ("model", "prompt_version", "tools_version", "system_prompt_version", "retrieval_version")
+# A pinned model names a dated snapshot (claude-sonnet-4-5-20250929, gpt-4o-2024-08-06)
+# or an explicit version/digest (name@v3); an alias can change under you.
+PINNED_MODEL = re.compile(r"(\d{8}|\d{4}-\d{2}-\d{2}|@[\w.:-]+)$")
+_DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(w|d|h|m|s)\s*")
+_UNIT_S = {"w": 604_800, "d": 86_400, "h": 3_600, "m": 60, "s": 1}
+DAY_S = 86_400
+
+
+class PlanError(ValueError):
+    """A plan that cannot be used; the message names file, field, line and fix."""
+
+
+def parse_duration(text: str) -> float:
+    """"24h" -> 86400.0; "1d12h" -> 129600.0. Raises ValueError with the accepted form."""
+    position, total = 0, 0.0
+    text = str(text)
+    while position < len(text):
+        match = _DURATION_PART.match(text, position)
+        if not match or match.end() == position:
+            raise ValueError(f"{text!r} is not a duration: use a number and a unit, like 30m, 24h, 7d or 1d12h")
+        total += float(match.group(1)) * _UNIT_S[match.group(2)]
+        position = match.end()
+    if not text.strip():
+        raise ValueError("empty duration: use a number and a unit, like 24h")
+    return total
+
+
+@dataclass(frozen=True)
+class PlanIssue:
+    path: str  # "stages[1].percent"
+    message: str
+    line: int | None = None
+
+    def render(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line else source
+        return f"{where}: {self.path}: {self.message}"
+
+
+@dataclass
+class PlanReport:
+    source: str
+    plan: RolloutPlan | None
+    errors: list[PlanIssue] = field(default_factory=list)
+    warnings: list[PlanIssue] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.plan is not None and not self.errors
+
+    def lines(self) -> list[str]:
+        return [f"error: {i.render(self.source)}" for i in self.errors] + [
+            f"warning: {i.render(self.source)}" for i in self.warnings
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "ok": self.ok,
+            "rollout_id": self.plan.rollout_id if self.plan else None,
+            "errors": [i.__dict__ for i in self.errors],
+            "warnings": [i.__dict__ for i in self.warnings],
+        }
+
+
+# -- loading with line numbers ---------------------------------------------------
+class _LineLoader(yaml.SafeLoader):
+    """A SafeLoader that remembers the line of every mapping key and list item."""
+
+
+def _load_with_lines(text: str) -> tuple[Any, dict[str, int]]:
+    lines: dict[str, int] = {}
+    root = yaml.compose(text, Loader=_LineLoader)
+
+    def walk(node: yaml.Node, path: str) -> None:
+        lines.setdefault(path or "$", node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                child = f"{path}.{key.value}" if path else str(key.value)
+                lines[child] = key.start_mark.line + 1
+                walk(value, child)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                child = f"{path}[{index}]"
+                lines[child] = item.start_mark.line + 1
+                walk(item, child)
+
+    if root is not None:
+        walk(root, "")
+    return yaml.safe_load(text), lines
+
+
+def _line_for(path: str, lines: dict[str, int]) -> int | None:
+    while path:
+        if path in lines:
+            return lines[path]
+        path = re.sub(r"(\.[^.\[]+|\[\d+\])$", "", path) if re.search(r"(\.[^.\[]+|\[\d+\])$", path) else ""
+    return lines.get("$")
+
+
+_MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`")
+
+
+def load_plan(path: str | Path) -> PlanReport:
+    """Read and validate a plan file (YAML or JSON). Never raises for a bad plan."""
+    source = str(path)
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return PlanReport(source, None, [PlanIssue("$", "file not found: check the path")])
+    except (OSError, UnicodeDecodeError) as exc:
+        return PlanReport(source, None, [PlanIssue("$", f"cannot read the file: {exc}")])
+    try:
+        data, lines = _load_with_lines(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        return PlanReport(source, None, [PlanIssue("$", f"not valid YAML/JSON: {problem}", mark.line + 1 if mark else None)])
+    return validate_plan_data(data, source=source, lines=lines)
+
+
+def validate_plan_data(data: Any, *, source: str = "<plan>", lines: dict[str, int] | None = None) -> PlanReport:
+    lines = lines or {}
+    if not isinstance(data, dict):
+        return PlanReport(source, None, [PlanIssue("$", "a plan is a mapping with rollout_id, stages and guardrails", 1)])
+    unknown = _unknown_fields(data)
+    if unknown:
+        return PlanReport(source, None, [PlanIssue(p, msg, _line_for(p, lines)) for p, msg in unknown])
+    try:
+        plan = convert(RolloutPlan, data)
+    except InvalidEvent as exc:
+        text = str(exc).removeprefix("invalid RolloutPlan: ")
+        match = _MSGSPEC_PATH.search(text)
+        path = match.group(1) if match else "$"
+        message = _MSGSPEC_PATH.sub("", text)
+        return PlanReport(source, None, [PlanIssue(path or "$", message, _line_for(path, lines))])
+    errors, warnings = check_plan(plan)
+    return PlanReport(
+        source,
+        plan,
+        [PlanIssue(p, m, _line_for(p, lines)) for p, m in errors],
+        [PlanIssue(p, m, _line_for(p, lines)) for p, m in warnings],
+    )
+
+
+def _unknown_fields(data: dict) -> list[tuple[str, str]]:
+    """Unknown fields, named with the ones allowed (a typo must not be ignored)."""
+    from schemas.events import GuardrailSpec, HealthSpec, StageSpec, VariantSpec
+
+    found: list[tuple[str, str]] = []
+
+    def check(mapping: Any, struct: type[msgspec.Struct], path: str) -> None:
+        if not isinstance(mapping, dict):
+            return
+        for key in mapping:
+            if key not in struct.__struct_fields__:
+                allowed = ", ".join(struct.__struct_fields__)
+                found.append((f"{path}.{key}" if path else str(key), f"unknown field; allowed here: {allowed}"))
+
+    check(data, RolloutPlan, "")
+    for side in ("control", "candidate"):
+        check(data.get(side), VariantSpec, side)
+    for index, stage in enumerate(data.get("stages") or []):
+        check(stage, StageSpec, f"stages[{index}]")
+    for index, guardrail in enumerate(data.get("guardrails") or []):
+        check(guardrail, GuardrailSpec, f"guardrails[{index}]")
+    check(data.get("health"), HealthSpec, "health")
+    return found
+
+
+# -- the rules -------------------------------------------------------------------
+def changed_parts(plan: RolloutPlan) -> list[str]:
+    return [name for name in CHANGEABLE if getattr(plan.control, name) != getattr(plan.candidate, name)]
+
+
+def check_plan(plan: RolloutPlan) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(errors, warnings) as (field path, message with the fix)."""
+    errors: list[tuple[str, str]] = []
+    warnings: list[tuple[str, str]] = []
+
+    if not plan.stages:
+        errors.append(("stages", "missing: list the stages, e.g. shadow, canary 5%, ramp 10%, 50%, 100%"))
+    durations: list[float] = []
+    previous_percent = 0.0
+    seen_serving = False
+    for index, stage in enumerate(plan.stages):
+        path = f"stages[{index}]"
+        if stage.min_duration is not None:
+            try:
+                durations.append(parse_duration(stage.min_duration))
+            except ValueError as exc:
+                errors.append((f"{path}.min_duration", str(exc)))
+        if stage.name == "shadow":
+            if seen_serving:
+                errors.append((f"{path}.name", "shadow must come before canary and ramp stages"))
+            if stage.percent:
+                errors.append((f"{path}.percent", "a shadow stage serves no user the candidate: use shadow_percent"))
+            if stage.shadow_percent is None:
+                errors.append((f"{path}.shadow_percent", "missing: the share of users whose requests are shadowed"))
+            continue
+        seen_serving = True
+        if stage.shadow_percent is not None:
+            errors.append((f"{path}.shadow_percent", "only a shadow stage shadows traffic: remove it"))
+        if stage.percent is None or stage.percent <= 0:
+            errors.append((f"{path}.percent", "missing: the share of users (0-100] served the candidate"))
+            continue
+        if stage.percent <= previous_percent:
+            errors.append((f"{path}.percent", f"{stage.percent:g} does not go up from {previous_percent:g}: "
+                                              "percentages must increase stage after stage"))
+        if stage.name == "canary" and previous_percent > 0:
+            errors.append((f"{path}.name", "the canary comes before the ramp stages"))
+        if stage.name == "canary":
+            if stage.percent > 5:
+                warnings.append((f"{path}.percent", f"a canary of {stage.percent:g}% exposes more users than the "
+                                                    "usual 1-5% before the guardrails have data"))
+            duration = _safe_duration(stage.min_duration)
+            if duration < DAY_S:
+                warnings.append((f"{path}.min_duration", "a canary watched less than 24 h misses time-of-day "
+                                                         "effects (traffic mix changes between day and night)"))
+        previous_percent = stage.percent
+    if durations and sum(durations) < 7 * DAY_S:
+        warnings.append(("stages", f"the stages watch {sum(durations) / DAY_S:.1f} days in all; under 7 days a "
+                                   "weekday/weekend difference can pass for a variant effect"))
+    if plan.stages and previous_percent < 100 and not any(s.name == "ramp" and s.percent == 100 for s in plan.stages):
+        warnings.append(("stages", "no stage serves 100%: the rollout completes by switching everyone after "
+                                   "the last stage passes"))
+
+    changes = changed_parts(plan)
+    for side in ("control", "candidate"):
+        model = getattr(plan, side).model
+        if model is None:
+            errors.append((f"{side}.model", "missing: name the model (a dated snapshot) this variant serves"))
+        elif not PINNED_MODEL.search(model) and not plan.allow_unpinned:
+            errors.append((f"{side}.model", f"{model!r} is an alias, not a pinned snapshot: use a dated version "
+                                            "(like claude-sonnet-4-5-20250929) or set allow_unpinned: true"))
+    if len(changes) > 1 and not (plan.allow_multiple_changes or "").strip():
+        errors.append(("candidate", f"changes {len(changes)} things at once ({', '.join(changes)}): a regression "
+                                    "could not be traced to one of them; split the rollout or give "
+                                    "allow_multiple_changes: <reason>"))
+    if not changes:
+        warnings.append(("candidate", "identical to control: this rollout is an A/A rehearsal"))
+    has_shadow = any(stage.name == "shadow" for stage in plan.stages)
+    needs_shadow = "model" in changes or plan.stakes == "high"
+    if needs_shadow and not has_shadow and not (plan.skip_shadow or "").strip():
+        why = "a model change" if "model" in changes else "a high-stakes plan"
+        errors.append(("stages", f"{why} needs a shadow stage before users see it (\"evals passed\" is how "
+                                 "regressions ship): add {name: shadow, shadow_percent: 10, min_duration: 24h} "
+                                 "or give skip_shadow: <reason>"))
+
+    if not plan.guardrails:
+        warnings.append(("guardrails", "no guardrails: nothing can roll this rollout back automatically"))
+    for index, guardrail in enumerate(plan.guardrails):
+        path = f"guardrails[{index}]"
+        if guardrail.metric not in METRIC_HARM:
+            errors.append((f"{path}.metric", f"unknown metric {guardrail.metric!r}; known: {', '.join(METRIC_HARM)}"))
+            continue
+        limits = [name for name in ("max_relative_increase", "max_absolute_increase", "max_relative_decrease",
+                                    "max_absolute_decrease") if getattr(guardrail, name) is not None]
+        if len(limits) > 1:
+            errors.append((path, f"give one limit, not {', '.join(limits)}"))
+        harm = METRIC_HARM[guardrail.metric]
+        if limits and harm not in limits[0]:
+            errors.append((f"{path}.{limits[0]}", f"harm for {guardrail.metric} is a {harm}: use "
+                                                 f"max_{limits[0].split('_')[1]}_{harm}"))
+    metrics = [g.metric for g in plan.guardrails]
+    for metric in {m for m in metrics if metrics.count(m) > 1}:
+        errors.append(("guardrails", f"{metric} is guarded twice: keep one rule per metric"))
+    return errors, warnings
+
+
+def _safe_duration(text: str | None) -> float:
+    try:
+        return parse_duration(text) if text else 0.0
+    except ValueError:
+        return 0.0
+
+
+def plan_json(plan: RolloutPlan) -> dict[str, Any]:
+    return json.loads(msgspec.json.encode(plan))
