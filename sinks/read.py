@@ -100,16 +100,40 @@ def scan(dataset: str, data_dir: str | os.PathLike = "./safeswap-data") -> pl.La
     )
 
 
-def count_rows(data_dir: str | os.PathLike, datasets: list[str] | None = None) -> dict[str, int]:
+def count_rows(data_dir: str | os.PathLike, datasets: list[str] | None = None, *,
+               rollout_id: str | None = None) -> dict[str, int]:
     """Rows per dataset (every registered dataset, 0 where nothing was written).
 
-    Reads only Parquet footers (row-group metadata), not the data."""
+    ``rollout_id``: only that rollout's rows (datasets not partitioned by rollout,
+    like ``dlq``, count in full). Reads only Parquet footers, not the data."""
     import pyarrow.parquet as pq
+
+    from sinks.writer import hive_value
 
     counts: dict[str, int] = {}
     for name in datasets or list(DATASETS):
+        root = Path(data_dir) / name
+        if rollout_id is not None and DATASETS[name].has_rollout:
+            root = root / f"rollout_id={hive_value(rollout_id)}"
         total = 0
-        for path in list_files(Path(data_dir) / name):
-            total += pq.ParquetFile(path).metadata.num_rows
+        for path in list_files(root):
+            try:
+                total += pq.ParquetFile(path).metadata.num_rows
+            except FileNotFoundError:  # removed by a compaction since the listing
+                continue
         counts[name] = total
     return counts
+
+
+def wait_for_rows(data_dir: str | os.PathLike, datasets: list[str], at_least: int, *, rollout_id: str | None = None,
+                  timeout_s: float = 20.0, poll_s: float = 0.25) -> int:
+    """Wait until the datasets together hold ``at_least`` rows (the worker is a separate
+    process: its sinks flush on rotation). Returns the rows found; no error on timeout."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        found = sum(count_rows(data_dir, datasets, rollout_id=rollout_id).values())
+        if found >= at_least or time.monotonic() >= deadline:
+            return found
+        time.sleep(poll_s)
