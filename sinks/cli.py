@@ -1,0 +1,134 @@
+"""``safeswap query`` and ``safeswap compact``: the Parquet datasets from the command line.
+
+Errors are one line naming the folder, dataset or query and the fix; exit code 2.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+err = Console(stderr=True, soft_wrap=True)
+
+DataOption = Annotated[
+    Optional[str],
+    typer.Option("--data", help="Dataset folder (env SAFESWAP_DATA_DIR, default ./safeswap-data)."),
+]
+
+
+def _fail(message: str) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _data_dir(data: str | None) -> Path:
+    from streams.settings import Settings
+
+    if data is None:
+        try:
+            data = Settings.from_env().data_dir
+        except ValueError as exc:
+            _fail(str(exc))
+    path = Path(data)
+    if not path.is_dir():
+        _fail(f"{path}: no dataset folder here (fix: pass --data DIR where a worker or `safeswap demo --data DIR` "
+              f"wrote, or set SAFESWAP_DATA_DIR)")
+    return path
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _print(frame, fmt: str, title: str) -> None:
+    if fmt == "csv":
+        sys.stdout.write(frame.write_csv())
+    elif fmt == "json":
+        sys.stdout.write(json.dumps(frame.to_dicts(), default=str) + "\n")
+    else:
+        from rich.table import Table
+
+        table = Table(title=title)
+        for name in frame.columns:
+            table.add_column(name, overflow="fold")
+        for row in frame.iter_rows():
+            table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
+        Console(soft_wrap=False).print(table)
+
+
+def register(app: typer.Typer) -> None:
+    from sinks.queries import QUERIES
+
+    names = "|".join(QUERIES)
+
+    @app.command()
+    def query(
+        name: Annotated[Optional[str], typer.Argument(help="Named query: summary|timeline|both-arms.")] = None,
+        sql: Annotated[Optional[str], typer.Option("--sql", help="Polars SQL; tables: traces, feedback, "
+                                                   "outcomes, stats, decisions, plans, shadow, judgments, dlq.")] = None,
+        data: DataOption = None,
+        rollout: Annotated[Optional[str], typer.Option("--rollout", help="Only this rollout_id.")] = None,
+        fmt: Annotated[str, typer.Option("--format", help="table|csv|json")] = "table",
+        limit: Annotated[int, typer.Option(help="At most this many rows (0: all).", min=0)] = 200,
+    ) -> None:
+        """Ask the Parquet datasets: per-variant summary, decision timeline, users in both arms, or SQL."""
+        import polars as pl
+
+        from sinks.queries import sql as run_sql
+
+        if fmt not in ("table", "csv", "json"):
+            _fail(f"--format {fmt!r}: use table, csv or json")
+        if (name is None) == (sql is None):
+            _fail(f"give a query name ({names}) or --sql 'SELECT ...', not both or neither")
+        if name is not None and name not in QUERIES:
+            _fail(f"unknown query {name!r} (fix: use one of {names}, or --sql)")
+        folder = _data_dir(data)
+        try:
+            frame = run_sql(folder, sql) if sql is not None else QUERIES[name](folder, rollout_id=rollout)
+            if limit:
+                frame = frame.limit(limit)
+            result = frame.collect()
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            what = "--sql" if sql is not None else f"query {name}"
+            _fail(f"{what} over {folder}: {_first_line(exc)} (fix: tables and columns are listed in docs/data.md)")
+        _print(result, fmt, title=name or "sql")
+
+    @app.command()
+    def compact(
+        data: DataOption = None,
+        dataset: Annotated[Optional[list[str]], typer.Option("--dataset", help="Only this dataset (repeatable).")] = None,
+        before: Annotated[Optional[str], typer.Option(help="Compact dates before this YYYY-MM-DD (default: today, UTC: "
+                                                      "every closed date).")] = None,
+        grace: Annotated[float, typer.Option(help="Seconds a merged file's inputs stay for readers already "
+                                             "listing them.", min=0)] = 10.0,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    ) -> None:
+        """Merge the small files of closed date partitions (safe beside running workers and readers)."""
+        from sinks.compact import compact as run_compact
+        from sinks.datasets import DATASETS
+
+        folder = _data_dir(data)
+        for name in dataset or []:
+            if name not in DATASETS:
+                _fail(f"--dataset {name!r}: unknown (fix: use one of {', '.join(DATASETS)})")
+        cutoff = None
+        if before is not None:
+            try:
+                cutoff = dt.date.fromisoformat(before)
+            except ValueError:
+                _fail(f"--before {before!r}: not a date (fix: YYYY-MM-DD)")
+        report = run_compact(folder, dataset or None, before=cutoff, grace_s=grace)
+        if json_out:
+            print(json.dumps(report.as_dict()))
+        else:
+            err.print(f"compacted {report.merged_files} files into {report.written_files} in {report.folders} "
+                      f"closed folders ({report.rows:,} rows); removed {report.removed_files} superseded files")
+        for line in report.errors:
+            err.print(f"[yellow]skipped:[/yellow] {line}", highlight=False)
