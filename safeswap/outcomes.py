@@ -66,7 +66,7 @@ class OutcomeConfig:
     retry_similarity: float = 80.0
     join_ttl_ms: int = 60 * 60_000
     lateness_ms: int = 5 * 60_000
-    max_skew_ms: int = 2 * 60 * 60_000
+    max_skew_ms: int = 24 * 60 * 60_000
     max_future_ms: int = 60 * 60_000
     max_edit_chars: int = 10_000
     max_event_bytes: int = 1_000_000
