@@ -55,11 +55,12 @@ def demo(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")] = False,
     users: Annotated[int, typer.Option(help="Simulated users at most.", min=100)] = 20_000,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.", min=5)] = 85.0,
+    data: Annotated[Optional[str], typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
 ) -> None:
     """Run the whole loop on the embedded broker: events in, rollback decision out."""
     from safeswap.demo import run_demo
 
-    result = run_demo(settings_from(broker), max_users=users, timeout_s=timeout, json_out=json_out)
+    result = run_demo(settings_from(broker), max_users=users, timeout_s=timeout, json_out=json_out, data_dir=data)
     if json_out:
         print(json.dumps(result))
     if result["action"] != "rollback":
@@ -120,6 +121,7 @@ def _register_extensions() -> None:
     except ImportError:
         return
     stats_cli.register(app, plan_app)
+    __import__("sinks.cli").cli.register(app)  # safeswap query, safeswap compact
 
 
 _register_extensions()
