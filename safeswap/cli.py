@@ -28,6 +28,8 @@ schema_app = typer.Typer(help="Wire contracts: JSON Schemas for emitters in othe
 plan_app = typer.Typer(help="Rollout plans: size them, validate them.", no_args_is_help=True)
 app.add_typer(schema_app, name="schema")
 app.add_typer(topics_app, name="topics")
+rollout_app = typer.Typer(help="Start and steer rollouts; see what the controller sees.", no_args_is_help=True)
+app.add_typer(rollout_app, name="rollout")
 app.add_typer(plan_app, name="plan")
 
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
@@ -112,6 +114,167 @@ def schema_export(directory: Annotated[Path, typer.Argument(help="Folder to writ
     except OSError as exc:
         raise UserError(f"{directory}: cannot write schemas: {exc.strerror}") from None
     err.print(f"wrote {len(json_schemas())} schemas to {directory}")
+
+
+JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")]
+WaitOption = Annotated[float, typer.Option("--wait", help="Seconds to wait for the controller's answer.", min=0)]
+
+
+def _load_plan_or_fail(path: Path, eval_gate: Path | None = None):
+    from safeswap.plan import load_plan
+
+    report = load_plan(path)
+    if report.plan is not None and eval_gate is not None:
+        report.plan.eval_gate = _read_gate(eval_gate)
+    return report
+
+
+def _read_gate(path: Path) -> dict:
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        gate = json.loads(lines[-1])
+    except (OSError, IndexError, ValueError) as exc:
+        raise UserError(f"{path}: not an eval-gate result ({exc}); use the JSON line of `safeswap eval-gate --json`") from None
+    if not isinstance(gate, dict) or "passed" not in gate:
+        raise UserError(f"{path}: no 'passed' field; use the JSON line of `safeswap eval-gate --json`")
+    return gate
+
+
+@plan_app.command("validate")
+def plan_validate(
+    plan: Annotated[Path, typer.Argument(help="Plan file (YAML or JSON).")],
+    json_out: JsonOption = False,
+) -> None:
+    """Check a rollout plan: errors refuse it (exit 2), warnings explain risks."""
+    report = _load_plan_or_fail(plan)
+    for line in report.lines():
+        err.print(line, highlight=False, markup=False)
+    if json_out:
+        print(json.dumps(report.to_dict()))
+    elif report.ok:
+        err.print(f"ok: {report.plan.rollout_id} ({len(report.plan.stages)} stages, "
+                  f"{len(report.plan.guardrails)} guardrails, {len(report.warnings)} warnings)")
+    if not report.ok:
+        raise typer.Exit(2)
+
+
+def _run(coroutine):
+    import asyncio
+
+    from safeswap.rollouts import RolloutError
+
+    try:
+        return asyncio.run(coroutine)
+    except RolloutError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _broker_or_fail(broker: str | None) -> Settings:
+    settings = settings_from(broker)
+    if not settings.broker:
+        raise UserError("no broker: set SAFESWAP_BROKER=host:port or pass --broker")
+    return settings
+
+
+@rollout_app.command("start")
+def rollout_start(
+    plan: Annotated[Path, typer.Argument(help="Plan file (YAML or JSON).")],
+    broker: BrokerOption = None,
+    eval_gate: Annotated[Optional[Path], typer.Option("--eval-gate", help="`safeswap eval-gate --json` output to attach.")] = None,
+    wait: WaitOption = 15.0,
+    json_out: JsonOption = False,
+) -> None:
+    """Validate and publish a plan; the plan is hashed and immutable from now on."""
+    from safeswap.rollouts import start_rollout
+
+    report = _load_plan_or_fail(plan, eval_gate)
+    for line in report.lines():
+        err.print(line, highlight=False, markup=False)
+    if not report.ok:
+        raise typer.Exit(2)
+    outcome, decision = _run(start_rollout(_broker_or_fail(broker), report.plan, wait))
+    _print_decision_result(report.plan.rollout_id, outcome, decision, json_out, wait)
+
+
+def _print_decision_result(rollout_id: str, outcome: str, decision, json_out: bool, wait: float) -> None:
+    from safeswap.views import decision_line
+
+    if decision is None:
+        err.print(f"{rollout_id}: {outcome}; no decision from a worker within {wait:g} s: is `safeswap worker` running?")
+    else:
+        err.print(f"{rollout_id}: {outcome}; {decision_line(decision)}", highlight=False)
+    if json_out:
+        import msgspec
+
+        print(json.dumps({"rollout_id": rollout_id, "outcome": outcome,
+                          "decision": msgspec.to_builtins(decision) if decision else None}))
+
+
+def _command(command: str, rollout_id: str, reason: str, broker: str | None, wait: float, json_out: bool) -> None:
+    from safeswap.rollouts import command_rollout
+
+    decision = _run(command_rollout(_broker_or_fail(broker), rollout_id, command, reason, wait))
+    _print_decision_result(rollout_id, f"{command} sent", decision, json_out, wait)
+
+
+ReasonOption = Annotated[str, typer.Option("--reason", help="Why: recorded in the decision.")]
+
+
+@rollout_app.command("pause")
+def rollout_pause(rollout_id: str, reason: ReasonOption = "", broker: BrokerOption = None,
+                  wait: WaitOption = 15.0, json_out: JsonOption = False) -> None:
+    """Hold the current split until resumed."""
+    _command("pause", rollout_id, reason, broker, wait, json_out)
+
+
+@rollout_app.command("resume")
+def rollout_resume(rollout_id: str, reason: ReasonOption = "", broker: BrokerOption = None,
+                   wait: WaitOption = 15.0, json_out: JsonOption = False) -> None:
+    """Continue a paused rollout where it stopped."""
+    _command("resume", rollout_id, reason, broker, wait, json_out)
+
+
+@rollout_app.command("abort")
+def rollout_abort(rollout_id: str, reason: ReasonOption = "", broker: BrokerOption = None,
+                  wait: WaitOption = 15.0, json_out: JsonOption = False) -> None:
+    """Roll back now: control for everyone."""
+    _command("abort", rollout_id, reason, broker, wait, json_out)
+
+
+@rollout_app.command("status")
+def rollout_status(rollout_id: str, broker: BrokerOption = None, json_out: JsonOption = False) -> None:
+    """Stage, split, time and users left, each guardrail's interval, the last decision."""
+    import msgspec
+    from rich.console import Console
+
+    from safeswap.rollouts import rollout_states
+    from safeswap.views import status_view
+
+    decisions, statuses = _run(rollout_states(_broker_or_fail(broker)))
+    decision, status = decisions.get(rollout_id), statuses.get(rollout_id)
+    if decision is None and status is None:
+        raise UserError(f"no rollout {rollout_id!r}: `safeswap rollout list` shows the known ones")
+    console = Console(stderr=json_out)
+    for renderable in status_view(status, decision):
+        console.print(renderable)
+    if json_out:
+        print(json.dumps({"rollout_id": rollout_id, "status": msgspec.to_builtins(status) if status else None,
+                          "decision": msgspec.to_builtins(decision) if decision else None}))
+
+
+@rollout_app.command("list")
+def rollout_list(broker: BrokerOption = None, json_out: JsonOption = False) -> None:
+    """Every rollout the controller knows, with its stage and last action."""
+    import msgspec
+    from rich.console import Console
+
+    from safeswap.rollouts import rollout_states
+    from safeswap.views import rollout_list_table
+
+    decisions, _ = _run(rollout_states(_broker_or_fail(broker)))
+    Console(stderr=json_out).print(rollout_list_table(decisions))
+    if json_out:
+        print(json.dumps({"rollouts": [msgspec.to_builtins(d) for _, d in sorted(decisions.items())]}))
 
 
 def _register_extensions() -> None:

@@ -34,7 +34,7 @@ from typing import Any
 
 import msgspec
 
-from safeswap.plan import METRIC_HARM, parse_duration
+from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
 from safeswap.stats import GuardrailMonitor, Mean, sequential_compare, split_alpha, stat_from_dict
 from safeswap.stats.srm import srm_test
 from schemas import Decision, GuardrailEvidence, RolloutPlan, RolloutStatus, StatsSnapshot
@@ -176,7 +176,9 @@ def on_plan(rollouts: dict[str, RolloutState], plan: RolloutPlan, ts: int) -> De
     state = RolloutState(plan=plan, plan_hash=plan_hash(plan), now_ts=ts)
     alpha_each = split_alpha(plan.alpha, max(1, len(plan.guardrails)))
     for spec in plan.guardrails:
-        state.monitors[spec.metric] = _monitor(plan, spec, alpha_each)
+        judged_on = guarded_metrics(spec.metric)  # latency: one monitor per cache stratum
+        for metric in judged_on:
+            state.monitors[metric] = _monitor(plan, spec, metric, split_alpha(alpha_each, len(judged_on)))
     rollouts[plan.rollout_id] = state
     if not plan.stages:
         return _decide(state, ts, "hold", "registered", "the plan has no stages: nothing to roll out")
@@ -248,9 +250,9 @@ def evaluate(state: RolloutState) -> Evaluation:
     users = _sum_by_variant(state.snapshots, "users")
     verdicts: dict[str, Any] = {}
     if state.stage != "shadow":  # in shadow nobody is served the candidate: nothing to compare
-        for spec in state.plan.guardrails:
-            if spec.metric in control and spec.metric in candidate:
-                verdicts[spec.metric] = state.monitors[spec.metric].update(control[spec.metric], candidate[spec.metric])
+        for metric, monitor in state.monitors.items():
+            if metric in control and metric in candidate:
+                verdicts[metric] = monitor.update(control[metric], candidate[metric])
     stage = state.current_stage
     return Evaluation(
         ts=state.now_ts,
@@ -345,8 +347,8 @@ def _responses_per_user(metrics: dict) -> Mean | None:
 
 def decide(state: RolloutState, evaluation: Evaluation) -> Decision | None:
     """The action for one look: rollback > pause > promote > nothing."""
-    breaches = [(v.reason, spec.action) for spec in state.plan.guardrails
-                if (v := evaluation.verdicts.get(spec.metric)) is not None and v.status == "breach"]
+    breaches = [(v.reason, spec.action) for spec in state.plan.guardrails for metric in guarded_metrics(spec.metric)
+                if (v := evaluation.verdicts.get(metric)) is not None and v.status == "breach"]
     problems = [(reason, action) for _, action, reason in evaluation.health.problems]
     for action in ("rollback", "pause"):
         reasons = [reason for reason, act in breaches + problems if act == action]
@@ -374,11 +376,13 @@ def _ready_to_promote(state: RolloutState, evaluation: Evaluation) -> bool:
         return False
     if state.stage == "shadow":
         return True  # shadow evidence (judge, tails) is the shadow analysis' to add
-    # Every guardrail must have looked and be ok (not insufficient data).
-    return all(
-        (v := evaluation.verdicts.get(spec.metric)) is not None and v.status == "ok"
-        for spec in state.plan.guardrails
-    )
+    # Every guardrail must have looked and be ok (not insufficient data); a
+    # stratified one in every stratum that has data, and at least one.
+    for spec in state.plan.guardrails:
+        verdicts = [v for m in guarded_metrics(spec.metric) if (v := evaluation.verdicts.get(m)) is not None]
+        if not verdicts or any(v.status != "ok" for v in verdicts):
+            return False
+    return True
 
 
 def _summary(evaluation: Evaluation) -> str:
@@ -486,12 +490,12 @@ def _variant_meta(spec) -> dict[str, str]:
     return {k: v for k, v in msgspec.to_builtins(spec).items() if v is not None}
 
 
-def _monitor(plan: RolloutPlan, spec, alpha: float) -> GuardrailMonitor:
+def _monitor(plan: RolloutPlan, spec, metric: str, alpha: float) -> GuardrailMonitor:
     direction = METRIC_HARM.get(spec.metric, "increase")
     relative = spec.max_relative_increase if direction == "increase" else spec.max_relative_decrease
     absolute = spec.max_absolute_increase if direction == "increase" else spec.max_absolute_decrease
     return GuardrailMonitor(
-        spec.metric,
+        metric,
         max_relative_increase=relative,
         max_absolute_increase=absolute,
         direction=direction,

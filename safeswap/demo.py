@@ -26,6 +26,7 @@ import sinks
 
 from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
+from safeswap.views import evidence_table
 from schemas import Decision, FeedbackEvent, GuardrailSpec, RolloutPlan, StageSpec, TraceEvent, VariantSpec, encode
 from streams.broker import EmbeddedBroker
 from streams.process import WorkerProcess
@@ -92,24 +93,6 @@ def _status_table(sent: int, users: dict[str, int], decision: Decision | None, e
     else:
         table.add_row("last decision", f"#{decision.seq} {decision.action} ({decision.stage}, {decision.percent:g}%)")
         table.add_row("reason", decision.reason)
-    return table
-
-
-def evidence_table(decision: Decision) -> Table:
-    table = Table(title=f"decision #{decision.seq}: {decision.action} {decision.rollout_id}")
-    for column in ("guardrail", "status", "estimate", "always-valid CI", "p-value", "limit", "users ctl/cand"):
-        table.add_column(column)
-    for item in decision.evidence:
-        interval = "-" if item.ci_low is None else f"[{item.ci_low:+.3f}, {item.ci_high:+.3f}]"
-        table.add_row(
-            item.metric,
-            item.status,
-            "-" if item.estimate is None else f"{item.estimate:+.3f}",
-            interval,
-            "-" if item.p_value is None else f"{item.p_value:.2g}",
-            "-" if item.threshold is None else f"{item.threshold:+.2f}",
-            f"{item.users_control:,}/{item.users_candidate:,}",
-        )
     return table
 
 
@@ -180,7 +163,7 @@ def run_demo(settings: Settings, *, max_users: int, timeout_s: float, json_out: 
     decision: Decision | None = outcome["decision"]
     seconds = round(time.monotonic() - started, 2)
     if decision is not None and decision.evidence:
-        console.print(evidence_table(decision))
+        console.print(evidence_table(decision.evidence, f"decision #{decision.seq}: {decision.action} {decision.rollout_id}"))
     if decision is not None and decision.action == "rollback":
         console.print(
             f"[bold green]rolled back[/] after {outcome['events_sent']:,} events in {seconds} s: {decision.reason}\n"

@@ -16,32 +16,26 @@ from typing import Any
 import msgspec
 import yaml
 
+from safeswap.metrics import HISTOGRAM_METRICS, RATIO_METRICS
 from schemas import InvalidEvent, RolloutPlan, convert
 
-# Guardrail metrics (docs/metrics.md) and the direction in which each one is harm.
+# Guardrail metrics are the outcome metrics (docs/metrics.md). For most a rise is
+# harm; for these a drop is.
+GOOD_WHEN_HIGHER = frozenset({"thumbs_up_rate", "follow_up_rate", "session_turns_mean", "cache_hit_rate"})
 METRIC_HARM: dict[str, str] = {
-    "thumbs_down_rate": "increase",
-    "thumbs_up_rate": "decrease",
-    "edit_rate": "increase",
-    "edit_distance_mean": "increase",
-    "edit_distance_words_mean": "increase",
-    "retry_rate": "increase",
-    "follow_up_rate": "decrease",
-    "session_turns_mean": "decrease",
-    "abandon_rate": "increase",
-    "error_rate": "increase",
-    "rate_limit_rate": "increase",
-    "tool_failure_rate": "increase",
-    "parse_error_rate": "increase",
-    "timeout_rate": "increase",
-    "refusal_rate": "increase",
-    "latency_ms_mean": "increase",
-    "latency_ms_p95": "increase",
-    "ttft_ms_p95": "increase",
-    "cost_usd_mean": "increase",
-    "cost_per_session_mean": "increase",
-    "cache_hit_rate": "decrease",
+    name: "decrease" if name in GOOD_WHEN_HIGHER else "increase" for name in (*RATIO_METRICS, *HISTOGRAM_METRICS)
 }
+# Latency depends on cache hits; a cache-rate skew between arms must not pass for
+# a model effect, so latency guardrails are judged within these strata.
+CACHE_STRATA = ("cache_hit", "cache_miss")
+
+
+def guarded_metrics(metric: str) -> list[str]:
+    """The statistics a guardrail on ``metric`` is judged on."""
+    if metric.startswith("latency_ms") and all(f"{metric}_{s}" in METRIC_HARM for s in CACHE_STRATA):
+        return [f"{metric}_{stratum}" for stratum in CACHE_STRATA]
+    return [metric]
+
 
 CHANGEABLE = ("model", "prompt_version", "tools_version", "system_prompt_version", "retrieval_version")
 # A pinned model names a dated snapshot (claude-sonnet-4-5-20250929, gpt-4o-2024-08-06)

@@ -44,7 +44,8 @@ from safeswap.stats.sufficient import Mean, Proportion, Ratio
 
 __all__ = ["GuardrailMonitor", "GuardrailVerdict", "split_alpha"]
 
-_QUANTILE_METRIC = re.compile(r"_p(\d{1,2})$")
+# "latency_ms_p95", also per stratum: "latency_ms_p95_cache_hit".
+_QUANTILE_METRIC = re.compile(r"_p(\d{1,2})(?:_|$)")
 
 
 def split_alpha(alpha: float, n_guardrails: int, rule: Literal["bonferroni", "sidak"] = "bonferroni") -> float:

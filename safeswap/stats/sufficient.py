@@ -238,9 +238,9 @@ class Ratio:
         num_den = _finite("num_den", self.num_den)
         slack = 1 + 1e-9
         if num * num > n * num_sq * slack + 1e-9:
-            raise ValueError(f"num_sq is inconsistent with num and n_units: num^2 > n_units * num_sq")
+            raise ValueError("num_sq is inconsistent with num and n_units: num^2 > n_units * num_sq")
         if den * den > n * den_sq * slack + 1e-9:
-            raise ValueError(f"den_sq is inconsistent with den and n_units: den^2 > n_units * den_sq")
+            raise ValueError("den_sq is inconsistent with den and n_units: den^2 > n_units * den_sq")
         if num_den * num_den > num_sq * den_sq * slack + 1e-9:
             raise ValueError("num_den is inconsistent: num_den^2 > num_sq * den_sq")
         object.__setattr__(self, "n_units", n)

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from safeswap.assignment import assign
 from safeswap.stats import Ratio
+from safeswap.stats.quantiles import LatencyHistogram
 from schemas import StatsSnapshot
 
 HOUR_MS = 3_600_000
@@ -27,6 +28,8 @@ class Behaviour:
     responses: tuple[int, int] = (1, 3)
     model: str | None = None  # None: the model the plan pins for the variant
     drop_share: float = 0.0  # responses lost on the way (event loss)
+    latency_hit_ms: float = 200.0  # median latency of a cache hit
+    latency_miss_ms: float = 1500.0  # median latency of a cache miss
 
 
 @dataclass
@@ -45,6 +48,7 @@ class Sim:
         self.exposures = [{"control": 0, "candidate": 0} for _ in range(self.partitions)]
         self.models = [{"control": {}, "candidate": {}} for _ in range(self.partitions)]
         self.crossovers = [0] * self.partitions
+        self.latencies = [{v: {"hit": [], "miss": []} for v in ("control", "candidate")} for _ in range(self.partitions)]
         self.seq = [0] * self.partitions
         self.next_user = 0
         self.ts = 1_800_000_000_000
@@ -65,7 +69,12 @@ class Sim:
                 continue
             down = sum(self.rng.random() < behaviour.thumbs_down for _ in range(kept))
             errors = sum(self.rng.random() < behaviour.error for _ in range(kept))
-            hits = sum(self.rng.random() < behaviour.cache_hit for _ in range(kept))
+            hits = 0
+            for _ in range(kept):
+                hit = self.rng.random() < behaviour.cache_hit
+                hits += hit
+                median = behaviour.latency_hit_ms if hit else behaviour.latency_miss_ms
+                self.latencies[partition][variant]["hit" if hit else "miss"].append(self.rng.lognormvariate(0, 0.5) * median)
             self.units[partition][variant][user] = (down, errors, hits, kept)
             self.exposures[partition][variant] += 1
             seen = self.models[partition][variant]
@@ -89,6 +98,11 @@ class Sim:
                 "error_rate": Ratio.from_units([r[1] for r in rows], den).to_dict(),
                 "cache_hit_rate": Ratio.from_units([r[2] for r in rows], den).to_dict(),
             }
+            strata = self.latencies[partition][variant]
+            if strata["hit"] and strata["miss"]:
+                metrics[variant]["latency_ms_p95"] = LatencyHistogram.from_values(strata["hit"] + strata["miss"]).to_dict()
+                metrics[variant]["latency_ms_p95_cache_hit"] = LatencyHistogram.from_values(strata["hit"]).to_dict()
+                metrics[variant]["latency_ms_p95_cache_miss"] = LatencyHistogram.from_values(strata["miss"]).to_dict()
             users[variant] = len(units)
         return StatsSnapshot(
             rollout_id=self.rollout_id, partition=partition, seq=self.seq[partition], ts=self.ts, users=users,

@@ -190,3 +190,24 @@ def test_replayed_snapshot_is_ignored_and_changed_plan_refused():
     on_snapshot(state, first)
     assert state.snapshots[first.partition].seq == second.seq
     assert plan_hash(plan()) != plan_hash(plan(alpha=0.01))
+
+
+def latency_plan():
+    return plan(stages=[StageSpec(name="canary", percent=50, min_duration="30d")],
+                guardrails=[GuardrailSpec(metric="latency_ms_p95", max_relative_increase=0.10, action="pause")])
+
+
+def test_latency_guardrail_is_judged_within_cache_strata_so_a_cache_skew_does_not_pause():
+    # The candidate hits the cache less: its overall p95 is much worse, but within
+    # each stratum it is as fast as control. Not a model effect: no pause.
+    sim = Sim("r1", "r1", seed=13, behaviour={"control": Behaviour(cache_hit=0.6), "candidate": Behaviour(cache_hit=0.3)})
+    decisions, state = run(latency_plan(), sim, hours=8, users_per_hour=500)
+    assert [d.action for d in decisions] == ["start"]
+    assert set(state.monitors) == {"latency_ms_p95_cache_hit", "latency_ms_p95_cache_miss"}
+    assert state.last_evaluation.health.cache_skew["skewed"] is True
+
+
+def test_latency_guardrail_breaches_when_a_stratum_is_slower():
+    sim = Sim("r1", "r1", seed=14, behaviour={"control": Behaviour(), "candidate": Behaviour(latency_miss_ms=2400)})
+    decisions, state = run(latency_plan(), sim, hours=8, users_per_hour=500)
+    assert decisions[-1].action == "pause" and "latency_ms_p95_cache_miss" in decisions[-1].reason

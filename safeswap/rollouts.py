@@ -1,0 +1,114 @@
+"""Operating rollouts from outside the worker: start, command, read state.
+
+``safeswap rollout start|status|pause|resume|abort|list`` are thin wrappers over
+these coroutines. State is read from the compacted topics (``decisions``,
+``status``): the last record per rollout is its current state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any, Callable
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+
+from safeswap.controller import plan_hash
+from schemas import Command, Decision, InvalidEvent, RolloutPlan, RolloutStatus, decode, encode
+from streams.settings import Settings
+
+
+class RolloutError(Exception):
+    """An operation that cannot go ahead; the message says why and what to do."""
+
+
+async def read_latest(settings: Settings, topic: str, event_type: type, timeout_s: float = 10.0) -> dict[str, Any]:
+    """The last decodable record per key of a compacted topic, read from the beginning to its end now."""
+    name = settings.topic(topic)
+    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, group_id=None, enable_auto_commit=False,
+                                request_timeout_ms=int(timeout_s * 1000))
+    try:
+        await asyncio.wait_for(consumer.start(), timeout_s)
+    except Exception as exc:
+        await consumer.stop()
+        raise RolloutError(f"cannot reach Kafka at {settings.broker}: {exc} (set SAFESWAP_BROKER or --broker)") from None
+    latest: dict[str, Any] = {}
+    try:
+        await consumer.topics()
+        partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
+        if not partitions:
+            raise RolloutError(f"topic {name} does not exist: run `safeswap topics create` or start a worker")
+        consumer.assign(partitions)
+        await consumer.seek_to_beginning(*partitions)
+        end = await consumer.end_offsets(partitions)
+        deadline = time.monotonic() + timeout_s
+        while any([await consumer.position(tp) < end[tp] for tp in partitions]) and time.monotonic() < deadline:
+            for records in (await consumer.getmany(timeout_ms=200)).values():
+                for record in records:
+                    try:
+                        value = decode(event_type, record.value)
+                    except InvalidEvent:
+                        continue  # not ours to judge here; the worker's DLQ has it
+                    latest[value.rollout_id] = value
+    finally:
+        await consumer.stop()
+    return latest
+
+
+async def _send(settings: Settings, topic: str, key: str, value: bytes) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=settings.broker, request_timeout_ms=10_000)
+    try:
+        await asyncio.wait_for(producer.start(), 10)
+        await producer.send_and_wait(settings.topic(topic), value, key=key.encode())
+    except RolloutError:
+        raise
+    except Exception as exc:
+        raise RolloutError(f"cannot publish to {settings.topic(topic)} at {settings.broker}: {exc}") from None
+    finally:
+        await producer.stop()
+
+
+async def wait_for_decision(settings: Settings, rollout_id: str, accept: Callable[[Decision], bool],
+                            timeout_s: float) -> Decision | None:
+    from safeswap.flags import FlagClient
+
+    async with FlagClient(settings=settings) as flags:
+        try:
+            return await flags.wait_for(lambda d: d.rollout_id == rollout_id and accept(d), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+
+
+async def start_rollout(settings: Settings, plan: RolloutPlan, wait_s: float) -> tuple[str, Decision | None]:
+    """Publish a plan once. Returns ("started" | "already started", first decision or None)."""
+    digest = plan_hash(plan)
+    current = (await read_latest(settings, "decisions", Decision)).get(plan.rollout_id)
+    if current is not None:
+        if current.plan_hash != digest:
+            raise RolloutError(
+                f"rollout {plan.rollout_id!r} already started with plan {current.plan_hash} (this plan is {digest}); "
+                "a started plan is immutable: give the changed plan a new rollout_id")
+        return "already started", current
+    await _send(settings, "plans", plan.rollout_id, encode(plan))
+    decision = await wait_for_decision(settings, plan.rollout_id, lambda d: d.plan_hash == digest, wait_s)
+    return "started", decision
+
+
+async def command_rollout(settings: Settings, rollout_id: str, command: str, reason: str, wait_s: float) -> Decision | None:
+    current = (await read_latest(settings, "decisions", Decision)).get(rollout_id)
+    if current is None:
+        raise RolloutError(f"no rollout {rollout_id!r}: `safeswap rollout list` shows the known ones")
+    await _send(settings, "commands", rollout_id,
+                encode(Command(rollout_id=rollout_id, command=command, reason=reason, ts=int(time.time() * 1000))))
+    return await wait_for_decision(settings, rollout_id, lambda d: d.seq > current.seq, wait_s)
+
+
+async def rollout_states(settings: Settings) -> tuple[dict[str, Decision], dict[str, RolloutStatus]]:
+    decisions = await read_latest(settings, "decisions", Decision)
+    statuses = await read_latest(settings, "status", RolloutStatus)
+    return decisions, statuses
+
+
+def to_json(value: Any) -> Any:
+    return msgspec.to_builtins(value)

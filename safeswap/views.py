@@ -1,0 +1,91 @@
+"""Rich renderings of decisions and rollout status, shared by the CLI and the demo."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from rich.table import Table
+
+from schemas import Decision, GuardrailEvidence, RolloutStatus
+
+
+def _when(ts_ms: int) -> str:
+    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _num(value: float | None, relative: bool = True) -> str:
+    if value is None:
+        return "-"
+    return f"{value * 100:+.1f}%" if relative else f"{value:+.4g}"
+
+
+def evidence_table(evidence: list[GuardrailEvidence], title: str) -> Table:
+    table = Table(title=title)
+    for column in ("guardrail", "status", "estimate", "always-valid CI", "p-value", "limit", "users ctl / cand"):
+        table.add_column(column)
+    for item in evidence:
+        interval = "-" if item.ci_low is None and item.ci_high is None else f"[{_num(item.ci_low)}, {_num(item.ci_high)}]"
+        style = {"breach": "bold red", "ok": "green"}.get(item.status, "yellow")
+        table.add_row(
+            item.metric,
+            f"[{style}]{item.status}[/]",
+            _num(item.estimate),
+            interval,
+            "-" if item.p_value is None else f"{item.p_value:.2g}",
+            _num(item.threshold),
+            f"{item.users_control:,} / {item.users_candidate:,}",
+        )
+    return table
+
+
+def decision_line(decision: Decision) -> str:
+    return (f"#{decision.seq} {_when(decision.ts)} {decision.action} -> {decision.stage} "
+            f"({decision.percent:g}%): {decision.reason}")
+
+
+def status_view(status: RolloutStatus | None, decision: Decision | None) -> list:
+    """Renderables for `safeswap rollout status`."""
+    out: list = []
+    if status is None and decision is None:
+        return out
+    summary = Table(show_header=False, title=f"rollout {(status or decision).rollout_id}")
+    if status is not None:
+        stages = " -> ".join(f"[bold]{s}[/]" if i == status.stage_index else s for i, s in enumerate(status.stages))
+        summary.add_row("stage", f"{status.stage} ({status.percent:g}% candidate"
+                                  f"{f', {status.shadow_percent:g}% shadowed' if status.shadow_percent else ''})")
+        summary.add_row("plan", stages)
+        if status.stage in ("shadow", "canary", "ramp"):
+            left_h = max(0.0, status.stage_min_duration_s - status.stage_elapsed_s) / 3600
+            summary.add_row("time in stage", f"{status.stage_elapsed_s / 3600:.1f} h (event time), {left_h:.1f} h left")
+            users_left = {v: max(0, status.stage_min_users - status.users.get(v, 0)) for v in ("control", "candidate")}
+            summary.add_row("users per arm", f"{status.users.get('control', 0):,} control / "
+                                             f"{status.users.get('candidate', 0):,} candidate "
+                                             f"(need {status.stage_min_users:,}; left {users_left['control']:,} / "
+                                             f"{users_left['candidate']:,})")
+        health = status.health or {}
+        if health:
+            skew = health.get("cache_skew") or {}
+            summary.add_row("health", (f"SRM p={health.get('srm_p_value', 1):.2g}, crossover "
+                                       f"{health.get('crossover_share', 0):.2%}, model drift "
+                                       f"{health.get('model_drift') or 'none'}"
+                                       + (" | [yellow]cache-hit rate differs between arms: latency and cost "
+                                          "are confounded[/]" if skew.get("skewed") else "")))
+            for problem in health.get("problems", []):
+                summary.add_row("problem", f"[red]{problem['reason']}[/]")
+        summary.add_row("as of", _when(status.ts))
+    if decision is not None:
+        summary.add_row("last decision", decision_line(decision))
+    out.append(summary)
+    evidence = status.guardrails if status is not None and status.guardrails else (decision.evidence if decision else [])
+    if evidence:
+        out.append(evidence_table(evidence, "guardrails"))
+    return out
+
+
+def rollout_list_table(decisions: dict[str, Decision]) -> Table:
+    table = Table(title="rollouts")
+    for column in ("rollout", "stage", "percent", "last action", "when", "reason"):
+        table.add_column(column)
+    for rollout_id, d in sorted(decisions.items()):
+        table.add_row(rollout_id, d.stage, f"{d.percent:g}%", d.action, _when(d.ts), d.reason)
+    return table
