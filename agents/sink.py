@@ -70,6 +70,7 @@ class DatasetSink:
         self.topic = settings.topic(dataset.topic)
         self.dead_letters = dead_letters
         self.writers: dict[int, PartitionWriter] = {}
+        self.verify: set[int] = set()  # partitions whose first record must match the checkpoint
         self.invalid = 0
         self.row_of = dataset.row
         self.needs_time = dataset.time_field is None
@@ -81,15 +82,21 @@ class DatasetSink:
         self.writers[partition] = writer
         return writer
 
-    def consume(self, partition: int, records: list, rejects: list) -> None:
-        """The hot path: append a fetched batch of one partition to its buffer."""
+    def consume(self, partition: int, records: list, rejects: list) -> bool:
+        """The hot path: append a fetched batch of one partition to its buffer.
+        False: the topic was recreated; the caller seeks the partition to its beginning."""
         writer = self.writers.get(partition) or self.open(partition)
+        if partition in self.verify:
+            records = self._verify(writer, partition, records)
+            if records is None:
+                return False
         row_of = self.row_of
         for record in records:
             offset = record.offset
             if writer.seen(offset):
                 continue  # already in the dataset
             value = record.value
+            writer.tail = (record.timestamp, value)
             if value is None:  # a tombstone on a compacted topic: nothing to store
                 writer.pass_over(offset)
                 continue
@@ -109,6 +116,22 @@ class DatasetSink:
             writer.append(row, offset, len(value))
             if writer.full():
                 self._flush(writer)
+        return True
+
+    def _verify(self, writer: PartitionWriter, partition: int, records: list) -> list | None:
+        """After an assignment the partition was sought to the checkpoint's own last record:
+        the same record means the same topic; another one means it was recreated."""
+        if not records:
+            return records
+        self.verify.discard(partition)
+        first = records[0]
+        if first.offset == writer.last_offset and writer.matches(first.timestamp, first.value) is False:
+            log.error("sink %s[%d]: the record at the checkpoint's offset %d is not the one written: the "
+                      "topic was recreated; writing it afresh (files with the same names are overwritten)",
+                      self.dataset.name, partition, writer.last_offset)
+            writer.reset()
+            return None
+        return records
 
     def _flush(self, writer: PartitionWriter) -> bool:
         try:
@@ -179,6 +202,9 @@ class SinkService:
                           sink.dataset.name, tp.partition, writer.last_offset, end)
                 writer.reset()
                 self.consumer.seek(tp, 0)
+            elif writer.last_offset >= 0 and writer.fingerprint:
+                sink.verify.add(tp.partition)
+                self.consumer.seek(tp, writer.last_offset)  # re-read the last written record, to compare
             elif writer.last_offset >= 0:
                 self.consumer.seek(tp, writer.last_offset + 1)
 
@@ -221,7 +247,8 @@ class SinkService:
                 batch = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
                 rejects: list = []
                 for tp, records in batch.items():
-                    self.sinks[tp.topic].consume(tp.partition, records, rejects)
+                    if not self.sinks[tp.topic].consume(tp.partition, records, rejects):
+                        await self.consumer.seek_to_beginning(tp)
                 for sink, record, reason in rejects:
                     await _reject(sink, record, reason)
                 now = time.monotonic()

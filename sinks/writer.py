@@ -35,6 +35,7 @@ import os
 import re
 import time
 import urllib.parse
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -209,6 +210,11 @@ class PartitionWriter:
         self.rows_written = 0
         self._rollout_index = dataset.rollout_index
         self._ts_index = dataset.ts_index
+        # (timestamp, value) of the newest record handed in, set by the caller; the
+        # checkpoint keeps its fingerprint so a restart can tell a recreated topic
+        # (offsets from 0 again) from a redelivery.
+        self.tail: tuple[int, bytes | None] | None = None
+        self.fingerprint: list | None = None
         self._reset_buffer()
         self.last_offset = self._recover()
 
@@ -296,6 +302,8 @@ class PartitionWriter:
             for index, (tmp, final) in enumerate(moves):
                 _move(tmp, final, self.fsync)
                 self.fault(f"moved-{index}")
+        if self.tail is not None:
+            self.fingerprint = [self.tail[0], zlib.crc32(self.tail[1] or b"")]
         self._save_state(last, None)
         self.fault("committed")
         rows_written = len(self.rows)
@@ -317,7 +325,7 @@ class PartitionWriter:
         write_json_atomic(
             self.layout.state(self.dataset, self.partition),
             {"dataset": self.dataset.name, "partition": self.partition, "last_offset": last_offset,
-             "pending": pending, "updated_ms": int(time.time() * 1000)},
+             "pending": pending, "fingerprint": self.fingerprint, "updated_ms": int(time.time() * 1000)},
             self.fsync,
         )
 
@@ -336,6 +344,7 @@ class PartitionWriter:
             last_offset = highest_offset_in_files(self.layout.root(self.dataset), self.partition)
         else:
             last_offset = int(state["last_offset"])
+            self.fingerprint = state.get("fingerprint")
             pending = state.get("pending")
             if pending:
                 for tmp, final in pending["moves"]:
@@ -356,10 +365,18 @@ class PartitionWriter:
                     entry.unlink(missing_ok=True)  # a flush that never reached its intent
         return last_offset
 
+    def matches(self, timestamp: int, value: bytes | None) -> bool | None:
+        """Is this (the record now at ``last_offset``) the record the checkpoint ended with?
+        None when the checkpoint has no fingerprint."""
+        if not self.fingerprint:
+            return None
+        return self.fingerprint == [timestamp, zlib.crc32(value or b"")]
+
     def reset(self) -> None:
         """Forget the checkpoint (the topic was recreated: offsets start again)."""
         self._reset_buffer()
         self.last_offset = -1
+        self.fingerprint = None
         self._save_state(-1, None)
 
 

@@ -1,0 +1,126 @@
+"""Reading the datasets: scan options, schema evolution, named queries, SQL, compaction."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import os
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+
+import sinks
+from schemas import Decision, GuardrailEvidence
+from sinks import DATASETS, Layout, compact, count_rows, list_files, scan
+from sinks.writer import write_rows
+from tests.sinks.helpers import BASE_TS, feedback, raw, trace
+
+TRACES = DATASETS["traces"]
+
+
+def write_traces(data: Path, events, partition: int = 0, first_offset: int = 0):
+    return write_rows(Layout(data), TRACES, partition, [TRACES.row(raw(e)) for e in events], first_offset)
+
+
+def test_files_from_before_and_after_a_new_optional_column_read_as_one_table(tmp_path: Path):
+    # An older version of the dataset: the same columns without the last one.
+    old = dataclasses.replace(TRACES, columns=TRACES.columns[:-1], version=0)
+    rows = [TRACES.row(raw(trace(i))) for i in range(5)]
+    write_rows(Layout(tmp_path), old, 0, [r[:len(old.value_columns)] + r[-2:] for r in rows])
+    newer = [trace(i) for i in range(5, 10)]
+    for event in newer:
+        event.response_text = f"answer {event.event_id}"
+    write_traces(tmp_path, newer, first_offset=5)
+    files = list_files(tmp_path / "traces")
+    assert len(files) == 2 and "response_text" not in pq.ParquetFile(files[0]).schema_arrow.names
+    frame = scan("traces", tmp_path).sort("kafka_offset").collect()
+    assert frame.height == 10
+    assert frame["response_text"].to_list() == [None] * 5 + [f"answer t-{i}" for i in range(5, 10)]
+
+
+def test_scan_ignores_staging_hidden_and_foreign_files_and_types_hive_columns(tmp_path: Path):
+    write_traces(tmp_path, [trace(i, rollout_id="a=b/c d") for i in range(3)])
+    folder = Path(list_files(tmp_path / "traces")[0]).parent
+    (folder / ".part-0-9-9.parquet").write_bytes(b"half a file")
+    (folder / "_SUCCESS").write_bytes(b"")
+    (folder / "notes.txt").write_text("x")
+    (tmp_path / "_staging" / "traces" / ".p0-5-9-0.parquet.tmp").write_bytes(b"PAR1 partial")
+    frame = scan("traces", tmp_path).collect()
+    assert frame.height == 3
+    assert frame.schema["rollout_id"] == pl.String and frame["rollout_id"].unique().to_list() == ["a=b/c d"]
+    assert frame.schema["date"] == pl.Date and frame.schema["ts"] == pl.Datetime("ms", "UTC")
+    # The documented raw recipe reads the same thing.
+    recipe = pl.scan_parquet(str(tmp_path / "traces") + "/**/*.parquet", hive_partitioning=True,
+                             hidden_file_prefix=[".", "_"], missing_columns="insert", extra_columns="ignore")
+    assert recipe.select(pl.len()).collect().item() == 3
+
+
+def test_an_empty_dataset_scans_as_an_empty_typed_frame(tmp_path: Path):
+    frame = scan("judgments", tmp_path).collect()
+    assert frame.height == 0 and {"verdict", "rollout_id", "date", "kafka_offset"} <= set(frame.columns)
+    assert count_rows(tmp_path) == {name: 0 for name in DATASETS}
+
+
+def test_named_queries_answer_the_three_questions(tmp_path: Path):
+    events = [trace(i, user=f"u{i % 4}", variant="control" if i < 8 else "candidate",
+                    model_version="m1" if i < 8 else "m2") for i in range(12)]
+    write_traces(tmp_path, events)
+    fb = DATASETS["feedback"]
+    write_rows(Layout(tmp_path), fb, 0, [fb.row(raw(feedback(i))) for i in (8, 9, 9)])  # 9 twice: one response
+    summary = sinks.variant_summary(tmp_path).collect()
+    by_variant = {row["variant"]: row for row in summary.to_dicts()}
+    assert by_variant["control"]["responses"] == 8 and by_variant["control"]["model_version"] == "m1"
+    assert by_variant["candidate"]["thumbs_down_rate"] == 2 / 4 and by_variant["control"]["thumbs_down_rate"] == 0
+    assert by_variant["candidate"]["users"] == 4 and by_variant["candidate"]["cost_per_response"] == 0.01
+    both = sinks.users_in_both_arms(tmp_path).collect()
+    assert sorted(both["user_id"]) == ["u0", "u1", "u2", "u3"]
+    assert both.filter(pl.col("user_id") == "u0")["control_responses"].item() == 2
+
+    dd = DATASETS["decisions"]
+    evidence = [GuardrailEvidence(metric="thumbs_down_rate", status="breach", estimate=1.0, ci_low=0.5, ci_high=2.0,
+                                  p_value=0.01, threshold=0.2, users_control=8, users_candidate=4)]
+    decisions = [Decision(rollout_id="r1", seq=1, ts=BASE_TS, action="start", stage="canary", percent=5, salt="r1",
+                          reason="plan registered"),
+                 Decision(rollout_id="r1", seq=2, ts=BASE_TS + 60_000, action="rollback", stage="rolled_back",
+                          percent=0, salt="r1", reason="thumbs down", evidence=evidence)]
+    write_rows(Layout(tmp_path), dd, 0, [dd.row(raw(d)) for d in decisions])
+    timeline = sinks.decision_timeline(tmp_path, rollout_id="r1").collect()
+    assert timeline["action"].to_list() == ["start", "rollback"]
+    assert timeline["breached"].to_list() == ["", "thumbs_down_rate"]
+
+    counted = sinks.sql(tmp_path, "SELECT variant, COUNT(*) AS n FROM traces GROUP BY variant ORDER BY variant").collect()
+    assert counted.to_dicts() == [{"variant": "candidate", "n": 4}, {"variant": "control", "n": 8}]
+    assert count_rows(tmp_path, ["traces", "feedback"], rollout_id="r1") == {"traces": 12, "feedback": 3}
+    assert count_rows(tmp_path, ["traces"], rollout_id="other") == {"traces": 0}
+
+
+def test_compaction_merges_closed_dates_and_a_concurrent_reader_never_sees_duplicates_or_gaps(tmp_path: Path):
+    for batch in range(4):  # four small files per partition in a closed date
+        for partition in (0, 1):
+            write_traces(tmp_path, [trace(batch * 10 + i + partition * 1000) for i in range(10)], partition,
+                         first_offset=batch * 10)
+    today = dt.datetime.now(dt.timezone.utc)
+    open_events = [trace(5000 + i, ts=int(today.timestamp() * 1000)) for i in range(3)]
+    write_traces(tmp_path, open_events, 0, first_offset=40)
+    before = scan("traces", tmp_path).collect()
+    assert before.height == 83
+
+    seen_during_grace: list[pl.DataFrame] = []
+
+    def reader_during_grace(_seconds: float) -> None:
+        # The merged files are in place, their inputs not yet removed: both are listed.
+        files = sorted(p for p in (tmp_path / "traces").rglob("part-*.parquet"))
+        assert len(files) == 4 * 2 + 2 + 1
+        seen_during_grace.append(scan("traces", tmp_path).collect())
+
+    report = compact(tmp_path, ["traces"], grace_s=5, sleep=reader_during_grace)
+    assert report.merged_files == 8 and report.written_files == 2 and report.removed_files == 8 and not report.errors
+    after = scan("traces", tmp_path).collect()
+    for frame in (seen_during_grace[0], after):
+        assert frame.height == 83 and frame["event_id"].n_unique() == 83
+        assert frame.sort("event_id").equals(before.sort("event_id"))
+    names = sorted(os.path.basename(p) for p in list_files(tmp_path / "traces"))
+    assert names == ["part-0-0-39.parquet", "part-0-40-42.parquet", "part-1-0-39.parquet"]  # today's file untouched
+    again = compact(tmp_path, ["traces"], grace_s=0)
+    assert again.merged_files == 0 and again.removed_files == 0
