@@ -26,7 +26,6 @@ from streams.app import raw_topic
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
-STATUS_EVERY_S = 1.0
 
 
 def register(app: faust.App, settings: Settings) -> None:
@@ -94,6 +93,6 @@ def register(app: faust.App, settings: Settings) -> None:
                 await decisions.send(key=decision.rollout_id.encode(), value=encode(decision))
             table[rollout_id] = msgspec.json.encode(state.to_dict())
             now = time.monotonic()
-            if decision is not None or now - status_sent.get(rollout_id, 0.0) >= STATUS_EVERY_S:
+            if decision is not None or now - status_sent.get(rollout_id, 0.0) >= settings.status_interval_s:
                 status_sent[rollout_id] = now
                 await status_topic.send(key=rollout_id.encode(), value=encode(status_of(state)))

@@ -483,6 +483,7 @@ def status_of(state: RolloutState) -> RolloutStatus:
         health=health_dict(evaluation.health) if evaluation else {},
         last_decision=state.last_decision,
         plan_hash=state.plan_hash,
+        watermark=min((s.ts for s in state.snapshots.values()), default=0),
     )
 
 

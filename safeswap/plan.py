@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
-import yaml
 
 from safeswap.metrics import HISTOGRAM_METRICS, RATIO_METRICS
-from schemas import InvalidEvent, RolloutPlan, convert
+from safeswap.config_files import ConfigIssue, convert_config, line_for, read_config
+from schemas import RolloutPlan
 
 # Guardrail metrics are the outcome metrics (docs/metrics.md). For most a rise is
 # harm; for these a drop is.
@@ -65,15 +65,7 @@ def parse_duration(text: str) -> float:
     return total
 
 
-@dataclass(frozen=True)
-class PlanIssue:
-    path: str  # "stages[1].percent"
-    message: str
-    line: int | None = None
-
-    def render(self, source: str) -> str:
-        where = f"{source}:{self.line}" if self.line else source
-        return f"{where}: {self.path}: {self.message}"
+PlanIssue = ConfigIssue
 
 
 @dataclass
@@ -102,109 +94,26 @@ class PlanReport:
         }
 
 
-# -- loading with line numbers ---------------------------------------------------
-class _LineLoader(yaml.SafeLoader):
-    """A SafeLoader that remembers the line of every mapping key and list item."""
-
-
-def _load_with_lines(text: str) -> tuple[Any, dict[str, int]]:
-    lines: dict[str, int] = {}
-    root = yaml.compose(text, Loader=_LineLoader)
-
-    def walk(node: yaml.Node, path: str) -> None:
-        lines.setdefault(path or "$", node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                child = f"{path}.{key.value}" if path else str(key.value)
-                lines[child] = key.start_mark.line + 1
-                walk(value, child)
-        elif isinstance(node, yaml.SequenceNode):
-            for index, item in enumerate(node.value):
-                child = f"{path}[{index}]"
-                lines[child] = item.start_mark.line + 1
-                walk(item, child)
-
-    if root is not None:
-        walk(root, "")
-    return yaml.safe_load(text), lines
-
-
-def _line_for(path: str, lines: dict[str, int]) -> int | None:
-    while path:
-        if path in lines:
-            return lines[path]
-        path = re.sub(r"(\.[^.\[]+|\[\d+\])$", "", path) if re.search(r"(\.[^.\[]+|\[\d+\])$", path) else ""
-    return lines.get("$")
-
-
-_MSGSPEC_PATH = re.compile(r" - at `\$\.?([^`]*)`")
-
-
 def load_plan(path: str | Path) -> PlanReport:
     """Read and validate a plan file (YAML or JSON). Never raises for a bad plan."""
-    source = str(path)
-    try:
-        text = Path(path).read_text()
-    except FileNotFoundError:
-        return PlanReport(source, None, [PlanIssue("$", "file not found: check the path")])
-    except (OSError, UnicodeDecodeError) as exc:
-        return PlanReport(source, None, [PlanIssue("$", f"cannot read the file: {exc}")])
-    try:
-        data, lines = _load_with_lines(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        problem = getattr(exc, "problem", None) or str(exc)
-        return PlanReport(source, None, [PlanIssue("$", f"not valid YAML/JSON: {problem}", mark.line + 1 if mark else None)])
-    return validate_plan_data(data, source=source, lines=lines)
+    data, lines, problem = read_config(path)
+    if problem is not None:
+        return PlanReport(str(path), None, [problem])
+    return validate_plan_data(data, source=str(path), lines=lines)
 
 
 def validate_plan_data(data: Any, *, source: str = "<plan>", lines: dict[str, int] | None = None) -> PlanReport:
     lines = lines or {}
-    if not isinstance(data, dict):
-        return PlanReport(source, None, [PlanIssue("$", "a plan is a mapping with rollout_id, stages and guardrails", 1)])
-    unknown = _unknown_fields(data)
-    if unknown:
-        return PlanReport(source, None, [PlanIssue(p, msg, _line_for(p, lines)) for p, msg in unknown])
-    try:
-        plan = convert(RolloutPlan, data)
-    except InvalidEvent as exc:
-        text = str(exc).removeprefix("invalid RolloutPlan: ")
-        match = _MSGSPEC_PATH.search(text)
-        path = match.group(1) if match else "$"
-        message = _MSGSPEC_PATH.sub("", text)
-        return PlanReport(source, None, [PlanIssue(path or "$", message, _line_for(path, lines))])
+    plan, issues = convert_config(data, RolloutPlan, lines, "plan")
+    if plan is None:
+        return PlanReport(source, None, issues)
     errors, warnings = check_plan(plan)
     return PlanReport(
         source,
         plan,
-        [PlanIssue(p, m, _line_for(p, lines)) for p, m in errors],
-        [PlanIssue(p, m, _line_for(p, lines)) for p, m in warnings],
+        [PlanIssue(p, m, line_for(p, lines)) for p, m in errors],
+        [PlanIssue(p, m, line_for(p, lines)) for p, m in warnings],
     )
-
-
-def _unknown_fields(data: dict) -> list[tuple[str, str]]:
-    """Unknown fields, named with the ones allowed (a typo must not be ignored)."""
-    from schemas.events import GuardrailSpec, HealthSpec, StageSpec, VariantSpec
-
-    found: list[tuple[str, str]] = []
-
-    def check(mapping: Any, struct: type[msgspec.Struct], path: str) -> None:
-        if not isinstance(mapping, dict):
-            return
-        for key in mapping:
-            if key not in struct.__struct_fields__:
-                allowed = ", ".join(struct.__struct_fields__)
-                found.append((f"{path}.{key}" if path else str(key), f"unknown field; allowed here: {allowed}"))
-
-    check(data, RolloutPlan, "")
-    for side in ("control", "candidate"):
-        check(data.get(side), VariantSpec, side)
-    for index, stage in enumerate(data.get("stages") or []):
-        check(stage, StageSpec, f"stages[{index}]")
-    for index, guardrail in enumerate(data.get("guardrails") or []):
-        check(guardrail, GuardrailSpec, f"guardrails[{index}]")
-    check(data.get("health"), HealthSpec, "health")
-    return found
 
 
 # -- the rules -------------------------------------------------------------------

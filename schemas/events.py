@@ -248,6 +248,9 @@ class RolloutStatus(msgspec.Struct, kw_only=True):
     last_decision: Decision | None
     plan_hash: str
     schema_version: int = SCHEMA_VERSION
+    # Event time every partition's statistics have reached (the minimum over
+    # partitions): what a closed-loop simulation waits for.
+    watermark: int = 0
 
 
 class Command(msgspec.Struct, kw_only=True):

@@ -17,7 +17,7 @@ from streams.settings import ENV_PREFIX, Settings
 
 # Settings a child worker must share with its parent.
 INHERITED = ("broker", "topic_prefix", "app_id", "partitions", "state_dir", "data_dir", "log_level",
-             "snapshot_interval_s")
+             "snapshot_interval_s", "status_interval_s", "sink_datasets", "sink_idle_s", "sink_max_age_s")
 
 
 def stop_process(process: subprocess.Popen, timeout_s: float = 8.0) -> None:

@@ -59,6 +59,8 @@ class Settings:
     sink_max_bytes: int = 64 * 1024 * 1024
     sink_max_age_s: float = 30.0
     sink_idle_s: float = 2.0
+    # Controller: how often (at most) the decide agent publishes a rollout's status.
+    status_interval_s: float = 1.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
