@@ -1,0 +1,211 @@
+"""Outcomes benchmarks; every figure printed next to its baseline from the same run.
+
+  python benchmarks/bench_outcomes.py step    [--events 200000]   pure OutcomeProcessor, 500-char responses,
+                                                                  30% of traces with feedback (decode excluded
+                                                                  and included); baseline: msgspec decode alone
+  python benchmarks/bench_outcomes.py memory  [--users 1000000]   RSS while USERS distinct users pass in event time
+  python benchmarks/bench_outcomes.py agent   [--events 60000]    the outcomes agent vs a bare Faust agent over the
+                                                                  same topic on the embedded broker
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from safeswap.outcomes import FEEDBACK, TRACE, OutcomeProcessor  # noqa: E402
+from schemas import FeedbackEvent, TraceEvent, decode, encode  # noqa: E402
+
+T0 = 1_700_000_000_000
+WORDS = ["alpha", "beta", "gamma", "delta", "kafka", "faust", "token", "model", "prompt", "answer"]
+
+
+def make_events(n_events: int, users: int, seed: int = 1, text_chars: int = 500):
+    """(source, raw bytes) in event-time order: each user sends a few requests 20-200 s apart."""
+    rng = random.Random(seed)
+    out = []
+    ts = T0
+    i = 0
+    while len(out) < n_events:
+        user = f"user-{rng.randrange(users)}"
+        variant = "candidate" if hash(user) & 1 else "control"
+        text = " ".join(rng.choice(WORDS) for _ in range(text_chars // 6))[:text_chars]
+        trace = TraceEvent(event_id=f"e{i}", ts=ts, rollout_id="bench", variant=variant, user_id=user, session_id="s",
+                           trace_id=f"t{i}", prompt_version="p", model_version="m", latency_ms=rng.lognormvariate(6, .5),
+                           input_tokens=100, output_tokens=200, cost_usd=0.001, cache_hit=rng.random() < .3,
+                           prompt_text=rng.choice(WORDS) * 5, response_text=text)
+        out.append((TRACE, encode(trace)))
+        if rng.random() < 0.3:
+            kind = rng.choice(["thumbs_down", "thumbs_up", "edit", "retry", "copy"])
+            out.append((FEEDBACK, encode(FeedbackEvent(
+                event_id=f"f{i}", ts=ts + 2000, trace_id=f"t{i}", user_id=user, session_id="s", rollout_id="bench",
+                variant=variant, kind=kind, final_text=text[:300] + " edited" if kind == "edit" else None))))
+        i += 1
+        ts += rng.randint(1, 40)
+    return out
+
+
+def bench_step(n_events: int) -> dict:
+    events = make_events(n_events, users=max(1000, n_events // 10))
+    now = T0 + 10 ** 9
+    start = time.perf_counter()
+    decoded = [(s, decode(TraceEvent if s == TRACE else FeedbackEvent, raw)) for s, raw in events]
+    decode_s = time.perf_counter() - start
+    processor = OutcomeProcessor(0)
+    start = time.perf_counter()
+    for _, event in decoded:
+        processor.apply(event, now)
+    step_s = time.perf_counter() - start
+    processor = OutcomeProcessor(0)
+    start = time.perf_counter()
+    for source, raw in events:
+        processor.fold_raw(source, raw, now)
+    full_s = time.perf_counter() - start
+    return {"events": len(events), "baseline_msgspec_decode_per_s": round(len(events) / decode_s),
+            "step_per_s": round(len(events) / step_s), "decode_plus_step_per_s": round(len(events) / full_s),
+            "target_step_per_s": 50_000}
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def bench_memory(users: int) -> dict:
+    """USERS distinct users, each one short session, in event-time order (1 new user per 50 ms)."""
+    processor = OutcomeProcessor(0)
+    now = T0 + 10 ** 10
+    rng = random.Random(2)
+    samples = []
+    start = time.perf_counter()
+    for u in range(users):
+        ts = T0 + u * 50
+        user = f"user-{u}"
+        trace = TraceEvent(event_id=f"e{u}", ts=ts, rollout_id="bench", variant="control" if u & 1 else "candidate",
+                           user_id=user, session_id="s", trace_id=f"t{u}", prompt_version="p", model_version="m",
+                           latency_ms=200.0, input_tokens=1, output_tokens=1, cost_usd=0.001, cache_hit=False,
+                           prompt_text="question", response_text="x" * 500)
+        processor.apply(trace, now)
+        if rng.random() < 0.3:
+            processor.apply(FeedbackEvent(event_id=f"f{u}", ts=ts + 1000, trace_id=f"t{u}", user_id=user,
+                                          session_id="s", rollout_id="bench", variant=trace.variant,
+                                          kind="thumbs_up"), now)
+        if u % (users // 10) == 0:
+            samples.append({"users_seen": u, "rss_mb": round(rss_mb(), 1), "users_held": len(processor.users)})
+    samples.append({"users_seen": users, "rss_mb": round(rss_mb(), 1), "users_held": len(processor.users)})
+    return {"users": users, "seconds": round(time.perf_counter() - start, 1), "samples": samples,
+            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "note": "state held = users active within gap + join TTL + lateness of event time (~1.1 h = ~78k users here)"}
+
+
+BARE_APP = '''
+import faust, sys, time
+topic_name, total, broker, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+app = faust.App("bare-" + str(int(time.time())), broker="kafka://" + broker, store="memory://", web_enabled=False,
+                broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0,
+                consumer_auto_offset_reset="earliest")
+topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
+state = {"n": 0, "t0": None}
+@app.agent(topic, concurrency=1)
+async def bare(stream):
+    async for event in stream.events():
+        if state["t0"] is None: state["t0"] = time.perf_counter()
+        state["n"] += 1
+        if state["n"] >= total:
+            open(out, "w").write(str(total / (time.perf_counter() - state["t0"])))
+sys.argv = [sys.argv[0], "worker", "-l", "warn"]
+app.main()
+'''
+
+
+def bench_agent(n_events: int) -> dict:
+    """Both run as worker processes on the same embedded broker and the same events."""
+    from aiokafka import AIOKafkaProducer
+
+    from streams.broker import EmbeddedBroker
+    from streams.process import WorkerProcess
+    from streams.settings import Settings
+    from streams.topics import ensure_topics
+    from tests.kafka_helpers import read_topic
+
+    events = make_events(n_events, users=max(1000, n_events // 10))
+    with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
+        settings = Settings(broker=broker.bootstrap, topic_prefix="bench", app_id="bench-outcomes",
+                            state_dir=tmp + "/state", data_dir=tmp + "/data", snapshot_interval_s=0.5)
+        asyncio.run(ensure_topics(settings))
+
+        async def produce():
+            producer = AIOKafkaProducer(bootstrap_servers=broker.bootstrap, linger_ms=5)
+            await producer.start()
+            for source, raw in events:
+                user = json.loads(raw)["user_id"].encode()
+                await producer.send(settings.topic("traces" if source == TRACE else "feedback"), raw, key=user)
+            await producer.flush()
+            await producer.stop()
+
+        asyncio.run(produce())
+        # bare Faust over the same two topics' messages (the traces+feedback stream)
+        out = Path(tmp) / "bare.txt"
+        script = Path(tmp) / "bare.py"
+        script.write_text(BARE_APP.replace("topic = app.topic(topic_name,", "topic = app.topic(topic_name, topic_name.replace('traces', 'feedback'),"))
+        bare = subprocess.Popen([sys.executable, str(script), settings.topic("traces"), str(len(events)),
+                                 broker.bootstrap, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 300
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        bare.kill(); bare.wait()
+        bare_rate = float(out.read_text()) if out.exists() else None
+        # the outcomes worker: throughput from the first to the last snapshot covering everything
+        worker = WorkerProcess(settings.replace(log_level="warn"), Path(tmp) / "worker.log").start()
+        try:
+            first_seen = None
+            rate = None
+            while time.monotonic() < deadline:
+                records = asyncio.run(read_topic(broker.bootstrap, settings.topic("stats"), timeout_s=2))
+                seqs = {}
+                for record in records:
+                    snap = json.loads(record.value)
+                    seqs[snap["partition"]] = max(seqs.get(snap["partition"], 0), snap["seq"])
+                done = sum(seqs.values())
+                if first_seen is None and done:
+                    first_seen = (time.perf_counter(), done)
+                if done >= len(events):
+                    rate = (done - first_seen[1]) / (time.perf_counter() - first_seen[0])
+                    break
+                time.sleep(0.2)
+        finally:
+            worker.stop()
+    return {"events": len(events), "baseline_bare_faust_per_s": round(bare_rate or 0),
+            "outcomes_agent_per_s": round(rate or 0),
+            "ratio": round((rate or 0) / bare_rate, 2) if bare_rate and rate else None, "target_ratio": 0.7,
+            "note": "agent rate measured between its first and last stats snapshot (polling every ~0.5 s)"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["step", "memory", "agent"])
+    parser.add_argument("--events", type=int, default=None)
+    parser.add_argument("--users", type=int, default=1_000_000)
+    args = parser.parse_args()
+    if args.what == "step":
+        result = bench_step(args.events or 200_000)
+    elif args.what == "memory":
+        result = bench_memory(args.users)
+    else:
+        result = bench_agent(args.events or 60_000)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
