@@ -77,6 +77,8 @@ def register(app: typer.Typer) -> None:
         rollout: Annotated[Optional[str], typer.Option("--rollout", help="Only this rollout_id.")] = None,
         fmt: Annotated[str, typer.Option("--format", help="table|csv|json")] = "table",
         limit: Annotated[int, typer.Option(help="At most this many rows (0: all).", min=0)] = 200,
+        exact: Annotated[bool, typer.Option("--exact", help="summary: exact distinct users/sessions and p95 "
+                                            "latency (slower).")] = False,
     ) -> None:
         """Ask the Parquet datasets: per-variant summary, decision timeline, users in both arms, or SQL."""
         import polars as pl
@@ -91,10 +93,11 @@ def register(app: typer.Typer) -> None:
             _fail(f"unknown query {name!r} (fix: use one of {names}, or --sql)")
         folder = _data_dir(data)
         try:
-            frame = run_sql(folder, sql) if sql is not None else QUERIES[name](folder, rollout_id=rollout)
+            frame = run_sql(folder, sql) if sql is not None else (QUERIES[name](folder, rollout_id=rollout, exact=True) if exact and name == "summary"
+                                                   else QUERIES[name](folder, rollout_id=rollout))
             if limit:
                 frame = frame.limit(limit)
-            result = frame.collect()
+            result = frame.collect(engine="streaming")
         except (pl.exceptions.PolarsError, OSError) as exc:
             what = "--sql" if sql is not None else f"query {name}"
             _fail(f"{what} over {folder}: {_first_line(exc)} (fix: tables and columns are listed in docs/data.md)")
