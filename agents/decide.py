@@ -14,7 +14,6 @@ the compacted topic and the flag client absorb.
 from __future__ import annotations
 
 import logging
-import time
 
 import faust
 import msgspec
@@ -40,7 +39,7 @@ def register(app: faust.App, settings: Settings) -> None:
         schema=faust.Schema(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
     cache: dict[str, RolloutState] = {}
-    status_sent: dict[str, float] = {}
+    status_due: set[str] = set()  # rollouts looked at since their status was last published
 
     @app.on_partitions_revoked.connect
     async def forget(app: faust.App, revoked, **kwargs) -> None:
@@ -92,7 +91,16 @@ def register(app: faust.App, settings: Settings) -> None:
                 log.warning("decision %s #%d: %s (%s)", decision.rollout_id, decision.seq, decision.action, decision.reason)
                 await decisions.send(key=decision.rollout_id.encode(), value=encode(decision))
             table[rollout_id] = msgspec.json.encode(state.to_dict())
-            now = time.monotonic()
-            if decision is not None or now - status_sent.get(rollout_id, 0.0) >= settings.status_interval_s:
-                status_sent[rollout_id] = now
+            if decision is not None:
+                await status_topic.send(key=rollout_id.encode(), value=encode(status_of(state)))
+                status_due.discard(rollout_id)
+            else:
+                status_due.add(rollout_id)
+
+    @app.timer(settings.status_interval_s)
+    async def publish_status() -> None:
+        # Throttled, and trailing: the last look before traffic pauses is published too.
+        while status_due:
+            rollout_id = status_due.pop()
+            if (state := cache.get(rollout_id)) is not None:
                 await status_topic.send(key=rollout_id.encode(), value=encode(status_of(state)))

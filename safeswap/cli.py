@@ -277,6 +277,81 @@ def rollout_list(broker: BrokerOption = None, json_out: JsonOption = False) -> N
         print(json.dumps({"rollouts": [msgspec.to_builtins(d) for _, d in sorted(decisions.items())]}))
 
 
+@app.command()
+def simulate(
+    plan: Annotated[Path, typer.Option("--plan", help="Rollout plan (YAML/JSON).")],
+    scenario: Annotated[Path, typer.Option("--scenario", help="Traffic scenario (YAML/JSON): docs/simulate.md.")],
+    broker: BrokerOption = None,
+    data: Annotated[Optional[str], typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
+    eval_gate: Annotated[Optional[Path], typer.Option("--eval-gate", help="`safeswap eval-gate --json` output.")] = None,
+    json_out: JsonOption = False,
+) -> None:
+    """Rehearse a plan: simulated users, a real worker and flag client, days of traffic in about a minute."""
+    import os
+
+    import msgspec
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    import sinks
+    from safeswap.simulate import ScenarioError, load_scenario, run_simulation
+    from safeswap.views import decision_line
+
+    report = _load_plan_or_fail(plan, eval_gate)
+    for line in report.lines():
+        err.print(line, highlight=False, markup=False)
+    if not report.ok:
+        raise typer.Exit(2)
+    try:
+        loaded = load_scenario(str(scenario))
+    except ScenarioError as exc:
+        for line in str(exc).splitlines():
+            err.print(f"error: {line}", highlight=False, markup=False)
+        raise typer.Exit(2) from None
+    the_plan = report.plan
+    if the_plan.stakes == "high" and the_plan.eval_gate is None:
+        err.print("note: rehearsal assumes the offline eval gate passed (give --eval-gate to use a real result)")
+        the_plan.eval_gate = {"passed": True, "assumed_by": "simulate"}
+    settings = settings_from(broker, data_dir=data)
+    console = Console(stderr=json_out)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
+                  TimeElapsedColumn(), console=console, transient=False) as bar:
+        task = bar.add_task("simulating", total=1.0, detail="starting broker and worker...")
+
+        def progress(done_ms: int, total_ms: int, sent: int, decision) -> None:
+            where = f"{decision.stage} {decision.percent:g}%" if decision else "registered"
+            bar.update(task, completed=done_ms / total_ms,
+                       detail=f"{done_ms / 3_600_000:.0f} h simulated, {sent:,} events, {where}")
+
+        try:
+            result = run_simulation(settings, the_plan, loaded, progress=progress)
+        except (RuntimeError, ConnectionError) as exc:
+            raise UserError(str(exc)) from None
+    for decision in result["decisions"]:
+        console.print(decision_line(decision), highlight=False)
+    status = result["status"]
+    rows = sinks.count_rows(result["data_dir"], rollout_id=result["rollout_id"])
+    state = {
+        "stage": status.stage if status else None,
+        "percent": status.percent if status else None,
+        "users": status.users if status else {},
+        "guardrails": [msgspec.to_builtins(g) for g in status.guardrails] if status else [],
+        "health": status.health if status else {},
+    }
+    if json_out:
+        print(json.dumps({
+            "rollout_id": result["rollout_id"],
+            "decisions": [{"seq": d.seq, "ts": d.ts, "action": d.action, "stage": d.stage, "percent": d.percent,
+                           "reason": d.reason} for d in result["decisions"]],
+            "state": state,
+            "events_sent": result["events_sent"],
+            "simulated_hours": result["simulated_hours"],
+            "seconds": result["seconds"],
+            "data_dir": os.path.abspath(result["data_dir"]),
+            "rows": rows,
+        }))
+
+
 def _register_extensions() -> None:
     __import__("safeswap.replay").replay.register(app)
     try:

@@ -197,6 +197,10 @@ def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None
     state.now_ts = max(state.now_ts, snapshot.ts)
     if not state.live:
         return None
+    if state.stage_started_ts == 0:
+        # A stage's watch starts in event time: at the first statistics seen in it
+        # (the plan itself arrives with a wall-clock timestamp, not event time).
+        state.stage_started_ts = snapshot.ts
     evaluation = evaluate(state)
     state.last_evaluation = evaluation
     return decide(state, evaluation)
@@ -393,7 +397,7 @@ def _summary(evaluation: Evaluation) -> str:
 def _enter_stage(state: RolloutState, index: int, ts: int, action: str, evaluation: Evaluation | None = None) -> Decision:
     stage = state.plan.stages[index]
     state.stage_index = index
-    state.stage_started_ts = ts
+    state.stage_started_ts = evaluation.ts if evaluation is not None else 0
     state.stage_start_exposures = _sum_by_variant(state.snapshots, "first_exposures")
     state.srm_min_p = 1.0  # a new split: a new SRM test
     if stage.name == "shadow":

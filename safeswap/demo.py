@@ -113,7 +113,7 @@ async def _simulate(settings: Settings, rollout_id: str, max_users: int, deadlin
             await producer.stop()
         with Live(_status_table(0, users, None, 0), console=console, refresh_per_second=8, transient=False) as live:
             await _wait(lambda: flags.decision(rollout_id) is not None, deadline)
-            event_time = int(time.time() * 1000)
+            event_time = int(time.time() * 1000) - max_users * 1_000  # in the past: future events are refused
             index = 0
             while time.monotonic() < deadline:
                 decision = flags.decision(rollout_id)

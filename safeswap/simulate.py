@@ -1,0 +1,393 @@
+"""``safeswap simulate``: rehearse a plan in a closed loop before real traffic.
+
+Simulated users are assigned by a real FlagClient, their trace and feedback
+events go through a real worker, and the controller's decisions flow back to
+the FlagClient, in compressed event time: the simulation advances one step
+(default one hour of traffic), emits it, and waits until every partition's
+statistics have reached the step's end (the status watermark) before the next,
+so the split each step serves is the one the controller decided. Days of
+traffic take about a minute.
+
+Event time runs in the past (ending about now): the outcomes agent rejects
+events from the future, as it should.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import random
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal, Union
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from safeswap.config_files import ConfigIssue, convert_config, read_config
+from safeswap.emitter import Emitter
+from safeswap.flags import FlagClient
+from safeswap.plan import parse_duration
+from safeswap.rollouts import start_rollout
+from schemas import Decision, FeedbackEvent, RolloutPlan, RolloutStatus, TraceEvent, decode
+from streams.broker import EmbeddedBroker
+from streams.process import WorkerProcess
+from streams.settings import Settings
+from streams.topics import ensure_topics
+
+HOUR_MS = 3_600_000
+
+
+# -- the scenario file ---------------------------------------------------------------
+class LatencySpec(msgspec.Struct, forbid_unknown_fields=True):
+    median: float = 900.0
+    p95: float = 2500.0
+
+
+class CostSpec(msgspec.Struct, forbid_unknown_fields=True):
+    mean: float = 0.002
+
+
+class Behaviour(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
+    """Per-response probabilities and distributions; a candidate field left out copies control's."""
+
+    thumbs_down_rate: float | None = None
+    thumbs_up_rate: float | None = None
+    edit_rate: float | None = None
+    retry_rate: float | None = None
+    abandon_rate: float | None = None
+    error_rate: float | None = None
+    cache_hit_rate: float | None = None
+    latency_ms: LatencySpec | None = None
+    cost_usd: CostSpec | None = None
+
+
+CONTROL_DEFAULTS = Behaviour(thumbs_down_rate=0.05, thumbs_up_rate=0.2, edit_rate=0.1, retry_rate=0.05,
+                             abandon_rate=0.1, error_rate=0.01, cache_hit_rate=0.3, latency_ms=LatencySpec(),
+                             cost_usd=CostSpec())
+
+
+class DropEvents(msgspec.Struct, tag="drop_events", tag_field="kind", forbid_unknown_fields=True):
+    """Lose a share of one arm's events on the way (a broken emitter)."""
+
+    variant: Literal["control", "candidate"]
+    share: float
+
+
+class ModelSwitch(msgspec.Struct, tag="model_switch", tag_field="kind", forbid_unknown_fields=True):
+    """From ``at`` (into the simulation) one arm is served another model."""
+
+    variant: Literal["control", "candidate"]
+    at: str
+    model: str
+
+
+class AssignByRequest(msgspec.Struct, tag="assign_by_request", tag_field="kind", forbid_unknown_fields=True):
+    """The app picks the variant per request instead of per user (a classic bug)."""
+
+
+Fault = Union[DropEvents, ModelSwitch, AssignByRequest]
+
+
+class Variants(msgspec.Struct, forbid_unknown_fields=True):
+    control: Behaviour = msgspec.field(default_factory=Behaviour)
+    candidate: Behaviour = msgspec.field(default_factory=Behaviour)
+
+
+class Scenario(msgspec.Struct, forbid_unknown_fields=True):
+    duration: str = "10d"
+    users_per_hour: float = 400.0
+    requests_per_user: float = 3.0  # mean; each user sends 1 + Poisson(mean - 1)
+    variants: Variants = msgspec.field(default_factory=Variants)
+    faults: list[Fault] = []
+    step: str = "1h"  # event time per closed-loop step
+    seed: int = 0
+
+
+class ScenarioError(ValueError):
+    def __init__(self, source: str, issues: list[ConfigIssue]):
+        super().__init__("\n".join(issue.render(source) for issue in issues))
+        self.issues = issues
+
+
+def load_scenario(path: str) -> Scenario:
+    data, lines, problem = read_config(path)
+    if problem is not None:
+        raise ScenarioError(path, [problem])
+    scenario, issues = convert_config(data, Scenario, lines, "scenario")
+    if scenario is None:
+        raise ScenarioError(path, issues)
+    checks: list[ConfigIssue] = []
+    for field in ("duration", "step"):
+        try:
+            parse_duration(getattr(scenario, field))
+        except ValueError as exc:
+            checks.append(ConfigIssue(field, str(exc)))
+    for index, fault in enumerate(scenario.faults):
+        if isinstance(fault, ModelSwitch):
+            try:
+                parse_duration(fault.at)
+            except ValueError as exc:
+                checks.append(ConfigIssue(f"faults[{index}].at", str(exc)))
+        if isinstance(fault, DropEvents) and not 0 <= fault.share <= 1:
+            checks.append(ConfigIssue(f"faults[{index}].share", "a share is between 0 and 1"))
+    if scenario.users_per_hour <= 0 or scenario.requests_per_user < 1:
+        checks.append(ConfigIssue("users_per_hour", "users_per_hour > 0 and requests_per_user >= 1"))
+    if checks:
+        raise ScenarioError(path, checks)
+    return scenario
+
+
+@dataclass(frozen=True)
+class ArmModel:
+    """A variant's behaviour with every field filled in."""
+
+    thumbs_down: float
+    thumbs_up: float
+    edit: float
+    retry: float
+    abandon: float
+    error: float
+    cache_hit: float
+    latency_mu: float
+    latency_sigma: float
+    cost_mean: float
+
+
+def arm_models(scenario: Scenario) -> dict[str, ArmModel]:
+    def merged(*layers: Behaviour) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for layer in layers:
+            out.update({k: v for k, v in msgspec.structs.asdict(layer).items() if v is not None})
+        return out
+
+    control = merged(CONTROL_DEFAULTS, scenario.variants.control)
+    candidate = merged(CONTROL_DEFAULTS, scenario.variants.control, scenario.variants.candidate)
+    models = {}
+    for name, fields in (("control", control), ("candidate", candidate)):
+        latency = fields["latency_ms"]
+        models[name] = ArmModel(
+            thumbs_down=fields["thumbs_down_rate"], thumbs_up=fields["thumbs_up_rate"], edit=fields["edit_rate"],
+            retry=fields["retry_rate"], abandon=fields["abandon_rate"], error=fields["error_rate"],
+            cache_hit=fields["cache_hit_rate"], latency_mu=math.log(latency.median),
+            latency_sigma=max(1e-6, math.log(latency.p95 / latency.median) / 1.6449), cost_mean=fields["cost_usd"].mean)
+    return models
+
+
+# -- traffic ---------------------------------------------------------------------------
+WORDS = ("refund order invoice shipping account password reset cancel upgrade plan billing address "
+         "delivery status warranty return exchange discount coupon login error payment card").split()
+
+
+class Traffic:
+    """Generates one step of users' sessions, assigned by a FlagClient (pure but for the client)."""
+
+    def __init__(self, scenario: Scenario, plan: RolloutPlan, rollout_id: str, start_ms: int):
+        self.scenario, self.plan, self.rollout_id, self.start_ms = scenario, plan, rollout_id, start_ms
+        self.rng = random.Random(scenario.seed)
+        self.arms = arm_models(scenario)
+        self.next_user = 0
+        self.switches = [(f, start_ms + int(parse_duration(f.at) * 1000)) for f in scenario.faults
+                         if isinstance(f, ModelSwitch)]
+        self.drops = {f.variant: f.share for f in scenario.faults if isinstance(f, DropEvents)}
+        self.by_request = any(isinstance(f, AssignByRequest) for f in scenario.faults)
+        self.pinned = {"control": plan.control.model or "control-model",
+                       "candidate": plan.candidate.model or "candidate-model"}
+
+    def _poisson(self, mean: float) -> int:
+        # Knuth; means here are small
+        limit, k, product = math.exp(-mean), 0, self.rng.random()
+        while product > limit:
+            k += 1
+            product *= self.rng.random()
+        return k
+
+    def _model(self, variant: str, ts: int) -> str:
+        model = self.pinned[variant]
+        for fault, at in self.switches:
+            if fault.variant == variant and ts >= at:
+                model = fault.model
+        return model
+
+    def step(self, flags: FlagClient, step_start: int, step_ms: int) -> list[TraceEvent | FeedbackEvent]:
+        rng, events = self.rng, []
+        users = self._poisson(self.scenario.users_per_hour * step_ms / HOUR_MS) if step_ms < HOUR_MS \
+            else int(round(self.scenario.users_per_hour * step_ms / HOUR_MS))
+        for _ in range(users):
+            self.next_user += 1
+            user_id = f"sim-user-{self.next_user}"
+            session_id = f"sim-session-{self.next_user}"
+            ts = step_start + int(rng.random() * step_ms)
+            requests = 1 + self._poisson(self.scenario.requests_per_user - 1)
+            prompt = " ".join(rng.choice(WORDS) for _ in range(8))
+            user_variant = flags.variant(self.rollout_id, user_id)
+            for index in range(requests):
+                if self.by_request:  # the bug: a coin per request
+                    decision = flags.decision(self.rollout_id)
+                    share = (decision.percent if decision else 0.0) / 100
+                    variant = "candidate" if rng.random() < share else "control"
+                else:
+                    variant = user_variant
+                arm = self.arms[variant]
+                trace_id = f"{user_id}-{index}"
+                hit = rng.random() < arm.cache_hit
+                latency = rng.lognormvariate(arm.latency_mu, arm.latency_sigma) * (0.3 if hit else 1.0)
+                response = f"answer about {prompt} " + "x" * rng.randint(40, 160)
+                common = dict(rollout_id=self.rollout_id, variant=variant, user_id=user_id, session_id=session_id)
+                events.append(TraceEvent(
+                    event_id=f"t-{trace_id}", ts=ts, trace_id=trace_id, prompt_version=self._prompt(variant),
+                    model_version=self._model(variant, ts), latency_ms=round(latency, 1), input_tokens=300,
+                    output_tokens=len(response) // 4, cost_usd=round(rng.expovariate(1 / arm.cost_mean), 6),
+                    cache_hit=hit, error="timeout" if rng.random() < arm.error else "none", prompt_text=prompt,
+                    response_text=response, **common))
+                reaction = rng.random()
+                kind = None
+                if reaction < arm.thumbs_down:
+                    kind = "thumbs_down"
+                elif reaction < arm.thumbs_down + arm.thumbs_up:
+                    kind = "thumbs_up"
+                if kind:
+                    events.append(FeedbackEvent(event_id=f"f-{trace_id}-{kind}", ts=ts + 4_000, trace_id=trace_id,
+                                                kind=kind, **common))
+                if rng.random() < arm.edit:
+                    events.append(FeedbackEvent(event_id=f"f-{trace_id}-edit", ts=ts + 6_000, trace_id=trace_id,
+                                                kind="edit", final_text=response[: len(response) // 2] + " edited",
+                                                **common))
+                last = index == requests - 1
+                if last and rng.random() < arm.abandon:
+                    events.append(FeedbackEvent(event_id=f"f-{trace_id}-abandon", ts=ts + 8_000, trace_id=trace_id,
+                                                kind="abandon", **common))
+                if not last and rng.random() < arm.retry:
+                    events.append(FeedbackEvent(event_id=f"f-{trace_id}-retry", ts=ts + 2_000, trace_id=trace_id,
+                                                kind="retry", **common))
+                    ts += 20_000  # a retry comes quickly, with the same prompt
+                else:
+                    ts += int(rng.expovariate(1 / 90_000)) + 5_000
+                    prompt = " ".join(rng.choice(WORDS) for _ in range(8))
+        events = [e for e in events if rng.random() >= self.drops.get(e.variant, 0.0)]
+        events.sort(key=lambda e: e.ts)  # the outcomes agent treats far-behind events as late
+        return events
+
+    def _prompt(self, variant: str) -> str:
+        return getattr(self.plan, variant).prompt_version or "v1"
+
+
+class StatusWatcher:
+    """Tails the compacted status topic: the controller's latest look per rollout."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.latest: dict[str, RolloutStatus] = {}
+        self._task: asyncio.Task | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+
+    async def start(self) -> "StatusWatcher":
+        topic = self.settings.topic("status")
+        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.broker, group_id=None,
+                                          enable_auto_commit=False, fetch_max_wait_ms=50)
+        await self._consumer.start()
+        await self._consumer.topics()
+        partitions = [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or [])]
+        self._consumer.assign(partitions)
+        await self._consumer.seek_to_beginning(*partitions)
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _run(self) -> None:
+        while True:
+            for records in (await self._consumer.getmany(timeout_ms=100)).values():
+                for record in records:
+                    with contextlib.suppress(Exception):
+                        status = decode(RolloutStatus, record.value)
+                        self.latest[status.rollout_id] = status
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._consumer:
+            await self._consumer.stop()
+
+
+# -- the loop ----------------------------------------------------------------------------
+TERMINAL = ("rolled_back", "complete", "paused")
+
+
+async def closed_loop(settings: Settings, plan: RolloutPlan, scenario: Scenario, *, progress=None,
+                      step_timeout_s: float = 30.0) -> dict[str, Any]:
+    duration_ms = int(parse_duration(scenario.duration) * 1000)
+    step_ms = int(parse_duration(scenario.step) * 1000)
+    start_ms = (int(time.time() * 1000) - duration_ms - 10 * 60_000) // HOUR_MS * HOUR_MS
+    traffic = Traffic(scenario, plan, plan.rollout_id, start_ms)
+    decisions: list[Decision] = []
+    sent = 0
+    outcome, first = await start_rollout(settings, plan, wait_s=60)
+    if first is None:
+        raise RuntimeError("the worker did not register the plan within 60 s")
+    watcher = await StatusWatcher(settings).start()
+    try:
+        async with Emitter(settings=settings, buffer=1_000_000) as emitter, FlagClient(settings=settings) as flags:
+            flags.on_change(lambda d: decisions.append(d) if d.rollout_id == plan.rollout_id else None)
+            decisions.extend(d for d in [flags.decision(plan.rollout_id)] if d and d not in decisions)
+            step_start = start_ms
+            while step_start < start_ms + duration_ms:
+                current = flags.decision(plan.rollout_id)
+                if current is not None and current.stage in TERMINAL:
+                    break
+                events = traffic.step(flags, step_start, step_ms)
+                for event in events:
+                    sent += (emitter.trace if isinstance(event, TraceEvent) else emitter.feedback)(event)
+                step_start += step_ms
+                await _wait_for_watermark(watcher, plan.rollout_id, step_start - step_ms // 4, emitter, step_timeout_s)
+                if progress:
+                    progress(step_start - start_ms, duration_ms, sent, flags.decision(plan.rollout_id))
+            await asyncio.sleep(0.5)  # the last decision's way to the client
+    finally:
+        await watcher.stop()
+    final = watcher.latest.get(plan.rollout_id)
+    seen, unique = set(), []
+    for decision in sorted(decisions, key=lambda d: d.seq):
+        if decision.seq not in seen:
+            seen.add(decision.seq)
+            unique.append(decision)
+    return {"decisions": unique, "status": final, "events_sent": sent,
+            "simulated_hours": round((step_start - start_ms) / HOUR_MS, 2), "start_ms": start_ms}
+
+
+async def _wait_for_watermark(watcher: StatusWatcher, rollout_id: str, target: int, emitter: Emitter,
+                              timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = watcher.latest.get(rollout_id)
+        if status is not None and (status.watermark >= target or status.stage in TERMINAL):
+            return
+        await asyncio.sleep(0.05)
+
+
+def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *, progress=None) -> dict[str, Any]:
+    """Start what is needed (embedded broker, worker), run the loop, stop everything."""
+    started = time.monotonic()
+    with contextlib.ExitStack() as stack:
+        if not settings.broker:
+            broker = stack.enter_context(EmbeddedBroker())
+            settings = settings.replace(broker=broker.bootstrap)
+            own_worker = True
+        else:
+            own_worker = False
+            # A shared cluster: never collide with a real rollout.
+            plan = msgspec.structs.replace(plan, rollout_id=f"{plan.rollout_id}-sim-{uuid.uuid4().hex[:6]}")
+        if own_worker:
+            state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="safeswap-sim-"))
+            settings = settings.replace(state_dir=state_dir, snapshot_interval_s=0.2, status_interval_s=0.2,
+                                        sink_idle_s=1.0)
+            asyncio.run(ensure_topics(settings))
+            stack.enter_context(WorkerProcess(settings))
+        result = asyncio.run(closed_loop(settings, plan, scenario, progress=progress))
+    result["seconds"] = round(time.monotonic() - started, 2)
+    result["rollout_id"] = plan.rollout_id
+    result["data_dir"] = settings.data_dir
+    return result
