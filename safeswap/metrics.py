@@ -175,7 +175,7 @@ class VariantSums:
     user's state while it is active (safeswap.outcomes).
     """
 
-    __slots__ = ("sums", "hist", "users", "responses", "sessions", "models")
+    __slots__ = ("sums", "hist", "users", "responses", "sessions", "models", "exposures", "crossovers")
 
     def __init__(self) -> None:
         self.sums = [0.0] * (6 * N_RATIO)
@@ -184,6 +184,8 @@ class VariantSums:
         self.responses = 0
         self.sessions = 0
         self.models: dict[str, int] = {}
+        self.exposures = 0  # visits that began in this variant (the sample-ratio check counts these)
+        self.crossovers = 0  # (control only) visits served the candidate, then control
 
     @staticmethod
     def new_user_totals() -> list[float]:

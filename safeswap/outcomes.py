@@ -252,6 +252,10 @@ class OutcomeProcessor:
             sums = self.variants[(trace.rollout_id, variant)] = VariantSums()
         totals = user.totals.get(variant)
         if totals is None:
+            if not user.totals:  # the visit's first trace: its exposure
+                sums.exposures += 1
+            elif variant == "control" and "candidate" in user.totals:
+                sums.crossovers += 1  # a ramp only moves users to the candidate: a leak
             totals = user.totals[variant] = VariantSums.new_user_totals()
             sums.users += 1
         sums.responses += 1
@@ -527,9 +531,12 @@ class OutcomeProcessor:
             metrics[variant] = sums.stats()
             models[variant] = dict(sums.models)
             counts[variant] = {"responses": sums.responses, "sessions": sums.sessions}
+        exposures = {variant: sums.exposures for (rollout, variant), sums in self.variants.items()
+                     if rollout == rollout_id}
+        crossovers = sum(sums.crossovers for (rollout, _), sums in self.variants.items() if rollout == rollout_id)
         return StatsSnapshot(rollout_id=rollout_id, partition=self.partition, seq=seq,
                              ts=self.latest_ts.get(rollout_id, 0), users=users, metrics=metrics,
-                             models=models, counts=counts)
+                             models=models, counts=counts, first_exposures=exposures, crossover_users=crossovers)
 
     def take_dirty_snapshots(self, seq: int) -> list[StatsSnapshot]:
         dirty, self.dirty = self.dirty, set()

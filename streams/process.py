@@ -11,13 +11,11 @@ import signal
 import subprocess
 import sys
 import tempfile
+from dataclasses import fields
 from pathlib import Path
 
 from streams.settings import ENV_PREFIX, Settings
 
-# Settings a child worker must share with its parent.
-INHERITED = ("broker", "topic_prefix", "app_id", "partitions", "state_dir", "data_dir", "log_level",
-             "snapshot_interval_s", "status_interval_s", "sink_datasets", "sink_idle_s", "sink_max_age_s")
 
 
 def stop_process(process: subprocess.Popen, timeout_s: float = 8.0) -> None:
@@ -39,8 +37,8 @@ class WorkerProcess:
 
     def start(self) -> "WorkerProcess":
         env = dict(os.environ)
-        for name in INHERITED:
-            env[ENV_PREFIX + name.upper()] = str(getattr(self.settings, name))
+        for field in fields(Settings):  # the child sees exactly the parent's settings
+            env[ENV_PREFIX + field.name.upper()] = str(getattr(self.settings, field.name))
         repo_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
         with open(self.log_path, "ab") as log:

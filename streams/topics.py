@@ -35,6 +35,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("status", key="rollout_id", config=COMPACT),
     TopicSpec("judgments", key="rollout_id"),
     TopicSpec("dlq", key="source key"),
+    # The outcomes agent's whole-partition state checkpoints (streams/checkpoint.py).
+    TopicSpec("checkpoints", key="source partition", config=COMPACT),
 )
 
 

@@ -200,3 +200,17 @@ def test_state_is_released_after_the_gap_and_the_ttl():
     processor.apply(feedback(3, 3, clock, "copy", user="other"), NOW)
     assert ("r1", "gone") not in processor.users
     assert values(processor)["control"]["thumbs_up_rate"] == pytest.approx(1 / 3)
+
+
+def test_exposures_count_visits_by_their_first_variant_and_crossovers_count_leaks():
+    # u1: control then candidate within a visit (a ramp moved it): one control exposure, no leak.
+    # u2: candidate then control within a visit: a crossover (assignment leak).
+    # u3: control, then back after the session gap + TTL: a second visit, a second exposure.
+    events = [trace(1, T0, user="u1"), trace(2, T0 + 1 * MIN, user="u1", variant="candidate", prompt="x"),
+              trace(3, T0, user="u2", variant="candidate"), trace(4, T0 + 1 * MIN, user="u2", prompt="y"),
+              trace(5, T0, user="u3"), trace(6, T0 + 5 * 60 * MIN, user="u3", prompt="z")]
+    processor, verdicts = run(events)
+    assert verdicts == [None] * 6
+    snapshot = processor.snapshot("r1", 1)
+    assert snapshot.first_exposures == {"control": 3, "candidate": 1}
+    assert snapshot.crossover_users == 1
