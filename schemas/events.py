@@ -251,6 +251,9 @@ class RolloutStatus(msgspec.Struct, kw_only=True):
     # Event time every partition's statistics have reached (the minimum over
     # partitions): what a closed-loop simulation waits for.
     watermark: int = 0
+    # Shadow analysis (issue #7): judge win/tie/loss with always-valid intervals,
+    # tail/cost/latency checks and the promotion verdict (safeswap.shadow_analysis).
+    shadow: dict[str, Any] = {}
 
 
 class Command(msgspec.Struct, kw_only=True):
@@ -353,8 +356,76 @@ class StatsSnapshot(msgspec.Struct, kw_only=True):
     # Users served the candidate and later control while the rollout was live:
     # a ramp only moves users the other way, so these are assignment leaks.
     crossover_users: int = 0
+    # Shadow analysis (issue #7). "" = the outcomes agent; "shadow:<worker incarnation>"
+    # = the judge agent's per-partition shadow statistics (safeswap.shadow_analysis),
+    # which the controller keeps apart from the outcome snapshots, per (source, partition).
+    source: str = ""
+    shadow: dict[str, Any] = {}
 
 
 EVENT_TYPES["stats_snapshot"] = StatsSnapshot
 EVENT_TYPES["rollout_status"] = RolloutStatus
 EVENT_TYPES["command"] = Command
+
+
+# --- shadow traffic and the LLM judge (issue #7) -------------------------------------
+
+
+class ShadowSide(msgspec.Struct, kw_only=True):
+    """What one variant answered to a shadowed request. Refusal and JSON validity
+    are derived from these fields (safeswap.shadow_analysis), never sent."""
+
+    response_text: str | None = None
+    latency_ms: NonNegative
+    cost_usd: NonNegative = 0.0
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+    error: ErrorKind = "none"
+    model_version: NonEmpty
+    prompt_version: NonEmpty
+    # Free text about the error (exception type and message), for people.
+    error_detail: str | None = None
+
+
+class ShadowPair(_Event, kw_only=True):
+    """One request answered by control (served to the user) and by the candidate
+    (in the background, never shown). Published to ``safeswap.shadow`` keyed by user_id."""
+
+    rollout_id: NonEmpty
+    user_id: NonEmpty
+    request_id: NonEmpty
+    prompt_text: str
+    expects_json: bool = False
+    control: ShadowSide
+    candidate: ShadowSide
+    session_id: str | None = None
+
+
+class Judgment(_Event, kw_only=True):
+    """The judge's verdict on one shadow pair, both orders combined.
+
+    ``event_id`` is the pair's event_id + ``":judge"`` (one judgment per pair, so a
+    redelivered pair's judgment is recognisable). ``winner`` is "candidate",
+    "control" or "tie"; the two orders' raw verdicts are kept (A = first shown).
+    Published to ``safeswap.judgments`` keyed by rollout_id."""
+
+    rollout_id: NonEmpty
+    pair_event_id: NonEmpty
+    user_id: str | None = None
+    request_id: str | None = None
+    judge_model: NonEmpty
+    rubric_hash: str = ""
+    winner: Literal["candidate", "control", "tie"]
+    # Order 1 shows control as A; order 2 shows the candidate as A.
+    verdict_control_first: Literal["A", "B", "tie"]
+    verdict_candidate_first: Literal["A", "B", "tie"]
+    reason_control_first: str = ""
+    reason_candidate_first: str = ""
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+    cost_usd: NonNegative = 0.0
+    retries: Count = 0
+
+
+EVENT_TYPES["shadow_pair"] = ShadowPair
+EVENT_TYPES["judgment"] = Judgment

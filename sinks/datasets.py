@@ -30,7 +30,7 @@ import msgspec
 import pyarrow as pa
 
 from schemas import DeadLetter, Decision, FeedbackEvent, RolloutPlan, StatsSnapshot, TraceEvent
-from schemas.events import EventTime, to_epoch_ms
+from schemas.events import EventTime, Judgment, ShadowPair, to_epoch_ms
 
 TS = pa.timestamp("ms", tz="UTC")
 DAY_MS = 86_400_000
@@ -186,48 +186,6 @@ class OutcomeRecord(msgspec.Struct, kw_only=True):
         self.ts = to_epoch_ms(self.ts)
 
 
-class ShadowPair(msgspec.Struct, kw_only=True):
-    """One request answered by control (served) and the candidate (in the background)."""
-
-    ts: EventTime
-    rollout_id: str
-    event_id: str | None = None
-    user_id: str | None = None
-    session_id: str | None = None
-    trace_id: str | None = None
-    prompt_text: str | None = None
-    control_prompt_version: str | None = None
-    control_model_version: str | None = None
-    control_response: str | None = None
-    control_latency_ms: float | None = None
-    control_cost_usd: float | None = None
-    candidate_prompt_version: str | None = None
-    candidate_model_version: str | None = None
-    candidate_response: str | None = None
-    candidate_latency_ms: float | None = None
-    candidate_cost_usd: float | None = None
-    candidate_error: str | None = None
-
-    def __post_init__(self) -> None:
-        self.ts = to_epoch_ms(self.ts)
-
-
-class Judgment(msgspec.Struct, kw_only=True):
-    """A judge model's verdict on one shadow pair."""
-
-    ts: EventTime
-    rollout_id: str
-    event_id: str | None = None
-    trace_id: str | None = None
-    judge_model: str | None = None
-    verdict: str | None = None
-    score: float | None = None
-    rationale: str | None = None
-
-    def __post_init__(self) -> None:
-        self.ts = to_epoch_ms(self.ts)
-
-
 def _cols(*spec: tuple) -> tuple[Col, ...]:
     return tuple(Col(*item) if isinstance(item, tuple) else item for item in spec)
 
@@ -238,6 +196,12 @@ EVIDENCE = pa.list_(pa.struct([
     ("metric", S), ("status", S), ("estimate", F), ("ci_low", F), ("ci_high", F), ("p_value", F),
     ("threshold", F), ("users_control", I), ("users_candidate", I),
 ]))
+
+# One side of a shadow pair (schemas.events.ShadowSide), as an Arrow struct.
+SHADOW_SIDE = pa.struct([
+    ("response_text", S), ("latency_ms", F), ("cost_usd", F), ("input_tokens", I), ("output_tokens", I),
+    ("error", S), ("model_version", S), ("prompt_version", S), ("error_detail", S),
+])
 
 DATASETS: dict[str, Dataset] = {d.name: d for d in (
     Dataset("traces", "traces", TraceEvent, 1, _cols(
@@ -272,16 +236,15 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
         Col("ts", TS, kind="time"), ("salt", S), ("stakes", S), ("description", S), ("alpha", F),
         ("min_users_per_arm", I), ("n_tune", I), ("plan_json", S, "*", "json"),
     ), time_field=None),
-    Dataset("shadow", "shadow", ShadowPair, 1, _cols(
-        ("event_id", S), ("ts", TS), ("user_id", S), ("session_id", S), ("trace_id", S), ("prompt_text", S),
-        ("control_prompt_version", S), ("control_model_version", S), ("control_response", S),
-        ("control_latency_ms", F), ("control_cost_usd", F),
-        ("candidate_prompt_version", S), ("candidate_model_version", S), ("candidate_response", S),
-        ("candidate_latency_ms", F), ("candidate_cost_usd", F), ("candidate_error", S),
+    Dataset("shadow", "shadow", ShadowPair, 2, _cols(
+        ("event_id", S), ("ts", TS), ("user_id", S), ("session_id", S), ("request_id", S), ("prompt_text", S),
+        ("expects_json", B), ("control", SHADOW_SIDE, None, "builtins"), ("candidate", SHADOW_SIDE, None, "builtins"),
     )),
-    Dataset("judgments", "judgments", Judgment, 1, _cols(
-        ("event_id", S), ("ts", TS), ("trace_id", S), ("judge_model", S), ("verdict", S), ("score", F),
-        ("rationale", S),
+    Dataset("judgments", "judgments", Judgment, 2, _cols(
+        ("event_id", S), ("ts", TS), ("pair_event_id", S), ("user_id", S), ("request_id", S), ("judge_model", S),
+        ("rubric_hash", S), ("verdict", S, "winner"), ("verdict_control_first", S), ("verdict_candidate_first", S),
+        ("reason_control_first", S), ("reason_candidate_first", S), ("input_tokens", I), ("output_tokens", I),
+        ("cost_usd", F), ("retries", I),
     )),
     Dataset("dlq", "dlq", DeadLetter, 1, _cols(
         ("ts", TS), ("topic", S), ("partition", pa.int32()), ("offset", I), ("agent", S), ("reason", S),
