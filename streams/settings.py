@@ -61,6 +61,14 @@ class Settings:
     sink_idle_s: float = 2.0
     # Controller: how often (at most) the decide agent publishes a rollout's status.
     status_interval_s: float = 1.0
+    # Dashboard (safeswap dashboard, docs/dashboard.md): loopback unless told otherwise;
+    # a non-empty token is required as "Authorization: Bearer <token>" (or ?token= once).
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = 8050
+    dashboard_token: str = dataclasses.field(default="", repr=False)  # never printed or logged
+    # Prometheus /metrics of the worker (agents/metrics.py): 0 = off.
+    metrics_port: int = 0
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
