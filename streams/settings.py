@@ -1,7 +1,8 @@
 """The one Settings object: built from environment variables, overridden by flags.
 
 No other module reads ``os.environ``. Every variable is ``SAFESWAP_<FIELD>`` in
-upper case (``SAFESWAP_BROKER=kafka1:9092``); docker-compose.yml sets the same
+upper case (``SAFESWAP_BROKER=kafka1:9092``), except the few in ``EXPLICIT_ENV``
+(``ANTHROPIC_API_KEY``, ``ANTHROPIC_BASE_URL``); docker-compose.yml sets the same
 names, and a test checks that it sets nothing the code does not read.
 """
 
@@ -61,6 +62,25 @@ class Settings:
     sink_idle_s: float = 2.0
     # Controller: how often (at most) the decide agent publishes a rollout's status.
     status_interval_s: float = 1.0
+    # Shadow traffic and the LLM judge (docs/shadow.md). The two Anthropic fields
+    # are read from ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL (the SDK's own names, see
+    # EXPLICIT_ENV); without a key the judge is disabled and everything else runs.
+    anthropic_api_key: str = dataclasses.field(default="", repr=False)  # never printed or logged
+    anthropic_base_url: str = ""  # "" = the SDK's default endpoint
+    judge_model: str = "claude-sonnet-4-5-20250929"  # pinned: a judge that changes under you moves the verdicts
+    judge_concurrency: int = 4  # judge API calls in flight per worker, never more
+    judge_sample_rate: float = 1.0  # share of shadow pairs judged (by event_id hash: replays pick the same)
+    judge_budget_usd: float = 20.0  # per rollout (a worker spends at most its partitions' share)
+    judge_prices: str = ""  # JSON/YAML file {model: {input_per_mtok, output_per_mtok}} added to the built-in table
+    judge_rubrics: str = ""  # JSON/YAML file {rollout_id: rubric, "*": default rubric}
+    judge_timeout_s: float = 60.0  # one judge API call
+    judge_max_retries: int = 4  # 429/529/5xx/timeouts, waiting retry-after (capped below)
+    judge_max_retry_after_s: float = 60.0
+    judge_max_tokens: int = 400  # the verdict tool call's output cap
+    judge_max_answer_chars: int = 12_000  # each answer (and the prompt) is cut to this in the judge prompt
+    # The app-side shadow helper (safeswap.shadow): background candidate calls.
+    shadow_concurrency: int = 8  # candidate calls in flight per process; more are skipped and counted
+    shadow_timeout_s: float = 30.0  # a candidate call slower than this is recorded as a timeout
     # Dashboard (safeswap dashboard, docs/dashboard.md): loopback unless told otherwise;
     # a non-empty token is required as "Authorization: Bearer <token>" (or ?token= once).
     dashboard_host: str = "127.0.0.1"
@@ -76,7 +96,7 @@ class Settings:
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for field in fields(cls):
-            raw = environ.get(ENV_PREFIX + field.name.upper())
+            raw = environ.get(env_name(field.name))
             if raw is not None and raw != "":
                 values[field.name] = _parse(field, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -90,9 +110,22 @@ class Settings:
         return f"{self.topic_prefix}.{name}"
 
 
+# Fields read from a variable other than SAFESWAP_<FIELD>: the names the Anthropic SDK
+# and its users already know.
+EXPLICIT_ENV: dict[str, str] = {
+    "anthropic_api_key": "ANTHROPIC_API_KEY",
+    "anthropic_base_url": "ANTHROPIC_BASE_URL",
+}
+
+
+def env_name(field_name: str) -> str:
+    """The environment variable a Settings field is read from."""
+    return EXPLICIT_ENV.get(field_name) or ENV_PREFIX + field_name.upper()
+
+
 def env_names() -> set[str]:
     """Every environment variable the code reads."""
-    return {ENV_PREFIX + field.name.upper() for field in fields(Settings)}
+    return {env_name(field.name) for field in fields(Settings)}
 
 
 def _parse(field: dataclasses.Field, raw: str) -> Any:
