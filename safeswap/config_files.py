@@ -81,8 +81,15 @@ def unknown_fields(data: Any, struct: type, path: str = "") -> list[tuple[str, s
 
     def walk(value: Any, info: mi.Type, where: str) -> None:
         if isinstance(info, mi.UnionType):
+            structs = [t for t in info.types if isinstance(t, mi.StructType)]
+            if isinstance(value, dict) and structs:
+                tagged = [t for t in structs if t.tag_field and value.get(t.tag_field) == t.tag]
+                chosen = tagged or (structs if len(structs) == 1 else [])
+                for member in chosen:  # an unknown tag is msgspec's to report
+                    walk(value, member, where)
             for member in info.types:
-                walk(value, member, where)
+                if not isinstance(member, mi.StructType):
+                    walk(value, member, where)
         elif isinstance(info, mi.StructType) and isinstance(value, dict):
             names = {f.encode_name: f for f in info.fields}
             for key, item in value.items():

@@ -173,7 +173,7 @@ def on_plan(rollouts: dict[str, RolloutState], plan: RolloutPlan, ts: int) -> De
             f"rollout {plan.rollout_id!r} already started with plan {current.plan_hash}; "
             "a started plan is immutable: give the changed plan a new rollout_id"
         )
-    state = RolloutState(plan=plan, plan_hash=plan_hash(plan), now_ts=ts)
+    state = RolloutState(plan=plan, plan_hash=plan_hash(plan))  # now_ts: event time, from the first statistics
     alpha_each = split_alpha(plan.alpha, max(1, len(plan.guardrails)))
     for spec in plan.guardrails:
         judged_on = guarded_metrics(spec.metric)  # latency: one monitor per cache stratum
