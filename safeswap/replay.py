@@ -22,6 +22,7 @@ import msgspec
 import typer
 
 from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor, merged_snapshot_values
+from schemas import RolloutPlan
 from streams.settings import Settings
 
 
@@ -42,8 +43,9 @@ def partition_for(user_id: str, partitions: int) -> int:
 
 
 def replay_lines(lines: Iterable[bytes], config: OutcomeConfig, partitions: int, now_ms: int | None = None,
-                 report=None) -> dict[str, Any]:
-    """Run the outcome logic over JSONL lines; ``report(line_no, reason)`` hears every rejected line."""
+                 report=None, look=None, look_every: int = 1000) -> dict[str, Any]:
+    """Run the outcome logic over JSONL lines; ``report(line_no, reason)`` hears every rejected line,
+    ``look(processors)`` is called every ``look_every`` lines and at the end (the controller's looks)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     processors = [OutcomeProcessor(p, config) for p in range(partitions)]
     counts = {"read": 0, "invalid": 0, "duplicates": 0, "late": 0}
@@ -69,6 +71,8 @@ def replay_lines(lines: Iterable[bytes], config: OutcomeConfig, partitions: int,
         for origin, why in processor.rejected:
             report(origin, why)
         processor.rejected.clear()
+        if look is not None and line_no % look_every == 0:
+            look(processors)
     for processor in processors:
         processor.finish()
         for origin, why in processor.rejected:
@@ -78,6 +82,8 @@ def replay_lines(lines: Iterable[bytes], config: OutcomeConfig, partitions: int,
             counts[name] += value
         for name, value in processor.reasons.items():
             reasons[name] = reasons.get(name, 0) + value
+    if look is not None:
+        look(processors)
     rollouts: dict[str, Any] = {}
     for rollout_id in sorted({r for p in processors for r in p.rollouts()}):
         snapshots = [p.snapshot(rollout_id, seq=p.counts["read"]) for p in processors if rollout_id in p.rollouts()]
@@ -85,29 +91,43 @@ def replay_lines(lines: Iterable[bytes], config: OutcomeConfig, partitions: int,
     return {"events": counts, "reasons": reasons, "rollouts": rollouts}
 
 
-def plan_hook(result: dict[str, Any], plan_path: Path) -> dict[str, Any]:
-    """``--plan``: validate the plan and attach it. HOOK for the controller: evaluate the
-    plan's guardrails on ``result["rollouts"][plan.rollout_id]`` and add ``"decision"``."""
-    from schemas import InvalidEvent, RolloutPlan, convert
+class DecisionReplay:
+    """Feeds the controller the snapshots a worker would have published, as the
+    events are replayed: the decisions a plan would have taken on recorded traffic.
+    The split is what was recorded (replay cannot re-assign users); ``percent`` in
+    the decisions is what the controller would have asked for."""
 
-    try:
-        raw = plan_path.read_text()
-    except OSError as exc:
-        raise FileNotFoundError(f"{plan_path}: cannot read the plan: {exc.strerror} (fix: pass an existing plan file)")
-    import yaml
+    def __init__(self, plan: RolloutPlan):
+        from safeswap.controller import on_plan
 
-    try:
-        plan = convert(RolloutPlan, yaml.safe_load(raw))
-    except (InvalidEvent, yaml.YAMLError) as exc:
-        raise ValueError(f"{plan_path}: {exc} (fix: see `safeswap plan` for the plan format)") from None
-    known = set(next(iter(result["rollouts"].get(plan.rollout_id, {}).get("variants", {}).values()), {}))
-    result["plan"] = {
-        "rollout_id": plan.rollout_id,
-        "guardrails": [spec.metric for spec in plan.guardrails],
-        "unknown_metrics": [spec.metric for spec in plan.guardrails if known and spec.metric not in known],
-        "decision": None,  # filled in by the controller (hook)
-    }
-    return result
+        if plan.stakes == "high" and plan.eval_gate is None:
+            plan.eval_gate = {"passed": True, "assumed_by": "replay"}
+        self.rollouts: dict[str, Any] = {}
+        self.rollout_id = plan.rollout_id
+        self.decisions = [d for d in [on_plan(self.rollouts, plan, ts=0)] if d is not None]
+        self.seq = 0
+
+    def look(self, processors: list[OutcomeProcessor]) -> None:
+        from safeswap.controller import on_snapshot
+
+        self.seq += 1
+        state = self.rollouts[self.rollout_id]
+        for processor in processors:
+            if self.rollout_id in processor.rollouts():
+                decision = on_snapshot(state, processor.snapshot(self.rollout_id, seq=self.seq))
+                if decision is not None:
+                    self.decisions.append(decision)
+
+    def summary(self) -> dict[str, Any]:
+        state = self.rollouts[self.rollout_id]
+        return {
+            "rollout_id": self.rollout_id,
+            "decisions": [{"seq": d.seq, "ts": d.ts, "action": d.action, "stage": d.stage, "percent": d.percent,
+                           "reason": d.reason} for d in self.decisions],
+            "final_stage": state.stage,
+            "guardrails": [msgspec.to_builtins(e) for e in state.last_evaluation.evidence]
+            if state.last_evaluation else [],
+        }
 
 
 def register(app: typer.Typer) -> None:
@@ -141,16 +161,27 @@ def register(app: typer.Typer) -> None:
             if skipped[0] <= MAX_REPORTED:
                 err.print(f"{events}:{line_no}: skipped: {reason[:300]}", highlight=False, markup=False, soft_wrap=True)
 
+        controller = None
+        if plan is not None:
+            from safeswap.plan import load_plan
+
+            loaded = load_plan(plan)
+            for line in loaded.lines():
+                err.print(line, highlight=False, markup=False, soft_wrap=True)
+            if not loaded.ok:
+                raise typer.Exit(2)
+            controller = DecisionReplay(loaded.plan)
         with handle:
             result = replay_lines(handle, OutcomeConfig.from_settings(settings), partitions or settings.partitions,
-                                  report=report)
+                                  report=report, look=controller.look if controller else None)
         if skipped[0] > MAX_REPORTED:
             err.print(f"{events}: ... and {skipped[0] - MAX_REPORTED:,} more skipped lines", highlight=False)
-        if plan is not None:
-            try:
-                result = plan_hook(result, plan)
-            except (FileNotFoundError, ValueError) as exc:
-                raise UserError(str(exc)) from None
+        if controller is not None:
+            result["plan"] = controller.summary()
+            from safeswap.views import decision_line
+
+            for decision in controller.decisions:
+                err.print(decision_line(decision), highlight=False, markup=False, soft_wrap=True)
         if json_out:
             sys.stdout.write(json.dumps(result) + "\n")
         else:
