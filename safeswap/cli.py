@@ -360,6 +360,7 @@ def _register_extensions() -> None:
         return
     stats_cli.register(app, plan_app)
     __import__("sinks.cli").cli.register(app)  # safeswap query, safeswap compact
+    __import__("safeswap.dashboard").dashboard.register(app)  # safeswap dashboard
 
 
 _register_extensions()

@@ -51,4 +51,5 @@ def create_app(settings: Settings) -> faust.App:
     outcomes.register(app, settings)
     decide.register(app, settings)
     __import__("agents.sink").sink.register(app, settings)  # Parquet sinks (sinks/, docs/data.md)
+    __import__("agents.metrics").metrics.register(app, settings)  # Prometheus /metrics (off unless metrics_port)
     return app

@@ -1,0 +1,267 @@
+"""Prometheus ``/metrics`` of a worker (prometheus-client, text format).
+
+Off unless ``metrics_port`` is set (``SAFESWAP_METRICS_PORT``); binds
+``metrics_host`` (127.0.0.1 by default). Everything is counted by one Faust
+*sensor*, so no agent carries monitoring code:
+
+* ``on_message_in``: every message a worker's agents read, per topic
+  (``safeswap_events_processed_total``); statistics snapshots are also kept
+  (latest per rollout and source partition) for the per-variant gauges;
+* ``on_send_initiated``: what the agents publish: decisions by action, dead
+  letters by agent, and each rollout's status (guardrail intervals, split, users);
+* a timer: consumer lag per assigned partition (high water minus position).
+
+Metric names (labels in braces):
+
+==========================================  =====================================================
+``safeswap_events_processed_total``          {topic} messages read by this worker's agents
+``safeswap_dead_letters_total``              {agent} records this worker sent to the DLQ
+``safeswap_decisions_total``                 {rollout_id, action} decisions this worker published
+``safeswap_consumer_lag``                    {topic, partition} messages not yet read
+``safeswap_guardrail_estimate``              {rollout_id, metric} candidate vs control (relative or absolute)
+``safeswap_guardrail_ci_low`` / ``_ci_high`` {rollout_id, metric} the always-valid interval
+``safeswap_guardrail_threshold``             {rollout_id, metric} the plan's limit on that scale
+``safeswap_guardrail_breach``                {rollout_id, metric} 1 while the guardrail is breached
+``safeswap_rollout_percent``                 {rollout_id} share of users served the candidate
+``safeswap_rollout_users``                   {rollout_id, variant}
+``safeswap_variant_metric``                  {rollout_id, variant, metric} point estimates (docs/metrics.md)
+==========================================  =====================================================
+
+Guardrail and rollout gauges come from the worker that owns the rollout (the
+decide agent's partition); variant gauges from the worker that reads its
+statistics. Sum or ``max by`` over instances in PromQL.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import faust
+import msgspec
+from faust.sensors import Sensor
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+# The per-variant metrics exported as gauges (docs/metrics.md names; p50/p95 from the histogram).
+VARIANT_METRICS: tuple[str, ...] = (
+    "thumbs_down_rate", "thumbs_up_rate", "error_rate", "retry_rate", "abandon_rate", "edit_rate",
+    "edit_distance_mean", "cost_usd_mean", "cost_per_session_mean", "latency_ms_mean", "cache_hit_rate",
+)
+
+
+class _Status(msgspec.Struct):
+    """The parts of a RolloutStatus the gauges need (lenient: unknown fields ignored)."""
+
+    rollout_id: str
+    percent: float = 0.0
+    users: dict[str, int] = {}
+    guardrails: list[dict[str, Any]] = []
+
+
+class _Decision(msgspec.Struct):
+    rollout_id: str
+    action: str
+
+
+class _DeadLetter(msgspec.Struct):
+    agent: str = "unknown"
+
+
+class _Snapshot(msgspec.Struct):
+    rollout_id: str
+    partition: int
+    seq: int
+    metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    source: str = ""
+
+
+def variant_values(snapshots: list[Any]) -> dict[str, dict[str, float]]:
+    """Point estimates per variant from the latest snapshot of each partition
+    (``metrics`` dicts as published): {variant: {metric: value}}."""
+    from safeswap.stats import stat_from_dict
+
+    merged: dict[str, dict[str, Any]] = {}
+    for snapshot in snapshots:
+        for variant, metrics in snapshot.metrics.items():
+            into = merged.setdefault(variant, {})
+            for metric, stat in metrics.items():
+                if metric not in VARIANT_METRICS and metric != "latency_ms_p95":
+                    continue
+                try:
+                    value = stat_from_dict(stat)
+                except Exception:  # noqa: BLE001 - a newer stat kind: skip, never break a scrape
+                    continue
+                into[metric] = into[metric] + value if metric in into else value
+    out: dict[str, dict[str, float]] = {}
+    for variant, stats in merged.items():
+        values: dict[str, float] = {}
+        for metric, stat in stats.items():
+            try:
+                if metric == "latency_ms_p95":
+                    if stat.n:
+                        values["latency_ms_p50"] = float(stat.quantile(0.5))
+                        values["latency_ms_p95"] = float(stat.quantile(0.95))
+                elif getattr(stat, "den", 1):
+                    values[metric] = float(stat.estimate)
+            except Exception:  # noqa: BLE001
+                continue
+        out[variant] = values
+    return out
+
+
+class WorkerMetrics(Sensor):
+    """A Faust sensor that keeps the worker's Prometheus metrics."""
+
+    def __init__(self, settings: Settings, registry: CollectorRegistry | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.settings = settings
+        self.registry = registry or CollectorRegistry()
+        self._topics = {name: settings.topic(name) for name in ("stats", "status", "decisions", "dlq")}
+        r = self.registry
+        self.events = Counter("safeswap_events_processed", "Messages read by this worker's agents.", ["topic"], registry=r)
+        self.dead_letters = Counter("safeswap_dead_letters", "Records sent to the dead-letter topic.", ["agent"], registry=r)
+        self.decisions = Counter("safeswap_decisions", "Decisions published, by action.", ["rollout_id", "action"],
+                                 registry=r)
+        self.lag = Gauge("safeswap_consumer_lag", "Messages behind the partition's high water.", ["topic", "partition"],
+                         registry=r)
+        labels = ["rollout_id", "metric"]
+        self.estimate = Gauge("safeswap_guardrail_estimate", "Candidate vs control, on the guardrail's scale.", labels,
+                              registry=r)
+        self.ci_low = Gauge("safeswap_guardrail_ci_low", "Always-valid interval, lower bound.", labels, registry=r)
+        self.ci_high = Gauge("safeswap_guardrail_ci_high", "Always-valid interval, upper bound.", labels, registry=r)
+        self.threshold = Gauge("safeswap_guardrail_threshold", "The plan's limit on the guardrail's scale.", labels,
+                               registry=r)
+        self.breach = Gauge("safeswap_guardrail_breach", "1 while the guardrail is breached.", labels, registry=r)
+        self.percent = Gauge("safeswap_rollout_percent", "Share of users (0-100) served the candidate.", ["rollout_id"],
+                             registry=r)
+        self.users = Gauge("safeswap_rollout_users", "Users per arm.", ["rollout_id", "variant"], registry=r)
+        self._snapshots: dict[str, dict[tuple[str, int], _Snapshot]] = {}
+        self._lock = threading.Lock()  # snapshots are read by the scrape thread
+        r.register(_VariantCollector(self))
+        self._status_decoder = msgspec.json.Decoder(_Status)
+        self._decision_decoder = msgspec.json.Decoder(_Decision)
+        self._dlq_decoder = msgspec.json.Decoder(_DeadLetter)
+        self._snapshot_decoder = msgspec.json.Decoder(_Snapshot)
+
+    # -- Faust sensor hooks: never raise --------------------------------------------
+    def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
+        try:
+            self.events.labels(tp.topic).inc()
+            if tp.topic == self._topics["stats"]:
+                self.observe_snapshot(message.value)
+        except Exception:  # noqa: BLE001
+            log.debug("metrics: message in", exc_info=True)
+
+    def on_send_initiated(self, producer: Any, topic: str, message: Any, keysize: int, valsize: int) -> Any:
+        try:
+            value = getattr(message, "value", None)
+            if isinstance(value, (bytes, bytearray)):
+                self.observe_sent(topic, bytes(value))
+        except Exception:  # noqa: BLE001
+            log.debug("metrics: send", exc_info=True)
+        return None
+
+    # -- pure-ish updates (tests call these directly) -----------------------------------
+    def observe_sent(self, topic: str, value: bytes) -> None:
+        if topic == self._topics["dlq"]:
+            self.dead_letters.labels(self._dlq_decoder.decode(value).agent).inc()
+        elif topic == self._topics["decisions"]:
+            decision = self._decision_decoder.decode(value)
+            self.decisions.labels(decision.rollout_id, decision.action).inc()
+        elif topic == self._topics["status"]:
+            self.observe_status(self._status_decoder.decode(value))
+
+    def observe_status(self, status: _Status) -> None:
+        rollout = status.rollout_id
+        self.percent.labels(rollout).set(status.percent)
+        for variant, count in status.users.items():
+            self.users.labels(rollout, variant).set(count)
+        for item in status.guardrails:
+            metric = str(item.get("metric"))
+            for gauge, key in ((self.estimate, "estimate"), (self.ci_low, "ci_low"), (self.ci_high, "ci_high"),
+                               (self.threshold, "threshold")):
+                value = item.get(key)
+                gauge.labels(rollout, metric).set(float("nan") if value is None else float(value))
+            self.breach.labels(rollout, metric).set(1.0 if item.get("status") == "breach" else 0.0)
+
+    def observe_snapshot(self, value: bytes) -> None:
+        snapshot = self._snapshot_decoder.decode(value)
+        if snapshot.source:  # the judge's shadow statistics: not outcome metrics
+            return
+        with self._lock:
+            latest = self._snapshots.setdefault(snapshot.rollout_id, {})
+            key = (snapshot.source, snapshot.partition)
+            previous = latest.get(key)
+            if previous is None or previous.seq < snapshot.seq:
+                latest[key] = snapshot
+
+    def variant_gauges(self) -> dict[str, dict[str, dict[str, float]]]:
+        with self._lock:
+            current = {rollout: list(parts.values()) for rollout, parts in self._snapshots.items()}
+        return {rollout: variant_values(snapshots) for rollout, snapshots in current.items()}
+
+    async def update_lag(self, consumer: Any) -> None:
+        for tp in sorted(consumer.assignment()):
+            try:
+                highwater = consumer.highwater(tp)
+                position = await consumer.position(tp)
+            except Exception:  # noqa: BLE001 - not fetched yet, or mid-rebalance
+                continue
+            if highwater is None or position is None:
+                continue
+            self.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+
+
+class _VariantCollector:
+    """Per-variant gauges computed at scrape time from the latest snapshots."""
+
+    def __init__(self, metrics: WorkerMetrics) -> None:
+        self.metrics = metrics
+
+    def describe(self):
+        return []
+
+    def collect(self):
+        family = GaugeMetricFamily("safeswap_variant_metric", "Point estimate of an outcome metric per variant.",
+                                   labels=["rollout_id", "variant", "metric"])
+        for rollout, variants in sorted(self.metrics.variant_gauges().items()):
+            for variant, values in sorted(variants.items()):
+                for metric, value in sorted(values.items()):
+                    family.add_metric([rollout, variant, metric], value)
+        yield family
+
+
+def serve(registry: CollectorRegistry, host: str, port: int):
+    """Start the /metrics HTTP server in a daemon thread; returns (server, thread)."""
+    return start_http_server(port, addr=host, registry=registry)
+
+
+def register(app: faust.App, settings: Settings) -> WorkerMetrics | None:
+    """Add the sensor and the lag timer; serve /metrics when the worker starts. Off when metrics_port is 0."""
+    if not settings.metrics_port:
+        return None
+    metrics = WorkerMetrics(settings)
+    app.sensors.add(metrics)
+    started: list[Any] = []
+
+    @app.task
+    async def start_metrics_server() -> None:
+        if not started:
+            started.append(serve(metrics.registry, settings.metrics_host, settings.metrics_port))
+            log.warning("metrics: serving Prometheus /metrics on http://%s:%d/metrics", settings.metrics_host,
+                        settings.metrics_port)
+
+    @app.timer(5.0)
+    async def consumer_lag() -> None:
+        try:
+            await metrics.update_lag(app.consumer)
+        except Exception:  # noqa: BLE001
+            log.debug("metrics: lag", exc_info=True)
+
+    return metrics

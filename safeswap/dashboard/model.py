@@ -1,0 +1,430 @@
+"""What the dashboard shows, as plain data: one model fed the same way live or recorded.
+
+:class:`DashboardModel` takes plans, statistics snapshots, decisions, statuses and
+judgments, in the order their topics hold them, and answers
+:meth:`DashboardModel.rollouts` (the list) and :meth:`DashboardModel.view` (one
+rollout, JSON-ready). A live source feeds it from Kafka, a recorded one from the
+Parquet datasets: the page cannot tell them apart.
+
+The guardrail intervals *over time* are recomputed here by running the
+controller's own pure functions (``safeswap.controller.on_plan`` /
+``on_snapshot``) over the plan and the statistics snapshots, in the order the
+decide agent read them (snapshots are keyed by rollout, so one partition holds
+them all, in order). Every snapshot is one look, as in the worker, so the
+intervals are the ones the controller saw. The *decisions* shown are the
+recorded ones (the truth; operator commands are not in the statistics); a
+decision the replay also made at a look is drawn at that look's event time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from safeswap.controller import LIVE, PlanConflict, RolloutState, merge_snapshots, on_plan, on_snapshot
+from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
+from schemas import Decision, RolloutPlan, RolloutStatus, StatsSnapshot
+
+# Per-variant rows of the page: (key, label, unit). p50/p95 come from the latency histogram.
+VARIANT_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("latency_ms_p50", "latency p50", "ms"),
+    ("latency_ms_p95", "latency p95", "ms"),
+    ("cost_usd_mean", "cost per response", "usd"),
+    ("cost_per_session_mean", "cost per session", "usd"),
+    ("error_rate", "errors (all kinds)", "rate"),
+    ("error_rate_rate_limit", "errors: rate limit", "rate"),
+    ("error_rate_tool_failure", "errors: tool failure", "rate"),
+    ("error_rate_parse_error", "errors: parse error", "rate"),
+    ("error_rate_timeout", "errors: timeout", "rate"),
+    ("error_rate_refusal", "errors: refusal", "rate"),
+    ("error_rate_other", "errors: other", "rate"),
+    ("thumbs_down_rate", "thumbs-down", "rate"),
+    ("thumbs_up_rate", "thumbs-up", "rate"),
+    ("edit_rate", "edited", "rate"),
+    ("edit_distance_mean", "edit distance (normalised)", "ratio"),
+    ("retry_rate", "retry", "rate"),
+    ("abandon_rate", "abandon", "rate"),
+    ("cache_hit_rate", "cache hit", "rate"),
+)
+# Metrics drawn over time per variant (a subset: the charts people watch).
+TREND_METRICS: tuple[str, ...] = ("latency_ms_p95", "cost_usd_mean", "error_rate", "thumbs_down_rate")
+MAX_POINTS = 1500  # per rollout: older looks are thinned (every other one) beyond this
+
+
+def merge_raw(snapshots: list[StatsSnapshot]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Add the partitions' published statistics as plain dicts (``to_dict`` form):
+    sums of every numeric field, sparse histogram counts added bin by bin. Much
+    cheaper than building and adding one validated statistic per partition."""
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    for snapshot in snapshots:
+        for variant, metrics in snapshot.metrics.items():
+            into = merged.setdefault(variant, {})
+            for metric, stat in metrics.items():
+                if not isinstance(stat, dict):
+                    continue
+                total = into.get(metric)
+                if total is None:
+                    total = into[metric] = {k: v for k, v in stat.items() if k != "counts"}
+                    if "counts" in stat:
+                        total["counts"] = {}
+                    else:
+                        continue
+                else:
+                    for key, value in stat.items():
+                        if key not in ("kind", "counts", "lo", "hi", "bins_per_decade") and isinstance(value, (int, float)):
+                            total[key] = total.get(key, 0) + value
+                if isinstance(stat.get("counts"), list) and isinstance(total.get("counts"), dict):
+                    bins = total["counts"]
+                    for index, count in stat["counts"]:
+                        bins[index] = bins.get(index, 0) + count
+    for metrics in merged.values():
+        for stat in metrics.values():
+            if isinstance(stat.get("counts"), dict):
+                stat["counts"] = sorted([i, c] for i, c in stat["counts"].items())
+    return merged
+
+
+def variant_values(snapshots: list[StatsSnapshot]) -> dict[str, dict[str, float]]:
+    """Point estimates per variant from the latest snapshot of each partition
+    (docs/metrics.md names, plus ``latency_ms_p50``)."""
+    from safeswap.metrics import metric_values
+    from safeswap.stats import stat_from_dict
+
+    out: dict[str, dict[str, float]] = {}
+    for variant, raw in merge_raw(snapshots).items():
+        stats: dict[str, Any] = {}
+        for metric, data in raw.items():
+            try:
+                stats[metric] = stat_from_dict(data)
+            except (ValueError, TypeError):
+                continue
+        values = {k: v for k, v in metric_values(stats).items() if v is not None and math.isfinite(v)}
+        values.pop("latency_ms_p95", None)
+        histogram = stats.get("latency_ms_p95")
+        if histogram is not None and getattr(histogram, "n", 0):
+            values["latency_ms_p50"] = float(histogram.quantile(0.5))
+            values["latency_ms_p95"] = float(histogram.quantile(0.95))
+        out[variant] = values
+    return out
+
+
+def coalesce(snapshots: list[StatsSnapshot], chunk: int) -> list[StatsSnapshot]:
+    """Keep, within every run of ``chunk`` snapshots, only the newest per (rollout, source,
+    partition), in their original order. Snapshots are cumulative, so this is what a
+    worker publishing ``chunk`` times less often would have sent: fewer looks, the
+    same data at each, every interval still always-valid."""
+    if chunk <= 1:
+        return list(snapshots)
+    kept: list[StatsSnapshot] = []
+    for start in range(0, len(snapshots), chunk):
+        run = snapshots[start:start + chunk]
+        newest: dict[tuple[str, str, int], int] = {}
+        for index, snapshot in enumerate(run):
+            newest[(snapshot.rollout_id, _source(snapshot), snapshot.partition)] = index
+        kept.extend(run[i] for i in sorted(newest.values()))
+    return kept
+
+
+@dataclass
+class Look:
+    """One statistics snapshot folded in: what the rollout looked like then."""
+
+    ts: int
+    users: dict[str, int]
+    evidence: list[dict[str, Any]]  # empty when the controller did not evaluate (shadow, after the end)
+    trends: dict[str, dict[str, float]]  # variant -> TREND_METRICS value
+
+
+@dataclass
+class RolloutTrack:
+    rollout_id: str
+    plan: RolloutPlan | None = None
+    plan_ts: int = 0
+    replay: RolloutState | None = None
+    pending: list[StatsSnapshot] = field(default_factory=list)  # snapshots before their plan
+    decisions: dict[int, Decision] = field(default_factory=dict)
+    replay_decision_ts: dict[int, int] = field(default_factory=dict)  # seq -> look ts where the replay made it
+    status: RolloutStatus | None = None
+    looks: list[Look] = field(default_factory=list)
+    judgments: dict[str, int] = field(default_factory=lambda: {"candidate": 0, "control": 0, "tie": 0})
+    current: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> latest values
+    latest_snapshots: dict[tuple[str, int], StatsSnapshot] = field(default_factory=dict)
+    last_ts: int = 0
+
+
+def _source(snapshot: StatsSnapshot) -> str:
+    return getattr(snapshot, "source", "") or ""
+
+
+class DashboardModel:
+    """Every rollout's plan, looks, decisions and status; pure (no I/O)."""
+
+    def __init__(self, max_points: int = MAX_POINTS) -> None:
+        self.tracks: dict[str, RolloutTrack] = {}
+        self.version = 0  # bumps on every change: the page polls it
+        self.max_points = max_points
+        self.source = ""  # "live: <broker>" or "recorded: <dir>", for the page header
+
+    def _track(self, rollout_id: str) -> RolloutTrack:
+        track = self.tracks.get(rollout_id)
+        if track is None:
+            track = self.tracks[rollout_id] = RolloutTrack(rollout_id)
+        return track
+
+    # -- input ----------------------------------------------------------------------
+    def add_plan(self, plan: RolloutPlan, ts: int) -> None:
+        track = self._track(plan.rollout_id)
+        if track.plan is not None:
+            return  # a plan is immutable; a republished one changes nothing
+        track.plan, track.plan_ts = plan, ts
+        rollouts: dict[str, RolloutState] = {}
+        try:
+            first = on_plan(rollouts, plan, ts)
+        except (PlanConflict, ValueError):
+            return
+        track.replay = rollouts.get(plan.rollout_id)
+        if first is not None:
+            track.replay_decision_ts.setdefault(first.seq, ts)
+        pending, track.pending = track.pending, []
+        for snapshot in pending:
+            self.add_snapshot(snapshot)
+        self.version += 1
+
+    def add_snapshot(self, snapshot: StatsSnapshot) -> None:
+        track = self._track(snapshot.rollout_id)
+        if track.replay is None:
+            track.pending.append(snapshot)
+            return
+        key = (_source(snapshot), snapshot.partition)
+        previous = track.latest_snapshots.get(key)
+        if previous is not None and previous.seq >= snapshot.seq:
+            return
+        track.latest_snapshots[key] = snapshot
+        state = track.replay
+        before = state.last_evaluation
+        was_live = state.live
+        try:
+            decision = on_snapshot(state, snapshot)
+        except Exception:  # noqa: BLE001 - the replay is a view: never let it stop the feed
+            decision = None
+        if decision is not None:
+            track.replay_decision_ts.setdefault(decision.seq, state.now_ts)
+        if _source(snapshot):
+            self.version += 1
+            return  # shadow-analysis statistics: not outcome metrics
+        evaluation = state.last_evaluation
+        evaluated = evaluation is not None and evaluation is not before and (was_live or decision is not None)
+        outcome_snapshots = [s for (source, _), s in track.latest_snapshots.items() if not source]
+        track.current = variant_values(outcome_snapshots)
+        ts = max(s.ts for s in outcome_snapshots)
+        track.last_ts = max(track.last_ts, ts)
+        users: dict[str, int] = {}
+        for s in outcome_snapshots:
+            for variant, count in s.users.items():
+                users[variant] = users.get(variant, 0) + count
+        look = Look(
+            ts=ts,
+            users=users,
+            evidence=[msgspec.to_builtins(e) for e in evaluation.evidence] if evaluated else [],
+            trends={v: {m: values[m] for m in TREND_METRICS if m in values} for v, values in track.current.items()},
+        )
+        track.looks.append(look)
+        if len(track.looks) > self.max_points:
+            keep = track.looks[-self.max_points // 2:]
+            track.looks = track.looks[:-len(keep)][::2] + keep
+        self.version += 1
+
+    def add_decision(self, decision: Decision) -> None:
+        track = self._track(decision.rollout_id)
+        if track.decisions.get(decision.seq) == decision:
+            return
+        track.decisions[decision.seq] = decision
+        self.version += 1
+
+    def add_status(self, status: RolloutStatus) -> None:
+        track = self._track(status.rollout_id)
+        track.status = status
+        self.version += 1
+
+    def add_judgment(self, rollout_id: str, winner: str) -> None:
+        track = self._track(rollout_id)
+        if winner in track.judgments:
+            track.judgments[winner] += 1
+            self.version += 1
+
+    # -- output ---------------------------------------------------------------------
+    def rollouts(self) -> list[dict[str, Any]]:
+        out = []
+        for rollout_id in sorted(self.tracks):
+            track = self.tracks[rollout_id]
+            last = self._last_decision(track)
+            out.append({
+                "rollout_id": rollout_id,
+                "stage": last.stage if last else (track.status.stage if track.status else "registered"),
+                "percent": last.percent if last else 0.0,
+                "last_action": last.action if last else None,
+                "decisions": len(track.decisions),
+            })
+        return out
+
+    @staticmethod
+    def _last_decision(track: RolloutTrack) -> Decision | None:
+        return track.decisions[max(track.decisions)] if track.decisions else None
+
+    def view(self, rollout_id: str) -> dict[str, Any] | None:
+        """Everything the page shows for one rollout, JSON-ready."""
+        track = self.tracks.get(rollout_id)
+        if track is None:
+            return None
+        plan = track.plan
+        last = self._last_decision(track)
+        status = track.status
+        decisions = [track.decisions[seq] for seq in sorted(track.decisions)]
+        look_range = (track.looks[0].ts, track.looks[-1].ts) if track.looks else None
+
+        def decision_x(decision: Decision) -> int:
+            # The recorded decision's own time, unless it lies outside the looks and the
+            # replay made the same decision at a look (then that look's event time).
+            # Clamped to the looks' event-time range, so one stray clock cannot squash the timeline.
+            at = track.replay_decision_ts.get(decision.seq)
+            if not look_range or look_range[0] <= decision.ts <= look_range[1]:
+                return decision.ts
+            x = at if at is not None else decision.ts
+            return min(max(x, look_range[0]), look_range[1])
+
+        stages = [_stage_label(s) for s in plan.stages] if plan else (status.stages if status else [])
+        stage_index = status.stage_index if status else (track.replay.stage_index if track.replay else -1)
+        split = {
+            "stage": last.stage if last else (status.stage if status else "registered"),
+            "percent": last.percent if last else (status.percent if status else 0.0),
+            "shadow_percent": last.shadow_percent if last else (status.shadow_percent if status else 0.0),
+        }
+        users = status.users if status and status.users else (track.looks[-1].users if track.looks else {})
+        return {
+            "rollout_id": rollout_id,
+            "description": plan.description if plan else None,
+            "plan_hash": (last.plan_hash if last else None) or (track.replay.plan_hash if track.replay else None),
+            "variants": {
+                "control": dict(last.control) if last else _spec(plan, "control"),
+                "candidate": dict(last.candidate) if last else _spec(plan, "candidate"),
+            },
+            "stages": stages,
+            "stage_index": stage_index,
+            "split": split,
+            "users": users,
+            "first_ts": track.looks[0].ts if track.looks else None,
+            "as_of": track.last_ts or (status.ts if status else 0),
+            "decisions": [{
+                "seq": d.seq, "ts": d.ts, "x": decision_x(d), "action": d.action, "stage": d.stage,
+                "percent": d.percent, "shadow_percent": d.shadow_percent, "reason": d.reason,
+                "breached": [e.metric for e in d.evidence if e.status == "breach"],
+            } for d in decisions],
+            "guardrails": self._guardrails(track),
+            "variant_rows": [{"key": key, "label": label, "unit": unit,
+                              "values": {v: track.current.get(v, {}).get(key) for v in ("control", "candidate")}}
+                             for key, label, unit in VARIANT_ROWS],
+            "trends": self._trends(track),
+            "judge": self._judge(track),
+            "health": (status.health if status and status.health else
+                       (decisions[-1].health if decisions and decisions[-1].health else {})),
+            "status_live": status is not None,
+            "min_duration_s": {label: parse_duration(s.min_duration) if s.min_duration else 0.0
+                               for label, s in zip(stages, plan.stages)} if plan else {},
+        }
+
+    def _guardrails(self, track: RolloutTrack) -> list[dict[str, Any]]:
+        plan = track.plan
+        specs: dict[str, Any] = {}
+        if plan is not None:
+            for spec in plan.guardrails:
+                for metric in guarded_metrics(spec.metric):
+                    specs[metric] = spec
+        series: dict[str, list[dict[str, Any]]] = {}
+        for look in track.looks:
+            for item in look.evidence:
+                series.setdefault(item["metric"], []).append({
+                    "ts": look.ts, "estimate": _finite(item.get("estimate")), "ci_low": _finite(item.get("ci_low")),
+                    "ci_high": _finite(item.get("ci_high")), "status": item.get("status"),
+                    "threshold": _finite(item.get("threshold")),
+                })
+        # The latest evidence: the live status if there is one, else the last look's.
+        latest: dict[str, dict[str, Any]] = {}
+        if track.status is not None:
+            latest = {g.metric: msgspec.to_builtins(g) for g in track.status.guardrails}
+        for metric, points in series.items():
+            latest.setdefault(metric, points[-1])
+        out = []
+        for metric in list(dict.fromkeys([*specs, *series, *latest])):
+            spec = specs.get(metric)
+            absolute = bool(spec and (spec.max_absolute_increase or spec.max_absolute_decrease))
+            base = spec.metric if spec else metric
+            points = series.get(metric, [])
+            threshold = next((p["threshold"] for p in reversed(points) if p["threshold"] is not None), None)
+            now = latest.get(metric, {})
+            out.append({
+                "metric": metric,
+                "guardrail": base,
+                "scale": "absolute" if absolute else "relative",
+                "harm": METRIC_HARM.get(base, "increase"),
+                "action": spec.action if spec else None,
+                "threshold": threshold if threshold is not None else _finite(now.get("threshold")),
+                "status": now.get("status", "insufficient_data"),
+                "estimate": _finite(now.get("estimate")),
+                "ci_low": _finite(now.get("ci_low")),
+                "ci_high": _finite(now.get("ci_high")),
+                "points": points,
+            })
+        return out
+
+    @staticmethod
+    def _trends(track: RolloutTrack) -> dict[str, dict[str, list[list[float]]]]:
+        trends: dict[str, dict[str, list[list[float]]]] = {m: {} for m in TREND_METRICS}
+        for look in track.looks:
+            for variant, values in look.trends.items():
+                for metric, value in values.items():
+                    trends[metric].setdefault(variant, []).append([look.ts, value])
+        return trends
+
+    @staticmethod
+    def _judge(track: RolloutTrack) -> dict[str, Any]:
+        counts = dict(track.judgments)
+        decided = counts["candidate"] + counts["control"]
+        total = decided + counts["tie"]
+        shadow = track.status.shadow if track.status is not None and getattr(track.status, "shadow", None) else {}
+        gated = any(s.judge_max_control_preference is not None for s in track.plan.stages) if track.plan else False
+        return {
+            "counts": counts,
+            "judged": total,
+            "candidate_preference": (counts["candidate"] - counts["control"]) / decided if decided else None,
+            "control_share_of_decided": counts["control"] / decided if decided else None,
+            "analysis": shadow,
+            "gates_shadow": gated,
+        }
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def _stage_label(stage) -> str:
+    if stage.name == "shadow":
+        return f"shadow {stage.shadow_percent or 0:g}%"
+    return f"{stage.name} {stage.percent or 0:g}%"
+
+
+def _spec(plan: RolloutPlan | None, variant: str) -> dict[str, str]:
+    if plan is None:
+        return {}
+    return {k: v for k, v in msgspec.to_builtins(getattr(plan, variant)).items() if v is not None}
+
+
+__all__ = ["DashboardModel", "LIVE", "VARIANT_ROWS", "TREND_METRICS", "variant_values"]

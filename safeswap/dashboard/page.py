@@ -1,0 +1,247 @@
+"""The page: HTML rendered on the server from a rollout view, plus its one style
+sheet and one small script, both served by safeswap itself (nothing from a CDN).
+
+Everything that comes from events (rollout ids, stages, reasons, prompt and
+model versions, metric names) goes through :func:`esc`; the Content-Security-
+Policy the server sends allows scripts and styles from this origin only, and no
+inline script, so even an escaping mistake could not run injected code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import quote
+
+from safeswap.dashboard.charts import esc, fmt, interval_chart, stage_timeline, trend_chart, when
+
+TREND_LABELS = {
+    "latency_ms_p95": ("latency p95", "ms"),
+    "cost_usd_mean": ("cost per response", "usd"),
+    "error_rate": ("error rate", "rate"),
+    "thumbs_down_rate": ("thumbs-down rate", "rate"),
+}
+STATUS_CLASS = {"breach": "bad", "ok": "good", "insufficient_data": "wait"}
+
+
+def rollout_link(rollout_id: str) -> str:
+    return "./?rollout=" + quote(rollout_id, safe="")
+
+
+def nav_html(rollouts: list[dict[str, Any]], selected: str | None) -> str:
+    if not rollouts:
+        return '<p class="muted">no rollouts yet</p>'
+    items = []
+    for r in rollouts:
+        current = ' class="current"' if r["rollout_id"] == selected else ""
+        items.append(f'<li{current}><a href="{esc(rollout_link(r["rollout_id"]))}">{esc(r["rollout_id"])}</a>'
+                     f'<span class="stage stage-{esc(r["stage"])}">{esc(r["stage"])} {r["percent"]:g}%</span></li>')
+    return '<ul class="rollouts">' + "".join(items) + "</ul>"
+
+
+def _variant_spec(spec: dict[str, Any]) -> str:
+    return ", ".join(f"{esc(k)} {esc(v)}" for k, v in sorted(spec.items())) or "-"
+
+
+def rollout_html(view: dict[str, Any] | None) -> str:
+    if view is None:
+        return '<section class="empty-state"><p>Pick a rollout on the left.</p></section>'
+    split = view["split"]
+    users = view["users"]
+    decisions = view["decisions"]
+    parts = [f'<section class="summary"><h2>{esc(view["rollout_id"])}</h2>']
+    if view.get("description"):
+        parts.append(f'<p class="muted">{esc(view["description"])}</p>')
+    shadow = f', {split["shadow_percent"]:g}% shadowed' if split.get("shadow_percent") else ""
+    parts.append('<dl class="facts">'
+                 f'<dt>stage</dt><dd><span class="stage stage-{esc(split["stage"])}">{esc(split["stage"])}</span></dd>'
+                 f'<dt>split</dt><dd class="split">{split["percent"]:g}% candidate / {100 - split["percent"]:g}% '
+                 f'control{esc(shadow)}</dd>'
+                 f'<dt>users</dt><dd>{users.get("control", 0):,} control / {users.get("candidate", 0):,} candidate</dd>'
+                 f'<dt>control</dt><dd>{_variant_spec(view["variants"]["control"])}</dd>'
+                 f'<dt>candidate</dt><dd>{_variant_spec(view["variants"]["candidate"])}</dd>'
+                 f'<dt>as of</dt><dd>{esc(when(view["as_of"])) if view["as_of"] else "-"} (event time, UTC)</dd>'
+                 f'<dt>plan</dt><dd>{esc(view.get("plan_hash") or "-")}</dd>'
+                 '</dl>')
+    stages = "".join(f'<li class="{"current" if i == view["stage_index"] else ""}">{esc(s)}</li>'
+                     for i, s in enumerate(view["stages"]))
+    parts.append(f'<ol class="plan-stages">{stages}</ol></section>')
+
+    # Timeline and decisions.
+    end_x = max([view["as_of"]] + [d["x"] for d in decisions]) if decisions else None
+    start_x = view.get("first_ts")
+    parts.append('<section><h3>Stage timeline</h3>' + stage_timeline(decisions, end_x, start_x))
+    rows = "".join(
+        f'<tr class="action-{esc(d["action"])}"><td>#{int(d["seq"])}</td><td>{esc(when(d["ts"]))}</td>'
+        f'<td>{esc(d["action"])}</td><td>{esc(d["stage"])} {d["percent"]:g}%</td><td>{esc(d["reason"])}</td></tr>'
+        for d in decisions)
+    parts.append('<table class="decisions"><thead><tr><th>seq</th><th>when (UTC)</th><th>action</th>'
+                 f'<th>stage</th><th>why</th></tr></thead><tbody>{rows}</tbody></table></section>')
+
+    # Guardrails.
+    parts.append('<section><h3>Guardrails: always-valid intervals over time</h3>'
+                 '<p class="muted">Band: the always-valid interval of the candidate vs control; line: the estimate; '
+                 'dashed: the plan\'s limit. The controller acts when the interval clears the limit.</p>'
+                 '<div class="grid">')
+    if not view["guardrails"]:
+        parts.append('<p class="muted">no guardrails in the plan</p>')
+    for g in view["guardrails"]:
+        unit = "pct" if g["scale"] == "relative" else "num"
+        interval = (f'[{esc(fmt(g["ci_low"], unit))}, {esc(fmt(g["ci_high"], unit))}]'
+                    if g["ci_low"] is not None or g["ci_high"] is not None else "-")
+        parts.append(
+            f'<div class="card guardrail"><h4>{esc(g["metric"])} '
+            f'<span class="badge {STATUS_CLASS.get(g["status"], "wait")}">{esc(g["status"])}</span></h4>'
+            f'<p>estimate {esc(fmt(g["estimate"], unit))}, interval {interval}, limit '
+            f'{esc(fmt(g["threshold"], unit))} ({esc(g["scale"])}, harm = {esc(g["harm"])}'
+            f'{", on breach: " + esc(g["action"]) if g["action"] else ""})</p>'
+            + interval_chart(g, decisions) + '</div>')
+    parts.append('</div></section>')
+
+    # Variants.
+    rows = []
+    for row in view["variant_rows"]:
+        a, b = row["values"]["control"], row["values"]["candidate"]
+        diff = f"{(b / a - 1) * 100:+.1f}%" if a and b is not None else "-"
+        rows.append(f'<tr><td>{esc(row["label"])}</td><td>{esc(fmt(a, row["unit"]))}</td>'
+                    f'<td>{esc(fmt(b, row["unit"]))}</td><td>{esc(diff)}</td></tr>')
+    parts.append('<section><h3>Per variant</h3><table class="variants"><thead><tr><th>metric</th>'
+                 '<th class="control">control</th><th class="candidate">candidate</th><th>candidate vs control</th>'
+                 f'</tr></thead><tbody>{"".join(rows)}</tbody></table><div class="grid">')
+    for metric, series in view["trends"].items():
+        label, unit = TREND_LABELS.get(metric, (metric, "num"))
+        parts.append('<div class="card">' + trend_chart(metric, label, unit, series, decisions) + '</div>')
+    parts.append('</div></section>')
+
+    # Judge (monitored) and health.
+    judge = view["judge"]
+    counts = judge["counts"]
+    preference = judge["candidate_preference"]
+    note = ("monitored, not a decision input" if not judge["gates_shadow"] else
+            "monitored; not a guardrail (the plan's shadow stage checks the judge before promoting)")
+    parts.append(f'<section class="judge"><h3>Judge preference <span class="badge wait">{esc(note)}</span></h3>'
+                 f'<p>{judge["judged"]:,} shadow pairs judged: candidate better {counts["candidate"]:,}, '
+                 f'control better {counts["control"]:,}, tie {counts["tie"]:,}. '
+                 f'Preference for the candidate: {esc(fmt(preference, "pct")) if preference is not None else "-"} '
+                 '(candidate wins minus control wins, over decided pairs).</p></section>')
+    health = view.get("health") or {}
+    problems = "".join(f'<li class="bad">{esc(p.get("reason", ""))}</li>' for p in health.get("problems", []) or [])
+    srm = health.get("srm_p_value")
+    crossover = health.get("crossover_share")
+    skew = (health.get("cache_skew") or {}).get("skewed")
+    parts.append('<section class="health"><h3>Data health</h3><p>'
+                 f'SRM p-value {esc(f"{srm:.2g}") if isinstance(srm, (int, float)) else "-"}, '
+                 f'crossover {esc(f"{crossover:.2%}") if isinstance(crossover, (int, float)) else "-"}, '
+                 f'model drift {esc(health.get("model_drift") or "none")}'
+                 f'{"; cache-hit rate differs between arms: latency and cost are confounded" if skew else ""}'
+                 f'</p><ul>{problems}</ul></section>')
+    return "".join(parts)
+
+
+def page_html(nav: str, main: str, *, selected: str | None, source: str, live: bool, version: int) -> str:
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>safeswap dashboard{' - ' + esc(selected) if selected else ''}</title>
+<link rel="stylesheet" href="static/dashboard.css">
+</head>
+<body data-rollout="{esc(selected or '')}" data-live="{'1' if live else '0'}" data-version="{int(version)}">
+<header><h1>safeswap</h1><span class="source">{esc(source)}</span>
+<span id="live" class="{'live' if live else 'recorded'}">{'live' if live else 'recorded'}</span></header>
+<div class="layout"><nav id="nav">{nav}</nav><main id="main">{main}</main></div>
+<script src="static/dashboard.js"></script>
+</body></html>
+"""
+
+
+CSS = """
+:root { --bg:#f7f7f5; --fg:#1f2328; --muted:#6a737d; --card:#fff; --line:#d8dde3; --good:#2f7d32; --bad:#c62828;
+        --wait:#8a6d00; --control:#4c78a8; --candidate:#e45756; }
+* { box-sizing: border-box; }
+body { margin:0; font:14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color:var(--fg);
+       background:var(--bg); }
+header { display:flex; gap:16px; align-items:baseline; padding:10px 20px; background:#1f2328; color:#fff; }
+header h1 { margin:0; font-size:18px; }
+header .source { color:#c9d1d9; font-size:12px; }
+#live { margin-left:auto; font-size:12px; padding:2px 8px; border-radius:10px; background:#555; }
+#live.live { background:var(--good); }
+#live.stale { background:var(--bad); }
+.layout { display:grid; grid-template-columns: 240px 1fr; min-height: calc(100vh - 44px); }
+nav { border-right:1px solid var(--line); padding:12px; background:#fff; }
+nav ul { list-style:none; margin:0; padding:0; }
+nav li { padding:6px 4px; border-bottom:1px solid var(--line); display:flex; flex-direction:column; }
+nav li.current { background:#eef3fb; }
+nav a { color:var(--fg); font-weight:600; text-decoration:none; word-break:break-all; }
+main { padding:12px 20px 40px; max-width:1240px; }
+section { margin:14px 0; }
+h2 { margin:4px 0; } h3 { margin:14px 0 6px; font-size:15px; } h4 { margin:0 0 4px; font-size:13px; }
+.muted { color:var(--muted); font-size:12px; }
+.facts { display:grid; grid-template-columns: 90px 1fr 90px 1fr; gap:2px 12px; margin:8px 0; }
+.facts dt { color:var(--muted); } .facts dd { margin:0; }
+.plan-stages { display:flex; gap:6px; list-style:none; padding:0; margin:6px 0; flex-wrap:wrap; }
+.plan-stages li { padding:2px 8px; border:1px solid var(--line); border-radius:10px; background:#fff; font-size:12px; }
+.plan-stages li.current { border-color:var(--fg); font-weight:700; }
+.stage { font-size:12px; color:var(--muted); }
+.stage-rolled_back { color:var(--bad); font-weight:700; } .stage-complete { color:var(--good); font-weight:700; }
+.stage-paused { color:var(--wait); font-weight:700; }
+table { border-collapse:collapse; background:#fff; width:100%; font-size:12.5px; }
+th, td { border:1px solid var(--line); padding:3px 6px; text-align:left; vertical-align:top; }
+th.control { color:var(--control); } th.candidate { color:var(--candidate); }
+tr.action-rollback td { background:#fdecea; } tr.action-pause td { background:#fff4e5; }
+tr.action-promote td, tr.action-complete td { background:#edf7ed; }
+.grid { display:grid; grid-template-columns: repeat(auto-fill, minmax(460px, 1fr)); gap:12px; margin-top:8px; }
+.card { background:var(--card); border:1px solid var(--line); border-radius:6px; padding:8px; }
+.card p { margin:2px 0 6px; font-size:12px; }
+.badge { font-size:11px; padding:1px 7px; border-radius:9px; color:#fff; background:var(--muted); font-weight:600; }
+.badge.good { background:var(--good); } .badge.bad { background:var(--bad); } .badge.wait { background:var(--wait); }
+li.bad { color:var(--bad); }
+svg.chart { width:100%; height:auto; display:block; }
+svg .plot { fill:#fcfcfd; stroke:var(--line); }
+svg .grid { stroke:#eceff3; }
+svg .tick { font-size:10px; fill:var(--muted); }
+svg .label { font-size:11px; fill:var(--fg); font-weight:600; }
+svg .legend { font-size:11px; font-weight:600; }
+svg .empty { font-size:12px; fill:var(--muted); }
+svg .band { fill:rgba(76,120,168,.25); stroke:none; }
+svg .estimate { fill:none; stroke:#4c78a8; stroke-width:1.6; }
+svg .zero { stroke:#888; stroke-width:.8; }
+svg .threshold { stroke:var(--bad); stroke-width:1.4; stroke-dasharray:6 4; }
+svg .threshold-label { font-size:10px; fill:var(--bad); }
+svg .decision { stroke-width:1.2; stroke-dasharray:2 2; }
+svg .line { fill:none; stroke-width:1.6; }
+svg .segment { opacity:.85; }
+svg .segment-label { font-size:11px; fill:#fff; font-weight:600; }
+"""
+
+# Polls a tiny version endpoint while live; when something changed, fetches the
+# server-rendered fragment and swaps it in (no page reload, no framework).
+JS = """
+(function () {
+  "use strict";
+  var body = document.body;
+  if (body.getAttribute("data-live") !== "1") { return; }
+  var version = body.getAttribute("data-version");
+  var rollout = body.getAttribute("data-rollout");
+  var badge = document.getElementById("live");
+  function query() { return rollout ? "?rollout=" + encodeURIComponent(rollout) : ""; }
+  function refresh() {
+    fetch("api/version", {credentials: "same-origin", cache: "no-store"})
+      .then(function (r) { if (!r.ok) { throw new Error(r.status); } return r.json(); })
+      .then(function (v) {
+        badge.className = v.error ? "stale" : "live";
+        badge.textContent = v.error ? "live: " + v.error : "live";
+        if (String(v.version) === version) { return null; }
+        return fetch("fragment" + query(), {credentials: "same-origin", cache: "no-store"})
+          .then(function (r) { if (!r.ok) { throw new Error(r.status); } return r.json(); })
+          .then(function (f) {
+            version = String(f.version);
+            document.getElementById("nav").innerHTML = f.nav;
+            document.getElementById("main").innerHTML = f.main;
+            body.setAttribute("data-version", version);
+          });
+      })
+      .catch(function () { badge.className = "stale"; badge.textContent = "disconnected"; })
+      .then(function () { window.setTimeout(refresh, 2000); });
+  }
+  window.setTimeout(refresh, 2000);
+})();
+"""

@@ -1,0 +1,210 @@
+"""Feeding the dashboard model: recorded (the Parquet datasets) or live (Kafka topics).
+
+Both feed :class:`~safeswap.dashboard.model.DashboardModel` the same records in
+the same order (plans first, then statistics in their topic's order, decisions,
+judgments), so the page is the same either way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+from datetime import datetime
+from typing import Any
+
+import msgspec
+from aiokafka import AIOKafkaConsumer, TopicPartition
+
+from safeswap.dashboard.model import DashboardModel, coalesce
+from schemas import Decision, GuardrailEvidence, InvalidEvent, RolloutPlan, RolloutStatus, StatsSnapshot, decode
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+MAX_LOOKS = 150  # per rollout, recorded mode
+
+
+# -- recorded -------------------------------------------------------------------------
+def _ms(value: Any) -> int:
+    if isinstance(value, datetime):
+        return int(value.timestamp() * 1000)
+    return int(value or 0)
+
+
+def _json(text: str | None, default: Any) -> Any:
+    if not text:
+        return default
+    try:
+        return json.loads(text)
+    except ValueError:
+        return default
+
+
+def load_recorded(data_dir: str | os.PathLike, model: DashboardModel | None = None,
+                  max_looks: int = MAX_LOOKS) -> DashboardModel:
+    """A model filled from a dataset folder (``safeswap simulate --data DIR``, the worker's sinks).
+
+    A rollout with more than ``max_looks`` snapshots is looked at ``max_looks``
+    times or so (``coalesce``: as if its statistics had been published less often)."""
+    import polars as pl
+
+    import sinks
+
+    model = model or DashboardModel()
+    model.source = f"recorded: {os.fspath(data_dir)}"
+    plans = sinks.scan("plans", data_dir=data_dir).sort("kafka_partition", "kafka_offset").collect()
+    for row in plans.iter_rows(named=True):
+        try:
+            plan = msgspec.convert(_json(row.get("plan_json"), {}), RolloutPlan)
+        except msgspec.ValidationError:
+            continue
+        model.add_plan(plan, _ms(row.get("ts")))
+    stats = sinks.scan("stats", data_dir=data_dir).sort("rollout_id", "kafka_partition", "kafka_offset").collect()
+    by_rollout: dict[str, list[StatsSnapshot]] = {}
+    for row in stats.iter_rows(named=True):
+        fields = {
+            "rollout_id": row["rollout_id"], "partition": row.get("source_partition") or 0, "seq": row["seq"],
+            "ts": _ms(row["ts"]), "users": _json(row.get("users_json"), {}),
+            "metrics": _json(row.get("metrics_json"), {}), "models": _json(row.get("models_json"), {}),
+            "counts": _json(row.get("counts_json"), {}),
+            "first_exposures": _json(row.get("first_exposures_json"), {}),
+            "crossover_users": row.get("crossover_users") or 0,
+        }
+        if row.get("source"):
+            fields["source"] = row["source"]
+        try:
+            by_rollout.setdefault(row["rollout_id"], []).append(msgspec.convert(fields, StatsSnapshot))
+        except msgspec.ValidationError:
+            continue
+    for snapshots in by_rollout.values():
+        for snapshot in coalesce(snapshots, math.ceil(len(snapshots) / max_looks)):
+            model.add_snapshot(snapshot)
+    decisions = sinks.scan("decisions", data_dir=data_dir).sort("rollout_id", "seq").collect()
+    for row in decisions.iter_rows(named=True):
+        evidence = [msgspec.convert(e, GuardrailEvidence) for e in (row.get("evidence") or [])]
+        model.add_decision(Decision(
+            rollout_id=row["rollout_id"], seq=row["seq"], ts=_ms(row["ts"]), action=row["action"],
+            stage=row["stage"], percent=row["percent"] or 0.0, salt=row.get("salt") or "", reason=row["reason"] or "",
+            plan_hash=row.get("plan_hash") or "", evidence=evidence, shadow_percent=row.get("shadow_percent") or 0.0,
+            control=_json(row.get("control_json"), {}), candidate=_json(row.get("candidate_json"), {}),
+            health=_json(row.get("health_json"), {}),
+        ))
+    judgments = sinks.scan("judgments", data_dir=data_dir)
+    if "verdict" in judgments.collect_schema().names():
+        counted = judgments.group_by("rollout_id", "verdict").agg(pl.len().alias("n")).collect()
+        for row in counted.iter_rows(named=True):
+            for _ in range(int(row["n"])):
+                model.add_judgment(row["rollout_id"], row["verdict"])
+    return model
+
+
+# -- live -------------------------------------------------------------------------------
+class _Judgment(msgspec.Struct):
+    rollout_id: str
+    winner: str
+
+
+class LiveSource:
+    """Tails plans, stats, decisions, status and judgments from the beginning into a model.
+
+    One consumer without a group (it commits nothing, so it never disturbs the
+    worker). Plans that arrive after their snapshots are handled by the model."""
+
+    TOPICS = ("plans", "stats", "decisions", "status", "judgments")
+
+    def __init__(self, settings: Settings, model: DashboardModel | None = None) -> None:
+        self.settings = settings
+        self.model = model or DashboardModel()
+        self.model.source = f"live: {settings.broker}"
+        self.undecodable = 0
+        self.connected = False
+        self.error: str | None = None
+        self._task: asyncio.Task | None = None
+        self._consumer: AIOKafkaConsumer | None = None
+        names = {settings.topic(t): t for t in self.TOPICS}
+        self._kind = names
+
+    async def start(self) -> "LiveSource":
+        self._task = asyncio.create_task(self._run())
+        return self
+
+    async def _connect(self) -> None:
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.broker, group_id=None, enable_auto_commit=False,
+                                    fetch_max_wait_ms=200, request_timeout_ms=10_000)
+        await consumer.start()
+        try:
+            await consumer.topics()
+            partitions = [TopicPartition(name, p) for name in self._kind
+                          for p in sorted(consumer.partitions_for_topic(name) or [])]
+            if not partitions:
+                raise ConnectionError(f"no safeswap topics with prefix {self.settings.topic_prefix!r} on "
+                                      f"{self.settings.broker}: run `safeswap topics create` or start a worker")
+            consumer.assign(partitions)
+            await consumer.seek_to_beginning(*partitions)
+        except BaseException:
+            await consumer.stop()
+            raise
+        self._consumer = consumer
+
+    async def _run(self) -> None:
+        while self._consumer is None:
+            try:
+                await self._connect()
+                self.connected, self.error = True, None
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - keep trying; the page says why
+                self.error = f"cannot read {self.settings.broker}: {exc}"
+                await asyncio.sleep(2.0)
+        while True:
+            batches = await self._consumer.getmany(timeout_ms=300, max_records=2000)
+            # Plans first within a batch: a rollout's snapshots need its plan.
+            ordered = sorted(batches.items(), key=lambda item: self._kind.get(item[0].topic) != "plans")
+            for tp, records in ordered:
+                kind = self._kind.get(tp.topic, "")
+                if kind == "stats":
+                    self.ingest_snapshots([record.value for record in records])
+                    continue
+                for record in records:
+                    self.ingest(kind, record.value, int(record.timestamp))
+
+    def ingest_snapshots(self, values: list[bytes | None]) -> None:
+        """One fetch of statistics: cumulative, so only the newest per partition is
+        looked at (catching up on a long history costs one look per fetch, not one per snapshot)."""
+        snapshots = []
+        for value in values:
+            try:
+                snapshots.append(decode(StatsSnapshot, value or b""))
+            except InvalidEvent:
+                self.undecodable += 1
+        for snapshot in coalesce(snapshots, len(snapshots)):
+            self.model.add_snapshot(snapshot)
+
+    def ingest(self, kind: str, value: bytes | None, timestamp_ms: int) -> None:
+        if not value:
+            return
+        try:
+            if kind == "plans":
+                self.model.add_plan(decode(RolloutPlan, value), timestamp_ms)
+            elif kind == "stats":
+                self.model.add_snapshot(decode(StatsSnapshot, value))
+            elif kind == "decisions":
+                self.model.add_decision(decode(Decision, value))
+            elif kind == "status":
+                self.model.add_status(decode(RolloutStatus, value))
+            elif kind == "judgments":
+                judgment = msgspec.json.decode(value, type=_Judgment)
+                self.model.add_judgment(judgment.rollout_id, judgment.winner)
+        except (InvalidEvent, msgspec.DecodeError, msgspec.ValidationError):
+            self.undecodable += 1  # the worker's DLQ has it; the dashboard only shows
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+        if self._consumer is not None:
+            await self._consumer.stop()
