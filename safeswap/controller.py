@@ -84,6 +84,8 @@ class Evaluation:
     stage_elapsed_s: float
     stage_min_duration_s: float
     stage_min_users: int
+    # The shadow analysis (safeswap.shadow_analysis.analyze), when there are shadow statistics.
+    shadow: dict[str, Any] | None = None
 
     @property
     def evidence(self) -> list[GuardrailEvidence]:
@@ -108,6 +110,8 @@ class RolloutState:
     monitors: dict[str, GuardrailMonitor] = field(default_factory=dict)
     last_decision: Decision | None = None
     last_evaluation: Evaluation | None = None
+    # The judge agent's shadow statistics, latest per (source, partition) (issue #7).
+    shadow_snapshots: dict[str, StatsSnapshot] = field(default_factory=dict)
 
     @property
     def live(self) -> bool:
@@ -137,6 +141,7 @@ class RolloutState:
             "snapshots": {str(p): msgspec.to_builtins(s) for p, s in self.snapshots.items()},
             "monitors": {m: monitor.to_dict() for m, monitor in self.monitors.items()},
             "last_decision": msgspec.to_builtins(self.last_decision) if self.last_decision else None,
+            "shadow_snapshots": {k: msgspec.to_builtins(s) for k, s in self.shadow_snapshots.items()},
         }
 
     @classmethod
@@ -159,6 +164,8 @@ class RolloutState:
         state.monitors = {m: GuardrailMonitor.from_dict(d) for m, d in data["monitors"].items()}
         if data.get("last_decision"):
             state.last_decision = msgspec.convert(data["last_decision"], Decision)
+        state.shadow_snapshots = {k: msgspec.convert(s, StatsSnapshot)
+                                  for k, s in (data.get("shadow_snapshots") or {}).items()}
         return state
 
 
@@ -190,10 +197,17 @@ def on_plan(rollouts: dict[str, RolloutState], plan: RolloutPlan, ts: int) -> De
 
 def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None:
     """Fold one partition's cumulative snapshot in and look at the rollout once more."""
-    previous = state.snapshots.get(snapshot.partition)
-    if previous is not None and previous.seq >= snapshot.seq:
-        return None  # a replayed or older snapshot: already counted
-    state.snapshots[snapshot.partition] = snapshot
+    if snapshot.source:  # the judge agent's shadow statistics: kept apart, per (source, partition)
+        key = f"{snapshot.source}|{snapshot.partition}"
+        previous = state.shadow_snapshots.get(key)
+        if previous is not None and previous.seq >= snapshot.seq:
+            return None
+        state.shadow_snapshots[key] = snapshot
+    else:
+        previous = state.snapshots.get(snapshot.partition)
+        if previous is not None and previous.seq >= snapshot.seq:
+            return None  # a replayed or older snapshot: already counted
+        state.snapshots[snapshot.partition] = snapshot
     state.now_ts = max(state.now_ts, snapshot.ts)
     if not state.live:
         return None
@@ -266,7 +280,19 @@ def evaluate(state: RolloutState) -> Evaluation:
         stage_elapsed_s=(state.now_ts - state.stage_started_ts) / 1000,
         stage_min_duration_s=parse_duration(stage.min_duration) if stage and stage.min_duration else 0.0,
         stage_min_users=(stage.min_users_per_arm or 0) if stage else 0,
+        shadow=shadow_analysis(state),
     )
+
+
+def shadow_analysis(state: RolloutState) -> dict[str, Any] | None:
+    """The shadow analysis while in shadow (or whenever shadow statistics exist)."""
+    if state.stage != "shadow" and not state.shadow_snapshots:
+        return None
+    from safeswap.shadow_analysis import analyze, merge
+
+    merged = merge([s.shadow for s in state.shadow_snapshots.values()])
+    stage = state.current_stage if state.stage == "shadow" else None
+    return analyze(merged, state.plan, stage)
 
 
 def check_health(state: RolloutState, control: dict, candidate: dict, users: dict[str, int]) -> Health:
@@ -379,7 +405,9 @@ def _ready_to_promote(state: RolloutState, evaluation: Evaluation) -> bool:
     if any(evaluation.users.get(arm, 0) < evaluation.stage_min_users for arm in arms):
         return False
     if state.stage == "shadow":
-        return True  # shadow evidence (judge, tails) is the shadow analysis' to add
+        # The judge must not prefer control beyond the stage's margin, and the shadow
+        # tail/cost/latency checks must hold (safeswap.shadow_analysis, docs/shadow.md).
+        return evaluation.shadow is None or bool(evaluation.shadow["ready"])
     # Every guardrail must have looked and be ok (not insufficient data); a
     # stratified one in every stratum that has data, and at least one.
     for spec in state.plan.guardrails:
@@ -488,6 +516,7 @@ def status_of(state: RolloutState) -> RolloutStatus:
         last_decision=state.last_decision,
         plan_hash=state.plan_hash,
         watermark=min((s.ts for s in state.snapshots.values()), default=0),
+        shadow=(evaluation.shadow or {}) if evaluation else {},
     )
 
 

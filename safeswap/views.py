@@ -79,6 +79,43 @@ def status_view(status: RolloutStatus | None, decision: Decision | None) -> list
     evidence = status.guardrails if status is not None and status.guardrails else (decision.evidence if decision else [])
     if evidence:
         out.append(evidence_table(evidence, "guardrails"))
+    if status is not None and getattr(status, "shadow", None):
+        out.extend(shadow_view(status.shadow))
+    return out
+
+
+def shadow_view(shadow: dict) -> list:
+    """The shadow analysis (safeswap.shadow_analysis): judge, tails, cost, latency."""
+    judge = shadow.get("judge") or {}
+    summary = Table(show_header=False, title=f"shadow analysis ({shadow.get('pairs', 0):,} pairs)")
+    preference = judge.get("control_preference")
+    line = (f"{judge.get('candidate_wins', 0):,} candidate / {judge.get('ties', 0):,} tie / "
+            f"{judge.get('control_wins', 0):,} control wins of {judge.get('judged', 0):,} judged"
+            f" ({judge.get('malformed', 0):,} malformed, {judge.get('errors', 0):,} errors, "
+            f"{judge.get('cost_usd', 0.0):.2f} USD)")
+    summary.add_row("judge", line)
+    if preference:
+        margin = judge.get("margin")
+        summary.add_row("control preference", (f"{preference['estimate']:+.1%} [{preference['ci_low']:+.1%}, "
+                                               f"{preference['ci_high']:+.1%}] always-valid; margin "
+                                               f"{'none' if margin is None else f'{margin:.1%}'}: {judge.get('status')}"))
+    for reason in shadow.get("blocking", []):
+        summary.add_row("blocks promotion", f"[red]{reason}[/]")
+    out: list = [summary]
+    checks = Table(title="shadow checks (candidate vs control on the same requests)")
+    for column in ("check", "status", "control", "candidate", "difference", "always-valid CI", "limit", "enforced"):
+        checks.add_column(column)
+    for check in shadow.get("checks", []):
+        relative = check.get("difference") == "relative"
+        style = {"breach": "bold red", "ok": "green"}.get(check["status"], "yellow")
+        interval = ("-" if check.get("ci_low") is None and check.get("ci_high") is None
+                    else f"[{_num(check.get('ci_low'), relative)}, {_num(check.get('ci_high'), relative)}]")
+        checks.add_row(f"shadow_{check['metric']}", f"[{style}]{check['status']}[/]",
+                       "-" if check.get("control") is None else f"{check['control']:.4g}",
+                       "-" if check.get("candidate") is None else f"{check['candidate']:.4g}",
+                       _num(check.get("estimate"), relative), interval, _num(check.get("threshold"), relative),
+                       "yes" if check.get("enforced") else "no")
+    out.append(checks)
     return out
 
 
