@@ -285,15 +285,22 @@ class DashboardModel:
         decisions = [track.decisions[seq] for seq in sorted(track.decisions)]
         look_range = (track.looks[0].ts, track.looks[-1].ts) if track.looks else None
 
-        def decision_x(decision: Decision) -> int:
-            # The recorded decision's own time, unless it lies outside the looks and the
-            # replay made the same decision at a look (then that look's event time).
-            # Clamped to the looks' event-time range, so one stray clock cannot squash the timeline.
-            at = track.replay_decision_ts.get(decision.seq)
-            if not look_range or look_range[0] <= decision.ts <= look_range[1]:
-                return decision.ts
-            x = at if at is not None else decision.ts
-            return min(max(x, look_range[0]), look_range[1])
+        # Where each decision is drawn: its own event time when it lies among the looks;
+        # else the look where the replay made the same decision; else just after the one
+        # before. Never before an earlier decision, so one stray clock (a plan stamped
+        # with wall-clock time, say) cannot squash or reorder the timeline.
+        positions: dict[int, int] = {}
+        previous: int | None = None
+        for d in decisions:
+            inside = (lambda t: t is not None and look_range[0] <= t <= look_range[1]) if look_range else None
+            if inside is None or inside(d.ts):
+                x = d.ts
+            elif inside(track.replay_decision_ts.get(d.seq)):
+                x = track.replay_decision_ts[d.seq]
+            else:
+                x = previous if previous is not None else look_range[0]
+            x = max(x, previous) if previous is not None else x
+            positions[d.seq] = previous = x
 
         stages = [_stage_label(s) for s in plan.stages] if plan else (status.stages if status else [])
         stage_index = status.stage_index if status else (track.replay.stage_index if track.replay else -1)
@@ -318,7 +325,7 @@ class DashboardModel:
             "first_ts": track.looks[0].ts if track.looks else None,
             "as_of": track.last_ts or (status.ts if status else 0),
             "decisions": [{
-                "seq": d.seq, "ts": d.ts, "x": decision_x(d), "action": d.action, "stage": d.stage,
+                "seq": d.seq, "ts": d.ts, "x": positions[d.seq], "action": d.action, "stage": d.stage,
                 "percent": d.percent, "shadow_percent": d.shadow_percent, "reason": d.reason,
                 "breached": [e.metric for e in d.evidence if e.status == "breach"],
             } for d in decisions],

@@ -35,6 +35,8 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 COOKIE = "safeswap_dashboard"
+ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
+        b'fill="#1f2328"/><path d="M3 11 L7 6 L10 9 L13 4" stroke="#e45756" stroke-width="2" fill="none"/></svg>')
 SECURITY_HEADERS = {
     "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
                                 "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
@@ -133,7 +135,11 @@ def build_app(state: DashboardState) -> web.Application:
     async def js(request: web.Request) -> web.Response:
         return web.Response(text=JS, content_type="application/javascript", charset="utf-8")
 
+    async def icon(request: web.Request) -> web.Response:
+        return web.Response(body=ICON, content_type="image/svg+xml")
+
     app = web.Application(middlewares=[guard])
+    app.router.add_get("/favicon.ico", icon)
     app.router.add_get("/", page)
     app.router.add_get("/fragment", fragment)
     app.router.add_get("/api/version", version)

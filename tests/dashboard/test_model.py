@@ -1,0 +1,154 @@
+"""The dashboard's pure parts: merging, coalescing, the replayed looks, escaping, charts, access."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import msgspec
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from safeswap.controller import merge_snapshots
+from safeswap.dashboard.charts import interval_chart, stage_timeline, trend_chart
+from safeswap.dashboard.model import DashboardModel, coalesce, merge_raw, variant_values
+from safeswap.dashboard.page import nav_html, page_html, rollout_html
+from safeswap.dashboard.server import DashboardState, build_app, is_loopback
+from safeswap.metrics import metric_values
+from safeswap.stats import LatencyHistogram, Ratio
+from schemas import Decision, RolloutPlan, StatsSnapshot
+
+EVIL = '"><script>alert(1)</script>'
+PLAN = RolloutPlan(rollout_id=EVIL, stakes="low", stages=[{"name": "canary", "percent": 50, "min_duration": "1h"}],
+                   min_users_per_arm=10, guardrails=[{"metric": "thumbs_down_rate", "max_relative_increase": 0.2}],
+                   candidate={"prompt_version": "<img src=x onerror=alert(2)>"})
+PLAN = msgspec.convert(msgspec.to_builtins(PLAN), RolloutPlan)
+
+
+def ratio(n: int, num: float, den: float) -> dict:
+    # n users with equal mean shares and some spread between users
+    a, b = num / n, den / n
+    return Ratio(n_units=n, num=num, num_sq=n * a * a * 2.0 + n * 0.05, den=den, den_sq=n * b * b * 1.2,
+                 num_den=n * a * b * 1.1).to_dict()
+
+
+def snapshot(partition: int, seq: int, ts: int, users: int, down: dict[str, float]) -> StatsSnapshot:
+    hist = LatencyHistogram.from_values([100.0 + i for i in range(50)]).to_dict()
+    metrics = {v: {"thumbs_down_rate": ratio(users, down[v] * users * 3, users * 3), "latency_ms_p95": hist}
+               for v in ("control", "candidate")}
+    return StatsSnapshot(rollout_id=EVIL, partition=partition, seq=seq, ts=ts, users={"control": users,
+                         "candidate": users}, metrics=metrics)
+
+
+def fed_model() -> DashboardModel:
+    model = DashboardModel()
+    model.add_snapshot(snapshot(0, 1, 1_000, 20, {"control": 0.1, "candidate": 0.1}))  # before its plan: held
+    model.add_plan(PLAN, 500)
+    for seq in range(2, 30):
+        for partition in (0, 1):
+            model.add_snapshot(snapshot(partition, seq, 1_000 + seq * 600_000, 20 * seq,
+                                        {"control": 0.1, "candidate": 0.16}))
+    model.add_decision(Decision(rollout_id=EVIL, seq=1, ts=500, action="start", stage="canary", percent=50,
+                                salt=EVIL, reason="started <b>"))
+    return model
+
+
+def test_merge_raw_gives_the_controllers_estimates():
+    snaps = [snapshot(p, 1, 1, 10 + p, {"control": 0.1 + p / 10, "candidate": 0.2}) for p in range(3)]
+    fast = variant_values(snaps)
+    slow = {v: metric_values(stats) for v, stats in merge_snapshots(dict(enumerate(snaps))).items()}
+    for variant in ("control", "candidate"):
+        assert fast[variant]["thumbs_down_rate"] == pytest.approx(slow[variant]["thumbs_down_rate"])
+        assert fast[variant]["latency_ms_p95"] == pytest.approx(slow[variant]["latency_ms_p95"])
+        assert fast[variant]["latency_ms_p50"] < fast[variant]["latency_ms_p95"]
+    assert merge_raw(snaps)["control"]["latency_ms_p95"]["counts"]  # histogram bins added up
+
+
+def test_coalesce_keeps_the_newest_per_partition_in_order():
+    snaps = [snapshot(p, seq, seq, 10, {"control": 0.1, "candidate": 0.1}) for seq in range(1, 7) for p in (0, 1)]
+    kept = coalesce(snaps, 4)
+    assert [(s.partition, s.seq) for s in kept] == [(0, 2), (1, 2), (0, 4), (1, 4), (0, 6), (1, 6)]
+    assert coalesce(snaps, 1) == snaps
+
+
+def test_replayed_looks_draw_the_interval_and_its_threshold():
+    model = fed_model()
+    view = model.view(EVIL)
+    [guardrail] = view["guardrails"]
+    assert guardrail["metric"] == "thumbs_down_rate" and guardrail["threshold"] == pytest.approx(0.2)
+    assert len(guardrail["points"]) > 5, guardrail["points"]
+    lows = [p["ci_low"] for p in guardrail["points"] if p["ci_low"] is not None]
+    assert lows == sorted(lows)  # always-valid: the interval only shrinks
+    assert guardrail["status"] in ("ok", "breach")
+    assert view["variant_rows"][0]["values"]["control"] is not None  # latency p50
+    assert view["trends"]["thumbs_down_rate"]["candidate"]
+    json.dumps(view, allow_nan=False)  # the API's JSON is strict
+
+
+def test_everything_from_events_is_escaped():
+    model = fed_model()
+    view = model.view(EVIL)
+    html = page_html(nav_html(model.rollouts(), EVIL), rollout_html(view), selected=EVIL, source="test", live=True,
+                     version=model.version)
+    assert "<script>alert" not in html and "<img src=x" not in html and "started <b>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert html.count("<script") == 1  # only our own static script
+    assert "%22%3E%3Cscript%3E" in html  # the link's rollout parameter is URL-encoded
+
+
+def test_charts_are_svg_with_a_band_and_a_threshold_line():
+    view = fed_model().view(EVIL)
+    chart = interval_chart(view["guardrails"][0], view["decisions"])
+    assert chart.startswith("<svg") and 'class="band"' in chart and 'class="threshold"' in chart
+    empty = interval_chart({**view["guardrails"][0], "points": []}, [])
+    assert "no interval yet" in empty
+    assert "<path" in trend_chart("thumbs_down_rate", "thumbs-down", "rate", view["trends"]["thumbs_down_rate"], [])
+    assert "<rect" in stage_timeline(view["decisions"], view["as_of"], view["first_ts"])
+
+
+def test_loopback():
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0") and not is_loopback("10.1.2.3")
+
+
+def _with_client(state: DashboardState, check) -> None:
+    async def run() -> None:
+        async with TestClient(TestServer(build_app(state), host="127.0.0.1")) as client:
+            await check(client)
+    asyncio.run(run())
+
+
+def test_token_is_required_when_set_and_sets_a_cookie():
+    state = DashboardState(fed_model(), live=False, token="s3cret")
+
+    async def check(client: TestClient) -> None:
+        assert (await client.get("/api/rollouts")).status == 401
+        assert (await client.get("/api/rollouts", headers={"Authorization": "Bearer wrong"})).status == 401
+        ok = await client.get("/api/rollouts", headers={"Authorization": "Bearer s3cret"})
+        assert ok.status == 200 and (await ok.json())["rollouts"][0]["rollout_id"] == EVIL
+        first = await client.get("/?token=s3cret")
+        assert first.status == 200 and "HttpOnly" in first.headers.get("Set-Cookie", "")
+        again = await client.get("/static/dashboard.js")  # the cookie is enough now
+        assert again.status == 200
+
+    _with_client(state, check)
+
+
+def test_headers_forbid_foreign_scripts_and_api_answers():
+    state = DashboardState(fed_model(), live=False)
+
+    async def check(client: TestClient) -> None:
+        page = await client.get("/")
+        assert page.status == 200
+        csp = page.headers["Content-Security-Policy"]
+        assert "script-src 'self'" in csp and "default-src 'none'" in csp
+        view = await client.get("/api/rollouts/" + EVIL.replace('"', "%22").replace("<", "%3C").replace(">", "%3E"))
+        assert view.status == 200 and (await view.json())["guardrails"][0]["metric"] == "thumbs_down_rate"
+        assert (await client.get("/api/rollouts/nope")).status == 404
+        fragment = await (await client.get("/fragment")).json()
+        assert fragment["version"] == state.model.version and "<svg" in fragment["main"]
+        for path, kind in (("/static/dashboard.css", "text/css"), ("/static/dashboard.js", "application/javascript")):
+            response = await client.get(path)
+            assert response.status == 200 and response.content_type == kind
+
+    _with_client(state, check)
