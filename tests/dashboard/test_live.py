@@ -1,0 +1,139 @@
+"""Against a real worker after a simulated rollout: the live and the recorded dashboard
+show the same rollout, the worker's /metrics speaks Prometheus, and a headless Chromium
+renders the page from 127.0.0.1 alone and sees it change without a reload."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from safeswap.rollouts import command_rollout
+
+from tests.dashboard.browser import save, visit_page
+
+pytestmark = pytest.mark.integration
+
+
+def get_json(url: str, token: str | None = None) -> dict:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read())
+
+
+def wait_for(predicate, timeout_s: float = 30.0, poll_s: float = 0.2):
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(poll_s)
+
+
+def quoted(rollout_id: str) -> str:
+    return urllib.parse.quote(rollout_id, safe="")
+
+
+def test_live_and_recorded_show_the_same_rollout(simulated, dashboard_factory):
+    settings, plan, result = simulated["settings"], simulated["plan"], simulated["result"]
+    live = dashboard_factory(settings)
+    recorded = dashboard_factory(settings, data_dir=settings.data_dir)
+    seqs = [d.seq for d in result["decisions"]]
+
+    def live_view():
+        view = get_json(live.url + "api/rollouts/" + quoted(plan.rollout_id)) if live.state.model.tracks else None
+        return view if view and [d["seq"] for d in view["decisions"]][: len(seqs)] == seqs and view["status_live"] \
+            else None
+
+    live_now = wait_for(live_view)
+    assert live_now, get_json(live.url + "api/rollouts")
+    recorded_now = get_json(recorded.url + "api/rollouts/" + quoted(plan.rollout_id))
+    assert [d["seq"] for d in recorded_now["decisions"]] == seqs
+    assert [d["action"] for d in recorded_now["decisions"]] == [d["action"] for d in live_now["decisions"][:len(seqs)]]
+    for view in (live_now, recorded_now):
+        metrics = [g["metric"] for g in view["guardrails"]]
+        assert metrics == ["thumbs_down_rate", "latency_ms_p95_cache_hit", "latency_ms_p95_cache_miss"]
+        assert any(g["points"] for g in view["guardrails"]), "no interval over time"
+        rows = {row["key"]: row["values"] for row in view["variant_rows"]}
+        for key in ("latency_ms_p50", "latency_ms_p95", "cost_usd_mean", "cost_per_session_mean", "error_rate",
+                    "thumbs_down_rate", "retry_rate", "abandon_rate"):
+            assert rows[key]["control"] is not None and rows[key]["candidate"] is not None, key
+        assert view["split"]["percent"] == 30 and view["variants"]["candidate"]["prompt_version"] == "v42<img src=x>"
+    listing = get_json(recorded.url + "api/rollouts")["rollouts"]
+    assert [r["rollout_id"] for r in listing] == [plan.rollout_id]
+    # The page escapes the rollout id, description and prompt version that came from events.
+    with urllib.request.urlopen(recorded.url, timeout=10) as response:
+        html = response.read().decode()
+    assert "<b>bold</b>" not in html and "<img src=x>" not in html and "alert('x')</script>" not in html
+    assert "dash-&lt;b&gt;bold&lt;/b&gt;" in html
+
+
+def test_worker_metrics_endpoint(simulated):
+    settings, plan = simulated["settings"], simulated["plan"]
+    url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+
+    def scrape():
+        with urllib.request.urlopen(url, timeout=10) as response:
+            assert response.headers["Content-Type"].startswith("text/plain")
+            text = response.read().decode()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        return families if "safeswap_consumer_lag" in families and families["safeswap_consumer_lag"].samples \
+            else None
+
+    families = wait_for(scrape, timeout_s=30)
+    assert families, "no consumer lag after 30 s"
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
+    processed = {labels: v for (name, labels), v in samples.items() if name == "safeswap_events_processed_total"}
+    assert sum(v for labels, v in processed.items() if ("topic", settings.topic("traces")) in labels) > 0
+    started = samples[("safeswap_decisions_total", (("action", "start"), ("rollout_id", plan.rollout_id)))]
+    assert started >= 1
+    threshold = samples[("safeswap_guardrail_threshold", (("metric", "thumbs_down_rate"), ("rollout_id", plan.rollout_id)))]
+    assert threshold == pytest.approx(0.5)
+    assert ("safeswap_guardrail_ci_low", (("metric", "thumbs_down_rate"), ("rollout_id", plan.rollout_id))) in samples
+    assert samples[("safeswap_rollout_percent", (("rollout_id", plan.rollout_id),))] == 30
+    for variant in ("control", "candidate"):
+        key = ("safeswap_variant_metric", (("metric", "thumbs_down_rate"), ("rollout_id", plan.rollout_id),
+                                           ("variant", variant)))
+        assert 0 < samples[key] < 1
+    assert "safeswap_dead_letters_total" in {s.name for f in families.values() for s in f.samples} or \
+        "safeswap_dead_letters" in families
+
+
+def test_browser_renders_offline_and_updates_without_reload(simulated, dashboard_factory):
+    settings, plan = simulated["settings"], simulated["plan"]
+    live = dashboard_factory(settings)
+    assert wait_for(lambda: plan.rollout_id in live.state.model.tracks and live.state.model.tracks[plan.rollout_id].looks)
+
+    async def steer(call):
+        # The page is loaded; now the operator aborts, and the page must show it by itself.
+        await command_rollout(settings, plan.rollout_id, "abort", "browser test", wait_s=20)
+        for _ in range(150):
+            found = await call("Runtime.evaluate", returnByValue=True,
+                               expression="document.getElementById('main').innerText.includes('aborted by an operator')")
+            if found["result"]["value"]:
+                return
+            await asyncio.sleep(0.2)
+        raise AssertionError("the page did not show the abort without a reload")
+
+    visit = visit_page(live.url + "?rollout=" + quoted(plan.rollout_id), settle=steer)
+    assert visit.requests, "chromium made no request"
+    foreign = [u for u in visit.requests if not u.startswith("http://127.0.0.1:")]
+    assert not foreign, f"requests that left 127.0.0.1: {foreign}"
+    assert not visit.failed, visit.failed
+    assert not visit.console_errors, visit.console_errors
+    charts = visit.charts
+    assert charts["svg"] >= 5 and charts["nonempty"] >= 4 and charts["bands"] >= 1 and charts["thresholds"] >= 1
+    for url in charts["urls"]:
+        assert not url.startswith(("http:", "https:", "//")) or url.startswith("http://127.0.0.1"), url
+    pages = [u for u in visit.requests if urllib.parse.urlparse(u).path == "/"]
+    assert len(pages) == 1, pages  # loaded once, never reloaded
+    assert any(urllib.parse.urlparse(u).path == "/fragment" for u in visit.requests)  # the live refresh
+    assert "dash-<b>bold</b>" in charts["text"]  # shown as text, not markup
+    assert visit.screenshot.startswith(b"\x89PNG") and len(visit.screenshot) > 20_000
+    save(visit.screenshot, Path(simulated["root"]) / "dashboard.png")
