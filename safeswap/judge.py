@@ -38,7 +38,9 @@ import logging
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Optional
+
+import typer
 
 from schemas.events import Judgment, ShadowPair
 from streams.settings import Settings
@@ -360,8 +362,11 @@ class Judge:
         return self.rubrics.get(rollout_id) or self.rubrics.get("*") or DEFAULT_RUBRIC
 
     # -- one pair --------------------------------------------------------------------
-    async def judge_pair(self, pair: ShadowPair) -> JudgeResult:
-        """Judge one pair in both orders; never raises for API or verdict trouble."""
+    async def judge_pair(self, pair: ShadowPair, budget_key: str | None = None) -> JudgeResult:
+        """Judge one pair in both orders; never raises for API or verdict trouble.
+
+        ``budget_key``: whose budget pays (default the rollout; the agent uses
+        rollout and partition, each with its share of the rollout's budget)."""
         self.stats.pairs += 1
         if not sampled(pair.event_id, self.sample_rate):
             self.stats.not_sampled += 1
@@ -373,16 +378,17 @@ class Judge:
         settings = self.settings
         reserved = reserve_estimate(pair, rubric, self.model, settings.judge_max_tokens,
                                     settings.judge_max_answer_chars, self.prices)
-        if not self.budget.reserve(pair.rollout_id, reserved):
+        payer = budget_key or pair.rollout_id
+        if not self.budget.reserve(payer, reserved):
             self.stats.budget_skipped += 1
-            return JudgeResult("budget", reason=(f"judge budget for {pair.rollout_id}: "
-                                                 f"{self.budget.remaining(pair.rollout_id):.4f} USD left, "
+            return JudgeResult("budget", reason=(f"judge budget for {payer}: "
+                                                 f"{self.budget.remaining(payer):.4f} USD left, "
                                                  f"a pair may cost {reserved:.4f}"))
         outcomes = await asyncio.gather(self._judge_order(pair, rubric, False), self._judge_order(pair, rubric, True),
                                         return_exceptions=True)
         cost = sum(o.cost_usd for o in outcomes if isinstance(o, _CallOutcome))
         cost += sum(getattr(o, "cost_usd", 0.0) for o in outcomes if isinstance(o, MalformedVerdict))
-        self.budget.settle(pair.rollout_id, reserved, cost)
+        self.budget.settle(payer, reserved, cost)
         self.stats.cost_usd += cost
         for outcome in outcomes:
             if isinstance(outcome, MalformedVerdict):
@@ -545,3 +551,56 @@ __all__ = [
     "judge_request", "judgeable", "parse_verdict", "price_table", "read_pairs", "reserve_estimate",
     "retry_after_s", "rubric_hash", "sampled", "summary",
 ]
+
+
+# -- safeswap judge PAIRS.jsonl ----------------------------------------------------------
+def register(app) -> None:
+    @app.command("judge")
+    def judge_command(
+        pairs_file: Annotated[Path, typer.Argument(help="Shadow pairs, one JSON object per line (the shadow topic's form).")],
+        out: Annotated[Optional[Path], typer.Option("--out", help="Write the judgments here (JSONL).")] = None,
+        sample_rate: Annotated[float, typer.Option("--sample-rate", help="Share of pairs judged.", min=0, max=1)] = 1.0,
+        json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on the last line.")] = False,
+    ) -> None:
+        """Judge a file of shadow pairs with the judge the worker uses (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL)."""
+        from rich.console import Console
+
+        err = Console(stderr=True, soft_wrap=True)
+
+        def fail(message: str) -> None:
+            err.print(f"error: {message}", highlight=False, markup=False)
+            raise typer.Exit(2)
+
+        try:
+            settings = Settings.from_env()
+        except ValueError as exc:
+            fail(str(exc))
+        if not settings.anthropic_api_key:
+            fail("ANTHROPIC_API_KEY is not set: the judge needs an Anthropic API key")
+        try:
+            pairs, problems = read_pairs(pairs_file)
+        except OSError as exc:
+            fail(f"{pairs_file}: cannot read: {exc.strerror}")
+        for problem in problems:
+            err.print(f"skipped {problem}", highlight=False, markup=False)
+        try:
+            judge = Judge(settings, sample_rate=sample_rate)
+        except (JudgeUnavailable, ValueError, OSError) as exc:
+            fail(str(exc))
+        lines: list[str] = []
+
+        def on_result(pair: ShadowPair, result: JudgeResult) -> None:
+            if result.judgment is not None:
+                lines.append(encode_judgment(result.judgment))
+            elif result.status in ("malformed", "error", "budget"):
+                err.print(f"{pair.event_id}: {result.status}: {result.reason}", highlight=False, markup=False)
+
+        asyncio.run(judge_pairs(judge, pairs, on_result))
+        if out is not None:
+            out.write_text("".join(line + "\n" for line in lines))
+        result = summary(judge.stats, len(problems))
+        err.print(f"judged {result['judged']} of {result['pairs']} pairs: {result['candidate_wins']} candidate, "
+                  f"{result['ties']} tie, {result['control_wins']} control; {result['errors']} errors; "
+                  f"{result['cost_usd']:.4f} USD ({judge.model})", highlight=False, markup=False)
+        if json_out:
+            print(json.dumps(result))

@@ -52,4 +52,5 @@ def create_app(settings: Settings) -> faust.App:
     decide.register(app, settings)
     __import__("agents.sink").sink.register(app, settings)  # Parquet sinks (sinks/, docs/data.md)
     __import__("agents.metrics").metrics.register(app, settings)  # Prometheus /metrics (off unless metrics_port)
+    __import__("agents.judge").judge.register(app, settings)  # shadow statistics + LLM judge (docs/shadow.md)
     return app

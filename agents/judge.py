@@ -1,0 +1,116 @@
+"""Judge agent: shadow pairs -> judgments (Anthropic) and per-partition shadow statistics.
+
+For every shadow pair (``safeswap.shadow``, keyed by user_id):
+
+1. fold it into the (rollout, partition) :class:`ShadowAccumulator` (tails, cost,
+   latency: no API call needed, so this runs with or without a judge);
+2. if the judge runs (ANTHROPIC_API_KEY set; otherwise one log line at start),
+   judge it in the background: both orders, verdict by forced tool call
+   (safeswap.judge). The loop waits while ``judge_concurrency`` pairs are being
+   judged (backpressure), and the judge's own semaphore keeps at most
+   ``judge_concurrency`` API calls in flight. A judged pair goes to
+   ``safeswap.judgments`` (key rollout_id); a reply without a valid verdict goes
+   to the DLQ with the reason (counted, never guessed);
+3. every ``snapshot_interval_s`` each changed accumulator is published to
+   ``safeswap.stats`` as a ``StatsSnapshot`` with ``source="shadow:<incarnation>"``
+   and the counts in ``shadow``; the controller adds them up per (source,
+   partition), so a restarted worker (a new incarnation) adds to what the old one
+   published instead of replacing it.
+
+Delivery: the offset of a pair is committed once the loop moves past it, so a
+crash loses the verdicts of at most ``judge_concurrency`` pairs being judged
+(they stay counted as pairs, not as judged), and may count the pairs between
+the last commit and the crash twice. The budget is kept in memory per
+(rollout, partition) at ``judge_budget_usd / partitions`` each: a restarted
+worker starts its count again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+
+import faust
+
+from agents.dlq import DeadLetters
+from safeswap.judge import Budget, Judge
+from safeswap.shadow_analysis import ShadowAccumulator
+from schemas import InvalidEvent, StatsSnapshot, decode, encode
+from schemas.events import ShadowPair
+from streams.app import raw_topic
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def register(app: faust.App, settings: Settings) -> None:
+    shadow_topic = raw_topic(app, settings, "shadow")
+    judgments_topic = raw_topic(app, settings, "judgments")
+    stats_topic = raw_topic(app, settings, "stats")
+    dead_letters = DeadLetters(app, settings, agent="judge")
+    source = f"shadow:{uuid.uuid4().hex[:12]}"
+    share = settings.judge_budget_usd / max(1, settings.partitions)
+    judge = Judge.from_settings(settings, budget=Budget(share))
+    if judge is not None:
+        log.warning("judge: %s, %d calls in flight at most, %.0f%% of pairs, %.2f USD per rollout",
+                    judge.model, settings.judge_concurrency, 100 * judge.sample_rate, settings.judge_budget_usd)
+    accumulators: dict[tuple[str, int], ShadowAccumulator] = {}
+    seqs: dict[tuple[str, int], int] = {}
+    dirty: set[tuple[str, int]] = set()
+    pending: set[asyncio.Task] = set()
+    slots = asyncio.Semaphore(max(1, settings.judge_concurrency))
+
+    async def judge_one(pair: ShadowPair, message, key: tuple[str, int]) -> None:
+        try:
+            result = await judge.judge_pair(pair, budget_key=f"{pair.rollout_id}|{key[1]}")
+            winner = result.judgment.winner if result.judgment is not None else None
+            accumulators[key].add_judge_result(result.status, winner, result.cost_usd)
+            dirty.add(key)
+            if result.judgment is not None:
+                await judgments_topic.send(key=pair.rollout_id.encode(), value=encode(result.judgment))
+            elif result.status == "malformed":
+                await dead_letters.send(message, result.reason)
+            elif result.status == "error":
+                log.warning("judge: pair %s not judged: %s", pair.event_id, result.reason)
+        except Exception as exc:  # never let a background task die silently
+            log.exception("judge: failed on pair %s", pair.event_id)
+            await dead_letters.send(message, f"internal error: {exc!r}")
+        finally:
+            slots.release()
+
+    @app.agent(shadow_topic, name="judge", concurrency=1)
+    async def judge_agent(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            message = event.message
+            try:
+                pair = decode(ShadowPair, event.value)
+            except InvalidEvent as exc:
+                await dead_letters.send(message, str(exc))
+                continue
+            try:
+                key = (pair.rollout_id, message.partition)
+                accumulator = accumulators.setdefault(key, ShadowAccumulator())
+                accumulator.add_pair(pair)
+                dirty.add(key)
+                if judge is None:
+                    accumulator.add_judge_result("disabled")
+                    continue
+                await slots.acquire()  # backpressure: at most judge_concurrency pairs being judged
+                task = asyncio.create_task(judge_one(pair, message, key), name=f"judge-{pair.event_id}")
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            except Exception as exc:  # never leave the loop
+                log.exception("judge: failed on %s[%s]@%s", message.topic, message.partition, message.offset)
+                await dead_letters.send(message, f"internal error: {exc!r}")
+
+    @app.timer(settings.snapshot_interval_s)
+    async def publish_shadow_stats() -> None:
+        while dirty:
+            key = dirty.pop()
+            accumulator = accumulators[key]
+            seqs[key] = seqs.get(key, 0) + 1
+            rollout_id, partition = key
+            snapshot = StatsSnapshot(rollout_id=rollout_id, partition=partition, seq=seqs[key], ts=accumulator.ts,
+                                     users={}, metrics={}, source=source, shadow=accumulator.to_dict())
+            await stats_topic.send(key=rollout_id.encode(), value=encode(snapshot))
