@@ -83,6 +83,12 @@ class Emitter:
         """Queue a feedback event; False if it was invalid or dropped (never raises)."""
         return self._emit("feedback", FeedbackEvent, event)
 
+    def shadow_pair(self, event: Any) -> bool:
+        """Queue a shadow pair (safeswap.shadow); False if it was invalid or dropped (never raises)."""
+        from schemas.events import ShadowPair
+
+        return self._emit("shadow", ShadowPair, event)
+
     def _emit(self, topic: str, event_type: type[msgspec.Struct], event: Any) -> bool:
         try:
             if not isinstance(event, event_type):
