@@ -297,8 +297,10 @@ class DashboardModel:
                 x = d.ts
             elif inside(track.replay_decision_ts.get(d.seq)):
                 x = track.replay_decision_ts[d.seq]
+            elif previous is None or d.ts < look_range[0]:
+                x = look_range[0]
             else:
-                x = previous if previous is not None else look_range[0]
+                x = look_range[1]  # after the last look (a command, say): at the end
             x = max(x, previous) if previous is not None else x
             positions[d.seq] = previous = x
 

@@ -25,6 +25,7 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_LOOKS = 150  # per rollout, recorded mode
+LOOKS_PER_FETCH = 25  # live mode, per fetch of at most 500 records
 
 
 # -- recorded -------------------------------------------------------------------------
@@ -160,7 +161,7 @@ class LiveSource:
                 self.error = f"cannot read {self.settings.broker}: {exc}"
                 await asyncio.sleep(2.0)
         while True:
-            batches = await self._consumer.getmany(timeout_ms=300, max_records=2000)
+            batches = await self._consumer.getmany(timeout_ms=300, max_records=500)
             # Plans first within a batch: a rollout's snapshots need its plan.
             ordered = sorted(batches.items(), key=lambda item: self._kind.get(item[0].topic) != "plans")
             for tp, records in ordered:
@@ -172,15 +173,16 @@ class LiveSource:
                     self.ingest(kind, record.value, int(record.timestamp))
 
     def ingest_snapshots(self, values: list[bytes | None]) -> None:
-        """One fetch of statistics: cumulative, so only the newest per partition is
-        looked at (catching up on a long history costs one look per fetch, not one per snapshot)."""
+        """One fetch of statistics. Snapshots are cumulative, so a long fetch (catching up
+        on history at start) is looked at about LOOKS_PER_FETCH times, not once per
+        snapshot; a fetch of a running worker's few new snapshots is looked at whole."""
         snapshots = []
         for value in values:
             try:
                 snapshots.append(decode(StatsSnapshot, value or b""))
             except InvalidEvent:
                 self.undecodable += 1
-        for snapshot in coalesce(snapshots, len(snapshots)):
+        for snapshot in coalesce(snapshots, math.ceil(len(snapshots) / LOOKS_PER_FETCH)):
             self.model.add_snapshot(snapshot)
 
     def ingest(self, kind: str, value: bytes | None, timestamp_ms: int) -> None:
