@@ -142,7 +142,8 @@ def bench_agent(n_events: int) -> dict:
     events = make_events(n_events, users=max(1000, n_events // 10))
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
         settings = Settings(broker=broker.bootstrap, topic_prefix="bench", app_id="bench-outcomes",
-                            state_dir=tmp + "/state", data_dir=tmp + "/data", snapshot_interval_s=0.5)
+                            state_dir=tmp + "/state", data_dir=tmp + "/data", snapshot_interval_s=0.5,
+                            sink_datasets=os.environ.get("SAFESWAP_SINK_DATASETS", "all"))
         asyncio.run(ensure_topics(settings))
 
         async def produce():

@@ -14,7 +14,7 @@ import tempfile
 from dataclasses import fields
 from pathlib import Path
 
-from streams.settings import ENV_PREFIX, Settings
+from streams.settings import Settings, env_name
 
 
 
@@ -38,7 +38,9 @@ class WorkerProcess:
     def start(self) -> "WorkerProcess":
         env = dict(os.environ)
         for field in fields(Settings):  # the child sees exactly the parent's settings
-            env[ENV_PREFIX + field.name.upper()] = str(getattr(self.settings, field.name))
+            value = getattr(self.settings, field.name)
+            if value is not None:
+                env[env_name(field.name)] = str(value)
         repo_root = str(Path(__file__).resolve().parents[1])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH", "")) if p)
         with open(self.log_path, "ab") as log:

@@ -49,8 +49,8 @@ class Settings:
     max_edit_chars: int = 10_000  # texts are truncated to this for edit distance
     max_event_bytes: int = 1_000_000  # larger messages go to the DLQ undecoded
     # Crash safety of the outcomes agent: whole-partition checkpoints (agents/outcomes.py).
-    checkpoint_interval_s: float = 5.0
-    checkpoint_every_events: int = 50_000
+    checkpoint_interval_s: float = 30.0  # a checkpoint pickles the whole partition: not too often
+    checkpoint_every_events: int = 200_000
     # Parquet sinks (sinks/, agents/sink.py): which datasets the worker writes
     # ("all", "" for none, or names: "traces,feedback,decisions"), and when a
     # partition's buffer becomes a file (whichever comes first). Offsets are
@@ -95,9 +95,12 @@ class Settings:
         """Settings from ``SAFESWAP_*`` variables, then non-None ``overrides`` (flags)."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
+        hints = get_type_hints(cls)
         for field in fields(cls):
             raw = environ.get(env_name(field.name))
-            if raw is not None and raw != "":
+            # Empty means "not set", except for text settings, where "" is a value
+            # (SAFESWAP_SINK_DATASETS="" turns the sinks off).
+            if raw is not None and (raw != "" or hints[field.name] is str):
                 values[field.name] = _parse(field, raw)
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
