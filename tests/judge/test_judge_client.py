@@ -81,7 +81,7 @@ def test_a_529_overloaded_is_retried_and_a_persistent_one_is_an_error_not_a_verd
 
 
 def test_a_timeout_is_retried_then_counted_as_an_error(fake):
-    fake.hang_s = 3.0
+    fake.hang_s = 1.0
     judge = Judge(settings_for(fake, judge_timeout_s=0.3, judge_max_retries=1))
     [result] = run(judge, [pair(1, prompt="[hang]")])
     assert result.status == "error" and "timeout" in result.reason
