@@ -135,16 +135,15 @@ def test_streaming_equals_replay_and_bad_input_goes_to_the_dlq(settings, worker_
     assert worker.alive()
 
 
-def test_sigkill_mid_stream_then_restart_gives_the_same_metrics(settings, worker_factory, monkeypatch):
-    monkeypatch.setenv("SAFESWAP_CHECKPOINT_EVERY_EVENTS", "150")
-    monkeypatch.setenv("SAFESWAP_CHECKPOINT_INTERVAL_S", "600")
+def test_sigkill_mid_stream_then_restart_gives_the_same_metrics(settings, worker_factory):
+    checkpoints = dict(checkpoint_every_events=150, checkpoint_interval_s=600.0)
     events = simulated_events(seed=12, users=500, text_len=120)
     half = len(events) // 2
     first, rest = jsonl(events[:half]), jsonl(events[half:])
     rest = rest[:100] + rest[:100] + rest[100:]  # a producer retrying a batch: repeats must not count
     tail = jsonl(flush_events(settings.partitions, events[-1].ts + 4 * 3600_000))
 
-    worker = worker_factory()
+    worker = worker_factory(**checkpoints)
     asyncio.run(produce_lines(settings.broker, settings, first))
     ends = asyncio.run(end_offsets(settings))
 
@@ -165,7 +164,7 @@ def test_sigkill_mid_stream_then_restart_gives_the_same_metrics(settings, worker
     assert any(covered[p] > 0 for p in ends)  # and a checkpoint to resume from
 
     asyncio.run(produce_lines(settings.broker, settings, rest + tail))
-    restarted = worker_factory()
+    restarted = worker_factory(**checkpoints)
     streamed = asyncio.run(wait_until_covered(settings, restarted, timeout_s=120))
     want = expected(first + rest + tail, settings)
     assert want["events"]["duplicates"] == 100

@@ -53,19 +53,17 @@ class Reader(threading.Thread):
             time.sleep(0.02)
 
 
-def test_sigkill_while_writing_then_restart_leaves_every_event_exactly_once(settings, worker_factory, monkeypatch):
+def test_sigkill_while_writing_then_restart_leaves_every_event_exactly_once(settings, worker_factory):
     # Small files (many flushes to interrupt); no time-driven flush, so the last rows of
     # the second run are written only by the shutdown flush (SIGINT).
-    for name, value in {"SINK_DATASETS": "traces,dlq", "SINK_MAX_ROWS": "300", "SINK_MAX_AGE_S": "300",
-                        "SINK_IDLE_S": "300"}.items():
-        monkeypatch.setenv("SAFESWAP_" + name, value)
+    sink = dict(sink_datasets="traces,dlq", sink_max_rows=300, sink_max_age_s=300.0, sink_idle_s=300.0)
     data = settings.data_dir
     first, second = traces(0, 6000), traces(6000, 2000)
     asyncio.run(produce(settings.broker, settings.topic("traces"), first + [(b"bad", value) for value in BAD]))
     reader = Reader(data)
     reader.start()
     try:
-        worker = worker_factory()
+        worker = worker_factory(**sink)
         wait_until(lambda: sinks.count_rows(data, ["traces"])["traces"] >= 300, 60, "a first file", worker.log)
         worker.kill()  # SIGKILL, mid-stream
         killed_at = sinks.count_rows(data, ["traces"])["traces"]
@@ -76,7 +74,7 @@ def test_sigkill_while_writing_then_restart_leaves_every_event_exactly_once(sett
                 pq.ParquetFile(path).metadata  # noqa: B018 (every visible file is complete)
 
         asyncio.run(produce(settings.broker, settings.topic("traces"), second))
-        restarted = worker_factory()
+        restarted = worker_factory(**sink)
         total = len(first) + len(second)
         floor = total - 4 * 299  # every full file written; at most 299 rows per partition still buffered
         wait_until(lambda: sinks.count_rows(data, ["traces"])["traces"] >= floor, 90, "the replay", restarted.log)
