@@ -53,6 +53,7 @@ from agents.dlq import DeadLetters
 from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor
 from schemas import encode
 from streams.app import raw_topic
+from streams.kafka import client_options
 from streams.checkpoint import CheckpointWriter, decode_state, encode_state, ensure_checkpoint_topic, read_latest
 from streams.deadletter import dead_letter
 from streams.settings import Settings
@@ -181,11 +182,11 @@ def register(app: faust.App, settings: Settings) -> None:
             new = sorted(partitions - set(owned))
             if not new:
                 return
-            await ensure_checkpoint_topic(settings.broker, checkpoint_topic, settings.partitions,
+            await ensure_checkpoint_topic(client_options(settings), checkpoint_topic, settings.partitions,
                                           settings.replication_factor)
             commit: dict[TP, int] = {}
             for partition in new:
-                found = await read_latest(settings.broker, checkpoint_topic, partition)
+                found = await read_latest(client_options(settings), checkpoint_topic, partition)
                 if found is None:
                     state = fresh(partition)
                 else:

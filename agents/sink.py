@@ -37,6 +37,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
 from agents.dlq import DeadLetters
 from sinks.datasets import DATASETS, Dataset
 from sinks.writer import Layout, PartitionWriter, Rotation
+from streams.kafka import client_options
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -230,7 +231,7 @@ class SinkService:
     async def run_once(self) -> None:
         settings = self.settings
         self.consumer = AIOKafkaConsumer(
-            bootstrap_servers=settings.broker,
+            **client_options(settings),
             group_id=f"{settings.app_id}.sink",
             enable_auto_commit=False,
             auto_offset_reset="earliest",

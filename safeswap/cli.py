@@ -45,10 +45,14 @@ class UserError(Exception):
 
 
 def settings_from(broker: str | None = None, **overrides) -> Settings:
+    from streams.kafka import credentials
+
     try:
-        return Settings.from_env(broker=broker, **overrides)
-    except ValueError as exc:
+        settings = Settings.from_env(broker=broker, **overrides)
+        credentials(settings)  # a security misconfiguration is a user error, said before any connection
+    except (ValueError, OSError) as exc:
         raise UserError(str(exc)) from None
+    return settings
 
 
 @app.command()

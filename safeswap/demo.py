@@ -23,12 +23,21 @@ from rich.live import Live
 from rich.table import Table
 
 import sinks
-
 from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
 from safeswap.views import evidence_table
-from schemas import Decision, FeedbackEvent, GuardrailSpec, RolloutPlan, StageSpec, TraceEvent, VariantSpec, encode
+from schemas import (
+    Decision,
+    FeedbackEvent,
+    GuardrailSpec,
+    RolloutPlan,
+    StageSpec,
+    TraceEvent,
+    VariantSpec,
+    encode,
+)
 from streams.broker import EmbeddedBroker
+from streams.kafka import client_options
 from streams.process import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -105,7 +114,7 @@ async def _simulate(settings: Settings, rollout_id: str, max_users: int, deadlin
         # Register the plan (what `safeswap rollout start` does).
         from aiokafka import AIOKafkaProducer
 
-        producer = AIOKafkaProducer(bootstrap_servers=settings.broker)
+        producer = AIOKafkaProducer(**client_options(settings))
         await producer.start()
         try:
             await producer.send_and_wait(settings.topic("plans"), encode(plan), key=rollout_id.encode())

@@ -20,6 +20,7 @@ from aiokafka import AIOKafkaProducer
 
 from schemas import FeedbackEvent, InvalidEvent, TraceEvent, convert, encode
 from streams.deadletter import dead_letter
+from streams.kafka import client_options
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ class Emitter:
     async def _connect(self) -> AIOKafkaProducer:
         delay = 0.2
         while True:
-            producer = AIOKafkaProducer(bootstrap_servers=self.settings.broker, linger_ms=5, request_timeout_ms=10_000)
+            producer = AIOKafkaProducer(**client_options(self.settings), linger_ms=5, request_timeout_ms=10_000)
             try:
                 await producer.start()
                 return producer

@@ -78,6 +78,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from safeswap.assignment import assign, in_candidate
 from schemas import Decision, InvalidEvent, decode
+from streams.kafka import client_options
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -454,7 +455,7 @@ class FlagClient:
         delay = 0.2
         while True:
             consumer = AIOKafkaConsumer(
-                bootstrap_servers=self.settings.broker,
+                **client_options(self.settings),
                 group_id=None,
                 enable_auto_commit=False,
                 fetch_max_wait_ms=self.poll_ms,

@@ -15,7 +15,16 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
 from safeswap.controller import plan_hash
-from schemas import Command, Decision, InvalidEvent, RolloutPlan, RolloutStatus, decode, encode
+from schemas import (
+    Command,
+    Decision,
+    InvalidEvent,
+    RolloutPlan,
+    RolloutStatus,
+    decode,
+    encode,
+)
+from streams.kafka import client_options
 from streams.settings import Settings
 
 
@@ -26,7 +35,7 @@ class RolloutError(Exception):
 async def read_latest(settings: Settings, topic: str, event_type: type, timeout_s: float = 10.0) -> dict[str, Any]:
     """The last decodable record per key of a compacted topic, read from the beginning to its end now."""
     name = settings.topic(topic)
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, group_id=None, enable_auto_commit=False,
+    consumer = AIOKafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False,
                                 request_timeout_ms=int(timeout_s * 1000))
     try:
         await asyncio.wait_for(consumer.start(), timeout_s)
@@ -57,7 +66,7 @@ async def read_latest(settings: Settings, topic: str, event_type: type, timeout_
 
 
 async def _send(settings: Settings, topic: str, key: str, value: bytes) -> None:
-    producer = AIOKafkaProducer(bootstrap_servers=settings.broker, request_timeout_ms=10_000)
+    producer = AIOKafkaProducer(**client_options(settings), request_timeout_ms=10_000)
     try:
         await asyncio.wait_for(producer.start(), 10)
         await producer.send_and_wait(settings.topic(topic), value, key=key.encode())

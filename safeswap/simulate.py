@@ -32,8 +32,16 @@ from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
 from safeswap.plan import parse_duration
 from safeswap.rollouts import start_rollout
-from schemas import Decision, FeedbackEvent, RolloutPlan, RolloutStatus, TraceEvent, decode
+from schemas import (
+    Decision,
+    FeedbackEvent,
+    RolloutPlan,
+    RolloutStatus,
+    TraceEvent,
+    decode,
+)
 from streams.broker import EmbeddedBroker
+from streams.kafka import client_options
 from streams.process import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -286,7 +294,7 @@ class StatusWatcher:
 
     async def start(self) -> "StatusWatcher":
         topic = self.settings.topic("status")
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.broker, group_id=None,
+        self._consumer = AIOKafkaConsumer(**client_options(self.settings), group_id=None,
                                           enable_auto_commit=False, fetch_max_wait_ms=50)
         await self._consumer.start()
         await self._consumer.topics()

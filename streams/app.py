@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import faust
 
+from streams.kafka import credentials
 from streams.settings import Settings
 
 
@@ -35,6 +36,7 @@ def create_app(settings: Settings) -> faust.App:
     app = faust.App(
         settings.app_id,
         broker=faust_broker_url(settings.broker),
+        broker_credentials=credentials(settings),
         store="memory://",
         datadir=settings.state_dir,
         topic_partitions=settings.partitions,

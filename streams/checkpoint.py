@@ -43,8 +43,9 @@ def chunks_of(payload: bytes) -> list[bytes]:
     return [payload[i:i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)] or [b""]
 
 
-async def ensure_checkpoint_topic(bootstrap: str, topic: str, partitions: int, replication: int) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap)
+async def ensure_checkpoint_topic(client: dict, topic: str, partitions: int, replication: int) -> None:
+    """``client``: aiokafka client options (streams.kafka.client_options)."""
+    admin = AIOKafkaAdminClient(**client)
     await admin.start()
     try:
         if topic not in set(await admin.list_topics()):
@@ -82,9 +83,9 @@ class CheckpointWriter:
         return head
 
 
-async def read_latest(bootstrap: str, topic: str, partition: int, timeout_ms: int = 10_000) -> tuple[bytes, dict] | None:
+async def read_latest(client: dict, topic: str, partition: int, timeout_ms: int = 10_000) -> tuple[bytes, dict] | None:
     """The newest complete checkpoint of ``partition``: (payload, head), or None if there is none."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(**client, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
         tp = TopicPartition(topic, partition)

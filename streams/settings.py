@@ -89,6 +89,14 @@ class Settings:
     # Prometheus /metrics of the worker (agents/metrics.py): 0 = off.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
+    # Kafka security (streams/kafka.py): passed to Faust and to every aiokafka client.
+    kafka_security_protocol: str = "PLAINTEXT"  # PLAINTEXT | SSL | SASL_PLAINTEXT | SASL_SSL
+    kafka_sasl_mechanism: str = "PLAIN"  # PLAIN | SCRAM-SHA-256 | SCRAM-SHA-512
+    kafka_sasl_username: str = ""
+    kafka_sasl_password: str = dataclasses.field(default="", repr=False)  # never printed or logged
+    kafka_ssl_cafile: str = ""  # PEM; empty: the system's CAs
+    kafka_ssl_certfile: str = ""  # client certificate (mutual TLS)
+    kafka_ssl_keyfile: str = ""
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":

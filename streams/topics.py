@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from streams.kafka import client_options
 from streams.settings import Settings
 
 COMPACT = {"cleanup.policy": "compact"}
@@ -42,7 +43,7 @@ TOPICS: tuple[TopicSpec, ...] = (
 
 async def ensure_topics(settings: Settings, timeout_s: float = 20.0) -> list[str]:
     """Create every missing topic; returns the names created. Idempotent."""
-    admin = AIOKafkaAdminClient(bootstrap_servers=settings.broker, request_timeout_ms=int(timeout_s * 1000))
+    admin = AIOKafkaAdminClient(**client_options(settings), request_timeout_ms=int(timeout_s * 1000))
     await asyncio.wait_for(admin.start(), timeout_s)
     try:
         existing = set(await admin.list_topics())

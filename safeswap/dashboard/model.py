@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from safeswap.controller import LIVE, PlanConflict, RolloutState, merge_snapshots, on_plan, on_snapshot
+from safeswap.controller import LIVE, PlanConflict, RolloutState, on_plan, on_snapshot
 from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
 from schemas import Decision, RolloutPlan, RolloutStatus, StatsSnapshot
 

@@ -20,7 +20,16 @@ import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from safeswap.dashboard.model import DashboardModel, coalesce
-from schemas import Decision, GuardrailEvidence, InvalidEvent, RolloutPlan, RolloutStatus, StatsSnapshot, decode
+from schemas import (
+    Decision,
+    GuardrailEvidence,
+    InvalidEvent,
+    RolloutPlan,
+    RolloutStatus,
+    StatsSnapshot,
+    decode,
+)
+from streams.kafka import client_options
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -133,7 +142,7 @@ class LiveSource:
         return self
 
     async def _connect(self) -> None:
-        consumer = AIOKafkaConsumer(bootstrap_servers=self.settings.broker, group_id=None, enable_auto_commit=False,
+        consumer = AIOKafkaConsumer(**client_options(self.settings), group_id=None, enable_auto_commit=False,
                                     fetch_max_wait_ms=200, request_timeout_ms=10_000)
         await consumer.start()
         try:

@@ -157,7 +157,7 @@ def test_sigkill_mid_stream_then_restart_gives_the_same_metrics(settings, worker
 
     seen = asyncio.run(processed_first_half(time.monotonic() + 90))
     worker.kill()  # SIGKILL: no revocation, no final checkpoint
-    heads = {p: asyncio.run(read_latest(settings.broker, settings.topic("checkpoints"), p)) for p in ends}
+    heads = {p: asyncio.run(read_latest({"bootstrap_servers": settings.broker}, settings.topic("checkpoints"), p)) for p in ends}
     from streams.checkpoint import decode_state
     covered = {p: (0 if found is None else sum(decode_state(found[0]).offsets.values())) for p, found in heads.items()}
     assert any(covered[p] < seen[p] for p in ends), (covered, seen)  # a gap to replay really existed

@@ -1,0 +1,62 @@
+"""How every Kafka client safeswap makes connects: one mapping from Settings.
+
+Faust gets ``broker_credentials=credentials(settings)``; every aiokafka client
+(the Emitter, the FlagClient, the CLI, the sinks, checkpoints, the dashboard)
+gets ``**client_options(settings)``, which is Faust's own translation of the same
+credentials, so the worker and the clients can never disagree.
+
+    SAFESWAP_KAFKA_SECURITY_PROTOCOL   PLAINTEXT (default) | SSL | SASL_PLAINTEXT | SASL_SSL
+    SAFESWAP_KAFKA_SASL_MECHANISM      PLAIN (default) | SCRAM-SHA-256 | SCRAM-SHA-512
+    SAFESWAP_KAFKA_SASL_USERNAME / SAFESWAP_KAFKA_SASL_PASSWORD
+    SAFESWAP_KAFKA_SSL_CAFILE / _CERTFILE / _KEYFILE   (PEM files; empty: the system CAs)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiokafka.helpers import create_ssl_context
+from faust.auth import SASLCredentials, SSLCredentials
+from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+from streams.settings import Settings
+
+PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL")
+MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
+
+def ssl_context(settings: Settings):
+    return create_ssl_context(
+        cafile=settings.kafka_ssl_cafile or None,
+        certfile=settings.kafka_ssl_certfile or None,
+        keyfile=settings.kafka_ssl_keyfile or None,
+    )
+
+
+def credentials(settings: Settings) -> SASLCredentials | SSLCredentials | None:
+    """Faust credentials for the configured protocol; None for PLAINTEXT."""
+    protocol = settings.kafka_security_protocol.upper()
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"SAFESWAP_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol!r}: "
+                         f"use one of {', '.join(PROTOCOLS)}")
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol == "SSL":
+        return SSLCredentials(ssl_context(settings))
+    mechanism = (settings.kafka_sasl_mechanism or "PLAIN").upper()
+    if mechanism not in MECHANISMS:
+        raise ValueError(f"SAFESWAP_KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism!r}: "
+                         f"use one of {', '.join(MECHANISMS)}")
+    if not settings.kafka_sasl_username:
+        raise ValueError(f"{protocol} needs SAFESWAP_KAFKA_SASL_USERNAME and SAFESWAP_KAFKA_SASL_PASSWORD")
+    return SASLCredentials(
+        username=settings.kafka_sasl_username,
+        password=settings.kafka_sasl_password,
+        ssl_context=ssl_context(settings) if protocol == "SASL_SSL" else None,
+        mechanism=mechanism,
+    )
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for any aiokafka client: bootstrap servers plus security."""
+    return {"bootstrap_servers": settings.broker, **credentials_to_aiokafka_auth(credentials(settings))}
