@@ -71,6 +71,7 @@ class Owned:
 def register(app: faust.App, settings: Settings) -> None:
     inputs = raw_topic(app, settings, "traces", "feedback")
     stats_topic = raw_topic(app, settings, "stats")
+    outcomes_topic = raw_topic(app, settings, "outcomes")
     dead_letters = DeadLetters(app, settings, agent="outcomes")
     traces_name, feedback_name = settings.topic("traces"), settings.topic("feedback")
     checkpoint_topic = settings.topic("checkpoints")
@@ -111,7 +112,9 @@ def register(app: faust.App, settings: Settings) -> None:
                  head["generation"], f"{len(payload):,}", processor.offsets)
 
     def fresh(partition: int) -> Owned:
-        return Owned(OutcomeProcessor(partition, config), CheckpointWriter(partition))
+        processor = OutcomeProcessor(partition, config)
+        processor.collect_outcomes = True
+        return Owned(processor, CheckpointWriter(partition))
 
     @app.agent(inputs, name="outcomes", concurrency=1)
     async def outcomes(stream: faust.StreamT) -> None:
@@ -136,6 +139,10 @@ def register(app: faust.App, settings: Settings) -> None:
                     if reason is not None:
                         await dead_letter_to(message.topic, message.partition, message.offset, message.key,
                                              message.value, reason)
+                    if processor.outcome_records:  # responses that became final: their records
+                        records, processor.outcome_records = processor.outcome_records, []
+                        for record in records:
+                            await outcomes_topic.send(key=record.user_id.encode(), value=encode(record))
                     while processor.rejected:
                         (topic, partition, offset, key, value), why = processor.rejected.pop(0)
                         await dead_letter_to(topic, partition, offset, key, value, why)
@@ -193,6 +200,7 @@ def register(app: faust.App, settings: Settings) -> None:
                     payload, head = found
                     processor = decode_state(payload)
                     processor.config = config
+                    processor.collect_outcomes = True
                     state = Owned(processor, CheckpointWriter(partition, head["generation"]))
                 owned[partition] = state
                 for topic in (traces_name, feedback_name):

@@ -37,7 +37,9 @@ from rapidfuzz import fuzz
 from rapidfuzz.distance import Levenshtein
 
 from safeswap.metrics import M, VariantSums
-from schemas import FeedbackEvent, InvalidEvent, StatsSnapshot, TraceEvent, decode
+import msgspec
+
+from schemas import FeedbackEvent, InvalidEvent, OutcomeRecord, StatsSnapshot, TraceEvent, decode
 from schemas.events import rfc3339
 from streams.dedup import DueQueue, Watermarks
 from streams.join import PendingJoin, expired, joinable
@@ -90,12 +92,15 @@ class OutcomeConfig:
 class Response:
     """One served response and what is known about it so far."""
 
-    __slots__ = ("trace_id", "ts", "variant", "totals", "prompt", "text", "error", "cost", "closed",
+    __slots__ = ("trace", "trace_id", "ts", "variant", "totals", "prompt", "text", "error", "cost", "closed", "last",
                  "down", "up", "edited", "edit_key", "dist", "dist_words",
                  "explicit_retry", "implicit_retry", "explicit_follow", "has_next", "counted_retry",
                  "counted_follow", "last_negative", "last_positive", "abandon_feedback")
 
     def __init__(self, trace: TraceEvent, max_chars: int, totals: list[float]) -> None:
+        # for its outcome record; without the texts, which may be large
+        self.trace = msgspec.structs.replace(trace, prompt_text=None, response_text=None)
+        self.last = False  # closed as the last response of its session
         self.trace_id = trace.trace_id
         self.ts = trace.ts
         self.variant = trace.variant
@@ -122,6 +127,19 @@ class Response:
             return True
         negative, positive = self.last_negative, self.last_positive
         return negative is not None and (positive is None or positive < negative)
+
+
+def outcome_record(response: Response) -> OutcomeRecord:
+    trace = response.trace
+    return OutcomeRecord(
+        event_id=f"outcome-{trace.trace_id}", ts=trace.ts, rollout_id=trace.rollout_id, trace_id=trace.trace_id,
+        variant=trace.variant, user_id=trace.user_id, session_id=trace.session_id,
+        prompt_version=trace.prompt_version, model_version=trace.model_version, latency_ms=trace.latency_ms,
+        cost_usd=trace.cost_usd, cache_hit=trace.cache_hit, error=trace.error, thumbs_up=response.up,
+        thumbs_down=response.down, edited=response.edited, edit_distance=response.dist,
+        edit_distance_words=response.dist_words, retried=response.counted_retry,
+        follow_up=response.counted_follow,
+        session_last=response.last, abandoned=response.last and response.abandoned())
 
 
 def _sort_key(response: Response) -> tuple[int, str]:
@@ -184,6 +202,9 @@ class OutcomeProcessor:
         self.rejected: list[tuple[Any, str]] = []
         self.events_since_snapshot = 0
         self.events_since_checkpoint = 0
+        # The agent sets this and drains the records (replay leaves it off).
+        self.collect_outcomes = False
+        self.outcome_records: list[OutcomeRecord] = []
 
     @property
     def _hold_ms(self) -> int:
@@ -455,7 +476,9 @@ class OutcomeProcessor:
         ttl = config.join_ttl_ms
         by_trace = user.by_trace
         for trace_id in [t for t, r in by_trace.items() if r.closed and expired(r.ts, watermark, ttl)]:
-            del by_trace[trace_id]
+            final = by_trace.pop(trace_id)
+            if self.collect_outcomes:  # nothing can change it any more: its outcome record
+                self.outcome_records.append(outcome_record(final))
         if user.pending.waiting:
             for feedback, origin in user.pending.expire(watermark, ttl):
                 self.rejected.append((origin, self._reject(
@@ -489,6 +512,7 @@ class OutcomeProcessor:
         sums.sessions += 1
         for response in responses:
             response.closed = True
+        last.last = True
         self.dirty.add(user.rollout_id)
 
     # -- bookkeeping ----------------------------------------------------------------------

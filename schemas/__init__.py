@@ -1,6 +1,7 @@
 """Wire contracts: events, plans, decisions. No Faust or Kafka imports here."""
 
 from schemas.events import (
+    OutcomeRecord,
     Command,
     RolloutStatus,
     StageSpec,
@@ -22,6 +23,7 @@ from schemas.events import (
 )
 
 __all__ = [
+    "OutcomeRecord",
     "Command",
     "RolloutStatus",
     "StageSpec",

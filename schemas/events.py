@@ -265,6 +265,38 @@ class Command(msgspec.Struct, kw_only=True):
     ts: int = 0
 
 
+class OutcomeRecord(msgspec.Struct, kw_only=True):
+    """What happened after one response, once it is final (its session closed and
+    the feedback join TTL passed). Published by the outcomes agent to
+    ``safeswap.outcomes`` keyed by user_id, for the Parquet ``outcomes`` dataset.
+    At least once: after a crash a record may repeat; ``event_id`` is stable
+    (``outcome-<trace_id>``), so dedup on it."""
+
+    event_id: str
+    ts: int  # the response's event time
+    rollout_id: str
+    trace_id: str
+    variant: str
+    user_id: str
+    session_id: str
+    prompt_version: str
+    model_version: str
+    latency_ms: float
+    cost_usd: float
+    cache_hit: bool
+    error: str
+    thumbs_up: bool
+    thumbs_down: bool
+    edited: bool
+    edit_distance: float | None = None
+    edit_distance_words: float | None = None
+    retried: bool
+    follow_up: bool
+    session_last: bool  # the last response of its session
+    abandoned: bool  # the session was abandoned here (only ever true on a session's last response)
+    schema_version: int = SCHEMA_VERSION
+
+
 class DeadLetter(msgspec.Struct, kw_only=True):
     """An input that could not be used, with where it came from and why."""
 
@@ -365,6 +397,7 @@ class StatsSnapshot(msgspec.Struct, kw_only=True):
 
 EVENT_TYPES["stats_snapshot"] = StatsSnapshot
 EVENT_TYPES["rollout_status"] = RolloutStatus
+EVENT_TYPES["outcome"] = OutcomeRecord
 EVENT_TYPES["command"] = Command
 
 

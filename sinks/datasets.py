@@ -29,8 +29,8 @@ from typing import Any, Callable, Literal
 import msgspec
 import pyarrow as pa
 
-from schemas import DeadLetter, Decision, FeedbackEvent, RolloutPlan, StatsSnapshot, TraceEvent
-from schemas.events import EventTime, Judgment, ShadowPair, to_epoch_ms
+from schemas import DeadLetter, Decision, FeedbackEvent, OutcomeRecord, RolloutPlan, StatsSnapshot, TraceEvent
+from schemas.events import Judgment, ShadowPair
 
 TS = pa.timestamp("ms", tz="UTC")
 DAY_MS = 86_400_000
@@ -158,34 +158,6 @@ class Dataset:
 # struct lands, point the dataset at it and keep the columns (or add at the end).
 
 
-class OutcomeRecord(msgspec.Struct, kw_only=True):
-    """Per-response outcome (outcomes issue): what happened after one response."""
-
-    ts: EventTime
-    rollout_id: str
-    trace_id: str
-    event_id: str | None = None
-    variant: str | None = None
-    user_id: str | None = None
-    session_id: str | None = None
-    prompt_version: str | None = None
-    model_version: str | None = None
-    latency_ms: float | None = None
-    cost_usd: float | None = None
-    error: str | None = None
-    thumbs_up: bool | None = None
-    thumbs_down: bool | None = None
-    edited: bool | None = None
-    edit_distance: float | None = None
-    retried: bool | None = None
-    abandoned: bool | None = None
-    follow_up: bool | None = None
-    copied: bool | None = None
-
-    def __post_init__(self) -> None:
-        self.ts = to_epoch_ms(self.ts)
-
-
 def _cols(*spec: tuple) -> tuple[Col, ...]:
     return tuple(Col(*item) if isinstance(item, tuple) else item for item in spec)
 
@@ -214,17 +186,20 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
         ("event_id", S), ("ts", TS), ("trace_id", S), ("user_id", S), ("session_id", S), ("variant", S),
         ("kind", S), ("final_text", S),
     )),
-    Dataset("outcomes", "outcomes", OutcomeRecord, 1, _cols(
+    Dataset("outcomes", "outcomes", OutcomeRecord, 2, _cols(
         ("event_id", S), ("ts", TS), ("trace_id", S), ("variant", S), ("user_id", S), ("session_id", S),
-        ("prompt_version", S), ("model_version", S), ("latency_ms", F), ("cost_usd", F), ("error", S),
-        ("thumbs_up", B), ("thumbs_down", B), ("edited", B), ("edit_distance", F), ("retried", B),
-        ("abandoned", B), ("follow_up", B), ("copied", B),
+        ("prompt_version", S), ("model_version", S), ("latency_ms", F), ("cost_usd", F), ("cache_hit", B),
+        ("error", S), ("thumbs_up", B), ("thumbs_down", B), ("edited", B), ("edit_distance", F),
+        ("edit_distance_words", F), ("retried", B), ("follow_up", B), ("session_last", B), ("abandoned", B),
+        ("schema_version", pa.int32()),
     )),
-    Dataset("stats", "stats", StatsSnapshot, 1, _cols(
+    Dataset("stats", "stats", StatsSnapshot, 2, _cols(
         ("source_partition", pa.int32(), "partition"), ("seq", I), ("ts", TS),
         ("users_json", S, "users", "json"), ("metrics_json", S, "metrics", "json"), ("schema_version", pa.int32()),
         ("models_json", S, "models", "json"), ("counts_json", S, "counts", "json"),
         ("first_exposures_json", S, "first_exposures", "json"), ("crossover_users", I),
+        # v2: which agent published it ("outcomes" snapshots vs "shadow:<worker>" judge statistics)
+        ("source", S), ("shadow_json", S, "shadow", "json"),
     )),
     Dataset("decisions", "decisions", Decision, 1, _cols(
         ("seq", I), ("ts", TS), ("action", S), ("stage", S), ("percent", F), ("salt", S), ("reason", S),

@@ -214,3 +214,29 @@ def test_exposures_count_visits_by_their_first_variant_and_crossovers_count_leak
     snapshot = processor.snapshot("r1", 1)
     assert snapshot.first_exposures == {"control": 3, "candidate": 1}
     assert snapshot.crossover_users == 1
+
+
+def test_a_final_response_yields_one_outcome_record_with_what_happened():
+    events = [trace(1, T0), trace(2, T0 + 20_000, prompt="how do I reset my password?"),  # implicit retry of 1
+              feedback(1, 2, T0 + 30_000, "edit", final_text="Open settings, then reset."),
+              feedback(2, 2, T0 + 40_000, "thumbs_up"),
+              trace(3, T0 + 5 * 60 * MIN, user="u2", error="timeout")]  # alone in its session, ended in an error
+    processor = OutcomeProcessor(0)
+    processor.collect_outcomes = True
+    for event in events:
+        assert processor.apply(event, NOW) is None
+    processor.finish()
+    records = {r.trace_id: r for r in processor.outcome_records}
+    assert set(records) == {"t-1", "t-2", "t-3"}
+    assert records["t-1"].retried and not records["t-1"].session_last and not records["t-1"].abandoned
+    second = records["t-2"]
+    assert second.edited and second.thumbs_up and second.session_last and not second.abandoned
+    assert second.edit_distance == pytest.approx(Levenshtein.normalized_distance(
+        "Open settings and click reset.", "Open settings, then reset."))
+    assert records["t-3"].abandoned and records["t-3"].error == "timeout"
+    assert records["t-2"].event_id == "outcome-t-2" and records["t-2"].model_version == "m1"
+    off = OutcomeProcessor(0)
+    for event in events:
+        off.apply(event, NOW)
+    off.finish()
+    assert off.outcome_records == []  # replay leaves collection off: nothing accumulates
