@@ -55,12 +55,24 @@ def _print(frame, fmt: str, title: str) -> None:
     else:
         from rich.table import Table
 
-        table = Table(title=title)
-        for name in frame.columns:
-            table.add_column(name, overflow="fold")
-        for row in frame.iter_rows():
-            table.add_row(*("" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v) for v in row))
-        Console(soft_wrap=False).print(table)
+        console = Console(soft_wrap=False)
+        cell = lambda v: "" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)  # noqa: E731
+        # A wide result (the per-variant summary) reads better turned on its side:
+        # one row per column, one column per result row.
+        if frame.width * 12 > console.width and frame.height <= 12:
+            table = Table(title=title)
+            table.add_column("", style="bold")
+            for index in range(frame.height):
+                table.add_column(f"#{index + 1}", overflow="fold")
+            for name in frame.columns:
+                table.add_row(name, *(cell(v) for v in frame.get_column(name).to_list()))
+        else:
+            table = Table(title=title)
+            for name in frame.columns:
+                table.add_column(name, overflow="fold")
+            for row in frame.iter_rows():
+                table.add_row(*(cell(v) for v in row))
+        console.print(table)
 
 
 def register(app: typer.Typer) -> None:
@@ -77,8 +89,9 @@ def register(app: typer.Typer) -> None:
         rollout: Annotated[Optional[str], typer.Option("--rollout", help="Only this rollout_id.")] = None,
         fmt: Annotated[str, typer.Option("--format", help="table|csv|json")] = "table",
         limit: Annotated[int, typer.Option(help="At most this many rows (0: all).", min=0)] = 200,
-        exact: Annotated[bool, typer.Option("--exact", help="summary: exact distinct users/sessions and p95 "
-                                            "latency (slower).")] = False,
+        exact: Annotated[Optional[bool], typer.Option("--exact/--approx", help="summary: exact distinct users/"
+                                            "sessions and p95 latency, or estimates (fast on 10M+ rows); "
+                                            "default: exact below 2M rows.")] = None,
     ) -> None:
         """Ask the Parquet datasets: per-variant summary, decision timeline, users in both arms, or SQL."""
         import polars as pl
@@ -93,7 +106,7 @@ def register(app: typer.Typer) -> None:
             _fail(f"unknown query {name!r} (fix: use one of {names}, or --sql)")
         folder = _data_dir(data)
         try:
-            frame = run_sql(folder, sql) if sql is not None else (QUERIES[name](folder, rollout_id=rollout, exact=True) if exact and name == "summary"
+            frame = run_sql(folder, sql) if sql is not None else (QUERIES[name](folder, rollout_id=rollout, exact=exact) if name == "summary"
                                                    else QUERIES[name](folder, rollout_id=rollout))
             if limit:
                 frame = frame.limit(limit)
