@@ -247,7 +247,7 @@ class GuardrailMonitor:
             breach = self.ci_low > self.threshold
         else:
             breach = self.ci_high < self.threshold
-        level = f"{(1 - self.alpha) * 100:g}%"
+        level = f"{(1 - self.alpha) * 100:.3g}%"  # 98.3%, not 98.3333%
         ci = f"always-valid {level} CI {_fmt(self.ci_low, relative)}..{_fmt(self.ci_high, relative)}"
         head = f"{self.metric} {_fmt(estimate, relative)} vs control ({ci})"
         limit = f"the {_fmt(self.threshold, relative)} limit"
