@@ -47,6 +47,7 @@ import time
 from dataclasses import dataclass
 
 import faust
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from faust.types import TP
 
 from agents.dlq import DeadLetters
@@ -116,6 +117,59 @@ def register(app: faust.App, settings: Settings) -> None:
         processor.collect_outcomes = True
         return Owned(processor, CheckpointWriter(partition))
 
+    async def fold(state: Owned, topic: str, partition: int, offset: int, key: bytes | None,
+                   value: bytes | None) -> None:
+        """One source message into the partition's state (the caller holds the lock)."""
+        processor = state.processor
+        source = TRACE if topic == traces_name else FEEDBACK
+        origin = (topic, partition, offset, key, value)
+        try:
+            reason = processor.fold_raw(source, value or b"", int(time.time() * 1000), origin)
+        except Exception as exc:  # a bug must not stop the partition: DLQ it, go on
+            log.exception("outcomes: failed on %s[%s]@%s", topic, partition, offset)
+            reason = processor.reject_invalid(f"internal error: {exc!r}")
+        processor.offsets[topic] = offset + 1
+        if reason is not None:
+            await dead_letter_to(topic, partition, offset, key, value, reason)
+        while processor.rejected:
+            (r_topic, r_partition, r_offset, r_key, r_value), why = processor.rejected.pop(0)
+            await dead_letter_to(r_topic, r_partition, r_offset, r_key, r_value, why)
+        if processor.events_since_snapshot >= settings.snapshot_every_events:
+            await publish(state)
+        if processor.events_since_checkpoint >= settings.checkpoint_every_events:
+            await checkpoint(partition, state)
+
+    async def fill_gap(state: Owned, topic: str, partition: int, start: int, stop: int) -> None:
+        """Fold offsets ``start..stop-1``, read directly from Kafka.
+
+        After an assignment Faust resumes each partition at the group's committed
+        offset. The assignment hook commits the checkpoint's offsets, but Faust's
+        recovery can seek before the hook has committed (the hook reads every
+        checkpoint first; found by tests/faults/test_sigkill.py), and then the
+        stream starts *after* the checkpoint: the events between the checkpoint
+        and Faust's last commit would never reach the state. Such a gap between
+        the state's offset and the first message is read here instead, with a
+        consumer of its own (a seek would race Faust's fetcher)."""
+        log.warning("outcomes: %s[%d] resumed at %d but the state covers only up to %d: reading the gap",
+                    topic, partition, stop, start)
+        consumer = AIOKafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False,
+                                    auto_offset_reset="earliest")
+        await consumer.start()
+        try:
+            tp = TopicPartition(topic, partition)
+            consumer.assign([tp])
+            consumer.seek(tp, start)
+            while state.processor.offsets.get(topic, 0) < stop:
+                batch = await consumer.getmany(tp, timeout_ms=1000)
+                records = [r for r in batch.get(tp, []) if r.offset < stop]
+                if not records and await consumer.position(tp) >= stop:
+                    break  # nothing left below stop (deleted by retention, say)
+                for record in records:
+                    if record.offset >= state.processor.offsets.get(topic, 0):
+                        await fold(state, topic, partition, record.offset, record.key, record.value)
+        finally:
+            await consumer.stop()
+
     @app.agent(inputs, name="outcomes", concurrency=1)
     async def outcomes(stream: faust.StreamT) -> None:
         async for event in stream.events():
@@ -125,31 +179,13 @@ def register(app: faust.App, settings: Settings) -> None:
                     state = owned.get(message.partition)
                     if state is None:  # not seen through the assignment hook (e.g. test_context)
                         state = owned[message.partition] = fresh(message.partition)
-                    processor = state.processor
-                    if message.offset < processor.offsets.get(message.topic, 0):
+                    covered = state.processor.offsets.get(message.topic, 0)
+                    if message.offset < covered:
                         continue  # already in the state: the checkpoint covers it
-                    source = TRACE if message.topic == traces_name else FEEDBACK
-                    origin = (message.topic, message.partition, message.offset, message.key, message.value)
-                    try:
-                        reason = processor.fold_raw(source, message.value or b"", int(time.time() * 1000), origin)
-                    except Exception as exc:  # a bug must not stop the partition: DLQ it, go on
-                        log.exception("outcomes: failed on %s[%s]@%s", message.topic, message.partition, message.offset)
-                        reason = processor.reject_invalid(f"internal error: {exc!r}")
-                    processor.offsets[message.topic] = message.offset + 1
-                    if reason is not None:
-                        await dead_letter_to(message.topic, message.partition, message.offset, message.key,
-                                             message.value, reason)
-                    if processor.outcome_records:  # responses that became final: their records
-                        records, processor.outcome_records = processor.outcome_records, []
-                        for record in records:
-                            await outcomes_topic.send(key=record.user_id.encode(), value=encode(record))
-                    while processor.rejected:
-                        (topic, partition, offset, key, value), why = processor.rejected.pop(0)
-                        await dead_letter_to(topic, partition, offset, key, value, why)
-                    if processor.events_since_snapshot >= settings.snapshot_every_events:
-                        await publish(state)
-                    if processor.events_since_checkpoint >= settings.checkpoint_every_events:
-                        await checkpoint(message.partition, state)
+                    if message.offset > covered:
+                        await fill_gap(state, message.topic, message.partition, covered, message.offset)
+                    await fold(state, message.topic, message.partition, message.offset, message.key,
+                               message.value)
             except Exception:  # never leave the loop (Faust would skip the event and restart us)
                 log.exception("outcomes: failed around %s[%s]@%s", message.topic, message.partition, message.offset)
 
