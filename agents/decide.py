@@ -36,6 +36,10 @@ def register(app: faust.App, settings: Settings) -> None:
     table = app.Table(
         "rollouts",
         partitions=settings.partitions,
+        # The changelog's own serializers come from key_type/value_type (not from
+        # schema): without value_type=bytes a recovered value came back JSON-decoded.
+        key_type=str,
+        value_type=bytes,
         schema=faust.Schema(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"),
     )
     cache: dict[str, RolloutState] = {}
@@ -48,7 +52,9 @@ def register(app: faust.App, settings: Settings) -> None:
     def load(rollout_id: str) -> RolloutState | None:
         state = cache.get(rollout_id)
         if state is None and (raw := table.get(rollout_id)) is not None:
-            state = cache[rollout_id] = RolloutState.from_dict(msgspec.json.decode(raw))
+            # bytes; a dict when recovered from a changelog written before value_type=bytes
+            data = raw if isinstance(raw, dict) else msgspec.json.decode(raw)
+            state = cache[rollout_id] = RolloutState.from_dict(data)
         return state
 
     @app.agent(inputs, name="decide", concurrency=1)
