@@ -105,7 +105,7 @@ class DatasetSink:
                 row = row_of(value)
                 if self.needs_time:
                     row = row + (record.timestamp,)
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:  # bad UTF-8 in a string
                 writer.pass_over(offset)
                 rejects.append((self, record, f"invalid {self.struct_name}: {exc}"))
                 continue

@@ -334,6 +334,8 @@ def decode(event_type: type[msgspec.Struct], raw: bytes | str) -> Any:
         raise InvalidEvent(f"invalid {event_type.__name__}: {exc}") from None
     except msgspec.DecodeError as exc:
         raise InvalidEvent(f"undecodable {event_type.__name__}: {exc}") from None
+    except UnicodeDecodeError as exc:  # msgspec raises it for bad UTF-8 inside a JSON string
+        raise InvalidEvent(f"undecodable {event_type.__name__}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
 
 
 def convert(event_type: type[msgspec.Struct], fields: dict[str, Any]) -> Any:
