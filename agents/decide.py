@@ -84,10 +84,14 @@ def register(app: faust.App, settings: Settings) -> None:
                     state = load(rollout_id)
                     decision = on_snapshot(state, snapshot) if state is not None else None
             except (InvalidEvent, PlanConflict, ValueError) as exc:
+                if rollout_id is not None:  # a half-applied event must not stay in the state:
+                    cache.pop(rollout_id, None)  # the table holds the last good one
                 await dead_letters.send(message, str(exc))
                 continue
             except Exception as exc:  # never leave the loop
                 log.exception("decide: failed on %s[%s]@%s", message.topic, message.partition, message.offset)
+                if rollout_id is not None:
+                    cache.pop(rollout_id, None)
                 await dead_letters.send(message, f"internal error: {exc!r}")
                 continue
             state = cache.get(rollout_id) if rollout_id else None
