@@ -131,6 +131,10 @@ def register(app: faust.App, settings: Settings) -> None:
         processor.offsets[topic] = offset + 1
         if reason is not None:
             await dead_letter_to(topic, partition, offset, key, value, reason)
+        if processor.outcome_records:  # responses that became final: their records
+            records, processor.outcome_records = processor.outcome_records, []
+            for record in records:
+                await outcomes_topic.send(key=record.user_id.encode(), value=encode(record))
         while processor.rejected:
             (r_topic, r_partition, r_offset, r_key, r_value), why = processor.rejected.pop(0)
             await dead_letter_to(r_topic, r_partition, r_offset, r_key, r_value, why)
@@ -216,12 +220,33 @@ def register(app: faust.App, settings: Settings) -> None:
                     except Exception:  # the next owner replays from the previous checkpoint
                         log.exception("outcomes: checkpoint on revocation of partition %d failed", partition)
 
+    async def forget_recreated_topics(partitions: set[int]) -> None:
+        """A log that now ends before the offset a state has covered was recreated
+        (an empty broker came back, a topic was deleted and made again): read it
+        from its start, or every new event would pass for one already counted."""
+        if not partitions:
+            return
+        consumer = AIOKafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False)
+        await consumer.start()
+        try:
+            ends = await consumer.end_offsets([TopicPartition(t, p) for t in (traces_name, feedback_name)
+                                               for p in partitions])
+        finally:
+            await consumer.stop()
+        for tp, end in ends.items():
+            offsets = owned[tp.partition].processor.offsets
+            if end < offsets.get(tp.topic, 0):
+                log.warning("outcomes: %s[%d] now ends at %d, before the %d this state covers: the topic was "
+                            "recreated; reading it from its start", tp.topic, tp.partition, end, offsets[tp.topic])
+                offsets[tp.topic] = 0
+
     @app.on_partitions_assigned.connect
     async def on_assigned(sender, assigned, **kwargs) -> None:  # noqa: ARG001
         partitions = {tp.partition for tp in assigned if tp.topic == traces_name}
         async with lock:
             for gone in set(owned) - partitions:
                 owned.pop(gone)
+            await forget_recreated_topics(partitions & set(owned))
             new = sorted(partitions - set(owned))
             if not new:
                 return

@@ -62,6 +62,7 @@ def test_a_a_rollout_walks_every_stage_and_completes(tmp_path):
     assert all(d["reason"] and d["ts"] > 0 for d in out["decisions"])
     assert out["state"]["stage"] == "complete"
     assert out["rows"]["traces"] > 0 and out["rows"]["decisions"] >= 4 and out["data_dir"]
+    assert out["rows"]["outcomes"] > 0  # final per-response outcomes reach their dataset
 
 
 @pytest.mark.integration
