@@ -24,36 +24,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safeswap.outcomes import FEEDBACK, TRACE, OutcomeProcessor  # noqa: E402
-from schemas import FeedbackEvent, TraceEvent, decode, encode  # noqa: E402
+from safeswap.outcomes import TRACE, OutcomeProcessor  # noqa: E402
+from safeswap.bench import BARE_APP, T0, make_events  # noqa: E402,F401  (T0: the event-time origin)
+from schemas import FeedbackEvent, TraceEvent, decode  # noqa: E402
 
-T0 = 1_700_000_000_000
-WORDS = ["alpha", "beta", "gamma", "delta", "kafka", "faust", "token", "model", "prompt", "answer"]
-
-
-def make_events(n_events: int, users: int, seed: int = 1, text_chars: int = 500):
-    """(source, raw bytes) in event-time order: each user sends a few requests 20-200 s apart."""
-    rng = random.Random(seed)
-    out = []
-    ts = T0
-    i = 0
-    while len(out) < n_events:
-        user = f"user-{rng.randrange(users)}"
-        variant = "candidate" if hash(user) & 1 else "control"
-        text = " ".join(rng.choice(WORDS) for _ in range(text_chars // 6))[:text_chars]
-        trace = TraceEvent(event_id=f"e{i}", ts=ts, rollout_id="bench", variant=variant, user_id=user, session_id="s",
-                           trace_id=f"t{i}", prompt_version="p", model_version="m", latency_ms=rng.lognormvariate(6, .5),
-                           input_tokens=100, output_tokens=200, cost_usd=0.001, cache_hit=rng.random() < .3,
-                           prompt_text=rng.choice(WORDS) * 5, response_text=text)
-        out.append((TRACE, encode(trace)))
-        if rng.random() < 0.3:
-            kind = rng.choice(["thumbs_down", "thumbs_up", "edit", "retry", "copy"])
-            out.append((FEEDBACK, encode(FeedbackEvent(
-                event_id=f"f{i}", ts=ts + 2000, trace_id=f"t{i}", user_id=user, session_id="s", rollout_id="bench",
-                variant=variant, kind=kind, final_text=text[:300] + " edited" if kind == "edit" else None))))
-        i += 1
-        ts += rng.randint(1, 40)
-    return out
+# One way to make events and run the bare-Faust baseline: shared with `safeswap bench` (safeswap/bench.py).
 
 
 def bench_step(n_events: int) -> dict:
@@ -107,26 +82,6 @@ def bench_memory(users: int) -> dict:
     return {"users": users, "seconds": round(time.perf_counter() - start, 1), "samples": samples,
             "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
             "note": "state held = users active within gap + join TTL + lateness of event time (~1.1 h = ~78k users here)"}
-
-
-BARE_APP = '''
-import faust, sys, time
-topic_name, total, broker, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
-app = faust.App("bare-" + str(int(time.time())), broker="kafka://" + broker, store="memory://", web_enabled=False,
-                broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0,
-                consumer_auto_offset_reset="earliest")
-topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
-state = {"n": 0, "t0": None}
-@app.agent(topic, concurrency=1)
-async def bare(stream):
-    async for event in stream.events():
-        if state["t0"] is None: state["t0"] = time.perf_counter()
-        state["n"] += 1
-        if state["n"] >= total:
-            open(out, "w").write(str(total / (time.perf_counter() - state["t0"])))
-sys.argv = [sys.argv[0], "worker", "-l", "warn"]
-app.main()
-'''
 
 
 def bench_agent(n_events: int) -> dict:

@@ -364,6 +364,7 @@ def _register_extensions() -> None:
     stats_cli.register(app, plan_app)
     __import__("sinks.cli").cli.register(app)  # safeswap query, safeswap compact
     __import__("safeswap.dashboard").dashboard.register(app)  # safeswap dashboard
+    __import__("safeswap.bench", fromlist=["register"]).register(app)  # safeswap bench (docs/performance.md)
     for name in ("evalgate", "judge"):  # safeswap eval-gate, safeswap judge (docs/shadow.md)
         __import__(f"safeswap.{name}", fromlist=["register"]).register(app)
 
