@@ -38,6 +38,8 @@ class Settings:
     log_level: str = "warn"
     # Emitter: events buffered in the app before it starts dropping (and counting).
     emitter_buffer: int = 10_000
+    # Emitter: how long an event is retried (broker down, no leader) before it counts as a send error.
+    emitter_delivery_timeout_s: float = 120.0
     # Outcomes (docs/metrics.md): event-time windows of the outcomes agent.
     session_gap_s: float = 1800.0  # a session ends after this long without a request
     retry_window_s: float = 60.0  # a similar next request within this is an implicit retry

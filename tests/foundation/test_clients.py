@@ -36,7 +36,7 @@ def test_emitter_with_unreachable_broker_never_blocks_and_counts_drops():
 
     accepted, stats = asyncio.run(scenario())
     assert sum(accepted) == 100 and stats.dropped_full == 900  # bounded buffer, counted drops
-    assert stats.sent == 0
+    assert stats.sent == 0 and stats.send_errors == 100  # every accepted event accounted for at stop
 
 
 def test_emitter_sends_invalid_events_to_the_dlq_and_returns_false(settings):
