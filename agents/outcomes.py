@@ -16,8 +16,12 @@ FIELD_NOTES), so the state is not kept in a table. Instead:
    every ``checkpoint_every_events`` events or ``checkpoint_interval_s`` seconds,
    on revocation and on clean shutdown, written to the compacted topic
    ``<prefix>.checkpoints`` (streams.checkpoint: chunked, two alternating slots,
-   a head record written last, sha256-verified). Before writing, the producer is
-   flushed, so every DLQ record of the covered events is delivered first.
+   a head record written last, sha256-verified). Before the state is taken, the
+   producer is flushed, so every DLQ record of the covered events is delivered
+   first. The state is taken by ``fork()`` under the lock (a copy-on-write image,
+   milliseconds) and encoded and written in the background while events go on;
+   one checkpoint per partition is in flight at a time, and a revoked partition
+   waits for its checkpoint before it is handed over.
 3. **On (re)assignment** of partition *p* (Faust's ``on_partitions_assigned``
    signal: the consumer is paused and Faust has not yet done its "seek to
    committed" of the recovery step), the agent loads *p*'s last checkpoint and
@@ -55,7 +59,7 @@ from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor
 from schemas import encode
 from streams.app import raw_topic
 from streams.kafka import client_options
-from streams.checkpoint import CheckpointWriter, decode_state, encode_state, ensure_checkpoint_topic, read_latest
+from streams.checkpoint import CheckpointWriter, ForkedEncoding, decode_state, ensure_checkpoint_topic, read_latest
 from streams.deadletter import dead_letter
 from streams.settings import Settings
 
@@ -67,13 +71,18 @@ DLQ_VALUE_LIMIT = 256 * 1024  # larger originals are cut in the DLQ record (the 
 class Owned:
     processor: OutcomeProcessor
     writer: CheckpointWriter
-    # A checkpoint pickles the whole partition and blocks the event loop while it
-    # does: its cost sets how often it may run (see checkpoint_due).
+    # A checkpoint pickles the whole partition (in a forked child, but on the same
+    # two cores): its cost sets how often it may run (see checkpoint_due).
     last_checkpoint: float = 0.0  # time.monotonic()
     encode_s: float = 0.0  # how long the last one took to encode
+    writing: asyncio.Task | None = None  # the checkpoint being encoded and written
+
+    def writing_done(self) -> bool:
+        return self.writing is None or self.writing.done()
 
 
 CHECKPOINT_COST_FACTOR = 20
+STALL_CHECK_S = 5.0  # how long a partition's state may stand still while its log has more (read_stalled_gaps)
 
 
 def register(app: faust.App, settings: Settings) -> None:
@@ -104,29 +113,40 @@ def register(app: faust.App, settings: Settings) -> None:
         for snapshot in processor.take_dirty_snapshots(seq=sum(processor.offsets.values())):
             await stats_topic.send(key=snapshot.rollout_id.encode(), value=encode(snapshot))
 
-    async def checkpoint(partition: int, state: Owned) -> None:
+    async def checkpoint(partition: int, state: Owned) -> asyncio.Task:
+        """Take the partition's state now (the caller holds the lock) and write it in the background."""
         processor = state.processor
         await publish(state)
         await app.producer.flush()  # DLQ records of covered events are delivered before the checkpoint
         processor.events_since_checkpoint = 0
-        started = time.monotonic()
-        payload = encode_state(processor)
-        state.encode_s = time.monotonic() - started
         state.last_checkpoint = time.monotonic()
+        encoding = ForkedEncoding.start(processor)  # the state as of now, whatever happens next
+        state.writing = asyncio.create_task(write_checkpoint(partition, state, encoding, dict(processor.offsets)))
+        return state.writing
 
-        async def send(key: bytes, value: bytes) -> int:
-            metadata = await app.producer.send_and_wait(checkpoint_topic, key, value, partition, None, None)
-            return metadata.offset
+    async def write_checkpoint(partition: int, state: Owned, encoding: ForkedEncoding, offsets: dict) -> None:
+        try:
+            payload = await encoding.payload()
+            state.encode_s = encoding.encode_s
 
-        head = await state.writer.write(send, payload)
-        log.info("outcomes: checkpoint %s[%d] generation %d: %s bytes, offsets %s", checkpoint_topic, partition,
-                 head["generation"], f"{len(payload):,}", processor.offsets)
+            async def send(key: bytes, value: bytes) -> int:
+                metadata = await app.producer.send_and_wait(checkpoint_topic, key, value, partition, None, None)
+                return metadata.offset
+
+            head = await state.writer.write(send, payload)
+            log.info("outcomes: checkpoint %s[%d] generation %d: %s bytes, offsets %s (encoded in %.2f s, "
+                     "loop held %.3f s)", checkpoint_topic, partition, head["generation"], f"{len(payload):,}",
+                     offsets, encoding.encode_s, encoding.blocked_s)
+        except Exception:  # a lost checkpoint only lengthens the replay after a crash
+            log.exception("outcomes: checkpoint of partition %d failed", partition)
 
     def checkpoint_due(state: Owned, interval_s: float) -> bool:
-        """At most ~5% of the loop goes to checkpoints: a partition whose last one took
-        2 s to encode waits at least 40 s. A longer gap only means a longer replay
-        after a crash (idempotent), never a wrong result."""
-        return time.monotonic() - state.last_checkpoint >= max(interval_s, CHECKPOINT_COST_FACTOR * state.encode_s)
+        """One checkpoint in flight per partition, and at most ~5% of a core goes to
+        encoding them: a partition whose last one took 2 s to encode waits at least
+        40 s. A longer gap only means a longer replay after a crash (idempotent),
+        never a wrong result."""
+        return state.writing_done() and \
+            time.monotonic() - state.last_checkpoint >= max(interval_s, CHECKPOINT_COST_FACTOR * state.encode_s)
 
     def fresh(partition: int) -> Owned:
         processor = OutcomeProcessor(partition, config)
@@ -159,7 +179,8 @@ def register(app: faust.App, settings: Settings) -> None:
         if processor.events_since_checkpoint >= settings.checkpoint_every_events and checkpoint_due(state, 0.0):
             await checkpoint(partition, state)
 
-    async def fill_gap(state: Owned, topic: str, partition: int, start: int, stop: int) -> None:
+    async def fill_gap(state: Owned, topic: str, partition: int, start: int, stop: int,
+                       why: str = "resumed at {stop} but the state covers only up to {start}") -> None:
         """Fold offsets ``start..stop-1``, read directly from Kafka.
 
         After an assignment Faust resumes each partition at the group's committed
@@ -170,8 +191,7 @@ def register(app: faust.App, settings: Settings) -> None:
         and Faust's last commit would never reach the state. Such a gap between
         the state's offset and the first message is read here instead, with a
         consumer of its own (a seek would race Faust's fetcher)."""
-        log.warning("outcomes: %s[%d] resumed at %d but the state covers only up to %d: reading the gap",
-                    topic, partition, stop, start)
+        log.warning("outcomes: %s[%d] %s: reading the gap", topic, partition, why.format(start=start, stop=stop))
         consumer = AIOKafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False,
                                     auto_offset_reset="earliest")
         await consumer.start()
@@ -217,6 +237,36 @@ def register(app: faust.App, settings: Settings) -> None:
                 if state is not None and state.processor.dirty:
                     await publish(state)
 
+    stalled_at: dict[tuple[str, int], int] = {}
+
+    @app.timer(STALL_CHECK_S)
+    async def read_stalled_gaps() -> None:
+        """A partition whose state has not moved for a whole check while its log has
+        more is read directly. Faust can start a resumed partition past messages it
+        dropped in a rebalance race (seen with tests/faults/test_sigkill.py); fill_gap
+        catches that on the next message, but a topic with no next message (no more
+        feedback, say) would wait forever. Reading ahead of Faust is safe: the
+        messages Faust delivers later are below the state's offsets and skipped."""
+        tps = [TP(topic, p) for p in list(owned) for topic in (traces_name, feedback_name)]
+        if not tps:
+            return
+        try:
+            ends = await app.consumer.highwaters(*tps)
+        except Exception as exc:  # the consumer is rebalancing or the broker is away: next time
+            log.debug("outcomes: stall check skipped: %r", exc)
+            return
+        for tp in tps:
+            end = ends.get(tp)
+            async with lock:
+                state = owned.get(tp.partition)
+                if state is None or end is None:
+                    continue
+                covered = state.processor.offsets.get(tp.topic, 0)
+                if end > covered and stalled_at.get(tp) == covered:
+                    await fill_gap(state, tp.topic, tp.partition, covered, end,
+                                   why="has messages up to {stop} but the state has stayed at {start}")
+                stalled_at[tp] = state.processor.offsets.get(tp.topic, 0)
+
     @app.timer(settings.checkpoint_interval_s)
     async def checkpoint_partitions() -> None:
         for partition in list(owned):
@@ -232,11 +282,15 @@ def register(app: faust.App, settings: Settings) -> None:
         for partition in sorted({tp.partition for tp in revoked if tp.topic == traces_name}):
             async with lock:
                 state = owned.pop(partition, None)
-                if state is not None and state.processor.events_since_checkpoint:
-                    try:
-                        await checkpoint(partition, state)
-                    except Exception:  # the next owner replays from the previous checkpoint
-                        log.exception("outcomes: checkpoint on revocation of partition %d failed", partition)
+                if state is None:
+                    continue
+                try:
+                    if state.writing is not None:  # never two writers on one checkpoint partition
+                        await state.writing
+                    if state.processor.events_since_checkpoint:
+                        await (await checkpoint(partition, state))
+                except Exception:  # the next owner replays from the previous checkpoint
+                    log.exception("outcomes: checkpoint on revocation of partition %d failed", partition)
 
     async def forget_recreated_topics(partitions: set[int]) -> None:
         """A log that now ends before the offset a state has covered was recreated

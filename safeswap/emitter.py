@@ -8,7 +8,7 @@ dropped, counted and logged; an invalid event is counted, logged and sent to the
 dead-letter topic with the reason. ``stats`` says what happened to every event:
 ``sent`` counts events the broker acknowledged. Like the Java producer's
 ``delivery.timeout.ms``, an event that cannot be delivered (broker down, no
-leader) is retried by the producer for ``SAFESWAP_EMITTER_DELIVERY_TIMEOUT_S``
+leader, a topic not there yet) is retried for ``SAFESWAP_EMITTER_DELIVERY_TIMEOUT_S``
 before it counts as a send error; meanwhile new events wait in the buffer.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaProducer
+from aiokafka import errors as kafka_errors
 
 from schemas import FeedbackEvent, InvalidEvent, TraceEvent, convert, encode
 from streams.deadletter import dead_letter
@@ -28,6 +29,22 @@ from streams.kafka import client_options
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# Errors that a retry cannot fix: the event fails at once instead of at the delivery timeout.
+PERMANENT_ERRORS = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordListTooLargeError,
+                    kafka_errors.InvalidTopicError, kafka_errors.TopicAuthorizationFailedError,
+                    kafka_errors.ClusterAuthorizationFailedError, kafka_errors.UnsupportedVersionError,
+                    kafka_errors.InvalidRequiredAcksError, kafka_errors.ProducerClosed)
+RETRY_BACKOFF_S = 0.5
+
+
+@dataclass
+class Pending:
+    """An event on its way: where it goes and until when it is retried."""
+    topic: str
+    key: bytes | None
+    value: bytes
+    deadline: float = 0.0  # loop time; set when first handed to the producer
 
 
 @dataclass
@@ -47,12 +64,13 @@ class Emitter:
         if broker:
             self.settings = self.settings.replace(broker=broker)
         self.stats = EmitterStats()
-        self._queue: asyncio.Queue[tuple[str, bytes, bytes]] = asyncio.Queue(buffer or self.settings.emitter_buffer)
+        self._queue: asyncio.Queue[Pending] = asyncio.Queue(buffer or self.settings.emitter_buffer)
         self._producer: AIOKafkaProducer | None = None
         self._sender: asyncio.Task | None = None
         self._last_drop_log = 0
         self._last_error_log = 0
         self._in_flight = 0  # handed to the producer, not yet acknowledged nor failed
+        self._retries: set[asyncio.Task] = set()  # failed deliveries waiting to be sent again
 
     async def start(self) -> "Emitter":
         self._sender = asyncio.create_task(self._send_loop(), name="safeswap-emitter")
@@ -62,18 +80,25 @@ class Emitter:
         """Send what is queued and wait for the broker's acknowledgements (up to ``flush_timeout_s``), then close."""
         if self._sender is None:
             return
-        deadline = asyncio.get_running_loop().time() + flush_timeout_s
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + flush_timeout_s
         try:
             await asyncio.wait_for(self._queue.join(), flush_timeout_s)
-            if self._producer is not None:
-                await asyncio.wait_for(self._producer.flush(), max(0.0, deadline - asyncio.get_running_loop().time()))
+            while (self._in_flight or self._retries) and loop.time() < deadline:  # acknowledged or failed
+                await asyncio.sleep(0.02)
         except asyncio.TimeoutError:
-            log.warning("emitter: %d events not sent before stop", self._queue.qsize())
-        self._sender.cancel()
-        try:
-            await self._sender
-        except asyncio.CancelledError:
             pass
+        if self._queue.qsize() or self._in_flight or self._retries:
+            log.warning("emitter: stopping with %d events not acknowledged by the broker",
+                        self._queue.qsize() + self._in_flight + len(self._retries))
+        self._sender.cancel()
+        for task in list(self._retries):
+            task.cancel()
+        for task in [self._sender, *self._retries]:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
         self._sender = None
         self.stats.send_errors += self._queue.qsize()  # never handed to the producer
         while not self._queue.empty():
@@ -83,16 +108,15 @@ class Emitter:
             producer, self._producer = self._producer, None
             try:
                 # aiokafka's stop() waits for every batch (up to the delivery timeout): keep the bound.
-                await asyncio.wait_for(producer.stop(), max(1.0, deadline - asyncio.get_running_loop().time()))
+                await asyncio.wait_for(producer.stop(), max(1.0, deadline - loop.time()))
             except asyncio.TimeoutError:
-                # Unacknowledged events count as send errors: stats must account for every event.
-                log.warning("emitter: closed with %d events the broker had not acknowledged", self._in_flight)
-                self.stats.send_errors += self._in_flight
-                self._in_flight = 0
                 sender = getattr(producer, "_sender", None)
                 if sender is not None and sender.sender_task is not None:
                     sender.sender_task.cancel()
                 await producer.client.close()
+            # Still unacknowledged: counted as send errors, so stats account for every event.
+            self.stats.send_errors += self._in_flight
+            self._in_flight = 0
 
     async def __aenter__(self) -> "Emitter":
         return await self.start()
@@ -133,7 +157,7 @@ class Emitter:
 
     def _put(self, topic: str, key: bytes | None, value: bytes) -> bool:
         try:
-            self._queue.put_nowait((topic, key, value))
+            self._queue.put_nowait(Pending(topic, key, value))
             self.stats.queued += 1
             return True
         except asyncio.QueueFull:
@@ -162,35 +186,59 @@ class Emitter:
     async def _send_loop(self) -> None:
         self._producer = await self._connect()
         while True:
-            topic, key, value = await self._queue.get()
+            pending = await self._queue.get()
+            pending.deadline = asyncio.get_running_loop().time() + self.settings.emitter_delivery_timeout_s
             try:
-                delivery = await self._producer.send(topic, value=value, key=key)
-                self._in_flight += 1
-                delivery.add_done_callback(lambda f, topic=topic: self._delivered(topic, f))
-            except asyncio.CancelledError:  # stopped while waiting for the broker: not sent
-                self.stats.send_errors += 1
-                raise
-            except Exception as exc:
-                self._send_failed(topic, exc)
+                await self._hand_over(pending)
             finally:
                 self._queue.task_done()
 
-    def _delivered(self, topic: str, delivery: asyncio.Future) -> None:
+    async def _hand_over(self, pending: Pending) -> None:
+        """Give one event to the producer; its acknowledgement or failure arrives in ``_delivered``."""
+        try:
+            delivery = await self._producer.send(pending.topic, value=pending.value, key=pending.key)
+        except asyncio.CancelledError:  # stopped while waiting for the broker: not sent
+            self.stats.send_errors += 1
+            raise
+        except Exception as exc:
+            self._failed(pending, exc)
+            return
+        self._in_flight += 1
+        delivery.add_done_callback(lambda f: self._delivered(pending, f))
+
+    def _delivered(self, pending: Pending, delivery: asyncio.Future) -> None:
         self._in_flight -= 1
         if delivery.cancelled():
-            self._send_failed(topic, asyncio.CancelledError())
+            self._failed(pending, asyncio.CancelledError())
         elif delivery.exception() is not None:
-            self._send_failed(topic, delivery.exception())
+            self._failed(pending, delivery.exception())
         else:
             self.stats.sent += 1
 
-    def _send_failed(self, topic: str, exc: BaseException) -> None:
+    def _failed(self, pending: Pending, exc: BaseException) -> None:
+        """Retry until the delivery timeout (a broker that came back without its topics
+        yet, a leader moving), unless no retry can help."""
+        loop = asyncio.get_running_loop()
+        if (self._sender is not None and not isinstance(exc, (asyncio.CancelledError, *PERMANENT_ERRORS))
+                and loop.time() + RETRY_BACKOFF_S < pending.deadline):
+            task = loop.create_task(self._retry(pending))
+            self._retries.add(task)
+            task.add_done_callback(self._retries.discard)
+            return
         self.stats.send_errors += 1
         # One log line per 1,000 failures: an outage longer than the delivery timeout must not flood the log.
         if self.stats.send_errors - self._last_error_log >= 1000 or self.stats.send_errors == 1:
             self._last_error_log = self.stats.send_errors
-            log.warning("emitter: send to %s failed after the delivery timeout (%d events so far): %r",
-                        topic, self.stats.send_errors, exc)
+            log.warning("emitter: send to %s failed (%d events so far): %r", pending.topic,
+                        self.stats.send_errors, exc)
+
+    async def _retry(self, pending: Pending) -> None:
+        try:
+            await asyncio.sleep(RETRY_BACKOFF_S)
+        except asyncio.CancelledError:
+            self.stats.send_errors += 1
+            raise
+        await self._hand_over(pending)
 
 
 def _best_effort_json(event: Any) -> bytes:

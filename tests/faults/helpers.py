@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 import uuid
 from collections import defaultdict
@@ -13,6 +14,7 @@ import msgspec
 from aiokafka import AIOKafkaProducer
 
 from schemas import DeadLetter, Decision, RolloutPlan, encode
+from streams.broker import free_port
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from tests.kafka_helpers import read_topic
@@ -131,3 +133,70 @@ def wait_until_covered(settings: Settings, worker, rollout: str, flush: str, tim
                timeout_s, f"the worker to cover {ends}", worker.log)
     time.sleep(1.5)  # the rollout's own snapshots were published in the same round
     return latest_snapshots(settings, rollout)
+
+
+class CuttableProxy:
+    """A TCP forwarder on loopback in front of a broker: ``cut()`` resets every
+    connection and refuses new ones until ``restore()``, on the same port. To the
+    clients the broker is gone; the broker keeps its data, like a real cluster's
+    broker that restarts or drops off the network."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self.target_port = target_port
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="cuttable-proxy", daemon=True)
+        self._thread.start()
+        self._server: asyncio.AbstractServer | None = None
+        self._connections: set[asyncio.StreamWriter] = set()
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def _call(self, coro) -> None:
+        asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
+
+    def restore(self) -> "CuttableProxy":
+        self._call(self._listen())
+        return self
+
+    def cut(self) -> None:
+        self._call(self._cut())
+
+    def close(self) -> None:
+        self.cut()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(5)
+
+    async def _listen(self) -> None:
+        self._server = await asyncio.start_server(self._forward, "127.0.0.1", self.port, reuse_address=True)
+
+    async def _cut(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        for writer in list(self._connections):
+            writer.transport.abort()  # RST: clients notice at once
+        self._connections.clear()
+
+    async def _forward(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.transport.abort()
+            return
+        self._connections |= {writer, upstream_writer}
+
+        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            try:
+                while data := await source.read(1 << 16):
+                    sink.write(data)
+                    await sink.drain()
+            except (OSError, asyncio.IncompleteReadError):
+                pass
+            finally:
+                sink.transport.abort()
+                self._connections.discard(sink)
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
