@@ -125,8 +125,10 @@ class RolloutState:
 
     # -- persistence (the decide agent keeps this in a Faust table) --------------
     def to_dict(self) -> dict[str, Any]:
+        """For ``msgspec.json.encode``: the events stay Structs (encoded natively, several
+        times faster than ``to_builtins`` first; the decide agent does this on every snapshot)."""
         return {
-            "plan": msgspec.to_builtins(self.plan),
+            "plan": self.plan,
             "plan_hash": self.plan_hash,
             "stage": self.stage,
             "stage_index": self.stage_index,
@@ -138,10 +140,10 @@ class RolloutState:
             "seq": self.seq,
             "now_ts": self.now_ts,
             "srm_min_p": self.srm_min_p,
-            "snapshots": {str(p): msgspec.to_builtins(s) for p, s in self.snapshots.items()},
+            "snapshots": {str(p): s for p, s in self.snapshots.items()},
             "monitors": {m: monitor.to_dict() for m, monitor in self.monitors.items()},
-            "last_decision": msgspec.to_builtins(self.last_decision) if self.last_decision else None,
-            "shadow_snapshots": {k: msgspec.to_builtins(s) for k, s in self.shadow_snapshots.items()},
+            "last_decision": self.last_decision,
+            "shadow_snapshots": dict(self.shadow_snapshots),
         }
 
     @classmethod

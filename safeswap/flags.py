@@ -458,9 +458,6 @@ class FlagClient:
                 **client_options(self.settings),
                 group_id=None,
                 enable_auto_commit=False,
-                # If retention or compaction moved past our position, re-read: a
-                # decision must never be skipped (sequence numbers absorb repeats).
-                auto_offset_reset="earliest",
                 fetch_max_wait_ms=self.poll_ms,
                 request_timeout_ms=10_000,
             )

@@ -31,13 +31,10 @@ from tests.outcomes.helpers import assert_same_metrics, simulated_events
 from tests.outcomes.test_streaming import (ROLLOUT, end_offsets, expected, flush_events, jsonl, latest_snapshots,
                                            produce_lines, wait_until_covered)
 
-# Not in CI's default run: on this machine the restarted victim sometimes stops
-# making progress after it reads its gap (seen in about half of the runs late on
-# 2026-11-26, also at the commit that introduced the test); run it with
-# `pytest -m slow tests/faults/test_sigkill.py`. CI still proves crash recovery
-# with tests/outcomes/test_streaming.py (metrics after SIGKILL) and
-# tests/sinks/test_sink_kafka.py (Parquet rows exactly once after SIGKILL).
-pytestmark = [pytest.mark.faults, pytest.mark.integration, pytest.mark.slow]
+# Once flaky (the restarted victim stopped after reading its gap: Faust had
+# resumed a partition at the log's end and no later message came to reveal the
+# gap); agents/outcomes.py reads such gaps itself now (read_stalled_gaps).
+pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 SEED = 20261126
 KILLS = 3
