@@ -115,9 +115,7 @@ class DatasetSink:
                 rejects.append((self, record, f"internal error: {exc!r}"))
                 continue
             writer.append(row, offset, len(value))
-            if writer.full():
-                self._flush(writer)
-        return True
+        return True  # a full buffer is written by the caller's next flush_due
 
     def _verify(self, writer: PartitionWriter, partition: int, records: list) -> list | None:
         """After an assignment the partition was sought to the checkpoint's own last record:
@@ -151,6 +149,14 @@ class DatasetSink:
             if writer.first is not None and (force or writer.due(now)):
                 self._flush(writer)
 
+    async def flush_due(self, now: float) -> None:
+        """Write the due buffers in a thread: building and compressing a file takes
+        hundreds of milliseconds, which must not stop the outcomes and decide agents
+        on the event loop (pyarrow releases the GIL for most of it)."""
+        for writer in list(self.writers.values()):
+            if writer.first is not None and writer.due(now):
+                await asyncio.to_thread(self._flush, writer)
+
     def committable(self, partitions: set[int] | None = None) -> dict[TopicPartition, int]:
         return {
             TopicPartition(self.topic, partition): writer.last_offset + 1
@@ -177,9 +183,14 @@ class SinkService:
         }
         self.consumer: AIOKafkaConsumer | None = None
         self.committed: dict[TopicPartition, int] = {}
+        self.lock = asyncio.Lock()  # a flush in its thread and a rebalance never touch a writer together
 
     # -- partitions moving between workers --------------------------------------------
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
+        async with self.lock:
+            await self._revoke(revoked)
+
+    async def _revoke(self, revoked: set[TopicPartition]) -> None:
         for sink in self.sinks.values():
             mine = {tp.partition for tp in revoked if tp.topic == sink.topic}
             if mine:
@@ -191,6 +202,10 @@ class SinkService:
                     sink.writers.pop(tp.partition, None)
 
     async def on_assigned(self, assigned: set[TopicPartition]) -> None:
+        async with self.lock:
+            await self._assign(assigned)
+
+    async def _assign(self, assigned: set[TopicPartition]) -> None:
         assert self.consumer is not None
         ends = await self.consumer.end_offsets(list(assigned)) if assigned else {}
         for tp in assigned:
@@ -253,8 +268,9 @@ class SinkService:
                 for sink, record, reason in rejects:
                     await _reject(sink, record, reason)
                 now = time.monotonic()
-                for sink in self.sinks.values():
-                    sink.flush(now=now)
+                async with self.lock:
+                    for sink in self.sinks.values():
+                        await sink.flush_due(now)
                 await self.commit()
         finally:
             # Shutdown (SIGINT cancels this task) or a crash of the loop: write what is
