@@ -287,6 +287,8 @@ class StatsTail:
         self.bootstrap, self.settings = bootstrap, settings
         self.seqs: dict[tuple[str, int], int] = {}
         self.updated = 0.0
+        self.produced_ms: dict[str, list[int]] = {}  # per watched rollout: when its snapshots were produced
+        self.watched: set[str] = set()
         self._task: asyncio.Task | None = None
 
     def done(self, rollout_id: str | None = None) -> int:
@@ -331,6 +333,8 @@ class StatsTail:
                         if snap.seq > self.seqs.get(key, -1):
                             self.seqs[key] = snap.seq
                             self.updated = time.perf_counter()
+                        if snap.rollout_id in self.watched:
+                            self.produced_ms.setdefault(snap.rollout_id, []).append(record.timestamp)
 
     async def stop(self) -> None:
         if self._task:
@@ -585,7 +589,9 @@ async def _latency(bootstrap: str, settings, cfg: BenchConfig, say) -> dict[str,
     await flags.start()
     watcher = await StatusWatcher(settings.replace(broker=bootstrap)).start()
     tail = await StatsTail(bootstrap, settings).start()
+    tail.watched = set(trials)
     rolled: dict[str, float] = {}
+    to_snapshot: list[float] = []  # crossing event sent -> the outcome snapshot covering it produced
 
     def on_change(decision) -> None:
         if decision.rollout_id in users and rolled_back(decision) and decision.rollout_id not in rolled:
@@ -637,7 +643,7 @@ async def _latency(bootstrap: str, settings, cfg: BenchConfig, say) -> dict[str,
             control, candidate = users[rid]
             user = candidate[-1]
             raw = _trace(rid, user, "candidate", True, int(time.time() * 1000), f"{user}-t")
-            sent_at = time.perf_counter()
+            sent_at, sent_wall_ms = time.perf_counter(), time.time() * 1000
             await producer.send_and_wait(settings.topic("traces"), raw, key=user.encode())
             while rid not in rolled and time.perf_counter() - sent_at < cfg.trial_timeout_s:
                 await asyncio.sleep(0.005)
@@ -650,6 +656,9 @@ async def _latency(bootstrap: str, settings, cfg: BenchConfig, say) -> dict[str,
                 failures.append(f"{rid}: rolled back but variant() still serves the candidate")
                 continue
             latencies.append(rolled[rid] - sent_at)
+            after = [ts for ts in tail.produced_ms.get(rid, []) if ts >= sent_wall_ms]
+            if after:  # where the time goes: before the snapshot, or from it to the flag client
+                to_snapshot.append(min(after) / 1000 - sent_wall_ms / 1000)
             lag_samples.append(await end_offsets(bootstrap, settings) - tail.done())  # produced, not yet in statistics
             if (index + 1) % 10 == 0:
                 say(f"  {index + 1}/{len(trials)} trials, p50 so far {statistics.median(latencies):.2f} s")
@@ -665,6 +674,10 @@ async def _latency(bootstrap: str, settings, cfg: BenchConfig, say) -> dict[str,
     achieved = counter["sent"] / counter["seconds"] if counter.get("seconds") else 0.0
     return {"latencies": latencies, "failures": failures, "background_eps_achieved": achieved,
             "workers": cfg.latency_workers, "snapshot_interval_s": settings.snapshot_interval_s,
+            "event_to_snapshot_p50_s": statistics.median(to_snapshot) if to_snapshot else None,
+            "event_to_snapshot_max_s": max(to_snapshot) if to_snapshot else None,
+            "snapshot_to_flag_p50_s": (statistics.median(latencies) - statistics.median(to_snapshot)
+                                       if to_snapshot and latencies else None),
             "background_lag_events_max": max(lag_samples) if lag_samples else None,
             "background_lag_events_median": statistics.median(lag_samples) if lag_samples else None}
 

@@ -30,6 +30,27 @@ def raw_topic(app: faust.App, settings: Settings, *names: str) -> faust.TopicT:
     )
 
 
+def _patch_fetch_max_wait() -> None:
+    """Faust builds its consumer with ``fetch_max_wait_ms=1500`` and no setting to change
+    it: set the app's ``safeswap_fetch_max_wait_ms`` on the consumer it builds, before
+    the consumer starts. Patched once per process."""
+    from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread
+
+    build = AIOKafkaConsumerThread._create_worker_consumer
+    if getattr(build, "safeswap", False):
+        return
+
+    def create_worker_consumer(self, transport):  # type: ignore[no-untyped-def]
+        consumer = build(self, transport)
+        wait_ms = getattr(self.app, "safeswap_fetch_max_wait_ms", None)
+        if wait_ms is not None:
+            consumer._fetch_max_wait_ms = wait_ms
+        return consumer
+
+    create_worker_consumer.safeswap = True  # type: ignore[attr-defined]
+    AIOKafkaConsumerThread._create_worker_consumer = create_worker_consumer
+
+
 def create_app(settings: Settings) -> faust.App:
     from agents import decide, outcomes  # agents depend on the app, not the reverse
 
@@ -50,6 +71,8 @@ def create_app(settings: Settings) -> faust.App:
         # idempotent processing (dedup, snapshots) instead.
         processing_guarantee="at_least_once",
     )
+    _patch_fetch_max_wait()
+    app.safeswap_fetch_max_wait_ms = settings.consumer_fetch_max_wait_ms
     outcomes.register(app, settings)
     decide.register(app, settings)
     __import__("agents.sink").sink.register(app, settings)  # Parquet sinks (sinks/, docs/data.md)

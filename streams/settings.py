@@ -29,6 +29,10 @@ class Settings:
     session_timeout_s: float = 6.0
     heartbeat_interval_s: float = 1.0
     rebalance_timeout_s: float = 10.0
+    # How long a fetch may wait at the broker for data (Faust hard-codes 1,500 ms). A fetch
+    # covers every partition that has nothing buffered, quiet ones (stats, plans) included,
+    # and holds back the next fetch of the busy ones: this is decision latency.
+    consumer_fetch_max_wait_ms: int = 100
     # How often each partition publishes its statistics snapshot.
     snapshot_interval_s: float = 1.0
     snapshot_every_events: int = 5000
