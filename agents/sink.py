@@ -142,20 +142,21 @@ class DatasetSink:
 
     def flush(self, partitions: set[int] | None = None, *, force: bool = False,
               now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        for partition, writer in list(self.writers.items()):
-            if partitions is not None and partition not in partitions:
-                continue
-            if writer.first is not None and (force or writer.due(now)):
-                self._flush(writer)
+        for writer in self._to_flush(partitions, force, time.monotonic() if now is None else now):
+            self._flush(writer)
+
+    def _to_flush(self, partitions: set[int] | None, force: bool, now: float) -> list[PartitionWriter]:
+        """The writers holding rows that are due (or any rows, with ``force``)."""
+        return [writer for partition, writer in list(self.writers.items())
+                if (partitions is None or partition in partitions)
+                and writer.first is not None and (force or writer.due(now))]
 
     async def flush_due(self, now: float) -> None:
         """Write the due buffers in a thread: building and compressing a file takes
         hundreds of milliseconds, which must not stop the outcomes and decide agents
         on the event loop (pyarrow releases the GIL for most of it)."""
-        for writer in list(self.writers.values()):
-            if writer.first is not None and writer.due(now):
-                await asyncio.to_thread(self._flush, writer)
+        for writer in self._to_flush(None, False, now):
+            await asyncio.to_thread(self._flush, writer)
 
     def committable(self, partitions: set[int] | None = None) -> dict[TopicPartition, int]:
         return {
