@@ -9,7 +9,8 @@ Off unless ``metrics_port`` is set (``SAFESWAP_METRICS_PORT``); binds
   (latest per rollout and source partition) for the per-variant gauges;
 * ``on_send_initiated``: what the agents publish: decisions by action, dead
   letters by agent, and each rollout's status (guardrail intervals, split, users);
-* a timer: consumer lag per assigned partition (high water minus position).
+* a timer: consumer lag per assigned partition (high water minus position), of Faust's consumer and
+  the outcomes agent's own (traces, feedback).
 
 Metric names (labels in braces):
 
@@ -36,7 +37,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable
 
 import faust
 import msgspec
@@ -149,6 +150,10 @@ class WorkerMetrics(Sensor):
         self._dlq_decoder = msgspec.json.Decoder(_DeadLetter)
         self._snapshot_decoder = msgspec.json.Decoder(_Snapshot)
 
+    def count_read(self, topic: str, n: int) -> None:
+        """Messages read outside Faust's consumer (the outcomes agent's batches)."""
+        self.events.labels(topic).inc(n)
+
     # -- Faust sensor hooks: never raise --------------------------------------------
     def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
         try:
@@ -242,8 +247,9 @@ def serve(registry: CollectorRegistry, host: str, port: int):
     return start_http_server(port, addr=host, registry=registry)
 
 
-def register(app: faust.App, settings: Settings) -> WorkerMetrics | None:
-    """Add the sensor and the lag timer; serve /metrics when the worker starts. Off when metrics_port is 0."""
+def register(app: faust.App, settings: Settings, consumers: Callable[[], list[Any]] = lambda: []) -> WorkerMetrics | None:
+    """Add the sensor and the lag timer; serve /metrics when the worker starts. Off when metrics_port is 0.
+    ``consumers``: the worker's own aiokafka consumers besides Faust's (the outcomes agent's)."""
     if not settings.metrics_port:
         return None
     metrics = WorkerMetrics(settings)
@@ -259,9 +265,12 @@ def register(app: faust.App, settings: Settings) -> WorkerMetrics | None:
 
     @app.timer(5.0)
     async def consumer_lag() -> None:
-        try:
-            await metrics.update_lag(app.consumer)
-        except Exception:  # noqa: BLE001
-            log.debug("metrics: lag", exc_info=True)
+        for consumer in [app.consumer, *consumers()]:
+            if consumer is None:
+                continue
+            try:
+                await metrics.update_lag(consumer)
+            except Exception:  # noqa: BLE001
+                log.debug("metrics: lag", exc_info=True)
 
     return metrics

@@ -73,9 +73,12 @@ def create_app(settings: Settings) -> faust.App:
     )
     _patch_fetch_max_wait()
     app.safeswap_fetch_max_wait_ms = settings.consumer_fetch_max_wait_ms
-    outcomes.register(app, settings)
+    outcomes_service = outcomes.register(app, settings)
     decide.register(app, settings)
     __import__("agents.sink").sink.register(app, settings)  # Parquet sinks (sinks/, docs/data.md)
-    __import__("agents.metrics").metrics.register(app, settings)  # Prometheus /metrics (off unless metrics_port)
+    metrics = __import__("agents.metrics").metrics.register(  # Prometheus /metrics (off unless metrics_port)
+        app, settings, consumers=lambda: [outcomes_service.consumer])
+    if metrics is not None:
+        outcomes_service.on_batch.append(metrics.count_read)
     __import__("agents.judge").judge.register(app, settings)  # shadow statistics + LLM judge (docs/shadow.md)
     return app

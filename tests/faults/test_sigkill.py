@@ -31,9 +31,8 @@ from tests.outcomes.helpers import assert_same_metrics, simulated_events
 from tests.outcomes.test_streaming import (ROLLOUT, end_offsets, expected, flush_events, jsonl, latest_snapshots,
                                            produce_lines, wait_until_covered)
 
-# Once flaky (the restarted victim stopped after reading its gap: Faust had
-# resumed a partition at the log's end and no later message came to reveal the
-# gap); agents/outcomes.py reads such gaps itself now (read_stalled_gaps).
+# Once flaky (Faust resumed a partition past the checkpoint's offsets); the outcomes
+# agent now has its own consumer and seeks to the checkpoint itself (agents/outcomes.py).
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 SEED = 20261126
