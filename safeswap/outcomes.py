@@ -494,8 +494,13 @@ class OutcomeProcessor:
         candidates = [user.release_at]
         if opened:
             candidates.append(opened[first_session_end([r.ts for r in opened], config.gap_ms)].ts + config.gap_ms)
-        if by_trace:
-            candidates.append(min(r.ts for r in by_trace.values()) + ttl + 1)
+        # A response is final once its session has closed *and* its join TTL has passed. An
+        # open session's responses wait for its end (the candidate above): counting their
+        # TTL alone would wake a user whose session outlasts the TTL at every watermark step.
+        final_ts = [r.ts for r in by_trace.values() if r.closed] or \
+            ([] if opened else [r.ts for r in by_trace.values()])
+        if final_ts:
+            candidates.append(min(final_ts) + ttl + 1)
         oldest = user.pending.oldest_ts()
         if oldest is not None:
             candidates.append(oldest + ttl + 1)

@@ -240,3 +240,34 @@ def test_a_final_response_yields_one_outcome_record_with_what_happened():
         off.apply(event, NOW)
     off.finish()
     assert off.outcome_records == []  # replay leaves collection off: nothing accumulates
+
+
+def test_a_session_longer_than_the_join_ttl_is_not_revisited_on_every_watermark_step():
+    """A user active for hours (turns 20 min apart: one session, longer than the 60 min
+    join TTL) must be woken when something can change, not at every second of event
+    time while other users' events move the watermark (that once cost 90% of the worker)."""
+    processor = OutcomeProcessor(0)
+    calls = {"u-long": 0}
+    advance_user = processor._advance_user
+
+    def counting(user, watermark):
+        if user.user_id == "u-long":
+            calls["u-long"] += 1
+        return advance_user(user, watermark)
+
+    processor._advance_user = counting
+    hours = 4
+    events = [trace(n, T0 + n * 20 * MIN, user="u-long", prompt=f"question {n} " + "x" * (n % 7))
+              for n in range(hours * 3)]
+    events += [trace(1000 + s, T0 + s * 1000, user=f"u-bg-{s % 500}", prompt=f"background {s}")
+               for s in range(hours * 3600)]  # the watermark moves one second of event time per event
+    events += [feedback(s, 1000 + s, T0 + s * 1000 + 500, "thumbs_up", user=f"u-bg-{s % 500}")
+               for s in range(0, hours * 3600, 10)]  # both sources move: the watermark is their minimum
+    events.sort(key=lambda e: e.ts)
+    for event in events:
+        processor.apply(event, NOW)
+    # one wake-up per turn (the session's end moves) or per response reaching its TTL, not 14,400
+    assert calls["u-long"] <= 4 * hours * 3, calls
+    processor.finish()
+    long_user = values(processor)["control"]
+    assert long_user["responses"] == hours * 3 + hours * 3600
