@@ -70,6 +70,7 @@ def create_app(settings: Settings) -> faust.App:
         # Tansu has no idempotent producer; exactly-once effects come from
         # idempotent processing (dedup, snapshots) instead.
         processing_guarantee="at_least_once",
+        producer_linger=settings.producer_linger_ms / 1000,
     )
     _patch_fetch_max_wait()
     app.safeswap_fetch_max_wait_ms = settings.consumer_fetch_max_wait_ms
