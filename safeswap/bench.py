@@ -126,6 +126,7 @@ BARE_APP = '''
 import faust, sys, time
 topic_name, total, broker, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 app = faust.App("bare-" + str(int(time.time())), broker="kafka://" + broker, store="memory://", web_enabled=False,
+                datadir=__file__ + ".data",  # beside this script in the bench's temp folder, not in the cwd
                 broker_session_timeout=6.0, broker_heartbeat_interval=1.0, broker_rebalance_timeout=10.0,
                 consumer_auto_offset_reset="earliest")
 topic = app.topic(topic_name, key_type=bytes, value_type=bytes, key_serializer="raw", value_serializer="raw")
