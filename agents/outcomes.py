@@ -57,10 +57,10 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Callable
 
 import faust
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 
 from agents.dlq import DeadLetters
@@ -69,7 +69,7 @@ from schemas import encode
 from streams.app import raw_topic
 from streams.checkpoint import CheckpointWriter, ForkedEncoding, decode_state, ensure_checkpoint_topic, read_latest
 from streams.deadletter import dead_letter
-from streams.kafka import client_options
+from streams.kafka import RebalanceForwarder, client_options
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -250,7 +250,7 @@ class OutcomesService:
         )
         await consumer.start()
         try:
-            consumer.subscribe(topics=[self.traces, self.feedback], listener=_Listener(self))
+            consumer.subscribe(topics=[self.traces, self.feedback], listener=RebalanceForwarder(self))
             while True:
                 batch = await consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
                 for tp, records in batch.items():
@@ -372,17 +372,6 @@ class OutcomesService:
                         self.checkpoint_due(state, self.settings.checkpoint_interval_s):
                     await self.checkpoint(partition, state)
             await asyncio.sleep(0)  # one partition at a time: events and snapshots go on between them
-
-
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, service: OutcomesService) -> None:
-        self.service = service
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.service.on_revoked(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.service.on_assigned(set(assigned))
 
 
 def register(app: faust.App, settings: Settings) -> OutcomesService:

@@ -32,12 +32,12 @@ from typing import Any
 
 import faust
 import msgspec
-from aiokafka import AIOKafkaConsumer, ConsumerRebalanceListener, TopicPartition
+from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from agents.dlq import DeadLetters
 from sinks.datasets import DATASETS, Dataset
 from sinks.writer import Layout, PartitionWriter, Rotation
-from streams.kafka import client_options
+from streams.kafka import RebalanceForwarder, client_options
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class SinkService:
         self.committed = {}
         await self.consumer.start()
         try:
-            self.consumer.subscribe(topics=list(self.sinks), listener=_Listener(self))
+            self.consumer.subscribe(topics=list(self.sinks), listener=RebalanceForwarder(self))
             while True:
                 batch = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
                 rejects: list = []
@@ -293,17 +293,6 @@ class SinkService:
             except Exception:
                 log.exception("sink: consumer loop failed; restarting in %.0f s", RESTART_DELAY_S)
                 await asyncio.sleep(RESTART_DELAY_S)
-
-
-class _Listener(ConsumerRebalanceListener):
-    def __init__(self, service: SinkService) -> None:
-        self.service = service
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.service.on_revoked(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.service.on_assigned(set(assigned))
 
 
 async def _reject(sink: DatasetSink, record: Any, reason: str) -> None:

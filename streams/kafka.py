@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from aiokafka import ConsumerRebalanceListener
 from aiokafka.helpers import create_ssl_context
 from faust.auth import SASLCredentials, SSLCredentials
 from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
@@ -60,3 +61,17 @@ def credentials(settings: Settings) -> SASLCredentials | SSLCredentials | None:
 def client_options(settings: Settings) -> dict[str, Any]:
     """Keyword arguments for any aiokafka client: bootstrap servers plus security."""
     return {"bootstrap_servers": settings.broker, **credentials_to_aiokafka_auth(credentials(settings))}
+
+
+class RebalanceForwarder(ConsumerRebalanceListener):
+    """An aiokafka rebalance listener that hands the partitions, as sets, to a service's
+    ``on_revoked`` / ``on_assigned`` (the outcomes agent's and the sinks' own consumers)."""
+
+    def __init__(self, service: Any) -> None:
+        self.service = service
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self.service.on_revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self.service.on_assigned(set(assigned))
