@@ -475,8 +475,11 @@ async def _measure_pipeline(bootstrap: str, settings, events, workers: list, say
         if done < total:
             raise RuntimeError(f"the pipeline covered {done:,} of {total:,} events within {timeout_s:.0f} s")
         t_end = tail.updated
-        if done_start < window_from:  # else the window starts where producing ended (a short run)
-            t_start, done_start = tail.reached[window_from]
+        mark = tail.reached.get(window_from)
+        # Else the window starts where producing ended: the run was past 60% by then, or
+        # (a tiny run) the snapshot that crossed 60% already covered everything.
+        if done_start < window_from and mark is not None and mark[1] < total:
+            t_start, done_start = mark
         eps = (total - done_start) / (t_end - t_start)
         # The sinks: when their committed offsets (rows renamed into the dataset) reach the end.
         sink_done_s = None
