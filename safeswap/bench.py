@@ -477,8 +477,8 @@ async def _measure_pipeline(bootstrap: str, settings, events, workers: list, say
         t_end = tail.updated
         mark = tail.reached.get(window_from)
         # Else the window starts where producing ended: the run was past 60% by then, or
-        # (a tiny run) the snapshot that crossed 60% already covered everything.
-        if done_start < window_from and mark is not None and mark[1] < total:
+        # (a tiny run) the last 40% took under a second, too short a window to time.
+        if done_start < window_from and mark is not None and mark[1] < total and t_end - mark[0] >= 1.0:
             t_start, done_start = mark
         eps = (total - done_start) / (t_end - t_start)
         # The sinks: when their committed offsets (rows renamed into the dataset) reach the end.
