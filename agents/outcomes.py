@@ -69,14 +69,13 @@ from schemas import encode
 from streams.app import raw_topic
 from streams.checkpoint import CheckpointWriter, ForkedEncoding, decode_state, ensure_checkpoint_topic, read_latest
 from streams.deadletter import dead_letter
-from streams.kafka import RebalanceForwarder, client_options
+from streams.kafka import RebalanceForwarder, client_options, run_restarting
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 DLQ_VALUE_LIMIT = 256 * 1024  # larger originals are cut in the DLQ record (the producer's max is ~1 MB)
 POLL_MS = 100
 MAX_RECORDS = 1_000  # per fetch: a batch is folded under the lock, so this bounds how long snapshots wait
-RESTART_DELAY_S = 2.0
 
 
 @dataclass
@@ -266,14 +265,7 @@ class OutcomesService:
             await consumer.stop()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("outcomes: consumer loop failed; restarting in %.0f s", RESTART_DELAY_S)
-                await asyncio.sleep(RESTART_DELAY_S)
+        await run_restarting(self.run_once, "outcomes")
 
     # -- partitions moving between workers --------------------------------------------------
     async def checkpoint_all(self) -> None:

@@ -37,14 +37,13 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from agents.dlq import DeadLetters
 from sinks.datasets import DATASETS, Dataset
 from sinks.writer import Layout, PartitionWriter, Rotation
-from streams.kafka import RebalanceForwarder, client_options
+from streams.kafka import RebalanceForwarder, client_options, run_restarting
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
 POLL_MS = 200
 MAX_RECORDS = 10_000
-RESTART_DELAY_S = 2.0
 
 
 def selected(settings: Settings) -> list[Dataset]:
@@ -285,14 +284,7 @@ class SinkService:
                     sink.writers.clear()
 
     async def run(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except asyncio.CancelledError:
-                raise
-            except Exception:
-                log.exception("sink: consumer loop failed; restarting in %.0f s", RESTART_DELAY_S)
-                await asyncio.sleep(RESTART_DELAY_S)
+        await run_restarting(self.run_once, "sink")
 
 
 async def _reject(sink: DatasetSink, record: Any, reason: str) -> None:

@@ -13,7 +13,9 @@ credentials, so the worker and the clients can never disagree.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+import logging
+from typing import Any, Awaitable, Callable
 
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.helpers import create_ssl_context
@@ -75,3 +77,20 @@ class RebalanceForwarder(ConsumerRebalanceListener):
 
     async def on_partitions_assigned(self, assigned: Any) -> None:
         await self.service.on_assigned(set(assigned))
+
+
+RESTART_DELAY_S = 2.0
+
+
+async def run_restarting(run_once: Callable[[], Awaitable[None]], name: str) -> None:
+    """Run a consumer loop for the worker's lifetime: a failure is logged and the loop
+    starts again (with a new consumer) after RESTART_DELAY_S; cancellation stops it."""
+    while True:
+        try:
+            await run_once()
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logging.getLogger(__name__).exception("%s: consumer loop failed; restarting in %.0f s", name,
+                                                  RESTART_DELAY_S)
+            await asyncio.sleep(RESTART_DELAY_S)
