@@ -81,9 +81,9 @@ def _child(role: str, bootstrap: str, prefix: str, events: int, data_dir: str) -
                     marks["end"] = time.perf_counter()
                     done()
 
-    from faust.worker import Worker
+    from streams.worker import faust_worker
 
-    Worker(app, loglevel="error", quiet=True).execute_from_commandline()
+    faust_worker(app, settings).execute_from_commandline()
 
 
 def run_child(role: str, bootstrap: str, prefix: str, events: int, data_dir: str) -> float:
