@@ -147,6 +147,12 @@ def write_parquet(table: pa.Table, path: Path, fsync: bool) -> None:
             os.fsync(fh.fileno())
 
 
+def _group_order(item: tuple) -> str:
+    """Files of one flush in a fixed order: by (rollout_id, day) only. Sorting the items
+    themselves by str() printed every buffered row (~8% of a loaded worker's GIL time)."""
+    return str(item[0])
+
+
 def build_table(dataset: Dataset, rows: list[tuple], offsets: list[int], partition: int) -> pa.Table:
     """The pinned-schema Arrow table for buffered rows (columns built once, at flush)."""
     columns = list(zip(*rows)) if rows else [()] * (dataset.ts_index + 1)
@@ -291,7 +297,7 @@ class PartitionWriter:
         if self.rows:
             staging = self.layout.staging(self.dataset)
             staging.mkdir(parents=True, exist_ok=True)
-            for n, ((rollout_id, day), (rows, offsets)) in enumerate(sorted(self._groups().items(), key=str)):
+            for n, ((rollout_id, day), (rows, offsets)) in enumerate(sorted(self._groups().items(), key=_group_order)):
                 table = build_table(self.dataset, rows, offsets, self.partition)
                 tmp = staging / f".p{self.partition}-{first}-{last}-{n}.parquet.tmp"
                 write_parquet(table, tmp, self.fsync)
