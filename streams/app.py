@@ -92,6 +92,7 @@ def create_app(settings: Settings) -> faust.App:
         # idempotent processing (dedup, snapshots) instead.
         processing_guarantee="at_least_once",
         producer_linger=settings.producer_linger_ms / 1000,
+        producer_max_batch_size=settings.producer_max_batch_bytes,
     )
     _patch_fetch_max_wait()
     _freeze_heap_regularly(app)
