@@ -27,6 +27,7 @@ def test_a_warn_worker_builds_no_debug_records(root_logger):
     try:
         settings = Settings(log_level="warn")
         worker = faust_worker(create_app(settings), settings)
+        worker.redirect_stdouts = False  # not what this test is about, and it would outlive it
         worker._setup_logging()  # what execute_from_commandline does first
         for name in ("aiokafka.producer.producer", "aiokafka.consumer.fetcher", "faust.topics", "agents.outcomes"):
             assert not logging.getLogger(name).isEnabledFor(logging.DEBUG), name
