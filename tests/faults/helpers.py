@@ -34,7 +34,12 @@ def fresh_settings(broker: str, tmp_path: Path, name: str, **overrides) -> Setti
 def walk_plan(rollout_id: str) -> RolloutPlan:
     """A low-stakes plan whose decisions do not depend on when the controller looks:
     canary 50% for 30 min of event time, then 100% (no split to check), then complete.
-    The guardrail tolerates +300%: on A/A traffic it is ``ok`` at every look."""
+    The guardrail tolerates +300%: on A/A traffic it is ``ok`` at every look.
+
+    A stage's watch starts at the first snapshot the controller sees in it, and a fast
+    worker may publish that one late in the data: a test must end with events of this
+    rollout well past 30 min later (``flush_events(..., rollout_id)``), or "complete"
+    depends on the worker's speed."""
     return msgspec.convert({
         "rollout_id": rollout_id, "stakes": "low", "skip_shadow": "fault suite",
         "control": {"model": "m1", "prompt_version": "p1"}, "candidate": {"model": "m1", "prompt_version": "p1"},

@@ -19,6 +19,7 @@ import json
 import random
 from collections import Counter, defaultdict
 
+import msgspec
 import pytest
 from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
@@ -31,6 +32,7 @@ from streams.process import WorkerProcess
 from tests.faults.badinput import TOPICS, check_rejected, malformed
 from tests.faults.helpers import (dead_letters, decisions, fresh_settings, produce_many, wait_until,
                                   wait_until_covered, walk_plan)
+from tests.kafka_helpers import read_topic
 from tests.outcomes.helpers import assert_same_metrics, simulated_events
 from tests.outcomes.test_streaming import FLUSH, ROLLOUT, expected, flush_events, jsonl
 
@@ -63,6 +65,18 @@ def poison_snapshot(partition: int) -> bytes:
                                 users={"control": 1}, metrics={"control": {"thumbs_down_rate": {"kind": "bogus"}}}))
 
 
+def rollout_snapshot_seen(settings) -> bool:
+    """Has the worker published a snapshot of ROLLOUT (the poison ones have seq 1)?"""
+    for record in asyncio.run(read_topic(settings.broker, settings.topic("stats"), timeout_s=5)):
+        try:
+            snapshot = msgspec.json.decode(record.value, type=StatsSnapshot)
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
+            continue  # one of the bad ones
+        if snapshot.rollout_id == ROLLOUT and snapshot.seq > 1:
+            return True
+    return False
+
+
 def test_ten_thousand_malformed_messages(broker, tmp_path):
     settings = fresh_settings(broker, tmp_path, "bad", sink_datasets="traces,feedback,shadow,plans,stats")
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
@@ -74,7 +88,13 @@ def test_ten_thousand_malformed_messages(broker, tmp_path):
 
         events = simulated_events(seed=7, users=300, text_len=60)
         good = jsonl(events)
-        tail = jsonl(flush_events(settings.partitions, events[-1].ts + 4 * 3600_000))  # after every bad one
+        # 4 h after every bad one, a tail of the rollout's own traffic, then FLUSH's (which closes
+        # the tail's sessions). A stage's watch starts at the first snapshot the controller sees
+        # in it, so the tail is produced once the rollout has a snapshot: a fast worker could
+        # otherwise fold everything into its first one, and the canary's 30 min would never pass.
+        tail_ts = events[-1].ts + 4 * 3600_000
+        tail = jsonl(flush_events(settings.partitions, tail_ts, ROLLOUT)
+                     + flush_events(settings.partitions, tail_ts + 2 * 3600_000))
         rng = random.Random(9)
         # (topic, key, value, agents that must dead-letter it). The poison snapshots come
         # first, so the rollout's later snapshots must get past them.
@@ -87,8 +107,11 @@ def test_ten_thousand_malformed_messages(broker, tmp_path):
                 messages.append((topic, f"bad-{rng.randrange(50)}".encode(), value, CONSUMERS[topic]))
             topic = "traces" if b'"type": "trace"' in line else "feedback"
             messages.append((topic, json.loads(line)["user_id"].encode(), line, ()))
+        main = len(messages) - len(tail)
+        positions = asyncio.run(produce_many(settings, [m[:3] for m in messages[:main]]))
+        wait_until(lambda: rollout_snapshot_seen(settings), 90, "a snapshot of the rollout", worker.log)
+        positions += asyncio.run(produce_many(settings, [m[:3] for m in messages[main:]]))
         good = good + tail
-        positions = asyncio.run(produce_many(settings, [m[:3] for m in messages]))
 
         streamed = wait_until_covered(settings, worker, ROLLOUT, FLUSH, timeout_s=150)
         want = expected(good, settings)
@@ -125,6 +148,8 @@ def test_ten_thousand_malformed_messages(broker, tmp_path):
         log = worker.log()
         assert "crashed" not in log.lower() and "Traceback" not in log, log[-3000:]
         wait_until(lambda: any(d.action == "complete" for d in decisions(settings, ROLLOUT)), 60,
-                   "the rollout's decisions after the poison snapshot", worker.log)
+                   "the rollout's decisions after the poison snapshot",
+                   lambda: worker.log()[-2000:]
+                           + f"\ndecisions: {[(d.seq, d.action, d.reason) for d in decisions(settings, ROLLOUT)]}")
     finally:
         worker.stop()

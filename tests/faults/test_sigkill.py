@@ -56,7 +56,11 @@ def test_three_sigkills_change_nothing(broker, tmp_path):
     lines = jsonl(events)
     cuts = split_points(len(lines), rng)
     chunks = [lines[a:b] for a, b in zip([0, *cuts], [*cuts, len(lines)])]
-    tail = jsonl(flush_events(4, events[-1].ts + 4 * 3600_000))
+    # The rollout's own event time moves on too, so the canary's watch passes however late
+    # the controller first sees it (tests/faults/helpers.py, walk_plan).
+    tail_ts = events[-1].ts + 4 * 3600_000
+    rollout_tail = flush_events(4, tail_ts, ROLLOUT)
+    tail = jsonl(rollout_tail + flush_events(4, tail_ts + 2 * 3600_000))  # FLUSH closes their sessions
 
     reference = fresh_settings(broker, tmp_path, "ref")
     victim = fresh_settings(broker, tmp_path, "victim")
@@ -115,8 +119,8 @@ def test_three_sigkills_change_nothing(broker, tmp_path):
             process.stop()  # SIGINT: the sinks flush what they hold
 
     # Parquet: every produced trace and feedback exactly once.
-    produced = {"traces": {e.event_id for e in events if hasattr(e, "latency_ms")},
-                "feedback": {e.event_id for e in events if not hasattr(e, "latency_ms")}}
+    produced = {"traces": {e.event_id for e in events + rollout_tail if hasattr(e, "latency_ms")},
+                "feedback": {e.event_id for e in events + rollout_tail if not hasattr(e, "latency_ms")}}
     for dataset, ids in produced.items():
         frame = sinks.scan(dataset, victim.data_dir).filter(pl.col("rollout_id") == ROLLOUT).collect()
         assert frame.height == len(ids), (dataset, frame.height, len(ids))

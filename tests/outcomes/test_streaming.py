@@ -32,19 +32,21 @@ def jsonl(events) -> list[bytes]:
     return lines
 
 
-def flush_events(partitions: int, ts: int):
-    """One trace + feedback per partition, 4 h after the data, from users hashed to each partition."""
+def flush_events(partitions: int, ts: int, rollout: str = FLUSH):
+    """One trace + feedback per partition, 4 h after the data, from users hashed to each partition
+    (of the FLUSH rollout by default; of another one to move that rollout's own event time)."""
     from tests.outcomes.helpers import feedback
 
+    name = "flush" if rollout == FLUSH else f"tail-{rollout}"
     out, found = [], {}
     n = 0
     while len(found) < partitions:
-        user = f"flush-{n}"
+        user = f"{name}-{n}"
         found.setdefault(partition_for(user, partitions), user)
         n += 1
     for p, user in sorted(found.items()):
-        out.append(trace(f"flush-{p}", ts, user=user, rollout=FLUSH))
-        out.append(feedback(f"flush-{p}", f"flush-{p}", ts, "copy", user=user, rollout=FLUSH))
+        out.append(trace(f"{name}-{p}", ts, user=user, rollout=rollout))
+        out.append(feedback(f"{name}-{p}", f"{name}-{p}", ts, "copy", user=user, rollout=rollout))
     return out
 
 
