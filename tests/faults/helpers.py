@@ -38,7 +38,7 @@ def walk_plan(rollout_id: str) -> RolloutPlan:
 
     A stage's watch starts at the first snapshot the controller sees in it, and a fast
     worker may publish that one late in the data: a test must end with events of this
-    rollout well past 30 min later (``flush_events(..., rollout_id)``), or "complete"
+    rollout well past 30 min later (``rollout_tail`` in tests/outcomes/test_streaming.py), or "complete"
     depends on the worker's speed."""
     return msgspec.convert({
         "rollout_id": rollout_id, "stakes": "low", "skip_shadow": "fault suite",

@@ -34,7 +34,7 @@ from tests.faults.helpers import (dead_letters, decisions, fresh_settings, produ
                                   wait_until_covered, walk_plan)
 from tests.kafka_helpers import read_topic
 from tests.outcomes.helpers import assert_same_metrics, simulated_events
-from tests.outcomes.test_streaming import FLUSH, ROLLOUT, expected, flush_events, jsonl
+from tests.outcomes.test_streaming import FLUSH, ROLLOUT, expected, jsonl, rollout_tail
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
@@ -92,9 +92,7 @@ def test_ten_thousand_malformed_messages(broker, tmp_path):
         # the tail's sessions). A stage's watch starts at the first snapshot the controller sees
         # in it, so the tail is produced once the rollout has a snapshot: a fast worker could
         # otherwise fold everything into its first one, and the canary's 30 min would never pass.
-        tail_ts = events[-1].ts + 4 * 3600_000
-        tail = jsonl(flush_events(settings.partitions, tail_ts, ROLLOUT)
-                     + flush_events(settings.partitions, tail_ts + 2 * 3600_000))
+        tail = jsonl(rollout_tail(settings.partitions, events[-1].ts, ROLLOUT))
         rng = random.Random(9)
         # (topic, key, value, agents that must dead-letter it). The poison snapshots come
         # first, so the rollout's later snapshots must get past them.

@@ -28,7 +28,7 @@ from safeswap.rollouts import start_rollout
 from streams.process import WorkerProcess
 from tests.faults.helpers import by_seq, decisions, fresh_settings, wait_until, walk_plan
 from tests.outcomes.helpers import assert_same_metrics, simulated_events
-from tests.outcomes.test_streaming import (ROLLOUT, end_offsets, expected, flush_events, jsonl, latest_snapshots,
+from tests.outcomes.test_streaming import (ROLLOUT, end_offsets, expected, jsonl, latest_snapshots, rollout_tail,
                                            produce_lines, wait_until_covered)
 
 # Once flaky (Faust resumed a partition past the checkpoint's offsets); the outcomes
@@ -58,9 +58,8 @@ def test_three_sigkills_change_nothing(broker, tmp_path):
     chunks = [lines[a:b] for a, b in zip([0, *cuts], [*cuts, len(lines)])]
     # The rollout's own event time moves on too, so the canary's watch passes however late
     # the controller first sees it (tests/faults/helpers.py, walk_plan).
-    tail_ts = events[-1].ts + 4 * 3600_000
-    rollout_tail = flush_events(4, tail_ts, ROLLOUT)
-    tail = jsonl(rollout_tail + flush_events(4, tail_ts + 2 * 3600_000))  # FLUSH closes their sessions
+    tail_events = rollout_tail(4, events[-1].ts, ROLLOUT)
+    tail = jsonl(tail_events)
 
     reference = fresh_settings(broker, tmp_path, "ref")
     victim = fresh_settings(broker, tmp_path, "victim")
@@ -119,8 +118,8 @@ def test_three_sigkills_change_nothing(broker, tmp_path):
             process.stop()  # SIGINT: the sinks flush what they hold
 
     # Parquet: every produced trace and feedback exactly once.
-    produced = {"traces": {e.event_id for e in events + rollout_tail if hasattr(e, "latency_ms")},
-                "feedback": {e.event_id for e in events + rollout_tail if not hasattr(e, "latency_ms")}}
+    produced = {"traces": {e.event_id for e in events + tail_events if e.rollout_id == ROLLOUT and hasattr(e, "latency_ms")},
+                "feedback": {e.event_id for e in events + tail_events if e.rollout_id == ROLLOUT and not hasattr(e, "latency_ms")}}
     for dataset, ids in produced.items():
         frame = sinks.scan(dataset, victim.data_dir).filter(pl.col("rollout_id") == ROLLOUT).collect()
         assert frame.height == len(ids), (dataset, frame.height, len(ids))

@@ -50,6 +50,13 @@ def flush_events(partitions: int, ts: int, rollout: str = FLUSH):
     return out
 
 
+def rollout_tail(partitions: int, last_ts: int, rollout: str):
+    """The rollout's own traffic 4 h after ``last_ts``, then FLUSH's 2 h later (which closes the
+    tail's sessions): a stage's watch then passes however late the controller first looks."""
+    tail_ts = last_ts + 4 * 3600_000
+    return flush_events(partitions, tail_ts, rollout) + flush_events(partitions, tail_ts + 2 * 3600_000)
+
+
 async def produce_lines(bootstrap: str, settings, lines: list[bytes]) -> None:
     from aiokafka import AIOKafkaProducer
 
