@@ -202,6 +202,18 @@ class DashboardModel:
         previous = track.latest_snapshots.get(key)
         if previous is not None and previous.seq >= snapshot.seq:
             return
+        current = None
+        if not _source(snapshot):
+            # Merged before anything changes: a snapshot that cannot be merged (malformed
+            # histogram counts, say) raises here and leaves the rollout as it was, instead
+            # of staying among the latest and breaking every later look.
+            outcome_snapshots = [s for (source, _), s in {**track.latest_snapshots, key: snapshot}.items()
+                                 if not source]
+            try:
+                current = variant_values(outcome_snapshots)
+            except Exception as exc:  # noqa: BLE001 - any shape error in event data
+                raise ValueError(f"statistics snapshot {snapshot.rollout_id!r} partition {snapshot.partition} "
+                                 f"seq {snapshot.seq} cannot be merged: {exc!r}") from exc
         track.latest_snapshots[key] = snapshot
         state = track.replay
         before = state.last_evaluation
@@ -218,7 +230,7 @@ class DashboardModel:
         evaluation = state.last_evaluation
         evaluated = evaluation is not None and evaluation is not before and (was_live or decision is not None)
         outcome_snapshots = [s for (source, _), s in track.latest_snapshots.items() if not source]
-        track.current = variant_values(outcome_snapshots)
+        track.current = current or {}
         ts = max(s.ts for s in outcome_snapshots)
         track.last_ts = max(track.last_ts, ts)
         users: dict[str, int] = {}

@@ -130,12 +130,17 @@ class LiveSource:
         self.model = model or DashboardModel()
         self.model.source = f"live: {settings.broker}"
         self.undecodable = 0
+        self.restarts = 0  # times the read loop failed and reconnected
         self.connected = False
         self.error: str | None = None
         self._task: asyncio.Task | None = None
         self._consumer: AIOKafkaConsumer | None = None
         names = {settings.topic(t): t for t in self.TOPICS}
         self._kind = names
+        # Next offset per partition: a reconnect resumes here, so nothing is folded in twice
+        # (judgment counts are not idempotent).
+        self._positions: dict[TopicPartition, int] = {}
+        self._logged: set[str] = set()  # record kinds whose bad record was logged (once each)
 
     async def start(self) -> "LiveSource":
         self._task = asyncio.create_task(self._run())
@@ -153,22 +158,45 @@ class LiveSource:
                 raise ConnectionError(f"no safeswap topics with prefix {self.settings.topic_prefix!r} on "
                                       f"{self.settings.broker}: run `safeswap topics create` or start a worker")
             consumer.assign(partitions)
-            await consumer.seek_to_beginning(*partitions)
+            fresh = [tp for tp in partitions if tp not in self._positions]
+            if fresh:
+                await consumer.seek_to_beginning(*fresh)
+            for tp in partitions:
+                if tp in self._positions:
+                    consumer.seek(tp, self._positions[tp])
         except BaseException:
             await consumer.stop()
             raise
         self._consumer = consumer
 
     async def _run(self) -> None:
-        while self._consumer is None:
+        while True:
+            while self._consumer is None:
+                try:
+                    await self._connect()
+                    self.connected, self.error = True, None
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - keep trying; the page says why
+                    self.error = f"cannot read {self.settings.broker}: {exc}"
+                    await asyncio.sleep(2.0)
             try:
-                await self._connect()
-                self.connected, self.error = True, None
+                await self._read()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - keep trying; the page says why
-                self.error = f"cannot read {self.settings.broker}: {exc}"
+            except Exception as exc:  # noqa: BLE001 - a dead task would leave the page saying "live" forever
+                self.restarts += 1
+                self.connected = False
+                self.error = f"reading {self.settings.broker} failed ({exc!r}); reconnecting"
+                log.warning("dashboard: live read loop failed, reconnecting", exc_info=True)
+                consumer, self._consumer = self._consumer, None
+                if consumer is not None:
+                    with contextlib.suppress(Exception):
+                        await consumer.stop()
                 await asyncio.sleep(2.0)
+
+    async def _read(self) -> None:
+        assert self._consumer is not None
         while True:
             batches = await self._consumer.getmany(timeout_ms=300, max_records=500)
             # Plans first within a batch: a rollout's snapshots need its plan.
@@ -177,9 +205,18 @@ class LiveSource:
                 kind = self._kind.get(tp.topic, "")
                 if kind == "stats":
                     self.ingest_snapshots([record.value for record in records])
-                    continue
-                for record in records:
-                    self.ingest(kind, record.value, int(record.timestamp))
+                else:
+                    for record in records:
+                        self.ingest(kind, record.value, int(record.timestamp))
+                if records:
+                    self._positions[tp] = records[-1].offset + 1
+
+    def _bad_record(self, kind: str, exc: BaseException) -> None:
+        self.undecodable += 1  # the worker's DLQ has it; the dashboard only shows
+        if kind not in self._logged:
+            self._logged.add(kind)
+            log.warning("dashboard: a %s record could not be shown (%s); later ones of this kind are only counted",
+                        kind, exc)
 
     def ingest_snapshots(self, values: list[bytes | None]) -> None:
         """One fetch of statistics. Snapshots are cumulative, so a long fetch (catching up
@@ -189,10 +226,13 @@ class LiveSource:
         for value in values:
             try:
                 snapshots.append(decode(StatsSnapshot, value or b""))
-            except InvalidEvent:
-                self.undecodable += 1
+            except InvalidEvent as exc:
+                self._bad_record("stats", exc)
         for snapshot in coalesce(snapshots, math.ceil(len(snapshots) / LOOKS_PER_FETCH)):
-            self.model.add_snapshot(snapshot)
+            try:
+                self.model.add_snapshot(snapshot)
+            except Exception as exc:  # noqa: BLE001 - decodes but cannot be folded in (bad histogram, say)
+                self._bad_record("stats", exc)
 
     def ingest(self, kind: str, value: bytes | None, timestamp_ms: int) -> None:
         if not value:
@@ -209,8 +249,8 @@ class LiveSource:
             elif kind == "judgments":
                 judgment = msgspec.json.decode(value, type=_Judgment)
                 self.model.add_judgment(judgment.rollout_id, judgment.winner)
-        except (InvalidEvent, msgspec.DecodeError, msgspec.ValidationError):
-            self.undecodable += 1  # the worker's DLQ has it; the dashboard only shows
+        except Exception as exc:  # noqa: BLE001 - one bad record must not stop the feed
+            self._bad_record(kind, exc)
 
     async def stop(self) -> None:
         if self._task is not None:
