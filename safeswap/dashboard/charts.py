@@ -23,7 +23,12 @@ def esc(text: Any) -> str:
 
 
 def when(ts_ms: int | float) -> str:
-    return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).strftime("%m-%d %H:%M")
+    """Event time as the page shows it; a time no calendar holds (event data can say
+    anything) shows as the raw number instead of failing the page."""
+    try:
+        return datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc).strftime("%m-%d %H:%M")
+    except (OverflowError, OSError, ValueError, TypeError):
+        return f"ts {ts_ms!r}"
 
 
 def fmt(value: float | None, unit: str) -> str:

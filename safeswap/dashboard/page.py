@@ -9,7 +9,8 @@ inline script, so even an escaping mistake could not run injected code.
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from typing import Any, Callable
 from urllib.parse import quote
 
 from safeswap.dashboard.charts import esc, fmt, interval_chart, stage_timeline, trend_chart, when
@@ -21,6 +22,19 @@ TREND_LABELS = {
     "thumbs_down_rate": ("thumbs-down rate", "rate"),
 }
 STATUS_CLASS = {"breach": "bad", "ok": "good", "insufficient_data": "wait"}
+log = logging.getLogger(__name__)
+
+
+def guarded(label: str, render: Callable[..., str], *args: Any) -> str:
+    """``render(*args)``, or a short placeholder saying why not: one malformed event
+    costs its own section, never the whole page (an HTTP 500)."""
+    try:
+        return render(*args)
+    except Exception as exc:  # noqa: BLE001 - event data can have any shape
+        log.warning("dashboard: could not render %s", label, exc_info=True)
+        reason = f"{type(exc).__name__}: {exc}"
+        return (f'<section class="broken"><h3>{esc(label)}</h3>'
+                f'<p class="bad">could not render: {esc(reason[:300])}</p></section>')
 
 
 def rollout_link(rollout_id: str) -> str:
@@ -45,9 +59,12 @@ def _variant_spec(spec: dict[str, Any]) -> str:
 def rollout_html(view: dict[str, Any] | None) -> str:
     if view is None:
         return '<section class="empty-state"><p>Pick a rollout on the left.</p></section>'
+    return "".join(guarded(label, render, view) for label, render in SECTIONS)
+
+
+def _summary_html(view: dict[str, Any]) -> str:
     split = view["split"]
     users = view["users"]
-    decisions = view["decisions"]
     parts = [f'<section class="summary"><h2>{esc(view["rollout_id"])}</h2>']
     if view.get("description"):
         parts.append(f'<p class="muted">{esc(view["description"])}</p>')
@@ -65,76 +82,127 @@ def rollout_html(view: dict[str, Any] | None) -> str:
     stages = "".join(f'<li class="{"current" if i == view["stage_index"] else ""}">{esc(s)}</li>'
                      for i, s in enumerate(view["stages"]))
     parts.append(f'<ol class="plan-stages">{stages}</ol></section>')
+    return "".join(parts)
 
-    # Timeline and decisions.
+
+def _timeline_html(view: dict[str, Any]) -> str:
+    decisions = view["decisions"]
     end_x = max([view["as_of"]] + [d["x"] for d in decisions]) if decisions else None
     start_x = view.get("first_ts")
-    parts.append('<section><h3>Stage timeline</h3>' + stage_timeline(decisions, end_x, start_x))
+    parts = ['<section><h3>Stage timeline</h3>' + stage_timeline(decisions, end_x, start_x)]
     rows = "".join(
         f'<tr class="action-{esc(d["action"])}"><td>#{int(d["seq"])}</td><td>{esc(when(d["ts"]))}</td>'
         f'<td>{esc(d["action"])}</td><td>{esc(d["stage"])} {d["percent"]:g}%</td><td>{esc(d["reason"])}</td></tr>'
         for d in decisions)
     parts.append('<table class="decisions"><thead><tr><th>seq</th><th>when (UTC)</th><th>action</th>'
                  f'<th>stage</th><th>why</th></tr></thead><tbody>{rows}</tbody></table></section>')
+    return "".join(parts)
 
-    # Guardrails.
-    parts.append('<section><h3>Guardrails: always-valid intervals over time</h3>'
-                 '<p class="muted">Band: the always-valid interval of the candidate vs control; line: the estimate; '
-                 'dashed: the plan\'s limit. The controller acts when the interval clears the limit.</p>'
-                 '<div class="grid">')
-    if not view["guardrails"]:
-        parts.append('<p class="muted">no guardrails in the plan</p>')
-    for g in view["guardrails"]:
-        unit = "pct" if g["scale"] == "relative" else "num"
-        interval = (f'[{esc(fmt(g["ci_low"], unit))}, {esc(fmt(g["ci_high"], unit))}]'
-                    if g["ci_low"] is not None or g["ci_high"] is not None else "-")
-        parts.append(
-            f'<div class="card guardrail"><h4>{esc(g["metric"])} '
+
+def _guardrail_card(g: dict[str, Any], decisions: list[dict[str, Any]]) -> str:
+    unit = "pct" if g["scale"] == "relative" else "num"
+    interval = (f'[{esc(fmt(g["ci_low"], unit))}, {esc(fmt(g["ci_high"], unit))}]'
+                if g["ci_low"] is not None or g["ci_high"] is not None else "-")
+    return (f'<div class="card guardrail"><h4>{esc(g["metric"])} '
             f'<span class="badge {STATUS_CLASS.get(g["status"], "wait")}">{esc(g["status"])}</span></h4>'
             f'<p>estimate {esc(fmt(g["estimate"], unit))}, interval {interval}, limit '
             f'{esc(fmt(g["threshold"], unit))} ({esc(g["scale"])}, harm = {esc(g["harm"])}'
             f'{", on breach: " + esc(g["action"]) if g["action"] else ""})</p>'
             + interval_chart(g, decisions) + '</div>')
-    parts.append('</div></section>')
 
-    # Variants.
+
+def _guardrails_html(view: dict[str, Any]) -> str:
+    parts = ['<section><h3>Guardrails: always-valid intervals over time</h3>'
+             '<p class="muted">Band: the always-valid interval of the candidate vs control; line: the estimate; '
+             'dashed: the plan\'s limit. The controller acts when the interval clears the limit.</p>'
+             '<div class="grid">']
+    if not view["guardrails"]:
+        parts.append('<p class="muted">no guardrails in the plan</p>')
+    for g in view["guardrails"]:
+        parts.append(guarded(f"guardrail {g.get('metric', '?') if isinstance(g, dict) else '?'}",
+                             _guardrail_card, g, view["decisions"]))
+    parts.append('</div></section>')
+    return "".join(parts)
+
+
+def _variants_html(view: dict[str, Any]) -> str:
+    decisions = view["decisions"]
     rows = []
     for row in view["variant_rows"]:
         a, b = row["values"]["control"], row["values"]["candidate"]
         diff = f"{(b / a - 1) * 100:+.1f}%" if a and b is not None else "-"
         rows.append(f'<tr><td>{esc(row["label"])}</td><td>{esc(fmt(a, row["unit"]))}</td>'
                     f'<td>{esc(fmt(b, row["unit"]))}</td><td>{esc(diff)}</td></tr>')
-    parts.append('<section><h3>Per variant</h3><table class="variants"><thead><tr><th>metric</th>'
-                 '<th class="control">control</th><th class="candidate">candidate</th><th>candidate vs control</th>'
-                 f'</tr></thead><tbody>{"".join(rows)}</tbody></table><div class="grid">')
+    parts = ['<section><h3>Per variant</h3><table class="variants"><thead><tr><th>metric</th>'
+             '<th class="control">control</th><th class="candidate">candidate</th><th>candidate vs control</th>'
+             f'</tr></thead><tbody>{"".join(rows)}</tbody></table><div class="grid">']
     for metric, series in view["trends"].items():
         label, unit = TREND_LABELS.get(metric, (metric, "num"))
         parts.append('<div class="card">' + trend_chart(metric, label, unit, series, decisions) + '</div>')
     parts.append('</div></section>')
+    return "".join(parts)
 
-    # Judge (monitored) and health.
+
+def _judge_html(view: dict[str, Any]) -> str:
     judge = view["judge"]
     counts = judge["counts"]
     preference = judge["candidate_preference"]
     note = ("monitored, not a decision input" if not judge["gates_shadow"] else
             "monitored; not a guardrail (the plan's shadow stage checks the judge before promoting)")
-    parts.append(f'<section class="judge"><h3>Judge preference <span class="badge wait">{esc(note)}</span></h3>'
-                 f'<p>{judge["judged"]:,} shadow pairs judged: candidate better {counts["candidate"]:,}, '
-                 f'control better {counts["control"]:,}, tie {counts["tie"]:,}. '
-                 f'Preference for the candidate: {esc(fmt(preference, "pct")) if preference is not None else "-"} '
-                 '(candidate wins minus control wins, over decided pairs).</p></section>')
+    return (f'<section class="judge"><h3>Judge preference <span class="badge wait">{esc(note)}</span></h3>'
+            f'<p>{judge["judged"]:,} shadow pairs judged: candidate better {counts["candidate"]:,}, '
+            f'control better {counts["control"]:,}, tie {counts["tie"]:,}. '
+            f'Preference for the candidate: {esc(fmt(preference, "pct")) if preference is not None else "-"} '
+            '(candidate wins minus control wins, over decided pairs).</p></section>')
+
+
+def model_drift_text(drift: Any) -> str:
+    """The share of each variant's traces off its pinned model, as percentages
+    ("control 0.0%, candidate 3.2%"); "none" when nothing drifted."""
+    if not drift:
+        return "none"
+    if not isinstance(drift, dict):
+        return str(drift)
+    order = {"control": 0, "candidate": 1}
+    parts = []
+    for variant in sorted(drift, key=lambda v: (order.get(v, 2), str(v))):
+        share = drift[variant]
+        parts.append(f"{variant} {share:.1%}" if isinstance(share, (int, float)) else f"{variant} {share}")
+    return ", ".join(parts)
+
+
+def _problem_text(problem: Any) -> str:
+    return str(problem.get("reason", "")) if isinstance(problem, dict) else str(problem)
+
+
+def _health_html(view: dict[str, Any]) -> str:
     health = view.get("health") or {}
-    problems = "".join(f'<li class="bad">{esc(p.get("reason", ""))}</li>' for p in health.get("problems", []) or [])
+    if not isinstance(health, dict):
+        health = {}
+    found = health.get("problems") or []
+    problems = "".join(f'<li class="bad">{esc(_problem_text(p))}</li>'
+                       for p in (found if isinstance(found, list) else [found]))
     srm = health.get("srm_p_value")
     crossover = health.get("crossover_share")
-    skew = (health.get("cache_skew") or {}).get("skewed")
-    parts.append('<section class="health"><h3>Data health</h3><p>'
-                 f'SRM p-value {esc(f"{srm:.2g}") if isinstance(srm, (int, float)) else "-"}, '
-                 f'crossover {esc(f"{crossover:.2%}") if isinstance(crossover, (int, float)) else "-"}, '
-                 f'model drift {esc(health.get("model_drift") or "none")}'
-                 f'{"; cache-hit rate differs between arms: latency and cost are confounded" if skew else ""}'
-                 f'</p><ul>{problems}</ul></section>')
-    return "".join(parts)
+    cache_skew = health.get("cache_skew")
+    skew = cache_skew.get("skewed") if isinstance(cache_skew, dict) else False
+    return ('<section class="health"><h3>Data health</h3><p>'
+            f'SRM p-value {esc(f"{srm:.2g}") if isinstance(srm, (int, float)) else "-"}, '
+            f'crossover {esc(f"{crossover:.2%}") if isinstance(crossover, (int, float)) else "-"}, '
+            f'model drift (traces off the pinned model) {esc(model_drift_text(health.get("model_drift")))}'
+            f'{"; cache-hit rate differs between arms: latency and cost are confounded" if skew else ""}'
+            f'</p><ul>{problems}</ul></section>')
+
+
+# The rollout page, section by section; each renders on its own (see guarded).
+SECTIONS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
+    ("summary", _summary_html),
+    ("stage timeline", _timeline_html),
+    ("guardrails", _guardrails_html),
+    ("per variant", _variants_html),
+    ("judge preference", _judge_html),
+    ("data health", _health_html),
+)
 
 
 def page_html(nav: str, main: str, *, selected: str | None, source: str, live: bool, version: int) -> str:
@@ -193,7 +261,8 @@ tr.action-promote td, tr.action-complete td { background:#edf7ed; }
 .card p { margin:2px 0 6px; font-size:12px; }
 .badge { font-size:11px; padding:1px 7px; border-radius:9px; color:#fff; background:var(--muted); font-weight:600; }
 .badge.good { background:var(--good); } .badge.bad { background:var(--bad); } .badge.wait { background:var(--wait); }
-li.bad { color:var(--bad); }
+li.bad, p.bad { color:var(--bad); }
+.broken { border:1px dashed var(--bad); padding:4px 8px; }
 svg.chart { width:100%; height:auto; display:block; }
 svg .plot { fill:#fcfcfd; stroke:var(--line); }
 svg .grid { stroke:#eceff3; }

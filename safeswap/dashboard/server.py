@@ -30,7 +30,7 @@ from typing import Any
 from aiohttp import web
 
 from safeswap.dashboard.model import DashboardModel
-from safeswap.dashboard.page import CSS, JS, nav_html, page_html, rollout_html
+from safeswap.dashboard.page import CSS, JS, guarded, nav_html, page_html, rollout_html
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -76,8 +76,12 @@ def _selected(state: DashboardState, request: web.Request) -> str | None:
 
 
 def _parts(state: DashboardState, selected: str | None) -> tuple[str, str]:
+    # Each part on its own: one rollout whose events break the view costs its own
+    # part of the page (a placeholder saying why), never an HTTP 500 for the page.
     model = state.model
-    return nav_html(model.rollouts(), selected), rollout_html(model.view(selected) if selected else None)
+    nav = guarded("rollout list", lambda: nav_html(model.rollouts(), selected))
+    main = guarded(f"rollout {selected}", lambda: rollout_html(model.view(selected) if selected else None))
+    return nav, main
 
 
 def build_app(state: DashboardState) -> web.Application:
