@@ -124,10 +124,7 @@ class DatasetSink:
         self.verify.discard(partition)
         first = records[0]
         if first.offset == writer.last_offset and writer.matches(first.timestamp, first.value) is False:
-            log.error("sink %s[%d]: the record at the checkpoint's offset %d is not the one written: the "
-                      "topic was recreated; writing it afresh (files with the same names are overwritten)",
-                      self.dataset.name, partition, writer.last_offset)
-            writer.reset()
+            recreated(writer, f"the record at the checkpoint's offset {writer.last_offset} is not the one written")
             return None
         return records
 
@@ -213,10 +210,7 @@ class SinkService:
             writer = sink.open(tp.partition)
             end = ends.get(tp)
             if writer.last_offset >= 0 and end is not None and end <= writer.last_offset:
-                log.error("sink %s[%d]: checkpoint at offset %d but the topic ends at %d: the topic was "
-                          "recreated; writing it afresh (files with the same names are overwritten)",
-                          sink.dataset.name, tp.partition, writer.last_offset, end)
-                writer.reset()
+                recreated(writer, f"checkpoint at offset {writer.last_offset} but the topic ends at {end}")
                 self.consumer.seek(tp, 0)
             elif writer.last_offset >= 0 and writer.fingerprint:
                 sink.verify.add(tp.partition)
@@ -285,6 +279,16 @@ class SinkService:
 
     async def run(self) -> None:
         await run_restarting(self.run_once, "sink")
+
+
+def recreated(writer: PartitionWriter, evidence: str) -> None:
+    """The topic was deleted and created again: its offsets restart at 0, so the partition
+    is written afresh as a new generation; what the old topic's files hold stays."""
+    generation = writer.reset()
+    log.warning("sink %s[%d]: %s: the topic was recreated; writing it from offset 0 as generation %d "
+                "(new files part-%d-<first>-<last>-g%d.parquet; the earlier generations' files stay in %s)",
+                writer.dataset.name, writer.partition, evidence, generation, writer.partition, generation,
+                writer.layout.root(writer.dataset))
 
 
 async def _reject(sink: DatasetSink, record: Any, reason: str) -> None:

@@ -1,9 +1,11 @@
 """Compaction: merge the small files of closed date partitions, one file per Kafka partition.
 
 A date partition is closed when its date is before ``before`` (default: today,
-UTC). In each of its folders, the files of one Kafka partition are merged into
-``part-<p>-<lowest first>-<highest last>.parquet`` (rows in offset order, the
-dataset's newest schema: older files get nulls for columns they lack):
+UTC). In each of its folders, the files of one Kafka partition and generation are
+merged into ``part-<p>-<lowest first>-<highest last>[-g<n>].parquet`` (rows in offset
+order, the dataset's newest schema: older files get nulls for columns they lack).
+Generations (a recreated topic's offsets from 0 again, sinks/writer.py) are never
+merged together: their offset ranges overlap without being the same records.
 
 1. the merged file is written to the staging folder and renamed into the folder;
    from that instant ``sinks.scan``/``list_files`` read the merged file *instead
@@ -92,17 +94,19 @@ def compact(
                 continue
             kept, superseded = select_files(names)
             to_remove.extend(os.path.join(folder, n) for n in superseded)  # left over by an earlier run
-            by_partition: dict[int, list[str]] = {}
+            by_partition: dict[tuple[int, int], list[str]] = {}
             for n in kept:
-                by_partition.setdefault(parse_file_name(n)[0], []).append(n)
+                parsed = parse_file_name(n)
+                by_partition.setdefault((parsed.partition, parsed.generation), []).append(n)
             report.folders += 1
-            for partition, inputs in sorted(by_partition.items()):
+            for (partition, generation), inputs in sorted(by_partition.items()):
                 if len(inputs) < min_files:
                     continue
                 try:
-                    report.rows += _merge(ds, Path(folder), partition, inputs, staging)
+                    report.rows += _merge(ds, Path(folder), partition, generation, inputs, staging)
                 except Exception as exc:  # one bad file must not stop the rest
-                    report.errors.append(f"{folder}: partition {partition}: {exc}")
+                    where = f"partition {partition}" + (f" generation {generation}" if generation else "")
+                    report.errors.append(f"{folder}: {where}: {exc}")
                     continue
                 report.merged_files += len(inputs)
                 report.written_files += 1
@@ -119,15 +123,15 @@ def compact(
     return report
 
 
-def _merge(ds: Dataset, folder: Path, partition: int, inputs: list[str], staging: Path) -> int:
+def _merge(ds: Dataset, folder: Path, partition: int, generation: int, inputs: list[str], staging: Path) -> int:
     parsed = [parse_file_name(n) for n in inputs]
-    first = min(p[1] for p in parsed)
-    last = max(p[2] for p in parsed)
+    first = min(p.first for p in parsed)
+    last = max(p.last for p in parsed)
     tables = [conform(pq.read_table(folder / n), ds) for n in inputs]
     merged = pa.concat_tables(tables).sort_by("kafka_offset")
     staging.mkdir(parents=True, exist_ok=True)
     tmp = staging / f".compact-{uuid.uuid4().hex}.parquet.tmp"
     write_parquet(merged, tmp, fsync=True)
-    os.replace(tmp, folder / file_name(partition, first, last))
+    os.replace(tmp, folder / file_name(partition, first, last, generation))
     fsync_dir(folder)
     return merged.num_rows

@@ -11,6 +11,9 @@ What ``scan`` takes care of:
   the same partition and folder whose offset ranges it covers, so a reader that
   lists the folder between the merge's rename and the removal of its inputs sees
   every row once (``sinks.compact`` removes inputs only after a grace period).
+  Only files of the same *generation* can supersede each other: offsets restart
+  at 0 when a topic is recreated, so an older generation's range says nothing
+  about a newer generation's files (``-g<n>`` names, sinks/writer.py).
 """
 
 from __future__ import annotations
@@ -39,14 +42,14 @@ def hive_schema(ds: Dataset) -> dict[str, pl.DataType]:
 def select_files(names: list[str]) -> tuple[list[str], list[str]]:
     """Split one folder's file names into (kept, superseded).
 
-    Data files only (``part-<p>-<first>-<last>.parquet``). A file whose offset range
-    lies inside another file's range, same folder and partition, is superseded:
-    a compaction merged it and has not removed it yet."""
-    ranges: dict[int, list[tuple[int, int, str]]] = {}
+    Data files only (``part-<p>-<first>-<last>[-g<n>].parquet``). A file whose offset
+    range lies inside another file's range, same folder, partition and generation, is
+    superseded: a compaction merged it and has not removed it yet."""
+    ranges: dict[tuple[int, int], list[tuple[int, int, str]]] = {}
     for name in names:
         parsed = parse_file_name(name)
         if parsed is not None:
-            ranges.setdefault(parsed[0], []).append((parsed[1], parsed[2], name))
+            ranges.setdefault((parsed.partition, parsed.generation), []).append((parsed.first, parsed.last, name))
     kept: list[str] = []
     superseded: list[str] = []
     for items in ranges.values():

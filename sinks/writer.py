@@ -3,11 +3,21 @@
 Layout (``data_dir`` from settings)::
 
     <data_dir>/<dataset>/rollout_id=<id>/date=<YYYY-MM-DD>/part-<partition>-<first>-<last>.parquet
+    <data_dir>/<dataset>/.../part-<partition>-<first>-<last>-g<generation>.parquet   after a topic recreation
     <data_dir>/_staging/<dataset>/.p<partition>-<first>-<last>-<n>.parquet.tmp   files being written
     <data_dir>/_sink/<dataset>/partition-<p>.json                               the writer's checkpoint
 
 ``<first>``/``<last>`` are the Kafka offsets of the *batch* (every file one flush
 writes has the same name, in the folder of its rollout and date).
+
+Generations: offsets identify a record only while the topic lives. When it is
+deleted and created again (a fresh embedded broker, a reset cluster) offsets
+start at 0 again, so the writer starts a new *generation* (:meth:`PartitionWriter.reset`):
+its number is kept in the checkpoint, and files of generation ``g > 0`` carry a
+``-g<g>`` suffix. Generation 0 keeps the plain name. Within one (partition,
+generation) a file name still identifies a batch, so a replay overwrites instead
+of duplicating; files of another generation are never overwritten, superseded
+or merged with it (``sinks.read.select_files``, ``sinks.compact``).
 
 The commit protocol of one flush (:meth:`PartitionWriter.flush`):
 
@@ -38,7 +48,7 @@ import urllib.parse
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import msgspec
 import pyarrow as pa
@@ -48,7 +58,7 @@ from sinks.datasets import DAY_MS, Dataset
 
 log = logging.getLogger(__name__)
 
-FILE_RE = re.compile(r"^part-(\d+)-(\d+)-(\d+)\.parquet$")
+FILE_RE = re.compile(r"^part-(\d+)-(\d+)-(\d+)(?:-g([1-9]\d*))?\.parquet$")
 STAGING = "_staging"
 STATE = "_sink"
 _EPOCH_ORDINAL = dt.date(1970, 1, 1).toordinal()
@@ -74,14 +84,25 @@ class Rotation:
         )
 
 
-def file_name(partition: int, first: int, last: int) -> str:
-    return f"part-{partition}-{first}-{last}.parquet"
+class FileName(NamedTuple):
+    partition: int
+    first: int
+    last: int
+    generation: int = 0
 
 
-def parse_file_name(name: str) -> tuple[int, int, int] | None:
-    """``part-3-100-199.parquet`` -> (3, 100, 199); None for anything else."""
+def file_name(partition: int, first: int, last: int, generation: int = 0) -> str:
+    suffix = f"-g{generation}" if generation else ""
+    return f"part-{partition}-{first}-{last}{suffix}.parquet"
+
+
+def parse_file_name(name: str) -> FileName | None:
+    """``part-3-100-199.parquet`` -> (3, 100, 199, 0), ``part-3-0-9-g2.parquet`` -> (3, 0, 9, 2);
+    None for anything else."""
     match = FILE_RE.match(name)
-    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+    if not match:
+        return None
+    return FileName(int(match[1]), int(match[2]), int(match[3]), int(match[4] or 0))
 
 
 def hive_value(value: str) -> str:
@@ -173,14 +194,15 @@ def build_table(dataset: Dataset, rows: list[tuple], offsets: list[int], partiti
     return pa.Table.from_arrays(arrays, schema=dataset.arrow_schema)
 
 
-def highest_offset_in_files(root: Path, partition: int) -> int:
-    """The highest ``<last>`` among the partition's file names under ``root`` (-1: none)."""
-    highest = -1
+def highest_offset_in_files(root: Path, partition: int) -> tuple[int, int]:
+    """(generation, highest ``<last>``) of the partition's newest generation among the file
+    names under ``root``; (0, -1): no file."""
+    highest = (0, -1)
     for folder, _dirs, files in os.walk(root):
         for name in files:
             parsed = parse_file_name(name)
-            if parsed and parsed[0] == partition and parsed[2] > highest:
-                highest = parsed[2]
+            if parsed and parsed.partition == partition and (parsed.generation, parsed.last) > highest:
+                highest = (parsed.generation, parsed.last)
     return highest
 
 
@@ -221,6 +243,7 @@ class PartitionWriter:
         # (offsets from 0 again) from a redelivery.
         self.tail: tuple[int, bytes | None] | None = None
         self.fingerprint: list | None = None
+        self.generation = 0  # bumped each time the topic is found recreated (offsets from 0 again)
         self._reset_buffer()
         self.last_offset = self._recover()
 
@@ -292,7 +315,7 @@ class PartitionWriter:
             return 0
         first, last = self.first, self.last
         assert last is not None
-        name = file_name(self.partition, first, last)
+        name = file_name(self.partition, first, last, self.generation)
         moves: list[tuple[str, str]] = []
         if self.rows:
             staging = self.layout.staging(self.dataset)
@@ -331,7 +354,7 @@ class PartitionWriter:
         write_json_atomic(
             self.layout.state(self.dataset, self.partition),
             {"dataset": self.dataset.name, "partition": self.partition, "last_offset": last_offset,
-             "pending": pending, "fingerprint": self.fingerprint, "updated_ms": int(time.time() * 1000)},
+             "pending": pending, "fingerprint": self.fingerprint, "generation": self.generation, "updated_ms": int(time.time() * 1000)},
             self.fsync,
         )
 
@@ -347,10 +370,11 @@ class PartitionWriter:
             state = None
         keep: set[str] = set()
         if state is None:
-            last_offset = highest_offset_in_files(self.layout.root(self.dataset), self.partition)
+            self.generation, last_offset = highest_offset_in_files(self.layout.root(self.dataset), self.partition)
         else:
             last_offset = int(state["last_offset"])
             self.fingerprint = state.get("fingerprint")
+            self.generation = int(state.get("generation") or 0)  # checkpoints from before generations: 0
             pending = state.get("pending")
             if pending:
                 for tmp, final in pending["moves"]:
@@ -378,12 +402,17 @@ class PartitionWriter:
             return None
         return self.fingerprint == [timestamp, zlib.crc32(value or b"")]
 
-    def reset(self) -> None:
-        """Forget the checkpoint (the topic was recreated: offsets start again)."""
+    def reset(self) -> int:
+        """The topic was recreated (offsets start again): start a new generation from offset 0.
+        The files already written stay where they are and keep their rows; the new
+        generation's files carry its number, so none of them can take an old file's name.
+        Returns the new generation."""
         self._reset_buffer()
         self.last_offset = -1
         self.fingerprint = None
+        self.generation += 1
         self._save_state(-1, None)
+        return self.generation
 
 
 def _move(tmp: str, final: str, fsync: bool) -> None:

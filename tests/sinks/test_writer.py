@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 from pathlib import Path
@@ -191,3 +192,46 @@ def test_staging_leftovers_of_a_flush_that_never_reached_its_intent_are_removed(
     PartitionWriter(Layout(tmp_path), TRACES, 0, NEVER)
     assert not os.listdir(tmp_path / "_staging" / "traces")
     assert not dataset_files(tmp_path)
+
+
+def test_a_recreated_topic_starts_a_generation_whose_files_nothing_overwrites_hides_or_merges(tmp_path: Path):
+    """Offsets restart at 0 when a topic is recreated (a fresh embedded broker): the new
+    generation's batches must neither take an old file's name (overwrite) nor sit inside an
+    old file's offset range (hidden by scan, then deleted by compact)."""
+    from sinks import compact
+
+    def batch(writer: PartitionWriter, offsets: range, first_event: int) -> None:
+        for offset in offsets:
+            writer.append(TRACES.row(raw(trace(first_event + offset))), offset, 100)
+        writer.flush()
+
+    writer = PartitionWriter(Layout(tmp_path), TRACES, 0, NEVER)
+    batch(writer, range(0, 30), 0)
+    batch(writer, range(30, 60), 0)
+    writer.reset()  # what the sink does when it finds the topic recreated (agents/sink.py)
+    assert writer.last_offset == -1
+    batch(writer, range(0, 30), 1000)  # the same offsets as the first file of generation 0
+    batch(writer, range(30, 45), 1000)  # inside the second file's range
+    produced = {f"t-{i}" for i in range(60)} | {f"t-{1000 + i}" for i in range(45)}
+
+    def check() -> None:
+        frame = scan("traces", tmp_path).collect()
+        assert frame.height == 105 and set(frame["event_id"]) == produced
+
+    check()
+    names = sorted(p.name for p in dataset_files(tmp_path))
+    assert names == ["part-0-0-29-g1.parquet", "part-0-0-29.parquet", "part-0-30-44-g1.parquet",
+                     "part-0-30-59.parquet"]
+    assert [parse_file_name(n).generation for n in names] == [1, 0, 1, 0]
+
+    restarted = PartitionWriter(Layout(tmp_path), TRACES, 0, NEVER)
+    assert (restarted.generation, restarted.last_offset) == (1, 44)
+    (tmp_path / "_sink" / "traces" / "partition-0.json").unlink()  # lost by hand: the file names decide
+    recovered = PartitionWriter(Layout(tmp_path), TRACES, 0, NEVER)
+    assert (recovered.generation, recovered.last_offset) == (1, 44)
+    assert all(recovered.seen(offset) for offset in range(45)) and not recovered.seen(45)
+
+    report = compact(tmp_path, ["traces"], before=dt.date(2100, 1, 1), grace_s=0)
+    assert report.written_files == 2 and report.removed_files == 4 and not report.errors
+    assert sorted(p.name for p in dataset_files(tmp_path)) == ["part-0-0-44-g1.parquet", "part-0-0-59.parquet"]
+    check()
