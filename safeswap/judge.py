@@ -489,17 +489,24 @@ class Judge:
 
 # -- a file of pairs (safeswap judge) --------------------------------------------------
 def read_pairs(path: Path) -> tuple[list[ShadowPair], list[str]]:
-    """Pairs from a JSONL file, and one problem line per line that is not a valid pair."""
+    """Pairs from a JSONL file, and one problem line per line that is not a valid pair.
+
+    Lines are read like every JSONL input (:func:`safeswap.evalgate.jsonl_lines`):
+    split on newlines only, a non-UTF-8 line is a problem, not a crash."""
+    from safeswap.evalgate import jsonl_lines
     from schemas import InvalidEvent, decode
 
     pairs, problems = [], []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            pairs.append(decode(ShadowPair, line))
-        except InvalidEvent as exc:
-            problems.append(f"{path}:{number}: {exc}")
+    for where, line, problem in jsonl_lines(path):
+        if problem is None:
+            try:
+                pairs.append(decode(ShadowPair, line))
+            except InvalidEvent as exc:
+                problem = str(exc)
+            except RecursionError:
+                problem = "undecodable ShadowPair: nested too deeply"
+        if problem is not None:
+            problems.append(f"{where}: {problem}")
     return pairs, problems
 
 
@@ -559,7 +566,8 @@ def register(app) -> None:
     def judge_command(
         pairs_file: Annotated[Path, typer.Argument(help="Shadow pairs, one JSON object per line (the shadow topic's form).")],
         out: Annotated[Optional[Path], typer.Option("--out", help="Write the judgments here (JSONL).")] = None,
-        sample_rate: Annotated[float, typer.Option("--sample-rate", help="Share of pairs judged.", min=0, max=1)] = 1.0,
+        sample_rate: Annotated[Optional[float], typer.Option("--sample-rate", min=0, max=1,
+                                                             help="Share of pairs judged (default SAFESWAP_JUDGE_SAMPLE_RATE).")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on the last line.")] = False,
     ) -> None:
         """Judge a file of shadow pairs with the judge the worker uses (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL)."""

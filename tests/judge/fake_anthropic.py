@@ -6,6 +6,8 @@ The judge is scripted by markers in the request text:
 - ``[bias-A]``: always answers A (a purely positional judge);
 - ``[429-once]`` / ``[529-once]``: the first request for that answer text gets
   429 / 529 with ``retry-after-ms: 5``, the next one succeeds;
+- ``[429-retry-after-1]``: like ``[429-once]``, but the 429 carries only
+  ``retry-after: 1`` (whole seconds, no ``retry-after-ms``);
 - ``[529-always]``: always 529;
 - ``[hang]``: never answers in time (sleeps ``hang_s``);
 - ``[malformed]``: replies with text, no tool call;
@@ -112,6 +114,12 @@ class FakeAnthropic:
                     self._seen.add(marker + key)
                 if first:
                     return _error(status)
+        if "[429-retry-after-1]" in text:
+            with self._lock:
+                first = ("[429-retry-after-1]" + key) not in self._seen
+                self._seen.add("[429-retry-after-1]" + key)
+            if first:
+                return _error(429, {"retry-after": "1"})
         if "[529-always]" in text:
             return _error(529)
         if "[malformed]" in text:
@@ -138,10 +146,10 @@ class FakeAnthropic:
         })
 
 
-def _error(status: int) -> web.Response:
+def _error(status: int, headers: dict[str, str] | None = None) -> web.Response:
     kind = {429: "rate_limit_error", 529: "overloaded_error"}[status]
     return web.json_response({"type": "error", "error": {"type": kind, "message": kind}}, status=status,
-                             headers={"retry-after-ms": "5", "retry-after": "0"})
+                             headers=headers if headers is not None else {"retry-after-ms": "5", "retry-after": "0"})
 
 
 def _between(text: str, tag: str) -> str:

@@ -53,11 +53,11 @@ def test_low_stakes_allows_losses_when_the_net_gain_is_enough(tmp_path):
     assert gate({"a": True}, {"a": True}, "low")["passed"] is True  # nothing lost, nothing gained
 
 
-def test_scores_need_a_threshold_and_one_sided_cases_are_reported_not_guessed(tmp_path):
+def test_scores_with_a_threshold_and_one_sided_cases_are_reported_not_guessed(tmp_path):
     base = [{"case_id": 1, "score": 0.9}, {"case_id": 2, "score": 0.4}, {"case_id": "only-base", "score": 1.0}]
     cand = [{"case_id": 1, "score": 0.8}, {"case_id": 2, "score": 0.75}, {"case_id": "only-cand", "score": 0.0}]
-    missing = eval_gate(tmp_path, base, cand, "--stakes", "high")
-    assert missing.exit_code == 2 and "base.jsonl:1" in missing.output and "--pass-threshold" in missing.output
+    compared = eval_gate(tmp_path, base, cand, "--stakes", "high")  # no threshold: case 1 scores lower
+    assert compared.exit_code == 1 and "lost (1): 1" in compared.output
     result = eval_gate(tmp_path, base, cand, "--stakes", "high", "--pass-threshold", "0.7", "--json")
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert result.exit_code == 0 and out["common"] == 2 and out["gained"] == ["2"]

@@ -152,3 +152,15 @@ def test_pure_parts():
         parse_verdict(two)
     stats = Judge(Settings(anthropic_api_key="k")).stats
     assert set(summary(stats)) >= {"pairs", "judged", "candidate_wins", "control_wins", "ties", "errors", "cost_usd"}
+
+
+def test_a_429_with_only_retry_after_seconds_waits_that_long_then_succeeds(fake):
+    import time
+
+    judge = Judge(settings_for(fake))
+    started = time.monotonic()
+    [result] = run(judge, [pair(1, prompt="[429-retry-after-1]")])
+    waited = time.monotonic() - started
+    assert result.status == "judged" and result.judgment.winner == "candidate"
+    assert judge.stats.rate_limited == 2 and result.judgment.retries == 2 and len(fake.requests) == 4
+    assert waited >= 1.0  # retry-after: 1 means one whole second, not the 0.5 s default backoff
