@@ -62,7 +62,8 @@ def validate_stats(
             _fmt_x(ours.get("median_stop_x")), _fmt_x(ours.get("p80_stop_x")),
             _fmt_x(ours.get("median_stop_x_detected")), _fmt_x(naive.get("median_stop_x")),
         )
-    Console().print(table)
+    # With --json, stdout is the JSON alone (the table goes to stderr), so `| jq` works.
+    Console(stderr=as_json).print(table)
     if as_json:
         print(json.dumps(result))
 
@@ -114,6 +115,8 @@ def plan_size(
             row.append(f"{hours[key]:.1f}")
         table.add_row(*row)
     Console().print(table)
+    Console().print(f"Set the plan's n_tune to about {plan.recommended_n_tune:,} (2x the fixed-horizon n per arm): "
+                    f"the sequential test is then tightest where it typically decides (n_tune used above: {n_tune:g}).")
 
 
 def register(app: typer.Typer, plan_app: typer.Typer) -> None:

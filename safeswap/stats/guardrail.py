@@ -18,7 +18,9 @@ can use it for promotion.
 
 The reported interval ``[ci_low, ci_high]`` is made of those two one-sided
 (1 - alpha) bounds, each intersected over looks (running max of the lower,
-running min of the upper) so it only shrinks and stays always-valid.
+running min of the upper) so it only shrinks and stays always-valid; together
+they cover with probability 1 - 2 alpha, and reasons label it so (90% at
+alpha 0.05).  The decision uses only the one-sided bound on the harm side.
 
 ``direction="increase"``: harm = candidate's metric goes up (thumbs-down
 rate, latency).  ``direction="decrease"``: harm = it goes down (e.g. thumbs-up
@@ -35,6 +37,7 @@ Several guardrails in one rollout share the false-rollback budget: pass
 from __future__ import annotations
 
 import math
+from numbers import Integral, Real
 import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
@@ -57,7 +60,7 @@ def split_alpha(alpha: float, n_guardrails: int, rule: Literal["bonferroni", "si
     larger; valid under positive dependence only).
     """
     alpha = _check_alpha(alpha, one_sided=False)
-    if isinstance(n_guardrails, bool) or not isinstance(n_guardrails, int) or n_guardrails < 1:
+    if isinstance(n_guardrails, bool) or not isinstance(n_guardrails, Integral) or n_guardrails < 1:
         raise ValueError(f"n_guardrails must be an integer >= 1, got {n_guardrails!r}")
     if rule == "bonferroni":
         return alpha / n_guardrails
@@ -150,10 +153,10 @@ class GuardrailMonitor:
             ("max_absolute_increase", max_absolute_increase),
         ):
             if value is not None and (
-                isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0
+                isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0
             ):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if isinstance(min_units_per_arm, bool) or not isinstance(min_units_per_arm, int) or min_units_per_arm < 2:
+        if isinstance(min_units_per_arm, bool) or not isinstance(min_units_per_arm, Integral) or min_units_per_arm < 2:
             raise ValueError(f"min_units_per_arm must be an integer >= 2, got {min_units_per_arm!r}")
         self.metric = metric
         self.direction = direction
@@ -247,7 +250,8 @@ class GuardrailMonitor:
             breach = self.ci_low > self.threshold
         else:
             breach = self.ci_high < self.threshold
-        level = f"{(1 - self.alpha) * 100:.3g}%"  # 98.3%, not 98.3333%
+        # Two one-sided (1 - alpha) bounds make a (1 - 2 alpha) two-sided interval.
+        level = f"{(1 - 2 * self.alpha) * 100:.3g}%"  # 96.7%, not 96.6667%
         ci = f"always-valid {level} CI {_fmt(self.ci_low, relative)}..{_fmt(self.ci_high, relative)}"
         head = f"{self.metric} {_fmt(estimate, relative)} vs control ({ci})"
         limit = f"the {_fmt(self.threshold, relative)} limit"
@@ -304,6 +308,8 @@ class GuardrailMonitor:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GuardrailMonitor":
+        if not isinstance(data, dict) or "metric" not in data:
+            raise ValueError(f"a guardrail monitor needs a 'metric', got {data!r}")
         key = "max_absolute_increase" if data.get("difference") == "absolute" else "max_relative_increase"
         monitor = cls(
             data["metric"],

@@ -24,6 +24,7 @@ the figure is conservative (see docs/statistics.md for simulated stop times).
 from __future__ import annotations
 
 import math
+from numbers import Real
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -50,13 +51,16 @@ class SamplePlan:
     sequential: bool
     variance_inflation: float
     n_tune: float
+    # 2x the fixed-horizon n per arm: where a sequential test of this effect
+    # typically decides, so where its confidence sequence should be tightest.
+    recommended_n_tune: int
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 def _positive(name: str, value: Any, *, upper: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     if upper is not None and value >= upper:
         raise ValueError(f"{name} must be < {upper:g}, got {value!r}")
@@ -86,6 +90,8 @@ def plan_sample_size(
         raise ValueError(f"kind must be 'proportion' or 'mean', got {kind!r}")
     if alternative not in ("greater", "less", "two-sided"):
         raise ValueError(f"alternative must be 'greater', 'less' or 'two-sided', got {alternative!r}")
+    if not isinstance(sequential, bool):
+        raise ValueError(f"sequential must be True or False, got {sequential!r}")
     one_sided = alternative != "two-sided"
     alpha = _check_alpha(alpha, one_sided)
     power = _positive("power", power, upper=1.0)
@@ -93,7 +99,7 @@ def plan_sample_size(
         raise ValueError(f"power must be in (0.5, 1), got {power!r}")
     variance_inflation = _positive("variance_inflation", variance_inflation)
     n_tune = _check_n_tune(n_tune)
-    if isinstance(relative_mde, bool) or not isinstance(relative_mde, (int, float)) \
+    if isinstance(relative_mde, bool) or not isinstance(relative_mde, Real) \
             or not math.isfinite(relative_mde) or relative_mde == 0:
         raise ValueError(f"relative_mde must be a non-zero finite number, got {relative_mde!r}")
     if kind == "proportion":
@@ -103,7 +109,7 @@ def plan_sample_size(
             raise ValueError(f"baseline * (1 + relative_mde) must be in (0, 1), got {p_b:g}")
         var_sum = p_a * (1 - p_a) + p_b * (1 - p_b)
     else:
-        if isinstance(baseline, bool) or not isinstance(baseline, (int, float)) or not math.isfinite(baseline) or baseline == 0:
+        if isinstance(baseline, bool) or not isinstance(baseline, Real) or not math.isfinite(baseline) or baseline == 0:
             raise ValueError(f"baseline must be a non-zero finite number, got {baseline!r}")
         if std is None:
             raise ValueError("std is required for kind='mean'")
@@ -143,6 +149,7 @@ def plan_sample_size(
         sequential=bool(sequential),
         variance_inflation=variance_inflation,
         n_tune=n_tune,
+        recommended_n_tune=2 * fixed,
     )
 
 

@@ -42,6 +42,7 @@ a few microseconds (see ``benchmarks/bench_stats.py``).
 from __future__ import annotations
 
 import math
+from numbers import Real
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -100,7 +101,7 @@ class SequentialResult:
 
 
 def _check_alpha(alpha: float, one_sided: bool) -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+    if isinstance(alpha, bool) or not isinstance(alpha, Real) or not math.isfinite(alpha):
         raise ValueError(f"alpha must be a finite number, got {alpha!r}")
     upper = 0.5 if one_sided else 1.0
     if not 0.0 < alpha < upper:
@@ -109,7 +110,7 @@ def _check_alpha(alpha: float, one_sided: bool) -> float:
 
 
 def _check_n_tune(n_tune: float) -> float:
-    if isinstance(n_tune, bool) or not isinstance(n_tune, (int, float)) or not math.isfinite(n_tune) or n_tune <= 0:
+    if isinstance(n_tune, bool) or not isinstance(n_tune, Real) or not math.isfinite(n_tune) or n_tune <= 0:
         raise ValueError(f"n_tune must be a positive finite number, got {n_tune!r}")
     return float(n_tune)
 
@@ -209,7 +210,7 @@ def sequential_compare(
     one_sided = alternative != "two-sided"
     alpha = _check_alpha(alpha, one_sided)
     rho = sequential_rho(alpha, n_tune, one_sided=one_sided)
-    if isinstance(null, bool) or not isinstance(null, (int, float)) or not math.isfinite(null):
+    if isinstance(null, bool) or not isinstance(null, Real) or not math.isfinite(null):
         raise ValueError(f"null must be a finite number, got {null!r}")
     est, var, m_a, m_b = difference_moments(control, candidate, difference)
     n_a, n_b = control.n, candidate.n

@@ -16,8 +16,8 @@ stable for millions of counts.
 Concentration
 -------------
 ``c`` is the prior's pseudo-count: the prior sd of a share is
-sqrt(p (1 - p) / (c + 1)).  We use c = 10,000 (GrowthBook's default for its
-sequential SRM check): for a 50/50 split the prior sd is 0.5 percentage points,
+sqrt(p (1 - p) / (c + 1)).  We use c = 10,000 (Lindon's reference implementation,
+``savvi``, defaults to c = 100, tuned for gross skews): for a 50/50 split the prior sd is 0.5 percentage points,
 centred on the imbalances that actually break experiments (0.5-2 points:
 redirects, bot filters, crashes in one arm).  A small c (e.g. 1, uniform prior)
 spends evidence on absurd imbalances and needs ~4x more traffic to flag a
@@ -28,6 +28,7 @@ spends evidence on absurd imbalances and needs ~4x more traffic to flag a
 from __future__ import annotations
 
 import math
+from numbers import Real
 from dataclasses import dataclass
 from typing import Any, Sequence
 
@@ -74,7 +75,7 @@ def _validate(counts: Sequence[Any], expected_shares: Sequence[Any], concentrati
         raise ValueError(f"expected_shares must be finite and > 0, got {expected_shares!r}")
     if abs(p.sum() - 1.0) > 1e-6:
         raise ValueError(f"expected_shares must sum to 1, got sum {p.sum():.6g}")
-    if isinstance(concentration, bool) or not isinstance(concentration, (int, float)) \
+    if isinstance(concentration, bool) or not isinstance(concentration, Real) \
             or not math.isfinite(concentration) or concentration <= 0:
         raise ValueError(f"concentration must be a positive finite number, got {concentration!r}")
     return x, p / p.sum(), float(concentration)
@@ -108,7 +109,7 @@ class SRMMonitor:
     def __init__(self, expected_shares: Sequence[float], *, alpha: float = 0.001,
                  concentration: float = DEFAULT_CONCENTRATION) -> None:
         _validate([0] * len(expected_shares), expected_shares, concentration)
-        if not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+        if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
         self.expected_shares = tuple(float(s) for s in expected_shares)
         self.alpha = float(alpha)

@@ -233,7 +233,7 @@ class Ratio:
         n = _count("n_units", self.n_units)
         num = _finite("num", self.num)
         num_sq = _nonneg("num_sq", self.num_sq)
-        den = _finite("den", self.den)
+        den = _nonneg("den", self.den)  # a count (responses, sessions)
         den_sq = _nonneg("den_sq", self.den_sq)
         num_den = _finite("num_den", self.num_den)
         slack = 1 + 1e-9

@@ -38,7 +38,7 @@ def test_reason_is_one_readable_line():
     m = GuardrailMonitor("thumbs_down_rate", max_relative_increase=0.2)
     v = m.update(Proportion(20000, 1000), Proportion(20000, 1500))
     assert "\n" not in v.reason
-    assert v.reason.startswith("thumbs_down_rate +50.0% vs control (always-valid 95% CI +")
+    assert v.reason.startswith("thumbs_down_rate +50.0% vs control (always-valid 90% CI +")
     assert v.reason.endswith("exceeds the +20.0% limit")
 
 
@@ -101,3 +101,9 @@ def test_split_alpha():
     for bad in (dict(n_guardrails=0), dict(n_guardrails=2.0), dict(n_guardrails=2, rule="holm")):
         with pytest.raises(ValueError):
             split_alpha(0.05, **bad)
+
+
+def test_from_dict_without_a_metric_is_a_value_error():
+    with pytest.raises(ValueError, match="metric"):
+        GuardrailMonitor.from_dict({"tolerance": 0.2})
+

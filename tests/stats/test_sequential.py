@@ -133,6 +133,12 @@ def test_bad_arguments_raise(kwargs, name):
         sequential_compare(Proportion(100, 5), Proportion(100, 6), **kwargs)
 
 
+def test_numpy_scalars_are_accepted_like_python_numbers():
+    a, b = Proportion(1000, 50), Proportion(1000, 70)
+    plain = sequential_compare(a, b, alpha=0.05, n_tune=5000)
+    assert sequential_compare(a, b, alpha=np.float32(0.05), n_tune=np.int64(5000)).ci_low == pytest.approx(plain.ci_low)
+
+
 def test_too_few_units_or_zero_control_raise():
     with pytest.raises(ValueError, match="control needs n >= 2"):
         sequential_compare(Proportion(1, 0), Proportion(100, 6))

@@ -29,6 +29,20 @@ def test_srm_bayes_factor_matches_beta_binomial_closed_form():
     assert srm_test([x1, x2], [0.5, 0.5], concentration=c).log_bayes_factor == pytest.approx(expected, rel=1e-10)
 
 
+def test_srm_bayes_factor_matches_scipy_dirichlet_multinomial_for_three_arms():
+    # Independent implementation: the Bayes factor is the ratio of the
+    # Dirichlet-multinomial and multinomial pmfs of the counts (the multinomial
+    # coefficient cancels), here from scipy.stats.
+    from scipy.stats import dirichlet_multinomial, multinomial
+
+    counts, shares, c = [130, 290, 580], [0.1, 0.3, 0.6], 100.0
+    expected = (dirichlet_multinomial.logpmf(counts, [c * s for s in shares], sum(counts))
+                - multinomial.logpmf(counts, sum(counts), shares))
+    result = srm_test(counts, shares, concentration=c)
+    assert result.log_bayes_factor == pytest.approx(expected, rel=1e-9)
+    assert result.p_value == pytest.approx(min(1.0, math.exp(-expected)), rel=1e-9)
+
+
 def test_srm_is_stable_for_huge_counts():
     r = srm_test([50_000_000, 50_100_000], [0.5, 0.5])
     assert math.isfinite(r.log_bayes_factor) and 0 <= r.p_value <= 1
@@ -168,6 +182,7 @@ def test_planning_scales_with_variance_inflation_and_sidedness():
     (dict(baseline=0.05, relative_mde=0.2, kind="mean"), "std"),
     (dict(baseline=0.05, relative_mde=0.2, variance_inflation=-1), "variance_inflation"),
     (dict(baseline=0.9, relative_mde=0.2), "in \\(0, 1\\)"),
+    (dict(baseline=0.05, relative_mde=0.2, sequential="no"), "sequential"),
 ])
 def test_planning_bad_input(kwargs, name):
     with pytest.raises(ValueError, match=name):
@@ -179,3 +194,8 @@ def test_watch_hours():
     assert watch_hours(6424, 10_000, 90) == pytest.approx(6424 / 1000)  # control is the 10% rest
     with pytest.raises(ValueError, match="percent"):
         watch_hours(100, 100, 0)
+
+
+def test_planning_recommends_n_tune_at_twice_the_fixed_horizon():
+    plan = plan_sample_size(0.05, 0.2, sequential=False)
+    assert plan.recommended_n_tune == 2 * plan.fixed_horizon_per_arm == 12_848

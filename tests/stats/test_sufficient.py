@@ -68,6 +68,7 @@ def test_dict_round_trip_through_json(stat):
     (lambda: Ratio(3, float("nan"), 1, 1, 1, 1), "num"),
     (lambda: Ratio(3, 1, 1, 1, 1, float("inf")), "num_den"),
     (lambda: Ratio(3, 1, 1, 1, -1, 1), "den_sq"),
+    (lambda: Ratio(10, 1, 1, -5, 25, -1), "den"),  # a count of responses or sessions
 ])
 def test_bad_input_raises_value_error_naming_the_argument(make, argname):
     with pytest.raises(ValueError, match=argname):

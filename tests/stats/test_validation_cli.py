@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from safeswap.stats import Proportion, sequential_compare
 from safeswap.stats.cli import register
-from safeswap.stats.validation import N_TUNE, cs_reject, run_validation
+from safeswap.stats.quantiles import LatencyHistogram, _concentration, quantile_bounds
+from safeswap.stats.validation import N_TUNE, cs_reject, quantile_certified, run_validation
 
 
 def test_vectorised_boundary_agrees_with_sequential_compare():
@@ -22,6 +23,22 @@ def test_vectorised_boundary_agrees_with_sequential_compare():
             continue
         r = sequential_compare(a, b, difference="absolute", alternative="greater", n_tune=N_TUNE)
         assert bool(cs_reject(np.array(r.estimate), np.array(r.std_error ** 2), 2 * n)) == (r.ci_low > 0)
+
+
+def test_vectorised_quantile_bounds_agree_with_quantile_bounds():
+    """The validation's p95 scenarios re-implement the per-arm bounds on arrays; same answers."""
+    rng = np.random.default_rng(3)
+    q, alpha, n_tune = 0.95, 0.025, N_TUNE / 2
+    c = _concentration(q, alpha, n_tune)
+    for _ in range(40):
+        n = int(rng.integers(50, 5000))
+        hist = LatencyHistogram.from_values(rng.lognormal(math.log(800), 1.0, size=n))
+        below = hist.counts_below_edges()
+        lower_ok, upper_ok = quantile_certified(below, float(hist.n), q, c, -math.log(alpha))
+        edges = hist.edges
+        lower = float(edges[lower_ok].max()) if lower_ok.any() else 0.0
+        upper = float(edges[upper_ok].min()) if upper_ok.any() else math.inf
+        assert (lower, upper) == quantile_bounds(hist, q, alpha, n_tune)
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +59,11 @@ def test_validation_smoke_shows_naive_peeking_inflates_errors_and_we_detect(smok
     assert smoke["scenarios"]["bernoulli_aa"]["naive"]["rate"] > 0.05 + 3 * se
     ab = smoke["scenarios"]["bernoulli_ab"]["safeswap"]
     assert ab["rate"] > 0.6 and ab["median_stop_x_detected"] < 1.5
+    # The stop-size distribution is cumulative and ends at the detection rate.
+    stopped = list(ab["stopped_by_x"].values())
+    assert stopped == sorted(stopped) and stopped[-1] == pytest.approx(ab["rate"], abs=1e-4)
+    lo, hi = ab["ci95"]
+    assert lo < ab["rate"] < hi
 
 
 def test_validation_rejects_bad_arguments():
