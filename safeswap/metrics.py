@@ -184,8 +184,8 @@ class VariantSums:
         self.responses = 0
         self.sessions = 0
         self.models: dict[str, int] = {}
-        self.exposures = 0  # visits that began in this variant (the sample-ratio check counts these)
-        self.crossovers = 0  # (control only) visits served the candidate, then control
+        self.exposures = 0  # distinct users whose first trace was in this variant (the sample-ratio check)
+        self.crossovers = 0  # (control only) distinct users served the candidate, then control
 
     @staticmethod
     def new_user_totals() -> list[float]:

@@ -14,11 +14,17 @@ Per (rollout, user) the state holds (:class:`UserState`):
   passes ``ts + join_ttl`` (streams.join);
 * ``pending``: feedback that arrived before its trace;
 * ``ids``: event ids seen, for dedup (forgotten once a repeat would be late);
-* ``totals``: the user's running numerators/denominators per metric, from which
-  the per-variant sums of squares are kept exact (users are the unit).
+* ``totals``: the running numerators/denominators per metric of the user's
+  current *visit* (the statistical unit), from which the per-variant sums of
+  squares are kept exact.
 
 A user's state is released when the watermark has passed the session gap and the
-join TTL of everything it holds. The metric contract is docs/metrics.md.
+join TTL of everything it holds. What must outlive it is kept compactly: per
+(rollout, variant) the 64-bit hashes of the user_ids seen (``seen_users``), so
+``users`` is the exact number of distinct users and first exposures and
+crossovers are per user, not per visit; a user's totals are not kept (a
+returning user starts a new unit, see docs/metrics.md "Unit"). The metric
+contract is docs/metrics.md.
 
 Determinism: every decision is a function of event times and the watermarks of
 streams.dedup, so two runs over the same per-topic logs give the same metrics
@@ -41,7 +47,7 @@ import msgspec
 
 from schemas import FeedbackEvent, InvalidEvent, OutcomeRecord, StatsSnapshot, TraceEvent, decode
 from schemas.events import rfc3339
-from streams.dedup import DueQueue, Watermarks
+from streams.dedup import DistinctHashes, DueQueue, Watermarks, id_hash
 from streams.join import PendingJoin, expired, joinable
 from streams.sessions import closable_sessions, first_session_end, same_session
 
@@ -147,12 +153,18 @@ def _sort_key(response: Response) -> tuple[int, str]:
 
 
 class UserState:
-    __slots__ = ("rollout_id", "user_id", "open", "by_trace", "pending", "ids", "totals", "due", "release_at",
-                 "visit_until")
+    __slots__ = ("rollout_id", "user_id", "uid", "variants", "crossed", "open", "by_trace", "pending", "ids",
+                 "totals", "due", "release_at", "visit_until")
 
     def __init__(self, rollout_id: str, user_id: str) -> None:
         self.rollout_id = rollout_id
         self.user_id = user_id
+        self.uid = id_hash(user_id)
+        # The variants this user was ever served (from the processor's distinct sets, read
+        # at this state's first trace), so later traces cost no set lookup; and whether the
+        # user is counted as a crossover already.
+        self.variants: set[str] | None = None
+        self.crossed = False
         self.open: list[Response] = []
         self.by_trace: dict[str, Response] = {}
         self.pending: PendingJoin = PendingJoin()
@@ -192,6 +204,10 @@ class OutcomeProcessor:
         self.config = config or OutcomeConfig()
         self.marks = Watermarks((TRACE, FEEDBACK), self.config.lateness_ms, self.config.max_skew_ms)
         self.users: dict[tuple[str, str], UserState] = {}
+        # Distinct users per (rollout, variant), and per rollout those counted as crossovers:
+        # hashes that outlive the released per-user state (checkpointed with the rest).
+        self.seen_users: dict[tuple[str, str], DistinctHashes] = {}
+        self.crossed_users: dict[str, DistinctHashes] = {}
         self.due = DueQueue()
         self.variants: dict[tuple[str, str], VariantSums] = {}
         self.counts = {"read": 0, "invalid": 0, "duplicates": 0, "late": 0}
@@ -271,14 +287,14 @@ class OutcomeProcessor:
         sums = self.variants.get((trace.rollout_id, variant))
         if sums is None:
             sums = self.variants[(trace.rollout_id, variant)] = VariantSums()
+        served = user.variants
+        if served is None or variant not in served:
+            served = self._served(user, variant, sums)
+        if variant == "control" and "candidate" in served and not user.crossed:
+            self._crossover(user, sums)
         totals = user.totals.get(variant)
-        if totals is None:
-            if not user.totals:  # the visit's first trace: its exposure
-                sums.exposures += 1
-            elif variant == "control" and "candidate" in user.totals:
-                sums.crossovers += 1  # a ramp only moves users to the candidate: a leak
+        if totals is None:  # the visit's first trace in this variant: a new unit
             totals = user.totals[variant] = VariantSums.new_user_totals()
-            sums.users += 1
         sums.responses += 1
         models = sums.models
         models[trace.model_version] = models.get(trace.model_version, 0) + 1
@@ -311,6 +327,33 @@ class OutcomeProcessor:
         self._touch(trace.rollout_id, trace.ts)
         self._advance()
         return None
+
+    def _served(self, user: UserState, variant: str, sums: VariantSums) -> set[str]:
+        """Record that ``user`` was served ``variant``: distinct users, first exposures."""
+        rollout = user.rollout_id
+        served = user.variants
+        if served is None:  # this state's first trace: what the distinct sets already know
+            served = user.variants = {v for (r, v), seen in self.seen_users.items()
+                                      if r == rollout and user.uid in seen}
+        if variant not in served:
+            seen = self.seen_users.get((rollout, variant))
+            if seen is None:
+                seen = self.seen_users[(rollout, variant)] = DistinctHashes()
+            if seen.add(user.uid):
+                sums.users += 1
+                if not served:  # the user's first trace in this rollout
+                    sums.exposures += 1
+            served.add(variant)
+        return served
+
+    def _crossover(self, user: UserState, sums: VariantSums) -> None:
+        """Served the candidate, then control: a ramp only moves users the other way (a leak)."""
+        user.crossed = True
+        crossed = self.crossed_users.get(user.rollout_id)
+        if crossed is None:
+            crossed = self.crossed_users[user.rollout_id] = DistinctHashes()
+        if crossed.add(user.uid):
+            sums.crossovers += 1
 
     def _on_feedback(self, feedback: FeedbackEvent, now_ms: int, origin: Any) -> str | None:
         config = self.config
@@ -559,7 +602,10 @@ class OutcomeProcessor:
             users[variant] = sums.users
             metrics[variant] = sums.stats()
             models[variant] = dict(sums.models)
-            counts[variant] = {"responses": sums.responses, "sessions": sums.sessions}
+            # n_units: the statistical units (visits) behind the Ratio statistics, apart from
+            # the distinct users; every unit has a response, so thumbs_down_rate's count is theirs.
+            counts[variant] = {"responses": sums.responses, "sessions": sums.sessions,
+                               "n_units": int(round(sums.sums[6 * _THUMBS_DOWN]))}
         exposures = {variant: sums.exposures for (rollout, variant), sums in self.variants.items()
                      if rollout == rollout_id}
         crossovers = sum(sums.crossovers for (rollout, _), sums in self.variants.items() if rollout == rollout_id)

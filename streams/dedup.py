@@ -13,12 +13,17 @@
   (late events are rejected, never counted).
 * :class:`DueQueue` wakes keys up when the watermark passes their due time, in
   buckets, so expiry costs O(1) per event instead of a scan over every user.
+* :class:`DistinctHashes` counts distinct ids exactly *after* their state is
+  released: 64-bit hashes (:func:`id_hash`) in a sorted array, 8 bytes an id.
 """
 
 from __future__ import annotations
 
 import heapq
+from hashlib import blake2b
 from typing import Hashable, Iterator
+
+import numpy as np
 
 NEVER = -(1 << 62)  # a watermark before any event
 
@@ -82,3 +87,51 @@ class DueQueue:
         heap = self.heap
         while heap and heap[0] * self.bucket_ms <= watermark:
             yield from self.buckets.pop(heapq.heappop(heap))
+
+
+def id_hash(value: str) -> int:
+    """A 64-bit hash of an id (stable across processes, unlike ``hash``): among 1M ids a
+    collision, which would undercount one, has a probability of ~3e-8."""
+    return int.from_bytes(blake2b(value.encode(), digest_size=8).digest(), "little")
+
+
+class DistinctHashes:
+    """An exact set of 64-bit hashes at ~8 bytes per member.
+
+    A Python set of ints costs ~70 bytes per member; here members live in a sorted
+    ``uint64`` array and only recent additions in a set, merged into the array once
+    they reach 1/16 of it (two sorted runs: the stable sort merges them in linear
+    time), so the amortised cost stays O(1) per new member and memory ~8 bytes.
+    Pickles compactly (the checkpoint carries it)."""
+
+    __slots__ = ("members", "recent", "min_merge")
+
+    def __init__(self, min_merge: int = 4096) -> None:
+        self.members = np.empty(0, dtype=np.uint64)
+        self.recent: set[int] = set()
+        self.min_merge = min_merge
+
+    def __len__(self) -> int:
+        return len(self.members) + len(self.recent)
+
+    def __contains__(self, h: int) -> bool:
+        if h in self.recent:
+            return True
+        members = self.members
+        if not len(members):
+            return False
+        i = int(members.searchsorted(np.uint64(h)))
+        return i < len(members) and int(members[i]) == h
+
+    def add(self, h: int) -> bool:
+        """Add ``h``; True when it was not a member yet."""
+        if h in self:
+            return False
+        recent = self.recent
+        recent.add(h)
+        if len(recent) >= max(self.min_merge, len(self.members) >> 4):
+            merged = np.concatenate((self.members, np.sort(np.fromiter(recent, np.uint64, len(recent)))))
+            merged.sort(kind="stable")
+            self.members = merged
+            self.recent = set()
+        return True

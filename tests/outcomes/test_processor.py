@@ -202,18 +202,23 @@ def test_state_is_released_after_the_gap_and_the_ttl():
     assert values(processor)["control"]["thumbs_up_rate"] == pytest.approx(1 / 3)
 
 
-def test_exposures_count_visits_by_their_first_variant_and_crossovers_count_leaks():
-    # u1: control then candidate within a visit (a ramp moved it): one control exposure, no leak.
+def test_exposures_count_users_by_their_first_variant_and_crossovers_count_leaks():
+    # u1: control then candidate (a ramp moved it): one control exposure, no leak.
     # u2: candidate then control within a visit: a crossover (assignment leak).
-    # u3: control, then back after the session gap + TTL: a second visit, a second exposure.
+    # u3: control, then back after the session gap + TTL: still one user, one exposure.
+    # u4: candidate, then control on a later visit (its state released meanwhile): a crossover,
+    #     counted once however often it is served control again.
     events = [trace(1, T0, user="u1"), trace(2, T0 + 1 * MIN, user="u1", variant="candidate", prompt="x"),
               trace(3, T0, user="u2", variant="candidate"), trace(4, T0 + 1 * MIN, user="u2", prompt="y"),
-              trace(5, T0, user="u3"), trace(6, T0 + 5 * 60 * MIN, user="u3", prompt="z")]
-    processor, verdicts = run(events)
-    assert verdicts == [None] * 6
+              trace(5, T0, user="u3"), trace(6, T0 + 5 * 60 * MIN, user="u3", prompt="z"),
+              trace(7, T0, user="u4", variant="candidate"), trace(8, T0 + 5 * 60 * MIN, user="u4", prompt="w"),
+              trace(9, T0 + 10 * 60 * MIN, user="u4", prompt="v")]
+    processor, verdicts = run(sorted(events, key=lambda e: e.ts))
+    assert verdicts == [None] * 9
     snapshot = processor.snapshot("r1", 1)
-    assert snapshot.first_exposures == {"control": 3, "candidate": 1}
-    assert snapshot.crossover_users == 1
+    assert snapshot.first_exposures == {"control": 2, "candidate": 2}
+    assert snapshot.crossover_users == 2
+    assert snapshot.users == {"control": 4, "candidate": 3}
 
 
 def test_a_final_response_yields_one_outcome_record_with_what_happened():
