@@ -295,13 +295,10 @@ def simulate(
     json_out: JsonOption = False,
 ) -> None:
     """Rehearse a plan: simulated users, a real worker and flag client, days of traffic in about a minute."""
-    import os
-
     import msgspec
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    import sinks
     from safeswap.simulate import ScenarioError, load_scenario, run_simulation
     from safeswap.views import decision_line
 
@@ -333,7 +330,7 @@ def simulate(
     for decision in result["decisions"]:
         console.print(decision_line(decision), highlight=False)
     status = result["status"]
-    rows = sinks.count_rows(result["data_dir"], rollout_id=result["rollout_id"])
+    rows = result["rows"]  # counted by run_simulation once every event is on disk (None: a remote worker's)
     state = {
         "stage": status.stage if status else None,
         "percent": status.percent if status else None,
@@ -350,7 +347,7 @@ def simulate(
             "events_sent": result["events_sent"],
             "simulated_hours": result["simulated_hours"],
             "seconds": result["seconds"],
-            "data_dir": os.path.abspath(result["data_dir"]),
+            "data_dir": result["data_dir"],
             "rows": rows,
         }))
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import random
 import tempfile
 import time
@@ -27,6 +28,7 @@ from typing import Any, Literal, Union
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
+import sinks
 from safeswap.config_files import ConfigIssue, convert_config, read_config
 from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
@@ -377,8 +379,14 @@ async def _wait_for_watermark(watcher: StatusWatcher, rollout_id: str, target: i
 
 
 def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *, progress=None) -> dict[str, Any]:
-    """Start what is needed (embedded broker, worker), run the loop, stop everything."""
+    """Start what is needed (embedded broker, worker), run the loop, stop everything.
+
+    ``rows``: the rows this run added to each dataset of ``data_dir`` for the rollout
+    (the folder may hold earlier runs of the same plan). With an external broker the
+    cluster's workers write the dataset wherever they are configured to, so nothing is
+    counted here: ``rows`` and ``data_dir`` are None."""
     started = time.monotonic()
+    rows_before: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         if not settings.broker:
             broker = stack.enter_context(EmbeddedBroker())
@@ -393,9 +401,28 @@ def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *,
             settings = settings.replace(state_dir=state_dir, snapshot_interval_s=0.2, status_interval_s=0.2,
                                         sink_idle_s=1.0)
             asyncio.run(ensure_topics(settings))
+            rows_before = _rows(settings.data_dir, plan.rollout_id)
             stack.enter_context(WorkerProcess(settings))
         result = asyncio.run(closed_loop(settings, plan, scenario, progress=progress))
+        if own_worker:
+            # Stopping the worker flushes what its sinks hold, not what they have not read
+            # yet: wait until every event sent is on disk first (as the demo does).
+            events = ["traces", "feedback"]
+            sinks.wait_for_rows(settings.data_dir, events, sum(rows_before[name] for name in events)
+                                + result["events_sent"], rollout_id=plan.rollout_id, timeout_s=60.0)
     result["seconds"] = round(time.monotonic() - started, 2)
     result["rollout_id"] = plan.rollout_id
-    result["data_dir"] = settings.data_dir
+    if own_worker:
+        after = _rows(settings.data_dir, plan.rollout_id)
+        result["rows"] = {name: count - rows_before.get(name, 0) for name, count in after.items()}
+        result["data_dir"] = os.path.abspath(settings.data_dir)
+    else:
+        result["rows"] = result["data_dir"] = None
     return result
+
+
+def _rows(data_dir: str, rollout_id: str) -> dict[str, int]:
+    try:
+        return sinks.count_rows(data_dir, rollout_id=rollout_id)
+    except sinks.UnreadableFile as exc:  # the CLI prints a RuntimeError as one line
+        raise RuntimeError(str(exc)) from None
