@@ -101,7 +101,7 @@ class Response:
     __slots__ = ("trace", "trace_id", "ts", "variant", "totals", "prompt", "text", "error", "cost", "closed", "last",
                  "down", "up", "edited", "edit_key", "dist", "dist_words",
                  "explicit_retry", "implicit_retry", "explicit_follow", "has_next", "counted_retry",
-                 "counted_follow", "last_negative", "last_positive", "abandon_feedback")
+                 "counted_follow", "counted_abandon", "last_negative", "last_positive", "abandon_feedback")
 
     def __init__(self, trace: TraceEvent, max_chars: int, totals: list[float]) -> None:
         # for its outcome record; without the texts, which may be large
@@ -121,7 +121,7 @@ class Response:
         self.dist: float | None = None
         self.dist_words: float | None = None
         self.explicit_retry = self.implicit_retry = self.explicit_follow = self.has_next = False
-        self.counted_retry = self.counted_follow = False
+        self.counted_retry = self.counted_follow = self.counted_abandon = False
         self.last_negative: int | None = None
         self.last_positive: int | None = None
         self.abandon_feedback = False
@@ -416,6 +416,8 @@ class OutcomeProcessor:
             self._recount(sums, totals, response)
         elif kind == "abandon":
             response.abandon_feedback = True
+        if response.last:  # feedback after its session closed (within the TTL) can change the verdict
+            self._count_abandon(sums, response)
         self.dirty.add(user.rollout_id)
 
     @staticmethod
@@ -471,7 +473,8 @@ class OutcomeProcessor:
             return
         response.has_next = same_session(response.ts, following.ts, config.gap_ms)
         response.implicit_retry = (
-            following.ts - response.ts <= config.retry_window_ms
+            response.has_next  # a retry window longer than the gap must not reach into the next session
+            and following.ts - response.ts <= config.retry_window_ms
             and response.prompt is not None
             and following.prompt is not None
             and fuzz.ratio(response.prompt, following.prompt) >= config.retry_similarity
@@ -480,7 +483,8 @@ class OutcomeProcessor:
     @staticmethod
     def _recount(sums: VariantSums, totals: list[float], response: Response) -> None:
         retried = response.explicit_retry or response.implicit_retry
-        followed = response.explicit_follow or (response.has_next and not response.implicit_retry)
+        # "followed by a non-retry request": a retried response is never a follow-up
+        followed = not retried and (response.explicit_follow or response.has_next)
         if retried != response.counted_retry:
             sums.add(totals, _RETRY, 1.0 if retried else -1.0, 0.0)
             response.counted_retry = retried
@@ -556,12 +560,22 @@ class OutcomeProcessor:
         totals = last.totals
         sums.add(totals, _TURNS, float(len(responses)), 1.0)
         sums.add(totals, _COST_SESSION, sum(r.cost for r in responses), 1.0)
-        sums.add(totals, _ABANDON, 1.0 if last.abandoned() else 0.0, 1.0)
+        sums.add(totals, _ABANDON, 0.0, 1.0)
         sums.sessions += 1
         for response in responses:
             response.closed = True
         last.last = True
+        self._count_abandon(sums, last)
         self.dirty.add(user.rollout_id)
+
+    @staticmethod
+    def _count_abandon(sums: VariantSums, last: Response) -> None:
+        """Keep ``abandon_rate`` equal to the last response's verdict as feedback joins it, also
+        after its session closed: its outcome record (taken when its TTL has passed) says the same."""
+        abandoned = last.abandoned()
+        if abandoned != last.counted_abandon:
+            sums.add(last.totals, _ABANDON, 1.0 if abandoned else -1.0, 0.0)
+            last.counted_abandon = abandoned
 
     # -- bookkeeping ----------------------------------------------------------------------
     def _touch(self, rollout_id: str, ts: int) -> None:

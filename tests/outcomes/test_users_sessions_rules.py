@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import pickle
 
+import pytest
+
 from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
 from safeswap.replay import replay_lines
 from schemas import encode
 from streams.checkpoint import decode_state, encode_state
 from streams.dedup import DistinctHashes, id_hash
-from tests.outcomes.helpers import NOW, T0, assert_same_metrics, simulated_events, trace
+from tests.outcomes.helpers import NOW, T0, assert_same_metrics, feedback, simulated_events, trace
 
 MIN = 60_000
 HOUR = 60 * MIN
@@ -87,3 +89,74 @@ def test_distinct_users_survive_a_checkpoint_round_trip_while_the_state_is_relea
     first = values(run(events))
     assert {v: got["users"] for v, got in first.items()} == users  # the returning users are no new users
     assert sum(got["n_units"] for got in values(uninterrupted).values()) > sum(got["n_units"] for got in first.values())
+
+
+# -- abandonment: late feedback moves the session -------------------------------------------
+
+def _late_feedback_events(kinds_and_minutes):
+    """u1's one-response session closes (u2's traffic moves both watermarks past its gap), then
+    feedback on that response arrives within the join TTL."""
+    events = [trace(1, T0, user="u1")]
+    for i, minute in enumerate(range(1, 40)):
+        events.append(trace(100 + i, T0 + minute * MIN, user="u2", prompt=f"q{i} " + "y" * i))
+        events.append(feedback(100 + i, 100 + i, T0 + minute * MIN, "copy", user="u2"))
+    for n, (kind, minute) in enumerate(kinds_and_minutes, start=1):
+        events.append(feedback(n, 1, T0 + minute * MIN, kind, user="u1"))
+    return events
+
+
+@pytest.mark.parametrize("kinds, abandoned", [
+    ([("thumbs_down", 40)], True),
+    ([("thumbs_down", 40), ("thumbs_up", 50)], False),  # abandoned, then moved back
+    ([("abandon", 45)], True),
+    ([("copy", 35), ("retry", 41)], True),
+])
+def test_feedback_after_the_session_closed_counts_for_abandonment_and_the_record_agrees(kinds, abandoned):
+    events = _late_feedback_events(kinds)
+    processor = OutcomeProcessor(0)
+    processor.collect_outcomes = True
+    for event in events[:-len(kinds)]:
+        assert processor.apply(event, NOW) is None
+    response = processor.users[("r1", "u1")].by_trace["t-1"]
+    assert response.closed and response.last  # the session closed before its feedback came
+    assert values(processor)["control"]["abandon_rate"] is not None
+    for event in events[-len(kinds):]:
+        assert processor.apply(event, NOW) is None
+    processor.finish()
+    got = values(processor)["control"]
+    u1_abandoned = 1.0 if abandoned else 0.0
+    assert got["abandon_rate"] == pytest.approx((u1_abandoned + 0.0) / 2)  # u2's session ended on a copy
+    record = {r.trace_id: r for r in processor.outcome_records}["t-1"]
+    assert record.session_last and record.abandoned is abandoned
+    # closed with all its feedback known (as replay closes at the end of its input): the same verdict
+    alone = values(run([e for e in events if e.user_id == "u1"]))["control"]
+    assert alone["abandon_rate"] == u1_abandoned
+
+
+# -- retries stay in their session; retried xor followed up --------------------------------
+
+def test_an_implicit_retry_never_crosses_a_session_boundary():
+    config = OutcomeConfig(gap_ms=30_000, retry_window_ms=60_000)
+    same = "how do I reset my password"
+    apart = [trace(1, T0, prompt=same), trace(2, T0 + 45_000, prompt=same)]  # within the window, not the session
+    got = values(run(apart, config))["control"]
+    assert got["sessions"] == 2 and got["retry_rate"] == 0.0 and got["follow_up_rate"] == 0.0
+    at_gap = [trace(1, T0, prompt=same), trace(2, T0 + 30_000, prompt=same)]  # exactly the gap: a new session
+    assert values(run(at_gap, config))["control"]["retry_rate"] == 0.0
+    inside = [trace(1, T0, prompt=same), trace(2, T0 + 29_999, prompt=same)]  # gap - 1: same session
+    got = values(run(inside, config))["control"]
+    assert got["sessions"] == 1 and got["retry_rate"] == 0.5
+
+
+def test_a_retried_response_is_never_a_follow_up():
+    events = [trace(1, T0, prompt="how do I reset my password"), feedback(1, 1, T0 + 1000, "retry"),
+              trace(2, T0 + 5 * MIN, prompt="tell me a joke about databases"),  # next request, not similar
+              feedback(2, 2, T0 + 5 * MIN + 1000, "follow_up"), feedback(3, 2, T0 + 5 * MIN + 2000, "retry")]
+    processor = run(events, collect=True)
+    got = values(processor)["control"]
+    assert got["retry_rate"] == 1.0 and got["follow_up_rate"] == 0.0
+    records = {r.trace_id: r for r in processor.outcome_records}
+    assert all(r.retried and not r.follow_up for r in records.values())
+    # without the explicit retries, #1 is followed up (a non-retry request) and #2 by its feedback
+    plain = values(run([e for e in events if getattr(e, "kind", None) != "retry"]))["control"]
+    assert plain["retry_rate"] == 0.0 and plain["follow_up_rate"] == 1.0
