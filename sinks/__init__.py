@@ -9,7 +9,7 @@ Reading: ``sinks.scan("traces", data_dir=...)`` -> ``polars.LazyFrame``;
 from sinks.compact import compact
 from sinks.datasets import DATASETS, Dataset, dataset
 from sinks.queries import QUERIES, decision_timeline, sql, users_in_both_arms, variant_summary
-from sinks.read import count_rows, list_files, scan, wait_for_rows
+from sinks.read import UnreadableFile, count_rows, list_files, scan, wait_for_rows
 from sinks.writer import Layout, PartitionWriter, Rotation
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "PartitionWriter",
     "QUERIES",
     "Rotation",
+    "UnreadableFile",
     "compact",
     "count_rows",
     "dataset",

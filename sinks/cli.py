@@ -96,7 +96,9 @@ def register(app: typer.Typer) -> None:
         """Ask the Parquet datasets: per-variant summary, decision timeline, users in both arms, or SQL."""
         import polars as pl
 
+        from sinks.queries import READS
         from sinks.queries import sql as run_sql
+        from sinks.read import UnreadableFile, find_unreadable
 
         if fmt not in ("table", "csv", "json"):
             _fail(f"--format {fmt!r}: use table, csv or json")
@@ -111,7 +113,13 @@ def register(app: typer.Typer) -> None:
             if limit:
                 frame = frame.limit(limit)
             result = frame.collect(engine="streaming")
+        except UnreadableFile as exc:
+            _fail(str(exc))
         except (pl.exceptions.PolarsError, OSError) as exc:
+            # Polars does not say which file it could not read: find it, so the fix is clear.
+            bad = find_unreadable(folder, READS.get(name or ""))
+            if bad is not None:
+                _fail(str(bad))
             what = "--sql" if sql is not None else f"query {name}"
             _fail(f"{what} over {folder}: {_first_line(exc)} (fix: tables and columns are listed in docs/data.md)")
         _print(result, fmt, title=name or "sql")

@@ -112,6 +112,8 @@ QUERIES: dict[str, Callable[..., pl.LazyFrame]] = {
     "timeline": decision_timeline,
     "both-arms": users_in_both_arms,
 }
+# The datasets each query reads (--sql: any of them).
+READS: dict[str, list[str]] = {"summary": ["traces", "feedback"], "timeline": ["decisions"], "both-arms": ["traces"]}
 
 
 def sql(data_dir: str | os.PathLike, query: str) -> pl.LazyFrame:

@@ -103,29 +103,67 @@ def scan(dataset: str, data_dir: str | os.PathLike = "./safeswap-data") -> pl.La
     )
 
 
+class UnreadableFile(ValueError):
+    """A file named like a data file that is not readable Parquet (copied in by hand,
+    truncated by a full disk): polars' own error does not say which file it was."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: not a readable Parquet file ({reason}) (fix: remove it, or move it out "
+                         f"of the dataset folder)")
+        self.path = path
+
+
+def footer_rows(path: str) -> int:
+    """The rows of one data file, from its footer; FileNotFoundError if it is gone
+    (a compaction removed it), :class:`UnreadableFile` if it is not Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError) as exc:
+        text = str(exc).strip().splitlines()
+        raise UnreadableFile(path, text[0] if text else type(exc).__name__) from None
+
+
+def _rollout_root(data_dir: str | os.PathLike, name: str, rollout_id: str | None) -> Path:
+    from sinks.writer import hive_value
+
+    root = Path(data_dir) / name
+    if rollout_id is not None and DATASETS[name].has_rollout:
+        root = root / f"rollout_id={hive_value(rollout_id)}"
+    return root
+
+
 def count_rows(data_dir: str | os.PathLike, datasets: list[str] | None = None, *,
                rollout_id: str | None = None) -> dict[str, int]:
     """Rows per dataset (every registered dataset, 0 where nothing was written).
 
     ``rollout_id``: only that rollout's rows (datasets not partitioned by rollout,
-    like ``dlq``, count in full). Reads only Parquet footers, not the data."""
-    import pyarrow.parquet as pq
-
-    from sinks.writer import hive_value
-
+    like ``dlq``, count in full). Reads only Parquet footers, not the data.
+    Raises :class:`UnreadableFile` naming a file that is not Parquet."""
     counts: dict[str, int] = {}
     for name in datasets or list(DATASETS):
-        root = Path(data_dir) / name
-        if rollout_id is not None and DATASETS[name].has_rollout:
-            root = root / f"rollout_id={hive_value(rollout_id)}"
         total = 0
-        for path in list_files(root):
+        for path in list_files(_rollout_root(data_dir, name, rollout_id)):
             try:
-                total += pq.ParquetFile(path).metadata.num_rows
+                total += footer_rows(path)
             except FileNotFoundError:  # removed by a compaction since the listing
                 continue
         counts[name] = total
     return counts
+
+
+def find_unreadable(data_dir: str | os.PathLike, datasets: list[str] | None = None) -> UnreadableFile | None:
+    """The first data file of these datasets that is not readable Parquet (None: all read).
+    For turning a failed query's anonymous read error into one that names the file."""
+    try:
+        count_rows(data_dir, datasets)
+    except UnreadableFile as exc:
+        return exc
+    return None
 
 
 def wait_for_rows(data_dir: str | os.PathLike, datasets: list[str], at_least: int, *, rollout_id: str | None = None,

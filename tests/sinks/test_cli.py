@@ -55,3 +55,31 @@ def test_query_formats_sql_compact_and_one_line_errors(tmp_path: Path):
     assert json.loads(compact.stdout.strip().splitlines()[-1])["merged_files"] == 3
     assert json.loads(safeswap("query", "--sql", "SELECT COUNT(*) AS n FROM traces", "--data", data,
                                "--format", "json").stdout) == [{"n": 12}]
+
+
+def test_a_file_that_is_not_parquet_is_named_with_the_fix_on_every_query_path(tmp_path: Path):
+    ds = DATASETS["traces"]
+    write_rows(Layout(tmp_path), ds, 0, [ds.row(raw(trace(i))) for i in range(4)])
+    folder = tmp_path / "traces" / "rollout_id=r1" / "date=2026-01-01"
+    bad = folder / "part-1-0-0.parquet"  # another partition: not superseded by part-0-0-3
+    bad.write_text("copied here by hand, not Parquet")
+    decisions = tmp_path / "decisions" / "rollout_id=r1" / "date=2026-01-01"
+    decisions.mkdir(parents=True)
+    (decisions / "part-1-5-5.parquet").write_bytes(b"")  # a truncated file
+    for args, named in [
+        (("query", "summary"), bad),
+        (("query", "summary", "--exact"), bad),
+        (("query", "summary", "--approx"), bad),
+        (("query", "both-arms"), bad),
+        (("query", "timeline"), decisions / "part-1-5-5.parquet"),
+        (("query", "--sql", "SELECT COUNT(*) AS n FROM traces"), None),
+    ]:
+        result = safeswap(*args, "--data", str(tmp_path))
+        assert result.returncode == 2 and "Traceback" not in result.stderr, (args, result.stderr)
+        line = result.stderr.strip()
+        assert len(line.splitlines()) == 1 and "not a readable Parquet file" in line and "remove it" in line, line
+        if named is not None:
+            assert str(named) in line.replace("\n", ""), line
+    bad.unlink()
+    ok = safeswap("query", "summary", "--data", str(tmp_path), "--format", "json")
+    assert ok.returncode == 0 and sum(r["responses"] for r in json.loads(ok.stdout)) == 4, ok.stderr
