@@ -13,6 +13,7 @@ At the end of the input every session is closed and every join expired.
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,30 @@ class _Head(msgspec.Struct):
 
 
 _head = msgspec.json.Decoder(_Head)
-MAX_REPORTED = 50  # rejected lines listed on stderr; the rest are counted
+VALUE_CHARS = 60  # an echoed value in a rejection reason is cut to this (never the line number or the reason)
+# a quoted value (not an apostrophe inside a word) longer than VALUE_CHARS
+_QUOTED = re.compile(r"""(?<!\w)(?:'([^']{%d})([^']+)'|"([^"]{%d})([^"]+)")""" % (VALUE_CHARS, VALUE_CHARS))
+
+
+def short_values(reason: str) -> str:
+    """``reason`` with each quoted value longer than VALUE_CHARS cut: one line per rejected input
+    stays short even when a 10 MB text is echoed back by the validator."""
+    def cut(m: re.Match) -> str:
+        quote = "'" if m[1] is not None else '"'
+        head, rest = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
+        return f"{quote}{head}...{quote} ({len(head) + len(rest):,} chars)"
+
+    return _QUOTED.sub(cut, reason)
+
+
+def model_drift(models: dict[str, int], pinned: str | None) -> float | None:
+    """Served-model drift of a variant: the share of its traces not served by the model its plan
+    pins (what the controller's health check compares with model_drift_max_share). None
+    without a pin or traces."""
+    traces = sum(models.values())
+    if pinned is None or not traces:
+        return None
+    return (traces - models.get(pinned, 0)) / traces
 
 
 def partition_for(user_id: str, partitions: int) -> int:
@@ -43,9 +67,11 @@ def partition_for(user_id: str, partitions: int) -> int:
 
 
 def replay_lines(lines: Iterable[bytes], config: OutcomeConfig, partitions: int, now_ms: int | None = None,
-                 report=None, look=None, look_every: int = 1000) -> dict[str, Any]:
+                 report=None, look=None, look_every: int = 1000,
+                 pinned: tuple[str, dict[str, str | None]] | None = None) -> dict[str, Any]:
     """Run the outcome logic over JSONL lines; ``report(line_no, reason)`` hears every rejected line,
-    ``look(processors)`` is called every ``look_every`` lines and at the end (the controller's looks)."""
+    ``look(processors)`` is called every ``look_every`` lines and at the end (the controller's looks).
+    ``pinned = (rollout_id, {variant: model})`` (from a plan) adds each variant's ``model_drift``."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     processors = [OutcomeProcessor(p, config) for p in range(partitions)]
     counts = {"read": 0, "invalid": 0, "duplicates": 0, "late": 0}
@@ -87,7 +113,11 @@ def replay_lines(lines: Iterable[bytes], config: OutcomeConfig, partitions: int,
     rollouts: dict[str, Any] = {}
     for rollout_id in sorted({r for p in processors for r in p.rollouts()}):
         snapshots = [p.snapshot(rollout_id, seq=p.counts["read"]) for p in processors if rollout_id in p.rollouts()]
-        rollouts[rollout_id] = {"variants": merged_snapshot_values(snapshots)}
+        variants = merged_snapshot_values(snapshots)
+        if pinned is not None and pinned[0] == rollout_id:  # only a plan knows the pinned models
+            for variant, values in variants.items():
+                values["model_drift"] = model_drift(values["models"], pinned[1].get(variant))
+        rollouts[rollout_id] = {"variants": variants}
     return {"events": counts, "reasons": reasons, "rollouts": rollouts}
 
 
@@ -99,9 +129,10 @@ class DecisionReplay:
 
     def __init__(self, plan: RolloutPlan):
         from safeswap.controller import on_plan
+        from safeswap.evalgate import assumed_gate
 
         if plan.stakes == "high" and plan.eval_gate is None:
-            plan.eval_gate = {"passed": True, "assumed_by": "replay"}
+            plan.eval_gate = assumed_gate("replay")
         self.rollouts: dict[str, Any] = {}
         self.rollout_id = plan.rollout_id
         self.decisions = [d for d in [on_plan(self.rollouts, plan, ts=0)] if d is not None]
@@ -147,21 +178,19 @@ def register(app: typer.Typer) -> None:
             settings = Settings.from_env()
         except ValueError as exc:
             raise UserError(str(exc)) from None
-        err = Console(stderr=True)
+        err = Console(stderr=True, emoji=False)  # ":100:" in "file:100: ..." is not an emoji
         try:
             handle = events.open("rb")
         except OSError as exc:
             raise UserError(f"{events}: cannot read the events file: {exc.strerror} "
                             "(fix: pass a JSONL file with one trace or feedback event per line)") from None
 
-        skipped = [0]
-
-        def report(line_no: Any, reason: str) -> None:
-            skipped[0] += 1
-            if skipped[0] <= MAX_REPORTED:
-                err.print(f"{events}:{line_no}: skipped: {reason[:300]}", highlight=False, markup=False, soft_wrap=True)
+        def report(line_no: Any, reason: str) -> None:  # every rejected line, however many
+            err.print(f"{events}:{line_no}: skipped: {short_values(reason)}", highlight=False, markup=False,
+                      soft_wrap=True)
 
         controller = None
+        pinned = None
         if plan is not None:
             from safeswap.plan import load_plan
 
@@ -171,11 +200,12 @@ def register(app: typer.Typer) -> None:
             if not loaded.ok:
                 raise typer.Exit(2)
             controller = DecisionReplay(loaded.plan)
+            pinned = (loaded.plan.rollout_id, {"control": loaded.plan.control.model,
+                                               "candidate": loaded.plan.candidate.model})
         with handle:
             result = replay_lines(handle, OutcomeConfig.from_settings(settings), partitions or settings.partitions,
-                                  report=report, look=controller.look if controller else None)
-        if skipped[0] > MAX_REPORTED:
-            err.print(f"{events}: ... and {skipped[0] - MAX_REPORTED:,} more skipped lines", highlight=False)
+                                  report=report, look=controller.look if controller else None,
+                                  pinned=pinned)
         if controller is not None:
             result["plan"] = controller.summary()
             from safeswap.views import decision_line

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import pickle
+import subprocess
+import sys
 
 import pytest
 
 from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
-from safeswap.replay import replay_lines
+from safeswap.replay import model_drift, replay_lines, short_values
 from schemas import encode
 from streams.checkpoint import decode_state, encode_state
 from streams.dedup import DistinctHashes, id_hash
@@ -160,3 +162,45 @@ def test_a_retried_response_is_never_a_follow_up():
     # without the explicit retries, #1 is followed up (a non-retry request) and #2 by its feedback
     plain = values(run([e for e in events if getattr(e, "kind", None) != "retry"]))["control"]
     assert plain["retry_rate"] == 0.0 and plain["follow_up_rate"] == 1.0
+
+
+# -- replay: every rejected line on stderr, model drift with a plan -------------------------
+
+def test_short_values_cuts_only_long_quoted_values():
+    long = "x" * 5000
+    cut = short_values(f"invalid: field `type` must be trace or feedback, got {long!r}")
+    assert cut.startswith("invalid: field `type` must be trace or feedback, got 'xxx")
+    assert "(5,000 chars)" in cut and len(cut) < 200
+    plain = "future_timestamp: event time 2030-01-01T00:00:00Z is ahead of the worker's clock; it's " + "z" * 100
+    assert short_values(plain) == plain
+
+
+def test_model_drift_is_the_share_off_the_pinned_model():
+    assert model_drift({"m1": 3, "m2": 1}, "m1") == 0.25
+    assert model_drift({"m1": 3}, None) is None and model_drift({}, "m1") is None
+
+
+def test_replay_reports_every_rejected_line_with_its_number(tmp_path):
+    good = jsonl([trace(1, T0)])
+    bad = [json.dumps({"type": "sideways" + "s" * 3000, "user_id": "u"}).encode() for _ in range(120)]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n".join(good + bad) + b"\n")
+    result = subprocess.run([sys.executable, "-m", "safeswap", "replay", str(path), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    skipped = [line for line in result.stderr.splitlines() if ": skipped: " in line]
+    assert [int(line.split(":")[1]) for line in skipped] == list(range(2, 122))
+    assert all(len(line) < 300 and "must be trace or feedback" in line for line in skipped)
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["events"] == {"read": 121, "invalid": 120, "duplicates": 0, "late": 0}
+    assert out["rollouts"]["r1"]["variants"]["control"]["users"] == 1
+    assert "model_drift" not in out["rollouts"]["r1"]["variants"]["control"]  # no plan: no pinned model
+
+
+def test_replay_with_pins_reports_model_drift_per_variant():
+    events = [trace(1, T0, model_version="m1"), trace(2, T0 + 1, user="u2", model_version="m2", prompt="b"),
+              trace(3, T0 + 2, user="u3", variant="candidate", model_version="c1", prompt="c")]
+    out = replay_lines(jsonl(events), OutcomeConfig(), partitions=2, now_ms=NOW,
+                       pinned=("r1", {"control": "m1", "candidate": "c1"}))
+    variants = out["rollouts"]["r1"]["variants"]
+    assert variants["control"]["model_drift"] == 0.5 and variants["candidate"]["model_drift"] == 0.0
