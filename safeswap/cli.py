@@ -196,10 +196,19 @@ def rollout_start(
     wait: WaitOption = 15.0,
     json_out: JsonOption = False,
 ) -> None:
-    """Validate and publish a plan; the plan is hashed and immutable from now on."""
+    """Validate and publish a plan; the plan is hashed and immutable from now on (a high-stakes
+    plan needs --eval-gate with a passing `safeswap eval-gate --stakes high --json` result)."""
+    from safeswap.evalgate import gate_problem
     from safeswap.rollouts import start_rollout
 
     the_plan = _plan_or_exit(plan, eval_gate)
+    gate = the_plan.eval_gate
+    if isinstance(gate, dict) and gate.get("assumed_by"):
+        raise UserError(f"{eval_gate or plan}: rollout {the_plan.rollout_id!r}: eval_gate was assumed by "
+                        f"{gate['assumed_by']} for a rehearsal; attach a real result (safeswap eval-gate --json)")
+    if the_plan.stakes == "high" and (problem := gate_problem(gate)) is not None:
+        raise UserError(f"{eval_gate or plan}: high-stakes plan {the_plan.rollout_id!r} would wait in registered: "
+                        f"{problem}")
     outcome, decision = _run(start_rollout(_broker_or_fail(broker), the_plan, wait))
     _print_decision_result(the_plan.rollout_id, outcome, decision, json_out, wait)
 
@@ -310,8 +319,10 @@ def simulate(
             err.print(f"error: {line}", highlight=False, markup=False)
         raise typer.Exit(2) from None
     if the_plan.stakes == "high" and the_plan.eval_gate is None:
+        from safeswap.evalgate import assumed_gate
+
         err.print("note: rehearsal assumes the offline eval gate passed (give --eval-gate to use a real result)")
-        the_plan.eval_gate = {"passed": True, "assumed_by": "simulate"}
+        the_plan.eval_gate = assumed_gate("simulate")
     settings = settings_from(broker, data_dir=data)
     console = Console(stderr=json_out)
     with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),

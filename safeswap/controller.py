@@ -7,7 +7,8 @@ State machine (event time, never wall-clock, so a replay decides the same)::
                      \\________\\________\\______-> rolled_back
 
 - ``registered``: a high-stakes plan waits here until it carries a passing
-  offline eval gate; any other plan starts its first stage at once.
+  offline eval gate (unedited, high stakes, no lost case); any other plan starts
+  its first stage at once. Only here may the plan change, and only its gate.
 - A stage is *promoted* when its minimum duration (event time since the stage
   began) and minimum users per arm are reached, every guardrail is ``ok``
   (enough data, no breach) and the data is healthy. After the last stage the
@@ -51,9 +52,23 @@ def plan_hash(plan: RolloutPlan) -> str:
     return hashlib.sha256(canonical).hexdigest()[:16]
 
 
+def gate_refusal(plan: RolloutPlan) -> str | None:
+    """Why a high-stakes plan may not leave ``registered`` yet; None when its gate lets it.
+
+    ``passed`` alone is not enough: a hand-written ``{passed: true}`` or a
+    low-stakes result with losses must not open the way (safeswap.evalgate.gate_problem)."""
+    from safeswap.evalgate import gate_problem
+
+    return gate_problem(plan.eval_gate) if plan.stakes == "high" else None
+
+
 def gate_passed(plan: RolloutPlan) -> bool:
-    gate = plan.eval_gate or {}
-    return bool(gate.get("passed")) if isinstance(gate, dict) else False
+    return gate_refusal(plan) is None
+
+
+def only_gate_changed(old: RolloutPlan, new: RolloutPlan) -> bool:
+    """The same plan but for the attached eval gate (what a plan waiting in registered may change)."""
+    return plan_hash(msgspec.structs.replace(old, eval_gate=None)) == plan_hash(msgspec.structs.replace(new, eval_gate=None))
 
 
 class PlanConflict(ValueError):
@@ -173,11 +188,16 @@ class RolloutState:
 
 # -- entry points ----------------------------------------------------------------
 def on_plan(rollouts: dict[str, RolloutState], plan: RolloutPlan, ts: int) -> Decision | None:
-    """Register a plan once; the same plan again is a no-op (replay), a changed one is refused."""
+    """Register a plan once; the same plan again is a no-op (replay), a changed one is refused,
+    except a new eval gate for a plan still waiting in ``registered``."""
     current = rollouts.get(plan.rollout_id)
     if current is not None:
         if current.plan_hash == plan_hash(plan):
             return None
+        if current.stage == "registered" and only_gate_changed(current.plan, plan):
+            # Nothing has run yet: attaching the gate it waits for is not a new rollout.
+            current.plan, current.plan_hash = plan, plan_hash(plan)
+            return _start_or_hold(current, ts)
         raise PlanConflict(
             f"rollout {plan.rollout_id!r} already started with plan {current.plan_hash}; "
             "a started plan is immutable: give the changed plan a new rollout_id"
@@ -189,11 +209,16 @@ def on_plan(rollouts: dict[str, RolloutState], plan: RolloutPlan, ts: int) -> De
         for metric in judged_on:
             state.monitors[metric] = _monitor(plan, spec, metric, split_alpha(alpha_each, len(judged_on)))
     rollouts[plan.rollout_id] = state
+    return _start_or_hold(state, ts)
+
+
+def _start_or_hold(state: RolloutState, ts: int) -> Decision:
+    plan = state.plan
     if not plan.stages:
         return _decide(state, ts, "hold", "registered", "the plan has no stages: nothing to roll out")
-    if plan.stakes == "high" and not gate_passed(plan):
-        return _decide(state, ts, "hold", "registered",
-                       "high-stakes plan waits for a passing offline eval gate (safeswap eval-gate)")
+    if (refusal := gate_refusal(plan)) is not None:
+        return _decide(state, ts, "hold", "registered", f"high-stakes plan waits for a passing offline eval gate: "
+                                                        f"{refusal}")
     return _enter_stage(state, 0, ts, "start")
 
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from safeswap.controller import plan_hash
+from safeswap.controller import only_gate_changed, plan_hash
 from schemas import (
     Command,
     Decision,
@@ -90,18 +90,31 @@ async def wait_for_decision(settings: Settings, rollout_id: str, accept: Callabl
 
 
 async def start_rollout(settings: Settings, plan: RolloutPlan, wait_s: float) -> tuple[str, Decision | None]:
-    """Publish a plan once. Returns ("started" | "already started", first decision or None)."""
+    """Publish a plan once. Returns ("started" | "already started" | "gate attached", first decision or None).
+
+    A plan still waiting in ``registered`` (a high-stakes plan without a passing
+    gate) may be published again with only its eval gate changed."""
     digest = plan_hash(plan)
     current = (await read_latest(settings, "decisions", Decision)).get(plan.rollout_id)
+    outcome = "started"
     if current is not None:
-        if current.plan_hash != digest:
+        if current.plan_hash == digest:
+            return "already started", current
+        if current.stage != "registered" or not await _registered_plan_differs_only_in_gate(settings, plan, current):
             raise RolloutError(
                 f"rollout {plan.rollout_id!r} already started with plan {current.plan_hash} (this plan is {digest}); "
                 "a started plan is immutable: give the changed plan a new rollout_id")
-        return "already started", current
+        outcome = "gate attached"
     await _send(settings, "plans", plan.rollout_id, encode(plan))
     decision = await wait_for_decision(settings, plan.rollout_id, lambda d: d.plan_hash == digest, wait_s)
-    return "started", decision
+    return outcome, decision
+
+
+async def _registered_plan_differs_only_in_gate(settings: Settings, plan: RolloutPlan, current: Decision) -> bool:
+    """Whether the plan the controller holds in ``registered`` is this one but for its eval gate."""
+    registered = (await read_latest(settings, "plans", RolloutPlan)).get(plan.rollout_id)
+    return (registered is not None and plan_hash(registered) == current.plan_hash
+            and only_gate_changed(registered, plan))
 
 
 async def command_rollout(settings: Settings, rollout_id: str, command: str, reason: str, wait_s: float) -> Decision | None:

@@ -7,6 +7,7 @@ import pytest
 
 from safeswap.controller import PlanConflict, RolloutState, on_command, on_plan, on_snapshot, plan_hash
 from schemas import GuardrailSpec, RolloutPlan, StageSpec, VariantSpec, encode
+from safeswap.evalgate import gate, result_hash
 from tests.controller.sim import Behaviour, Sim
 
 CONTROL = VariantSpec(model="m-20250101", prompt_version="v1")
@@ -25,6 +26,13 @@ def plan(**overrides) -> RolloutPlan:
     )
     fields.update(overrides)
     return RolloutPlan(**fields)
+
+
+def gate_result(baseline: dict | None = None, candidate: dict | None = None, stakes: str = "high") -> dict:
+    """What `safeswap eval-gate --json` prints (and `rollout start --eval-gate` attaches)."""
+    result = gate(baseline or {"a": True, "b": False}, candidate or {"a": True, "b": True}, stakes)
+    result["hash"] = result_hash(result)
+    return result
 
 
 def run(the_plan: RolloutPlan, sim: Sim, *, hours: int = 120, users_per_hour: int = 400, until=None):
@@ -126,7 +134,7 @@ def test_high_stakes_plan_waits_for_a_passing_eval_gate_then_starts_in_shadow():
     rollouts: dict = {}
     held = on_plan(rollouts, plan(stakes="high", stages=stages, skip_shadow=None), ts=0)
     assert (held.action, held.stage, held.percent) == ("hold", "registered", 0)
-    gated = plan(rollout_id="r2", stakes="high", stages=stages, skip_shadow=None, eval_gate={"passed": True})
+    gated = plan(rollout_id="r2", stakes="high", stages=stages, skip_shadow=None, eval_gate=gate_result())
     started = on_plan(rollouts, gated, ts=0)
     assert (started.action, started.stage, started.percent, started.shadow_percent) == ("start", "shadow", 0, 10)
 
