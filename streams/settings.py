@@ -20,6 +20,9 @@ ENV_PREFIX = "SAFESWAP_"
 class Settings:
     # Kafka: "" means "start the embedded Tansu broker" for commands that can.
     broker: str = ""
+    # How long `topics create`, the worker and the demo retry an unreachable broker before
+    # giving up (compose starts the broker and them together).
+    broker_wait_s: float = 30.0
     topic_prefix: str = "safeswap"
     partitions: int = 4
     replication_factor: int = 1
@@ -126,6 +129,11 @@ class Settings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def __post_init__(self) -> None:
+        problems = settings_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+
     def replace(self, **changes: Any) -> "Settings":
         return dataclasses.replace(self, **changes)
 
@@ -150,6 +158,74 @@ def env_name(field_name: str) -> str:
 def env_names() -> set[str]:
     """Every environment variable the code reads."""
     return {env_name(field.name) for field in fields(Settings)}
+
+
+# Ranges outside which a numeric setting is clearly a mistake (SAFESWAP_PARTITIONS=0 created
+# topics no worker could consume). The lower bound is inclusive unless the name is in POSITIVE.
+AT_LEAST_ONE = (
+    "partitions", "replication_factor", "producer_max_batch_bytes", "snapshot_every_events", "emitter_buffer",
+    "max_edit_chars", "max_event_bytes", "checkpoint_every_events", "sink_max_rows", "sink_max_bytes",
+    "judge_concurrency", "judge_max_tokens", "judge_max_answer_chars", "shadow_concurrency",
+)
+POSITIVE = (  # intervals, timeouts and windows a zero would turn into a busy loop or an instant expiry
+    "broker_wait_s", "session_timeout_s", "heartbeat_interval_s", "rebalance_timeout_s", "snapshot_interval_s",
+    "emitter_delivery_timeout_s", "session_gap_s", "join_ttl_s", "checkpoint_interval_s", "sink_max_age_s",
+    "sink_idle_s", "status_interval_s", "judge_timeout_s", "shadow_timeout_s",
+)
+NOT_NEGATIVE = (  # zero is a meaningful "none" here
+    "consumer_fetch_max_wait_ms", "producer_linger_ms", "retry_window_s", "allowed_lateness_s",
+    "max_topic_skew_s", "max_future_s", "judge_budget_usd", "judge_max_retries", "judge_max_retry_after_s",
+)
+BOUNDED = {  # inclusive ranges; port 0 = off (metrics) or any free port (dashboard)
+    "judge_sample_rate": (0.0, 1.0),
+    "retry_similarity": (0.0, 100.0),
+    "dashboard_port": (0, 65535),
+    "metrics_port": (0, 65535),
+}
+
+
+def settings_problems(settings: Settings) -> list[str]:
+    """Every value that cannot be right, each naming its variable; empty when all are usable."""
+    problems = []
+    broker = broker_problem(settings.broker)
+    if broker:
+        problems.append(broker)
+
+    def value_of(name: str) -> str:
+        return f"{env_name(name)}={getattr(settings, name)!r}"
+
+    # `not (x >= low)` rather than `x < low`: NaN fails every comparison and must be refused too.
+    for name in AT_LEAST_ONE:
+        if not getattr(settings, name) >= 1:
+            problems.append(f"{value_of(name)}: must be at least 1")
+    for name in POSITIVE:
+        if not getattr(settings, name) > 0:
+            problems.append(f"{value_of(name)}: must be greater than 0")
+    for name in NOT_NEGATIVE:
+        if not getattr(settings, name) >= 0:
+            problems.append(f"{value_of(name)}: must not be negative")
+    for name, (low, high) in BOUNDED.items():
+        if not low <= getattr(settings, name) <= high:
+            problems.append(f"{value_of(name)}: must be between {low:g} and {high:g}")
+    return problems
+
+
+def broker_problem(broker: str) -> str | None:
+    """Why a bootstrap list is not ``host:port[,host:port...]``; None when it is (or empty: embedded)."""
+    if not broker:
+        return None
+    for entry in broker.split(","):
+        entry = entry.strip()
+        host, colon, port = entry.rpartition(":")
+        unbracketed_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))
+        if not colon or not host or unbracketed_ipv6:
+            reason = f"{entry!r} is not host:port"
+        elif not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            reason = f"port {port!r} of {entry!r} is not a number from 1 to 65535"
+        else:
+            continue
+        return f"SAFESWAP_BROKER / --broker {broker!r}: {reason} (give host:port, comma-separated for several)"
+    return None
 
 
 def _parse(field: dataclasses.Field, raw: str) -> Any:
