@@ -6,21 +6,25 @@ import asyncio
 import logging
 
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.topics import TopicCreationError, ensure_topics
 
 log = logging.getLogger(__name__)
 
 
-async def ensure_topics_with_retry(settings: Settings, timeout_s: float = 30.0) -> None:
-    """Create the topics, retrying while the broker comes up (compose starts them together)."""
-    deadline = asyncio.get_running_loop().time() + timeout_s
+async def ensure_topics_with_retry(settings: Settings, timeout_s: float | None = None) -> None:
+    """Create the topics, retrying while the broker comes up (compose starts them together)
+    for ``timeout_s`` (default: SAFESWAP_BROKER_WAIT_S). A refused creation is not retried."""
+    deadline = asyncio.get_running_loop().time() + (settings.broker_wait_s if timeout_s is None else timeout_s)
     while True:
         try:
             await ensure_topics(settings)
             return
+        except TopicCreationError:
+            raise
         except Exception as exc:
             if asyncio.get_running_loop().time() > deadline:
-                raise ConnectionError(f"cannot reach Kafka at {settings.broker}: {exc}") from None
+                raise ConnectionError(f"cannot reach the Kafka broker at {settings.broker}: "
+                                      f"{exc or type(exc).__name__}; check --broker / SAFESWAP_BROKER") from None
             await asyncio.sleep(0.5)
 
 
