@@ -65,8 +65,15 @@ def demo(
 ) -> None:
     """Run the whole loop on the embedded broker: events in, rollback decision out."""
     from safeswap.demo import run_demo
+    from streams.broker import BrokerError
+    from streams.process import WorkerExited
+    from streams.topics import TopicCreationError
 
-    result = run_demo(settings_from(broker), max_users=users, timeout_s=timeout, json_out=json_out, data_dir=data)
+    settings = settings_from(broker)
+    try:
+        result = run_demo(settings, max_users=users, timeout_s=timeout, json_out=json_out, data_dir=data)
+    except (ConnectionError, TopicCreationError, BrokerError, WorkerExited) as exc:
+        raise UserError(str(exc)) from None
     if json_out:
         print(json.dumps(result))
     if result["action"] != "rollback":
@@ -86,7 +93,12 @@ def worker(
         raise UserError("no broker: set SAFESWAP_BROKER=host:port or pass --broker (the worker does not start one)")
     if settings.log_level not in ("crit", "error", "warn", "info", "debug"):
         raise UserError(f"--log-level {settings.log_level!r}: use one of crit|error|warn|info|debug")
-    run_worker(settings)
+    from streams.topics import TopicCreationError
+
+    try:
+        run_worker(settings)
+    except (ConnectionError, TopicCreationError) as exc:
+        raise UserError(str(exc)) from None
 
 
 @topics_app.command("create")
@@ -94,6 +106,7 @@ def topics_create(broker: BrokerOption = None) -> None:
     """Create every safeswap topic that is missing (compacted where it must be)."""
     import asyncio
 
+    from streams.topics import TopicCreationError
     from streams.worker import ensure_topics_with_retry
 
     settings = settings_from(broker)
@@ -101,7 +114,7 @@ def topics_create(broker: BrokerOption = None) -> None:
         raise UserError("no broker: set SAFESWAP_BROKER=host:port or pass --broker")
     try:
         asyncio.run(ensure_topics_with_retry(settings))
-    except ConnectionError as exc:
+    except (ConnectionError, TopicCreationError) as exc:
         raise UserError(str(exc)) from None
     err.print(f"topics ready on {settings.broker} (prefix {settings.topic_prefix})")
 

@@ -38,9 +38,9 @@ from schemas import (
 )
 from streams.broker import EmbeddedBroker
 from streams.kafka import client_options
-from streams.process import WorkerProcess
+from streams.process import WorkerExited, WorkerProcess
 from streams.settings import Settings
-from streams.topics import ensure_topics
+from streams.worker import ensure_topics_with_retry
 
 THUMBS_DOWN = {"control": 0.05, "candidate": 0.15}
 ERROR_RATE = {"control": 0.01, "candidate": 0.01}
@@ -105,7 +105,8 @@ def _status_table(sent: int, users: dict[str, int], decision: Decision | None, e
     return table
 
 
-async def _simulate(settings: Settings, rollout_id: str, max_users: int, deadline: float, console: Console, started: float) -> dict:
+async def _simulate(settings: Settings, rollout_id: str, max_users: int, deadline: float, console: Console, started: float,
+                    worker: WorkerProcess) -> dict:
     plan = demo_plan(rollout_id)
     rng = random.Random(7)
     users = {"control": 0, "candidate": 0}
@@ -121,10 +122,11 @@ async def _simulate(settings: Settings, rollout_id: str, max_users: int, deadlin
         finally:
             await producer.stop()
         with Live(_status_table(0, users, None, 0), console=console, refresh_per_second=8, transient=False) as live:
-            await _wait(lambda: flags.decision(rollout_id) is not None, deadline)
+            await _wait(lambda: flags.decision(rollout_id) is not None, deadline, worker)
             event_time = int(time.time() * 1000) - max_users * 1_000  # in the past: future events are refused
             index = 0
             while time.monotonic() < deadline:
+                worker.check_alive()
                 decision = flags.decision(rollout_id)
                 if decision is not None and decision.action == "rollback":
                     break
@@ -144,8 +146,9 @@ async def _simulate(settings: Settings, rollout_id: str, max_users: int, deadlin
     return {"decision": decision, "events_sent": sent, "users": users, "candidate_users_now": candidates_served}
 
 
-async def _wait(condition, deadline: float) -> None:
+async def _wait(condition, deadline: float, worker: WorkerProcess) -> None:
     while not condition() and time.monotonic() < deadline:
+        worker.check_alive()  # a dead worker never decides: say so now, not at the deadline
         await asyncio.sleep(0.05)
 
 
@@ -161,11 +164,18 @@ def run_demo(settings: Settings, *, max_users: int, timeout_s: float, json_out: 
             console.print(f"embedded Kafka-protocol broker (Tansu) on {broker.bootstrap}")
         state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="safeswap-demo-"))
         settings = settings.replace(state_dir=state_dir, data_dir=data_dir or settings.data_dir)
-        asyncio.run(ensure_topics(settings))
+        asyncio.run(ensure_topics_with_retry(settings))
         worker = stack.enter_context(WorkerProcess(settings))
-        stack.callback(lambda: os.path.exists(worker.log_path) and os.unlink(worker.log_path))
+        keep_log = False  # the log of a worker that died is what the user needs next
+        stack.callback(lambda: keep_log or not os.path.exists(worker.log_path) or os.unlink(worker.log_path))
         console.print(f"worker started (pid {worker.pid}); registering plan {rollout_id}")
-        outcome = asyncio.run(_simulate(settings, rollout_id, max_users, deadline, console, started))
+        try:
+            outcome = asyncio.run(_simulate(settings, rollout_id, max_users, deadline, console, started, worker))
+        except WorkerExited:
+            keep_log = True
+            console.print(f"[bold red]the worker exited[/]; the last lines of {worker.log_path}:", highlight=False)
+            console.print(worker.log_tail(20), markup=False, highlight=False, soft_wrap=True)
+            raise
         # The worker's sinks flush on rotation (idle/age), and the rest when it stops (SIGINT).
         sinks.wait_for_rows(settings.data_dir, ["traces", "feedback"], outcome["events_sent"], rollout_id=rollout_id)
     rows = sinks.count_rows(settings.data_dir, rollout_id=rollout_id)

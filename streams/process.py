@@ -17,6 +17,9 @@ from pathlib import Path
 from streams.settings import Settings, env_name
 
 
+class WorkerExited(RuntimeError):
+    """A worker process stopped while it was needed."""
+
 
 def stop_process(process: subprocess.Popen, timeout_s: float = 8.0) -> None:
     if process.poll() is not None:
@@ -32,7 +35,12 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 8.0) -> None:
 class WorkerProcess:
     def __init__(self, settings: Settings, log_path: str | Path | None = None):
         self.settings = settings
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix="safeswap-worker-", suffix=".log")[1])
+        if log_path:
+            self.log_path = Path(log_path)
+        else:
+            fd, path = tempfile.mkstemp(prefix="safeswap-worker-", suffix=".log")
+            os.close(fd)  # start() opens it by name, once per start
+            self.log_path = Path(path)
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "WorkerProcess":
@@ -73,6 +81,14 @@ class WorkerProcess:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 20) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def check_alive(self) -> None:
+        """Raise WorkerExited if the worker was started and has exited on its own."""
+        if self.process is not None and self.process.poll() is not None:
+            raise WorkerExited(f"the worker exited with code {self.process.returncode}; its log: {self.log_path}")
 
     def __enter__(self) -> "WorkerProcess":
         return self.start()

@@ -85,3 +85,58 @@ def test_demo_on_ctrl_c_stops_the_worker_and_the_broker():
     with pytest.raises(ProcessLookupError):
         os.kill(worker_pid, 0)  # the worker is gone (and reaped: no zombie answers)
     assert not wait_for_port("127.0.0.1", port, timeout_s=0.5)  # the broker is gone
+
+
+# A broker address nobody listens on, and a short wait so a refused connection fails in seconds.
+def unreachable_broker_env() -> dict:
+    from streams.broker import free_port
+
+    return {"SAFESWAP_BROKER": f"127.0.0.1:{free_port()}", "SAFESWAP_BROKER_WAIT_S": "1"}
+
+
+@pytest.mark.parametrize("command", [["topics", "create"], ["worker"], ["demo"]])
+def test_unreachable_broker_is_one_line_naming_it(command):
+    env = unreachable_broker_env()
+    result = safeswap(*command, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output
+    assert "Traceback" not in output
+    assert "Unable connect" not in output  # aiokafka's per-attempt noise is held back
+    assert f"cannot reach the Kafka broker at {env['SAFESWAP_BROKER']}" in result.stderr
+    assert "SAFESWAP_BROKER" in result.stderr and "--broker" in result.stderr
+
+
+@pytest.mark.parametrize("broker", ["a:b", "kafka1", "kafka1:9092,kafka2:99999"])
+def test_malformed_broker_names_the_value_and_where_it_came_from(broker):
+    for args, env in ((["demo", "--broker", broker], None), (["worker"], {"SAFESWAP_BROKER": broker})):
+        result = safeswap(*args, env=env)
+        assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result.stderr
+        assert repr(broker) in result.stderr and "SAFESWAP_BROKER" in result.stderr and "--broker" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("variable, value", [("SAFESWAP_PARTITIONS", "0"), ("SAFESWAP_PARTITIONS", "-2"),
+                                             ("SAFESWAP_SNAPSHOT_INTERVAL_S", "0"), ("SAFESWAP_METRICS_PORT", "70000")])
+def test_out_of_range_setting_is_refused_before_any_topic_is_made(variable, value):
+    result = safeswap("topics", "create", env={**unreachable_broker_env(), variable: value})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{variable}={value}" in result.stderr
+    assert "topics ready" not in result.stderr
+
+
+def test_demo_whose_worker_dies_says_so_at_once_and_keeps_its_log():
+    # The demo itself does not read the log level; its worker refuses it and exits at start.
+    result = safeswap("demo", "--json", env={"SAFESWAP_BROKER": "", "SAFESWAP_LOG_LEVEL": "loud"})
+    output = result.stdout + result.stderr
+    assert result.returncode == 2, output[-2000:]
+    assert "Traceback" not in output
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: the worker exited with code 2")
+    log_path = Path(last_line.rsplit("its log: ", 1)[1].strip())
+    try:
+        assert log_path.exists()  # kept for the user
+        assert "--log-level 'loud'" in log_path.read_text()
+        assert "--log-level 'loud'" in output  # its tail was printed
+        assert "no rollback within" not in output  # it did not wait for the deadline
+    finally:
+        log_path.unlink(missing_ok=True)
