@@ -42,3 +42,28 @@ def test_the_commands_compose_runs_exist_in_the_cli():
     names = {command.name or command.callback.__name__ for command in app.registered_commands}
     groups = {group.name for group in app.registered_groups}
     assert "worker" in names and "topics" in groups
+
+
+def test_host_clients_get_a_listener_that_advertises_what_is_published():
+    env = COMPOSE["services"]["kafka"]["environment"]
+    advertised = dict(item.split("://", 1) for item in env["KAFKA_ADVERTISED_LISTENERS"].split(","))
+    listeners = dict(item.split("://", 1) for item in env["KAFKA_LISTENERS"].split(","))
+    protocols = dict(item.split(":", 1) for item in env["KAFKA_LISTENER_SECURITY_PROTOCOL_MAP"].split(","))
+    published = {}
+    for mapping in COMPOSE["services"]["kafka"]["ports"]:
+        host_ip, host_port, container_port = mapping.split(":")
+        published[int(container_port)] = (host_ip, int(host_port))
+    # Every port published to the host belongs to a listener that advertises a host address
+    # on that same host port (a host client reconnects to the advertised address).
+    assert published
+    host_listeners = []
+    for container_port, (host_ip, host_port) in published.items():
+        assert host_ip == "127.0.0.1"  # never on every interface
+        name = next(n for n, address in listeners.items() if address.rsplit(":", 1)[1] == str(container_port))
+        host, port = advertised[name].rsplit(":", 1)
+        assert host in ("localhost", "127.0.0.1") and int(port) == host_port, (name, advertised[name])
+        assert name in protocols and name != env["KAFKA_INTER_BROKER_LISTENER_NAME"]
+        host_listeners.append(name)
+    # ... and the containers keep theirs: kafka:9092, which the safeswap services use.
+    assert advertised[env["KAFKA_INTER_BROKER_LISTENER_NAME"]] == "kafka:9092"
+    assert set(protocols) == set(listeners) and len(host_listeners) == 1
