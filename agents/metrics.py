@@ -4,29 +4,20 @@ Off unless ``metrics_port`` is set (``SAFESWAP_METRICS_PORT``); binds
 ``metrics_host`` (127.0.0.1 by default). Everything is counted by one Faust
 *sensor*, so no agent carries monitoring code:
 
-* ``on_message_in``: every message a worker's agents read, per topic
-  (``safeswap_events_processed_total``); statistics snapshots are also kept
-  (latest per rollout and source partition) for the per-variant gauges;
+* ``on_message_in``: every message Faust's consumer reads for the worker's agents, per
+  topic and agent (``safeswap_events_processed_total``); statistics snapshots are also
+  kept (latest per rollout and source partition) for the per-variant gauges;
+* the worker's own consumers report their batches (``count_read``): the outcomes agent's
+  (traces, feedback) and the Parquet sinks' (every dataset topic), each under its own
+  ``agent`` label, so one message read by both is counted once per reader;
 * ``on_send_initiated``: what the agents publish: decisions by action, dead
-  letters by agent, and each rollout's status (guardrail intervals, split, users);
-* a timer: consumer lag per assigned partition (high water minus position), of Faust's consumer and
-  the outcomes agent's own (traces, feedback).
+  letters by agent and reason kind, and each rollout's status (guardrail intervals, split, users);
+* a timer: consumer lag per assigned partition (high water minus position) of every
+  consumer: Faust's, the outcomes agent's and the sinks'.
 
-Metric names (labels in braces):
-
-==========================================  =====================================================
-``safeswap_events_processed_total``          {topic} messages read by this worker's agents
-``safeswap_dead_letters_total``              {agent} records this worker sent to the DLQ
-``safeswap_decisions_total``                 {rollout_id, action} decisions this worker published
-``safeswap_consumer_lag``                    {topic, partition} messages not yet read
-``safeswap_guardrail_estimate``              {rollout_id, metric} candidate vs control (relative or absolute)
-``safeswap_guardrail_ci_low`` / ``_ci_high`` {rollout_id, metric} the always-valid interval
-``safeswap_guardrail_threshold``             {rollout_id, metric} the plan's limit on that scale
-``safeswap_guardrail_breach``                {rollout_id, metric} 1 while the guardrail is breached
-``safeswap_rollout_percent``                 {rollout_id} share of users served the candidate
-``safeswap_rollout_users``                   {rollout_id, variant}
-``safeswap_variant_metric``                  {rollout_id, variant, metric} point estimates (docs/metrics.md)
-==========================================  =====================================================
+docs/dashboard.md lists every metric with its unit. Names are a contract: the
+unit-correct ones (``_seconds``, ``_usd``, ``_ratio``, ``_messages``) were added next
+to the first ones, which are kept for the dashboards that already scrape them.
 
 Guardrail and rollout gauges come from the worker that owns the rollout (the
 decide agent's partition); variant gauges from the worker that reads its
@@ -72,6 +63,58 @@ class _Decision(msgspec.Struct):
 
 class _DeadLetter(msgspec.Struct):
     agent: str = "unknown"
+    reason: str = ""
+
+
+# Reason kinds of dead letters: the outcomes agent's reason keys (``reason_key`` in
+# safeswap/outcomes.py, the prefix of the reason it sends, also kept per partition in
+# ``processor.reasons``), plus the kinds other agents' reasons start with. A fixed set:
+# free-text reasons must not become label values.
+DLQ_REASON_KINDS: frozenset[str] = frozenset({
+    "invalid", "too_large", "future_timestamp", "late_event", "feedback_unjoined", "internal_error",
+})
+
+
+def reason_kind(reason: str) -> str:
+    """The label value for a dead letter's reason: its kind, or ``other``."""
+    head = reason.split(":", 1)[0].strip()
+    if head in DLQ_REASON_KINDS:
+        return head
+    if head.startswith("invalid "):  # "invalid RolloutPlan: ...", "invalid TraceEvent: ..."
+        return "invalid"
+    if head == "internal error":
+        return "internal_error"
+    return "other"
+
+
+# Unit-correct per-variant gauges: metric -> (family, label name, label value, scale).
+# Everything not listed is a rate or a normalised distance: safeswap_variant_rate_ratio{metric}.
+UNIT_FAMILIES: dict[str, tuple[str, str, str, float]] = {
+    "latency_ms_p50": ("safeswap_variant_latency_seconds", "quantile", "0.5", 1e-3),
+    "latency_ms_p95": ("safeswap_variant_latency_seconds", "quantile", "0.95", 1e-3),
+    "latency_ms_mean": ("safeswap_variant_latency_mean_seconds", "", "", 1e-3),
+    "cost_usd_mean": ("safeswap_variant_cost_usd", "per", "response", 1.0),
+    "cost_per_session_mean": ("safeswap_variant_cost_usd", "per", "session", 1.0),
+}
+RATIO_FAMILY = "safeswap_variant_rate_ratio"
+FAMILY_HELP: dict[str, tuple[str, list[str]]] = {
+    "safeswap_variant_latency_seconds": ("Latency quantile per variant (from the latency histogram), seconds.",
+                                         ["quantile"]),
+    "safeswap_variant_latency_mean_seconds": ("Mean latency per variant, seconds.", []),
+    "safeswap_variant_cost_usd": ("Mean cost per variant, US dollars, per response or per session.", ["per"]),
+    RATIO_FAMILY: ("Rates (thumbs-down, errors, retry, abandon, edit, cache hit; 0-1) and the normalised edit "
+                   "distance (0-1) per variant.", ["metric"]),
+}
+
+
+def unit_samples(values: dict[str, float]) -> list[tuple[str, dict[str, str], float]]:
+    """One variant's point estimates (docs/metrics.md names) as unit-correct samples:
+    (family, extra labels, value in the family's unit)."""
+    out = []
+    for metric, value in sorted(values.items()):
+        family, label, label_value, scale = UNIT_FAMILIES.get(metric, (RATIO_FAMILY, "metric", metric, 1.0))
+        out.append((family, {label: label_value} if label else {}, value * scale))
+    return out
 
 
 class _Snapshot(msgspec.Struct):
@@ -124,13 +167,20 @@ class WorkerMetrics(Sensor):
         self.settings = settings
         self.registry = registry or CollectorRegistry()
         self._topics = {name: settings.topic(name) for name in ("stats", "status", "decisions", "dlq")}
+        self.faust_agents: dict[str, str] | None = None  # topic -> Faust agent reading it; from app, first use
+        self.app: faust.App | None = None
         r = self.registry
-        self.events = Counter("safeswap_events_processed", "Messages read by this worker's agents.", ["topic"], registry=r)
-        self.dead_letters = Counter("safeswap_dead_letters", "Records sent to the dead-letter topic.", ["agent"], registry=r)
+        self.events = Counter("safeswap_events_processed", "Messages read, per topic and reading agent.",
+                              ["topic", "agent"], registry=r)
+        self.dead_letters = Counter("safeswap_dead_letters", "Records sent to the dead-letter topic, by agent and "
+                                    "reason kind.", ["agent", "reason"], registry=r)
         self.decisions = Counter("safeswap_decisions", "Decisions published, by action.", ["rollout_id", "action"],
                                  registry=r)
-        self.lag = Gauge("safeswap_consumer_lag", "Messages behind the partition's high water.", ["topic", "partition"],
-                         registry=r)
+        lag_labels = ["topic", "partition", "agent"]
+        self.lag = Gauge("safeswap_consumer_lag", "Messages behind the partition's high water (kept for "
+                         "compatibility: safeswap_consumer_lag_messages).", lag_labels, registry=r)
+        self.lag_messages = Gauge("safeswap_consumer_lag_messages", "Messages behind the partition's high water.",
+                                  lag_labels, registry=r)
         labels = ["rollout_id", "metric"]
         self.estimate = Gauge("safeswap_guardrail_estimate", "Candidate vs control, on the guardrail's scale.", labels,
                               registry=r)
@@ -139,8 +189,10 @@ class WorkerMetrics(Sensor):
         self.threshold = Gauge("safeswap_guardrail_threshold", "The plan's limit on the guardrail's scale.", labels,
                                registry=r)
         self.breach = Gauge("safeswap_guardrail_breach", "1 while the guardrail is breached.", labels, registry=r)
-        self.percent = Gauge("safeswap_rollout_percent", "Share of users (0-100) served the candidate.", ["rollout_id"],
-                             registry=r)
+        self.percent = Gauge("safeswap_rollout_percent", "Share of users (0-100) served the candidate (kept for "
+                             "compatibility: safeswap_rollout_candidate_ratio).", ["rollout_id"], registry=r)
+        self.candidate_ratio = Gauge("safeswap_rollout_candidate_ratio", "Share of users (0-1) served the candidate.",
+                                     ["rollout_id"], registry=r)
         self.users = Gauge("safeswap_rollout_users", "Users per arm.", ["rollout_id", "variant"], registry=r)
         self._snapshots: dict[str, dict[tuple[str, int], _Snapshot]] = {}
         self._lock = threading.Lock()  # snapshots are read by the scrape thread
@@ -150,14 +202,25 @@ class WorkerMetrics(Sensor):
         self._dlq_decoder = msgspec.json.Decoder(_DeadLetter)
         self._snapshot_decoder = msgspec.json.Decoder(_Snapshot)
 
-    def count_read(self, topic: str, n: int) -> None:
-        """Messages read outside Faust's consumer (the outcomes agent's batches)."""
-        self.events.labels(topic).inc(n)
+    def count_read(self, agent: str, topic: str, n: int) -> None:
+        """Messages read outside Faust's consumer (the outcomes agent's and the sinks' batches)."""
+        self.events.labels(topic, agent).inc(n)
+
+    def reader(self, agent: str) -> Callable[[str, int], None]:
+        """The ``(topic, messages read)`` callback for one of the worker's own consumer loops."""
+        return lambda topic, n: self.count_read(agent, topic, n)
+
+    def agent_of(self, topic: str) -> str:
+        """The Faust agent reading ``topic`` (looked up once the first message arrives:
+        every agent is registered by then)."""
+        if self.faust_agents is None:
+            self.faust_agents = faust_agents(self.app) if self.app is not None else {}
+        return self.faust_agents.get(topic, "faust")
 
     # -- Faust sensor hooks: never raise --------------------------------------------
     def on_message_in(self, tp: Any, offset: int, message: Any) -> None:
         try:
-            self.events.labels(tp.topic).inc()
+            self.events.labels(tp.topic, self.agent_of(tp.topic)).inc()
             if tp.topic == self._topics["stats"]:
                 self.observe_snapshot(message.value)
         except Exception:  # noqa: BLE001
@@ -175,7 +238,8 @@ class WorkerMetrics(Sensor):
     # -- pure-ish updates (tests call these directly) -----------------------------------
     def observe_sent(self, topic: str, value: bytes) -> None:
         if topic == self._topics["dlq"]:
-            self.dead_letters.labels(self._dlq_decoder.decode(value).agent).inc()
+            letter = self._dlq_decoder.decode(value)
+            self.dead_letters.labels(letter.agent, reason_kind(letter.reason)).inc()
         elif topic == self._topics["decisions"]:
             decision = self._decision_decoder.decode(value)
             self.decisions.labels(decision.rollout_id, decision.action).inc()
@@ -185,6 +249,7 @@ class WorkerMetrics(Sensor):
     def observe_status(self, status: _Status) -> None:
         rollout = status.rollout_id
         self.percent.labels(rollout).set(status.percent)
+        self.candidate_ratio.labels(rollout).set(status.percent / 100)
         for variant, count in status.users.items():
             self.users.labels(rollout, variant).set(count)
         for item in status.guardrails:
@@ -211,7 +276,9 @@ class WorkerMetrics(Sensor):
             current = {rollout: list(parts.values()) for rollout, parts in self._snapshots.items()}
         return {rollout: variant_values(snapshots) for rollout, snapshots in current.items()}
 
-    async def update_lag(self, consumer: Any) -> None:
+    async def update_lag(self, consumer: Any, agent: str | None = None) -> None:
+        """Lag of one consumer's assigned partitions; ``agent`` None: Faust's consumer
+        (each topic under the agent reading it)."""
         for tp in sorted(consumer.assignment()):
             try:
                 highwater = consumer.highwater(tp)
@@ -220,7 +287,9 @@ class WorkerMetrics(Sensor):
                 continue
             if highwater is None or position is None:
                 continue
-            self.lag.labels(tp.topic, str(tp.partition)).set(max(0, highwater - position))
+            labels = (tp.topic, str(tp.partition), agent or self.agent_of(tp.topic))
+            self.lag.labels(*labels).set(max(0, highwater - position))
+            self.lag_messages.labels(*labels).set(max(0, highwater - position))
 
 
 class _VariantCollector:
@@ -233,13 +302,19 @@ class _VariantCollector:
         return []
 
     def collect(self):
-        family = GaugeMetricFamily("safeswap_variant_metric", "Point estimate of an outcome metric per variant.",
-                                   labels=["rollout_id", "variant", "metric"])
+        family = GaugeMetricFamily("safeswap_variant_metric", "Point estimate of an outcome metric per variant, in "
+                                   "the metric's own unit (ms, USD or 0-1; kept for compatibility: the _seconds, "
+                                   "_usd and _ratio families).", labels=["rollout_id", "variant", "metric"])
+        by_unit = {name: GaugeMetricFamily(name, text, labels=["rollout_id", "variant", *extra])
+                   for name, (text, extra) in FAMILY_HELP.items()}
         for rollout, variants in sorted(self.metrics.variant_gauges().items()):
             for variant, values in sorted(variants.items()):
                 for metric, value in sorted(values.items()):
                     family.add_metric([rollout, variant, metric], value)
+                for name, labels, value in unit_samples(values):
+                    by_unit[name].add_metric([rollout, variant, *labels.values()], value)
         yield family
+        yield from by_unit.values()
 
 
 def serve(registry: CollectorRegistry, host: str, port: int):
@@ -247,12 +322,28 @@ def serve(registry: CollectorRegistry, host: str, port: int):
     return start_http_server(port, addr=host, registry=registry)
 
 
-def register(app: faust.App, settings: Settings, consumers: Callable[[], list[Any]] = lambda: []) -> WorkerMetrics | None:
+def faust_agents(app: faust.App) -> dict[str, str]:
+    """topic -> name of the Faust agent reading it ("decide", "judge"; joined by "+" if several)."""
+    readers: dict[str, list[str]] = {}
+    for agent in app.agents.values():
+        # The topic the agent was declared with (once running, ``agent.channel`` may be
+        # a per-actor channel without topic names).
+        declared = getattr(agent, "_channel_arg", None)
+        names = [declared] if isinstance(declared, str) else list(getattr(declared, "topics", None) or [])
+        for topic in names:
+            readers.setdefault(topic, []).append(agent.name)
+    return {topic: "+".join(sorted(names)) for topic, names in readers.items()}
+
+
+def register(app: faust.App, settings: Settings,
+             consumers: Callable[[], dict[str, Any]] = dict) -> WorkerMetrics | None:
     """Add the sensor and the lag timer; serve /metrics when the worker starts. Off when metrics_port is 0.
-    ``consumers``: the worker's own aiokafka consumers besides Faust's (the outcomes agent's)."""
+    ``consumers``: the worker's own aiokafka consumers besides Faust's, by agent
+    (``{"outcomes": ..., "sink": ...}``; a loop between restarts has none)."""
     if not settings.metrics_port:
         return None
     metrics = WorkerMetrics(settings)
+    metrics.app = app
     app.sensors.add(metrics)
     started: list[Any] = []
 
@@ -265,11 +356,11 @@ def register(app: faust.App, settings: Settings, consumers: Callable[[], list[An
 
     @app.timer(5.0)
     async def consumer_lag() -> None:
-        for consumer in [app.consumer, *consumers()]:
+        for agent, consumer in [(None, app.consumer), *consumers().items()]:
             if consumer is None:
                 continue
             try:
-                await metrics.update_lag(consumer)
+                await metrics.update_lag(consumer, agent)
             except Exception:  # noqa: BLE001
                 log.debug("metrics: lag", exc_info=True)
 

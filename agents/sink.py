@@ -28,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import faust
 import msgspec
@@ -181,6 +181,7 @@ class SinkService:
         self.consumer: AIOKafkaConsumer | None = None
         self.committed: dict[TopicPartition, int] = {}
         self.lock = asyncio.Lock()  # a flush in its thread and a rebalance never touch a writer together
+        self.on_batch: list[Callable[[str, int], None]] = []  # (topic, messages read): /metrics
 
     # -- partitions moving between workers --------------------------------------------
     async def on_revoked(self, revoked: set[TopicPartition]) -> None:
@@ -259,6 +260,8 @@ class SinkService:
                 for tp, records in batch.items():
                     if not self.sinks[tp.topic].consume(tp.partition, records, rejects):
                         await self.consumer.seek_to_beginning(tp)
+                    for observe in self.on_batch:
+                        observe(tp.topic, len(records))
                 for sink, record, reason in rejects:
                     await _reject(sink, record, reason)
                 now = time.monotonic()

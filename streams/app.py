@@ -99,10 +99,13 @@ def create_app(settings: Settings) -> faust.App:
     app.safeswap_fetch_max_wait_ms = settings.consumer_fetch_max_wait_ms
     outcomes_service = outcomes.register(app, settings)
     decide.register(app, settings)
-    __import__("agents.sink").sink.register(app, settings)  # Parquet sinks (sinks/, docs/data.md)
+    sink_service = __import__("agents.sink").sink.register(app, settings)  # Parquet sinks (sinks/, docs/data.md)
     metrics = __import__("agents.metrics").metrics.register(  # Prometheus /metrics (off unless metrics_port)
-        app, settings, consumers=lambda: [outcomes_service.consumer])
+        app, settings, consumers=lambda: {"outcomes": outcomes_service.consumer,
+                                          "sink": sink_service.consumer if sink_service else None})
     if metrics is not None:
-        outcomes_service.on_batch.append(metrics.count_read)
+        outcomes_service.on_batch.append(metrics.reader("outcomes"))
+        if sink_service is not None:
+            sink_service.on_batch.append(metrics.reader("sink"))
     __import__("agents.judge").judge.register(app, settings)  # shadow statistics + LLM judge (docs/shadow.md)
     return app

@@ -12,9 +12,11 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
 from safeswap.rollouts import command_rollout
+from streams.kafka import client_options
 
 from tests.dashboard.browser import save, visit_page
 
@@ -77,32 +79,67 @@ def test_live_and_recorded_show_the_same_rollout(simulated, dashboard_factory):
 def test_worker_metrics_endpoint(simulated):
     settings, plan = simulated["settings"], simulated["plan"]
     url = f"http://127.0.0.1:{settings.metrics_port}/metrics"
+    asyncio.run(send_raw(settings, [("traces", b"{not json")], key=b"metrics-test-user"))  # a known dead letter
 
     def scrape():
         with urllib.request.urlopen(url, timeout=10) as response:
             assert response.headers["Content-Type"].startswith("text/plain")
             text = response.read().decode()
         families = {f.name: f for f in text_string_to_metric_families(text)}
-        return families if "safeswap_consumer_lag" in families and families["safeswap_consumer_lag"].samples \
-            else None
+        lagging = {s.labels.get("agent") for s in families["safeswap_consumer_lag_messages"].samples} \
+            if "safeswap_consumer_lag_messages" in families else set()
+        letters = {(s.labels["agent"], s.labels["reason"]) for s in families["safeswap_dead_letters"].samples
+                   if s.name == "safeswap_dead_letters_total"} if "safeswap_dead_letters" in families else set()
+        seen[:] = [lagging, letters]
+        return families if {"outcomes", "sink", "decide"} <= lagging and ("outcomes", "invalid") in letters else None
 
+    seen: list = []
     families = wait_for(scrape, timeout_s=30)
-    assert families, "no consumer lag after 30 s"
+    assert families, f"after 30 s: lag of {seen[0]}, dead letters {seen[1]} (want outcomes, sink, decide; invalid)"
     samples = {(s.name, tuple(sorted(s.labels.items()))): s.value for f in families.values() for s in f.samples}
     processed = {labels: v for (name, labels), v in samples.items() if name == "safeswap_events_processed_total"}
-    assert sum(v for labels, v in processed.items() if ("topic", settings.topic("traces")) in labels) > 0
+    traces = settings.topic("traces")
+    by_agent = {dict(labels)["agent"]: v for labels, v in processed.items() if dict(labels)["topic"] == traces}
+    assert by_agent.get("outcomes", 0) > 0 and by_agent.get("sink", 0) > 0  # each reader counted on its own
+    assert sum(v for labels, v in processed.items() if dict(labels) == {"topic": settings.topic("stats"),
+                                                                         "agent": "decide"}) > 0
+    for name in ("safeswap_consumer_lag", "safeswap_consumer_lag_messages"):
+        lag = [dict(labels) for (n, labels), v in samples.items() if n == name and v >= 0]
+        assert {"topic": traces, "partition": "0", "agent": "sink"} in lag, (name, lag)
+    assert samples[("safeswap_dead_letters_total", (("agent", "outcomes"), ("reason", "invalid")))] >= 1
     started = samples[("safeswap_decisions_total", (("action", "start"), ("rollout_id", plan.rollout_id)))]
     assert started >= 1
     threshold = samples[("safeswap_guardrail_threshold", (("metric", "thumbs_down_rate"), ("rollout_id", plan.rollout_id)))]
     assert threshold == pytest.approx(0.5)
     assert ("safeswap_guardrail_ci_low", (("metric", "thumbs_down_rate"), ("rollout_id", plan.rollout_id))) in samples
     assert samples[("safeswap_rollout_percent", (("rollout_id", plan.rollout_id),))] == 30
+    assert samples[("safeswap_rollout_candidate_ratio", (("rollout_id", plan.rollout_id),))] == pytest.approx(0.3)
+    def sample(name: str, **labels) -> float:
+        return samples[(name, tuple(sorted({"rollout_id": plan.rollout_id, **labels}.items())))]
+
     for variant in ("control", "candidate"):
-        key = ("safeswap_variant_metric", (("metric", "thumbs_down_rate"), ("rollout_id", plan.rollout_id),
-                                           ("variant", variant)))
-        assert 0 < samples[key] < 1
-    assert "safeswap_dead_letters_total" in {s.name for f in families.values() for s in f.samples} or \
-        "safeswap_dead_letters" in families
+        def value(name: str, **labels) -> float:
+            return sample(name, variant=variant, **labels)  # noqa: B023 - called within this iteration
+        assert 0 < value("safeswap_variant_metric", metric="thumbs_down_rate") < 1
+        assert value("safeswap_variant_rate_ratio", metric="thumbs_down_rate") == \
+            value("safeswap_variant_metric", metric="thumbs_down_rate")
+        assert value("safeswap_variant_latency_seconds", quantile="0.95") == \
+            pytest.approx(value("safeswap_variant_metric", metric="latency_ms_p95") / 1000)
+        assert value("safeswap_variant_cost_usd", per="response") == value("safeswap_variant_metric",
+                                                                           metric="cost_usd_mean")
+        assert value("safeswap_variant_cost_usd", per="session") == value("safeswap_variant_metric",
+                                                                          metric="cost_per_session_mean")
+
+
+async def send_raw(settings, records: list[tuple[str, bytes]], key: bytes) -> None:
+    """Raw records (topic name without prefix, value) as a client would send them, in order."""
+    producer = AIOKafkaProducer(**client_options(settings))
+    await producer.start()
+    try:
+        for topic, value in records:
+            await producer.send_and_wait(settings.topic(topic), value, key=key)
+    finally:
+        await producer.stop()
 
 
 def test_browser_renders_offline_and_updates_without_reload(simulated, dashboard_factory):

@@ -9,27 +9,17 @@ import json
 
 import msgspec
 import pytest
-from aiokafka import AIOKafkaProducer
 
 from schemas import Decision, encode
-from streams.kafka import client_options
 
-from tests.dashboard.test_live import wait_for
+from tests.dashboard.test_live import send_raw, wait_for
 from tests.dashboard.test_model import PLAN, snapshot
 
 pytestmark = pytest.mark.integration
 
 
 def produce(settings, records: list[tuple[str, bytes]]) -> None:
-    async def send() -> None:
-        producer = AIOKafkaProducer(**client_options(settings))
-        await producer.start()
-        try:
-            for topic, value in records:
-                await producer.send_and_wait(settings.topic(topic), value, key=PLAN.rollout_id.encode())
-        finally:
-            await producer.stop()
-    asyncio.run(send())
+    asyncio.run(send_raw(settings, records, key=PLAN.rollout_id.encode()))
 
 
 def decision(seq: int, action: str) -> bytes:
@@ -52,7 +42,9 @@ def test_bad_records_are_skipped_and_a_failed_read_loop_reconnects(settings, das
                        ("stats", snapshot_bytes(3, counts=[[1]])),  # decodes, but its histogram cannot be merged
                        ("decisions", b"{not json"), ("judgments", judgment), ("decisions", decision(1, "start")),
                        ("stats", snapshot_bytes(4))])
-    track = lambda: model.tracks.get(PLAN.rollout_id)  # noqa: E731
+    def track():
+        return model.tracks.get(PLAN.rollout_id)
+
     assert wait_for(lambda: track() and 1 in track().decisions and track().latest_snapshots.get(("", 0))
                     and track().latest_snapshots[("", 0)].seq == 4), (source.error, source.undecodable)
     assert source.undecodable == 2 and source.error is None and not source._task.done()
