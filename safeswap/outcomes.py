@@ -339,10 +339,10 @@ class OutcomeProcessor:
             seen = self.seen_users.get((rollout, variant))
             if seen is None:
                 seen = self.seen_users[(rollout, variant)] = DistinctHashes()
-            if seen.add(user.uid):
-                sums.users += 1
-                if not served:  # the user's first trace in this rollout
-                    sums.exposures += 1
+            seen.add_new(user.uid)  # not a member: ``served`` was read from the sets, and only this state adds
+            sums.users += 1
+            if not served:  # the user's first trace in this rollout
+                sums.exposures += 1
             served.add(variant)
         return served
 

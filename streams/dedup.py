@@ -127,6 +127,11 @@ class DistinctHashes:
         """Add ``h``; True when it was not a member yet."""
         if h in self:
             return False
+        self.add_new(h)
+        return True
+
+    def add_new(self, h: int) -> None:
+        """Add ``h``, which the caller knows is not a member (saves the lookup)."""
         recent = self.recent
         recent.add(h)
         if len(recent) >= max(self.min_merge, len(self.members) >> 4):
@@ -134,4 +139,3 @@ class DistinctHashes:
             merged.sort(kind="stable")
             self.members = merged
             self.recent = set()
-        return True
