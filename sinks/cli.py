@@ -90,8 +90,8 @@ def register(app: typer.Typer) -> None:
         fmt: Annotated[str, typer.Option("--format", help="table|csv|json")] = "table",
         limit: Annotated[int, typer.Option(help="At most this many rows (0: all).", min=0)] = 200,
         exact: Annotated[Optional[bool], typer.Option("--exact/--approx", help="summary: exact distinct users/"
-                                            "sessions and p95 latency, or estimates (fast on 10M+ rows); "
-                                            "default: exact below 2M rows.")] = None,
+                                            "sessions and p95 latency (default, any size), or HyperLogLog "
+                                            "estimates without p95.")] = None,
     ) -> None:
         """Ask the Parquet datasets: per-variant summary, decision timeline, users in both arms, or SQL."""
         import polars as pl

@@ -124,3 +124,23 @@ def test_compaction_merges_closed_dates_and_a_concurrent_reader_never_sees_dupli
     assert names == ["part-0-0-39.parquet", "part-0-40-42.parquet", "part-1-0-39.parquet"]  # today's file untouched
     again = compact(tmp_path, ["traces"], grace_s=0)
     assert again.merged_files == 0 and again.removed_files == 0
+
+
+def test_the_summary_counts_users_and_sessions_exactly_and_gives_p95_at_any_size(tmp_path: Path):
+    import random
+
+    rng = random.Random(3)
+    events = [trace(i, user=f"u{rng.randrange(3000)}", variant=rng.choice(["control", "candidate"]))
+              for i in range(6000)]
+    for n, i in enumerate(range(0, 6000, 1500)):  # several files, as a running worker leaves them
+        write_traces(tmp_path, events[i:i + 1500], n % 2, first_offset=i)
+    keys = ["rollout_id", "variant", "prompt_version", "model_version"]
+    expected = (scan("traces", tmp_path).group_by(keys)
+                .agg(users=pl.col("user_id").n_unique(), sessions=pl.col("session_id").n_unique(),
+                     latency_ms_p95=pl.col("latency_ms").quantile(0.95)).sort(keys).collect())
+    for engine in ("streaming", "in-memory"):
+        summary = sinks.variant_summary(tmp_path).collect(engine=engine).sort(keys)
+        assert summary.select(*keys, "users", "sessions", "latency_ms_p95").equals(expected), engine
+    assert expected["users"].sum() > 2000  # ids enough for a miscount to show
+    approx = sinks.variant_summary(tmp_path, exact=False).collect()
+    assert "latency_ms_p95" not in approx.columns and approx["responses"].sum() == 6000
