@@ -432,9 +432,10 @@ def _ready_to_promote(state: RolloutState, evaluation: Evaluation) -> bool:
     if any(evaluation.users.get(arm, 0) < evaluation.stage_min_users for arm in arms):
         return False
     if state.stage == "shadow":
-        # The judge must not prefer control beyond the stage's margin, and the shadow
-        # tail/cost/latency checks must hold (safeswap.shadow_analysis, docs/shadow.md).
-        return evaluation.shadow is None or bool(evaluation.shadow["ready"])
+        # Evidence, not the absence of a breach: enough shadow and judged pairs, every
+        # enforced tail/cost/latency check ok, the judge within the stage's margin
+        # (safeswap.shadow_analysis, docs/shadow.md).
+        return evaluation.shadow is not None and bool(evaluation.shadow["ready"])
     # Every guardrail must have looked and be ok (not insufficient data); a
     # stratified one in every stratum that has data, and at least one.
     for spec in state.plan.guardrails:

@@ -149,6 +149,9 @@ def check_plan(plan: RolloutPlan) -> tuple[list[tuple[str, str]], list[tuple[str
         seen_serving = True
         if stage.shadow_percent is not None:
             errors.append((f"{path}.shadow_percent", "only a shadow stage shadows traffic: remove it"))
+        for name in ("judge_max_control_preference", "min_shadow_pairs", "min_judged_pairs"):
+            if getattr(stage, name) is not None:
+                errors.append((f"{path}.{name}", "only the shadow stage is judged on shadow pairs: remove it"))
         if stage.percent is None or stage.percent <= 0:
             errors.append((f"{path}.percent", "missing: the share of users (0-100] served the candidate"))
             continue

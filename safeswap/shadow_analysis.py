@@ -30,12 +30,21 @@ preference is ``(control wins - candidate wins) / judged pairs`` (a tie counts
 alpha of the plan is split (Bonferroni) over the judge and the tail/cost/latency
 checks.
 
-Promotion out of shadow (``ready``): no enforced check in breach, and, when the
-shadow stage sets ``judge_max_control_preference`` = m, at least
-``min_users_per_arm`` judged pairs and the always-valid upper bound of the
-control preference at or below m. Tails are always enforced (tolerance from the
-plan's guardrail on the matching outcome metric, else 0: any detected increase);
-cost and latency are enforced when the plan guards them (their tolerance).
+Promotion out of shadow (``ready``) needs evidence, not just the absence of a
+breach (:func:`stage_rule` gives the stage's numbers and their defaults):
+
+- at least ``min_shadow_pairs`` pairs (default: the plan's ``min_users_per_arm``);
+- every enforced check ``ok``: enough pairs on both sides and no breach
+  (``not_applicable`` only for JSON breaks when no request expected JSON).
+  Tails are always enforced (tolerance from the plan's guardrail on the matching
+  outcome metric, else 0: any detected increase); cost and latency when the plan
+  guards them. A relative tolerance on a control value of 0 (no refusals yet)
+  is undefined, so such a check falls back to an absolute tolerance of 0;
+- the judge ``ok``: at least ``min_judged_pairs`` judged pairs (default: the
+  plan's ``min_users_per_arm``) and the always-valid upper bound of the control
+  preference at or below ``judge_max_control_preference`` (default
+  :data:`DEFAULT_JUDGE_MAX_CONTROL_PREFERENCE`). ``min_judged_pairs: 0`` says
+  in the plan that no judge runs: then only a judge breach holds the stage.
 """
 
 from __future__ import annotations
@@ -65,6 +74,11 @@ PLAN_METRIC = {
     "latency_ms_mean": "latency_ms_mean",
     "latency_ms_p95": "latency_ms_p95",
 }
+# The judge may prefer control by at most this share of judged pairs ((control wins -
+# candidate wins) / judged) when the shadow stage does not say: small enough to catch
+# a worse candidate, large enough that an equal one is shown within it in a few
+# hundred judged pairs (a 20 USD budget buys well over a thousand).
+DEFAULT_JUDGE_MAX_CONTROL_PREFERENCE = 0.10
 _HIST = LatencyHistogram.empty()
 _EDGES = [float(edge) for edge in _HIST.edges]
 _SIDE_KEYS = ("n", "refusal", "timeout", "error", "json_n", "json_break", "cost_sum", "cost_sq", "latency_sum",
@@ -206,13 +220,27 @@ def _interval(estimate: float, variance: float, n: int, alpha: float, n_tune: fl
     return cs_halfwidth(variance, n, alpha, rho, one_sided=one_sided) if variance > 0 else 0.0
 
 
+def stage_rule(plan, stage=None) -> dict[str, Any]:
+    """The shadow stage's promotion numbers, defaults filled in (docs/shadow.md)."""
+    def given(name: str):
+        return getattr(stage, name, None) if stage is not None else None
+
+    margin = given("judge_max_control_preference")
+    min_pairs, min_judged = given("min_shadow_pairs"), given("min_judged_pairs")
+    return {
+        "judge_max_control_preference": DEFAULT_JUDGE_MAX_CONTROL_PREFERENCE if margin is None else margin,
+        "min_shadow_pairs": plan.min_users_per_arm if min_pairs is None else min_pairs,
+        "min_judged_pairs": plan.min_users_per_arm if min_judged is None else min_judged,
+    }
+
+
 def analyze(shadow: dict[str, Any], plan, stage=None) -> dict[str, Any]:
     """The shadow analysis of merged counts under a plan (and its shadow stage)."""
-    margin = getattr(stage, "judge_max_control_preference", None) if stage is not None else None
+    rule = stage_rule(plan, stage)
+    margin, min_pairs = rule["judge_max_control_preference"], rule["min_shadow_pairs"]
     guards = {spec.metric: spec for spec in plan.guardrails}
     checks = [name for name in PLAN_METRIC]
     alpha_each = split_alpha(plan.alpha, len(checks) + 1)
-    min_units = plan.min_users_per_arm
     sides = shadow.get("sides") or {}
     control = _side_stats(sides.get("control") or _empty_side())
     candidate = _side_stats(sides.get("candidate") or _empty_side())
@@ -226,21 +254,28 @@ def analyze(shadow: dict[str, Any], plan, stage=None) -> dict[str, Any]:
         absolute = spec.max_absolute_increase if spec is not None else None
         if is_tail and relative is None and absolute is None:
             absolute = 0.0  # any detected increase in refusals, JSON breaks, timeouts or errors
-        monitor = GuardrailMonitor(f"shadow_{name}", max_relative_increase=relative, max_absolute_increase=absolute,
-                                   direction="increase", alpha=alpha_each, min_units_per_arm=max(2, min_units),
-                                   n_tune=plan.n_tune)
         a, b = control[name], candidate[name]
-        if a.n == 0 or b.n == 0:
-            verdict = None
+        if relative is not None and isinstance(a, (Proportion, Mean)) and a.n and _value(a) == 0:
+            # No refusals (or cost) on control yet: a relative change is undefined and
+            # would hold the stage for ever; any detected increase is the honest reading.
+            relative, absolute = None, 0.0
+        monitor = GuardrailMonitor(f"shadow_{name}", max_relative_increase=relative, max_absolute_increase=absolute,
+                                   direction="increase", alpha=alpha_each, min_units_per_arm=max(2, min_pairs),
+                                   n_tune=plan.n_tune)
+        if name == "json_break" and a.n == 0 and b.n == 0 and shadow.get("pairs", 0):
+            verdict, status = None, "not_applicable"  # no request expected JSON: nothing to break
+        elif a.n == 0 or b.n == 0:
+            verdict, status = None, "insufficient_data"
         else:
             try:
                 verdict = monitor.update(a, b)
             except ValueError:
                 verdict = None
+            status = verdict.status if verdict else "insufficient_data"
         results.append({
             "metric": name,
             "enforced": enforced,
-            "status": verdict.status if verdict else "insufficient_data",
+            "status": status,
             "control": _finite(_value(a)),
             "candidate": _finite(_value(b)),
             "estimate": _finite(verdict.estimate) if verdict else None,
@@ -249,26 +284,34 @@ def analyze(shadow: dict[str, Any], plan, stage=None) -> dict[str, Any]:
             "threshold": monitor.threshold,
             "difference": monitor.difference,
             "n": min(a.n, b.n),
-            "reason": verdict.reason if verdict else f"shadow_{name}: no data yet",
+            "reason": (verdict.reason if verdict else
+                       f"shadow_{name}: no request expected JSON" if status == "not_applicable"
+                       else f"shadow_{name}: no data yet"),
         })
 
-    judge = judge_summary(shadow.get("judge") or {}, alpha_each, plan.n_tune, min_units, margin)
-    blocking = [r["reason"] for r in results if r["enforced"] and r["status"] == "breach"]
-    if margin is not None and judge["status"] != "ok":
+    judge = judge_summary(shadow.get("judge") or {}, alpha_each, plan.n_tune, rule["min_judged_pairs"], margin)
+    pairs = shadow.get("pairs", 0)
+    blocking = [f"shadow: {pairs:,} pairs, need {min_pairs:,}"] if pairs < min_pairs else []
+    # Like the canary's guardrails: every enforced check must have looked and be ok.
+    blocking += [r["reason"] for r in results if r["enforced"] and r["status"] not in ("ok", "not_applicable")]
+    if judge["status"] == "breach" or (rule["min_judged_pairs"] > 0 and judge["status"] != "ok"):
         blocking.append(judge["reason"])
     return {
-        "pairs": shadow.get("pairs", 0),
+        "pairs": pairs,
         "ts": shadow.get("ts", 0),
         "judge": judge,
         "checks": results,
         "ready": not blocking,
         "blocking": blocking,
         "alpha_each": alpha_each,
+        "rule": rule,
     }
 
 
 def judge_summary(counts: dict[str, Any], alpha: float, n_tune: float, min_units: int,
-                  margin: float | None) -> dict[str, Any]:
+                  margin: float) -> dict[str, Any]:
+    """Win/tie/loss rates and the control preference with always-valid intervals; ``status``
+    ok | breach | undecided | insufficient_data against the margin."""
     judged = int(counts.get("judged", 0))
     wins, losses, ties = (int(counts.get(k, 0)) for k in ("candidate_wins", "control_wins", "ties"))
     out: dict[str, Any] = {
@@ -279,7 +322,7 @@ def judge_summary(counts: dict[str, Any], alpha: float, n_tune: float, min_units
     }
     if judged < 2:
         out["status"] = "insufficient_data"
-        out["reason"] = f"judge: {judged} pairs judged, need {max(2, min_units)}"
+        out["reason"] = f"judge: {judged} pairs judged, need {max(2, min_units):,}"
         return out
     for key, count in (("candidate_wins", wins), ("ties", ties), ("control_wins", losses)):
         p = count / judged
@@ -291,14 +334,12 @@ def judge_summary(counts: dict[str, Any], alpha: float, n_tune: float, min_units
     upper = mean + _interval(mean, variance, judged, alpha, n_tune, one_sided=True)
     lower = mean - _interval(mean, variance, judged, alpha, n_tune, one_sided=True)
     out["control_preference"] = {"estimate": mean, "ci_low": max(-1.0, lower), "ci_high": min(1.0, upper)}
-    limit = "no plan margin" if margin is None else f"the {margin:.1%} margin"
+    limit = f"the {margin:.1%} margin"
     head = (f"judge prefers control by {mean:+.1%} of {judged:,} judged pairs "
             f"(always-valid CI {max(-1.0, lower):+.1%}..{min(1.0, upper):+.1%}; "
             f"{wins:,} candidate / {ties:,} tie / {losses:,} control)")
     if judged < min_units:
         out["status"], out["reason"] = "insufficient_data", f"judge: {judged:,} pairs judged, need {min_units:,}"
-    elif margin is None:
-        out["status"], out["reason"] = "ok", f"{head}; {limit}"
     elif lower > margin:
         out["status"], out["reason"] = "breach", f"{head} beyond {limit}"
     elif upper <= margin:

@@ -94,11 +94,20 @@ def shadow_view(shadow: dict) -> list:
             f" ({judge.get('malformed', 0):,} malformed, {judge.get('errors', 0):,} errors, "
             f"{judge.get('cost_usd', 0.0):.2f} USD)")
     summary.add_row("judge", line)
+    rates = judge.get("rates") or {}
+    for key, label in (("candidate_wins", "judge: candidate wins"), ("ties", "judge: ties"),
+                       ("control_wins", "judge: control wins")):
+        if (rate := rates.get(key)) is not None:
+            summary.add_row(label, f"{rate['estimate']:.1%} [{rate['ci_low']:.1%}, {rate['ci_high']:.1%}] always-valid")
     if preference:
         margin = judge.get("margin")
         summary.add_row("control preference", (f"{preference['estimate']:+.1%} [{preference['ci_low']:+.1%}, "
                                                f"{preference['ci_high']:+.1%}] always-valid; margin "
                                                f"{'none' if margin is None else f'{margin:.1%}'}: {judge.get('status')}"))
+    rule = shadow.get("rule")
+    if rule:
+        summary.add_row("needs", f"{rule['min_shadow_pairs']:,} pairs, {rule['min_judged_pairs']:,} judged, "
+                                 f"control preference <= {rule['judge_max_control_preference']:.1%}")
     for reason in shadow.get("blocking", []):
         summary.add_row("blocks promotion", f"[red]{reason}[/]")
     out: list = [summary]

@@ -133,8 +133,12 @@ class StageSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_d
     min_duration: Duration | None = None
     min_users_per_arm: Annotated[int, Meta(ge=0)] | None = None
     # Shadow only: promote when the judge does not prefer control by more than
-    # this share of decided pairs (see the shadow analysis).
+    # this share of judged pairs (default 0.10; safeswap.shadow_analysis.stage_rule).
     judge_max_control_preference: Annotated[float, Meta(ge=0, le=1)] | None = None
+    # Shadow only: pairs analysed, and pairs judged, before promotion (default: the
+    # plan's min_users_per_arm; min_judged_pairs 0 = no judge runs for this rollout).
+    min_shadow_pairs: Annotated[int, Meta(ge=2)] | None = None
+    min_judged_pairs: Annotated[int, Meta(ge=0)] | None = None
 
 
 class HealthSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

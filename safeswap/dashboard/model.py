@@ -415,7 +415,7 @@ class DashboardModel:
         decided = counts["candidate"] + counts["control"]
         total = decided + counts["tie"]
         shadow = track.status.shadow if track.status is not None and getattr(track.status, "shadow", None) else {}
-        gated = any(s.judge_max_control_preference is not None for s in track.plan.stages) if track.plan else False
+        gated = any(s.name == "shadow" for s in track.plan.stages) if track.plan else False  # every shadow stage checks the judge
         return {
             "counts": counts,
             "judged": total,

@@ -139,13 +139,26 @@ def test_high_stakes_plan_waits_for_a_passing_eval_gate_then_starts_in_shadow():
     assert (started.action, started.stage, started.percent, started.shadow_percent) == ("start", "shadow", 0, 10)
 
 
-def test_shadow_promotes_to_canary_after_its_watch():
+def test_shadow_promotes_to_canary_after_its_watch_once_shadow_pairs_are_in():
+    from safeswap.shadow_analysis import ShadowAccumulator
+    from schemas import StatsSnapshot, convert
+    from schemas.events import ShadowPair
+    from tests.judge.fake_anthropic import pair_fields
+
     stages = [StageSpec(name="shadow", shadow_percent=10, min_duration="24h", min_users_per_arm=100),
               StageSpec(name="canary", percent=5, min_duration="24h")]
-    decisions, state = run(plan(stages=stages), Sim("r1", "r1", seed=10), hours=30,
-                           until=lambda s: s.stage == "canary")
-    assert [(d.action, d.stage) for d in decisions] == [("start", "shadow"), ("promote", "canary")]
-    assert decisions[1].shadow_percent == 0 and decisions[1].percent == 5
+    sim = Sim("r1", "r1", seed=10)
+    decisions, state = run(plan(stages=stages), sim, hours=30, until=lambda s: s.stage == "canary")
+    assert [(d.action, d.stage) for d in decisions] == [("start", "shadow")]  # time and users, no evidence
+    assert "0 pairs, need 100" in state.last_evaluation.shadow["blocking"][0]
+    shadow = ShadowAccumulator()
+    for index in range(150):
+        shadow.add_pair(convert(ShadowPair, pair_fields(index, ts=sim.ts)))
+        shadow.add_judge_result("judged", "candidate" if index % 2 else "tie")
+    on_snapshot(state, StatsSnapshot(rollout_id="r1", partition=0, seq=1, ts=sim.ts, users={}, metrics={},
+                                     source="shadow:w1", shadow=shadow.to_dict()))
+    promoted = state.last_decision
+    assert (promoted.action, promoted.stage, promoted.shadow_percent, promoted.percent) == ("promote", "canary", 0, 5)
 
 
 def test_operator_commands_pause_resume_abort():

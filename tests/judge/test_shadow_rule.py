@@ -8,7 +8,8 @@ import msgspec
 import pytest
 
 from safeswap.controller import RolloutState, on_plan, on_snapshot, status_of
-from safeswap.shadow_analysis import ShadowAccumulator, analyze, is_refusal, json_broken, merge
+from safeswap.shadow_analysis import (DEFAULT_JUDGE_MAX_CONTROL_PREFERENCE, ShadowAccumulator, analyze, is_refusal,
+                                      json_broken, merge)
 from safeswap.views import status_view
 from schemas import GuardrailSpec, RolloutPlan, StageSpec, StatsSnapshot, VariantSpec, convert
 from schemas.events import ShadowPair, ShadowSide
@@ -38,13 +39,16 @@ def side(**kw) -> ShadowSide:
 
 
 def feed_shadow(acc: ShadowAccumulator, rng: random.Random, n: int, ts: int, *, p_candidate: float, p_control: float,
-                candidate_refusal: float = 0.0) -> None:
+                candidate_refusal: float = 0.0, judged: bool = True) -> None:
     for _ in range(n):
         index = acc.pairs
         refused = rng.random() < candidate_refusal
         fields = pair_fields(index, ts=ts, candidate="I'm sorry, but I can't help with that." if refused else "ok")
         pair = convert(ShadowPair, fields)
         acc.add_pair(pair)
+        if not judged:
+            acc.add_judge_result("disabled")
+            continue
         u = rng.random()
         winner = "candidate" if u < p_candidate else "control" if u < p_candidate + p_control else "tie"
         acc.add_judge_result("judged", winner, cost_usd=0.001)
@@ -94,6 +98,12 @@ def test_shadow_holds_while_the_judge_prefers_control_and_says_why():
         console.print(renderable)
     text = console.export_text()
     assert "judge" in text and "shadow_refusal" in text and "blocks promotion" in text
+    # the win/tie/loss rates with their always-valid intervals, as analysed
+    for key, label in (("candidate_wins", "candidate wins"), ("ties", "ties"), ("control_wins", "control wins")):
+        rate = shadow["judge"]["rates"][key]
+        row = next(line for line in text.splitlines() if f"judge: {label}" in line)
+        assert f"{rate['estimate']:.1%} [{rate['ci_low']:.1%}, {rate['ci_high']:.1%}] always-valid" in row
+        assert rate["ci_low"] < rate["estimate"] < rate["ci_high"]
 
 
 def test_a_plan_margin_without_any_shadow_data_holds_the_shadow_stage():
@@ -109,9 +119,76 @@ def test_a_candidate_that_refuses_more_is_held_even_without_a_judge_margin():
     assert refusal["status"] == "breach" and refusal["candidate"] > 0.1 and refusal["control"] == 0
 
 
-def test_without_a_margin_or_shadow_data_the_old_rule_stands():
-    decisions, _ = drive(plan(None), hours=30, pairs_per_hour=0, p_candidate=0, p_control=0)
+def test_without_shadow_pairs_the_shadow_stage_holds_after_its_watch_and_says_why():
+    decisions, state = drive(plan(None), hours=30, pairs_per_hour=0, p_candidate=0, p_control=0)
+    assert [(d.action, d.stage) for d in decisions] == [("start", "shadow")]
+    shadow = state.last_evaluation.shadow
+    assert state.last_evaluation.stage_elapsed_s >= 24 * 3600 and not shadow["ready"]
+    assert shadow["blocking"][0] == "shadow: 0 pairs, need 100"
+    assert any("judge: 0 pairs judged" in reason for reason in shadow["blocking"])
+
+
+def test_without_a_plan_margin_the_default_margin_holds_a_candidate_the_judge_dislikes():
+    decisions, state = drive(plan(None), hours=40, p_candidate=0.2, p_control=0.5)
+    assert [(d.action, d.stage) for d in decisions] == [("start", "shadow")]
+    judge = state.last_evaluation.shadow["judge"]
+    assert judge["status"] == "breach" and judge["margin"] == DEFAULT_JUDGE_MAX_CONTROL_PREFERENCE
+    assert f"{DEFAULT_JUDGE_MAX_CONTROL_PREFERENCE:.1%} margin" in judge["reason"]
+    liked, _ = drive(plan(None), hours=40, p_candidate=0.45, p_control=0.25)
+    assert [(d.action, d.stage) for d in liked] == [("start", "shadow"), ("promote", "canary")]
+
+
+def test_judged_pairs_are_required_unless_the_stage_says_no_judge_runs():
+    unjudged = dict(p_candidate=0, p_control=0, judged=False)
+    decisions, state = drive(plan(None), hours=40, **unjudged)
+    assert [(d.action, d.stage) for d in decisions] == [("start", "shadow")]
+    assert state.last_evaluation.shadow["judge"]["status"] == "insufficient_data"
+    no_judge = plan(None)
+    no_judge.stages[0] = msgspec.structs.replace(no_judge.stages[0], min_judged_pairs=0)
+    decisions, state = drive(no_judge, hours=40, **unjudged)
     assert [(d.action, d.stage) for d in decisions] == [("start", "shadow"), ("promote", "canary")]
+    # ... but what a judge does say still counts: a breach holds even then
+    decisions, _ = drive(no_judge, hours=40, p_candidate=0.2, p_control=0.5)
+    assert [(d.action, d.stage) for d in decisions] == [("start", "shadow")]
+
+
+def test_min_shadow_pairs_holds_the_stage_until_that_many_pairs_are_checked():
+    the_plan = plan(None)
+    the_plan.stages[0] = msgspec.structs.replace(the_plan.stages[0], min_shadow_pairs=3000)
+    decisions, state = drive(the_plan, hours=40, p_candidate=0.45, p_control=0.25)  # 2,400 pairs
+    assert [(d.action, d.stage) for d in decisions] == [("start", "shadow")]
+    shadow = state.last_evaluation.shadow
+    assert shadow["blocking"][0] == "shadow: 2,400 pairs, need 3,000" and shadow["rule"]["min_shadow_pairs"] == 3000
+    refusal = next(c for c in shadow["checks"] if c["metric"] == "refusal")
+    assert refusal["status"] == "insufficient_data" and "need 3000 per arm" in refusal["reason"]
+
+
+def test_a_relative_tail_limit_on_a_zero_control_rate_reads_as_any_increase():
+    guarded = plan(None, guardrails=[GuardrailSpec(metric="error_rate_refusal", max_relative_increase=0.2)])
+    decisions, state = drive(guarded, hours=40, p_candidate=0.45, p_control=0.25)
+    assert [(d.action, d.stage) for d in decisions] == [("start", "shadow"), ("promote", "canary")]
+    decisions, state = drive(guarded, hours=40, p_candidate=0.45, p_control=0.25, candidate_refusal=0.2)
+    assert [(d.action, d.stage) for d in decisions] == [("start", "shadow")]
+    refusal = next(c for c in state.last_evaluation.shadow["checks"] if c["metric"] == "refusal")
+    assert refusal["status"] == "breach" and refusal["difference"] == "absolute"
+    json_break = next(c for c in state.last_evaluation.shadow["checks"] if c["metric"] == "json_break")
+    assert json_break["status"] == "not_applicable"  # no request expected JSON
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("min_shadow_pairs", 1, "Expected `int` >= 2"), ("min_judged_pairs", -1, "Expected `int` >= 0"),
+])
+def test_the_stage_numbers_are_validated(field, value, message):
+    from safeswap.plan import validate_plan_data
+
+    data = msgspec.to_builtins(plan(None))
+    data["stages"][0][field] = value
+    report = validate_plan_data(data)
+    assert not report.ok and any(message in line and field in line for line in report.lines()), report.lines()
+    data["stages"][0].pop(field)
+    data["stages"][1][field] = 10
+    report = validate_plan_data(data)
+    assert not report.ok and any("stages[1]." + field in line for line in report.lines()), report.lines()
 
 
 def test_shadow_snapshots_are_kept_apart_from_outcome_snapshots_and_survive_persistence():
