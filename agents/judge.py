@@ -20,9 +20,17 @@ For every shadow pair (``safeswap.shadow``, keyed by user_id):
 Delivery: the offset of a pair is committed once the loop moves past it, so a
 crash loses the verdicts of at most ``judge_concurrency`` pairs being judged
 (they stay counted as pairs, not as judged), and may count the pairs between
-the last commit and the crash twice. The budget is kept in memory per
-(rollout, partition) at ``judge_budget_usd / partitions`` each: a restarted
-worker starts its count again.
+the last commit and the crash twice.
+
+Budget: each (rollout, partition) has ``judge_budget_usd / partitions``, so the
+cap holds however the partitions are spread over workers. The spend is durable:
+the loop reserves a pair's worst case before any call (``Judge.admit``) and
+writes spent + reserved to the ``judge_spend`` table (changelog-backed, the
+shadow topic's partitions) in the same step; a worker that restarts or takes
+the partition over seeds its budget from it. A reservation settled below its
+worst case lowers the stored figure at the key's next write (a timer or a
+background task cannot write a Faust table), so the stored figure is never
+below what was spent.
 """
 
 from __future__ import annotations
@@ -34,7 +42,7 @@ import uuid
 import faust
 
 from agents.dlq import DeadLetters
-from safeswap.judge import Budget, Judge
+from safeswap.judge import Budget, Judge, JudgeResult
 from safeswap.shadow_analysis import ShadowAccumulator
 from schemas import InvalidEvent, StatsSnapshot, decode, encode
 from schemas.events import ShadowPair
@@ -52,6 +60,14 @@ def register(app: faust.App, settings: Settings) -> None:
     source = f"shadow:{uuid.uuid4().hex[:12]}"
     share = settings.judge_budget_usd / max(1, settings.partitions)
     judge = Judge.from_settings(settings, budget=Budget(share))
+    spend = app.Table(
+        "judge_spend",  # "rollout|partition" -> USD spent + reserved, as text
+        partitions=settings.partitions,
+        key_type=str,
+        value_type=bytes,
+        schema=faust.Schema(key_type=str, value_type=bytes, key_serializer="raw", value_serializer="raw"),
+    )
+    seeded: set[str] = set()  # budget keys whose stored spend this worker has taken over
     if judge is not None:
         log.warning("judge: %s, %d calls in flight at most, %.0f%% of pairs, %.2f USD per rollout",
                     judge.model, settings.judge_concurrency, 100 * judge.sample_rate, settings.judge_budget_usd)
@@ -61,9 +77,25 @@ def register(app: faust.App, settings: Settings) -> None:
     pending: set[asyncio.Task] = set()
     slots = asyncio.Semaphore(max(1, settings.judge_concurrency))
 
-    async def judge_one(pair: ShadowPair, message, key: tuple[str, int]) -> None:
+    @app.on_partitions_revoked.connect
+    async def forget_spend(app: faust.App, revoked, **kwargs) -> None:
+        seeded.clear()  # a partition that comes back may have been judged elsewhere: seed again
+
+    def admit(pair: ShadowPair, budget_key: str):
+        """Seed the key's budget from the table once, reserve, and store spent + reserved."""
+        if budget_key not in seeded:
+            if (stored := spend.get(budget_key)) is not None:
+                judge.budget.seed(budget_key, float(stored))
+            seeded.add(budget_key)
+        admission = judge.admit(pair, budget_key)
+        if not isinstance(admission, JudgeResult):
+            spend[budget_key] = repr(judge.budget.committed(budget_key)).encode()
+        return admission
+
+    async def judge_one(admission, message, key: tuple[str, int]) -> None:
+        pair = admission.pair
         try:
-            result = await judge.judge_pair(pair, budget_key=f"{pair.rollout_id}|{key[1]}")
+            result = await judge.judge_admitted(admission)
             winner = result.judgment.winner if result.judgment is not None else None
             accumulators[key].add_judge_result(result.status, winner, result.cost_usd)
             dirty.add(key)
@@ -96,8 +128,12 @@ def register(app: faust.App, settings: Settings) -> None:
                 if judge is None:
                     accumulator.add_judge_result("disabled")
                     continue
+                admission = admit(pair, f"{pair.rollout_id}|{message.partition}")
+                if isinstance(admission, JudgeResult):  # not sampled, no answer to judge, or over budget
+                    accumulator.add_judge_result(admission.status)
+                    continue
                 await slots.acquire()  # backpressure: at most judge_concurrency pairs being judged
-                task = asyncio.create_task(judge_one(pair, message, key), name=f"judge-{pair.event_id}")
+                task = asyncio.create_task(judge_one(admission, message, key), name=f"judge-{pair.event_id}")
                 pending.add(task)
                 task.add_done_callback(pending.discard)
             except Exception as exc:  # never leave the loop

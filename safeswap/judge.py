@@ -23,10 +23,12 @@ Rules (docs/shadow.md):
   else 0.5 s x 2^n capped at 8 s. The SDK's own retries are off
   (``max_retries=0``) so every wait is ours, counted and capped.
 - A per-rollout budget in USD: before a pair is judged its worst-case cost (both
-  calls, input estimated at 1 token per 2 characters, output at
+  calls, input estimated at 1 token per UTF-8 byte, output at
   ``judge_max_tokens``) is reserved; a pair that does not fit is not judged
   (``budget_skipped``). The actual cost, from ``usage`` and the price table,
-  replaces the reservation when the calls return.
+  replaces the reservation when the calls return. ``Budget.committed`` (spent +
+  reserved) is what a worker stores to survive a restart; ``Budget.seed`` gives
+  it back to a new judge (agents/judge.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -84,9 +87,11 @@ BUILTIN_PRICES: dict[str, tuple[float, float]] = {
     "claude-3-5-haiku-20241022": (0.8, 4.0),
     "claude-opus-4-1-20250805": (15.0, 75.0),
 }
-# Input tokens are estimated at 1 per this many characters when reserving budget
-# (English runs about 4; code and other scripts fewer): an over-estimate on purpose.
-CHARS_PER_TOKEN_ESTIMATE = 2.0
+# Input tokens are estimated at 1 per UTF-8 byte when reserving budget: a byte-level
+# BPE token covers at least one byte, so this bounds every script (English runs about
+# 4 characters a token, CJK about 1 character but 3 bytes; 1 token per 2 characters
+# under-reserved CJK text, and a restarted budget then overspent).
+BYTES_PER_TOKEN_ESTIMATE = 1.0
 PROMPT_OVERHEAD_TOKENS = 400  # system prompt, tool definition, tags
 MAX_BACKOFF_S = 8.0
 
@@ -216,9 +221,9 @@ def combine(control_first: str, candidate_first: str) -> str:
 def reserve_estimate(pair: ShadowPair, rubric: str, model: str, max_tokens: int, max_chars: int,
                      prices: dict[str, tuple[float, float]]) -> float:
     """Worst-case USD of judging a pair (both orders)."""
-    chars = sum(min(len(t or ""), max_chars) for t in (pair.prompt_text, pair.control.response_text,
-                                                        pair.candidate.response_text)) + len(rubric)
-    input_tokens = int(chars / CHARS_PER_TOKEN_ESTIMATE) + PROMPT_OVERHEAD_TOKENS
+    texts = (pair.prompt_text, pair.control.response_text, pair.candidate.response_text)
+    size = sum(len(_cut(t or "", max_chars).encode()) for t in texts) + len(rubric.encode())
+    input_tokens = math.ceil(size / BYTES_PER_TOKEN_ESTIMATE) + PROMPT_OVERHEAD_TOKENS
     return 2 * call_cost(model, input_tokens, max_tokens, prices)
 
 
@@ -242,6 +247,14 @@ class Budget:
     def settle(self, rollout_id: str, reserved: float, actual: float) -> None:
         self.reserved[rollout_id] = max(0.0, self.reserved.get(rollout_id, 0.0) - reserved)
         self.spent[rollout_id] = self.spent.get(rollout_id, 0.0) + actual
+
+    def committed(self, rollout_id: str) -> float:
+        """Spent plus reserved: the most that may have been spent, what a worker stores."""
+        return self.spent.get(rollout_id, 0.0) + self.reserved.get(rollout_id, 0.0)
+
+    def seed(self, rollout_id: str, spent_usd: float) -> None:
+        """A restarted judge takes over what its predecessor stored (the larger count wins)."""
+        self.spent[rollout_id] = max(self.spent.get(rollout_id, 0.0), float(spent_usd))
 
 
 def retry_after_s(headers: Any, cap_s: float) -> float | None:
@@ -293,6 +306,16 @@ class JudgeResult:
     judgment: Judgment | None = None
     reason: str = ""
     cost_usd: float = 0.0
+
+
+@dataclass
+class Admission:
+    """A pair let through sampling, the judgeable check and the budget: its reservation is made."""
+
+    pair: ShadowPair
+    rubric: str
+    payer: str
+    reserved: float
 
 
 @dataclass
@@ -367,6 +390,14 @@ class Judge:
 
         ``budget_key``: whose budget pays (default the rollout; the agent uses
         rollout and partition, each with its share of the rollout's budget)."""
+        admission = self.admit(pair, budget_key)
+        if isinstance(admission, JudgeResult):
+            return admission
+        return await self.judge_admitted(admission)
+
+    def admit(self, pair: ShadowPair, budget_key: str | None = None) -> "Admission | JudgeResult":
+        """Sampling, the judgeable check and the budget reservation, at once (no await): the
+        agent stores the reservation before any call is made (agents/judge.py)."""
         self.stats.pairs += 1
         if not sampled(pair.event_id, self.sample_rate):
             self.stats.not_sampled += 1
@@ -384,6 +415,11 @@ class Judge:
             return JudgeResult("budget", reason=(f"judge budget for {payer}: "
                                                  f"{self.budget.remaining(payer):.4f} USD left, "
                                                  f"a pair may cost {reserved:.4f}"))
+        return Admission(pair, rubric, payer, reserved)
+
+    async def judge_admitted(self, admission: Admission) -> JudgeResult:
+        """Both orders of an admitted pair; settles its reservation with the actual cost."""
+        pair, rubric, payer, reserved = admission.pair, admission.rubric, admission.payer, admission.reserved
         outcomes = await asyncio.gather(self._judge_order(pair, rubric, False), self._judge_order(pair, rubric, True),
                                         return_exceptions=True)
         cost = sum(o.cost_usd for o in outcomes if isinstance(o, _CallOutcome))
@@ -553,7 +589,7 @@ def encode_judgment(judgment: Judgment) -> str:
 
 
 __all__ = [
-    "Budget", "DEFAULT_RUBRIC", "Judge", "JudgeCallError", "JudgeResult", "JudgeStats", "JudgeUnavailable",
+    "Admission", "Budget", "DEFAULT_RUBRIC", "Judge", "JudgeCallError", "JudgeResult", "JudgeStats", "JudgeUnavailable",
     "MalformedVerdict", "TOOL_CHOICE", "TOOL_NAME", "VERDICT_TOOL", "call_cost", "combine", "judge_pairs",
     "judge_request", "judgeable", "parse_verdict", "price_table", "read_pairs", "reserve_estimate",
     "retry_after_s", "rubric_hash", "sampled", "summary",

@@ -14,6 +14,9 @@ The judge is scripted by markers in the request text:
 - ``[bad-winner]``: calls the tool with ``winner: "C"``.
 
 It records every request body, counts requests in flight and keeps the maximum.
+``input_tokens=None`` bills one input token per character of the system prompt
+and the message, plus 300 for the tool definition (like CJK text, where a
+character is about one token).
 """
 
 from __future__ import annotations
@@ -28,7 +31,8 @@ from aiohttp import web
 
 
 class FakeAnthropic:
-    def __init__(self, delay_s: float = 0.0, hang_s: float = 5.0, input_tokens: int = 1000, output_tokens: int = 50):
+    def __init__(self, delay_s: float = 0.0, hang_s: float = 5.0, input_tokens: int | None = 1000,
+                 output_tokens: int = 50):
         self.delay_s = delay_s
         self.hang_s = hang_s
         self.input_tokens = input_tokens
@@ -142,8 +146,14 @@ class FakeAnthropic:
         return web.json_response({
             "id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model", "fake"),
             "content": content, "stop_reason": stop_reason, "stop_sequence": None,
-            "usage": {"input_tokens": self.input_tokens, "output_tokens": self.output_tokens},
+            "usage": {"input_tokens": self._input_tokens(body), "output_tokens": self.output_tokens},
         })
+
+
+    def _input_tokens(self, body: dict) -> int:
+        if self.input_tokens is not None:
+            return self.input_tokens
+        return len(body.get("system", "")) + len(body["messages"][0]["content"]) + 300
 
 
 def _error(status: int, headers: dict[str, str] | None = None) -> web.Response:

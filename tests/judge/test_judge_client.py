@@ -7,7 +7,8 @@ import logging
 
 import pytest
 
-from safeswap.judge import Judge, combine, judge_pairs, parse_verdict, sampled, summary
+from safeswap.judge import (Budget, Judge, JudgeResult, combine, judge_pairs, parse_verdict, reserve_estimate, sampled,
+                            summary)
 from schemas import convert
 from schemas.events import ShadowPair
 from streams.settings import Settings
@@ -99,7 +100,7 @@ def test_a_reply_without_a_valid_verdict_is_counted_never_guessed(fake, marker):
 
 
 def test_the_budget_cap_stops_calls(fake):
-    # A pair's worst case: 2 x ((chars/2 + 400) in x $1 + 400 out x $5) / 1M, about 0.0056 USD.
+    # A pair's worst case: 2 x ((UTF-8 bytes + 400) in x $1 + 400 out x $5) / 1M, about 0.0057 USD.
     judge = Judge(settings_for(fake, judge_budget_usd=0.02, judge_concurrency=1))
     results = run(judge, [pair(i) for i in range(10)])
     statuses = [r.status for r in results]
@@ -164,3 +165,41 @@ def test_a_429_with_only_retry_after_seconds_waits_that_long_then_succeeds(fake)
     assert result.status == "judged" and result.judgment.winner == "candidate"
     assert judge.stats.rate_limited == 2 and result.judgment.retries == 2 and len(fake.requests) == 4
     assert waited >= 1.0  # retry-after: 1 means one whole second, not the 0.5 s default backoff
+
+
+def test_a_restarted_judge_seeded_with_the_stored_spend_stays_within_the_budget(fake):
+    limit, per_call = 0.02, (1000 * 1.0 + 50 * 5.0) / 1e6  # the fake bills 1000 in + 50 out per call
+
+    def one_by_one(judge: Judge, indexes) -> list:  # as the worker's stream brings them
+        return [run(judge, [pair(i)])[0] for i in indexes]
+
+    first = Judge(settings_for(fake, judge_budget_usd=limit))
+    assert [r.status for r in one_by_one(first, range(3))] == ["judged"] * 3
+    in_flight = first.admit(pair(3))  # admitted, its calls billed, then the worker died
+    assert not isinstance(in_flight, JudgeResult)
+    stored = first.budget.committed("r1")  # what the worker stored: spent + reserved
+    spent_before = (len(fake.requests) + 2) * per_call
+
+    restarted = Judge(settings_for(fake, judge_budget_usd=limit), budget=Budget(limit))
+    restarted.budget.seed("r1", stored)
+    calls_before = len(fake.requests)
+    statuses = [r.status for r in one_by_one(restarted, range(10, 30))]
+    assert "judged" in statuses and statuses[-1] == "budget"
+    assert spent_before + (len(fake.requests) - calls_before) * per_call <= limit
+    # without the seed the same restart spends past the limit: the test can tell
+    unseeded = Judge(settings_for(fake, judge_budget_usd=limit), budget=Budget(limit))
+    calls_before = len(fake.requests)
+    one_by_one(unseeded, range(30, 50))
+    assert spent_before + (len(fake.requests) - calls_before) * per_call > limit
+
+
+def test_the_reservation_covers_non_latin_text(fake):
+    fake.input_tokens = None  # billed one token per character, as CJK text about is
+    text = "这个答案比另一个更好" * 300  # 3,000 characters, 9,000 UTF-8 bytes
+    cjk = pair(1, prompt=text, control=text, candidate=text + " GOOD")
+    judge = Judge(settings_for(fake))
+    reserved = reserve_estimate(cjk, judge.rubric_for("r1"), MODEL, judge.settings.judge_max_tokens,
+                                judge.settings.judge_max_answer_chars, judge.prices)
+    [result] = run(judge, [cjk])
+    assert result.status == "judged" and result.judgment.input_tokens > 2 * 9_000
+    assert result.cost_usd <= reserved
