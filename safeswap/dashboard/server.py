@@ -5,7 +5,7 @@ Routes (all GET):
 =============================  ================================================================
 ``/``  (``?rollout=ID``)        the page: rollout list, and the chosen (default: first) rollout
 ``/fragment?rollout=ID``        ``{version, nav, main}``: the page's two parts, for the live refresh
-``/api/version``                ``{version, source, live, error}``: changes whenever the data does
+``/api/version``                ``{version, source, live, error, undecodable, restarts}``
 ``/api/rollouts``               the rollout list
 ``/api/rollouts/<id>``          everything the page shows for one rollout (JSON)
 ``/static/dashboard.css|js``    the only style sheet and script (no CDN, no inline script)
@@ -121,8 +121,12 @@ def build_app(state: DashboardState) -> web.Application:
         return web.json_response({"version": version, "nav": nav, "main": main})
 
     async def version(request: web.Request) -> web.Response:
+        source = state.live_source
         return web.json_response({"version": state.model.version, "source": state.model.source, "live": state.live,
-                                  "error": state.error()})
+                                  "error": state.error(),
+                                  # Records skipped as unshowable, and read-loop reconnects (live only).
+                                  "undecodable": getattr(source, "undecodable", 0),
+                                  "restarts": getattr(source, "restarts", 0)})
 
     async def rollouts(request: web.Request) -> web.Response:
         return web.json_response({"rollouts": state.model.rollouts(), "version": state.model.version})

@@ -12,7 +12,7 @@ import pytest
 
 from schemas import Decision, encode
 
-from tests.dashboard.test_live import send_raw, wait_for
+from tests.dashboard.test_live import get_json, send_raw, wait_for
 from tests.dashboard.test_model import PLAN, snapshot
 
 pytestmark = pytest.mark.integration
@@ -59,3 +59,5 @@ def test_bad_records_are_skipped_and_a_failed_read_loop_reconnects(settings, das
     assert source.error is None and not source._task.done()
     assert track().judgments["candidate"] == 1  # resumed where it was, not from the beginning
     assert source.undecodable == 2
+    status = get_json(board.url + "api/version")
+    assert status["live"] and status["error"] is None and status["undecodable"] == 2 and status["restarts"] >= 1
