@@ -32,8 +32,9 @@ Recovery (a new writer for the partition, after a crash or a rebalance) rolls a
 pending flush forward (moves what is still in staging), deletes orphan staging
 files, and from then on skips every record at or below ``last_offset``: records
 Kafka redelivers because their offsets were never committed are already in the
-dataset exactly once. Without a checkpoint (deleted by hand) the highest
-``<last>`` among the partition's file names is used instead.
+dataset exactly once. Without a checkpoint (deleted by hand) the newest
+generation among the partition's file names, and its highest ``<last>``, are used
+instead.
 """
 
 from __future__ import annotations
