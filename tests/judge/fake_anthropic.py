@@ -1,4 +1,5 @@
-"""A fake Anthropic Messages API on 127.0.0.1 (real HTTP, its own thread and loop).
+"""A fake Anthropic Messages API on 127.0.0.1 (real HTTP, its own thread and loop: the
+package's ``safeswap.judge_sim.MessagesEndpoint``, which ``safeswap simulate`` also uses).
 
 The judge is scripted by markers in the request text:
 
@@ -23,87 +24,30 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import threading
 from typing import Any
 
 from aiohttp import web
 
+from safeswap.judge_sim import MessagesEndpoint, request_text
+from safeswap.judge_sim import between as _between
 
-class FakeAnthropic:
+
+class FakeAnthropic(MessagesEndpoint):
+    """The scripted judge on the package's endpoint plumbing (safeswap.judge_sim)."""
+
     def __init__(self, delay_s: float = 0.0, hang_s: float = 5.0, input_tokens: int | None = 1000,
                  output_tokens: int = 50):
+        super().__init__(record=True)
         self.delay_s = delay_s
         self.hang_s = hang_s
         self.input_tokens = input_tokens
         self.output_tokens = output_tokens
-        self.requests: list[dict[str, Any]] = []
-        self.headers: list[dict[str, str]] = []
-        self.in_flight = 0
-        self.max_in_flight = 0
         self._seen: set[str] = set()
-        self._lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._runner: web.AppRunner | None = None
-        self._started = threading.Event()
-        self.port = 0
+        self._seen_lock = threading.Lock()
 
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    # -- lifecycle ---------------------------------------------------------------------
-    def start(self) -> "FakeAnthropic":
-        self._thread = threading.Thread(target=self._run, name="fake-anthropic", daemon=True)
-        self._thread.start()
-        if not self._started.wait(10):
-            raise RuntimeError("fake Anthropic server did not start")
-        return self
-
-    def _run(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self._loop)
-        app = web.Application()
-        app.router.add_post("/v1/messages", self._messages)
-        self._runner = web.AppRunner(app)
-        self._loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, "127.0.0.1", 0)
-        self._loop.run_until_complete(site.start())
-        self.port = site._server.sockets[0].getsockname()[1]
-        self._started.set()
-        self._loop.run_forever()
-        self._loop.run_until_complete(self._runner.cleanup())
-        self._loop.close()
-
-    def stop(self) -> None:
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-
-    def __enter__(self) -> "FakeAnthropic":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    # -- the API -------------------------------------------------------------------------
-    async def _messages(self, request: web.Request) -> web.Response:
-        body = await request.json()
-        with self._lock:
-            self.requests.append(body)
-            self.headers.append({k.lower(): v for k, v in request.headers.items()})
-            self.in_flight += 1
-            self.max_in_flight = max(self.max_in_flight, self.in_flight)
-        try:
-            return await self._answer(body)
-        finally:
-            with self._lock:
-                self.in_flight -= 1
-
-    async def _answer(self, body: dict[str, Any]) -> web.Response:
-        text = body["messages"][0]["content"]
+    async def answer(self, body: dict[str, Any]) -> web.Response:
+        text = request_text(body)
         answer_a = _between(text, "answer_A")
         answer_b = _between(text, "answer_B")
         key = answer_a + "|" + answer_b
@@ -112,22 +56,14 @@ class FakeAnthropic:
         if "[hang]" in text:
             await asyncio.sleep(self.hang_s)
         for marker, status in (("[429-once]", 429), ("[529-once]", 529)):
-            if marker in text:
-                with self._lock:
-                    first = (marker + key) not in self._seen
-                    self._seen.add(marker + key)
-                if first:
-                    return _error(status)
-        if "[429-retry-after-1]" in text:
-            with self._lock:
-                first = ("[429-retry-after-1]" + key) not in self._seen
-                self._seen.add("[429-retry-after-1]" + key)
-            if first:
-                return _error(429, {"retry-after": "1"})
+            if marker in text and self._first(marker + key):
+                return _error(status)
+        if "[429-retry-after-1]" in text and self._first("[429-retry-after-1]" + key):
+            return _error(429, {"retry-after": "1"})
         if "[529-always]" in text:
             return _error(529)
         if "[malformed]" in text:
-            return self._message([{"type": "text", "text": "I think A is better."}], "end_turn", body)
+            return self.message([{"type": "text", "text": "I think A is better."}], "end_turn", body)
         if "[bad-winner]" in text:
             winner = "C"
         elif "[bias-A]" in text:
@@ -138,33 +74,24 @@ class FakeAnthropic:
             winner = "B"
         else:
             winner = "tie"
-        tool = {"type": "tool_use", "id": "toolu_01", "name": "record_verdict",
-                "input": {"winner": winner, "reason": f"scripted: {winner}"}}
-        return self._message([tool], "tool_use", body)
+        return self.verdict(winner, f"scripted: {winner}", body)
 
-    def _message(self, content: list, stop_reason: str, body: dict) -> web.Response:
-        return web.json_response({
-            "id": "msg_fake", "type": "message", "role": "assistant", "model": body.get("model", "fake"),
-            "content": content, "stop_reason": stop_reason, "stop_sequence": None,
-            "usage": {"input_tokens": self._input_tokens(body), "output_tokens": self.output_tokens},
-        })
+    def _first(self, key: str) -> bool:
+        with self._seen_lock:
+            first = key not in self._seen
+            self._seen.add(key)
+        return first
 
-
-    def _input_tokens(self, body: dict) -> int:
+    def usage(self, body: dict[str, Any]) -> tuple[int, int]:
         if self.input_tokens is not None:
-            return self.input_tokens
-        return len(body.get("system", "")) + len(body["messages"][0]["content"]) + 300
+            return self.input_tokens, self.output_tokens
+        return len(body.get("system", "")) + len(request_text(body)) + 300, self.output_tokens
 
 
 def _error(status: int, headers: dict[str, str] | None = None) -> web.Response:
     kind = {429: "rate_limit_error", 529: "overloaded_error"}[status]
     return web.json_response({"type": "error", "error": {"type": kind, "message": kind}}, status=status,
                              headers=headers if headers is not None else {"retry-after-ms": "5", "retry-after": "0"})
-
-
-def _between(text: str, tag: str) -> str:
-    match = re.search(f"<{tag}>\n(.*?)\n</{tag}>", text, re.S)
-    return match.group(1) if match else ""
 
 
 def pair_fields(index: int, *, control: str = "control answer", candidate: str = "candidate answer GOOD",
