@@ -361,6 +361,7 @@ def simulate(
         "users": status.users if status else {},
         "guardrails": [msgspec.to_builtins(g) for g in status.guardrails] if status else [],
         "health": status.health if status else {},
+        "shadow": status.shadow if status else {},  # the shadow analysis: pairs, judge, checks
     }
     if json_out:
         print(json.dumps({
@@ -369,6 +370,7 @@ def simulate(
                            "reason": d.reason} for d in result["decisions"]],
             "state": state,
             "events_sent": result["events_sent"],
+            "shadow_pairs_sent": result["shadow_pairs_sent"],
             "simulated_hours": result["simulated_hours"],
             "seconds": result["seconds"],
             "data_dir": result["data_dir"],

@@ -10,15 +10,26 @@ traffic take about a minute.
 
 Event time runs in the past (ending about now): the outcomes agent rejects
 events from the future, as it should.
+
+The shadow stage is rehearsed too: each request of a user the FlagClient
+shadows (``should_shadow``) becomes a shadow pair, the served control answer
+beside a candidate answer drawn from the scenario's candidate model; the user
+still sees control only. The worker's judge agent judges the pairs against a
+simulated Anthropic endpoint on 127.0.0.1 (safeswap.judge_sim) whose verdicts
+follow the scenario's ``judge:`` block, so the real judge path runs and no
+real API is called. Each step then also waits until every pair sent is
+analysed and has the judge's word.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import math
 import os
 import random
+import sys
 import tempfile
 import time
 import uuid
@@ -32,6 +43,7 @@ import sinks
 from safeswap.config_files import ConfigIssue, convert_config, read_config
 from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
+from safeswap.judge_sim import CANDIDATE_TAG, SimulatedJudge
 from safeswap.plan import parse_duration
 from safeswap.rollouts import start_rollout
 from schemas import (
@@ -42,6 +54,7 @@ from schemas import (
     TraceEvent,
     decode,
 )
+from schemas.events import ShadowPair, ShadowSide
 from streams.broker import EmbeddedBroker
 from streams.kafka import client_options
 from streams.process import WorkerProcess
@@ -69,15 +82,17 @@ class Behaviour(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     edit_rate: float | None = None
     retry_rate: float | None = None
     abandon_rate: float | None = None
-    error_rate: float | None = None
+    error_rate: float | None = None  # timeouts
+    refusal_rate: float | None = None  # answers that refuse (error "refusal")
+    json_valid_rate: float | None = None  # of the answers to requests that expect JSON, the share that parse
     cache_hit_rate: float | None = None
     latency_ms: LatencySpec | None = None
     cost_usd: CostSpec | None = None
 
 
 CONTROL_DEFAULTS = Behaviour(thumbs_down_rate=0.05, thumbs_up_rate=0.2, edit_rate=0.1, retry_rate=0.05,
-                             abandon_rate=0.1, error_rate=0.01, cache_hit_rate=0.3, latency_ms=LatencySpec(),
-                             cost_usd=CostSpec())
+                             abandon_rate=0.1, error_rate=0.01, refusal_rate=0.0, json_valid_rate=1.0,
+                             cache_hit_rate=0.3, latency_ms=LatencySpec(), cost_usd=CostSpec())
 
 
 class DropEvents(msgspec.Struct, tag="drop_events", tag_field="kind", forbid_unknown_fields=True):
@@ -107,11 +122,20 @@ class Variants(msgspec.Struct, forbid_unknown_fields=True):
     candidate: Behaviour = msgspec.field(default_factory=Behaviour)
 
 
+class JudgeSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """The simulated judge's verdicts on shadow pairs (the rest are ties; a refusal always loses)."""
+
+    candidate_wins: float = 0.35
+    control_wins: float = 0.35
+
+
 class Scenario(msgspec.Struct, forbid_unknown_fields=True):
     duration: str = "10d"
     users_per_hour: float = 400.0
     requests_per_user: float = 3.0  # mean; each user sends 1 + Poisson(mean - 1)
+    expects_json_share: float = 0.0  # share of requests whose answer must be valid JSON
     variants: Variants = msgspec.field(default_factory=Variants)
+    judge: JudgeSpec = msgspec.field(default_factory=JudgeSpec)
     faults: list[Fault] = []
     step: str = "1h"  # event time per closed-loop step
     seed: int = 0
@@ -146,6 +170,16 @@ def load_scenario(path: str) -> Scenario:
             checks.append(ConfigIssue(f"faults[{index}].share", "a share is between 0 and 1"))
     if scenario.users_per_hour <= 0 or scenario.requests_per_user < 1:
         checks.append(ConfigIssue("users_per_hour", "users_per_hour > 0 and requests_per_user >= 1"))
+    shares = {"expects_json_share": scenario.expects_json_share, "judge.candidate_wins": scenario.judge.candidate_wins,
+              "judge.control_wins": scenario.judge.control_wins}
+    for name in ("control", "candidate"):
+        behaviour = getattr(scenario.variants, name)
+        for field in ("refusal_rate", "json_valid_rate"):
+            if getattr(behaviour, field) is not None:
+                shares[f"variants.{name}.{field}"] = getattr(behaviour, field)
+    checks += [ConfigIssue(name, "a share is between 0 and 1") for name, share in shares.items() if not 0 <= share <= 1]
+    if scenario.judge.candidate_wins + scenario.judge.control_wins > 1:
+        checks.append(ConfigIssue("judge", "candidate_wins + control_wins is at most 1 (the rest are ties)"))
     if checks:
         raise ScenarioError(path, checks)
     return scenario
@@ -161,6 +195,8 @@ class ArmModel:
     retry: float
     abandon: float
     error: float
+    refusal: float
+    json_valid: float
     cache_hit: float
     latency_mu: float
     latency_sigma: float
@@ -182,7 +218,8 @@ def arm_models(scenario: Scenario) -> dict[str, ArmModel]:
         models[name] = ArmModel(
             thumbs_down=fields["thumbs_down_rate"], thumbs_up=fields["thumbs_up_rate"], edit=fields["edit_rate"],
             retry=fields["retry_rate"], abandon=fields["abandon_rate"], error=fields["error_rate"],
-            cache_hit=fields["cache_hit_rate"], latency_mu=math.log(latency.median),
+            refusal=fields["refusal_rate"], json_valid=fields["json_valid_rate"], cache_hit=fields["cache_hit_rate"],
+            latency_mu=math.log(latency.median),
             latency_sigma=max(1e-6, math.log(latency.p95 / latency.median) / 1.6449), cost_mean=fields["cost_usd"].mean)
     return models
 
@@ -192,12 +229,53 @@ WORDS = ("refund order invoice shipping account password reset cancel upgrade pl
          "delivery status warranty return exchange discount coupon login error payment card").split()
 
 
+REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One variant's simulated answer to one request."""
+
+    text: str
+    latency_ms: float
+    cache_hit: bool
+    cost_usd: float
+    output_tokens: int
+    error: str
+
+
+def simulated_answer(rng: random.Random, arm: ArmModel, prompt: str, expects_json: bool, *,
+                     tag: str = "") -> Answer:
+    """An answer drawn from an arm's model. The draws come in a fixed order (cache, latency,
+    length, [JSON validity], cost, error) so a scenario without JSON requests replays the
+    same traffic as before refusals and JSON were modelled."""
+    hit = rng.random() < arm.cache_hit
+    latency = rng.lognormvariate(arm.latency_mu, arm.latency_sigma) * (0.3 if hit else 1.0)
+    text = f"answer about {prompt} " + "x" * rng.randint(40, 160)
+    if tag:
+        text += " " + tag
+    if expects_json:
+        text = json.dumps({"answer": text})
+        if rng.random() >= arm.json_valid:
+            text = text[:-2]  # cut short: not JSON
+    cost = round(rng.expovariate(1 / arm.cost_mean), 6)
+    draw = rng.random()
+    error = "timeout" if draw < arm.error else "refusal" if draw < arm.error + arm.refusal else "none"
+    if error == "refusal":
+        text = f"{REFUSAL_TEXT} {tag}".rstrip()
+    return Answer(text, round(latency, 1), hit, cost, len(text) // 4, error)
+
+
 class Traffic:
-    """Generates one step of users' sessions, assigned by a FlagClient (pure but for the client)."""
+    """Generates one step of users' sessions, assigned by a FlagClient (pure but for the client),
+    and the shadow pairs of the requests it shadows."""
 
     def __init__(self, scenario: Scenario, plan: RolloutPlan, rollout_id: str, start_ms: int):
         self.scenario, self.plan, self.rollout_id, self.start_ms = scenario, plan, rollout_id, start_ms
         self.rng = random.Random(scenario.seed)
+        # The candidate's shadow answers draw from their own stream: users' traffic is the
+        # same whether or not a shadow stage runs.
+        self.shadow_rng = random.Random(f"{scenario.seed}:shadow")
         self.arms = arm_models(scenario)
         self.next_user = 0
         self.switches = [(f, start_ms + int(parse_duration(f.at) * 1000)) for f in scenario.faults
@@ -222,7 +300,8 @@ class Traffic:
                 model = fault.model
         return model
 
-    def step(self, flags: FlagClient, step_start: int, step_ms: int) -> list[TraceEvent | FeedbackEvent]:
+    def step(self, flags: FlagClient, step_start: int,
+             step_ms: int) -> list[TraceEvent | FeedbackEvent | ShadowPair]:
         rng, events = self.rng, []
         users = self._poisson(self.scenario.users_per_hour * step_ms / HOUR_MS) if step_ms < HOUR_MS \
             else int(round(self.scenario.users_per_hour * step_ms / HOUR_MS))
@@ -234,6 +313,7 @@ class Traffic:
             requests = 1 + self._poisson(self.scenario.requests_per_user - 1)
             prompt = " ".join(rng.choice(WORDS) for _ in range(8))
             user_variant = flags.variant(self.rollout_id, user_id)
+            shadowed = flags.should_shadow(self.rollout_id, user_id)
             for index in range(requests):
                 if self.by_request:  # the bug: a coin per request
                     decision = flags.decision(self.rollout_id)
@@ -243,16 +323,18 @@ class Traffic:
                     variant = user_variant
                 arm = self.arms[variant]
                 trace_id = f"{user_id}-{index}"
-                hit = rng.random() < arm.cache_hit
-                latency = rng.lognormvariate(arm.latency_mu, arm.latency_sigma) * (0.3 if hit else 1.0)
-                response = f"answer about {prompt} " + "x" * rng.randint(40, 160)
+                expects_json = self.scenario.expects_json_share > 0 and rng.random() < self.scenario.expects_json_share
+                served = simulated_answer(rng, arm, prompt, expects_json)
+                response = served.text
                 common = dict(rollout_id=self.rollout_id, variant=variant, user_id=user_id, session_id=session_id)
-                events.append(TraceEvent(
+                trace = TraceEvent(
                     event_id=f"t-{trace_id}", ts=ts, trace_id=trace_id, prompt_version=self._prompt(variant),
-                    model_version=self._model(variant, ts), latency_ms=round(latency, 1), input_tokens=300,
-                    output_tokens=len(response) // 4, cost_usd=round(rng.expovariate(1 / arm.cost_mean), 6),
-                    cache_hit=hit, error="timeout" if rng.random() < arm.error else "none", prompt_text=prompt,
-                    response_text=response, **common))
+                    model_version=self._model(variant, ts), latency_ms=served.latency_ms, input_tokens=300,
+                    output_tokens=served.output_tokens, cost_usd=served.cost_usd, cache_hit=served.cache_hit,
+                    error=served.error, prompt_text=prompt, response_text=response, **common)
+                events.append(trace)
+                if shadowed and variant == "control":  # the user sees control; the candidate answers unseen
+                    events.append(self._shadow_pair(trace, expects_json))
                 reaction = rng.random()
                 kind = None
                 if reaction < arm.thumbs_down:
@@ -277,9 +359,29 @@ class Traffic:
                 else:
                     ts += int(rng.expovariate(1 / 90_000)) + 5_000
                     prompt = " ".join(rng.choice(WORDS) for _ in range(8))
-        events = [e for e in events if rng.random() >= self.drops.get(e.variant, 0.0)]
+        # A broken emitter loses traces and feedback (shadow pairs have their own path).
+        events = [e for e in events if isinstance(e, ShadowPair) or rng.random() >= self.drops.get(e.variant, 0.0)]
         events.sort(key=lambda e: e.ts)  # the outcomes agent treats far-behind events as late
         return events
+
+    def _shadow_pair(self, trace: TraceEvent, expects_json: bool) -> ShadowPair:
+        """The served control answer beside the candidate's, drawn from the candidate's model (and
+        tagged so the simulated judge knows it). A timed-out side has no answer, as in the helper."""
+        answer = simulated_answer(self.shadow_rng, self.arms["candidate"], trace.prompt_text, expects_json,
+                                  tag=CANDIDATE_TAG)
+        control = ShadowSide(
+            response_text=None if trace.error == "timeout" else trace.response_text, latency_ms=trace.latency_ms,
+            cost_usd=trace.cost_usd, input_tokens=trace.input_tokens, output_tokens=trace.output_tokens,
+            error=trace.error, model_version=trace.model_version, prompt_version=trace.prompt_version)
+        candidate = ShadowSide(
+            response_text=None if answer.error == "timeout" else answer.text, latency_ms=answer.latency_ms,
+            cost_usd=answer.cost_usd, input_tokens=trace.input_tokens, output_tokens=answer.output_tokens,
+            error=answer.error, model_version=self._model("candidate", trace.ts),
+            prompt_version=self._prompt("candidate"))
+        return ShadowPair(event_id=f"s-{trace.trace_id}", ts=trace.ts, rollout_id=self.rollout_id,
+                          user_id=trace.user_id, request_id=trace.trace_id, prompt_text=trace.prompt_text,
+                          expects_json=expects_json, control=control, candidate=candidate,
+                          session_id=trace.session_id)
 
     def _prompt(self, variant: str) -> str:
         return getattr(self.plan, variant).prompt_version or "v1"
@@ -334,7 +436,7 @@ async def closed_loop(settings: Settings, plan: RolloutPlan, scenario: Scenario,
     start_ms = (int(time.time() * 1000) - duration_ms - 10 * 60_000) // HOUR_MS * HOUR_MS
     traffic = Traffic(scenario, plan, plan.rollout_id, start_ms)
     decisions: list[Decision] = []
-    sent = 0
+    sent = shadow_sent = 0
     outcome, first = await start_rollout(settings, plan, wait_s=60)
     if first is None:
         raise RuntimeError("the worker did not register the plan within 60 s")
@@ -350,9 +452,13 @@ async def closed_loop(settings: Settings, plan: RolloutPlan, scenario: Scenario,
                     break
                 events = traffic.step(flags, step_start, step_ms)
                 for event in events:
-                    sent += (emitter.trace if isinstance(event, TraceEvent) else emitter.feedback)(event)
+                    if isinstance(event, ShadowPair):
+                        shadow_sent += emitter.shadow_pair(event)
+                    else:
+                        sent += (emitter.trace if isinstance(event, TraceEvent) else emitter.feedback)(event)
                 step_start += step_ms
-                await _wait_for_watermark(watcher, plan.rollout_id, step_start - step_ms // 4, emitter, step_timeout_s)
+                await _wait_for_watermark(watcher, plan.rollout_id, step_start - step_ms // 4, emitter, step_timeout_s,
+                                          shadow_pairs=shadow_sent)
                 if progress:
                     progress(step_start - start_ms, duration_ms, sent, flags.decision(plan.rollout_id))
             await asyncio.sleep(0.5)  # the last decision's way to the client
@@ -364,18 +470,29 @@ async def closed_loop(settings: Settings, plan: RolloutPlan, scenario: Scenario,
         if decision.seq not in seen:
             seen.add(decision.seq)
             unique.append(decision)
-    return {"decisions": unique, "status": final, "events_sent": sent,
+    return {"decisions": unique, "status": final, "events_sent": sent, "shadow_pairs_sent": shadow_sent,
             "simulated_hours": round((step_start - start_ms) / HOUR_MS, 2), "start_ms": start_ms}
 
 
 async def _wait_for_watermark(watcher: StatusWatcher, rollout_id: str, target: int, emitter: Emitter,
-                              timeout_s: float) -> None:
+                              timeout_s: float, shadow_pairs: int = 0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = watcher.latest.get(rollout_id)
-        if status is not None and (status.watermark >= target or status.stage in TERMINAL):
+        if status is not None and (status.stage in TERMINAL or
+                                   (status.watermark >= target and shadow_settled(status.shadow, shadow_pairs))):
             return
         await asyncio.sleep(0.05)
+
+
+def shadow_settled(shadow: dict[str, Any], pairs_sent: int) -> bool:
+    """Every shadow pair sent is in the controller's shadow analysis and has the judge's word
+    (a verdict, or why there is none: not sampled, over budget, no judge, an error)."""
+    if pairs_sent == 0:
+        return True
+    judge = (shadow or {}).get("judge") or {}
+    accounted = sum(judge.get(key, 0) for key in ("judged", "malformed", "errors", "not_judged"))
+    return (shadow or {}).get("pairs", 0) >= pairs_sent and accounted >= pairs_sent
 
 
 def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *, progress=None) -> dict[str, Any]:
@@ -396,10 +513,16 @@ def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *,
             own_worker = False
             # A shared cluster: never collide with a real rollout.
             plan = msgspec.structs.replace(plan, rollout_id=f"{plan.rollout_id}-sim-{uuid.uuid4().hex[:6]}")
+            if any(stage.name == "shadow" for stage in plan.stages):
+                print("note: with --broker the cluster's workers judge the shadow pairs (their own "
+                      "ANTHROPIC_API_KEY, or no judge); the scenario's judge: block is not used", file=sys.stderr)
         if own_worker:
             state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="safeswap-sim-"))
+            # The worker's judge calls a simulated endpoint, never the real API (whatever key is set).
+            judge = stack.enter_context(SimulatedJudge(scenario.judge.candidate_wins, scenario.judge.control_wins))
             settings = settings.replace(state_dir=state_dir, snapshot_interval_s=0.2, status_interval_s=0.2,
-                                        sink_idle_s=1.0)
+                                        sink_idle_s=1.0, anthropic_api_key="simulated-judge-no-key",
+                                        anthropic_base_url=judge.base_url)
             asyncio.run(ensure_topics(settings))
             rows_before = _rows(settings.data_dir, plan.rollout_id)
             stack.enter_context(WorkerProcess(settings))
@@ -407,9 +530,12 @@ def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *,
         if own_worker:
             # Stopping the worker flushes what its sinks hold, not what they have not read
             # yet: wait until every event sent is on disk first (as the demo does).
-            events = ["traces", "feedback"]
-            sinks.wait_for_rows(settings.data_dir, events, sum(rows_before[name] for name in events)
-                                + result["events_sent"], rollout_id=plan.rollout_id, timeout_s=60.0)
+            events = ["traces", "feedback", "shadow", "judgments"]
+            status = result["status"]
+            judged = ((status.shadow or {}).get("judge") or {}).get("judged", 0) if status is not None else 0
+            sinks.wait_for_rows(settings.data_dir, events, sum(rows_before.get(name, 0) for name in events)
+                                + result["events_sent"] + result["shadow_pairs_sent"] + judged,
+                                rollout_id=plan.rollout_id, timeout_s=60.0)
     result["seconds"] = round(time.monotonic() - started, 2)
     result["rollout_id"] = plan.rollout_id
     if own_worker:

@@ -114,3 +114,142 @@ def test_scenario_files_are_checked_with_field_and_line(tmp_path):
     bad.write_text("duration: 3 days\n")
     with pytest.raises(ScenarioError, match="duration: '3 days' is not a duration"):
         load_scenario(str(bad))
+
+
+# -- the shadow stage ----------------------------------------------------------------------
+SHADOW_PLAN = {
+    "rollout_id": "sim-shadow",
+    "stakes": "low",
+    "control": {"model": "claude-sonnet-4-5-20250929", "prompt_version": "v41"},
+    "candidate": {"model": "claude-sonnet-4-6-20260301", "prompt_version": "v41"},
+    "stages": [{"name": "shadow", "shadow_percent": 50, "min_duration": "2h", "min_users_per_arm": 100,
+                "min_shadow_pairs": 300, "min_judged_pairs": 300, "judge_max_control_preference": 0.25},
+               {"name": "canary", "percent": 50, "min_duration": "3h", "min_users_per_arm": 200},
+               {"name": "ramp", "percent": 100}],
+    "min_users_per_arm": 100,
+    "guardrails": [{"metric": "thumbs_down_rate", "max_relative_increase": 0.05, "action": "rollback"},
+                   {"metric": "error_rate", "max_relative_increase": 0.5, "action": "pause"}],
+}
+
+
+def shadow_traffic(scenario_fields: dict, shadow_percent: float = 50.0):
+    """One hour of a scenario's traffic under a shadow decision, from a FlagClient fed by apply()."""
+    import msgspec
+
+    from safeswap.flags import FlagClient
+    from safeswap.plan import validate_plan_data
+    from safeswap.simulate import Scenario, Traffic
+    from schemas import Decision, encode
+    from streams.settings import Settings
+
+    plan = validate_plan_data(SHADOW_PLAN).plan
+    flags = FlagClient(settings=Settings(broker="unused:1"))
+    flags.apply(encode(Decision(rollout_id=plan.rollout_id, seq=1, ts=1, action="start", stage="shadow", percent=0.0,
+                                salt=plan.salt or plan.rollout_id, reason="test", shadow_percent=shadow_percent)))
+    scenario_obj = msgspec.convert(scenario_fields, Scenario)
+    start = 1_767_225_600_000
+    return flags, plan, Traffic(scenario_obj, plan, plan.rollout_id, start).step(flags, start, 3_600_000)
+
+
+def test_shadow_stage_pairs_each_shadowed_request_with_the_candidates_answer_users_see_control():
+    from safeswap.judge_sim import CANDIDATE_TAG
+    from safeswap.shadow_analysis import json_broken
+    from schemas import FeedbackEvent, TraceEvent
+    from schemas.events import ShadowPair
+
+    fields = scenario(candidate={"refusal_rate": 0.1, "json_valid_rate": 0.5, "latency_ms": {"median": 2000, "p95": 5000}},
+                      expects_json_share=0.3)
+    flags, plan, events = shadow_traffic(fields)
+    traces = {e.trace_id: e for e in events if isinstance(e, TraceEvent)}
+    pairs = [e for e in events if isinstance(e, ShadowPair)]
+    assert {e.variant for e in events if isinstance(e, (TraceEvent, FeedbackEvent))} == {"control"}  # unseen
+    shadowed = {t.user_id for t in traces.values() if flags.should_shadow(plan.rollout_id, t.user_id)}
+    assert 0 < len(shadowed) < len({t.user_id for t in traces.values()})
+    # every request of a shadowed user, and only those, is paired with the trace the user got
+    assert sorted(p.request_id for p in pairs) == sorted(t.trace_id for t in traces.values() if t.user_id in shadowed)
+    for pair in pairs:
+        trace = traces[pair.request_id]
+        assert (pair.user_id, pair.ts, pair.prompt_text) == (trace.user_id, trace.ts, trace.prompt_text)
+        assert (pair.control.latency_ms, pair.control.cost_usd, pair.control.model_version) == \
+            (trace.latency_ms, trace.cost_usd, trace.model_version)
+        assert pair.candidate.model_version == plan.candidate.model
+        if pair.candidate.response_text is not None:
+            assert CANDIDATE_TAG in pair.candidate.response_text
+    candidate = [p.candidate for p in pairs]
+    control = [p.control for p in pairs]
+    assert sum(s.error == "refusal" for s in candidate) > sum(s.error == "refusal" for s in control) == 0
+
+    json_pairs = [p for p in pairs if p.expects_json]
+    assert 0 < len(json_pairs) < len(pairs)
+    broken = {side: sum(getattr(p, side).error == "none" and json_broken(getattr(p, side)) for p in json_pairs)
+              for side in ("control", "candidate")}
+    assert broken["candidate"] > broken["control"] == 0
+    assert sum(s.latency_ms for s in candidate) > sum(s.latency_ms for s in control)  # slower candidate model
+    # the candidate's answers draw from their own stream: the users' traffic is the same unshadowed
+    _, _, unshadowed = shadow_traffic(fields, shadow_percent=0.0)
+    assert [e for e in events if not isinstance(e, ShadowPair)] == unshadowed
+
+
+def test_simulated_judge_follows_the_judge_block_in_both_orders_through_the_real_judge():
+    import asyncio
+
+    from safeswap.judge import Judge, judge_pairs
+    from safeswap.judge_sim import SimulatedJudge
+    from schemas.events import ShadowPair
+    from streams.settings import Settings
+
+    _, _, events = shadow_traffic(scenario(candidate={"refusal_rate": 0.05}))
+    pairs = [e for e in events if isinstance(e, ShadowPair)]
+    by_id = {p.event_id: p for p in pairs}
+    for candidate_wins, control_wins in ((0.1, 0.6), (0.5, 0.2)):
+        with SimulatedJudge(candidate_wins, control_wins) as endpoint:
+            judge = Judge(Settings(anthropic_api_key="placeholder", anthropic_base_url=endpoint.base_url))
+            results = asyncio.run(judge_pairs(judge, pairs))
+        judgments = [r.judgment for r in results if r.judgment is not None]
+        assert len(judgments) == judge.stats.judged > 0 and endpoint.calls == 2 * len(judgments)
+        assert judge.stats.errors == judge.stats.malformed == 0
+        wins = {w: sum(j.winner == w for j in judgments) / len(judgments) for w in ("candidate", "control", "tie")}
+        assert abs(wins["candidate"] - candidate_wins) < 0.1 and abs(wins["control"] - control_wins) < 0.1
+        for j in judgments:  # both orders named the same variant (A/B by position), or both said tie
+            assert {j.verdict_control_first, j.verdict_candidate_first} in ({"A", "B"}, {"tie"})
+            if by_id[j.pair_event_id].candidate.error == "refusal":
+                assert j.winner == "control"
+        assert judge.stats.cost_usd == pytest.approx(sum(j.cost_usd for j in judgments)) and judge.stats.cost_usd > 0
+
+
+def shadow_scenario(judge: dict, **fields) -> dict:
+    return {"duration": "10h", "users_per_hour": 300, "requests_per_user": 2,
+            "variants": {"control": CONTROL, "candidate": {}}, "judge": judge, **fields}
+
+
+@pytest.mark.integration
+def test_rehearsal_passes_shadow_on_pairs_and_judgments_then_serves_the_candidate(tmp_path):
+    out = simulate(tmp_path, shadow_scenario({"candidate_wins": 0.35, "control_wins": 0.35}), plan=SHADOW_PLAN)
+    steps = actions(out)
+    assert steps[0] == ("start", "shadow", 0) and steps[1] == ("promote", "canary", 50)
+    rule, shadow = SHADOW_PLAN["stages"][0], out["state"]["shadow"]
+    assert shadow["pairs"] >= rule["min_shadow_pairs"] and shadow["judge"]["judged"] >= rule["min_judged_pairs"]
+    assert shadow["pairs"] == out["shadow_pairs_sent"] == out["rows"]["shadow"]
+    assert out["rows"]["judgments"] >= rule["min_judged_pairs"]
+    # the shadowed users were served control only; the candidate was served after the promotion
+    import polars as pl
+
+    def dataset(name: str) -> pl.LazyFrame:
+        return pl.scan_parquet(f"{out['data_dir']}/{name}/**/*.parquet", hive_partitioning=True,
+                               hidden_file_prefix=[".", "_"], missing_columns="insert", extra_columns="ignore")
+
+    shadowed = dataset("shadow").select("user_id").unique()
+    served = dataset("traces").join(shadowed, on="user_id").select("variant").unique().collect()
+    assert served["variant"].to_list() == ["control"]
+    assert dataset("traces").filter(pl.col("variant") == "candidate").select(pl.len()).collect().item() > 0
+
+
+@pytest.mark.integration
+def test_a_candidate_the_judge_dislikes_holds_in_shadow_with_the_judges_reason(tmp_path):
+    out = simulate(tmp_path, shadow_scenario({"candidate_wins": 0.1, "control_wins": 0.6}, duration="6h"),
+                   plan=SHADOW_PLAN)
+    assert actions(out) == [("start", "shadow", 0)]
+    assert out["state"]["stage"] == "shadow"
+    judge = out["state"]["shadow"]["judge"]
+    assert judge["status"] == "breach" and judge["judged"] >= SHADOW_PLAN["stages"][0]["min_judged_pairs"]
+    assert any(reason.startswith("judge prefers control") for reason in out["state"]["shadow"]["blocking"])
