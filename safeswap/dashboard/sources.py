@@ -85,6 +85,7 @@ def load_recorded(data_dir: str | os.PathLike, model: DashboardModel | None = No
         }
         if row.get("source"):
             fields["source"] = row["source"]
+            fields["shadow"] = _json(row.get("shadow_json"), {})  # the replayed shadow stage promotes on these
         try:
             by_rollout.setdefault(row["rollout_id"], []).append(msgspec.convert(fields, StatsSnapshot))
         except msgspec.ValidationError:

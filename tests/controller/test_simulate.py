@@ -242,6 +242,11 @@ def test_rehearsal_passes_shadow_on_pairs_and_judgments_then_serves_the_candidat
     served = dataset("traces").join(shadowed, on="user_id").select("variant").unique().collect()
     assert served["variant"].to_list() == ["control"]
     assert dataset("traces").filter(pl.col("variant") == "candidate").select(pl.len()).collect().item() > 0
+    # the recorded dashboard replays the controller from the dataset: it too leaves shadow on the recorded pairs
+    from safeswap.dashboard.sources import load_recorded
+
+    view = load_recorded(out["data_dir"]).view(SHADOW_PLAN["rollout_id"])
+    assert view["stage_index"] > 0 and all(g["points"] for g in view["guardrails"])
 
 
 @pytest.mark.integration
