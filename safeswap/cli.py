@@ -310,7 +310,7 @@ def rollout_list(broker: BrokerOption = None, json_out: JsonOption = False) -> N
 @app.command()
 def simulate(
     plan: Annotated[Path, typer.Option("--plan", help="Rollout plan (YAML/JSON).")],
-    scenario: Annotated[Path, typer.Option("--scenario", help="Traffic scenario (YAML/JSON): docs/simulate.md.")],
+    scenario: Annotated[Path, typer.Option("--scenario", help="Traffic scenario (YAML/JSON): docs/rollouts.md, Rehearsing.")],
     broker: BrokerOption = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
     eval_gate: Annotated[Optional[Path], typer.Option("--eval-gate", help="`safeswap eval-gate --json` output.")] = None,

@@ -7,7 +7,7 @@ judge agent (agents/judge.py) and ``safeswap judge PAIRS.jsonl`` use the same
 
 Rules (docs/shadow.md):
 
-- A pinned judge model (``SAFESWAP_JUDGE_MODEL``, a dated snapshot) and a rubric
+- A pinned judge model (``SAFESWAP_JUDGE_MODEL``, a snapshot id) and a rubric
   per rollout (``SAFESWAP_JUDGE_RUBRICS`` file, ``"*"`` for the default).
 - Every pair is judged twice: control shown as answer A, then the candidate as
   answer A. Both say the same variant: that variant wins; they disagree (the
@@ -45,6 +45,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from safeswap.plan import is_pinned
 from schemas.events import Judgment, ShadowPair
 from streams.settings import Settings
 
@@ -81,7 +82,9 @@ SYSTEM_PROMPT = (
 # USD per million tokens (input, output). Check against the current price list;
 # SAFESWAP_JUDGE_PRICES adds or overrides entries.
 BUILTIN_PRICES: dict[str, tuple[float, float]] = {
-    "claude-sonnet-4-5-20250929": (3.0, 15.0),
+    "claude-sonnet-4-6": (3.0, 15.0),
+    "claude-sonnet-5": (2.0, 10.0),
+    "claude-sonnet-4-5-20250929": (3.0, 15.0),  # end of life 2026-11-30
     "claude-sonnet-4-20250514": (3.0, 15.0),
     "claude-haiku-4-5-20251001": (1.0, 5.0),
     "claude-3-5-haiku-20241022": (0.8, 4.0),
@@ -344,6 +347,9 @@ class Judge:
         if self.model not in self.prices:
             raise JudgeUnavailable(f"judge model {self.model!r} has no price in the table (add it with "
                                    "SAFESWAP_JUDGE_PRICES): without one the budget cannot be kept")
+        if not is_pinned(self.model):
+            log.warning("judge model %r is an alias, not a pinned snapshot: its verdicts can move when the alias "
+                        "does (set SAFESWAP_JUDGE_MODEL to a snapshot such as claude-sonnet-4-6)", self.model)
         self.rubrics = rubrics if rubrics is not None else {str(k): str(v) for k, v in load_mapping(settings.judge_rubrics).items()}
         self.budget = budget or Budget(settings.judge_budget_usd)
         self.sample_rate = settings.judge_sample_rate if sample_rate is None else sample_rate

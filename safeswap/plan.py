@@ -41,6 +41,29 @@ CHANGEABLE = ("model", "prompt_version", "tools_version", "system_prompt_version
 # A pinned model names a dated snapshot (claude-sonnet-4-5-20250929, gpt-4o-2024-08-06)
 # or an explicit version/digest (name@v3); an alias can change under you.
 PINNED_MODEL = re.compile(r"(\d{8}|\d{4}-\d{2}-\d{2}|@[\w.:-]+)$")
+
+
+def _anthropic_snapshots() -> frozenset[str]:
+    """Anthropic model ids that are snapshots without a date (claude-sonnet-4-6 and later).
+
+    From the installed SDK's model list: an undated id is an alias when a dated
+    sibling exists (claude-sonnet-4-5 -> claude-sonnet-4-5-20250929), else it is
+    the snapshot itself."""
+    from typing import get_args
+
+    from anthropic.types import Model
+
+    names = {a for arg in get_args(Model) for a in (get_args(arg) or (arg,)) if isinstance(a, str)}
+    return frozenset(n for n in names if not PINNED_MODEL.search(n) and not n.endswith("-latest")
+                     and not any(re.fullmatch(re.escape(n) + r"-\d{8}", m) for m in names))
+
+
+def is_pinned(model: str) -> bool:
+    """Whether ``model`` names one fixed version (see ``PINNED_MODEL``)."""
+    return bool(PINNED_MODEL.search(model)) or model in _ANTHROPIC_SNAPSHOTS
+
+
+_ANTHROPIC_SNAPSHOTS = _anthropic_snapshots()
 _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(w|d|h|m|s)\s*")
 _UNIT_S = {"w": 604_800, "d": 86_400, "h": 3_600, "m": 60, "s": 1}
 DAY_S = 86_400
@@ -181,9 +204,10 @@ def check_plan(plan: RolloutPlan) -> tuple[list[tuple[str, str]], list[tuple[str
         model = getattr(plan, side).model
         if model is None:
             errors.append((f"{side}.model", "missing: name the model (a dated snapshot) this variant serves"))
-        elif not PINNED_MODEL.search(model) and not plan.allow_unpinned:
+        elif not is_pinned(model) and not plan.allow_unpinned:
             errors.append((f"{side}.model", f"{model!r} is an alias, not a pinned snapshot: use a dated version "
-                                            "(like claude-sonnet-4-5-20250929) or set allow_unpinned: true"))
+                                            "(like claude-sonnet-4-5-20250929; Anthropic's ids from claude-sonnet-4-6 "
+                                            "on are snapshots) or set allow_unpinned: true"))
     if len(changes) > 1 and not (plan.allow_multiple_changes or "").strip():
         errors.append(("candidate", f"changes {len(changes)} things at once ({', '.join(changes)}): a regression "
                                     "could not be traced to one of them; split the rollout or give "

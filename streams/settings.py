@@ -83,7 +83,7 @@ class Settings:
     # EXPLICIT_ENV); without a key the judge is disabled and everything else runs.
     anthropic_api_key: str = dataclasses.field(default="", repr=False)  # never printed or logged
     anthropic_base_url: str = ""  # "" = the SDK's default endpoint
-    judge_model: str = "claude-sonnet-4-5-20250929"  # pinned: a judge that changes under you moves the verdicts
+    judge_model: str = "claude-sonnet-4-6"  # pinned: a judge that changes under you moves the verdicts
     judge_concurrency: int = 4  # judge API calls in flight per worker, never more
     judge_sample_rate: float = 1.0  # share of shadow pairs judged (by event_id hash: replays pick the same)
     judge_budget_usd: float = 20.0  # per rollout (a worker spends at most its partitions' share)

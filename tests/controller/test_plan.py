@@ -35,7 +35,7 @@ def test_the_documented_example_plan_is_valid():
          "stages[3].percent", 11, "does not go up"),
         (("{name: ramp,   percent: 100}", "{name: ramp,   percent: 120}"), "stages[4].percent", 12, "<= 100"),
         (("min_duration: 48h", "min_duration: two days"), "stages[3].min_duration", 11, "not a duration"),
-        (("claude-sonnet-4-6-20260301", "claude-sonnet-4-6"), "candidate.model", 5, "allow_unpinned"),
+        (("claude-sonnet-4-6-20260301", "claude-sonnet-4-5"), "candidate.model", 5, "allow_unpinned"),
         (("prompt_version: v41}\n# optional", "prompt_version: v42}\n# optional"), "candidate", 5,
          "allow_multiple_changes"),
         (("metric: error_rate,", "metric: eror_rate,"), "guardrails[1].metric", 16, "unknown metric"),
@@ -102,3 +102,15 @@ def test_cli_validate_exit_codes_and_one_line_per_error(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "safeswap", "plan", "validate", str(tmp_path / "nope.yaml")],
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "file not found" in missing.stderr
+
+
+@pytest.mark.parametrize(("model", "pinned"), [
+    ("claude-sonnet-4-5-20250929", True), ("gpt-4o-2024-08-06", True), ("my-model@v3", True),
+    ("claude-sonnet-4-6", True),   # Anthropic's ids from 4.6 on are the snapshots themselves
+    ("claude-sonnet-4-5", False),  # an alias of claude-sonnet-4-5-20250929
+    ("claude-3-7-sonnet-latest", False), ("gpt-4o", False),
+])
+def test_pinned_models(model, pinned):
+    from safeswap.plan import is_pinned
+
+    assert is_pinned(model) is pinned
