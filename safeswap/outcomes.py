@@ -163,7 +163,7 @@ class UserState:
         # The variants this user was ever served (from the processor's distinct sets, read
         # at this state's first trace), so later traces cost no set lookup; and whether the
         # user is counted as a crossover already.
-        self.variants: set[str] | None = None
+        self.variants: tuple[str, ...] | None = None  # a tuple: ~150 bytes less than a set per held user
         self.crossed = False
         self.open: list[Response] = []
         self.by_trace: dict[str, Response] = {}
@@ -328,13 +328,13 @@ class OutcomeProcessor:
         self._advance()
         return None
 
-    def _served(self, user: UserState, variant: str, sums: VariantSums) -> set[str]:
+    def _served(self, user: UserState, variant: str, sums: VariantSums) -> tuple[str, ...]:
         """Record that ``user`` was served ``variant``: distinct users, first exposures."""
         rollout = user.rollout_id
         served = user.variants
         if served is None:  # this state's first trace: what the distinct sets already know
-            served = user.variants = {v for (r, v), seen in self.seen_users.items()
-                                      if r == rollout and user.uid in seen}
+            served = user.variants = tuple(v for (r, v), seen in self.seen_users.items()
+                                           if r == rollout and user.uid in seen)
         if variant not in served:
             seen = self.seen_users.get((rollout, variant))
             if seen is None:
@@ -343,7 +343,7 @@ class OutcomeProcessor:
             sums.users += 1
             if not served:  # the user's first trace in this rollout
                 sums.exposures += 1
-            served.add(variant)
+            served = user.variants = served + (variant,)
         return served
 
     def _crossover(self, user: UserState, sums: VariantSums) -> None:
