@@ -79,6 +79,17 @@ POLL_MS = 100
 MAX_RECORDS = 1_000  # per fetch: a batch is folded under the lock, so this bounds how long snapshots wait
 
 
+def restore_processor(payload: bytes, config: OutcomeConfig) -> OutcomeProcessor | None:
+    """The processor a checkpoint holds, or None when another safeswap version wrote it
+    (its pickled state has another shape: ``OutcomeProcessor.STATE_VERSION``)."""
+    processor = decode_state(payload)
+    if getattr(processor, "state_version", 1) != OutcomeProcessor.STATE_VERSION:
+        return None
+    processor.config = config
+    processor.collect_outcomes = True
+    return processor
+
+
 @dataclass
 class Owned:
     processor: OutcomeProcessor
@@ -333,9 +344,15 @@ class OutcomesService:
                 loaded[partition] = self.fresh(partition)
             else:
                 payload, head = found
-                processor = decode_state(payload)
-                processor.config = self.config
-                processor.collect_outcomes = True
+                processor = restore_processor(payload, self.config)
+                if processor is None:
+                    # Written by another safeswap version: its state has another shape. Rebuild
+                    # from the topics' start (exact while the broker still holds them).
+                    log.warning("outcomes: partition %d: the checkpoint was written by another safeswap "
+                                "version (state version %s): rebuilding the partition from the start of its "
+                                "topics (metrics cover only what the broker still retains)", partition,
+                                OutcomeProcessor.STATE_VERSION)
+                    processor, found = self.fresh(partition).processor, None
                 loaded[partition] = Owned(processor, CheckpointWriter(partition, head["generation"]))
             log.warning("outcomes: partition %d resumes at %s (%s)", partition,
                         dict(loaded[partition].processor.offsets), "from checkpoint" if found else "no checkpoint")

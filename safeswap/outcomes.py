@@ -199,7 +199,13 @@ class OutcomeProcessor:
     ``(origin, reason)`` for the caller to dead-letter.
     """
 
+    # Bumped whenever the pickled state changes shape: a checkpoint of another
+    # version is not loaded (the partition is rebuilt from its topics' start).
+    # 2: distinct-user hash sets and n_units.
+    STATE_VERSION = 2
+
     def __init__(self, partition: int = 0, config: OutcomeConfig | None = None) -> None:
+        self.state_version = self.STATE_VERSION
         self.partition = partition
         self.config = config or OutcomeConfig()
         self.marks = Watermarks((TRACE, FEEDBACK), self.config.lateness_ms, self.config.max_skew_ms)
