@@ -401,6 +401,13 @@ def main() -> None:
     except UserError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False)
         sys.exit(2)
+    except ValueError as exc:
+        from sinks.read import UnreadableFile  # a broken file in the data dir, from any command
+
+        if not isinstance(exc, UnreadableFile):
+            raise
+        err.print(f"[red]error:[/red] {exc}", highlight=False)
+        sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)
