@@ -211,6 +211,31 @@ class VariantSums:
         s[j + 4] += b2 * b2 - b * b
         s[j + 5] += a2 * b2 - a * b
 
+    def add_response(self, totals: list[float], increments) -> None:
+        """``add(totals, m, x, 1.0)`` for every ``(m, x)``: one response counted in each
+        metric's denominator. The hot path (one call per trace instead of ~17); a zero
+        numerator skips its two sums, which ``add`` would change by exactly 0."""
+        s = self.sums
+        for m, x in increments:
+            i = 2 * m
+            a = totals[i]
+            b = totals[i + 1]
+            b2 = b + 1.0
+            totals[i + 1] = b2
+            j = 6 * m
+            if b == 0.0:
+                s[j] += 1
+            if x:
+                a2 = a + x
+                totals[i] = a2
+                s[j + 1] += x
+                s[j + 2] += a2 * a2 - a * a
+                s[j + 5] += a2 * b2 - a * b
+            elif a:
+                s[j + 5] += a * b2 - a * b
+            s[j + 3] += 1.0
+            s[j + 4] += b2 * b2 - b * b
+
     def add_latency(self, latency_ms: float, cache_hit: bool) -> None:
         if not HIST_BINS:
             return

@@ -65,6 +65,14 @@ _LATENCY_HIT, _LATENCY_MISS = M["latency_ms_mean_cache_hit"], M["latency_ms_mean
 _ERROR_KINDS = {kind: M[f"error_rate_{kind}"]
                 for kind in ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other")}
 _ERROR_KIND_LIST = tuple(_ERROR_KINDS.values())
+# A new response's increments that depend only on its error value: 0 for thumbs, edit,
+# retry and follow-up (feedback fills them in later), 0/1 for the error rate and each kind.
+_PER_RESPONSE_ZERO = tuple((m, 0.0) for m in (_THUMBS_DOWN, _THUMBS_UP, _EDIT, _RETRY, _FOLLOW))
+_ERROR_ROWS = {
+    error: (*_PER_RESPONSE_ZERO, (_ERROR, 0.0 if error == "none" else 1.0),
+            *((m, 1.0 if m == _ERROR_KINDS.get(error) else 0.0) for m in _ERROR_KIND_LIST))
+    for error in ("none", "other", *_ERROR_KINDS)
+}
 
 
 @dataclass(frozen=True)
@@ -304,20 +312,12 @@ class OutcomeProcessor:
         sums.responses += 1
         models = sums.models
         models[trace.model_version] = models.get(trace.model_version, 0) + 1
-        add = sums.add
-        for m in (_THUMBS_DOWN, _THUMBS_UP, _EDIT, _RETRY, _FOLLOW):
-            add(totals, m, 0.0, 1.0)
-        error = trace.error
-        add(totals, _ERROR, 0.0 if error == "none" else 1.0, 1.0)
-        error_m = _ERROR_KINDS.get(error)
-        for m in _ERROR_KIND_LIST:
-            add(totals, m, 1.0 if m == error_m else 0.0, 1.0)
         latency = trace.latency_ms
-        add(totals, _LATENCY, latency, 1.0)
-        add(totals, _LATENCY_HIT if trace.cache_hit else _LATENCY_MISS, latency, 1.0)
-        add(totals, _COST, trace.cost_usd, 1.0)
-        add(totals, _CACHE, 1.0 if trace.cache_hit else 0.0, 1.0)
-        sums.add_latency(latency, trace.cache_hit)
+        hit = trace.cache_hit
+        sums.add_response(totals, _ERROR_ROWS[trace.error])
+        sums.add_response(totals, ((_LATENCY, latency), (_LATENCY_HIT if hit else _LATENCY_MISS, latency),
+                                   (_COST, trace.cost_usd), (_CACHE, 1.0 if hit else 0.0)))
+        sums.add_latency(latency, hit)
 
         response = Response(trace, config.max_edit_chars, totals)
         user.by_trace[trace.trace_id] = response

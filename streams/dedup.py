@@ -49,12 +49,17 @@ class Watermarks:
         return NEVER if newest == NEVER else newest - self.lateness_ms
 
     def combined(self) -> int:
-        """No event that is not late can be older than this, on any source."""
-        marks = [self.of(source) for source in self.newest]
-        fastest = max(marks)
+        """No event that is not late can be older than this, on any source.
+
+        = max(min over sources of ``of``, max of ``of`` - max_skew), NEVER before any
+        event; written out because it runs once per event."""
+        newest = self.newest.values()
+        fastest = max(newest)
         if fastest == NEVER:
             return NEVER
-        return max(min(marks), fastest - self.max_skew_ms)
+        slowest = min(newest)
+        lateness = self.lateness_ms
+        return max(NEVER if slowest == NEVER else slowest - lateness, fastest - lateness - self.max_skew_ms)
 
 
 class DueQueue:

@@ -1,4 +1,5 @@
 """Stream primitives at their boundaries: session gap, join TTL, lateness, expiry queue."""
+import pytest
 
 from streams.dedup import NEVER, DueQueue, Watermarks
 from streams.join import PendingJoin, expired, joinable
@@ -76,3 +77,22 @@ def test_due_queue_wakes_keys_when_the_watermark_reaches_their_bucket():
     assert list(queue.pop_due(1999)) == []  # 1500 is rounded up: never woken early
     assert list(queue.pop_due(2000)) == ["a"]
     assert queue.next_due() == 7000
+
+
+def test_add_response_equals_one_add_per_metric():
+    """The hot path's fused update gives the sums and per-user totals of ``add(totals, m, x, 1.0)``."""
+    import random
+
+    from safeswap.metrics import N_RATIO, VariantSums
+
+    rng = random.Random(5)
+    fused, single = VariantSums(), VariantSums()
+    users = [(VariantSums.new_user_totals(), VariantSums.new_user_totals()) for _ in range(20)]
+    for _ in range(2000):
+        totals_fused, totals_single = rng.choice(users)
+        rows = [(m, rng.choice([0.0, 0.0, 1.0, rng.uniform(0, 900)])) for m in rng.sample(range(N_RATIO), 6)]
+        fused.add_response(totals_fused, rows)
+        for m, x in rows:
+            single.add(totals_single, m, x, 1.0)
+    assert fused.sums == pytest.approx(single.sums, rel=1e-12)
+    assert [t for t, _ in users] == [pytest.approx(t, rel=1e-12) for _, t in users]
