@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import random
 
-from schemas import FeedbackEvent, TraceEvent
+from schemas import FeedbackEvent, TraceEvent, encode
 
 T0 = 1_700_000_000_000  # 2023-11-14: event times in the past of any real clock
 NOW = T0 + 48 * 3600 * 1000  # a fixed "wall clock" for the pure tests
@@ -76,3 +77,13 @@ def assert_same_metrics(got: dict, expected: dict, rel: float = 1e-9) -> None:
                 assert math.isclose(have, want, rel_tol=rel, abs_tol=1e-12), (variant, name, have, want)
             else:
                 assert have == want, (variant, name, have, want)
+
+
+def jsonl(events) -> list[bytes]:
+    """Events as the lines of a replay file (``type`` = trace | feedback)."""
+    lines = []
+    for event in events:
+        fields = json.loads(encode(event))
+        fields["type"] = "trace" if "latency_ms" in fields else "feedback"
+        lines.append(json.dumps(fields).encode())
+    return lines

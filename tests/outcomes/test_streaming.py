@@ -13,23 +13,14 @@ import pytest
 
 from safeswap.outcomes import OutcomeConfig, merged_snapshot_values
 from safeswap.replay import partition_for, replay_lines
-from schemas import DeadLetter, StatsSnapshot, encode
+from schemas import DeadLetter, StatsSnapshot
 from streams.checkpoint import read_latest
 from tests.kafka_helpers import read_topic
-from tests.outcomes.helpers import T0, assert_same_metrics, simulated_events, trace
+from tests.outcomes.helpers import T0, assert_same_metrics, jsonl, simulated_events, trace
 
 pytestmark = pytest.mark.integration
 ROLLOUT = "r1"
 FLUSH = "zz-flush"  # traffic of another rollout that moves every partition's watermark past the end
-
-
-def jsonl(events) -> list[bytes]:
-    lines = []
-    for event in events:
-        fields = json.loads(encode(event))
-        fields["type"] = "trace" if "latency_ms" in fields else "feedback"
-        lines.append(json.dumps(fields).encode())
-    return lines
 
 
 def flush_events(partitions: int, ts: int, rollout: str = FLUSH):

@@ -12,22 +12,12 @@ import pytest
 
 from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
 from safeswap.replay import model_drift, replay_lines, short_values
-from schemas import encode
 from streams.checkpoint import decode_state, encode_state
 from streams.dedup import DistinctHashes, id_hash
-from tests.outcomes.helpers import NOW, T0, assert_same_metrics, feedback, simulated_events, trace
+from tests.outcomes.helpers import NOW, T0, assert_same_metrics, feedback, jsonl, simulated_events, trace
 
 MIN = 60_000
 HOUR = 60 * MIN
-
-
-def jsonl(events) -> list[bytes]:
-    lines = []
-    for event in events:
-        fields = json.loads(encode(event))
-        fields["type"] = "trace" if "latency_ms" in fields else "feedback"
-        lines.append(json.dumps(fields).encode())
-    return lines
 
 
 def run(events, config=None, collect=False):
