@@ -177,14 +177,17 @@ class DashboardModel:
     # -- input ----------------------------------------------------------------------
     def add_plan(self, plan: RolloutPlan, ts: int) -> None:
         track = self._track(plan.rollout_id)
-        if track.plan is not None:
-            return  # a plan is immutable; a republished one changes nothing
-        track.plan, track.plan_ts = plan, ts
-        rollouts: dict[str, RolloutState] = {}
+        # The replay's state goes through the controller's on_plan, as the decide agent's
+        # does: a republished plan changes nothing, except an eval gate attached to a
+        # plan still waiting in registered.
+        rollouts: dict[str, RolloutState] = {} if track.replay is None else {plan.rollout_id: track.replay}
         try:
             first = on_plan(rollouts, plan, ts)
         except (PlanConflict, ValueError):
             return
+        if track.plan is None:
+            track.plan_ts = ts
+        track.plan = rollouts[plan.rollout_id].plan
         track.replay = rollouts.get(plan.rollout_id)
         if first is not None:
             track.replay_decision_ts.setdefault(first.seq, ts)

@@ -152,3 +152,19 @@ def test_headers_forbid_foreign_scripts_and_api_answers():
             assert response.status == 200 and response.content_type == kind
 
     _with_client(state, check)
+
+
+def test_a_gate_attached_to_a_registered_plan_is_replayed_like_the_controller_does():
+    """rollout start may republish a high-stakes plan waiting in registered with its gate:
+    the page must follow it out of registered, not keep the first, gateless plan."""
+    from safeswap.evalgate import result_hash
+
+    high = msgspec.structs.replace(PLAN, stakes="high")
+    gate = {"passed": True, "stakes": "high", "lost_count": 0, "lost": []}
+    gate["hash"] = result_hash(gate)
+    model = DashboardModel()
+    model.add_plan(high, 500)
+    assert model.tracks[EVIL].replay.stage == "registered"
+    model.add_plan(msgspec.structs.replace(high, eval_gate=gate), 600)
+    track = model.tracks[EVIL]
+    assert track.replay.stage == "canary" and track.plan.eval_gate == gate and track.plan_ts == 500
