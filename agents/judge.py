@@ -79,7 +79,10 @@ def register(app: faust.App, settings: Settings) -> None:
 
     @app.on_partitions_revoked.connect
     async def forget_spend(app: faust.App, revoked, **kwargs) -> None:
-        seeded.clear()  # a partition that comes back may have been judged elsewhere: seed again
+        # A revoked shadow partition that comes back may have been judged elsewhere meanwhile:
+        # seed its keys ("rollout|partition") again. Kept partitions keep their seeding.
+        gone = {tp.partition for tp in revoked if tp.topic == settings.topic("shadow")}
+        seeded.difference_update({key for key in seeded if int(key.rsplit("|", 1)[1]) in gone})
 
     def admit(pair: ShadowPair, budget_key: str):
         """Seed the key's budget from the table once, reserve, and store spent + reserved."""

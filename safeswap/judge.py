@@ -255,9 +255,12 @@ class Budget:
         """Spent plus reserved: the most that may have been spent, what a worker stores."""
         return self.spent.get(rollout_id, 0.0) + self.reserved.get(rollout_id, 0.0)
 
-    def seed(self, rollout_id: str, spent_usd: float) -> None:
-        """A restarted judge takes over what its predecessor stored (the larger count wins)."""
-        self.spent[rollout_id] = max(self.spent.get(rollout_id, 0.0), float(spent_usd))
+    def seed(self, rollout_id: str, committed_usd: float) -> None:
+        """Take over what the key's previous owner stored (spent + reserved; the larger count
+        wins). This worker's own reservations still in flight are in that figure already:
+        they are not counted twice when they settle."""
+        stored = float(committed_usd) - self.reserved.get(rollout_id, 0.0)
+        self.spent[rollout_id] = max(self.spent.get(rollout_id, 0.0), stored)
 
 
 def retry_after_s(headers: Any, cap_s: float) -> float | None:

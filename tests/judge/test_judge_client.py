@@ -203,3 +203,14 @@ def test_the_reservation_covers_non_latin_text(fake):
     [result] = run(judge, [cjk])
     assert result.status == "judged" and result.judgment.input_tokens > 2 * 9_000
     assert result.cost_usd <= reserved
+
+
+def test_seeding_a_budget_does_not_count_this_workers_own_reservations_twice():
+    budget = Budget(1.0)
+    assert budget.reserve("r1|0", 0.3)
+    stored = budget.committed("r1|0")  # 0.3: what the worker wrote to its table before the call
+    budget.seed("r1|0", stored)  # the key seeded again after a rebalance that kept it here
+    budget.settle("r1|0", 0.3, 0.1)
+    assert budget.committed("r1|0") == pytest.approx(0.1)  # not 0.3 + 0.1
+    budget.seed("r1|0", 0.5)  # another worker meanwhile spent more: its figure wins
+    assert budget.committed("r1|0") == pytest.approx(0.5)
