@@ -82,7 +82,10 @@ MAX_RECORDS = 1_000  # per fetch: a batch is folded under the lock, so this boun
 def restore_processor(payload: bytes, config: OutcomeConfig) -> OutcomeProcessor | None:
     """The processor a checkpoint holds, or None when another safeswap version wrote it
     (its pickled state has another shape: ``OutcomeProcessor.STATE_VERSION``)."""
-    processor = decode_state(payload)
+    try:
+        processor = decode_state(payload)
+    except (AttributeError, ImportError, TypeError, ValueError, EOFError):  # a class renamed or moved since
+        return None
     if getattr(processor, "state_version", 1) != OutcomeProcessor.STATE_VERSION:
         return None
     processor.config = config

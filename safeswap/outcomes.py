@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from bisect import insort
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any, Iterable, get_args
 
 from rapidfuzz import fuzz
 from rapidfuzz.distance import Levenshtein
@@ -46,7 +46,7 @@ from safeswap.metrics import M, VariantSums
 import msgspec
 
 from schemas import FeedbackEvent, InvalidEvent, OutcomeRecord, StatsSnapshot, TraceEvent, decode
-from schemas.events import rfc3339
+from schemas.events import Variant, rfc3339
 from streams.dedup import DistinctHashes, DueQueue, Watermarks, id_hash
 from streams.join import PendingJoin, expired, joinable
 from streams.sessions import closable_sessions, first_session_end, same_session
@@ -65,6 +65,7 @@ _LATENCY_HIT, _LATENCY_MISS = M["latency_ms_mean_cache_hit"], M["latency_ms_mean
 _ERROR_KINDS = {kind: M[f"error_rate_{kind}"]
                 for kind in ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other")}
 _ERROR_KIND_LIST = tuple(_ERROR_KINDS.values())
+_VARIANTS = get_args(Variant)  # control, candidate
 # A new response's increments that depend only on its error value: 0 for thumbs, edit,
 # retry and follow-up (feedback fills them in later), 0/1 for the error rate and each kind.
 _PER_RESPONSE_ZERO = tuple((m, 0.0) for m in (_THUMBS_DOWN, _THUMBS_UP, _EDIT, _RETRY, _FOLLOW))
@@ -339,8 +340,9 @@ class OutcomeProcessor:
         rollout = user.rollout_id
         served = user.variants
         if served is None:  # this state's first trace: what the distinct sets already know
-            served = user.variants = tuple(v for (r, v), seen in self.seen_users.items()
-                                           if r == rollout and user.uid in seen)
+            seen_users = self.seen_users
+            served = user.variants = tuple(v for v in _VARIANTS if (seen := seen_users.get((rollout, v))) is not None
+                                           and user.uid in seen)
         if variant not in served:
             seen = self.seen_users.get((rollout, variant))
             if seen is None:

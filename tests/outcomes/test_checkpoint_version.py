@@ -21,3 +21,11 @@ def test_a_checkpoint_of_another_state_version_is_refused():
     newer = OutcomeProcessor(3)
     newer.state_version = OutcomeProcessor.STATE_VERSION + 1
     assert restore_processor(encode_state(newer), OutcomeConfig()) is None
+
+
+def test_a_checkpoint_whose_classes_no_longer_load_is_refused():
+    import pickle
+    import zlib
+
+    payload = zlib.compress(pickle.dumps(OutcomeProcessor(3)).replace(b"OutcomeProcessor", b"OutcomeProcessoX"), 1)
+    assert restore_processor(payload, OutcomeConfig()) is None
