@@ -90,8 +90,12 @@ class MessagesEndpoint:
         self._loop.close()
 
     def stop(self) -> None:
-        if self._loop is not None and self._loop.is_running():
-            self._loop.call_soon_threadsafe(self._loop.stop)
+        # Also before run_forever has begun: the queued stop ends it as soon as it starts.
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.call_soon_threadsafe(self._loop.stop)
+            except RuntimeError:  # closed meanwhile: the thread is ending by itself
+                pass
         if self._thread is not None:
             self._thread.join(10)
 

@@ -524,7 +524,7 @@ def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *,
                                         sink_idle_s=1.0, anthropic_api_key="simulated-judge-no-key",
                                         anthropic_base_url=judge.base_url)
             asyncio.run(ensure_topics(settings))
-            rows_before = _rows(settings.data_dir, plan.rollout_id)
+            rows_before = sinks.count_rows(settings.data_dir, rollout_id=plan.rollout_id)
             stack.enter_context(WorkerProcess(settings))
         result = asyncio.run(closed_loop(settings, plan, scenario, progress=progress))
         if own_worker:
@@ -539,16 +539,9 @@ def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *,
     result["seconds"] = round(time.monotonic() - started, 2)
     result["rollout_id"] = plan.rollout_id
     if own_worker:
-        after = _rows(settings.data_dir, plan.rollout_id)
+        after = sinks.count_rows(settings.data_dir, rollout_id=plan.rollout_id)
         result["rows"] = {name: count - rows_before.get(name, 0) for name, count in after.items()}
         result["data_dir"] = os.path.abspath(settings.data_dir)
     else:
         result["rows"] = result["data_dir"] = None
     return result
-
-
-def _rows(data_dir: str, rollout_id: str) -> dict[str, int]:
-    try:
-        return sinks.count_rows(data_dir, rollout_id=rollout_id)
-    except sinks.UnreadableFile as exc:  # the CLI prints a RuntimeError as one line
-        raise RuntimeError(str(exc)) from None
