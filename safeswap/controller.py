@@ -35,6 +35,7 @@ from typing import Any
 
 import msgspec
 
+from safeswap.metrics import model_drift
 from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
 from safeswap.stats import GuardrailMonitor, Mean, sequential_compare, split_alpha, stat_from_dict
 from safeswap.stats.srm import srm_test
@@ -354,15 +355,14 @@ def check_health(state: RolloutState, control: dict, candidate: dict, users: dic
     for variant in ("control", "candidate"):
         pinned = getattr(plan, variant).model
         seen = models.get(variant, {})
-        traces = sum(seen.values())
-        if pinned is None or traces < MIN_TRACES_FOR_DRIFT:
+        drift = model_drift(seen, pinned)
+        if drift is None or sum(seen.values()) < MIN_TRACES_FOR_DRIFT:
             continue
-        off = traces - seen.get(pinned, 0)
-        health.model_drift[variant] = off / traces
-        if rules.model_drift != "ignore" and off / traces > rules.model_drift_max_share:
+        health.model_drift[variant] = drift
+        if rules.model_drift != "ignore" and drift > rules.model_drift_max_share:
             others = ", ".join(sorted(m for m in seen if m != pinned))
             health.problems.append(("model_drift", rules.model_drift, (
-                f"{variant} served {off / traces:.1%} of its responses from {others}, not the pinned {pinned}")))
+                f"{variant} served {drift:.1%} of its responses from {others}, not the pinned {pinned}")))
     # One arm losing events: responses per user differ between arms.
     if serving:
         control_rpu, candidate_rpu = _responses_per_user(control), _responses_per_user(candidate)

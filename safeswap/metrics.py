@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections import defaultdict
-from typing import Iterable
+from typing import Any, Iterable
 
 from schemas import FeedbackEvent, StatsSnapshot, TraceEvent, decode
 from safeswap.stats import Ratio
@@ -282,3 +282,28 @@ def metric_values(stats: dict[str, object]) -> dict[str, float | None]:
         stat = stats.get(name)
         values[name] = None if stat is None or stat.n == 0 else stat.quantile(QUANTILE)
     return values
+
+
+def model_drift(models: dict[str, int], pinned: str | None) -> float | None:
+    """Served-model drift of a variant: the share of its traces not served by the model its plan
+    pins (what the controller's health check compares with model_drift_max_share). None
+    without a pin or traces."""
+    traces = sum(models.values())
+    if pinned is None or not traces:
+        return None
+    return (traces - models.get(pinned, 0)) / traces
+
+
+def model_drift_text(drift: Any) -> str:
+    """The share of each variant's traces off its pinned model, as percentages
+    ("control 0.0%, candidate 3.2%"); "none" when nothing drifted."""
+    if not drift:
+        return "none"
+    if not isinstance(drift, dict):
+        return str(drift)
+    order = {"control": 0, "candidate": 1}
+    parts = []
+    for variant in sorted(drift, key=lambda v: (order.get(v, 2), str(v))):
+        share = drift[variant]
+        parts.append(f"{variant} {share:.1%}" if isinstance(share, (int, float)) else f"{variant} {share}")
+    return ", ".join(parts)

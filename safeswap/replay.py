@@ -22,6 +22,7 @@ from typing import Annotated, Any, Iterable, Optional
 import msgspec
 import typer
 
+from safeswap.metrics import model_drift
 from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor, merged_snapshot_values
 from schemas import RolloutPlan
 from streams.settings import Settings
@@ -47,16 +48,6 @@ def short_values(reason: str) -> str:
         return f"{quote}{head}...{quote} ({len(head) + len(rest):,} chars)"
 
     return _QUOTED.sub(cut, reason)
-
-
-def model_drift(models: dict[str, int], pinned: str | None) -> float | None:
-    """Served-model drift of a variant: the share of its traces not served by the model its plan
-    pins (what the controller's health check compares with model_drift_max_share). None
-    without a pin or traces."""
-    traces = sum(models.values())
-    if pinned is None or not traces:
-        return None
-    return (traces - models.get(pinned, 0)) / traces
 
 
 def partition_for(user_id: str, partitions: int) -> int:

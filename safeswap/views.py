@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 from rich.table import Table
 
+from safeswap.metrics import model_drift_text
 from schemas import Decision, GuardrailEvidence, RolloutStatus
 
 
@@ -67,7 +68,7 @@ def status_view(status: RolloutStatus | None, decision: Decision | None) -> list
             skew = health.get("cache_skew") or {}
             summary.add_row("health", (f"SRM p={health.get('srm_p_value', 1):.2g}, crossover "
                                        f"{health.get('crossover_share', 0):.2%}, model drift "
-                                       f"{health.get('model_drift') or 'none'}"
+                                       f"{model_drift_text(health.get('model_drift'))}"
                                        + (" | [yellow]cache-hit rate differs between arms: latency and cost "
                                           "are confounded[/]" if skew.get("skewed") else "")))
             for problem in health.get("problems", []):

@@ -14,6 +14,7 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from safeswap.dashboard.charts import esc, fmt, interval_chart, stage_timeline, trend_chart, when
+from safeswap.metrics import model_drift_text
 
 TREND_LABELS = {
     "latency_ms_p95": ("latency p95", "ms"),
@@ -154,21 +155,6 @@ def _judge_html(view: dict[str, Any]) -> str:
             f'control better {counts["control"]:,}, tie {counts["tie"]:,}. '
             f'Preference for the candidate: {esc(fmt(preference, "pct")) if preference is not None else "-"} '
             '(candidate wins minus control wins, over decided pairs).</p></section>')
-
-
-def model_drift_text(drift: Any) -> str:
-    """The share of each variant's traces off its pinned model, as percentages
-    ("control 0.0%, candidate 3.2%"); "none" when nothing drifted."""
-    if not drift:
-        return "none"
-    if not isinstance(drift, dict):
-        return str(drift)
-    order = {"control": 0, "candidate": 1}
-    parts = []
-    for variant in sorted(drift, key=lambda v: (order.get(v, 2), str(v))):
-        share = drift[variant]
-        parts.append(f"{variant} {share:.1%}" if isinstance(share, (int, float)) else f"{variant} {share}")
-    return ", ".join(parts)
 
 
 def _problem_text(problem: Any) -> str:

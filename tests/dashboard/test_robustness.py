@@ -8,7 +8,8 @@ import msgspec
 import pytest
 
 from safeswap.dashboard.model import DashboardModel
-from safeswap.dashboard.page import model_drift_text, rollout_html
+from safeswap.dashboard.page import rollout_html
+from safeswap.metrics import model_drift_text
 from safeswap.dashboard.server import DashboardState
 from schemas import Decision
 

@@ -11,7 +11,8 @@ import sys
 import pytest
 
 from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
-from safeswap.replay import model_drift, replay_lines, short_values
+from safeswap.metrics import model_drift
+from safeswap.replay import replay_lines, short_values
 from streams.checkpoint import decode_state, encode_state
 from streams.dedup import DistinctHashes, id_hash
 from tests.outcomes.helpers import NOW, T0, assert_same_metrics, feedback, jsonl, simulated_events, trace
