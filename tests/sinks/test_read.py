@@ -7,6 +7,7 @@ import datetime as dt
 import os
 from pathlib import Path
 
+import msgspec
 import polars as pl
 import pyarrow.parquet as pq
 
@@ -134,13 +135,33 @@ def test_the_summary_counts_users_and_sessions_exactly_and_gives_p95_at_any_size
               for i in range(6000)]
     for n, i in enumerate(range(0, 6000, 1500)):  # several files, as a running worker leaves them
         write_traces(tmp_path, events[i:i + 1500], n % 2, first_offset=i)
+    # Reactions to 900 of the traces, 60 of them twice (a thumbs-down on top): one response each.
+    reacted = rng.sample(range(6000), 900)
+    reactions = [feedback(i, rng.choice(["thumbs_down", "thumbs_up", "edit"])) for i in reacted]
+    reactions += [msgspec.structs.replace(feedback(i), event_id=f"again-{i}") for i in reacted[:60]]
+    fb = DATASETS["feedback"]
+    write_rows(Layout(tmp_path), fb, 0, [fb.row(raw(event)) for event in reactions])
     keys = ["rollout_id", "variant", "prompt_version", "model_version"]
-    expected = (scan("traces", tmp_path).group_by(keys)
-                .agg(users=pl.col("user_id").n_unique(), sessions=pl.col("session_id").n_unique(),
-                     latency_ms_p95=pl.col("latency_ms").quantile(0.95)).sort(keys).collect())
+    # The same figures the plain way: strings, no hashing, one pass.
+    traces, kinds = scan("traces", tmp_path), scan("feedback", tmp_path).select("trace_id", "kind")
+    thumbs = (traces.join(kinds, on="trace_id").group_by(keys)
+              .agg(down=pl.col("trace_id").filter(pl.col("kind") == "thumbs_down").n_unique(),
+                   up=pl.col("trace_id").filter(pl.col("kind") == "thumbs_up").n_unique()))
+    expected = (traces.group_by(keys)
+                .agg(responses=pl.len(), users=pl.col("user_id").n_unique(), sessions=pl.col("session_id").n_unique(),
+                     latency_ms_p95=pl.col("latency_ms").quantile(0.95))
+                .join(thumbs, on=keys, how="left")
+                .select(*keys, "users", "sessions", "latency_ms_p95",
+                        thumbs_down_rate=pl.col("down").fill_null(0) / pl.col("responses"),
+                        thumbs_up_rate=pl.col("up").fill_null(0) / pl.col("responses"))
+                .sort(keys).collect())
+    figures = ["users", "sessions", "latency_ms_p95", "thumbs_down_rate", "thumbs_up_rate"]
     for engine in ("streaming", "in-memory"):
         summary = sinks.variant_summary(tmp_path).collect(engine=engine).sort(keys)
-        assert summary.select(*keys, "users", "sessions", "latency_ms_p95").equals(expected), engine
-    assert expected["users"].sum() > 2000  # ids enough for a miscount to show
-    approx = sinks.variant_summary(tmp_path, exact=False).collect()
+        assert summary.select(*keys, *figures).equals(expected), engine
+    assert summary.columns == sinks.queries.SUMMARY_COLUMNS  # the order the CLI prints
+    assert expected["users"].sum() > 2000 and expected["thumbs_down_rate"].min() > 0  # enough for a miscount to show
+    approx = sinks.variant_summary(tmp_path, exact=False).collect().sort(keys)
     assert "latency_ms_p95" not in approx.columns and approx["responses"].sum() == 6000
+    assert approx.select(*keys, "thumbs_down_rate", "thumbs_up_rate").equals(
+        expected.select(*keys, "thumbs_down_rate", "thumbs_up_rate"))
