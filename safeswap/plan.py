@@ -7,6 +7,7 @@ field (``stages[1].percent``), the line in the file and the fix. Pure: no Kafka.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -43,12 +44,14 @@ CHANGEABLE = ("model", "prompt_version", "tools_version", "system_prompt_version
 PINNED_MODEL = re.compile(r"(\d{8}|\d{4}-\d{2}-\d{2}|@[\w.:-]+)$")
 
 
+@functools.cache
 def _anthropic_snapshots() -> frozenset[str]:
     """Anthropic model ids that are snapshots without a date (claude-sonnet-4-6 and later).
 
     From the installed SDK's model list: an undated id is an alias when a dated
     sibling exists (claude-sonnet-4-5 -> claude-sonnet-4-5-20250929), else it is
-    the snapshot itself."""
+    the snapshot itself. Read on first use: importing the SDK's types takes ~1.2 s,
+    which every CLI command paid before."""
     from typing import get_args
 
     from anthropic.types import Model
@@ -60,10 +63,9 @@ def _anthropic_snapshots() -> frozenset[str]:
 
 def is_pinned(model: str) -> bool:
     """Whether ``model`` names one fixed version (see ``PINNED_MODEL``)."""
-    return bool(PINNED_MODEL.search(model)) or model in _ANTHROPIC_SNAPSHOTS
+    return bool(PINNED_MODEL.search(model)) or model in _anthropic_snapshots()
 
 
-_ANTHROPIC_SNAPSHOTS = _anthropic_snapshots()
 _DURATION_PART = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(w|d|h|m|s)\s*")
 _UNIT_S = {"w": 604_800, "d": 86_400, "h": 3_600, "m": 60, "s": 1}
 DAY_S = 86_400

@@ -28,7 +28,6 @@ from numbers import Real
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from scipy.optimize import brentq
 from scipy.special import ndtri
 
 from safeswap.stats.sequential import _check_alpha, _check_n_tune, cs_halfwidth, sequential_rho
@@ -134,6 +133,8 @@ def plan_sample_size(
         hi *= 2
         if hi > 1e13:
             raise ValueError("sequential sample size exceeds 1e13 per arm; check the inputs")
+    from scipy.optimize import brentq  # here, not at the top: importing scipy.optimize takes ~0.5 s
+
     seq = math.ceil(brentq(margin, 2.0, hi, xtol=0.5))
     return SamplePlan(
         fixed_horizon_per_arm=fixed,
