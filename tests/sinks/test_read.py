@@ -127,6 +127,16 @@ def test_compaction_merges_closed_dates_and_a_concurrent_reader_never_sees_dupli
     assert again.merged_files == 0 and again.removed_files == 0
 
 
+def test_summary_groups_keep_apart_key_tuples_that_share_values(tmp_path: Path):
+    # The group is one hash of the four keys: swapped or shifted values must not merge.
+    versions = [("a", "b"), ("b", "a"), ("a", "a"), ("b", "b"), ("ab", "c"), ("a", "bc")]
+    write_traces(tmp_path, [trace(i, variant="control", prompt_version=p, model_version=m)
+                            for i, (p, m) in enumerate(versions * 2)])
+    summary = sinks.variant_summary(tmp_path).collect()
+    assert sorted(zip(summary["prompt_version"], summary["model_version"])) == sorted(versions)
+    assert summary["responses"].to_list() == [2] * len(versions)
+
+
 def test_the_summary_counts_users_and_sessions_exactly_and_gives_p95_at_any_size(tmp_path: Path):
     import random
 
