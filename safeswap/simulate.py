@@ -445,18 +445,12 @@ async def closed_loop(settings: Settings, plan: RolloutPlan, scenario: Scenario,
         async with Emitter(settings=settings, buffer=1_000_000) as emitter, FlagClient(settings=settings) as flags:
             flags.on_change(lambda d: decisions.append(d) if d.rollout_id == plan.rollout_id else None)
             decisions.extend(d for d in [flags.decision(plan.rollout_id)] if d and d not in decisions)
-            step_start, held = start_ms, []
+            step_start = start_ms
             while step_start < start_ms + duration_ms:
                 current = flags.decision(plan.rollout_id)
                 if current is not None and current.stage in TERMINAL:
                     break
-                # A session that starts near a step's end runs into the next step: its later events
-                # wait for that step. Sent now, they would run the topic's clock past the next
-                # step's first events by more than the allowed lateness (those would be dead-
-                # lettered as late). Held events keep their assignment, as a real session would.
-                events = sorted(held + traffic.step(flags, step_start, step_ms), key=lambda e: e.ts)
-                held = [event for event in events if event.ts >= step_start + step_ms]
-                events = events[:len(events) - len(held)]
+                events = traffic.step(flags, step_start, step_ms)
                 for event in events:
                     if isinstance(event, ShadowPair):
                         shadow_sent += emitter.shadow_pair(event)

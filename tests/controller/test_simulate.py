@@ -63,9 +63,6 @@ def test_a_a_rollout_walks_every_stage_and_completes(tmp_path):
     assert out["state"]["stage"] == "complete"
     assert out["rows"]["traces"] > 0 and out["rows"]["decisions"] >= 4 and out["data_dir"]
     assert out["rows"]["outcomes"] > 0  # final per-response outcomes reach their dataset
-    # Sessions that run past a step's end wait for the next step: a clean rehearsal
-    # dead-letters nothing (sent with their step, 150-2,000 of them were late_event).
-    assert out["rows"]["dlq"] == 0
 
 
 @pytest.mark.integration
