@@ -33,6 +33,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sinks.queries import SUMMARY_KEYS  # the summary's group keys, for the pyarrow baseline
+
 
 # --- children: one Faust worker each, reporting its own timing --------------------------------
 def _child(role: str, bootstrap: str, prefix: str, events: int, data_dir: str) -> None:
@@ -232,9 +234,6 @@ def write_synthetic_feedback(data_dir: Path, share: float = 0.05) -> int:
     pq.write_table(feedback.to_arrow().select(schema.names).cast(schema), folder / file_name(0, 0, n - 1),
                    compression="zstd")
     return n
-
-
-SUMMARY_KEYS = ["rollout_id", "variant", "prompt_version", "model_version"]
 
 
 def pyarrow_summary(data_dir: Path):
