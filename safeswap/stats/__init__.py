@@ -13,6 +13,7 @@ Public API (names are a contract used by the decide agent and the stream process
 See docs/statistics.md for the methods, references and validation figures.
 """
 
+from safeswap.stats.gst import GroupSequentialTest, GSTLook, gst_bounds, spending_alpha
 from safeswap.stats.guardrail import GuardrailMonitor, GuardrailVerdict, split_alpha
 from safeswap.stats.planning import SamplePlan, plan_sample_size, watch_hours
 from safeswap.stats.quantiles import LatencyHistogram, QuantileResult, quantile_bounds, quantile_compare
@@ -21,6 +22,8 @@ from safeswap.stats.srm import SRMMonitor, SRMResult, srm_test
 from safeswap.stats.sufficient import Mean, Proportion, Ratio, stat_from_dict
 
 __all__ = [
+    "GSTLook",
+    "GroupSequentialTest",
     "GuardrailMonitor",
     "GuardrailVerdict",
     "LatencyHistogram",
@@ -32,10 +35,12 @@ __all__ = [
     "SRMResult",
     "SamplePlan",
     "SequentialResult",
+    "gst_bounds",
     "plan_sample_size",
     "quantile_bounds",
     "quantile_compare",
     "sequential_compare",
+    "spending_alpha",
     "split_alpha",
     "srm_test",
     "stat_from_dict",
