@@ -7,7 +7,7 @@ one line on stderr and exit non-zero (no traceback).
 from __future__ import annotations
 
 import json
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -27,14 +27,25 @@ def _fmt_x(value: Optional[float]) -> str:
 
 
 def validate_stats(
-    runs: int = typer.Option(2000, "--runs", help="Simulated rollouts per scenario."),
+    runs: Annotated[int | None, typer.Option(
+        "--runs", help="Simulated rollouts per scenario (default 2000; 200 with --realistic).")] = None,
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object on the last line."),
+    realistic: Annotated[bool, typer.Option(
+        "--realistic", help="Closed-loop rollouts of realistic traffic through the worker's own code "
+                            "(safeswap.stats.scenarios) instead of the idealised streams.")] = False,
+    scenario: Annotated[list[str] | None, typer.Option(
+        "--scenario", help="Only this scenario (repeatable; default all).")] = None,
+    jobs: Annotated[int, typer.Option(
+        "--jobs", help="Worker processes for --realistic (the idealised streams are vectorised and ignore it); "
+                       "results do not depend on it.")] = 1,
 ) -> None:
     """Monte-Carlo validation: false-rollback and detection rates, safeswap vs naive z-tests."""
     from safeswap.stats.validation import run_validation
 
     err = Console(stderr=True)
+    if runs is None:
+        runs = 200 if realistic else 2000
     try:
         with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                       TimeElapsedColumn(), console=err, transient=True) as progress:
@@ -43,9 +54,19 @@ def validate_stats(
             def report(name: str, done: int, total: int) -> None:
                 progress.update(task, description=name, completed=done, total=total)
 
-            result = run_validation(runs, seed, progress=report)
+            if realistic:
+                from safeswap.stats.scenarios import run_realistic
+
+                result = run_realistic(scenario or None, runs, seed, jobs=jobs, progress=report)
+            else:
+                result = run_validation(runs, seed, progress=report, scenarios=scenario or None)
     except ValueError as exc:
         _fail(str(exc))
+        return
+    if realistic:
+        Console(stderr=as_json).print(_realistic_table(result))
+        if as_json:
+            print(json.dumps(result))
         return
     table = Table(title=f"safeswap.stats validation: {runs} runs, seed {seed}, alpha {result['alpha']}, "
                         f"n_tune {result['n_tune']}, fixed-horizon n {result['fixed_horizon_per_arm']}/arm, "
@@ -66,6 +87,30 @@ def validate_stats(
     Console(stderr=as_json).print(table)
     if as_json:
         print(json.dumps(result))
+
+
+def _rate_cell(figures: dict) -> str:
+    lo, hi = figures["ci95"]
+    return f"{figures['rate']:.3f} ± {figures['mc_se']:.3f} ({lo:.3f}-{hi:.3f})"
+
+
+def _realistic_table(result: dict) -> Table:
+    stages = " -> ".join(f"{s['percent']:g}%" + (f" {s['min_duration']}" if s.get("min_duration") else "")
+                         for s in result["plan"]["stages"])
+    table = Table(title=f"safeswap realistic rollouts: {result['runs']} runs, seed {result['seed']}, "
+                        f"alpha {result['alpha']}, a look every {result['look_minutes']:g} min; "
+                        f"plan {stages}, traffic for {result['traffic_days']:g} days")
+    for column in ("scenario", "kind", "safeswap rate ± MC SE (Wilson 95%)", "previous method rate ± SE",
+                   "pauses", "users/run", "runs"):
+        table.add_column(column, justify="right" if column in ("pauses", "users/run", "runs") else "left")
+    for name, s in result["scenarios"].items():
+        previous = s["previous"]
+        table.add_row(
+            name, "A/A false rollback" if s["kind"] == "aa" else "A/B detection", _rate_cell(s["safeswap"]),
+            f"{previous['rate']:.3f} ± {previous['mc_se']:.3f}", f"{s['pause_rate']:.3f}",
+            f"{s['users_per_run']:,.0f}", str(s["runs"]),
+        )
+    return table
 
 
 def plan_size(
