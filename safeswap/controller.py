@@ -21,10 +21,16 @@ State machine (event time, never wall-clock, so a replay decides the same)::
   A cache-hit-rate difference between arms is flagged as a confounder for latency
   and cost in the evidence; it does not act by itself.
 
-Guardrail monitors run cumulatively over the whole rollout (both arms are always
-measured over the same period), each with ``alpha / k`` (Bonferroni over the k
-guardrails). Every decision has a sequence number; the same inputs give the same
-decisions, so replays are idempotent.
+Guardrail monitors run cumulatively over the whole rollout, each with ``alpha / k``
+(Bonferroni over the k guardrails), on exposure cohorts: every promotion starts a new
+split period (``cohort_starts``, published in every decision so the outcomes agents
+file each new user under the period of its first exposure), and the monitors combine
+the cohorts' comparisons with Cochran-Mantel-Haenszel weights, so a baseline that moves
+while the split ramps does not bias the comparison. When the plan states the watch time
+of its serving stages, each monitor spends most of its alpha group-sequentially over
+that horizon (event time) and keeps the rest for an always-valid sequence
+(``SequentialSpec``). Every decision has a sequence number; the same inputs give the
+same decisions, so replays are idempotent.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ import msgspec
 
 from safeswap.metrics import model_drift
 from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
-from safeswap.stats import GuardrailMonitor, Mean, sequential_compare, split_alpha, stat_from_dict
+from safeswap.stats import GuardrailMonitor, sequential_compare, split_alpha, stat_from_dict
+from safeswap.stats.sequential import stratified_compare
 from safeswap.stats.srm import srm_test
 from schemas import Decision, GuardrailEvidence, RolloutPlan, RolloutStatus, StatsSnapshot
 
@@ -49,8 +56,20 @@ EVENT_LOSS_ALPHA = 0.001
 
 def plan_hash(plan: RolloutPlan) -> str:
     """Content hash of a plan: any change to a plan makes a new rollout."""
-    canonical = msgspec.json.encode(msgspec.to_builtins(plan), order="sorted")
+    builtins = msgspec.to_builtins(plan)
+    if not builtins.get("sequential"):  # the default design: plans written before it keep their hash
+        builtins.pop("sequential", None)
+    canonical = msgspec.json.encode(builtins, order="sorted")
     return hashlib.sha256(canonical).hexdigest()[:16]
+
+
+def watch_horizon_s(plan: RolloutPlan) -> float | None:
+    """The planned watch time of the serving stages below 100% (event-time seconds), over
+    which group-sequential guardrails spend alpha; None when a stage does not state it."""
+    serving = [stage for stage in plan.stages if stage.name != "shadow" and 0 < (stage.percent or 0) < 100]
+    if not serving or any(not stage.min_duration for stage in serving):
+        return None
+    return sum(parse_duration(stage.min_duration) for stage in serving) or None
 
 
 def gate_refusal(plan: RolloutPlan) -> str | None:
@@ -119,6 +138,9 @@ class RolloutState:
     stage_started_ts: int = 0
     stage_start_exposures: dict[str, int] = field(default_factory=dict)
     paused_stage: str | None = None  # the stage a pause holds, for resume
+    # Event times at which the split changed (promotions): the exposure cohorts' boundaries.
+    cohort_starts: list[int] = field(default_factory=list)
+    watch_started_ts: int = 0  # event time the first serving stage began (0: not yet)
     seq: int = 0
     now_ts: int = 0
     srm_min_p: float = 1.0
@@ -153,6 +175,8 @@ class RolloutState:
             "stage_started_ts": self.stage_started_ts,
             "stage_start_exposures": self.stage_start_exposures,
             "paused_stage": self.paused_stage,
+            "cohort_starts": self.cohort_starts,
+            "watch_started_ts": self.watch_started_ts,
             "seq": self.seq,
             "now_ts": self.now_ts,
             "srm_min_p": self.srm_min_p,
@@ -174,6 +198,8 @@ class RolloutState:
             stage_started_ts=data["stage_started_ts"],
             stage_start_exposures=data["stage_start_exposures"],
             paused_stage=data["paused_stage"],
+            cohort_starts=list(data.get("cohort_starts") or []),
+            watch_started_ts=data.get("watch_started_ts", 0),
             seq=data["seq"],
             now_ts=data["now_ts"],
             srm_min_p=data["srm_min_p"],
@@ -243,6 +269,8 @@ def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None
         # A stage's watch starts in event time: at the first statistics seen in it
         # (the plan itself arrives with a wall-clock timestamp, not event time).
         state.stage_started_ts = snapshot.ts
+    if state.watch_started_ts == 0 and state.stage in ("canary", "ramp"):
+        state.watch_started_ts = state.stage_started_ts
     evaluation = evaluate(state)
     state.last_evaluation = evaluation
     return decide(state, evaluation)
@@ -282,6 +310,40 @@ def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, 
     return merged
 
 
+def merge_cohorts(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Add the latest snapshot of every partition per exposure cohort: merged[cohort][variant][metric].
+    A snapshot without cohorts (written before them) counts as cohort "0"."""
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    for snapshot in snapshots.values():
+        for cohort, variants in (snapshot.cohorts or {"0": snapshot.metrics}).items():
+            for variant, metrics in variants.items():
+                into = merged.setdefault(cohort, {}).setdefault(variant, {})
+                for metric, stat in metrics.items():
+                    value = stat_from_dict(stat)
+                    into[metric] = into[metric] + value if metric in into else value
+    return merged
+
+
+def cohort_strata(cohorts: dict[str, dict[str, dict[str, Any]]], metric: str) -> tuple[list, list]:
+    """(control, candidate) statistics of ``metric`` in every cohort that has both."""
+    control, candidate = [], []
+    for cohort in sorted(cohorts, key=int):
+        arms = cohorts[cohort]
+        a, b = arms.get("control", {}).get(metric), arms.get("candidate", {}).get(metric)
+        if a is not None and b is not None:
+            control.append(a)
+            candidate.append(b)
+    return control, candidate
+
+
+def watch_fraction(state: RolloutState) -> float | None:
+    """Share of the plan's watch horizon elapsed in event time (None without a horizon)."""
+    horizon = watch_horizon_s(state.plan)
+    if horizon is None or state.watch_started_ts == 0:
+        return None
+    return max(0.0, (state.now_ts - state.watch_started_ts) / 1000 / horizon)
+
+
 def _sum_by_variant(snapshots: dict[int, StatsSnapshot], attribute: str) -> dict[str, int]:
     total: dict[str, int] = {}
     for snapshot in snapshots.values():
@@ -296,9 +358,12 @@ def evaluate(state: RolloutState) -> Evaluation:
     users = _sum_by_variant(state.snapshots, "users")
     verdicts: dict[str, Any] = {}
     if state.stage != "shadow":  # in shadow nobody is served the candidate: nothing to compare
+        cohorts = merge_cohorts(state.snapshots)
+        fraction = watch_fraction(state)
         for metric, monitor in state.monitors.items():
-            if metric in control and metric in candidate:
-                verdicts[metric] = monitor.update(control[metric], candidate[metric])
+            strata = cohort_strata(cohorts, metric)
+            if strata[0]:
+                verdicts[metric] = monitor.update(*strata, fraction=fraction)
     stage = state.current_stage
     return Evaluation(
         ts=state.now_ts,
@@ -330,7 +395,7 @@ def check_health(state: RolloutState, control: dict, candidate: dict, users: dic
     # Sample-ratio mismatch on users first seen in this stage, against its split.
     exposures = _sum_by_variant(state.snapshots, "first_exposures")
     if serving and exposures and rules.srm != "ignore":
-        counts = [max(0, exposures.get(v, 0) - state.stage_start_exposures.get(v, 0)) for v in ("control", "candidate")]
+        counts = _stage_exposures(state, exposures)
         health.srm_counts = {"control": counts[0], "candidate": counts[1]}
         if sum(counts) > 0:
             share = state.percent / 100
@@ -363,17 +428,22 @@ def check_health(state: RolloutState, control: dict, candidate: dict, users: dic
             others = ", ".join(sorted(m for m in seen if m != pinned))
             health.problems.append(("model_drift", rules.model_drift, (
                 f"{variant} served {drift:.1%} of its responses from {others}, not the pinned {pinned}")))
-    # One arm losing events: responses per user differ between arms.
+    # One arm losing events: responses per user differ between arms (cohort by cohort: earlier
+    # cohorts have had longer to come back, and the arms' shares differ between cohorts).
     if serving:
-        control_rpu, candidate_rpu = _responses_per_user(control), _responses_per_user(candidate)
-        if control_rpu and candidate_rpu and min(control_rpu.n, candidate_rpu.n) >= plan.min_users_per_arm:
-            result = sequential_compare(control_rpu, candidate_rpu, alpha=EVENT_LOSS_ALPHA, n_tune=plan.n_tune,
-                                        difference="relative", alternative="two-sided")
-            health.responses_per_user = result.to_dict()
-            if result.p_value < EVENT_LOSS_ALPHA:
-                health.problems.append(("event_loss", "pause", (
-                    f"candidate responses per user {result.estimate:+.1%} vs control (p={result.p_value:.2g}): "
-                    "one arm is losing events, or the candidate changed engagement; check the emitters")))
+        strata = cohort_strata(merge_cohorts(state.snapshots), "responses_per_user")
+        if strata[0] and min(sum(s.n for s in arm) for arm in strata) >= plan.min_users_per_arm:
+            try:
+                result = stratified_compare(list(zip(*strata)), alpha=EVENT_LOSS_ALPHA, n_tune=plan.n_tune,
+                                            difference="relative", alternative="two-sided")
+            except ValueError:  # no cohort with 2 users in both arms yet
+                result = None
+            if result is not None:
+                health.responses_per_user = result.to_dict()
+                if result.p_value < EVENT_LOSS_ALPHA:
+                    health.problems.append(("event_loss", "pause", (
+                        f"candidate responses per user {result.estimate:+.1%} vs control (p={result.p_value:.2g}): "
+                        "one arm is losing events, or the candidate changed engagement; check the emitters")))
     # Cache-hit skew: a confounder for latency and cost, flagged, not acted on.
     if "cache_hit_rate" in control and "cache_hit_rate" in candidate:
         a, b = control["cache_hit_rate"], candidate["cache_hit_rate"]
@@ -384,6 +454,20 @@ def check_health(state: RolloutState, control: dict, candidate: dict, users: dic
     return health
 
 
+def _stage_exposures(state: RolloutState, exposures: dict[str, int]) -> list[int]:
+    """New users of each arm in the current split period: the current cohort's first exposures
+    (the outcomes agents file a user under the period in force when they learn of it, as the
+    apps' flag clients switch splits), else the growth since the stage began."""
+    cohort = str(len(state.cohort_starts))
+    if all(len(s.cohort_starts) == len(state.cohort_starts) for s in state.snapshots.values()):
+        counts = {"control": 0, "candidate": 0}
+        for snapshot in state.snapshots.values():
+            for variant, n in snapshot.cohort_exposures.get(cohort, {}).items():
+                counts[variant] = counts.get(variant, 0) + n
+        return [counts["control"], counts["candidate"]]
+    return [max(0, exposures.get(v, 0) - state.stage_start_exposures.get(v, 0)) for v in ("control", "candidate")]
+
+
 def _models_by_variant(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, int]]:
     models: dict[str, dict[str, int]] = {}
     for snapshot in snapshots.values():
@@ -392,14 +476,6 @@ def _models_by_variant(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[st
             for model, count in seen.items():
                 into[model] = into.get(model, 0) + count
     return models
-
-
-def _responses_per_user(metrics: dict) -> Mean | None:
-    """Responses per user, from the denominators of a per-response ratio."""
-    ratio = metrics.get("thumbs_down_rate") or metrics.get("error_rate")
-    if ratio is None or not hasattr(ratio, "den_sq") or ratio.n < 2:
-        return None
-    return Mean(n=ratio.n, total=ratio.den, total_sq=ratio.den_sq)
 
 
 def decide(state: RolloutState, evaluation: Evaluation) -> Decision | None:
@@ -454,6 +530,10 @@ def _enter_stage(state: RolloutState, index: int, ts: int, action: str, evaluati
     stage = state.plan.stages[index]
     state.stage_index = index
     state.stage_started_ts = evaluation.ts if evaluation is not None else 0
+    if action == "promote" and evaluation is not None:
+        state.cohort_starts.append(evaluation.ts)  # a new split from here on: a new exposure cohort
+    if state.watch_started_ts == 0 and stage.name != "shadow":
+        state.watch_started_ts = state.stage_started_ts
     state.stage_start_exposures = _sum_by_variant(state.snapshots, "first_exposures")
     state.srm_min_p = 1.0  # a new split: a new SRM test
     if stage.name == "shadow":
@@ -500,6 +580,7 @@ def _decide(state: RolloutState, ts: int, action: str, stage: str, reason: str, 
         control=_variant_meta(state.plan.control),
         candidate=_variant_meta(state.plan.candidate),
         health=health_dict(evaluation.health) if evaluation else {},
+        cohort_starts=list(state.cohort_starts),
     )
     state.last_decision = decision
     return decision
@@ -552,6 +633,15 @@ def _variant_meta(spec) -> dict[str, str]:
     return {k: v for k, v in msgspec.to_builtins(spec).items() if v is not None}
 
 
+def group_sequential_config(plan: RolloutPlan) -> dict[str, Any] | None:
+    """The monitors' group-sequential settings, or None for the confidence sequence alone."""
+    sequential = plan.sequential
+    if sequential.design == "confidence_sequence" or watch_horizon_s(plan) is None:
+        return None
+    return {"spending": sequential.spending, "param": sequential.param, "share": sequential.share,
+            "analyses": sequential.analyses}
+
+
 def _monitor(plan: RolloutPlan, spec, metric: str, alpha: float) -> GuardrailMonitor:
     direction = METRIC_HARM.get(spec.metric, "increase")
     relative = spec.max_relative_increase if direction == "increase" else spec.max_relative_decrease
@@ -564,6 +654,7 @@ def _monitor(plan: RolloutPlan, spec, metric: str, alpha: float) -> GuardrailMon
         alpha=alpha,
         min_units_per_arm=plan.min_users_per_arm,
         n_tune=plan.n_tune,
+        group_sequential=group_sequential_config(plan),
     )
 
 

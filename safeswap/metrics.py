@@ -144,6 +144,7 @@ RATIO_METRICS: tuple[str, ...] = (
     "error_rate", *ERROR_KIND_METRICS,
     "latency_ms_mean", "latency_ms_mean_cache_hit", "latency_ms_mean_cache_miss",
     "cost_usd_mean", "cost_per_session_mean", "cache_hit_rate",
+    "responses_per_user",
 )
 M = {name: index for index, name in enumerate(RATIO_METRICS)}
 N_RATIO = len(RATIO_METRICS)
@@ -166,30 +167,49 @@ else:  # pragma: no cover
     HIST_EDGES, HIST_BINS = [], 0
 
 
+# Users are summed into this many hash buckets per (rollout, arm, cohort) and partition:
+# the buckets are the statistical units (a user never changes bucket, so the delta
+# method over buckets is the user-level one) and memory stays constant however many
+# users there are or how often they come back (docs/statistics.md "The unit").
+UNIT_BUCKETS = 1024
+
+
 class VariantSums:
-    """Sufficient statistics of one (rollout, variant) on one partition.
+    """Sufficient statistics of one (rollout, arm, exposure cohort) on one partition.
 
     ``sums[6*m : 6*m+6]`` = (n_units, num, num_sq, den, den_sq, num_den) of ratio
-    metric ``m``, kept exact under increments *and* retractions from each user's
-    running totals (``user_totals[2*m]`` = num, ``[2*m+1]`` = den), which live in the
-    user's state while it is active (safeswap.outcomes).
+    metric ``m`` over the cell's user buckets, kept exact under increments *and*
+    retractions from each bucket's running totals (``buckets[b][2*m]`` = num,
+    ``[2*m+1]`` = den): a user's responses always land in the same bucket, so the
+    sums are those of per-user totals since first exposure, added up per bucket.
     """
 
-    __slots__ = ("sums", "hist", "users", "responses", "sessions", "models", "exposures", "crossovers")
+    __slots__ = ("sums", "hist", "users", "responses", "sessions", "buckets")
 
     def __init__(self) -> None:
         self.sums = [0.0] * (6 * N_RATIO)
         self.hist = {stratum: [0] * HIST_BINS for stratum in ("all", "cache_hit", "cache_miss")}
-        self.users = 0
+        self.users = 0  # distinct users first exposed in this arm and cohort
         self.responses = 0
         self.sessions = 0
-        self.models: dict[str, int] = {}
-        self.exposures = 0  # distinct users whose first trace was in this variant (the sample-ratio check)
-        self.crossovers = 0  # (control only) distinct users served the candidate, then control
+        self.buckets: dict[int, list[float]] = {}
 
-    @staticmethod
-    def new_user_totals() -> list[float]:
-        return [0.0] * (2 * N_RATIO)
+    def bucket(self, uid: int) -> list[float]:
+        """The running totals of the bucket that holds user hash ``uid``."""
+        b = uid % UNIT_BUCKETS
+        totals = self.buckets.get(b)
+        if totals is None:
+            totals = self.buckets[b] = [0.0] * (2 * N_RATIO)
+        return totals
+
+    def absorb(self, other: "VariantSums") -> None:
+        """Add another cell's statistics (disjoint users): the arm's figures over all cohorts."""
+        self.sums = [a + b for a, b in zip(self.sums, other.sums)]
+        for stratum, counts in other.hist.items():
+            self.hist[stratum] = [a + b for a, b in zip(self.hist[stratum], counts)]
+        self.users += other.users
+        self.responses += other.responses
+        self.sessions += other.sessions
 
     def add(self, totals: list[float], m: int, d_num: float, d_den: float) -> None:
         i = 2 * m
@@ -248,8 +268,11 @@ class VariantSums:
         n, num, num_sq, den, den_sq, num_den = self.sums[j:j + 6]
         if n <= 0 or den == 0:
             return None
-        return Ratio(n_units=int(round(n)), num=num, num_sq=max(num_sq, 0.0), den=den, den_sq=max(den_sq, 0.0),
-                     num_den=num_den)
+        units = int(round(n))
+        # ``users``: the cell's distinct users (those with a response); per-metric users
+        # (e.g. only those who edited) are not tracked per user, buckets are.
+        return Ratio(n_units=units, num=num, num_sq=max(num_sq, 0.0), den=den, den_sq=max(den_sq, 0.0),
+                     num_den=num_den, users=max(self.users, units))
 
     def histogram(self, stratum: str):
         counts = self.hist[stratum]

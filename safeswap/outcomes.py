@@ -14,17 +14,33 @@ Per (rollout, user) the state holds (:class:`UserState`):
   passes ``ts + join_ttl`` (streams.join);
 * ``pending``: feedback that arrived before its trace;
 * ``ids``: event ids seen, for dedup (forgotten once a repeat would be late);
-* ``totals``: the running numerators/denominators per metric of the user's
-  current *visit* (the statistical unit), from which the per-variant sums of
-  squares are kept exact.
+* ``arm`` and ``cohort``: the variant and the split period of the user's first
+  exposure to the rollout.
+
+The statistics are kept per *cell* = (rollout, arm, cohort) (:class:`VariantSums`),
+and within a cell per hash bucket of the user id (``safeswap.metrics.UNIT_BUCKETS``):
+every response and its feedback add to the running totals of the user's bucket, from
+which the sums of squares are kept exact. A user never changes bucket, arm or cohort,
+so a user who comes back after days adds to the same totals: the user is the unit
+for the whole rollout, in constant memory (docs/statistics.md "The unit").
+
+* **Arm (intention to treat).** A user counts in the arm first served. A control
+  user moved to the candidate by a ramp step keeps counting in control (so does a
+  candidate user later served control, a leak that the crossover check reports);
+  which variant served each response is still counted (``users``, ``models``).
+* **Cohort.** The split period (``Decision.cohort_starts``, passed in through
+  :meth:`OutcomeProcessor.on_decision`) in which the user was first exposed. Within a
+  cohort the split was fixed when its users arrived, so the arms are comparable; the
+  controller combines cohorts with Cochran-Mantel-Haenszel weights, which removes the
+  time bias of pooling a ramp whose split changed while the baseline moved.
 
 A user's state is released when the watermark has passed the session gap and the
 join TTL of everything it holds. What must outlive it is kept compactly: per
-(rollout, variant) the 64-bit hashes of the user_ids seen (``seen_users``), so
-``users`` is the exact number of distinct users and first exposures and
-crossovers are per user, not per visit; a user's totals are not kept (a
-returning user starts a new unit, see docs/metrics.md "Unit"). The metric
-contract is docs/metrics.md.
+(rollout, arm, cohort) the 64-bit hashes of the users first exposed there
+(``first_seen``), and per (rollout, variant) those served it outside their arm
+(``also_served``), so ``users`` is the exact number of distinct users and a
+returning user finds its arm and cohort again. The metric contract is
+docs/metrics.md.
 
 Determinism: every decision is a function of event times and the watermarks of
 streams.dedup, so two runs over the same per-topic logs give the same metrics
@@ -42,10 +58,12 @@ from typing import Any, Iterable, get_args
 from rapidfuzz import fuzz
 from rapidfuzz.distance import Levenshtein
 
+from bisect import bisect_right
+
 from safeswap.metrics import M, VariantSums
 import msgspec
 
-from schemas import FeedbackEvent, InvalidEvent, OutcomeRecord, StatsSnapshot, TraceEvent, decode
+from schemas import Decision, FeedbackEvent, InvalidEvent, OutcomeRecord, StatsSnapshot, TraceEvent, decode
 from schemas.events import Variant, rfc3339
 from streams.dedup import DistinctHashes, DueQueue, Watermarks, id_hash
 from streams.join import PendingJoin, expired, joinable
@@ -62,6 +80,7 @@ _RETRY, _FOLLOW = M["retry_rate"], M["follow_up_rate"]
 _TURNS, _ABANDON, _COST_SESSION = M["session_turns_mean"], M["abandon_rate"], M["cost_per_session_mean"]
 _ERROR, _LATENCY, _COST, _CACHE = M["error_rate"], M["latency_ms_mean"], M["cost_usd_mean"], M["cache_hit_rate"]
 _LATENCY_HIT, _LATENCY_MISS = M["latency_ms_mean_cache_hit"], M["latency_ms_mean_cache_miss"]
+_RESPONSES_PER_USER = M["responses_per_user"]
 _ERROR_KINDS = {kind: M[f"error_rate_{kind}"]
                 for kind in ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other")}
 _ERROR_KIND_LIST = tuple(_ERROR_KINDS.values())
@@ -107,19 +126,21 @@ class OutcomeConfig:
 class Response:
     """One served response and what is known about it so far."""
 
-    __slots__ = ("trace", "trace_id", "ts", "variant", "totals", "prompt", "text", "error", "cost", "closed", "last",
+    __slots__ = ("trace", "trace_id", "ts", "variant", "cell", "totals", "prompt", "text", "error", "cost", "closed",
+                 "last",
                  "down", "up", "edited", "edit_key", "dist", "dist_words",
                  "explicit_retry", "implicit_retry", "explicit_follow", "has_next", "counted_retry",
                  "counted_follow", "counted_abandon", "last_negative", "last_positive", "abandon_feedback")
 
-    def __init__(self, trace: TraceEvent, max_chars: int, totals: list[float]) -> None:
+    def __init__(self, trace: TraceEvent, max_chars: int, cell: VariantSums, totals: list[float]) -> None:
         # for its outcome record; without the texts, which may be large
         self.trace = msgspec.structs.replace(trace, prompt_text=None, response_text=None)
         self.last = False  # closed as the last response of its session
         self.trace_id = trace.trace_id
         self.ts = trace.ts
         self.variant = trace.variant
-        self.totals = totals  # the per-user sums of the visit this response belongs to
+        self.cell = cell  # the (rollout, arm, cohort) statistics it counts in
+        self.totals = totals  # the running totals of its user's bucket in that cell
         self.prompt = trace.prompt_text[:max_chars] if trace.prompt_text is not None else None
         self.text = trace.response_text[:max_chars] if trace.response_text is not None else None
         self.error = trace.error
@@ -163,37 +184,29 @@ def _sort_key(response: Response) -> tuple[int, str]:
 
 class UserState:
     __slots__ = ("rollout_id", "user_id", "uid", "variants", "crossed", "open", "by_trace", "pending", "ids",
-                 "totals", "due", "release_at", "visit_until")
+                 "arm", "cohort", "due", "release_at")
 
     def __init__(self, rollout_id: str, user_id: str) -> None:
         self.rollout_id = rollout_id
         self.user_id = user_id
         self.uid = id_hash(user_id)
-        # The variants this user was ever served (from the processor's distinct sets, read
-        # at this state's first trace), so later traces cost no set lookup; and whether the
-        # user is counted as a crossover already.
+        # The variants this user was ever served, its arm first (from the processor's
+        # distinct sets, read at this state's first trace), so later traces cost no set
+        # lookup; and whether the user is counted as a crossover already.
         self.variants: tuple[str, ...] | None = None  # a tuple: ~150 bytes less than a set per held user
+        self.arm = ""
+        self.cohort = 0
         self.crossed = False
         self.open: list[Response] = []
         self.by_trace: dict[str, Response] = {}
         self.pending: PendingJoin = PendingJoin()
         self.ids: dict[str, int] = {}
-        self.totals: dict[str, list[float]] = {}  # of the current visit, per variant
         self.due = FAR_FUTURE
         # Every event holds the user's state until ts + max(gap, ttl + 1) (the
-        # watermark must pass it before release). A trace at or after the hold of
-        # all earlier traces starts a new *visit* (a new unit), whether or not the
-        # state was released meanwhile; judged on the traces topic alone, whose
-        # order is fixed, so the unit count does not depend on the interleaving.
+        # watermark must pass it before release).
         self.release_at = -FAR_FUTURE
-        self.visit_until = -FAR_FUTURE
 
-    def hold(self, ts: int, hold_ms: int, is_trace: bool) -> None:
-        if is_trace:
-            if ts >= self.visit_until:
-                self.totals = {}
-            if ts + hold_ms > self.visit_until:
-                self.visit_until = ts + hold_ms
+    def hold(self, ts: int, hold_ms: int) -> None:
         if ts + hold_ms > self.release_at:
             self.release_at = ts + hold_ms
 
@@ -210,8 +223,8 @@ class OutcomeProcessor:
 
     # Bumped whenever the pickled state changes shape: a checkpoint of another
     # version is not loaded (the partition is rebuilt from its topics' start).
-    # 2: distinct-user hash sets and n_units.
-    STATE_VERSION = 2
+    # 2: distinct-user hash sets and n_units. 3: cells per (arm, cohort) summed in user buckets.
+    STATE_VERSION = 3
 
     def __init__(self, partition: int = 0, config: OutcomeConfig | None = None) -> None:
         self.state_version = self.STATE_VERSION
@@ -219,12 +232,18 @@ class OutcomeProcessor:
         self.config = config or OutcomeConfig()
         self.marks = Watermarks((TRACE, FEEDBACK), self.config.lateness_ms, self.config.max_skew_ms)
         self.users: dict[tuple[str, str], UserState] = {}
-        # Distinct users per (rollout, variant), and per rollout those counted as crossovers:
-        # hashes that outlive the released per-user state (checkpointed with the rest).
-        self.seen_users: dict[tuple[str, str], DistinctHashes] = {}
+        # Distinct users: first exposed per (rollout, arm, cohort); served a variant outside
+        # their arm per (rollout, variant); per rollout those counted as crossovers. Hashes
+        # that outlive the released per-user state (checkpointed with the rest).
+        self.first_seen: dict[tuple[str, str, int], DistinctHashes] = {}
+        self.also_served: dict[tuple[str, str], DistinctHashes] = {}
         self.crossed_users: dict[str, DistinctHashes] = {}
         self.due = DueQueue()
-        self.variants: dict[tuple[str, str], VariantSums] = {}
+        self.cells: dict[tuple[str, str, int], VariantSums] = {}
+        # Per (rollout, served variant): responses and the models that served them.
+        self.served: dict[tuple[str, str], dict[str, int]] = {}
+        # Per rollout: event times at which the split changed (Decision.cohort_starts).
+        self.cohort_starts: dict[str, list[int]] = {}
         self.counts = {"read": 0, "invalid": 0, "duplicates": 0, "late": 0}
         self.reasons: dict[str, int] = {}
         self.latest_ts: dict[str, int] = {}
@@ -295,23 +314,22 @@ class OutcomeProcessor:
         marks.observe(TRACE, trace.ts)
         if user is None:
             user = self.users[key] = UserState(trace.rollout_id, trace.user_id)
-        user.hold(trace.ts, self._hold_ms, True)
+        user.hold(trace.ts, self._hold_ms)
         user.ids[trace.event_id] = trace.ts
 
         variant = trace.variant
-        sums = self.variants.get((trace.rollout_id, variant))
-        if sums is None:
-            sums = self.variants[(trace.rollout_id, variant)] = VariantSums()
         served = user.variants
         if served is None or variant not in served:
-            served = self._served(user, variant, sums)
+            served = self._served(user, variant, trace.ts)
         if variant == "control" and "candidate" in served and not user.crossed:
-            self._crossover(user, sums)
-        totals = user.totals.get(variant)
-        if totals is None:  # the visit's first trace in this variant: a new unit
-            totals = user.totals[variant] = VariantSums.new_user_totals()
+            self._crossover(user)
+        sums = self.cells[(trace.rollout_id, user.arm, user.cohort)]
+        totals = sums.bucket(user.uid)
+        sums.add(totals, _RESPONSES_PER_USER, 1.0, 0.0)
         sums.responses += 1
-        models = sums.models
+        models = self.served.get((trace.rollout_id, variant))
+        if models is None:
+            models = self.served[(trace.rollout_id, variant)] = {}
         models[trace.model_version] = models.get(trace.model_version, 0) + 1
         latency = trace.latency_ms
         hit = trace.cache_hit
@@ -320,7 +338,7 @@ class OutcomeProcessor:
                                    (_COST, trace.cost_usd), (_CACHE, 1.0 if hit else 0.0)))
         sums.add_latency(latency, hit)
 
-        response = Response(trace, config.max_edit_chars, totals)
+        response = Response(trace, config.max_edit_chars, sums, totals)
         user.by_trace[trace.trace_id] = response
         self._insert(user, sums, response)
         if user.pending.waiting:
@@ -335,33 +353,58 @@ class OutcomeProcessor:
         self._advance()
         return None
 
-    def _served(self, user: UserState, variant: str, sums: VariantSums) -> tuple[str, ...]:
-        """Record that ``user`` was served ``variant``: distinct users, first exposures."""
-        rollout = user.rollout_id
+    def _served(self, user: UserState, variant: str, ts: int) -> tuple[str, ...]:
+        """Record that ``user`` was served ``variant``: first exposure (arm, cohort), distinct users."""
+        rollout, uid = user.rollout_id, user.uid
         served = user.variants
         if served is None:  # this state's first trace: what the distinct sets already know
-            seen_users = self.seen_users
-            served = user.variants = tuple(v for v in _VARIANTS if (seen := seen_users.get((rollout, v))) is not None
-                                           and user.uid in seen)
+            served = ()
+            for (r, arm, cohort), seen in self.first_seen.items():
+                if r == rollout and uid in seen:
+                    user.arm, user.cohort = arm, cohort
+                    served = (arm,)
+                    break
+            if served:
+                served += tuple(v for v in _VARIANTS if v != served[0] and (also := self.also_served.get((rollout, v)))
+                                is not None and uid in also)
+            user.variants = served
         if variant not in served:
-            seen = self.seen_users.get((rollout, variant))
-            if seen is None:
-                seen = self.seen_users[(rollout, variant)] = DistinctHashes()
-            seen.add_new(user.uid)  # not a member: ``served`` was read from the sets, and only this state adds
-            sums.users += 1
-            if not served:  # the user's first trace in this rollout
-                sums.exposures += 1
+            if not served:  # the user's first trace in this rollout: its arm and cohort
+                user.arm, user.cohort = variant, bisect_right(self.cohort_starts.get(rollout, ()), ts)
+                cell_key = (rollout, variant, user.cohort)
+                sums = self.cells.get(cell_key)
+                if sums is None:
+                    sums = self.cells[cell_key] = VariantSums()
+                sums.users += 1
+                sums.add(sums.bucket(uid), _RESPONSES_PER_USER, 0.0, 1.0)  # one more user in its denominator
+                seen = self.first_seen.get(cell_key)
+                if seen is None:
+                    seen = self.first_seen[cell_key] = DistinctHashes()
+            else:
+                seen = self.also_served.get((rollout, variant))
+                if seen is None:
+                    seen = self.also_served[(rollout, variant)] = DistinctHashes()
+            seen.add_new(uid)  # not a member: ``served`` was read from the sets, and only this state adds
             served = user.variants = served + (variant,)
         return served
 
-    def _crossover(self, user: UserState, sums: VariantSums) -> None:
+    def _crossover(self, user: UserState) -> None:
         """Served the candidate, then control: a ramp only moves users the other way (a leak)."""
         user.crossed = True
         crossed = self.crossed_users.get(user.rollout_id)
         if crossed is None:
             crossed = self.crossed_users[user.rollout_id] = DistinctHashes()
-        if crossed.add(user.uid):
-            sums.crossovers += 1
+        crossed.add(user.uid)
+
+    def on_decision(self, decision: Decision) -> None:
+        """Learn where the rollout's split periods begin (event time): a user first exposed
+        at or after ``cohort_starts[i]`` belongs to cohort ``i + 1``. Users are assigned when
+        their first trace is folded, so the few first exposed between a promotion and the
+        moment its decision arrives here stay in the earlier cohort, as they do at the apps'
+        flag clients, which serve the old split until the decision reaches them."""
+        starts = list(decision.cohort_starts)
+        if len(starts) > len(self.cohort_starts.get(decision.rollout_id, ())):
+            self.cohort_starts[decision.rollout_id] = starts
 
     def _on_feedback(self, feedback: FeedbackEvent, now_ms: int, origin: Any) -> str | None:
         config = self.config
@@ -377,7 +420,7 @@ class OutcomeProcessor:
         self.marks.observe(FEEDBACK, feedback.ts)
         if user is None:
             user = self.users[key] = UserState(feedback.rollout_id, feedback.user_id)
-        user.hold(feedback.ts, self._hold_ms, False)
+        user.hold(feedback.ts, self._hold_ms)
         user.ids[feedback.event_id] = feedback.ts
         response = user.by_trace.get(feedback.trace_id)
         reason = None
@@ -393,7 +436,7 @@ class OutcomeProcessor:
         return reason
 
     def _join(self, user: UserState, response: Response, feedback: FeedbackEvent) -> None:
-        sums = self.variants[(user.rollout_id, response.variant)]
+        sums = response.cell
         totals = response.totals
         kind = feedback.kind
         ts = feedback.ts
@@ -471,7 +514,7 @@ class OutcomeProcessor:
         if index > 0:
             previous = opened[index - 1]
             self._link(previous, response)
-            self._recount(self.variants[(user.rollout_id, previous.variant)], previous.totals, previous)
+            self._recount(previous.cell, previous.totals, previous)
 
     def _link(self, response: Response, following: Response | None) -> None:
         """Derive what the next request of the same user says about ``response``."""
@@ -564,7 +607,7 @@ class OutcomeProcessor:
 
     def _close_session(self, user: UserState, responses: list[Response]) -> None:
         last = responses[-1]
-        sums = self.variants[(user.rollout_id, last.variant)]
+        sums = last.cell
         totals = last.totals
         sums.add(totals, _TURNS, float(len(responses)), 1.0)
         sums.add(totals, _COST_SESSION, sum(r.cost for r in responses), 1.0)
@@ -611,35 +654,50 @@ class OutcomeProcessor:
 
     # -- output ---------------------------------------------------------------------------
     def rollouts(self) -> list[str]:
-        return sorted({rollout for rollout, _ in self.variants})
+        return sorted({rollout for rollout, _ in self.served} | {rollout for rollout, _, _ in self.cells})
 
     def snapshot(self, rollout_id: str, seq: int) -> StatsSnapshot:
         users: dict[str, int] = {}
         metrics: dict[str, dict[str, dict]] = {}
-        models: dict[str, dict[str, int]] = {}
         counts: dict[str, dict[str, int]] = {}
-        for (rollout, variant), sums in sorted(self.variants.items()):
+        exposures: dict[str, int] = {}
+        cohorts: dict[str, dict[str, dict[str, dict]]] = {}
+        cohort_exposures: dict[str, dict[str, int]] = {}
+        pooled: dict[str, VariantSums] = {}
+        for (rollout, arm, cohort), sums in sorted(self.cells.items()):
             if rollout != rollout_id:
                 continue
-            users[variant] = sums.users
-            metrics[variant] = sums.stats()
-            models[variant] = dict(sums.models)
-            # n_units: the statistical units (visits) behind the Ratio statistics, apart from
-            # the distinct users; every unit has a response, so thumbs_down_rate's count is theirs.
-            counts[variant] = {"responses": sums.responses, "sessions": sums.sessions,
-                               "n_units": int(round(sums.sums[6 * _THUMBS_DOWN]))}
-        exposures = {variant: sums.exposures for (rollout, variant), sums in self.variants.items()
-                     if rollout == rollout_id}
-        crossovers = sum(sums.crossovers for (rollout, _), sums in self.variants.items() if rollout == rollout_id)
+            cohorts.setdefault(str(cohort), {})[arm] = sums.stats()
+            cohort_exposures.setdefault(str(cohort), {})[arm] = sums.users
+            exposures[arm] = exposures.get(arm, 0) + sums.users
+            into = pooled.get(arm)
+            if into is None:
+                into = pooled[arm] = VariantSums()
+            into.absorb(sums)
+        for arm, sums in pooled.items():
+            metrics[arm] = sums.stats()
+            counts[arm] = {"sessions": sums.sessions, "n_units": int(round(sums.sums[6 * _THUMBS_DOWN]))}
+        models: dict[str, dict[str, int]] = {}
+        for (rollout, variant), seen in self.served.items():
+            if rollout == rollout_id:
+                models[variant] = dict(seen)
+                counts.setdefault(variant, {"sessions": 0, "n_units": 0})["responses"] = sum(seen.values())
+                # distinct users served the variant: its own arm's plus those served it outside their arm
+                also = self.also_served.get((rollout, variant))
+                users[variant] = exposures.get(variant, 0) + (len(also) if also is not None else 0)
+        crossed = self.crossed_users.get(rollout_id)
         return StatsSnapshot(rollout_id=rollout_id, partition=self.partition, seq=seq,
                              ts=self.latest_ts.get(rollout_id, 0), users=users, metrics=metrics,
-                             models=models, counts=counts, first_exposures=exposures, crossover_users=crossovers)
+                             models=models, counts=counts, first_exposures=exposures,
+                             crossover_users=len(crossed) if crossed is not None else 0,
+                             cohorts=cohorts, cohort_exposures=cohort_exposures,
+                             cohort_starts=list(self.cohort_starts.get(rollout_id, ())))
 
     def take_dirty_snapshots(self, seq: int) -> list[StatsSnapshot]:
         dirty, self.dirty = self.dirty, set()
         self.events_since_snapshot = 0
-        return [self.snapshot(rollout_id, seq) for rollout_id in sorted(dirty) if
-                any(r == rollout_id for r, _ in self.variants)]
+        rollouts = set(self.rollouts())
+        return [self.snapshot(rollout_id, seq) for rollout_id in sorted(dirty) if rollout_id in rollouts]
 
     def state_size(self) -> dict[str, int]:
         """How much is held (for tests and the memory benchmark)."""

@@ -153,6 +153,23 @@ class HealthSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cache_skew_alpha: Annotated[float, Meta(gt=0, lt=1)] = 0.01
 
 
+class SequentialSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
+    """How the guardrails spend the false-rollback budget over the looks.
+
+    ``design: auto`` (default) spends ``share`` of each guardrail's alpha group-sequentially
+    over the plan's watch time when every serving stage below 100% states its
+    ``min_duration`` (the horizon), and keeps the rest for an always-valid confidence
+    sequence that also watches past it; without a horizon the confidence sequence gets all
+    of it. ``group_sequential`` requires the horizon; ``confidence_sequence`` never spends.
+    """
+
+    design: Literal["auto", "group_sequential", "confidence_sequence"] = "auto"
+    spending: Literal["hsd", "obf", "pocock", "power"] = "hsd"
+    param: float | None = None  # hsd: gamma (default -1); power: rho (default 3)
+    share: Annotated[float, Meta(gt=0, lt=1)] = 0.9
+    analyses: Annotated[int, Meta(ge=1, le=1000)] = 50
+
+
 class RolloutPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A rollout declared before it starts: stages, watch periods, guardrails, health.
 
@@ -173,6 +190,7 @@ class RolloutPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Total users (both arms) at which the confidence sequences are tightest;
     # about 2x the planned fixed-horizon users per arm (docs/statistics.md).
     n_tune: Annotated[int, Meta(ge=10)] = 5000
+    sequential: SequentialSpec = msgspec.field(default_factory=SequentialSpec)
     guardrails: list[GuardrailSpec] = []
     health: HealthSpec = msgspec.field(default_factory=HealthSpec)
     allow_unpinned: bool = False
@@ -227,6 +245,9 @@ class Decision(msgspec.Struct, kw_only=True):
     # Data-quality findings at the decision: SRM p-value, crossover share, model
     # drift, responses-per-user check, and the cache-hit skew confounder flag.
     health: dict[str, Any] = {}
+    # Event times at which the served split changed (each promotion between serving
+    # stages): the exposure cohorts' boundaries, which the outcomes agents follow.
+    cohort_starts: list[int] = []
 
 
 class RolloutStatus(msgspec.Struct, kw_only=True):
@@ -399,6 +420,13 @@ class StatsSnapshot(msgspec.Struct, kw_only=True):
     # which the controller keeps apart from the outcome snapshots, per (source, partition).
     source: str = ""
     shadow: dict[str, Any] = {}
+    # Exposure cohorts: the statistics of users first exposed in each split period
+    # (cohort "0" before the first of ``cohort_starts``, "i" from its (i-1)-th entry),
+    # by the arm that first served them: ``cohorts[cohort][variant][metric]``; what the
+    # guardrails compare, cohort by cohort. ``metrics`` holds their sums per arm.
+    cohorts: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
+    cohort_exposures: dict[str, dict[str, int]] = {}
+    cohort_starts: list[int] = []
 
 
 EVENT_TYPES["stats_snapshot"] = StatsSnapshot

@@ -30,6 +30,24 @@ as a negative difference.
 Metrics whose name ends in ``_pNN`` (``latency_ms_p95``) are compared as
 quantiles from ``LatencyHistogram`` statistics with ``quantile_compare``.
 
+Strata: ``update`` also takes equal-length sequences of statistics, one pair per
+exposure cohort; they are combined with Cochran-Mantel-Haenszel weights
+(``stratified_compare``), so a ramp whose split changed while the baseline moved
+compares like with like.
+
+Group-sequential mode (``group_sequential={...}``, used when the plan states its
+watch time): a share of alpha (default 90%) is spent by Lan-DeMets alpha spending
+over the planned watch (``GroupSequentialTest``: analyses at calendar fractions of
+the horizon, boundaries from the information actually gathered); the rest keeps an
+always-valid confidence sequence running, which also watches past the plan. Either
+breaching rolls back; both together hold alpha (union bound). The reported interval
+is the confidence sequence's, at its share of alpha.
+
+A relative guardrail on a zero control rate (no errors yet in control) is tested as
+an absolute difference against 0, since +X% of 0 is 0: both arms at 0 are ``ok``
+(nothing to hold the stage for), candidate-only events breach once the absolute
+confidence sequence excludes 0.
+
 Several guardrails in one rollout share the false-rollback budget: pass
 ``alpha=split_alpha(0.05, k)`` to each monitor.
 """
@@ -42,7 +60,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from safeswap.stats.sequential import _check_alpha, _check_n_tune, sequential_compare
+from safeswap.stats.gst import GroupSequentialTest
+from safeswap.stats.sequential import _check_alpha, _check_n_tune, stratified_compare, stratified_moments
 from safeswap.stats.sufficient import Mean, Proportion, Ratio
 
 __all__ = ["GuardrailMonitor", "GuardrailVerdict", "split_alpha"]
@@ -89,6 +108,10 @@ class GuardrailVerdict:
     harm_ruled_out: bool
     looks: int
     reason: str
+    # Group-sequential mode: the last analysis's z statistic and boundary, alpha spent so far.
+    gst_z: float | None = None
+    gst_bound: float | None = None
+    gst_spent: float | None = None
 
     @property
     def breach(self) -> bool:
@@ -141,6 +164,7 @@ class GuardrailMonitor:
         alpha: float = 0.05,
         min_units_per_arm: int = 100,
         n_tune: float = 5000,
+        group_sequential: dict[str, Any] | None = None,
     ) -> None:
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"metric must be a non-empty string, got {metric!r}")
@@ -173,6 +197,21 @@ class GuardrailMonitor:
         self.quantile: float | None = int(match.group(1)) / 100 if match else None
         if self.quantile is not None and not 0 < self.quantile < 1:
             raise ValueError(f"metric {metric!r}: quantile suffix must be between _p1 and _p99")
+        # Group-sequential mode: its share of alpha for the spending plan, the rest for the CS.
+        self.group_sequential = dict(group_sequential) if group_sequential else None
+        self.gst: GroupSequentialTest | None = None
+        self.cs_alpha = self.alpha
+        if self.group_sequential is not None:
+            share = float(self.group_sequential.get("share", 0.9))
+            if not 0 < share < 1:
+                raise ValueError(f"group_sequential share must be in (0, 1), got {share!r}")
+            self.cs_alpha = self.alpha * (1 - share)
+            self.gst = GroupSequentialTest(alpha=self.alpha * share,
+                                           spending=self.group_sequential.get("spending", "hsd"),
+                                           param=self.group_sequential.get("param"),
+                                           analyses=int(self.group_sequential.get("analyses", 50)))
+        self.gst_z: float | None = None
+        self.gst_bound: float | None = None
         # Running state (always-valid: intersect over looks, minimum p-value).
         self.ci_low = -math.inf
         self.ci_high = math.inf
@@ -184,26 +223,29 @@ class GuardrailMonitor:
         """Tolerance as a signed difference on the metric's scale."""
         return self.tolerance if self.direction == "increase" else -self.tolerance
 
-    def _compare(self, control, candidate):
-        """(estimate, lower bound, upper bound, p-value of H0: harm <= tolerance)."""
+    def _compare(self, strata):
+        """(estimate, lower bound, upper bound, p-value of H0: harm <= tolerance, z, information)."""
         harm_alt = "greater" if self.direction == "increase" else "less"
         if self.quantile is not None:
             from safeswap.stats.quantiles import quantile_compare
 
+            control, candidate = _pooled(strata)
             r = quantile_compare(
-                control, candidate, q=self.quantile, alpha=self.alpha, n_tune=self.n_tune,
+                control, candidate, q=self.quantile, alpha=self.cs_alpha, n_tune=self.n_tune,
                 difference=self.difference, alternative=harm_alt, null=self.threshold,
             )
-            return r.estimate, r.ci_low, r.ci_high, r.p_value
-        kw = dict(alpha=self.alpha, n_tune=self.n_tune, difference=self.difference)
-        lower = sequential_compare(control, candidate, alternative="greater",
-                                   null=self.threshold, **kw)
-        upper = sequential_compare(control, candidate, alternative="less",
-                                   null=self.threshold, **kw)
+            return r.estimate, r.ci_low, r.ci_high, r.p_value, None, None
+        kw = dict(alpha=self.cs_alpha, n_tune=self.n_tune, difference=self.difference)
+        lower = stratified_compare(strata, alternative="greater", null=self.threshold, **kw)
+        upper = stratified_compare(strata, alternative="less", null=self.threshold, **kw)
         p = lower.p_value if self.direction == "increase" else upper.p_value
-        return lower.estimate, lower.ci_low, upper.ci_high, p
+        z = information = None
+        if lower.std_error > 0:
+            harm = lower.estimate - self.threshold if self.direction == "increase" else self.threshold - lower.estimate
+            z, information = harm / lower.std_error, 1.0 / lower.std_error ** 2
+        return lower.estimate, lower.ci_low, upper.ci_high, p, z, information
 
-    def _check_inputs(self, control, candidate) -> str | None:
+    def _check_inputs(self, strata) -> str | None:
         """Raise on wrong types; return a reason string when data are insufficient."""
         if self.quantile is not None:
             from safeswap.stats.quantiles import LatencyHistogram
@@ -211,37 +253,56 @@ class GuardrailMonitor:
             expected: tuple[type, ...] = (LatencyHistogram,)
         else:
             expected = (Proportion, Mean, Ratio)
-        for name, stat in (("control", control), ("candidate", candidate)):
-            if not isinstance(stat, expected):
+        if not strata:
+            raise ValueError(f"metric {self.metric!r}: no statistics to compare")
+        for control, candidate in strata:
+            for name, stat in (("control", control), ("candidate", candidate)):
+                if not isinstance(stat, expected):
+                    raise ValueError(
+                        f"{name} for metric {self.metric!r} must be "
+                        f"{' or '.join(c.__name__ for c in expected)}, got {type(stat).__name__}"
+                    )
+            if type(control) is not type(candidate):
                 raise ValueError(
-                    f"{name} for metric {self.metric!r} must be "
-                    f"{' or '.join(c.__name__ for c in expected)}, got {type(stat).__name__}"
+                    f"control and candidate must be the same kind, got {type(control).__name__} and "
+                    f"{type(candidate).__name__}"
                 )
-        if type(control) is not type(candidate):
-            raise ValueError(
-                f"control and candidate must be the same kind, got {type(control).__name__} and {type(candidate).__name__}"
-            )
-        if min(control.n, candidate.n) < self.min_units_per_arm:
+        n_control, n_candidate = (sum(pair[i].n for pair in strata) for i in (0, 1))
+        if min(n_control, n_candidate) < self.min_units_per_arm:
             return (
-                f"{self.metric}: {control.n} control / {candidate.n} candidate units, "
+                f"{self.metric}: {n_control} control / {n_candidate} candidate units, "
                 f"need {self.min_units_per_arm} per arm"
             )
-        if self.difference == "relative":
+        if self.quantile is not None and self.difference == "relative":
             try:
-                base = control.quantile(self.quantile) if self.quantile is not None else control.estimate
+                base = _pooled(strata)[0].quantile(self.quantile)
             except ValueError as exc:
                 return f"{self.metric}: {exc}"
             if base == 0:
                 return f"{self.metric}: control value is 0, relative change undefined yet"
+        elif self.quantile is None:
+            try:
+                stratified_moments(strata, "absolute")
+            except ValueError as exc:
+                return f"{self.metric}: {exc}"
         return None
 
-    def update(self, control, candidate) -> GuardrailVerdict:
-        """Fold in the cumulative statistics of a new look and return the verdict."""
-        insufficient = self._check_inputs(control, candidate)
+    def update(self, control, candidate, *, fraction: float | None = None) -> GuardrailVerdict:
+        """Fold in the cumulative statistics of a new look and return the verdict.
+
+        ``control`` and ``candidate`` are statistics, or equal-length sequences of them
+        (one per exposure cohort). ``fraction``: the share of the plan's watch time
+        elapsed (event time), for the group-sequential analyses; None without a plan horizon.
+        """
+        strata = _strata(control, candidate)
+        insufficient = self._check_inputs(strata)  # raises on wrong kinds first
+        n_control, n_candidate = (sum(pair[i].n for pair in strata) for i in (0, 1))
         relative = self.difference == "relative"
         if insufficient is not None:
-            return self._verdict("insufficient_data", None, control, candidate, insufficient)
-        estimate, lo, hi, p = self._compare(control, candidate)
+            return self._verdict("insufficient_data", None, n_control, n_candidate, insufficient)
+        if relative and self.quantile is None and stratified_moments(strata, "absolute")[2] == 0.0:
+            return self._zero_control(strata, n_control, n_candidate)
+        estimate, lo, hi, p, z, information = self._compare(strata)
         self.looks += 1
         self.ci_low = max(self.ci_low, lo)
         self.ci_high = min(self.ci_high, hi)
@@ -250,18 +311,46 @@ class GuardrailMonitor:
             breach = self.ci_low > self.threshold
         else:
             breach = self.ci_high < self.threshold
+        gst_breach = False
+        if self.gst is not None and fraction is not None and z is not None and information is not None:
+            look = self.gst.observe(fraction, information, z)
+            if look.analysed:
+                self.gst_z, self.gst_bound = z, look.bound
+                gst_breach = look.breach
         # Two one-sided (1 - alpha) bounds make a (1 - 2 alpha) two-sided interval.
-        level = f"{(1 - 2 * self.alpha) * 100:.3g}%"  # 96.7%, not 96.6667%
+        level = f"{(1 - 2 * self.cs_alpha) * 100:.3g}%"  # 96.7%, not 96.6667%
         ci = f"always-valid {level} CI {_fmt(self.ci_low, relative)}..{_fmt(self.ci_high, relative)}"
         head = f"{self.metric} {_fmt(estimate, relative)} vs control ({ci})"
         limit = f"the {_fmt(self.threshold, relative)} limit"
-        if breach:
+        if gst_breach and not breach:
+            reason = (f"{head} exceeds {limit}: group-sequential z {self.gst_z:.2f} >= bound {self.gst_bound:.2f} "
+                      f"at {min(fraction, 1.0):.0%} of the planned watch")
+        elif breach:
             reason = f"{head} exceeds {limit}"
         elif self._harm_ruled_out():
             reason = f"{head} within {limit}; harm beyond it ruled out"
         else:
             reason = f"{head} not shown to exceed {limit}"
-        return self._verdict("breach" if breach else "ok", estimate, control, candidate, reason)
+        status = "breach" if breach or gst_breach else "ok"
+        return self._verdict(status, estimate, n_control, n_candidate, reason)
+
+    def _zero_control(self, strata, n_control: int, n_candidate: int) -> GuardrailVerdict:
+        """Relative tolerance on a zero control rate: +X% of 0 is 0, so the absolute
+        difference is tested against 0 (not folded into the relative intervals)."""
+        harm_alt = "greater" if self.direction == "increase" else "less"
+        result = stratified_compare(strata, alpha=self.cs_alpha, n_tune=self.n_tune, difference="absolute",
+                                    alternative=harm_alt, null=0.0)
+        candidate_rate = result.candidate_estimate
+        if candidate_rate == 0.0:
+            return self._verdict("ok", None, n_control, n_candidate, (
+                f"{self.metric}: 0 in both arms so far ({n_control:,} control / {n_candidate:,} candidate users); "
+                "a relative change from 0 is undefined, so it counts as ok until control has events"))
+        bound = result.ci_low if harm_alt == "greater" else result.ci_high
+        what = (f"{self.metric}: control 0, candidate {candidate_rate:.4g} (tested as an absolute difference, "
+                f"always-valid bound {_fmt(bound, False)}); with control at 0, any harm shown breaches a relative limit")
+        if result.significant:
+            return self._verdict("breach", None, n_control, n_candidate, what)
+        return self._verdict("ok", None, n_control, n_candidate, f"{what}: none shown yet")
 
     def _harm_ruled_out(self) -> bool:
         if self.looks == 0:
@@ -270,7 +359,7 @@ class GuardrailMonitor:
             return self.ci_high <= self.threshold
         return self.ci_low >= self.threshold
 
-    def _verdict(self, status, estimate, control, candidate, reason) -> GuardrailVerdict:
+    def _verdict(self, status, estimate, n_control, n_candidate, reason) -> GuardrailVerdict:
         has_ci = self.looks > 0
         return GuardrailVerdict(
             metric=self.metric,
@@ -279,8 +368,8 @@ class GuardrailMonitor:
             ci_low=self.ci_low if has_ci else None,
             ci_high=self.ci_high if has_ci else None,
             p_value=self.p_value,
-            n_control=int(control.n),
-            n_candidate=int(candidate.n),
+            n_control=int(n_control),
+            n_candidate=int(n_candidate),
             threshold=self.threshold,
             difference=self.difference,
             direction=self.direction,
@@ -288,6 +377,9 @@ class GuardrailMonitor:
             harm_ruled_out=self._harm_ruled_out(),
             looks=self.looks,
             reason=reason,
+            gst_z=self.gst_z,
+            gst_bound=self.gst_bound,
+            gst_spent=self.gst.spent if self.gst is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -304,6 +396,10 @@ class GuardrailMonitor:
             "ci_high": self.ci_high if math.isfinite(self.ci_high) else None,
             "p_value": self.p_value,
             "looks": self.looks,
+            "group_sequential": self.group_sequential,
+            "gst": self.gst.to_dict() if self.gst is not None else None,
+            "gst_z": self.gst_z,
+            "gst_bound": self.gst_bound,
         }
 
     @classmethod
@@ -318,9 +414,31 @@ class GuardrailMonitor:
             alpha=data.get("alpha", 0.05),
             min_units_per_arm=data.get("min_units_per_arm", 100),
             n_tune=data.get("n_tune", 5000),
+            group_sequential=data.get("group_sequential"),
         )
+        if data.get("gst") is not None:
+            monitor.gst = GroupSequentialTest.from_dict(data["gst"])
+        monitor.gst_z, monitor.gst_bound = data.get("gst_z"), data.get("gst_bound")
         monitor.ci_low = -math.inf if data.get("ci_low") is None else float(data["ci_low"])
         monitor.ci_high = math.inf if data.get("ci_high") is None else float(data["ci_high"])
         monitor.p_value = float(data.get("p_value", 1.0))
         monitor.looks = int(data.get("looks", 0))
         return monitor
+
+
+def _strata(control, candidate) -> list[tuple[Any, Any]]:
+    """One (control, candidate) pair per stratum, from single statistics or sequences."""
+    if isinstance(control, (list, tuple)) or isinstance(candidate, (list, tuple)):
+        if (not isinstance(control, (list, tuple)) or not isinstance(candidate, (list, tuple))
+                or len(control) != len(candidate)):
+            raise ValueError("control and candidate strata must be sequences of the same length")
+        return list(zip(control, candidate))
+    return [(control, candidate)]
+
+
+def _pooled(strata):
+    """Quantiles are compared pooled over strata: histograms add."""
+    control, candidate = strata[0]
+    for a, b in strata[1:]:
+        control, candidate = control + a, candidate + b
+    return control, candidate

@@ -54,6 +54,8 @@ __all__ = [
     "sequential_rho",
     "cs_halfwidth",
     "difference_moments",
+    "stratified_moments",
+    "stratified_compare",
 ]
 
 Difference = Literal["relative", "absolute"]
@@ -170,6 +172,70 @@ def difference_moments(control, candidate, difference: str) -> tuple[float, floa
     raise ValueError(f"difference must be one of {_DIFFERENCES}, got {difference!r}")
 
 
+def stratified_moments(strata, difference: str) -> tuple[float, float, float, float, int, int]:
+    """(estimate, variance, control mean, candidate mean, control n, candidate n) of the
+    difference combined over strata (exposure cohorts) with Cochran-Mantel-Haenszel weights.
+
+    ``strata`` is a sequence of ``(control, candidate)`` statistics. Stratum ``s`` gets
+    ``w_s = n_a n_b / (n_a + n_b)`` (users); the combined means are ``M_a = sum w m_a / W``
+    and ``M_b = sum w m_b / W``, so the absolute difference is ``M_b - M_a`` and the
+    relative one ``M_b / M_a - 1`` (the Mantel-Haenszel risk ratio's form). Strata are
+    independent (disjoint users), so ``Var(sum w m) = sum w^2 v / n`` and the relative
+    variance follows by the delta method. With one stratum this is ``difference_moments``.
+    Strata where an arm has fewer than 2 users or an undefined mean carry no weight.
+    """
+    sum_w = sum_a = sum_b = var_a = var_b = 0.0
+    n_a = n_b = 0
+    for control, candidate in strata:
+        if type(control) is not type(candidate):
+            raise ValueError(f"control and candidate must be the same statistic kind, got "
+                             f"{type(control).__name__} and {type(candidate).__name__}")
+        if not isinstance(control, (Proportion, Mean, Ratio)):
+            raise ValueError(f"strata must hold Proportion, Mean or Ratio statistics, got {type(control).__name__}")
+        na, nb = control.n, candidate.n
+        if na < 2 or nb < 2 or getattr(control, "n_units", 2) < 2 or getattr(candidate, "n_units", 2) < 2:
+            continue
+        try:
+            m_a, m_b = control.estimate, candidate.estimate
+        except ValueError:  # no denominator yet in this stratum
+            continue
+        w = na * nb / (na + nb)
+        sum_w += w
+        sum_a += w * m_a
+        sum_b += w * m_b
+        var_a += w * w * control.variance_of_unit / na
+        var_b += w * w * candidate.variance_of_unit / nb
+        n_a += na
+        n_b += nb
+    if sum_w == 0.0:
+        raise ValueError("no stratum has 2 or more users in both arms")
+    mean_a, mean_b = sum_a / sum_w, sum_b / sum_w
+    if difference == "absolute":
+        return mean_b - mean_a, (var_a + var_b) / (sum_w * sum_w), mean_a, mean_b, n_a, n_b
+    if difference == "relative":
+        if sum_a == 0.0:
+            raise ValueError("control estimate is 0: the relative difference is undefined")
+        var = var_b / (sum_a * sum_a) + var_a * sum_b * sum_b / sum_a ** 4
+        return sum_b / sum_a - 1.0, var, mean_a, mean_b, n_a, n_b
+    raise ValueError(f"difference must be one of {_DIFFERENCES}, got {difference!r}")
+
+
+def stratified_compare(
+    strata,
+    *,
+    alpha: float = 0.05,
+    n_tune: float = 5000,
+    difference: Difference = "relative",
+    alternative: Alternative = "two-sided",
+    null: float = 0.0,
+) -> SequentialResult:
+    """``sequential_compare`` over strata (exposure cohorts) combined with CMH weights
+    (``stratified_moments``); ``t`` is the users of both arms in the strata that count."""
+    est, var, m_a, m_b, n_a, n_b = stratified_moments(strata, difference)
+    return _compare_moments(est, var, m_a, m_b, n_a, n_b, alpha=alpha, n_tune=n_tune, difference=difference,
+                            alternative=alternative, null=null)
+
+
 def sequential_compare(
     control,
     candidate,
@@ -205,6 +271,13 @@ def sequential_compare(
     SequentialResult with ``ci_low``/``ci_high`` (+-inf on the open side of a
     one-sided test) and the always-valid ``p_value``.
     """
+    est, var, m_a, m_b = difference_moments(control, candidate, difference)
+    return _compare_moments(est, var, m_a, m_b, control.n, candidate.n, alpha=alpha, n_tune=n_tune,
+                            difference=difference, alternative=alternative, null=null)
+
+
+def _compare_moments(est: float, var: float, m_a: float, m_b: float, n_a: int, n_b: int, *, alpha: float,
+                     n_tune: float, difference: str, alternative: str, null: float) -> SequentialResult:
     if alternative not in _ALTERNATIVES:
         raise ValueError(f"alternative must be one of {_ALTERNATIVES}, got {alternative!r}")
     one_sided = alternative != "two-sided"
@@ -212,8 +285,6 @@ def sequential_compare(
     rho = sequential_rho(alpha, n_tune, one_sided=one_sided)
     if isinstance(null, bool) or not isinstance(null, Real) or not math.isfinite(null):
         raise ValueError(f"null must be a finite number, got {null!r}")
-    est, var, m_a, m_b = difference_moments(control, candidate, difference)
-    n_a, n_b = control.n, candidate.n
     t = n_a + n_b
     tr2 = t * rho * rho + 1.0
     shift = est - null

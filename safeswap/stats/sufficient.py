@@ -219,6 +219,15 @@ class Ratio:
     which stays right when one user sends many requests (a naive request-level
     binomial variance would be too small).  Same formula as gbstats'
     ``RatioStatistic``.
+
+    Clustered units (``users`` given): the sums are over *clusters* of users
+    (safeswap sums users into hash buckets, so memory stays constant however
+    many users come back), ``n_units`` counts the clusters and ``users`` the
+    distinct users in them.  The delta method over clusters gives ``Var(r_hat)``
+    directly (a user never changes cluster, so the clusters are independent and
+    the variance is the user-level one); ``n`` is then ``users`` and
+    ``variance_of_unit`` the per-user equivalent ``Var(r_hat) * users``, which is
+    what the sequential tests take.
     """
 
     n_units: int
@@ -227,6 +236,7 @@ class Ratio:
     den: float
     den_sq: float
     num_den: float
+    users: int | None = None
     kind: ClassVar[str] = "ratio"
 
     def __post_init__(self) -> None:
@@ -243,6 +253,11 @@ class Ratio:
             raise ValueError("den_sq is inconsistent with den and n_units: den^2 > n_units * den_sq")
         if num_den * num_den > num_sq * den_sq * slack + 1e-9:
             raise ValueError("num_den is inconsistent: num_den^2 > num_sq * den_sq")
+        if self.users is not None:
+            users = _count("users", self.users)
+            if users < n:
+                raise ValueError(f"users must be >= n_units (a unit holds at least one user), got {users} < {n}")
+            object.__setattr__(self, "users", users)
         object.__setattr__(self, "n_units", n)
         object.__setattr__(self, "num", num)
         object.__setattr__(self, "num_sq", num_sq)
@@ -278,12 +293,13 @@ class Ratio:
             self.den + other.den,
             self.den_sq + other.den_sq,
             self.num_den + other.num_den,
+            None if self.users is None and other.users is None else self.n + other.n,
         )
 
     @property
     def n(self) -> int:
-        """Number of randomisation units (users); what the tests count as n."""
-        return self.n_units
+        """Number of users (the randomisation units); what the tests count as n."""
+        return self.n_units if self.users is None else self.users
 
     @property
     def estimate(self) -> float:
@@ -301,11 +317,12 @@ class Ratio:
         s_yy = _sample_variance(n, self.num, self.num_sq)
         s_xx = _sample_variance(n, self.den, self.den_sq)
         s_xy = (self.num_den - self.num * self.den / n) / (n - 1)
-        return max((s_yy - 2.0 * r * s_xy + r * r * s_xx) / (mu_x * mu_x), 0.0)
+        per_cluster = max((s_yy - 2.0 * r * s_xy + r * r * s_xx) / (mu_x * mu_x), 0.0)
+        return per_cluster * self.n / n  # per user: Var(r_hat) * users
 
     @property
     def variance_of_estimate(self) -> float:
-        return self.variance_of_unit / self.n_units
+        return self.variance_of_unit / self.n
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -316,6 +333,7 @@ class Ratio:
             "den": self.den,
             "den_sq": self.den_sq,
             "num_den": self.num_den,
+            **({} if self.users is None else {"users": self.users}),
         }
 
     @classmethod
@@ -328,6 +346,7 @@ class Ratio:
             den=data.get("den"),
             den_sq=data.get("den_sq"),
             num_den=data.get("num_den"),
+            users=data.get("users"),
         )
 
 

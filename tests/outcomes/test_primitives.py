@@ -87,7 +87,7 @@ def test_add_response_equals_one_add_per_metric():
 
     rng = random.Random(5)
     fused, single = VariantSums(), VariantSums()
-    users = [(VariantSums.new_user_totals(), VariantSums.new_user_totals()) for _ in range(20)]
+    users = [(fused.bucket(u), single.bucket(u)) for u in range(20)]
     for _ in range(2000):
         totals_fused, totals_single = rng.choice(users)
         rows = [(m, rng.choice([0.0, 0.0, 1.0, rng.uniform(0, 900)])) for m in rng.sample(range(N_RATIO), 6)]

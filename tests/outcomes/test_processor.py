@@ -99,11 +99,15 @@ def test_explicit_retry_and_abandon_rules():
     assert got["error_rate_refusal"] == 0.0
 
 
-def test_a_session_belongs_to_the_variant_of_its_last_response():
+def test_a_user_counts_in_the_arm_that_first_served_it():
+    """Intention to treat: a control user moved to the candidate (a ramp step) keeps counting in
+    control, its session too; which variant served each response is still counted."""
     events = [trace(1, T0, variant="control", prompt="x"), trace(2, T0 + MIN, variant="candidate", prompt="y")]
     got = values(run(events)[0])
-    assert got["candidate"]["sessions"] == 1 and got["control"]["sessions"] == 0
-    assert got["candidate"]["session_turns_mean"] == 2.0
+    assert got["control"]["sessions"] == 1 and got["control"]["session_turns_mean"] == 2.0
+    assert got["candidate"]["sessions"] == 0 and got["candidate"]["session_turns_mean"] is None
+    assert got["control"]["users"] == got["candidate"]["users"] == 1  # served each once
+    assert got["control"]["responses"] == got["candidate"]["responses"] == 1
 
 
 def test_latency_and_cost_are_stratified_by_cache_and_models_are_counted():
@@ -124,8 +128,9 @@ def test_latency_and_cost_are_stratified_by_cache_and_models_are_counted():
 def test_users_are_the_unit_of_the_ratio_statistics():
     events = [trace(i, T0 + i, user="heavy", prompt=f"q{i}") for i in range(10)] + [trace(99, T0, user="light")]
     processor, _ = run(events)
-    ratio = processor.variants[("r1", "control")].ratio(0)  # thumbs_down_rate
-    assert ratio.n_units == 2 and ratio.den == 11 and ratio.den_sq == 10 ** 2 + 1
+    ratio = processor.cells[("r1", "control", 0)].ratio(0)  # thumbs_down_rate
+    assert ratio.n_units == 2 and ratio.users == ratio.n == 2  # two users, in two hash buckets
+    assert ratio.den == 11 and ratio.den_sq == 10 ** 2 + 1
 
 
 def test_repeated_event_ids_and_trace_ids_never_count_twice():

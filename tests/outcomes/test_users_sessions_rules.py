@@ -48,15 +48,18 @@ def test_distinct_hashes_membership_survives_merges_and_pickling():
     assert id_hash("user-7") == id_hash("user-7") != id_hash("user-8")
 
 
-def test_a_user_back_after_three_hours_is_one_user_and_a_second_unit():
+def test_a_user_back_after_three_hours_is_one_user_and_the_same_unit():
     events = [trace(1, T0, user="u1"), trace(2, T0 + 3 * HOUR, user="u1", prompt="again"),
               trace(3, T0 + 3 * HOUR, user="u2", prompt="other")]
-    got = values(run(events))["control"]
-    assert got["users"] == 2 and got["n_units"] == 3  # u1's two visits are two units of the Ratio stats
+    processor = run(events)
+    got = values(processor)["control"]
+    assert got["users"] == 2 and got["n_units"] == 2  # u1's two visits add to u1's totals: one unit
     assert got["responses"] == 3
+    ratio = processor.cells[("r1", "control", 0)].ratio(0)
+    assert ratio.den_sq == 2 ** 2 + 1  # per-user totals since first exposure: 2 responses and 1
     replayed = replay_lines(jsonl(events), OutcomeConfig(), partitions=3, now_ms=NOW)
     assert replayed["rollouts"]["r1"]["variants"]["control"]["users"] == 2
-    assert replayed["rollouts"]["r1"]["variants"]["control"]["n_units"] == 3
+    assert replayed["rollouts"]["r1"]["variants"]["control"]["n_units"] == 2
 
 
 def test_distinct_users_survive_a_checkpoint_round_trip_while_the_state_is_released():
@@ -81,7 +84,8 @@ def test_distinct_users_survive_a_checkpoint_round_trip_while_the_state_is_relea
     assert sum(users.values()) == 80  # each simulated user has one variant
     first = values(run(events))
     assert {v: got["users"] for v, got in first.items()} == users  # the returning users are no new users
-    assert sum(got["n_units"] for got in values(uninterrupted).values()) > sum(got["n_units"] for got in first.values())
+    # a returning user adds to its own totals, not a new unit
+    assert sum(got["n_units"] for got in values(uninterrupted).values()) == sum(got["n_units"] for got in first.values())
 
 
 # -- abandonment: late feedback moves the session -------------------------------------------

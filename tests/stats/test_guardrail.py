@@ -15,9 +15,15 @@ def test_insufficient_data_below_min_units():
     assert "need 100 per arm" in v.reason
 
 
-def test_zero_control_rate_is_insufficient_not_nan():
-    v = GuardrailMonitor("thumbs_down_rate").update(Proportion(200, 0), Proportion(200, 3))
-    assert v.status == "insufficient_data" and "control value is 0" in v.reason
+def test_zero_control_rate_is_tested_as_an_absolute_difference_not_held_forever():
+    """+X% of a zero control rate is 0: the absolute difference is tested against 0."""
+    both_zero = GuardrailMonitor("error_rate", max_relative_increase=0.1).update(Proportion(200, 0), Proportion(200, 0))
+    assert both_zero.status == "ok" and "0 in both arms" in both_zero.reason and both_zero.estimate is None
+    few = GuardrailMonitor("error_rate", max_relative_increase=0.1).update(Proportion(200, 0), Proportion(200, 3))
+    assert few.status == "ok" and "control 0" in few.reason and "none shown yet" in few.reason
+    many = GuardrailMonitor("error_rate", max_relative_increase=0.1).update(Proportion(2000, 0), Proportion(2000, 60))
+    assert many.status == "breach" and "absolute difference" in many.reason
+    assert many.to_dict()["estimate"] is None  # no NaN or infinity reaches a decision
 
 
 def test_breach_only_when_lower_bound_exceeds_tolerance():
