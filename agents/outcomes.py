@@ -67,7 +67,8 @@ from aiokafka.partitioner import DefaultPartitioner
 
 from agents.dlq import DeadLetters
 from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor
-from schemas import OutcomeRecord, encode
+from safeswap.flags import FlagClient
+from schemas import Decision, OutcomeRecord, encode
 from streams.checkpoint import CheckpointWriter, ForkedEncoding, decode_state, ensure_checkpoint_topic, read_latest
 from streams.deadletter import dead_letter
 from streams.kafka import RebalanceForwarder, client_options, run_restarting
@@ -127,6 +128,18 @@ class OutcomesService:
         self.lock = asyncio.Lock()  # one batch, one publish or one checkpoint at a time
         self.consumer: AIOKafkaConsumer | None = None
         self.on_batch: list[Callable[[str, int], None]] = []  # (topic, messages read): /metrics
+        # The decisions topic, read like the apps' flag clients read it: where each rollout's
+        # split periods begin (its exposure cohorts), passed to every partition's processor.
+        self.flags: FlagClient | None = None
+
+    def on_decision(self, decision: Decision) -> None:
+        for state in self.owned.values():
+            state.processor.on_decision(decision)
+
+    def learn_decisions(self, processor: OutcomeProcessor) -> None:
+        if self.flags is not None:
+            for decision in self.flags.decisions().values():
+                processor.on_decision(decision)
 
     # -- output -----------------------------------------------------------------------------
     async def dead_letter_to(self, topic: str, partition: int, offset: int, key: bytes | None,
@@ -204,6 +217,7 @@ class OutcomesService:
     def fresh(self, partition: int) -> Owned:
         processor = OutcomeProcessor(partition, self.config)
         processor.collect_outcomes = True
+        self.learn_decisions(processor)
         return Owned(processor, CheckpointWriter(partition))
 
     # -- the hot path -----------------------------------------------------------------------
@@ -270,6 +284,10 @@ class OutcomesService:
             max_poll_records=MAX_RECORDS,
         )
         self.producer = producer = OutcomeProducer(settings, self.outcomes_topic)
+        if self.flags is None:
+            self.flags = FlagClient(settings=settings)
+            self.flags.on_change(self.on_decision)
+            await self.flags.start()
         try:
             await producer.start()
             await consumer.start()
@@ -292,7 +310,11 @@ class OutcomesService:
             await producer.stop()
 
     async def run(self) -> None:
-        await run_restarting(self.run_once, "outcomes")
+        try:
+            await run_restarting(self.run_once, "outcomes")
+        finally:
+            if self.flags is not None:
+                await self.flags.stop()
 
     # -- partitions moving between workers --------------------------------------------------
     async def checkpoint_all(self) -> None:
@@ -356,6 +378,7 @@ class OutcomesService:
                                 "topics (metrics cover only what the broker still retains)", partition,
                                 OutcomeProcessor.STATE_VERSION)
                     processor, found = self.fresh(partition).processor, None
+                self.learn_decisions(processor)
                 loaded[partition] = Owned(processor, CheckpointWriter(partition, head["generation"]))
             log.warning("outcomes: partition %d resumes at %s (%s)", partition,
                         dict(loaded[partition].processor.offsets), "from checkpoint" if found else "no checkpoint")

@@ -139,6 +139,8 @@ class DecisionReplay:
                 decision = on_snapshot(state, processor.snapshot(self.rollout_id, seq=self.seq))
                 if decision is not None:
                     self.decisions.append(decision)
+                    for each in processors:  # the new split period's users form a new exposure cohort
+                        each.on_decision(decision)
 
     def summary(self) -> dict[str, Any]:
         state = self.rollouts[self.rollout_id]
