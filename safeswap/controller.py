@@ -669,4 +669,8 @@ def _evidence(metric: str, verdict) -> GuardrailEvidence:
         threshold=verdict.threshold,
         users_control=verdict.n_control,
         users_candidate=verdict.n_candidate,
+        reason=verdict.reason,
+        gst_z=verdict.gst_z,
+        gst_bound=verdict.gst_bound,
+        gst_spent=verdict.gst_spent,
     )

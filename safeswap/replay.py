@@ -205,6 +205,9 @@ def register(app: typer.Typer) -> None:
 
             for decision in controller.decisions:
                 err.print(decision_line(decision), highlight=False, markup=False, soft_wrap=True)
+            for guardrail in result["plan"]["guardrails"]:  # where the rollout stands, guardrail by guardrail
+                err.print(f"guardrail {guardrail['status']}: {guardrail['reason']}", highlight=False,
+                          markup=False, soft_wrap=True)
         if json_out:
             sys.stdout.write(json.dumps(result) + "\n")
         else:

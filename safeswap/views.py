@@ -24,6 +24,10 @@ def evidence_table(evidence: list[GuardrailEvidence], title: str) -> Table:
     table = Table(title=title)
     for column in ("guardrail", "status", "estimate", "always-valid CI", "p-value", "limit", "users ctl / cand"):
         table.add_column(column)
+    notes = [item for item in evidence if item.reason and (item.status != "ok" or item.estimate is None)]
+    if notes:  # what a bare status cannot say: insufficient data, a zero control rate
+        table.caption = "\n".join(f"{item.metric}: {item.reason.removeprefix(item.metric + ': ')}"
+                                   for item in notes)
     for item in evidence:
         interval = "-" if item.ci_low is None and item.ci_high is None else f"[{_num(item.ci_low)}, {_num(item.ci_high)}]"
         style = {"breach": "bold red", "ok": "green"}.get(item.status, "yellow")

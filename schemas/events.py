@@ -216,6 +216,12 @@ class GuardrailEvidence(msgspec.Struct, kw_only=True):
     threshold: float | None
     users_control: int
     users_candidate: int
+    # Why this status, in words ("0 in both arms so far ...", "need 100 per arm", the interval).
+    reason: str = ""
+    # Group-sequential mode: the last analysis's z and boundary, and the alpha spent so far.
+    gst_z: float | None = None
+    gst_bound: float | None = None
+    gst_spent: float | None = None
 
 
 class Decision(msgspec.Struct, kw_only=True):

@@ -399,6 +399,7 @@ class DashboardModel:
                 "estimate": _finite(now.get("estimate")),
                 "ci_low": _finite(now.get("ci_low")),
                 "ci_high": _finite(now.get("ci_high")),
+                "reason": now.get("reason") or "",
                 "points": points,
             })
         return out

@@ -109,6 +109,7 @@ def _guardrail_card(g: dict[str, Any], decisions: list[dict[str, Any]]) -> str:
             f'<p>estimate {esc(fmt(g["estimate"], unit))}, interval {interval}, limit '
             f'{esc(fmt(g["threshold"], unit))} ({esc(g["scale"])}, harm = {esc(g["harm"])}'
             f'{", on breach: " + esc(g["action"]) if g["action"] else ""})</p>'
+            + (f'<p class="muted">{esc(g["reason"])}</p>' if g.get("reason") else "")
             + interval_chart(g, decisions) + '</div>')
 
 
