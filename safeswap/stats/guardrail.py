@@ -36,7 +36,7 @@ exposure cohort; they are combined with Cochran-Mantel-Haenszel weights
 compares like with like.
 
 Group-sequential mode (``group_sequential={...}``, used when the plan states its
-watch time): a share of alpha (default 90%) is spent by Lan-DeMets alpha spending
+watch time): a share of alpha (default 95%) is spent by Lan-DeMets alpha spending
 over the planned watch (``GroupSequentialTest``: analyses at calendar fractions of
 the horizon, boundaries from the information actually gathered); the rest keeps an
 always-valid confidence sequence running, which also watches past the plan. Either
@@ -202,7 +202,7 @@ class GuardrailMonitor:
         self.gst: GroupSequentialTest | None = None
         self.cs_alpha = self.alpha
         if self.group_sequential is not None:
-            share = float(self.group_sequential.get("share", 0.9))
+            share = float(self.group_sequential.get("share", 0.95))
             if not 0 < share < 1:
                 raise ValueError(f"group_sequential share must be in (0, 1), got {share!r}")
             self.cs_alpha = self.alpha * (1 - share)

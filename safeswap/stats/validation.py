@@ -123,6 +123,41 @@ def _bernoulli(rng, runs, p_a, p_b, difference="absolute", null=0.0, n_tune=N_TU
     return cs_reject(est, var, 2 * n, null=null, n_tune=n_tune) & ok, naive_reject(est, var, null=null) & ok
 
 
+def gst_plan(looks: int, horizon_looks: int, *, alpha: float = ALPHA, share: float = 0.95,
+             analyses: int = 50) -> np.ndarray:
+    """The product's group-sequential boundaries at ``looks`` equally spaced looks of a plan
+    whose horizon is ``horizon_looks`` looks (``GroupSequentialTest`` fed the spending time
+    k / horizon and information proportional to the users): +inf where a look is not an
+    analysis or the plan is spent. Traffic at the planned rate makes the information
+    deterministic, so one boundary sequence serves every run."""
+    from safeswap.stats.gst import GroupSequentialTest
+
+    test = GroupSequentialTest(alpha=alpha * share, spending="hsd", param=-1.0, analyses=analyses)
+    bounds = np.full(looks, np.inf)
+    for k in range(1, looks + 1):
+        look = test.observe(k / horizon_looks, float(k), 0.0)
+        if look.analysed and look.bound is not None:
+            bounds[k - 1] = look.bound
+    return bounds
+
+
+def _bernoulli_gst(rng, runs, p_a, p_b, overrun=1.0, share=0.95):
+    """5% vs 6%, absolute, one-sided, as the controller runs a plan with a stated watch: 95% of
+    alpha spent by HSD(gamma=-1) over the horizon (the last look within 1.8x the fixed n), 5%
+    for the always-valid sequence, which alone keeps watching past the plan (``overrun``)."""
+    looks = int(round(LOOKS * overrun))
+    n = LOOK_EVERY * np.arange(1, looks + 1, dtype=float)
+    s_a = rng.binomial(LOOK_EVERY, p_a, size=(runs, looks)).cumsum(1)
+    s_b = rng.binomial(LOOK_EVERY, p_b, size=(runs, looks)).cumsum(1)
+    m_a, m_b = s_a / n, s_b / n
+    est, var = m_b - m_a, (m_a * (1 - m_a) + m_b * (1 - m_b)) / n
+    ok = var > 0
+    est, var = np.where(ok, est, 0.0), np.where(ok, var, 1.0)
+    z = est / np.sqrt(var)
+    ours = ((z >= gst_plan(looks, LOOKS, share=share)) | cs_reject(est, var, 2 * n, alpha=ALPHA * (1 - share))) & ok
+    return ours, naive_reject(est, var) & ok
+
+
 def _lognormal_mean(rng, runs, sigma, lift=0.0):
     n = LOOK_EVERY * np.arange(1, LOOKS + 1, dtype=float)
     sums = []
@@ -215,6 +250,12 @@ def _edge_bound(mask: np.ndarray, edges: np.ndarray, upper: bool) -> np.ndarray:
 SCENARIOS: dict[str, tuple[str, str, Callable]] = {
     "bernoulli_aa": ("aa", "thumbs-down 5% vs 5%, absolute, one-sided", lambda r, k: _bernoulli(r, k, 0.05, 0.05)),
     "bernoulli_ab": ("ab", "thumbs-down 5% -> 6%, absolute, one-sided", lambda r, k: _bernoulli(r, k, 0.05, 0.06)),
+    "bernoulli_aa_gst": ("aa", "5% vs 5%, group-sequential over a stated watch (HSD -1, 95% of alpha) + CS reserve",
+                         lambda r, k: _bernoulli_gst(r, k, 0.05, 0.05)),
+    "bernoulli_aa_gst_overrun": ("aa", "the same, watched to 1.5x the planned horizon (the reserve alone past it)",
+                                 lambda r, k: _bernoulli_gst(r, k, 0.05, 0.05, overrun=1.5)),
+    "bernoulli_ab_gst": ("ab", "5% -> 6%, group-sequential over a stated watch + CS reserve",
+                         lambda r, k: _bernoulli_gst(r, k, 0.05, 0.06)),
     "bernoulli_ab_ntune5000": ("ab", "5% -> 6% with the default n_tune=5000",
                                lambda r, k: _bernoulli(r, k, 0.05, 0.06, n_tune=5000)),
     "rel20_boundary": ("aa", "+20% tolerance, true lift exactly +20% (5% -> 6%): false breach",

@@ -169,8 +169,8 @@ def test_group_sequential_guardrails_when_the_plan_states_its_watch():
     rollouts: dict[str, RolloutState] = {}
     on_plan(rollouts, the_plan, ts=0)
     monitor = rollouts["r1"].monitors["thumbs_down_rate"]
-    assert monitor.gst is not None and monitor.cs_alpha == pytest.approx(monitor.alpha * 0.1)
-    assert monitor.gst.to_dict()["alpha"] == pytest.approx(monitor.alpha * 0.9)
+    assert monitor.gst is not None and monitor.cs_alpha == pytest.approx(monitor.alpha * 0.05)
+    assert monitor.gst.to_dict()["alpha"] == pytest.approx(monitor.alpha * 0.95)
     no_horizon = plan(stages=[s if s.name != "ramp" else msgspec.structs.replace(s, min_duration=None)
                               for s in the_plan.stages])
     assert watch_horizon_s(no_horizon) is None
@@ -190,7 +190,7 @@ def test_a_harmful_candidate_is_rolled_back_by_the_group_sequential_test_with_it
     assert decisions[-1].action == "rollback"
     evidence = {e.metric: e for e in decisions[-1].evidence}["thumbs_down_rate"]
     assert evidence.status == "breach" and evidence.reason
-    assert evidence.gst_spent is not None and 0 < evidence.gst_spent <= state.plan.alpha / 2 * 0.9 + 1e-12
+    assert evidence.gst_spent is not None and 0 < evidence.gst_spent <= state.plan.alpha / 2 * 0.95 + 1e-12
 
 
 def test_plans_without_the_sequential_section_keep_their_hash():
