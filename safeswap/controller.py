@@ -261,6 +261,7 @@ def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None
         previous = state.snapshots.get(snapshot.partition)
         if previous is not None and previous.seq >= snapshot.seq:
             return None  # a replayed or older snapshot: already counted
+        check_snapshot(snapshot)  # before it is kept: a bad one must not block every later look
         state.snapshots[snapshot.partition] = snapshot
     state.now_ts = max(state.now_ts, snapshot.ts)
     if not state.live:
@@ -308,6 +309,21 @@ def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, 
                 value = stat_from_dict(stat)
                 into[metric] = into[metric] + value if metric in into else value
     return merged
+
+
+def check_snapshot(snapshot: StatsSnapshot) -> None:
+    """Raise ValueError naming the partition, cohort, variant and metric of any statistic that
+    cannot be used (NaN, negative sums, inconsistent squares): it never reaches a decision."""
+    places = [("all cohorts", snapshot.metrics)] + [(f"cohort {c}", v) for c, v in (snapshot.cohorts or {}).items()]
+    for where, variants in places:
+        for variant, metrics in variants.items():
+            for metric, stat in metrics.items():
+                try:
+                    stat_from_dict(stat)
+                except ValueError as exc:
+                    raise ValueError(f"statistics snapshot of {snapshot.rollout_id!r} from partition "
+                                     f"{snapshot.partition}, {where}, {variant} {metric}: {exc}; the snapshot is "
+                                     "ignored (the partition's next snapshot replaces it)") from None
 
 
 def merge_cohorts(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, dict[str, Any]]]:

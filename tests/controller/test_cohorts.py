@@ -241,3 +241,18 @@ def test_a_processor_driven_ramp_files_each_stage_under_its_own_cohort():
               if "candidate" in arms and c in ("0", "1")}
     assert shares["0"] == pytest.approx(0.10, abs=0.05) and shares["1"] == pytest.approx(0.50, abs=0.1)
     assert evaluate(state).health.srm_p_value > 0.001  # the new period's users at its own split
+
+
+def test_a_snapshot_with_unusable_totals_never_reaches_a_decision():
+    rollouts: dict[str, RolloutState] = {}
+    on_plan(rollouts, plan(), ts=0)
+    state = rollouts["r1"]
+    good = {"0": {"control": {"thumbs_down_rate": _ratio(500, 0.05)},
+                  "candidate": {"thumbs_down_rate": _ratio(500, 0.05)}}}
+    bad = {"0": {"control": {"thumbs_down_rate": {**_ratio(500, 0.05), "num_sq": -1.0}},
+                 "candidate": {"thumbs_down_rate": {**_ratio(500, 0.05), "num": float("nan")}}}}
+    with pytest.raises(ValueError, match="partition 0, cohort 0, control thumbs_down_rate: num_sq must be >= 0"):
+        on_snapshot(state, msgspec.structs.replace(_snapshot(good, seq=1, ts=T0, starts=[]), cohorts=bad))
+    assert state.snapshots == {}  # not kept: the next good snapshot decides as if it never came
+    on_snapshot(state, _snapshot(good, seq=2, ts=T0, starts=[]))
+    assert state.last_evaluation.verdicts["thumbs_down_rate"].status == "ok"
