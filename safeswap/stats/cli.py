@@ -39,6 +39,8 @@ def validate_stats(
     jobs: Annotated[int, typer.Option(
         "--jobs", help="Worker processes for --realistic (the idealised streams are vectorised and ignore it); "
                        "results do not depend on it.")] = 1,
+    look_minutes: Annotated[float, typer.Option(
+        "--look-minutes", help="With --realistic: simulated minutes between the controller's looks.")] = 60.0,
 ) -> None:
     """Monte-Carlo validation: false-rollback and detection rates, safeswap vs naive z-tests."""
     from safeswap.stats.validation import run_validation
@@ -57,7 +59,8 @@ def validate_stats(
             if realistic:
                 from safeswap.stats.scenarios import run_realistic
 
-                result = run_realistic(scenario or None, runs, seed, jobs=jobs, progress=report)
+                result = run_realistic(scenario or None, runs, seed, jobs=jobs, progress=report,
+                                       look_minutes=look_minutes)
             else:
                 result = run_validation(runs, seed, progress=report, scenarios=scenario or None)
     except ValueError as exc:

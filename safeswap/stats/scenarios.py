@@ -107,7 +107,8 @@ STAGES = (
 PLANNED_MS = 4 * DAY_MS
 TRAFFIC_MS = 5 * DAY_MS
 # A canary at 5% of the ~550 users active on its day sees ~28 candidate users: the per-arm
-# minimum must be reachable about then, or the canary outlasts its day.
+# minimum must be reachable about then, or the canary outlasts its day (scenarios with
+# fewer, more faithful users state their own).
 MIN_USERS_PER_ARM = 25
 # Where the confidence sequences are tightest: about the users both arms have by the
 # end of the 50% stage at the planned traffic.
@@ -123,7 +124,7 @@ class Scenario:
 
     kind: Literal["aa", "ab"]
     description: str
-    users: int = 1600  # users expected over the traffic's 5 days at the planned rate
+    users: int = 1600  # users drawn for the 5 days at the planned rate (those who send nothing drop out)
     existing_share: float = 0.4  # already users when the rollout starts; the rest arrive during it
     visits_per_day: float = 1.25  # mean return rate over users (before the cap)
     visit_rate_sigma: float = 1.0  # lognormal spread of the users' return rates: the heavy tail
@@ -145,6 +146,7 @@ class Scenario:
     thumbs_down_tolerance: float | None = None  # None = 0: any increase
     latency_guardrail: bool = False
     latency_tolerance: float | None = None
+    min_users_per_arm: int = MIN_USERS_PER_ARM  # the plan's, and the canary's
 
 
 _RETURNING = Scenario("aa", "returning users: Beta(1, 19) propensity, heavy-tailed visits, flat baseline")
@@ -157,6 +159,7 @@ SCENARIOS: dict[str, Scenario] = {
         visits_per_day=3.7,
         visit_rate_sigma=1.2,
         concentration=2.0,
+        min_users_per_arm=12,  # ~300 users on the canary's day: 5% of them is ~15
     ),
     "ramp_weekly": replace(
         _RETURNING, description="weekly +/-20% baseline, rising from its trough through the ramp", baseline="weekly"
@@ -219,11 +222,11 @@ def build_plan(scenario: Scenario, salt: str) -> RolloutPlan:
             "control": {"model": MODEL, "prompt_version": "v41"},
             "candidate": {"model": MODEL, "prompt_version": "v41" if identical else "v42"},
             "stages": [
-                dict(stage, min_users_per_arm=MIN_USERS_PER_ARM) if stage["name"] == "canary" else dict(stage)
+                dict(stage, min_users_per_arm=scenario.min_users_per_arm) if stage["name"] == "canary" else dict(stage)
                 for stage in STAGES
             ],
             "alpha": ALPHA,
-            "min_users_per_arm": MIN_USERS_PER_ARM,
+            "min_users_per_arm": scenario.min_users_per_arm,
             "n_tune": N_TUNE,
             "guardrails": guardrails,
         },
@@ -518,13 +521,17 @@ def run_rollout(
     run: int = 0,
     look_minutes: float = LOOK_MINUTES,
     sink: Callable[[Any], None] | None = None,
+    scenario: Scenario | None = None,
 ) -> dict[str, Any]:
-    """One closed-loop rollout of scenario ``name``; ``sink`` hears every event applied."""
+    """One closed-loop rollout of scenario ``name``; ``sink`` hears every event applied.
+
+    ``scenario`` replaces ``SCENARIOS[name]`` (a variant of it, for experiments); the
+    name still seeds the run."""
     from safeswap.controller import on_plan, on_snapshot
     from safeswap.outcomes import OutcomeProcessor
 
     started = time.perf_counter()
-    scenario = SCENARIOS[name]
+    scenario = scenario or SCENARIOS[name]
     salt = f"{name}:{seed}:{run}"
     traffic = generate_traffic(scenario, np.random.default_rng(_run_seed(seed, name, run)), salt)
     plan = build_plan(scenario, salt)
