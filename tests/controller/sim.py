@@ -97,6 +97,7 @@ class Sim:
                 "thumbs_down_rate": Ratio.from_units([r[0] for r in rows], den).to_dict(),
                 "error_rate": Ratio.from_units([r[1] for r in rows], den).to_dict(),
                 "cache_hit_rate": Ratio.from_units([r[2] for r in rows], den).to_dict(),
+                "responses_per_user": Ratio.from_units(den, [1.0] * len(den)).to_dict(),
             }
             strata = self.latencies[partition][variant]
             if strata["hit"] and strata["miss"]:
