@@ -8,6 +8,12 @@ streaming agent, in file order per event type (= per topic). Its snapshots are
 merged the way the decide agent merges them, so replay and the streaming path
 give the same metrics on the same events (tests/outcomes/test_streaming.py).
 At the end of the input every session is closed and every join expired.
+
+Lines with ``"type": "decision"`` (a recorded ``Decision``, e.g. from the Parquet
+``decisions`` dataset) tell the processors where the recorded split periods began
+(``cohort_starts``): the recorded traffic followed them, so the exposure cohorts do too.
+Without them, ``--plan`` files users under the split periods of replay's own decisions,
+which match the recording only as far as replay promotes when the recording did.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import typer
 
 from safeswap.metrics import model_drift
 from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor, merged_snapshot_values
-from schemas import RolloutPlan
+from schemas import Decision, RolloutPlan
 from streams.settings import Settings
 
 
@@ -59,7 +65,7 @@ def partition_for(user_id: str, partitions: int) -> int:
 
 def replay_lines(lines: Iterable[bytes], config: OutcomeConfig, partitions: int, now_ms: int | None = None,
                  report=None, look=None, look_every: int = 1000,
-                 pinned: tuple[str, dict[str, str | None]] | None = None) -> dict[str, Any]:
+                 pinned: tuple[str, dict[str, str | None]] | None = None, on_recorded_decision=None) -> dict[str, Any]:
     """Run the outcome logic over JSONL lines; ``report(line_no, reason)`` hears every rejected line,
     ``look(processors)`` is called every ``look_every`` lines and at the end (the controller's looks).
     ``pinned = (rollout_id, {variant: model})`` (from a plan) adds each variant's ``model_drift``."""
@@ -73,8 +79,15 @@ def replay_lines(lines: Iterable[bytes], config: OutcomeConfig, partitions: int,
             continue
         try:
             head = _head.decode(line)
+            if head.type == "decision":  # a recorded decision: its split periods, for every partition
+                recorded = msgspec.json.decode(line, type=Decision)
+                for processor in processors:
+                    processor.on_decision(recorded)
+                if on_recorded_decision is not None:
+                    on_recorded_decision(recorded)
+                continue
             if head.type not in (TRACE, FEEDBACK):
-                raise ValueError(f"field `type` must be trace or feedback, got {head.type!r}")
+                raise ValueError(f"field `type` must be trace, feedback or decision, got {head.type!r}")
         except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
             counts["read"] += 1
             counts["invalid"] += 1
@@ -128,6 +141,11 @@ class DecisionReplay:
         self.rollout_id = plan.rollout_id
         self.decisions = [d for d in [on_plan(self.rollouts, plan, ts=0)] if d is not None]
         self.seq = 0
+        self.follows_recording = False  # recorded decisions set the cohorts, not replay's own
+
+    def recorded(self, decision: Decision) -> None:
+        if decision.rollout_id == self.rollout_id:
+            self.follows_recording = True
 
     def look(self, processors: list[OutcomeProcessor]) -> None:
         from safeswap.controller import on_snapshot
@@ -139,8 +157,9 @@ class DecisionReplay:
                 decision = on_snapshot(state, processor.snapshot(self.rollout_id, seq=self.seq))
                 if decision is not None:
                     self.decisions.append(decision)
-                    for each in processors:  # the new split period's users form a new exposure cohort
-                        each.on_decision(decision)
+                    if not self.follows_recording:  # the new split period's users form a new exposure cohort
+                        for each in processors:
+                            each.on_decision(decision)
 
     def summary(self) -> dict[str, Any]:
         state = self.rollouts[self.rollout_id]
@@ -149,6 +168,7 @@ class DecisionReplay:
             "decisions": [{"seq": d.seq, "ts": d.ts, "action": d.action, "stage": d.stage, "percent": d.percent,
                            "reason": d.reason} for d in self.decisions],
             "final_stage": state.stage,
+            "cohort_starts": "recorded decisions" if self.follows_recording else "replay's own decisions",
             "guardrails": [msgspec.to_builtins(e) for e in state.last_evaluation.evidence]
             if state.last_evaluation else [],
         }
@@ -198,7 +218,7 @@ def register(app: typer.Typer) -> None:
         with handle:
             result = replay_lines(handle, OutcomeConfig.from_settings(settings), partitions or settings.partitions,
                                   report=report, look=controller.look if controller else None,
-                                  pinned=pinned)
+                                  pinned=pinned, on_recorded_decision=controller.recorded if controller else None)
         if controller is not None:
             result["plan"] = controller.summary()
             from safeswap.views import decision_line

@@ -256,3 +256,22 @@ def test_a_snapshot_with_unusable_totals_never_reaches_a_decision():
     assert state.snapshots == {}  # not kept: the next good snapshot decides as if it never came
     on_snapshot(state, _snapshot(good, seq=2, ts=T0, starts=[]))
     assert state.last_evaluation.verdicts["thumbs_down_rate"].status == "ok"
+
+
+def test_replay_follows_recorded_decisions_for_the_cohorts():
+    import json
+
+    from safeswap.replay import DecisionReplay, replay_lines
+    from safeswap.outcomes import OutcomeConfig
+
+    events = [trace(1, T0, user="a"), trace(2, T0 + 2 * HOUR, user="b", prompt="q")]
+    recorded = decision([T0 + HOUR])
+    lines = [json.dumps({"type": "trace", **msgspec.to_builtins(events[0])}).encode(),
+             json.dumps({"type": "decision", **msgspec.to_builtins(recorded)}).encode(),
+             json.dumps({"type": "trace", **msgspec.to_builtins(events[1])}).encode()]
+    controller = DecisionReplay(plan())
+    seen = []
+    replay_lines(lines, OutcomeConfig(), partitions=1, now_ms=NOW, look=lambda ps: seen.append(ps[0].snapshot("r1", 1)),
+                 look_every=1, on_recorded_decision=controller.recorded)
+    assert controller.follows_recording and controller.summary()["cohort_starts"] == "recorded decisions"
+    assert seen[-1].cohort_exposures == {"0": {"control": 1}, "1": {"control": 1}}

@@ -185,7 +185,7 @@ def test_replay_reports_every_rejected_line_with_its_number(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     skipped = [line for line in result.stderr.splitlines() if ": skipped: " in line]
     assert [int(line.split(":")[1]) for line in skipped] == list(range(2, 122))
-    assert all(len(line) < 300 and "must be trace or feedback" in line for line in skipped)
+    assert all(len(line) < 300 and "must be trace, feedback or decision" in line for line in skipped)
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["events"] == {"read": 121, "invalid": 120, "duplicates": 0, "late": 0}
     assert out["rollouts"]["r1"]["variants"]["control"]["users"] == 1
