@@ -13,9 +13,12 @@ sums of squares and cross-products incrementally, O(1) per event.
 
 from __future__ import annotations
 
+from array import array
 from bisect import bisect_right
 from collections import defaultdict
 from typing import Any, Iterable
+
+import numpy as np
 
 from schemas import FeedbackEvent, StatsSnapshot, TraceEvent, decode
 from safeswap.stats import Ratio
@@ -148,7 +151,7 @@ RATIO_METRICS: tuple[str, ...] = (
 )
 M = {name: index for index, name in enumerate(RATIO_METRICS)}
 N_RATIO = len(RATIO_METRICS)
-# Request-level latency quantiles (safeswap.stats LatencyHistogram), per cache stratum.
+# Latency quantiles (safeswap.stats LatencyHistogram with users' hash buckets as clusters), per cache stratum.
 HISTOGRAM_METRICS: dict[str, str] = {
     "latency_ms_p95": "all", "latency_ms_p95_cache_hit": "cache_hit", "latency_ms_p95_cache_miss": "cache_miss",
 }
@@ -172,6 +175,16 @@ else:  # pragma: no cover
 # method over buckets is the user-level one) and memory stays constant however many
 # users there are or how often they come back (docs/statistics.md "The unit").
 UNIT_BUCKETS = 1024
+# Latency quantiles take users as the unit too, in fewer buckets (``uid % LATENCY_BUCKETS``):
+# a bucket keeps a whole histogram (two, cache hits and misses), so memory is per bucket x bin;
+# 128 buckets per cell and partition give the delta-method variance 127+ degrees of freedom
+# (docs/statistics.md "Quantile guardrail").
+LATENCY_BUCKETS = 128
+# Per-bucket counts: a compact unsigned 32-bit array (4 bytes a bin instead of a list's 8-byte
+# pointer), bins of cache hits first, then of misses.
+_LAT_TYPE = "I" if array("I").itemsize == 4 else "L"
+_LAT_DTYPE = np.dtype(f"u{array(_LAT_TYPE).itemsize}")
+_LAT_ZERO = array(_LAT_TYPE, [0]) * (2 * HIST_BINS)
 
 
 class VariantSums:
@@ -182,13 +195,18 @@ class VariantSums:
     retractions from each bucket's running totals (``buckets[b][2*m]`` = num,
     ``[2*m+1]`` = den): a user's responses always land in the same bucket, so the
     sums are those of per-user totals since first exposure, added up per bucket.
+
+    Latency: ``latency[b]`` = bin counts of the requests of the users in latency bucket
+    ``b = uid % LATENCY_BUCKETS`` (cache hits in ``[:HIST_BINS]``, misses after), allocated
+    on the bucket's first request; the histograms and their cluster moments (the buckets
+    are the units of the p95 test) are computed only when a snapshot is built.
     """
 
-    __slots__ = ("sums", "hist", "users", "responses", "sessions", "buckets")
+    __slots__ = ("sums", "latency", "users", "responses", "sessions", "buckets")
 
     def __init__(self) -> None:
         self.sums = [0.0] * (6 * N_RATIO)
-        self.hist = {stratum: [0] * HIST_BINS for stratum in ("all", "cache_hit", "cache_miss")}
+        self.latency: dict[int, array] = {}
         self.users = 0  # distinct users first exposed in this arm and cohort
         self.responses = 0
         self.sessions = 0
@@ -205,8 +223,11 @@ class VariantSums:
     def absorb(self, other: "VariantSums") -> None:
         """Add another cell's statistics (disjoint users): the arm's figures over all cohorts."""
         self.sums = [a + b for a, b in zip(self.sums, other.sums)]
-        for stratum, counts in other.hist.items():
-            self.hist[stratum] = [a + b for a, b in zip(self.hist[stratum], counts)]
+        # Another cell's latency buckets hold other users: they join as further clusters
+        # (keys past this view's), so their moments add instead of their counts merging.
+        offset = (max(self.latency) // LATENCY_BUCKETS + 1) * LATENCY_BUCKETS if self.latency else 0
+        for b, counts in other.latency.items():
+            self.latency[offset + b] = array(_LAT_TYPE, counts)
         self.users += other.users
         self.responses += other.responses
         self.sessions += other.sessions
@@ -256,12 +277,16 @@ class VariantSums:
             s[j + 3] += 1.0
             s[j + 4] += b2 * b2 - b * b
 
-    def add_latency(self, latency_ms: float, cache_hit: bool) -> None:
+    def add_latency(self, latency_ms: float, cache_hit: bool, uid: int) -> None:
+        """Count one request's latency in the bucket of user hash ``uid``."""
         if not HIST_BINS:
             return
+        b = uid % LATENCY_BUCKETS
+        counts = self.latency.get(b)
+        if counts is None:
+            counts = self.latency[b] = _LAT_ZERO[:]
         index = bisect_right(HIST_EDGES, latency_ms)
-        self.hist["all"][index] += 1
-        self.hist["cache_hit" if cache_hit else "cache_miss"][index] += 1
+        counts[index if cache_hit else index + HIST_BINS] += 1
 
     def ratio(self, m: int) -> Ratio | None:
         j = 6 * m
@@ -274,11 +299,23 @@ class VariantSums:
         return Ratio(n_units=units, num=num, num_sq=max(num_sq, 0.0), den=den, den_sq=max(den_sq, 0.0),
                      num_den=num_den, users=max(self.users, units))
 
+    def histograms(self) -> dict[str, Any]:
+        """Per stratum ("all", "cache_hit", "cache_miss"), the cell's LatencyHistogram with
+        the cluster moments of its latency buckets (strata without requests left out)."""
+        if not HIST_BINS or not self.latency:
+            return {}
+        rows = list(self.latency.values())
+        matrix = np.frombuffer(b"".join(rows), dtype=_LAT_DTYPE).reshape(len(rows), 2 * HIST_BINS)
+        hit, miss = matrix[:, :HIST_BINS], matrix[:, HIST_BINS:]
+        out = {}
+        for stratum, counts in (("all", hit + miss), ("cache_hit", hit), ("cache_miss", miss)):
+            if counts.any():
+                units = int(np.count_nonzero(counts.any(axis=1)))
+                out[stratum] = LatencyHistogram.from_cluster_counts(counts, users=max(self.users, units))
+        return out
+
     def histogram(self, stratum: str):
-        counts = self.hist[stratum]
-        if not HIST_BINS or not any(counts):
-            return None
-        return LatencyHistogram(tuple(counts))
+        return self.histograms().get(stratum)
 
     def stats(self) -> dict[str, dict]:
         """``metrics[metric] = stat.to_dict()`` for a StatsSnapshot (empty metrics left out)."""
@@ -287,8 +324,9 @@ class VariantSums:
             ratio = self.ratio(m)
             if ratio is not None:
                 out[name] = ratio.to_dict()
+        hists = self.histograms()
         for name, stratum in HISTOGRAM_METRICS.items():
-            hist = self.histogram(stratum)
+            hist = hists.get(stratum)
             if hist is not None:
                 out[name] = hist.to_dict()
         return out

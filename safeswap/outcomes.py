@@ -224,7 +224,8 @@ class OutcomeProcessor:
     # Bumped whenever the pickled state changes shape: a checkpoint of another
     # version is not loaded (the partition is rebuilt from its topics' start).
     # 2: distinct-user hash sets and n_units. 3: cells per (arm, cohort) summed in user buckets.
-    STATE_VERSION = 3
+    # 4: latency histograms per user bucket (VariantSums.latency) instead of per cell.
+    STATE_VERSION = 4
 
     def __init__(self, partition: int = 0, config: OutcomeConfig | None = None) -> None:
         self.state_version = self.STATE_VERSION
@@ -336,7 +337,7 @@ class OutcomeProcessor:
         sums.add_response(totals, _ERROR_ROWS[trace.error])
         sums.add_response(totals, ((_LATENCY, latency), (_LATENCY_HIT if hit else _LATENCY_MISS, latency),
                                    (_COST, trace.cost_usd), (_CACHE, 1.0 if hit else 0.0)))
-        sums.add_latency(latency, hit)
+        sums.add_latency(latency, hit, user.uid)
 
         response = Response(trace, config.max_edit_chars, sums, totals)
         user.by_trace[trace.trace_id] = response

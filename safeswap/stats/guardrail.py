@@ -28,7 +28,12 @@ rate); the tolerance is then the allowed drop, and the threshold is reported
 as a negative difference.
 
 Metrics whose name ends in ``_pNN`` (``latency_ms_p95``) are compared as
-quantiles from ``LatencyHistogram`` statistics with ``quantile_compare``.
+quantiles from ``LatencyHistogram`` statistics.  Histograms with cluster moments
+(users' hash buckets, what the outcomes processor publishes) take users as the
+unit: per cohort, the delta method for quantiles (``quantile_strata_moments``),
+cohorts combined with CMH weights like the ratio metrics, then the same
+confidence sequences (and group-sequential z); older histograms without them are
+pooled over cohorts and compared by the request-level ``quantile_compare``.
 
 Strata: ``update`` also takes equal-length sequences of statistics, one pair per
 exposure cohort; they are combined with Cochran-Mantel-Haenszel weights
@@ -61,7 +66,8 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from safeswap.stats.gst import GroupSequentialTest
-from safeswap.stats.sequential import _check_alpha, _check_n_tune, stratified_compare, stratified_moments
+from safeswap.stats.sequential import (_check_alpha, _check_n_tune, _compare_moments, stratified_compare,
+                                       stratified_moments)
 from safeswap.stats.sufficient import Mean, Proportion, Ratio
 
 __all__ = ["GuardrailMonitor", "GuardrailVerdict", "split_alpha"]
@@ -227,8 +233,24 @@ class GuardrailMonitor:
         """(estimate, lower bound, upper bound, p-value of H0: harm <= tolerance, z, information)."""
         harm_alt = "greater" if self.direction == "increase" else "less"
         if self.quantile is not None:
-            from safeswap.stats.quantiles import quantile_compare
+            from safeswap.stats.quantiles import quantile_compare, quantile_strata_moments
 
+            if _clustered(strata):
+                # Users as the unit (delta method over users' hash buckets), cohorts combined
+                # with CMH weights, then the same confidence sequences as the ratio metrics.
+                est, var, m_a, m_b, n_a, n_b = quantile_strata_moments(strata, self.quantile, self.difference)
+                kw = {"alpha": self.cs_alpha, "n_tune": self.n_tune, "difference": self.difference,
+                      "null": self.threshold}
+                lower = _compare_moments(est, var, m_a, m_b, n_a, n_b, alternative="greater", **kw)
+                upper = _compare_moments(est, var, m_a, m_b, n_a, n_b, alternative="less", **kw)
+                p = lower.p_value if self.direction == "increase" else upper.p_value
+                z = information = None
+                if lower.std_error > 0:
+                    harm = est - self.threshold if self.direction == "increase" else self.threshold - est
+                    z, information = harm / lower.std_error, 1.0 / lower.std_error ** 2
+                return est, lower.ci_low, upper.ci_high, p, z, information
+            # Histograms without cluster moments (snapshots written before them): the exact
+            # request-level sequence on the histograms pooled over cohorts.
             control, candidate = _pooled(strata)
             r = quantile_compare(
                 control, candidate, q=self.quantile, alpha=self.cs_alpha, n_tune=self.n_tune,
@@ -267,6 +289,20 @@ class GuardrailMonitor:
                     f"control and candidate must be the same kind, got {type(control).__name__} and "
                     f"{type(candidate).__name__}"
                 )
+        if self.quantile is not None and _clustered(strata):
+            # Clustered histograms: the units are users, and every estimability problem (no
+            # data, < 2 buckets, a quantile outside the histogram's range) is insufficient data.
+            from safeswap.stats.quantiles import quantile_strata_moments
+
+            users_control, users_candidate = (sum(pair[i].users for pair in strata) for i in (0, 1))
+            if min(users_control, users_candidate) < self.min_units_per_arm:
+                return (f"{self.metric}: {users_control} control / {users_candidate} candidate users, "
+                        f"need {self.min_units_per_arm} per arm")
+            try:
+                quantile_strata_moments(strata, self.quantile, self.difference)
+            except ValueError as exc:
+                return f"{self.metric}: {exc}"
+            return None
         n_control, n_candidate = (sum(pair[i].n for pair in strata) for i in (0, 1))
         if min(n_control, n_candidate) < self.min_units_per_arm:
             return (
@@ -436,8 +472,15 @@ def _strata(control, candidate) -> list[tuple[Any, Any]]:
     return [(control, candidate)]
 
 
+def _clustered(strata) -> bool:
+    """Every histogram carries cluster moments (users as the unit); otherwise (snapshots written
+    before them, in any stratum) the request-level path is the only one that applies to all."""
+    return all(getattr(stat, "clusters", None) is not None for pair in strata for stat in pair)
+
+
 def _pooled(strata):
-    """Quantiles are compared pooled over strata: histograms add."""
+    """Histograms without cluster moments are compared pooled over strata (histograms add):
+    the request-level sequence has no per-cohort combination."""
     control, candidate = strata[0]
     for a, b in strata[1:]:
         control, candidate = control + a, candidate + b
