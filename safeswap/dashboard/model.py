@@ -67,7 +67,8 @@ def merge_raw(snapshots: list[StatsSnapshot]) -> dict[str, dict[str, dict[str, A
                     continue
                 total = into.get(metric)
                 if total is None:
-                    total = into[metric] = {k: v for k, v in stat.items() if k != "counts"}
+                    # the point estimates need the counts, not a histogram's cluster moments
+                    total = into[metric] = {k: v for k, v in stat.items() if k not in ("counts", "clusters")}
                     if "counts" in stat:
                         total["counts"] = {}
                     else:

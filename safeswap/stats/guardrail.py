@@ -332,7 +332,7 @@ class GuardrailMonitor:
         """
         strata = _strata(control, candidate)
         insufficient = self._check_inputs(strata)  # raises on wrong kinds first
-        n_control, n_candidate = (sum(pair[i].n for pair in strata) for i in (0, 1))
+        n_control, n_candidate = (sum(_users(pair[i]) for pair in strata) for i in (0, 1))
         relative = self.difference == "relative"
         if insufficient is not None:
             return self._verdict("insufficient_data", None, n_control, n_candidate, insufficient)
@@ -476,6 +476,13 @@ def _clustered(strata) -> bool:
     """Every histogram carries cluster moments (users as the unit); otherwise (snapshots written
     before them, in any stratum) the request-level path is the only one that applies to all."""
     return all(getattr(stat, "clusters", None) is not None for pair in strata for stat in pair)
+
+
+def _users(stat) -> int:
+    """Distinct users behind a statistic (a histogram with cluster moments knows them; one
+    without counts requests, its only unit)."""
+    users = getattr(stat, "users", None)
+    return stat.n if users is None else users
 
 
 def _pooled(strata):
