@@ -210,14 +210,16 @@ class VariantSums:
         self.users = 0  # distinct users first exposed in this arm and cohort
         self.responses = 0
         self.sessions = 0
-        self.buckets: dict[int, list[float]] = {}
+        self.buckets: dict[int, array] = {}
 
-    def bucket(self, uid: int) -> list[float]:
-        """The running totals of the bucket that holds user hash ``uid``."""
+    def bucket(self, uid: int) -> array:
+        """The running totals of the bucket that holds user hash ``uid``: doubles in an
+        ``array`` (0.4 MB per cell once all buckets are used; a list of floats takes 1.6 MB
+        and is no faster)."""
         b = uid % UNIT_BUCKETS
         totals = self.buckets.get(b)
         if totals is None:
-            totals = self.buckets[b] = [0.0] * (2 * N_RATIO)
+            totals = self.buckets[b] = array("d", bytes(16 * N_RATIO))
         return totals
 
     def absorb(self, other: "VariantSums") -> None:

@@ -95,4 +95,4 @@ def test_add_response_equals_one_add_per_metric():
         for m, x in rows:
             single.add(totals_single, m, x, 1.0)
     assert fused.sums == pytest.approx(single.sums, rel=1e-12)
-    assert [t for t, _ in users] == [pytest.approx(t, rel=1e-12) for _, t in users]
+    assert [list(t) for t, _ in users] == [pytest.approx(list(t), rel=1e-12) for _, t in users]
