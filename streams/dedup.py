@@ -105,7 +105,7 @@ class DistinctHashes:
 
     A Python set of ints costs ~70 bytes per member; here members live in a sorted
     ``uint64`` array and only recent additions in a set, merged into the array once
-    they reach 1/16 of it (two sorted runs: the stable sort merges them in linear
+    they reach 1/64 of it (two sorted runs: the stable sort merges them in linear
     time), so the amortised cost stays O(1) per new member and memory ~8 bytes.
     Pickles compactly (the checkpoint carries it)."""
 
@@ -139,7 +139,7 @@ class DistinctHashes:
         """Add ``h``, which the caller knows is not a member (saves the lookup)."""
         recent = self.recent
         recent.add(h)
-        if len(recent) >= max(self.min_merge, len(self.members) >> 4):
+        if len(recent) >= max(self.min_merge, len(self.members) >> 6):
             merged = np.concatenate((self.members, np.sort(np.fromiter(recent, np.uint64, len(recent)))))
             merged.sort(kind="stable")
             self.members = merged
