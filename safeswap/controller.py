@@ -43,7 +43,7 @@ import msgspec
 
 from safeswap.metrics import model_drift
 from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
-from safeswap.stats import GuardrailMonitor, sequential_compare, split_alpha, stat_from_dict
+from safeswap.stats import GuardrailMonitor, split_alpha, stat_from_dict
 from safeswap.stats.sequential import stratified_compare
 from safeswap.stats.srm import srm_test
 from schemas import Decision, GuardrailEvidence, RolloutPlan, RolloutStatus, StatsSnapshot
@@ -150,6 +150,8 @@ class RolloutState:
     last_evaluation: Evaluation | None = None
     # The judge agent's shadow statistics, latest per (source, partition) (issue #7).
     shadow_snapshots: dict[str, StatsSnapshot] = field(default_factory=dict)
+    # Each kept snapshot's statistics parsed once (not persisted: rebuilt from ``snapshots``).
+    parsed: dict[int, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict, repr=False)
 
     @property
     def live(self) -> bool:
@@ -261,8 +263,9 @@ def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None
         previous = state.snapshots.get(snapshot.partition)
         if previous is not None and previous.seq >= snapshot.seq:
             return None  # a replayed or older snapshot: already counted
-        check_snapshot(snapshot)  # before it is kept: a bad one must not block every later look
+        parsed = parse_snapshot(snapshot)  # before it is kept: a bad one must not block every later look
         state.snapshots[snapshot.partition] = snapshot
+        state.parsed[snapshot.partition] = parsed
     state.now_ts = max(state.now_ts, snapshot.ts)
     if not state.live:
         return None
@@ -311,31 +314,36 @@ def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, 
     return merged
 
 
-def check_snapshot(snapshot: StatsSnapshot) -> None:
-    """Raise ValueError naming the partition, cohort, variant and metric of any statistic that
-    cannot be used (NaN, negative sums, inconsistent squares): it never reaches a decision."""
-    places = [("all cohorts", snapshot.metrics)] + [(f"cohort {c}", v) for c, v in (snapshot.cohorts or {}).items()]
-    for where, variants in places:
+def parse_snapshot(snapshot: StatsSnapshot) -> dict[str, dict[str, dict[str, Any]]]:
+    """The snapshot's per-cohort statistics, parsed: parsed[cohort][variant][metric]. A snapshot
+    without cohorts (written before them) counts as cohort "0". Raises ValueError naming the
+    partition, cohort, variant and metric of any statistic that cannot be used (NaN, negative
+    sums, inconsistent squares): it never reaches a decision."""
+    parsed: dict[str, dict[str, dict[str, Any]]] = {}
+    for cohort, variants in (snapshot.cohorts or {"0": snapshot.metrics}).items():
         for variant, metrics in variants.items():
+            into = parsed.setdefault(cohort, {}).setdefault(variant, {})
             for metric, stat in metrics.items():
                 try:
-                    stat_from_dict(stat)
+                    into[metric] = stat_from_dict(stat)
                 except ValueError as exc:
                     raise ValueError(f"statistics snapshot of {snapshot.rollout_id!r} from partition "
-                                     f"{snapshot.partition}, {where}, {variant} {metric}: {exc}; the snapshot is "
-                                     "ignored (the partition's next snapshot replaces it)") from None
+                                     f"{snapshot.partition}, cohort {cohort}, {variant} {metric}: {exc}; the "
+                                     "snapshot is ignored (the partition's next snapshot replaces it)") from None
+    return parsed
 
 
-def merge_cohorts(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Add the latest snapshot of every partition per exposure cohort: merged[cohort][variant][metric].
-    A snapshot without cohorts (written before them) counts as cohort "0"."""
+def merge_cohorts(state: RolloutState) -> dict[str, dict[str, dict[str, Any]]]:
+    """Add the latest snapshot of every partition per exposure cohort: merged[cohort][variant][metric]."""
     merged: dict[str, dict[str, dict[str, Any]]] = {}
-    for snapshot in snapshots.values():
-        for cohort, variants in (snapshot.cohorts or {"0": snapshot.metrics}).items():
+    for partition, snapshot in state.snapshots.items():
+        parsed = state.parsed.get(partition)
+        if parsed is None:  # restored state: parse once more
+            parsed = state.parsed[partition] = parse_snapshot(snapshot)
+        for cohort, variants in parsed.items():
             for variant, metrics in variants.items():
                 into = merged.setdefault(cohort, {}).setdefault(variant, {})
-                for metric, stat in metrics.items():
-                    value = stat_from_dict(stat)
+                for metric, value in metrics.items():
                     into[metric] = into[metric] + value if metric in into else value
     return merged
 
@@ -369,12 +377,10 @@ def _sum_by_variant(snapshots: dict[int, StatsSnapshot], attribute: str) -> dict
 
 
 def evaluate(state: RolloutState) -> Evaluation:
-    merged = merge_snapshots(state.snapshots)
-    control, candidate = merged.get("control", {}), merged.get("candidate", {})
+    cohorts = merge_cohorts(state)
     users = _sum_by_variant(state.snapshots, "users")
     verdicts: dict[str, Any] = {}
     if state.stage != "shadow":  # in shadow nobody is served the candidate: nothing to compare
-        cohorts = merge_cohorts(state.snapshots)
         fraction = watch_fraction(state)
         for metric, monitor in state.monitors.items():
             strata = cohort_strata(cohorts, metric)
@@ -385,7 +391,7 @@ def evaluate(state: RolloutState) -> Evaluation:
         ts=state.now_ts,
         users=users,
         verdicts=verdicts,
-        health=check_health(state, control, candidate, users),
+        health=check_health(state, cohorts, users),
         stage_elapsed_s=(state.now_ts - state.stage_started_ts) / 1000,
         stage_min_duration_s=parse_duration(stage.min_duration) if stage and stage.min_duration else 0.0,
         stage_min_users=(stage.min_users_per_arm or 0) if stage else 0,
@@ -404,7 +410,7 @@ def shadow_analysis(state: RolloutState) -> dict[str, Any] | None:
     return analyze(merged, state.plan, stage)
 
 
-def check_health(state: RolloutState, control: dict, candidate: dict, users: dict[str, int]) -> Health:
+def check_health(state: RolloutState, cohorts: dict[str, dict[str, dict[str, Any]]], users: dict[str, int]) -> Health:
     plan, health = state.plan, Health()
     rules = plan.health
     serving = state.stage in ("canary", "ramp") and 0 < state.percent < 100
@@ -447,7 +453,7 @@ def check_health(state: RolloutState, control: dict, candidate: dict, users: dic
     # One arm losing events: responses per user differ between arms (cohort by cohort: earlier
     # cohorts have had longer to come back, and the arms' shares differ between cohorts).
     if serving:
-        strata = cohort_strata(merge_cohorts(state.snapshots), "responses_per_user")
+        strata = cohort_strata(cohorts, "responses_per_user")
         if strata[0] and min(sum(s.n for s in arm) for arm in strata) >= plan.min_users_per_arm:
             try:
                 result = stratified_compare(list(zip(*strata)), alpha=EVENT_LOSS_ALPHA, n_tune=plan.n_tune,
@@ -460,12 +466,15 @@ def check_health(state: RolloutState, control: dict, candidate: dict, users: dic
                     health.problems.append(("event_loss", "pause", (
                         f"candidate responses per user {result.estimate:+.1%} vs control (p={result.p_value:.2g}): "
                         "one arm is losing events, or the candidate changed engagement; check the emitters")))
-    # Cache-hit skew: a confounder for latency and cost, flagged, not acted on.
-    if "cache_hit_rate" in control and "cache_hit_rate" in candidate:
-        a, b = control["cache_hit_rate"], candidate["cache_hit_rate"]
-        if min(a.n, b.n) >= plan.min_users_per_arm:
-            result = sequential_compare(a, b, alpha=rules.cache_skew_alpha, n_tune=plan.n_tune,
+    # Cache-hit skew: a confounder for latency and cost, flagged, not acted on (cohort by cohort).
+    strata = cohort_strata(cohorts, "cache_hit_rate")
+    if strata[0] and min(sum(s.n for s in arm) for arm in strata) >= plan.min_users_per_arm:
+        try:
+            result = stratified_compare(list(zip(*strata)), alpha=rules.cache_skew_alpha, n_tune=plan.n_tune,
                                         difference="absolute", alternative="two-sided")
+        except ValueError:  # no cohort with 2 users in both arms yet
+            result = None
+        if result is not None:
             health.cache_skew = {**result.to_dict(), "skewed": result.p_value < rules.cache_skew_alpha}
     return health
 

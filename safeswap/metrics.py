@@ -202,7 +202,7 @@ class VariantSums:
     are the units of the p95 test) are computed only when a snapshot is built.
     """
 
-    __slots__ = ("sums", "latency", "users", "responses", "sessions", "buckets")
+    __slots__ = ("sums", "latency", "users", "responses", "sessions", "buckets", "cached_histograms")
 
     def __init__(self) -> None:
         self.sums = [0.0] * (6 * N_RATIO)
@@ -211,6 +211,9 @@ class VariantSums:
         self.responses = 0
         self.sessions = 0
         self.buckets: dict[int, array] = {}
+        # (responses, users) when the histograms were last built, and them: a cell with no new
+        # request since its last snapshot (an older cohort, an idle arm) is not summed again.
+        self.cached_histograms: tuple[tuple[int, int], dict[str, Any]] | None = None
 
     def bucket(self, uid: int) -> array:
         """The running totals of the bucket that holds user hash ``uid``: doubles in an
@@ -223,13 +226,14 @@ class VariantSums:
         return totals
 
     def absorb(self, other: "VariantSums") -> None:
-        """Add another cell's statistics (disjoint users): the arm's figures over all cohorts."""
+        """Add another cell's statistics (disjoint users): the arm's figures over all cohorts.
+        Its latency histograms join ``pooled_histograms`` (built once per cell, cached): another
+        cell's buckets hold other users, so their cluster moments add."""
         self.sums = [a + b for a, b in zip(self.sums, other.sums)]
-        # Another cell's latency buckets hold other users: they join as further clusters
-        # (keys past this view's), so their moments add instead of their counts merging.
-        offset = (max(self.latency) // LATENCY_BUCKETS + 1) * LATENCY_BUCKETS if self.latency else 0
-        for b, counts in other.latency.items():
-            self.latency[offset + b] = array(_LAT_TYPE, counts)
+        pooled = self.cached_histograms[1] if self.cached_histograms is not None else {}
+        for stratum, hist in other.histograms().items():
+            pooled[stratum] = pooled[stratum] + hist if stratum in pooled else hist
+        self.cached_histograms = ((-1, -1), pooled)  # never matches a live key: a view, not a cell
         self.users += other.users
         self.responses += other.responses
         self.sessions += other.sessions
@@ -304,8 +308,11 @@ class VariantSums:
     def histograms(self) -> dict[str, Any]:
         """Per stratum ("all", "cache_hit", "cache_miss"), the cell's LatencyHistogram with
         the cluster moments of its latency buckets (strata without requests left out)."""
+        if self.cached_histograms is not None and self.cached_histograms[0] in ((self.responses, self.users), (-1, -1)):
+            return self.cached_histograms[1]
         if not HIST_BINS or not self.latency:
             return {}
+        key = (self.responses, self.users)
         rows = list(self.latency.values())
         matrix = np.frombuffer(b"".join(rows), dtype=_LAT_DTYPE).reshape(len(rows), 2 * HIST_BINS)
         hit, miss = matrix[:, :HIST_BINS], matrix[:, HIST_BINS:]
@@ -314,6 +321,7 @@ class VariantSums:
             if counts.any():
                 units = int(np.count_nonzero(counts.any(axis=1)))
                 out[stratum] = LatencyHistogram.from_cluster_counts(counts, users=max(self.users, units))
+        self.cached_histograms = (key, out)
         return out
 
     def histogram(self, stratum: str):

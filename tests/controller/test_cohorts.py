@@ -146,7 +146,7 @@ def test_cohorts_remove_the_time_bias_of_a_ramp_while_the_baseline_moves():
     verdict = state.last_evaluation.verdicts["thumbs_down_rate"]
     assert verdict.estimate == pytest.approx(0.0, abs=1e-12) and verdict.status == "ok"
     assert verdict.n_control == 28_000 and verdict.n_candidate == 12_000  # distinct users
-    strata = cohort_strata(merge_cohorts(state.snapshots), "thumbs_down_rate")
+    strata = cohort_strata(merge_cohorts(state), "thumbs_down_rate")
     assert [len(arm) for arm in strata] == [2, 2]
 
 
