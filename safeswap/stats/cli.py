@@ -67,7 +67,10 @@ def validate_stats(
         _fail(str(exc))
         return
     if realistic:
-        Console(stderr=as_json).print(_realistic_table(result))
+        console = Console(stderr=as_json)
+        if not console.is_terminal:  # a log file: whole scenario names rather than 80 columns
+            console = Console(stderr=as_json, width=160)
+        console.print(_realistic_table(result))
         if as_json:
             print(json.dumps(result))
         return
