@@ -165,7 +165,7 @@ class SequentialSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, o
 
     design: Literal["auto", "group_sequential", "confidence_sequence"] = "auto"
     spending: Literal["hsd", "obf", "pocock", "power"] = "hsd"
-    param: float | None = None  # hsd: gamma (default -1); power: rho (default 3)
+    param: float | None = None  # hsd: gamma (default -0.5); power: rho (default 3)
     share: Annotated[float, Meta(gt=0, lt=1)] = 0.95
     analyses: Annotated[int, Meta(ge=1, le=1000)] = 50
 

@@ -132,7 +132,9 @@ def gst_plan(looks: int, horizon_looks: int, *, alpha: float = ALPHA, share: flo
     deterministic, so one boundary sequence serves every run."""
     from safeswap.stats.gst import GroupSequentialTest
 
-    test = GroupSequentialTest(alpha=alpha * share, spending="hsd", param=-1.0, analyses=analyses)
+    from safeswap.controller import HSD_GAMMA
+
+    test = GroupSequentialTest(alpha=alpha * share, spending="hsd", param=HSD_GAMMA, analyses=analyses)
     bounds = np.full(looks, np.inf)
     for k in range(1, looks + 1):
         look = test.observe(k / horizon_looks, float(k), 0.0)
@@ -143,7 +145,7 @@ def gst_plan(looks: int, horizon_looks: int, *, alpha: float = ALPHA, share: flo
 
 def _bernoulli_gst(rng, runs, p_a, p_b, overrun=1.0, share=0.95):
     """5% vs 6%, absolute, one-sided, as the controller runs a plan with a stated watch: 95% of
-    alpha spent by HSD(gamma=-1) over the horizon (the last look within 1.8x the fixed n), 5%
+    alpha spent by HSD(gamma=-0.5) over the horizon (the last look within 1.8x the fixed n), 5%
     for the always-valid sequence, which alone keeps watching past the plan (``overrun``)."""
     looks = int(round(LOOKS * overrun))
     n = LOOK_EVERY * np.arange(1, looks + 1, dtype=float)
@@ -250,7 +252,7 @@ def _edge_bound(mask: np.ndarray, edges: np.ndarray, upper: bool) -> np.ndarray:
 SCENARIOS: dict[str, tuple[str, str, Callable]] = {
     "bernoulli_aa": ("aa", "thumbs-down 5% vs 5%, absolute, one-sided", lambda r, k: _bernoulli(r, k, 0.05, 0.05)),
     "bernoulli_ab": ("ab", "thumbs-down 5% -> 6%, absolute, one-sided", lambda r, k: _bernoulli(r, k, 0.05, 0.06)),
-    "bernoulli_aa_gst": ("aa", "5% vs 5%, group-sequential over a stated watch (HSD -1, 95% of alpha) + CS reserve",
+    "bernoulli_aa_gst": ("aa", "5% vs 5%, group-sequential over a stated watch (HSD -0.5, 95% of alpha) + CS reserve",
                          lambda r, k: _bernoulli_gst(r, k, 0.05, 0.05)),
     "bernoulli_aa_gst_overrun": ("aa", "the same, watched to 1.5x the planned horizon (the reserve alone past it)",
                                  lambda r, k: _bernoulli_gst(r, k, 0.05, 0.05, overrun=1.5)),
