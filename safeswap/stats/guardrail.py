@@ -257,9 +257,11 @@ class GuardrailMonitor:
                 difference=self.difference, alternative=harm_alt, null=self.threshold,
             )
             return r.estimate, r.ci_low, r.ci_high, r.p_value, None, None
-        kw = dict(alpha=self.cs_alpha, n_tune=self.n_tune, difference=self.difference)
-        lower = stratified_compare(strata, alternative="greater", null=self.threshold, **kw)
-        upper = stratified_compare(strata, alternative="less", null=self.threshold, **kw)
+        # one set of combined moments for both one-sided bounds (the decide agent's hot path)
+        moments = stratified_moments(strata, self.difference)
+        kw = dict(alpha=self.cs_alpha, n_tune=self.n_tune, difference=self.difference, null=self.threshold)
+        lower = _compare_moments(*moments, alternative="greater", **kw)
+        upper = _compare_moments(*moments, alternative="less", **kw)
         p = lower.p_value if self.direction == "increase" else upper.p_value
         z = information = None
         if lower.std_error > 0:
