@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Collection
 
 import msgspec
 
@@ -264,7 +264,8 @@ def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None
         previous = state.snapshots.get(snapshot.partition)
         if previous is not None and previous.seq >= snapshot.seq:
             return None  # a replayed or older snapshot: already counted
-        parsed = parse_snapshot(snapshot)  # before it is kept: a bad one must not block every later look
+        # Parsed before it is kept (a bad one must not block every later look), and only what a look reads.
+        parsed = parse_snapshot(snapshot, looked_at(state))
         state.snapshots[snapshot.partition] = snapshot
         state.parsed[snapshot.partition] = parsed
     state.now_ts = max(state.now_ts, snapshot.ts)
@@ -315,16 +316,28 @@ def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, 
     return merged
 
 
-def parse_snapshot(snapshot: StatsSnapshot) -> dict[str, dict[str, dict[str, Any]]]:
-    """The snapshot's per-cohort statistics, parsed: parsed[cohort][variant][metric]. A snapshot
-    without cohorts (written before them) counts as cohort "0". Raises ValueError naming the
-    partition, cohort, variant and metric of any statistic that cannot be used (NaN, negative
-    sums, inconsistent squares): it never reaches a decision."""
+# What the health checks compare between arms, besides the guardrails' metrics.
+HEALTH_METRICS = frozenset({"responses_per_user", "cache_hit_rate"})
+
+
+def looked_at(state: RolloutState) -> frozenset[str]:
+    """The metrics a look reads: the guardrails' and the health checks'."""
+    return HEALTH_METRICS | frozenset(state.monitors)
+
+
+def parse_snapshot(snapshot: StatsSnapshot, metrics: Collection[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+    """The snapshot's per-cohort statistics, parsed: parsed[cohort][variant][metric], of
+    ``metrics`` only when given (a snapshot carries ~30 metrics a cohort; a look reads a few).
+    A snapshot without cohorts (written before them) counts as cohort "0". Raises ValueError
+    naming the partition, cohort, variant and metric of any statistic that cannot be used (NaN,
+    negative sums, inconsistent squares): it never reaches a decision."""
     parsed: dict[str, dict[str, dict[str, Any]]] = {}
     for cohort, variants in (snapshot.cohorts or {"0": snapshot.metrics}).items():
-        for variant, metrics in variants.items():
+        for variant, stats in variants.items():
             into = parsed.setdefault(cohort, {}).setdefault(variant, {})
-            for metric, stat in metrics.items():
+            for metric, stat in stats.items():
+                if metrics is not None and metric not in metrics:
+                    continue
                 try:
                     into[metric] = stat_from_dict(stat)
                 except ValueError as exc:
@@ -340,7 +353,7 @@ def merge_cohorts(state: RolloutState) -> dict[str, dict[str, dict[str, Any]]]:
     for partition, snapshot in state.snapshots.items():
         parsed = state.parsed.get(partition)
         if parsed is None:  # restored state: parse once more
-            parsed = state.parsed[partition] = parse_snapshot(snapshot)
+            parsed = state.parsed[partition] = parse_snapshot(snapshot, looked_at(state))
         for cohort, variants in parsed.items():
             for variant, metrics in variants.items():
                 into = merged.setdefault(cohort, {}).setdefault(variant, {})

@@ -227,11 +227,12 @@ class VariantSums:
 
     def absorb(self, other: "VariantSums") -> None:
         """Add another cell's statistics (disjoint users): the arm's figures over all cohorts.
-        Its latency histograms join ``pooled_histograms`` (built once per cell, cached): another
-        cell's buckets hold other users, so their cluster moments add."""
+        Its latency histograms join the pooled ones as counts only: the pooled view gives the
+        arm's p95, the tests read each cohort's cluster moments (docs/metrics.md)."""
         self.sums = [a + b for a, b in zip(self.sums, other.sums)]
         pooled = self.cached_histograms[1] if self.cached_histograms is not None else {}
         for stratum, hist in other.histograms().items():
+            hist = hist.counts_only()
             pooled[stratum] = pooled[stratum] + hist if stratum in pooled else hist
         self.cached_histograms = ((-1, -1), pooled)  # never matches a live key: a view, not a cell
         self.users += other.users

@@ -92,6 +92,7 @@ only K - 1 degrees of freedom, which the conservative boundary absorbs.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field
 from numbers import Integral
@@ -229,7 +230,18 @@ class LatencyHistogram:
         object.__setattr__(self, "hi", hi)
         object.__setattr__(self, "bins_per_decade", bpd)
         object.__setattr__(self, "clusters", _check_clusters(self.clusters, counts))
-        object.__setattr__(self, "_edges", lo * 10.0 ** (np.arange(n_bins + 1) / bpd))
+        object.__setattr__(self, "_edges", _layout_edges(lo, hi, bpd))
+
+    @classmethod
+    def _trusted(cls, counts: tuple[int, ...], lo: float, hi: float, bins_per_decade: int,
+                 clusters: dict[str, Any] | None) -> "LatencyHistogram":
+        """A histogram from parts this module computed from valid histograms (sums, cluster
+        moments): built without checking them again (the snapshot path builds thousands)."""
+        hist = object.__new__(cls)
+        for name, value in (("counts", counts), ("lo", lo), ("hi", hi), ("bins_per_decade", bins_per_decade),
+                            ("clusters", clusters), ("_edges", _layout_edges(lo, hi, bins_per_decade))):
+            object.__setattr__(hist, name, value)
+        return hist
 
     # -- construction -------------------------------------------------------
     @classmethod
@@ -237,8 +249,13 @@ class LatencyHistogram:
         lo, hi = _finite("lo", lo), _finite("hi", hi)
         if lo <= 0 or hi <= lo:
             raise ValueError(f"lo and hi must satisfy 0 < lo < hi, got lo={lo}, hi={hi}")
-        n_bins = int(round(math.log10(hi / lo) * _count("bins_per_decade", bins_per_decade)))
-        return cls((0,) * (n_bins + 2), lo, hi, bins_per_decade)
+        bins_per_decade = _count("bins_per_decade", bins_per_decade)
+        if bins_per_decade < 1:
+            raise ValueError("bins_per_decade must be >= 1")
+        n_bins = int(round(math.log10(hi / lo) * bins_per_decade))
+        if n_bins < 1:
+            raise ValueError("hi/lo must span at least one bin")
+        return cls._trusted((0,) * (n_bins + 2), lo, hi, bins_per_decade, None)
 
     @classmethod
     def from_values(cls, values: Iterable[Any], lo: float = 1.0, hi: float = 1e6,
@@ -296,7 +313,7 @@ class LatencyHistogram:
         c_sq = (c * c).sum(axis=0).tolist()
         c_n = (c * nb[:, None]).sum(axis=0).tolist()
         j = list(range(first, last))
-        return cls(tuple(counts.tolist()), proto.lo, proto.hi, proto.bins_per_decade, {
+        return cls._trusted(tuple(counts.tolist()), proto.lo, proto.hi, proto.bins_per_decade, {
             "units": len(n_b), "users": len(n_b) if users is None else max(int(users), len(n_b)),
             "n_sq": (nb * nb).sum().item(), "c_sq": dict(zip(j, c_sq)), "c_n": dict(zip(j, c_n))})
 
@@ -313,17 +330,23 @@ class LatencyHistogram:
         a, b = self.clusters, other.clusters
         if a is None or b is None:
             clusters = b if a is None and self.n == 0 else a if b is None and other.n == 0 else None
-            return LatencyHistogram(counts, self.lo, self.hi, self.bins_per_decade, clusters)
+            return LatencyHistogram._trusted(counts, self.lo, self.hi, self.bins_per_decade, clusters)
         c_sq_a, c_n_a = self._cluster_sums()
         c_sq_b, c_n_b = other._cluster_sums()
         n = sum(counts)
         cum = np.cumsum(counts[:-1])
         j = np.flatnonzero((cum > 0) & (cum < n))
         keys = j.tolist()
-        return LatencyHistogram(counts, self.lo, self.hi, self.bins_per_decade, {
+        return LatencyHistogram._trusted(counts, self.lo, self.hi, self.bins_per_decade, {
             "units": a["units"] + b["units"], "users": a["users"] + b["users"], "n_sq": a["n_sq"] + b["n_sq"],
             "c_sq": dict(zip(keys, (c_sq_a[j] + c_sq_b[j]).tolist())),
             "c_n": dict(zip(keys, (c_n_a[j] + c_n_b[j]).tolist()))})
+
+    def counts_only(self) -> "LatencyHistogram":
+        """The same counts without cluster moments (a point estimate's view: the p95 an arm shows)."""
+        if self.clusters is None:
+            return self
+        return LatencyHistogram._trusted(self.counts, self.lo, self.hi, self.bins_per_decade, None)
 
     # -- views --------------------------------------------------------------
     @property
@@ -404,7 +427,7 @@ class LatencyHistogram:
             "lo": self.lo,
             "hi": self.hi,
             "bins_per_decade": self.bins_per_decade,
-            "counts": [[i, c] for i, c in enumerate(self.counts) if c],  # sparse: most bins empty
+            "counts": [[i, self.counts[i]] for i in np.flatnonzero(self.counts).tolist()],  # sparse: most bins empty
         }
         cl = self.clusters
         if cl is not None:
@@ -440,6 +463,15 @@ class LatencyHistogram:
                 c for c in counts if isinstance(c, (int, float))):
             clusters = None
         return cls(tuple(counts), proto.lo, proto.hi, proto.bins_per_decade, clusters)
+
+
+@functools.lru_cache(maxsize=8)
+def _layout_edges(lo: float, hi: float, bins_per_decade: int) -> np.ndarray:
+    """The bin edges of a layout, computed once and shared read-only by its histograms."""
+    n_bins = int(round(math.log10(hi / lo) * bins_per_decade))
+    edges = lo * 10.0 ** (np.arange(n_bins + 1) / bins_per_decade)
+    edges.flags.writeable = False
+    return edges
 
 
 def _check_q(q: float) -> float:

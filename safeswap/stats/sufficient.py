@@ -30,8 +30,9 @@ __all__ = [
 
 def _finite(name: str, value: Any) -> float:
     """Return ``value`` as a float, or raise ``ValueError`` naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise ValueError(f"{name} must be a real number, got {value!r}")
+    kind = type(value)
+    if kind is not float and kind is not int and (isinstance(value, bool) or not isinstance(value, Real)):
+        raise ValueError(f"{name} must be a real number, got {value!r}")  # (exact types skip the ABC check)
     out = float(value)
     if not math.isfinite(out):
         raise ValueError(f"{name} must be finite, got {value!r}")
@@ -40,6 +41,10 @@ def _finite(name: str, value: Any) -> float:
 
 def _count(name: str, value: Any) -> int:
     """Return ``value`` as a non-negative int (integer-valued floats accepted: JSON)."""
+    if type(value) is int:  # the common case, without the ABC checks
+        if value < 0:
+            raise ValueError(f"{name} must be >= 0, got {value!r}")
+        return value
     if isinstance(value, bool):
         raise ValueError(f"{name} must be a count, got {value!r}")
     if isinstance(value, Integral):
