@@ -38,7 +38,10 @@ FIELD_NOTES), so the state is not kept in a table. Instead:
 3. **On (re)assignment** of partition *p* the agent loads *p*'s last checkpoint
    and **seeks** traces-*p* and feedback-*p* to the checkpoint's offsets (the
    start of the log when there is none), so the gap between checkpoint and crash
-   is re-read. The consumer is ours, so the seek cannot race anyone's fetcher
+   is re-read. It first reads the record just before those offsets and compares
+   it with the one the state last folded (streams/resume.py): another record, or
+   a log that no longer reaches the offsets, means the topic was recreated and is
+   read from its start. The consumer is ours, so the seek cannot race anyone's fetcher
    (aiokafka drops what it fetched before a seek). After each checkpoint its
    offsets are committed to the group, for lag tools; the checkpoint is the truth.
 4. **Replaying the gap is idempotent**: the restored state is exactly the state
@@ -72,6 +75,7 @@ from schemas import Decision, OutcomeRecord, encode
 from streams.checkpoint import CheckpointWriter, ForkedEncoding, decode_state, ensure_checkpoint_topic, read_latest
 from streams.deadletter import dead_letter
 from streams.kafka import RebalanceForwarder, client_options, run_restarting
+from streams.resume import probe_logs, record_mark, same_log
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -91,6 +95,8 @@ def restore_processor(payload: bytes, config: OutcomeConfig) -> OutcomeProcessor
         return None
     processor.config = config
     processor.collect_outcomes = True
+    if not hasattr(processor, "log_marks"):  # a checkpoint written before marks: same_log trusts the offsets
+        processor.log_marks = {}
     return processor
 
 
@@ -125,6 +131,8 @@ class OutcomesService:
         self.checkpoint_topic = settings.topic("checkpoints")
         self.config = OutcomeConfig.from_settings(settings)
         self.owned: dict[int, Owned] = {}
+        # (topic, partition, offset) -> reason: events whose step raised (see ``undo``)
+        self.failed: dict[tuple[str, int, int], str] = {}
         self.lock = asyncio.Lock()  # one batch, one publish or one checkpoint at a time
         self.consumer: AIOKafkaConsumer | None = None
         self.on_batch: list[Callable[[str, int], None]] = []  # (topic, messages read): /metrics
@@ -221,15 +229,17 @@ class OutcomesService:
         return Owned(processor, CheckpointWriter(partition))
 
     # -- the hot path -----------------------------------------------------------------------
-    async def fold_batch(self, tp: TopicPartition, records: list) -> None:
-        """Fold one fetched batch of one partition (the caller holds the lock)."""
+    async def fold_batch(self, tp: TopicPartition, records: list) -> bool:
+        """Fold one fetched batch of one partition (the caller holds the lock). False when the
+        partition was restored from its checkpoint meanwhile (``undo``): drop what else was
+        fetched for it, its topics are read again from the checkpoint."""
         state = self.owned.get(tp.partition)
         if state is None:
             if self.consumer is not None and tp in self.consumer.assignment():
                 # The assignment hook failed (the broker was away, say): load the state now and
                 # seek; aiokafka then drops this batch and fetches from the state's offsets.
                 await self.adopt({tp.partition})
-            return  # otherwise revoked since the fetch: the next owner reads it from the checkpoint
+            return False  # otherwise revoked since the fetch: the next owner reads it from the checkpoint
         processor = state.processor
         topic, partition = tp.topic, tp.partition
         source = TRACE if topic == self.traces else FEEDBACK
@@ -247,12 +257,19 @@ class OutcomesService:
                             "%d..%d are no longer in the log", topic, partition, offset, covered, covered,
                             offset - 1)
             origin = (topic, partition, offset, record.key, record.value)
-            try:
-                reason = processor.fold_raw(source, record.value or b"", int(time.time() * 1000), origin)
-            except Exception as exc:  # a bug must not stop the partition: DLQ it, go on
-                log.exception("outcomes: failed on %s[%s]@%s", topic, partition, offset)
-                reason = processor.reject_invalid(f"internal error: {exc!r}")
+            failed = self.failed.get((topic, partition, offset))
+            if failed is not None:  # its step raised once: counted as invalid, already in the DLQ
+                processor.reject_invalid(failed)
+                reason = None
+            else:
+                try:
+                    reason = processor.fold_raw(source, record.value or b"", int(time.time() * 1000), origin)
+                except Exception as exc:  # a bug must not stop the partition, nor leave it half-updated
+                    log.exception("outcomes: failed on %s[%s]@%s", topic, partition, offset)
+                    await self.undo(tp, record, f"internal error: {exc!r}")
+                    return False
             covered = processor.offsets[topic] = offset + 1
+            processor.log_marks[topic] = record_mark(record.timestamp, record.value)
             if reason is not None:
                 await self.dead_letter_to(topic, partition, offset, record.key, record.value, reason)
             if processor.outcome_records:  # responses that became final: their records
@@ -268,6 +285,25 @@ class OutcomesService:
                     self.checkpoint_due(state, 0.0):
                 await self.checkpoint(partition, state)
         await producer.send_outcomes()
+        return True
+
+    async def undo(self, tp: TopicPartition, record: Any, error: str) -> None:
+        """An event whose step raised: the partition's state may hold part of it. Send the event
+        to the DLQ once, then restore the partition from its last checkpoint and read on from
+        there, skipping that event (counted once, as invalid): the state is as if the event had
+        been rejected on arrival. Costs a replay of one checkpoint interval; bugs are rare."""
+        partition = tp.partition
+        state = self.owned.pop(partition)
+        reason = state.processor.reject_invalid(f"{error}; the event was skipped and the partition restored "
+                                                "from its last checkpoint")
+        self.failed[(tp.topic, partition, record.offset)] = reason.split(": ", 1)[1]
+        await self.dead_letter_to(tp.topic, partition, record.offset, record.key, record.value, reason)
+        if state.writing is not None:  # never two writers on one checkpoint partition
+            try:
+                await state.writing
+            except Exception:
+                log.exception("outcomes: checkpoint of partition %d failed", partition)
+        await self.adopt({partition})  # loads the checkpoint and seeks both topics to its offsets
 
     async def run_once(self) -> None:
         settings = self.settings
@@ -295,9 +331,13 @@ class OutcomesService:
                 consumer.subscribe(topics=[self.traces, self.feedback], listener=RebalanceForwarder(self))
                 while True:
                     batch = await consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
+                    restored: set[int] = set()  # partitions sought back to their checkpoint in this batch
                     for tp, records in batch.items():
+                        if tp.partition in restored:
+                            continue
                         async with self.lock:
-                            await self.fold_batch(tp, records)
+                            if not await self.fold_batch(tp, records):
+                                restored.add(tp.partition)
                             await self.publish_if_due(tp.partition)
                         for observe in self.on_batch:
                             observe(tp.topic, len(records))
@@ -361,7 +401,6 @@ class OutcomesService:
         await ensure_checkpoint_topic(client_options(settings), self.checkpoint_topic, settings.partitions,
                                       settings.replication_factor)
         tps = [TopicPartition(topic, p) for p in new for topic in (self.traces, self.feedback)]
-        ends = await consumer.end_offsets(tps)
         loaded: dict[int, Owned] = {}
         for partition in new:
             found = await read_latest(client_options(settings), self.checkpoint_topic, partition)
@@ -382,19 +421,24 @@ class OutcomesService:
                 loaded[partition] = Owned(processor, CheckpointWriter(partition, head["generation"]))
             log.warning("outcomes: partition %d resumes at %s (%s)", partition,
                         dict(loaded[partition].processor.offsets), "from checkpoint" if found else "no checkpoint")
+        # Is each log still the one the state covers? Read from the records at the state's
+        # offsets, not the broker's reported end offset (streams/resume.py).
+        resumed = {tp: covered - 1 for tp in tps if (covered := loaded[tp.partition].processor.offsets.get(tp.topic, 0))}
+        probes = await probe_logs(client_options(settings), resumed)
         for tp in tps:
-            offsets = loaded[tp.partition].processor.offsets
-            covered, end = offsets.get(tp.topic, 0), ends.get(tp)
-            if end is not None and end < covered:
-                # An empty broker came back, or the topic was deleted and made again: read it
-                # from its start, or every new event would pass for one already counted.
-                log.warning("outcomes: %s[%d] now ends at %d, before the %d this state covers: the topic "
-                            "was recreated; reading it from its start", tp.topic, tp.partition, end, covered)
-                covered = offsets[tp.topic] = 0
-            if covered:
-                consumer.seek(tp, covered)
-            else:
-                await consumer.seek_to_beginning(tp)
+            processor = loaded[tp.partition].processor
+            covered = processor.offsets.get(tp.topic, 0)
+            if tp in resumed:
+                same, evidence = same_log(covered - 1, processor.log_marks.get(tp.topic), probes[tp])
+                if not same:
+                    # An empty broker came back, or the topic was deleted and made again: read it
+                    # from its start, or every new event would pass for one already counted.
+                    log.warning("outcomes: %s[%d]: %s: the topic was recreated; reading it from its start",
+                                tp.topic, tp.partition, evidence)
+                    covered = processor.offsets[tp.topic] = 0
+            # seek, not seek_to_beginning: it also drops records already fetched past the offset
+            # (a partition restored mid-stream); below the log's start the consumer resets to it
+            consumer.seek(tp, covered)
         self.owned.update(loaded)
 
     # -- timers -----------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from agents.dlq import DeadLetters
 from sinks.datasets import DATASETS, Dataset
 from sinks.writer import Layout, PartitionWriter, Rotation
 from streams.kafka import RebalanceForwarder, client_options, run_restarting
+from streams.resume import probe_logs, same_log
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -70,7 +71,6 @@ class DatasetSink:
         self.topic = settings.topic(dataset.topic)
         self.dead_letters = dead_letters
         self.writers: dict[int, PartitionWriter] = {}
-        self.verify: set[int] = set()  # partitions whose first record must match the checkpoint
         self.invalid = 0
         self.row_of = dataset.row
         self.needs_time = dataset.time_field is None
@@ -82,14 +82,9 @@ class DatasetSink:
         self.writers[partition] = writer
         return writer
 
-    def consume(self, partition: int, records: list, rejects: list) -> bool:
-        """The hot path: append a fetched batch of one partition to its buffer.
-        False: the topic was recreated; the caller seeks the partition to its beginning."""
+    def consume(self, partition: int, records: list, rejects: list) -> None:
+        """The hot path: append a fetched batch of one partition to its buffer."""
         writer = self.writers.get(partition) or self.open(partition)
-        if partition in self.verify:
-            records = self._verify(writer, partition, records)
-            if records is None:
-                return False
         row_of = self.row_of
         for record in records:
             offset = record.offset
@@ -114,19 +109,7 @@ class DatasetSink:
                 rejects.append((self, record, f"internal error: {exc!r}"))
                 continue
             writer.append(row, offset, len(value))
-        return True  # a full buffer is written by the caller's next flush_due
-
-    def _verify(self, writer: PartitionWriter, partition: int, records: list) -> list | None:
-        """After an assignment the partition was sought to the checkpoint's own last record:
-        the same record means the same topic; another one means it was recreated."""
-        if not records:
-            return records
-        self.verify.discard(partition)
-        first = records[0]
-        if first.offset == writer.last_offset and writer.matches(first.timestamp, first.value) is False:
-            recreated(writer, f"the record at the checkpoint's offset {writer.last_offset} is not the one written")
-            return None
-        return records
+        # a full buffer is written by the caller's next flush_due
 
     def _flush(self, writer: PartitionWriter) -> bool:
         try:
@@ -205,19 +188,19 @@ class SinkService:
 
     async def _assign(self, assigned: set[TopicPartition]) -> None:
         assert self.consumer is not None
-        ends = await self.consumer.end_offsets(list(assigned)) if assigned else {}
-        for tp in assigned:
-            sink = self.sinks[tp.topic]
-            writer = sink.open(tp.partition)
-            end = ends.get(tp)
-            if writer.last_offset >= 0 and end is not None and end <= writer.last_offset:
-                recreated(writer, f"checkpoint at offset {writer.last_offset} but the topic ends at {end}")
+        writers = {tp: self.sinks[tp.topic].open(tp.partition) for tp in assigned}
+        # Is each log still the one the files cover? Read from the records, not the broker's
+        # reported end offset (streams/resume.py).
+        resumed = {tp: writer.last_offset for tp, writer in writers.items() if writer.last_offset >= 0}
+        probes = await probe_logs(client_options(self.settings), resumed)
+        for tp, last in resumed.items():
+            writer = writers[tp]
+            same, evidence = same_log(last, writer.fingerprint, probes[tp])
+            if same:
+                self.consumer.seek(tp, last + 1)
+            else:
+                recreated(writer, evidence)
                 self.consumer.seek(tp, 0)
-            elif writer.last_offset >= 0 and writer.fingerprint:
-                sink.verify.add(tp.partition)
-                self.consumer.seek(tp, writer.last_offset)  # re-read the last written record, to compare
-            elif writer.last_offset >= 0:
-                self.consumer.seek(tp, writer.last_offset + 1)
 
     # -- the loop -------------------------------------------------------------------------
     async def commit(self) -> None:
@@ -258,8 +241,7 @@ class SinkService:
                 batch = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
                 rejects: list = []
                 for tp, records in batch.items():
-                    if not self.sinks[tp.topic].consume(tp.partition, records, rejects):
-                        await self.consumer.seek_to_beginning(tp)
+                    self.sinks[tp.topic].consume(tp.partition, records, rejects)
                     for observe in self.on_batch:
                         observe(tp.topic, len(records))
                 for sink, record, reason in rejects:

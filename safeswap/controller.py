@@ -646,6 +646,9 @@ def stage_label(stage) -> str:
 def status_of(state: RolloutState) -> RolloutStatus:
     """What ``safeswap rollout status`` shows: the controller's latest look."""
     evaluation = state.last_evaluation
+    stage = state.current_stage  # before any statistics: what the stage will need
+    min_duration_s = parse_duration(stage.min_duration) if stage and stage.min_duration else 0.0
+    min_users = (stage.min_users_per_arm or 0) if stage else 0
     return RolloutStatus(
         rollout_id=state.plan.rollout_id,
         ts=state.now_ts,
@@ -656,8 +659,8 @@ def status_of(state: RolloutState) -> RolloutStatus:
         shadow_percent=state.shadow_percent,
         stage_started_ts=state.stage_started_ts,
         stage_elapsed_s=(state.now_ts - state.stage_started_ts) / 1000 if state.stage_started_ts else 0.0,
-        stage_min_duration_s=evaluation.stage_min_duration_s if evaluation else 0.0,
-        stage_min_users=evaluation.stage_min_users if evaluation else 0,
+        stage_min_duration_s=evaluation.stage_min_duration_s if evaluation else min_duration_s,
+        stage_min_users=evaluation.stage_min_users if evaluation else min_users,
         users=evaluation.users if evaluation else {},
         guardrails=evaluation.evidence if evaluation else [],
         health=health_dict(evaluation.health) if evaluation else {},

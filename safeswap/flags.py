@@ -79,6 +79,7 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 from safeswap.assignment import assign, in_candidate
 from schemas import Decision, InvalidEvent, decode
 from streams.kafka import client_options
+from streams.resume import reached_end
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -516,7 +517,7 @@ class FlagClient:
 
     async def _reached_end(self, consumer: AIOKafkaConsumer) -> bool:
         for tp, end in self._end_offsets.items():
-            if await consumer.position(tp) < end:
+            if not reached_end(await consumer.position(tp), end, consumer.highwater(tp)):
                 return False
         return True
 

@@ -250,6 +250,9 @@ class OutcomeProcessor:
         self.latest_ts: dict[str, int] = {}
         self.dirty: set[str] = set()
         self.offsets: dict[str, int] = {}  # the agent's next offset per source topic (checkpointed with the state)
+        # per source topic, streams.resume.record_mark of the record before ``offsets``: a restart
+        # checks the log still holds it (a recreated topic starts its offsets again)
+        self.log_marks: dict[str, list[int]] = {}
         self.rejected: list[tuple[Any, str]] = []
         self.events_since_snapshot = 0
         self.events_since_checkpoint = 0

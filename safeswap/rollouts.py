@@ -25,6 +25,7 @@ from schemas import (
     encode,
 )
 from streams.kafka import client_options
+from streams.resume import reached_end
 from streams.settings import Settings
 
 
@@ -52,7 +53,8 @@ async def read_latest(settings: Settings, topic: str, event_type: type, timeout_
         await consumer.seek_to_beginning(*partitions)
         end = await consumer.end_offsets(partitions)
         deadline = time.monotonic() + timeout_s
-        while any([await consumer.position(tp) < end[tp] for tp in partitions]) and time.monotonic() < deadline:
+        while time.monotonic() < deadline and not all(
+                [reached_end(await consumer.position(tp), end[tp], consumer.highwater(tp)) for tp in partitions]):
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 for record in records:
                     try:

@@ -59,9 +59,14 @@ def status_view(status: RolloutStatus | None, decision: Decision | None) -> list
         summary.add_row("stage", f"{status.stage} ({status.percent:g}% candidate"
                                   f"{f', {status.shadow_percent:g}% shadowed' if status.shadow_percent else ''})")
         summary.add_row("plan", stages)
-        if status.stage in ("shadow", "canary", "ramp"):
+        waiting = status.ts == 0  # no statistics from the worker yet: nothing has been watched
+        if status.stage in ("shadow", "canary", "ramp") and waiting:
+            summary.add_row("time in stage", f"not started: the watch begins at the first statistics (event time); "
+                                             f"needs {status.stage_min_duration_s / 3600:.1f} h")
+        elif status.stage in ("shadow", "canary", "ramp"):
             left_h = max(0.0, status.stage_min_duration_s - status.stage_elapsed_s) / 3600
             summary.add_row("time in stage", f"{status.stage_elapsed_s / 3600:.1f} h (event time), {left_h:.1f} h left")
+        if status.stage in ("shadow", "canary", "ramp"):
             users_left = {v: max(0, status.stage_min_users - status.users.get(v, 0)) for v in ("control", "candidate")}
             summary.add_row("users per arm", f"{status.users.get('control', 0):,} control / "
                                              f"{status.users.get('candidate', 0):,} candidate "
@@ -77,7 +82,9 @@ def status_view(status: RolloutStatus | None, decision: Decision | None) -> list
                                           "are confounded[/]" if skew.get("skewed") else "")))
             for problem in health.get("problems", []):
                 summary.add_row("problem", f"[red]{problem['reason']}[/]")
-        summary.add_row("as of", _when(status.ts))
+        summary.add_row("as of", "waiting for statistics: no snapshot from a worker yet (is `safeswap worker` "
+                                 "running, and are apps emitting events of this rollout?)" if waiting
+                        else f"{_when(status.ts)} (event time)")
     if decision is not None:
         summary.add_row("last decision", decision_line(decision))
     out.append(summary)

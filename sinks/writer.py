@@ -46,7 +46,6 @@ import os
 import re
 import time
 import urllib.parse
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, NamedTuple
@@ -56,6 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from sinks.datasets import DAY_MS, Dataset
+from streams.resume import record_mark
 
 log = logging.getLogger(__name__)
 
@@ -333,7 +333,7 @@ class PartitionWriter:
                 _move(tmp, final, self.fsync)
                 self.fault(f"moved-{index}")
         if self.tail is not None:
-            self.fingerprint = [self.tail[0], zlib.crc32(self.tail[1] or b"")]
+            self.fingerprint = record_mark(*self.tail)
         self._save_state(last, None)
         self.fault("committed")
         rows_written = len(self.rows)
@@ -395,13 +395,6 @@ class PartitionWriter:
                 if entry.name.startswith(prefix) and str(entry) not in keep:
                     entry.unlink(missing_ok=True)  # a flush that never reached its intent
         return last_offset
-
-    def matches(self, timestamp: int, value: bytes | None) -> bool | None:
-        """Is this (the record now at ``last_offset``) the record the checkpoint ended with?
-        None when the checkpoint has no fingerprint."""
-        if not self.fingerprint:
-            return None
-        return self.fingerprint == [timestamp, zlib.crc32(value or b"")]
 
     def reset(self) -> int:
         """The topic was recreated (offsets start again): start a new generation from offset 0.

@@ -6,6 +6,8 @@ import asyncio
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
+from streams.resume import reached_end
+
 
 async def produce(bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes]]) -> None:
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap)
@@ -33,9 +35,9 @@ async def read_topic(bootstrap: str, topic: str, *, until_count: int = 0, timeou
             batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
                 messages.extend(records)
-            end = await consumer.end_offsets(partitions)
-            positions = [await consumer.position(tp) for tp in partitions]
-            caught_up = all(pos >= end[tp] for pos, tp in zip(positions, partitions))
+            end = await consumer.end_offsets(partitions)  # short on Tansu: reached_end adds the fetch's end
+            caught_up = all([reached_end(await consumer.position(tp), end[tp], consumer.highwater(tp))
+                             for tp in partitions])
             if (caught_up and len(messages) >= until_count) or asyncio.get_running_loop().time() > deadline:
                 return messages
     finally:

@@ -232,3 +232,21 @@ def test_latency_guardrail_breaches_when_a_stratum_is_slower():
     sim = Sim("r1", "r1", seed=14, behaviour={"control": Behaviour(), "candidate": Behaviour(latency_miss_ms=2400)})
     decisions, state = run(latency_plan(), sim, hours=8, users_per_hour=500)
     assert decisions[-1].action == "pause" and "latency_ms_p95_cache_miss" in decisions[-1].reason
+
+
+def test_status_before_any_statistics_says_it_waits_and_what_the_stage_needs():
+    from rich.console import Console
+
+    from safeswap.controller import status_of
+    from safeswap.views import status_view
+
+    rollouts: dict[str, RolloutState] = {}
+    start = on_plan(rollouts, plan(), ts=1_796_000_000_000)  # a plan arrives at wall-clock time
+    status = status_of(rollouts["r1"])
+    assert (status.stage_min_duration_s, status.stage_min_users) == (24 * 3600, 200)
+    console = Console(record=True, width=250)
+    for renderable in status_view(status, start):
+        console.print(renderable)
+    text = console.export_text()
+    assert "waiting for statistics" in text and "1970" not in text
+    assert "needs 24.0 h" in text and "need 200" in text and "h left" not in text

@@ -68,16 +68,15 @@ async def produce_lines(bootstrap: str, settings, lines: list[bytes]) -> None:
 
 
 async def end_offsets(settings) -> dict[int, int]:
-    from aiokafka import AIOKafkaConsumer, TopicPartition
+    """Per partition, the traces' plus the feedback's end offset: a snapshot covering all of
+    them has ``seq`` at least this. From the records (log_ends), not ListOffsets alone."""
+    from aiokafka import TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker)
-    await consumer.start()
-    try:
-        tps = [TopicPartition(settings.topic(t), p) for t in ("traces", "feedback") for p in range(settings.partitions)]
-        ends = await consumer.end_offsets(tps)
-        return {p: sum(ends[tp] for tp in tps if tp.partition == p) for p in range(settings.partitions)}
-    finally:
-        await consumer.stop()
+    from streams.resume import log_ends
+
+    tps = [TopicPartition(settings.topic(t), p) for t in ("traces", "feedback") for p in range(settings.partitions)]
+    ends = await log_ends({"bootstrap_servers": settings.broker}, tps)
+    return {p: sum(ends[tp] for tp in tps if tp.partition == p) for p in range(settings.partitions)}
 
 
 async def latest_snapshots(settings, rollout: str) -> dict[int, StatsSnapshot]:
