@@ -36,8 +36,17 @@ err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever 
 
 BrokerOption = Annotated[
     Optional[str],
-    typer.Option("--broker", help="Kafka bootstrap host:port (env SAFESWAP_BROKER); empty: the embedded broker."),
+    typer.Option("--broker", help="Kafka bootstrap host:port (env SAFESWAP_BROKER); required: `safeswap dev` runs "
+                                  "a local broker and worker and prints it."),
 ]
+# demo and simulate bring their own broker when none is given.
+OwnBrokerOption = Annotated[
+    Optional[str],
+    typer.Option("--broker", help="Kafka bootstrap host:port (env SAFESWAP_BROKER); empty: start the embedded "
+                                  "broker for this run."),
+]
+NO_BROKER = ("no broker: set SAFESWAP_BROKER=host:port or pass --broker (`safeswap dev` runs a local broker and "
+             "worker without Docker and prints the address)")
 
 
 class UserError(Exception):
@@ -57,7 +66,7 @@ def settings_from(broker: str | None = None, **overrides) -> Settings:
 
 @app.command()
 def demo(
-    broker: BrokerOption = None,
+    broker: OwnBrokerOption = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")] = False,
     users: Annotated[int, typer.Option(help="Simulated users at most.", min=100)] = 20_000,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.", min=5)] = 85.0,
@@ -81,6 +90,28 @@ def demo(
 
 
 @app.command()
+def dev(
+    port: Annotated[int, typer.Option(help="Loopback port of the embedded broker.", min=1, max=65535)] = 9092,
+    data: Annotated[Optional[str], typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
+) -> None:
+    """Run a local stack without Docker until Ctrl-C: the embedded broker on 127.0.0.1:PORT, the
+    topics and a worker; prints the SAFESWAP_BROKER to export for every other command."""
+    from safeswap.dev import PortInUse, run_dev
+    from streams.broker import BrokerError
+    from streams.topics import TopicCreationError
+
+    settings = settings_from(None)
+    if data:
+        settings = settings.replace(data_dir=data)
+    try:
+        code = run_dev(settings, port, Console(soft_wrap=True))
+    except (PortInUse, BrokerError, ConnectionError, TopicCreationError) as exc:
+        raise UserError(str(exc)) from None
+    if code:
+        raise typer.Exit(code)
+
+
+@app.command()
 def worker(
     broker: BrokerOption = None,
     log_level: Annotated[Optional[str], typer.Option(help="crit|error|warn|info|debug")] = None,
@@ -90,7 +121,7 @@ def worker(
 
     settings = settings_from(broker, log_level=log_level)
     if not settings.broker:
-        raise UserError("no broker: set SAFESWAP_BROKER=host:port or pass --broker (the worker does not start one)")
+        raise UserError(NO_BROKER)
     if settings.log_level not in ("crit", "error", "warn", "info", "debug"):
         raise UserError(f"--log-level {settings.log_level!r}: use one of crit|error|warn|info|debug")
     from streams.topics import TopicCreationError
@@ -111,7 +142,7 @@ def topics_create(broker: BrokerOption = None) -> None:
 
     settings = settings_from(broker)
     if not settings.broker:
-        raise UserError("no broker: set SAFESWAP_BROKER=host:port or pass --broker")
+        raise UserError(NO_BROKER)
     try:
         asyncio.run(ensure_topics_with_retry(settings))
     except (ConnectionError, TopicCreationError) as exc:
@@ -197,7 +228,7 @@ def _run(coroutine):
 def _broker_or_fail(broker: str | None) -> Settings:
     settings = settings_from(broker)
     if not settings.broker:
-        raise UserError("no broker: set SAFESWAP_BROKER=host:port or pass --broker")
+        raise UserError(NO_BROKER)
     return settings
 
 
@@ -311,7 +342,7 @@ def rollout_list(broker: BrokerOption = None, json_out: JsonOption = False) -> N
 def simulate(
     plan: Annotated[Path, typer.Option("--plan", help="Rollout plan (YAML/JSON).")],
     scenario: Annotated[Path, typer.Option("--scenario", help="Traffic scenario (YAML/JSON): docs/rollouts.md, Rehearsing.")],
-    broker: BrokerOption = None,
+    broker: OwnBrokerOption = None,
     data: Annotated[Optional[str], typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
     eval_gate: Annotated[Optional[Path], typer.Option("--eval-gate", help="`safeswap eval-gate --json` output.")] = None,
     json_out: JsonOption = False,
