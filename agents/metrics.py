@@ -80,7 +80,7 @@ def reason_kind(reason: str) -> str:
     head = reason.split(":", 1)[0].strip()
     if head in DLQ_REASON_KINDS:
         return head
-    if head.startswith("invalid "):  # "invalid RolloutPlan: ...", "invalid TraceEvent: ..."
+    if head.startswith(("invalid ", "undecodable ")):  # "invalid RolloutPlan: ...", "undecodable TraceEvent: ..."
         return "invalid"
     if head == "internal error":
         return "internal_error"

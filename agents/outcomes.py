@@ -294,9 +294,8 @@ class OutcomesService:
         been rejected on arrival. Costs a replay of one checkpoint interval; bugs are rare."""
         partition = tp.partition
         state = self.owned.pop(partition)
-        reason = state.processor.reject_invalid(f"{error}; the event was skipped and the partition restored "
-                                                "from its last checkpoint")
-        self.failed[(tp.topic, partition, record.offset)] = reason.split(": ", 1)[1]
+        reason = f"{error}; the event was skipped and the partition restored from its last checkpoint"
+        self.failed[(tp.topic, partition, record.offset)] = reason
         await self.dead_letter_to(tp.topic, partition, record.offset, record.key, record.value, reason)
         if state.writing is not None:  # never two writers on one checkpoint partition
             try:

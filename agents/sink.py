@@ -44,6 +44,10 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 POLL_MS = 200
+# Datasets whose topic an agent of the worker reads with the same decoder: that agent sends a bad
+# record to the DLQ; the sink only skips it (counted in its `invalid`). Others: the sink does.
+DEAD_LETTERED_BY = {"traces": "outcomes", "feedback": "outcomes", "shadow": "judge", "plans": "decide",
+                    "stats": "decide", "dlq": "nobody: the DLQ's own sink would loop"}
 MAX_RECORDS = 10_000
 
 
@@ -156,8 +160,9 @@ class SinkService:
         self.sinks = {
             settings.topic(ds.topic): DatasetSink(
                 settings, ds, layout, rotation,
-                # The DLQ's own sink must not write its rejects back to the DLQ (a loop).
-                DeadLetters(app, settings, agent=f"sink:{ds.name}") if ds.name != "dlq" else None,
+                # One DLQ record per bad message: a topic an agent reads is dead-lettered by that agent,
+                # and the DLQ's own sink must not write its rejects back to the DLQ (a loop).
+                DeadLetters(app, settings, agent=f"sink:{ds.name}") if ds.name not in DEAD_LETTERED_BY else None,
             )
             for ds in datasets
         }
@@ -278,9 +283,9 @@ def recreated(writer: PartitionWriter, evidence: str) -> None:
 
 async def _reject(sink: DatasetSink, record: Any, reason: str) -> None:
     sink.invalid += 1
-    if sink.dead_letters is None:
-        log.error("sink %s: unreadable record %s[%s]@%s skipped: %s", sink.dataset.name, record.topic,
-                  record.partition, record.offset, reason)
+    if sink.dead_letters is None:  # in the DLQ by the agent that reads the topic (DEAD_LETTERED_BY)
+        log.info("sink %s: unreadable record %s[%s]@%s skipped (dead-lettered by %s): %s", sink.dataset.name,
+                 record.topic, record.partition, record.offset, DEAD_LETTERED_BY.get(sink.dataset.name), reason)
         return
     try:
         await sink.dead_letters.send(record, reason)

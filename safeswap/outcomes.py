@@ -276,7 +276,8 @@ class OutcomeProcessor:
         try:
             event = decode(TraceEvent if source == TRACE else FeedbackEvent, raw)
         except InvalidEvent as exc:
-            return self._reject("invalid", "invalid", str(exc))
+            self._reject("invalid", "invalid", "")
+            return str(exc)  # the decoder's sentence ("invalid TraceEvent: ..."), as every agent words it
         if source == TRACE:
             return self._on_trace(event, now_ms)
         return self._on_feedback(event, now_ms, origin)

@@ -389,9 +389,34 @@ def encode(event: msgspec.Struct) -> bytes:
     return _encoder.encode(event)
 
 
+# What the decoder accepts as a ``ts`` string: RFC 3339 with seconds and an offset ("Z", "+01:00",
+# "+0100"). A regex cannot know month lengths: 2026-02-30 passes it and the worker refuses it.
+RFC3339_PATTERN = (r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:"
+                   r"[0-5][0-9](\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):?[0-5][0-9])$")
+
+
 def json_schemas() -> dict[str, dict[str, Any]]:
-    """One JSON Schema per event type, for emitters written in other languages."""
-    return {name: msgspec.json.schema(event_type) for name, event_type in EVENT_TYPES.items()}
+    """One JSON Schema (draft 2020-12) per event type, for emitters written in other languages:
+    as strict as the worker's decoder on ``ts`` (an offset is required, a date alone is refused)."""
+    out = {}
+    for name, event_type in EVENT_TYPES.items():
+        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
+                  "$id": f"urn:safeswap:schema:v{SCHEMA_VERSION}:{name}", **msgspec.json.schema(event_type)}
+        _pin_date_times(schema)
+        out[name] = schema
+    return out
+
+
+def _pin_date_times(node: Any) -> None:
+    """Give every ``format: date-time`` string the decoder's pattern (validators skip formats by default)."""
+    if isinstance(node, dict):
+        if node.get("format") == "date-time" and node.get("type") == "string":
+            node["pattern"] = RFC3339_PATTERN
+        for value in node.values():
+            _pin_date_times(value)
+    elif isinstance(node, list):
+        for value in node:
+            _pin_date_times(value)
 
 
 class StatsSnapshot(msgspec.Struct, kw_only=True):

@@ -49,7 +49,7 @@ def test_dead_letters_by_reason_events_per_agent_and_unit_families():
     settings = Settings(topic_prefix="m")
     metrics = WorkerMetrics(settings)
     for reason, agent in (("late_event: 400 s behind", "outcomes"), ("late_event: 500 s behind", "outcomes"),
-                          ("feedback_unjoined: no trace", "outcomes"), ("invalid TraceEvent: x", "sink:traces")):
+                          ("feedback_unjoined: no trace", "outcomes"), ("invalid Decision: x", "sink:decisions")):
         metrics.observe_sent(settings.topic("dlq"), dead_letter(topic="t", partition=0, offset=1, key=None,
                                                                 value=b"x", reason=reason, agent=agent))
     traces = settings.topic("traces")
@@ -64,7 +64,7 @@ def test_dead_letters_by_reason_events_per_agent_and_unit_families():
     dlq = {dict(k)["reason"]: v for (name, k), v in samples.items()
            if name == "safeswap_dead_letters_total" and dict(k)["agent"] == "outcomes"}
     assert dlq == {"late_event": 2, "feedback_unjoined": 1}
-    assert samples[("safeswap_dead_letters_total", (("agent", "sink:traces"), ("reason", "invalid")))] == 1
+    assert samples[("safeswap_dead_letters_total", (("agent", "sink:decisions"), ("reason", "invalid")))] == 1
     processed = {dict(k)["agent"]: v for (name, k), v in samples.items() if name == "safeswap_events_processed_total"}
     assert processed == {"outcomes": 7, "sink": 5}  # one message read by both: once per reader
     assert samples[("safeswap_rollout_percent", (("rollout_id", "r"),))] == 25

@@ -77,3 +77,30 @@ def test_json_schemas_cover_every_event_type_and_validate_an_event():
     jsonschema.validate(wire, schemas["trace"])
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate({**wire, "variant": "treatment"}, schemas["trace"])
+
+
+TS_SAMPLES = ["2026-11-02T09:16:40Z", "2026-11-02T09:16:40.123Z", "2026-11-02T09:16:40+01:00",
+              "2026-11-02t09:16:40z", "2026-11-02 09:16:40Z", "2026-11-02T09:16:40.123456789Z",
+              "2026-11-02T09:16:40+0100", "2026-11-02T09:16:40-00:00",  # accepted by both
+              "2026-11-02T09:16:40", "2026-11-02", "2026-11-02T09:16Z", "2026-13-02T09:16:40Z",
+              "20261102T091640Z", "2026-11-02T24:00:00Z", "yesterday", "",  # refused by both
+              1_796_000_000_000, 0, -1, 1.5]
+
+
+@pytest.mark.parametrize("ts", TS_SAMPLES)
+def test_the_exported_schema_and_the_decoder_agree_on_ts(ts):
+    schemas = json_schemas()
+    wire = {**json.loads(encode(convert(TraceEvent, trace_fields()))), "ts": ts}
+    try:
+        decode(TraceEvent, json.dumps(wire).encode())
+        accepted = True
+    except InvalidEvent:
+        accepted = False
+    assert jsonschema.Draft202012Validator(schemas["trace"]).is_valid(wire) is accepted, (ts, accepted)
+
+
+def test_exported_schemas_name_their_draft_and_id():
+    for name, schema in json_schemas().items():
+        assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+        assert schema["$id"] == f"urn:safeswap:schema:v1:{name}"
+        jsonschema.Draft202012Validator.check_schema(schema)

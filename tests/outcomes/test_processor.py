@@ -175,7 +175,7 @@ def test_late_events_go_to_the_dlq_with_a_reason_and_are_counted():
 def test_bad_input_is_rejected_with_a_reason_and_processing_continues():
     processor = OutcomeProcessor(0, OutcomeConfig(max_event_bytes=50_000, max_edit_chars=1000))
     good = encode(trace(1, T0))
-    assert processor.fold_raw("trace", b"{not json", NOW).startswith("invalid")
+    assert processor.fold_raw("trace", b"{not json", NOW).startswith("undecodable TraceEvent: JSON is malformed")
     assert "latency_ms" in processor.fold_raw("trace", encode(trace(2, T0)).replace(b'"latency_ms":100.0', b'"latency_ms":-1'), NOW)
     assert "variant" in processor.fold_raw("trace", good.replace(b'"control"', b'"sideways"'), NOW)
     assert processor.fold_raw("trace", encode(trace(3, NOW + 2 * 3600_000)), NOW).startswith("future_timestamp")

@@ -89,6 +89,16 @@ def test_named_queries_answer_the_three_questions(tmp_path: Path):
     timeline = sinks.decision_timeline(tmp_path, rollout_id="r1").collect()
     assert timeline["action"].to_list() == ["start", "rollback"]
     assert timeline["breached"].to_list() == ["", "thumbs_down_rate"]
+    # docs/data.md, recipe 2: every decision, one row per evidence item (none: one row of nulls).
+    recipe = (sinks.scan("decisions", data_dir=tmp_path).filter(pl.col("rollout_id") == "r1")
+              .sort("seq")
+              .with_columns(pl.when(pl.col("evidence").list.len() > 0).then(pl.col("evidence")))
+              .explode("evidence")
+              .unnest("evidence")
+              .select("seq", "ts", "action", "stage", "percent", "metric", "status", "estimate", "ci_low", "ci_high",
+                      "threshold", "users_control", "users_candidate", "reason")
+              .collect())
+    assert recipe["seq"].to_list() == [1, 2] and recipe["metric"].to_list() == [None, "thumbs_down_rate"]
 
     counted = sinks.sql(tmp_path, "SELECT variant, COUNT(*) AS n FROM traces GROUP BY variant ORDER BY variant").collect()
     assert counted.to_dicts() == [{"variant": "candidate", "n": 4}, {"variant": "control", "n": 8}]
