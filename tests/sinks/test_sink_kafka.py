@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 import sinks
+from tests.faults.helpers import dead_letters
 from tests.kafka_helpers import produce
 from tests.sinks.helpers import raw, trace
 
@@ -82,6 +83,9 @@ def test_sigkill_while_writing_then_restart_leaves_every_event_exactly_once(sett
         while stable != sinks.count_rows(data, ["traces"])["traces"]:
             stable = sinks.count_rows(data, ["traces"])["traces"]
             time.sleep(2.0)
+        # The outcomes agent (which dead-letters the bad traces) may trail the sink on a busy machine.
+        wait_until(lambda: len([d for d in dead_letters(settings, timeout_s=5) if d.agent == "outcomes"])
+                   >= len(BAD), 90, "the outcomes agent's dead letters", restarted.log)
         restarted.stop()  # SIGINT: the worker flushes what it holds before it exits
         assert restarted.process.returncode is not None
     finally:
