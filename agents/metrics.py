@@ -36,6 +36,7 @@ from faust.sensors import Sensor
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from streams.deadletter import reason_kind
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -64,27 +65,6 @@ class _Decision(msgspec.Struct):
 class _DeadLetter(msgspec.Struct):
     agent: str = "unknown"
     reason: str = ""
-
-
-# Reason kinds of dead letters: the outcomes agent's reason keys (``reason_key`` in
-# safeswap/outcomes.py, the prefix of the reason it sends, also kept per partition in
-# ``processor.reasons``), plus the kinds other agents' reasons start with. A fixed set:
-# free-text reasons must not become label values.
-DLQ_REASON_KINDS: frozenset[str] = frozenset({
-    "invalid", "too_large", "future_timestamp", "late_event", "feedback_unjoined", "internal_error",
-})
-
-
-def reason_kind(reason: str) -> str:
-    """The label value for a dead letter's reason: its kind, or ``other``."""
-    head = reason.split(":", 1)[0].strip()
-    if head in DLQ_REASON_KINDS:
-        return head
-    if head.startswith(("invalid ", "undecodable ")):  # "invalid RolloutPlan: ...", "undecodable TraceEvent: ..."
-        return "invalid"
-    if head == "internal error":
-        return "internal_error"
-    return "other"
 
 
 # Unit-correct per-variant gauges: metric -> (family, label name, label value, scale).

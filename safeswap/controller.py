@@ -36,17 +36,18 @@ same decisions, so replays are idempotent.
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
-from typing import Any, Collection
+from typing import Any, Collection, Iterable
 
 import msgspec
 
-from safeswap.metrics import model_drift
+from safeswap.metrics import model_drift, model_drift_text
 from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
 from safeswap.stats import GuardrailMonitor, split_alpha, stat_from_dict
 from safeswap.stats.sequential import stratified_compare
 from safeswap.stats.srm import srm_test
-from schemas import Decision, GuardrailEvidence, RolloutPlan, RolloutStatus, StatsSnapshot
+from schemas import Decision, GuardrailEvidence, HealthSpec, RolloutPlan, RolloutStatus, StatsSnapshot
 
 LIVE = ("shadow", "canary", "ramp")
 # Health checks need this much data before they can pause anything.
@@ -349,11 +350,16 @@ def parse_snapshot(snapshot: StatsSnapshot, metrics: Collection[str] | None = No
 
 def merge_cohorts(state: RolloutState) -> dict[str, dict[str, dict[str, Any]]]:
     """Add the latest snapshot of every partition per exposure cohort: merged[cohort][variant][metric]."""
-    merged: dict[str, dict[str, dict[str, Any]]] = {}
     for partition, snapshot in state.snapshots.items():
-        parsed = state.parsed.get(partition)
-        if parsed is None:  # restored state: parse once more
-            parsed = state.parsed[partition] = parse_snapshot(snapshot, looked_at(state))
+        if partition not in state.parsed:  # restored state: parse once more
+            state.parsed[partition] = parse_snapshot(snapshot, looked_at(state))
+    return add_cohorts(state.parsed[p] for p in state.snapshots)
+
+
+def add_cohorts(parsed_snapshots: Iterable[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Add parsed snapshots (``parse_snapshot``) cohort by cohort: merged[cohort][variant][metric]."""
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    for parsed in parsed_snapshots:
         for cohort, variants in parsed.items():
             for variant, metrics in variants.items():
                 into = merged.setdefault(cohort, {}).setdefault(variant, {})
@@ -635,6 +641,55 @@ def health_dict(health: Health) -> dict[str, Any]:
         "cache_skew": health.cache_skew,
         "problems": [{"check": c, "action": a, "reason": r} for c, a, r in health.problems],
     }
+
+
+def health_checks(health: dict[str, Any], rules: HealthSpec) -> list[dict[str, Any]]:
+    """The data-health checks as rows a person can read: each with its value, its threshold,
+    its status (``ok``, ``problem``, ``flagged`` for a check that only warns, ``not checked``
+    while it cannot run) and what a failure does. ``health`` is a status's or decision's
+    ``health`` (``health_dict``)."""
+    def mapping(value: Any) -> dict[str, Any]:  # health arrives from events: any shape
+        return value if isinstance(value, dict) else {}
+
+    problems = health.get("problems")
+    found = {p.get("check") for p in (problems if isinstance(problems, list) else []) if isinstance(p, dict)}
+
+    def row(check: str, value: str, threshold: str, status: str, action: str) -> dict[str, Any]:
+        if status != "not checked" and check in found:
+            status = "problem"
+        return {"check": check, "value": value, "threshold": threshold, "status": status,
+                "on_failure": "nothing (ignored by the plan)" if action == "ignore" else action}
+
+    rows = []
+    srm = health.get("srm_p_value")
+    counts = mapping(health.get("srm_new_users"))
+    rows.append(row("srm", f"p={srm:.2g} ({counts.get('candidate', 0):,} candidate / "
+                           f"{counts.get('control', 0):,} control new users)" if _number(srm) and counts else
+                    f"p={srm:.2g}" if _number(srm) else "-",
+                    f"p < {rules.srm_alpha:g}", "ok" if _number(srm) else "not checked", rules.srm))
+    crossover = health.get("crossover_share")
+    rows.append(row("crossover", f"{crossover:.2%} of users" if _number(crossover) else "-",
+                    f"> {rules.crossover_max:.1%} (and 10 users)", "ok" if _number(crossover) else "not checked",
+                    rules.crossover))
+    drift = mapping(health.get("model_drift"))
+    rows.append(row("model_drift", model_drift_text(drift) if drift else "-",
+                    f"> {rules.model_drift_max_share:.1%} off the pinned model",
+                    "ok" if drift else "not checked", rules.model_drift))
+    loss = mapping(health.get("responses_per_user"))
+    rows.append(row("event_loss", f"responses per user {loss['estimate']:+.1%}, p={loss['p_value']:.2g}"
+                    if _number(loss.get("estimate")) and _number(loss.get("p_value")) else "-",
+                    f"p < {EVENT_LOSS_ALPHA:g}", "ok" if loss else "not checked", "pause"))
+    skew = mapping(health.get("cache_skew"))
+    rows.append(row("cache_skew", f"cache-hit rate {skew['estimate']:+.2%}, p={skew['p_value']:.2g}"
+                    if _number(skew.get("estimate")) and _number(skew.get("p_value")) else "-",
+                    f"p < {rules.cache_skew_alpha:g}",
+                    ("flagged" if skew.get("skewed") else "ok") if skew else "not checked",
+                    "flag only (latency and cost are confounded)"))
+    return rows
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def stage_label(stage) -> str:

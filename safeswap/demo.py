@@ -115,15 +115,17 @@ async def _simulate(settings: Settings, rollout_id: str, max_users: int, deadlin
         # Register the plan (what `safeswap rollout start` does).
         from aiokafka import AIOKafkaProducer
 
+        event_time = int(time.time() * 1000) - max_users * 1_000  # in the past: future events are refused
         producer = AIOKafkaProducer(**client_options(settings))
         await producer.start()
         try:
-            await producer.send_and_wait(settings.topic("plans"), encode(plan), key=rollout_id.encode())
+            # Stamped at the traffic's first event time: the start decision is in event time too.
+            await producer.send_and_wait(settings.topic("plans"), encode(plan), key=rollout_id.encode(),
+                                         timestamp_ms=event_time)
         finally:
             await producer.stop()
         with Live(_status_table(0, users, None, 0), console=console, refresh_per_second=8, transient=False) as live:
             await _wait(lambda: flags.decision(rollout_id) is not None, deadline, worker)
-            event_time = int(time.time() * 1000) - max_users * 1_000  # in the past: future events are refused
             index = 0
             while time.monotonic() < deadline:
                 worker.check_alive()

@@ -67,11 +67,11 @@ async def read_latest(settings: Settings, topic: str, event_type: type, timeout_
     return latest
 
 
-async def _send(settings: Settings, topic: str, key: str, value: bytes) -> None:
+async def _send(settings: Settings, topic: str, key: str, value: bytes, timestamp_ms: int | None = None) -> None:
     producer = AIOKafkaProducer(**client_options(settings), request_timeout_ms=10_000)
     try:
         await asyncio.wait_for(producer.start(), 10)
-        await producer.send_and_wait(settings.topic(topic), value, key=key.encode())
+        await producer.send_and_wait(settings.topic(topic), value, key=key.encode(), timestamp_ms=timestamp_ms)
     except RolloutError:
         raise
     except Exception as exc:
@@ -91,8 +91,13 @@ async def wait_for_decision(settings: Settings, rollout_id: str, accept: Callabl
             return None
 
 
-async def start_rollout(settings: Settings, plan: RolloutPlan, wait_s: float) -> tuple[str, Decision | None]:
+async def start_rollout(settings: Settings, plan: RolloutPlan, wait_s: float,
+                        at_ms: int | None = None) -> tuple[str, Decision | None]:
     """Publish a plan once. Returns ("started" | "already started" | "gate attached", first decision or None).
+
+    ``at_ms``: the plan's record timestamp, which stamps its first decision (default: now).
+    A rehearsal of past event time (``safeswap simulate``) gives its start, so every
+    decision of the rollout is in event time.
 
     A plan still waiting in ``registered`` (a high-stakes plan without a passing
     gate) may be published again with only its eval gate changed."""
@@ -107,7 +112,7 @@ async def start_rollout(settings: Settings, plan: RolloutPlan, wait_s: float) ->
                 f"rollout {plan.rollout_id!r} already started with plan {current.plan_hash} (this plan is {digest}); "
                 "a started plan is immutable: give the changed plan a new rollout_id")
         outcome = "gate attached"
-    await _send(settings, "plans", plan.rollout_id, encode(plan))
+    await _send(settings, "plans", plan.rollout_id, encode(plan), timestamp_ms=at_ms)
     decision = await wait_for_decision(settings, plan.rollout_id, lambda d: d.plan_hash == digest, wait_s)
     return outcome, decision
 

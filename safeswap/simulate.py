@@ -282,6 +282,9 @@ class Traffic:
                          if isinstance(f, ModelSwitch)]
         self.drops = {f.variant: f.share for f in scenario.faults if isinstance(f, DropEvents)}
         self.by_request = any(isinstance(f, AssignByRequest) for f in scenario.faults)
+        # Later turns of a step's sessions happen after the step ends: they wait here and go
+        # out with the step they happen in, as an app would send them (in time order).
+        self.later: list[TraceEvent | FeedbackEvent | ShadowPair] = []
         self.pinned = {"control": plan.control.model or "control-model",
                        "candidate": plan.candidate.model or "candidate-model"}
 
@@ -361,6 +364,10 @@ class Traffic:
                     prompt = " ".join(rng.choice(WORDS) for _ in range(8))
         # A broken emitter loses traces and feedback (shadow pairs have their own path).
         events = [e for e in events if isinstance(e, ShadowPair) or rng.random() >= self.drops.get(e.variant, 0.0)]
+        events += self.later
+        end = step_start + step_ms
+        self.later = [e for e in events if e.ts >= end]
+        events = [e for e in events if e.ts < end]
         events.sort(key=lambda e: e.ts)  # the outcomes agent treats far-behind events as late
         return events
 
@@ -437,7 +444,7 @@ async def closed_loop(settings: Settings, plan: RolloutPlan, scenario: Scenario,
     traffic = Traffic(scenario, plan, plan.rollout_id, start_ms)
     decisions: list[Decision] = []
     sent = shadow_sent = 0
-    outcome, first = await start_rollout(settings, plan, wait_s=60)
+    outcome, first = await start_rollout(settings, plan, wait_s=60, at_ms=start_ms)
     if first is None:
         raise RuntimeError("the worker did not register the plan within 60 s")
     watcher = await StatusWatcher(settings).start()

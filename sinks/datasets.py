@@ -193,13 +193,16 @@ DATASETS: dict[str, Dataset] = {d.name: d for d in (
         ("edit_distance_words", F), ("retried", B), ("follow_up", B), ("session_last", B), ("abandoned", B),
         ("schema_version", pa.int32()),
     )),
-    Dataset("stats", "stats", StatsSnapshot, 2, _cols(
+    Dataset("stats", "stats", StatsSnapshot, 3, _cols(
         ("source_partition", pa.int32(), "partition"), ("seq", I), ("ts", TS),
         ("users_json", S, "users", "json"), ("metrics_json", S, "metrics", "json"), ("schema_version", pa.int32()),
         ("models_json", S, "models", "json"), ("counts_json", S, "counts", "json"),
         ("first_exposures_json", S, "first_exposures", "json"), ("crossover_users", I),
         # v2: which agent published it ("outcomes" snapshots vs "shadow:<worker>" judge statistics)
         ("source", S), ("shadow_json", S, "shadow", "json"),
+        # v3: the exposure cohorts the guardrails compare (a replay of the controller needs them)
+        ("cohorts_json", S, "cohorts", "json"), ("cohort_exposures_json", S, "cohort_exposures", "json"),
+        ("cohort_starts_json", S, "cohort_starts", "json"),
     )),
     Dataset("decisions", "decisions", Decision, 1, _cols(
         ("seq", I), ("ts", TS), ("action", S), ("stage", S), ("percent", F), ("salt", S), ("reason", S),

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 from html import escape
 from typing import Any, Iterable
 
-W, H = 560, 200
-PAD_L, PAD_R, PAD_T, PAD_B = 58, 12, 14, 26
+W, H = 560, 210
+PAD_L, PAD_R, PAD_T, PAD_B = 58, 12, 24, 26
 COLORS = {"control": "#4c78a8", "candidate": "#e45756"}
 ACTION_COLORS = {"start": "#4c78a8", "promote": "#54a24b", "complete": "#2f7d32", "rollback": "#d62728",
                  "pause": "#f58518", "resume": "#72b7b2", "hold": "#9d9d9d"}
@@ -45,6 +45,15 @@ def fmt(value: float | None, unit: str) -> str:
     return f"{value:.4g}"
 
 
+def interval_text(low: float | None, high: float | None, unit: str) -> str:
+    """An interval written whole: an end that is not finite yet (too few users in one arm)
+    reads as unbounded, never as a dash."""
+    if low is None and high is None:
+        return "none yet"
+    return (f"[{'-inf' if low is None else fmt(low, unit)}, "
+            f"{'+inf' if high is None else fmt(high, unit)}]")
+
+
 class _Axes:
     def __init__(self, x0: float, x1: float, y0: float, y1: float, width: int = W, height: int = H) -> None:
         if x1 <= x0:
@@ -75,9 +84,9 @@ def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step) + 1)]
 
 
-def _frame(axes: _Axes, y_unit: str, label: str) -> list[str]:
+def _frame(axes: _Axes, y_unit: str, label: str, behind: list[str] = ()) -> list[str]:
     parts = [f'<rect x="{PAD_L}" y="{PAD_T}" width="{axes.w - PAD_L - PAD_R}" height="{axes.h - PAD_T - PAD_B}" '
-             'class="plot"/>']
+             'class="plot"/>', *behind]
     for tick in _ticks(axes.y0, axes.y1):
         y = axes.y(tick)
         parts.append(f'<line x1="{PAD_L}" x2="{axes.w - PAD_R}" y1="{y:.1f}" y2="{y:.1f}" class="grid"/>')
@@ -87,13 +96,16 @@ def _frame(axes: _Axes, y_unit: str, label: str) -> list[str]:
         anchor = "start" if tick == axes.x0 else ("end" if tick == axes.x1 else "middle")
         parts.append(f'<text x="{axes.x(tick):.1f}" y="{axes.h - 8}" class="tick" text-anchor="{anchor}">'
                      f'{esc(when(tick))}</text>')
-    parts.append(f'<text x="{PAD_L + 4}" y="{PAD_T + 12}" class="label">{esc(label)}</text>')
+    parts.append(f'<text x="{PAD_L}" y="16" class="label">{esc(label)}</text>')  # above the plot, clear of the data
     return parts
 
 
-def _svg(parts: Iterable[str], title: str, width: int = W, height: int = H) -> str:
+def _svg(parts: Iterable[str], title: str, width: int = W, height: int = H,
+         x_range: tuple[float, float] | None = None) -> str:
+    # data-range: the event-time range on the x axis (every chart of a view shares one)
+    shown = f' data-range="{int(x_range[0])},{int(x_range[1])}"' if x_range else ""
     return (f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="{width}" '
-            f'height="{height}" role="img" aria-label="{esc(title)}" class="chart">'
+            f'height="{height}" role="img" aria-label="{esc(title)}" class="chart"{shown}>'
             f'<title>{esc(title)}</title>{"".join(parts)}</svg>')
 
 
@@ -113,8 +125,23 @@ def _markers(axes: _Axes, decisions: list[dict[str, Any]]) -> list[str]:
     return parts
 
 
-def interval_chart(guardrail: dict[str, Any], decisions: list[dict[str, Any]]) -> str:
-    """The always-valid interval over time (band), its estimate (line) and the threshold (dashed)."""
+def _current_stage(axes: _Axes, current: dict[str, Any] | None) -> list[str]:
+    """The current stage's period, shaded behind the data (the same on every chart of a view)."""
+    if not current:
+        return []
+    x0, x1 = axes.x(max(current["from"], axes.x0)), axes.x(min(current["to"], axes.x1))
+    return [f'<rect x="{x0:.1f}" y="{PAD_T}" width="{max(x1 - x0, 1.5):.1f}" height="{axes.h - PAD_T - PAD_B}" '
+            f'class="current-stage"><title>current stage: {esc(current["label"])}</title></rect>']
+
+
+def _x_range(time_range: list[float] | None, xs: list[float]) -> tuple[float, float]:
+    return (time_range[0], time_range[1]) if time_range else (min(xs), max(xs))
+
+
+def interval_chart(guardrail: dict[str, Any], decisions: list[dict[str, Any]],
+                   time_range: list[float] | None = None, current: dict[str, Any] | None = None) -> str:
+    """The always-valid interval over time (band), its estimate (line) and the threshold (dashed),
+    over the view's ``time_range`` with the ``current`` stage shaded."""
     points = [p for p in guardrail["points"] if p["ci_low"] is not None or p["ci_high"] is not None
               or p["estimate"] is not None]
     unit = "pct" if guardrail["scale"] == "relative" else "num"
@@ -134,8 +161,8 @@ def interval_chart(guardrail: dict[str, Any], decisions: list[dict[str, Any]]) -
         spread = max(max(tail) - min(tail), abs(threshold or 0.0), 1e-9)
         lo = max(lo, min(min(tail), 0.0, threshold or 0.0) - 1.5 * spread)
         hi = min(hi, max(max(tail), 0.0, threshold or 0.0) + 1.5 * spread)
-    axes = _Axes(points[0]["ts"], points[-1]["ts"], lo, hi)
-    parts = _frame(axes, unit, title)
+    axes = _Axes(*_x_range(time_range, [p["ts"] for p in points]), lo, hi)
+    parts = _frame(axes, unit, title, _current_stage(axes, current))
     band = [p for p in points if p["ci_low"] is not None and p["ci_high"] is not None]
     if band:
         upper = [(axes.x(p["ts"]), axes.y(p["ci_high"])) for p in band]
@@ -151,38 +178,40 @@ def interval_chart(guardrail: dict[str, Any], decisions: list[dict[str, Any]]) -
         parts.append(f'<text x="{W - PAD_R - 4}" y="{y - 4:.1f}" class="threshold-label" text-anchor="end">'
                      f'limit {esc(fmt(threshold, unit))}</text>')
     parts.extend(_markers(axes, decisions))
-    return _svg(parts, title)
+    return _svg(parts, title, x_range=(axes.x0, axes.x1))
 
 
 def trend_chart(metric: str, label: str, unit: str, series: dict[str, list[list[float]]],
-                decisions: list[dict[str, Any]]) -> str:
-    """One metric per variant over time."""
+                decisions: list[dict[str, Any]], time_range: list[float] | None = None,
+                current: dict[str, Any] | None = None) -> str:
+    """One metric per variant over time (the view's ``time_range``, the ``current`` stage shaded)."""
     title = f"{label} by variant"
     lines = {v: pts for v, pts in series.items() if pts}
     if not lines:
         return _svg([f'<text x="{W / 2}" y="{H / 2}" class="empty" text-anchor="middle">no data yet</text>'], title)
     xs = [p[0] for pts in lines.values() for p in pts]
     ys = [p[1] for pts in lines.values() for p in pts]
-    axes = _Axes(min(xs), max(xs), min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0)
-    parts = _frame(axes, unit, title)
+    axes = _Axes(*_x_range(time_range, xs), min(0.0, min(ys)), max(ys) * 1.05 if max(ys) > 0 else 1.0)
+    parts = _frame(axes, unit, title, _current_stage(axes, current))
     for offset, (variant, pts) in enumerate(sorted(lines.items())):
         color = COLORS.get(variant, "#555")
         parts.append(f'<path d="{_path([(axes.x(x), axes.y(y)) for x, y in pts])}" stroke="{color}" class="line"/>')
         parts.append(f'<text x="{W - PAD_R - 4}" y="{PAD_T + 12 + 12 * offset}" fill="{color}" class="legend" '
                      f'text-anchor="end">{esc(variant)}</text>')
     parts.extend(_markers(axes, decisions))
-    return _svg(parts, title)
+    return _svg(parts, title, x_range=(axes.x0, axes.x1))
 
 
-def stage_timeline(decisions: list[dict[str, Any]], end_x: float | None, start_x: float | None = None,
+def stage_timeline(decisions: list[dict[str, Any]], time_range: list[float] | None,
                    width: int = 900, height: int = 74) -> str:
-    """Stages as segments (each decision starts one), the split in each, decisions as markers."""
+    """Stages as segments (each decision starts one), the split in each, decisions as markers,
+    over the view's ``time_range``; the current (last) stage is outlined."""
     title = "stage timeline"
     if not decisions:
         return _svg([f'<text x="{width / 2}" y="{height / 2}" class="empty" text-anchor="middle">'
                      'no decision yet</text>'], title, width, height)
     xs = [d["x"] for d in decisions]
-    x0, x1 = min(xs + ([start_x] if start_x else [])), max(max(xs), end_x or 0)
+    x0, x1 = _x_range(time_range, xs)
     if x1 <= x0:
         x1 = x0 + 1
     left, right = 10, width - 10
@@ -197,13 +226,17 @@ def stage_timeline(decisions: list[dict[str, Any]], end_x: float | None, start_x
         stop = x(ordered[i + 1]["x"]) if i + 1 < len(ordered) else right
         color = ACTION_COLORS.get(d["action"], "#777")
         label = f'{d["stage"]} {d["percent"]:g}%'
+        current = " current" if i == len(ordered) - 1 else ""
         parts.append(f'<rect x="{start:.1f}" y="14" width="{max(stop - start, 2):.1f}" height="22" fill="{color}" '
-                     f'class="segment"><title>#{int(d["seq"])} {esc(d["action"])}: {esc(d["reason"])}</title></rect>')
+                     f'class="segment{current}"><title>#{int(d["seq"])} {esc(d["action"])}: {esc(d["reason"])}'
+                     '</title></rect>')
         if stop - start > 60:
             parts.append(f'<text x="{start + 4:.1f}" y="29" class="segment-label">{esc(label)}</text>')
         parts.append(f'<circle cx="{start:.1f}" cy="44" r="4" fill="{color}"/>')
-        parts.append(f'<text x="{start:.1f}" y="{58 + 10 * (i % 2)}" class="tick" text-anchor="middle">'
+        # Near an edge the label grows inwards, so it is never cut off.
+        anchor = "start" if start - left < 60 else ("end" if right - start < 60 else "middle")
+        parts.append(f'<text x="{start:.1f}" y="{58 + 10 * (i % 2)}" class="tick" text-anchor="{anchor}">'
                      f'#{int(d["seq"])} {esc(d["action"])}</text>')
     parts.append(f'<text x="{left}" y="10" class="tick">{esc(when(x0))}</text>')
     parts.append(f'<text x="{right}" y="10" class="tick" text-anchor="end">{esc(when(x1))}</text>')
-    return _svg(parts, title, width, height)
+    return _svg(parts, title, width, height, x_range=(x0, x1))

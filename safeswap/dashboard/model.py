@@ -24,9 +24,12 @@ from typing import Any
 
 import msgspec
 
-from safeswap.controller import LIVE, PlanConflict, RolloutState, on_plan, on_snapshot
+from safeswap.controller import (LIVE, PlanConflict, RolloutState, add_cohorts, cohort_strata, health_checks, on_plan,
+                                 on_snapshot, parse_snapshot)
 from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
-from schemas import Decision, RolloutPlan, RolloutStatus, StatsSnapshot
+from safeswap.stats.sequential import stratified_compare
+from schemas import DeadLetter, Decision, HealthSpec, RolloutPlan, RolloutStatus, StatsSnapshot
+from streams.deadletter import reason_kind
 
 # Per-variant rows of the page: (key, label, unit). p50/p95 come from the latency histogram.
 VARIANT_ROWS: tuple[tuple[str, str, str], ...] = (
@@ -52,6 +55,18 @@ VARIANT_ROWS: tuple[tuple[str, str, str], ...] = (
 # Metrics drawn over time per variant (a subset: the charts people watch).
 TREND_METRICS: tuple[str, ...] = ("latency_ms_p95", "cost_usd_mean", "error_rate", "thumbs_down_rate")
 MAX_POINTS = 1500  # per rollout: older looks are thinned (every other one) beyond this
+# Rows compared with an always-valid interval (users as the unit, cohort by cohort, as the
+# guardrails are): every row but the latency quantiles, which the guardrails compare per
+# cache stratum.
+COMPARED_ROWS: frozenset[str] = frozenset(key for key, _, _ in VARIANT_ROWS) - {"latency_ms_p50", "latency_ms_p95"}
+# The topics apps write: dead letters from them, over the records they hold, are the DLQ rate.
+EVENT_TOPICS: tuple[str, ...] = ("traces", "feedback", "shadow")
+DLQ_ALERT_RATE = 0.01  # a dead-letter rate above this share of the events is flagged
+
+
+def topic_kind(topic: str) -> str:
+    """``safeswap.traces`` -> ``traces`` (topics are ``<prefix>.<name>``)."""
+    return topic.rsplit(".", 1)[-1]
 
 
 def merge_raw(snapshots: list[StatsSnapshot]) -> dict[str, dict[str, dict[str, Any]]]:
@@ -112,6 +127,67 @@ def variant_values(snapshots: list[StatsSnapshot]) -> dict[str, dict[str, float]
     return out
 
 
+def variant_differences(snapshots: list[StatsSnapshot], plan: RolloutPlan) -> dict[str, dict[str, Any]]:
+    """Candidate vs control for every compared row, from the latest snapshot of each partition:
+    the relative difference with its always-valid two-sided interval at the plan's alpha, per
+    row (users as the unit, cohort by cohort, as the guardrails compare). A row with fewer than
+    the plan's ``min_users_per_arm`` gets ``{"too_few_users": n}`` instead of a difference. These
+    are for reading, not for deciding: only the guardrails act, with their alpha split."""
+    cohorts = add_cohorts(parse_snapshot(s, COMPARED_ROWS) for s in snapshots)
+    out: dict[str, dict[str, Any]] = {}
+    for metric in COMPARED_ROWS:
+        strata = cohort_strata(cohorts, metric)
+        users = min((sum(s.n for s in arm) for arm in strata), default=0) if strata[0] else 0
+        if users < plan.min_users_per_arm:
+            out[metric] = {"too_few_users": users}
+            continue
+        try:
+            result = stratified_compare(list(zip(*strata)), alpha=plan.alpha, n_tune=plan.n_tune,
+                                        difference="relative", alternative="two-sided")
+        except (ValueError, ZeroDivisionError):  # a control mean of zero, or no cohort with 2 users an arm
+            continue
+        out[metric] = {"estimate": _finite(result.estimate), "ci_low": _finite(result.ci_low),
+                       "ci_high": _finite(result.ci_high), "alpha": plan.alpha}
+    return out
+
+
+@dataclass
+class DeadLetterTally:
+    """Dead letters of the whole worker (they need not name a rollout): counts by reason kind
+    and topic, the latest reason of each kind, and the rate over the events the apps wrote."""
+
+    by_kind: dict[str, int] = field(default_factory=dict)
+    by_topic: dict[str, int] = field(default_factory=dict)
+    latest: dict[str, tuple[int, str]] = field(default_factory=dict)  # kind -> (wall-clock ms, reason)
+    from_events: int = 0  # dead letters read from EVENT_TOPICS
+    events: int | None = None  # records on EVENT_TOPICS; None until the source has counted them
+
+    def add(self, letter: DeadLetter) -> None:
+        kind, topic = reason_kind(letter.reason), topic_kind(letter.topic)
+        self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
+        self.by_topic[topic] = self.by_topic.get(topic, 0) + 1
+        if topic in EVENT_TOPICS:
+            self.from_events += 1
+        if letter.ts >= self.latest.get(kind, (-1, ""))[0]:
+            self.latest[kind] = (letter.ts, letter.reason[:500])
+
+    def view(self) -> dict[str, Any]:
+        total = sum(self.by_kind.values())
+        rate = self.from_events / self.events if self.events else None
+        return {
+            "total": total,
+            "from_events": self.from_events,
+            "events": self.events,
+            "rate": rate,
+            "alert_rate": DLQ_ALERT_RATE,
+            "status": "not checked" if rate is None else ("problem" if rate > DLQ_ALERT_RATE else "ok"),
+            "kinds": [{"kind": kind, "count": n, "share": n / total, "latest_ts": self.latest[kind][0],
+                       "latest_reason": self.latest[kind][1]}
+                      for kind, n in sorted(self.by_kind.items(), key=lambda item: (-item[1], item[0]))],
+            "topics": dict(sorted(self.by_topic.items())),
+        }
+
+
 def coalesce(snapshots: list[StatsSnapshot], chunk: int) -> list[StatsSnapshot]:
     """Keep, within every run of ``chunk`` snapshots, only the newest per (rollout, source,
     partition), in their original order. Snapshots are cumulative, so this is what a
@@ -154,6 +230,7 @@ class RolloutTrack:
     current: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> latest values
     latest_snapshots: dict[tuple[str, int], StatsSnapshot] = field(default_factory=dict)
     last_ts: int = 0
+    differences: tuple[tuple, dict[str, dict[str, Any]]] | None = None  # (snapshot seqs, variant_differences)
 
 
 def _source(snapshot: StatsSnapshot) -> str:
@@ -168,6 +245,7 @@ class DashboardModel:
         self.version = 0  # bumps on every change: the page polls it
         self.max_points = max_points
         self.source = ""  # "live: <broker>" or "recorded: <dir>", for the page header
+        self.dead_letters = DeadLetterTally()
 
     def _track(self, rollout_id: str) -> RolloutTrack:
         track = self.tracks.get(rollout_id)
@@ -265,6 +343,16 @@ class DashboardModel:
         track.status = status
         self.version += 1
 
+    def add_dead_letter(self, letter: DeadLetter) -> None:
+        self.dead_letters.add(letter)
+        self.version += 1
+
+    def set_event_count(self, events: int) -> None:
+        """Records on the events topics (the DLQ rate's denominator), as the source counted them."""
+        if events != self.dead_letters.events:
+            self.dead_letters.events = events
+            self.version += 1
+
     def add_judgment(self, rollout_id: str, winner: str) -> None:
         track = self._track(rollout_id)
         if winner in track.judgments:
@@ -301,22 +389,22 @@ class DashboardModel:
         decisions = [track.decisions[seq] for seq in sorted(track.decisions)]
         look_range = (track.looks[0].ts, track.looks[-1].ts) if track.looks else None
 
-        # Where each decision is drawn: its own event time when it lies among the looks;
-        # else the look where the replay made the same decision; else just after the one
-        # before. Never before an earlier decision, so one stray clock (a plan stamped
-        # with wall-clock time, say) cannot squash or reorder the timeline.
+        # Where each decision is drawn: its own event time unless that lies after the last
+        # look (a plan or command stamped with a later wall-clock time, say): then the look
+        # where the replay made the same decision, else the end. Never before an earlier
+        # decision, so one stray clock cannot squash or reorder the timeline.
         positions: dict[int, int] = {}
         previous: int | None = None
         for d in decisions:
-            inside = (lambda t: t is not None and look_range[0] <= t <= look_range[1]) if look_range else None
-            if inside is None or inside(d.ts):
+            replayed = track.replay_decision_ts.get(d.seq)
+            if look_range is None or d.ts <= look_range[1]:
                 x = d.ts
-            elif inside(track.replay_decision_ts.get(d.seq)):
-                x = track.replay_decision_ts[d.seq]
-            elif previous is None or d.ts < look_range[0]:
+            elif replayed is not None and look_range[0] <= replayed <= look_range[1]:
+                x = replayed
+            elif previous is None:
                 x = look_range[0]
             else:
-                x = look_range[1]  # after the last look (a command, say): at the end
+                x = look_range[1]
             x = max(x, previous) if previous is not None else x
             positions[d.seq] = previous = x
 
@@ -328,6 +416,17 @@ class DashboardModel:
             "shadow_percent": last.shadow_percent if last else (status.shadow_percent if status else 0.0),
         }
         users = status.users if status and status.users else (track.looks[-1].users if track.looks else {})
+        # One time range for every chart of the view (event time): the first look or decision
+        # to the latest; the current stage runs from the decision that entered it.
+        as_of = track.last_ts or (status.ts if status else 0)
+        xs = [x for x in [*(look_range or ()), *positions.values(), as_of] if x]
+        time_range = [min(xs), max(xs)] if xs else None
+        current_stage = ({"from": positions[decisions[-1].seq], "to": time_range[1],
+                          "label": f"{decisions[-1].stage} {decisions[-1].percent:g}%"}
+                         if decisions and time_range else None)
+        health = (status.health if status and status.health else
+                  (decisions[-1].health if decisions and decisions[-1].health else {}))
+        differences = self._differences(track)
         return {
             "rollout_id": rollout_id,
             "description": plan.description if plan else None,
@@ -341,7 +440,9 @@ class DashboardModel:
             "split": split,
             "users": users,
             "first_ts": track.looks[0].ts if track.looks else None,
-            "as_of": track.last_ts or (status.ts if status else 0),
+            "as_of": as_of,
+            "time_range": time_range,
+            "current_stage": current_stage,
             "decisions": [{
                 "seq": d.seq, "ts": d.ts, "x": positions[d.seq], "action": d.action, "stage": d.stage,
                 "percent": d.percent, "shadow_percent": d.shadow_percent, "reason": d.reason,
@@ -349,16 +450,33 @@ class DashboardModel:
             } for d in decisions],
             "guardrails": self._guardrails(track),
             "variant_rows": [{"key": key, "label": label, "unit": unit,
-                              "values": {v: track.current.get(v, {}).get(key) for v in ("control", "candidate")}}
+                              "values": {v: track.current.get(v, {}).get(key) for v in ("control", "candidate")},
+                              "difference": differences.get(key)}
                              for key, label, unit in VARIANT_ROWS],
             "trends": self._trends(track),
             "judge": self._judge(track),
-            "health": (status.health if status and status.health else
-                       (decisions[-1].health if decisions and decisions[-1].health else {})),
+            "health": health,
+            "health_checks": health_checks(health if isinstance(health, dict) else {},
+                                           plan.health if plan else HealthSpec()),
+            "dead_letters": self.dead_letters.view(),
             "status_live": status is not None,
             "min_duration_s": {label: parse_duration(s.min_duration) if s.min_duration else 0.0
                                for label, s in zip(stages, plan.stages)} if plan else {},
         }
+
+    @staticmethod
+    def _differences(track: RolloutTrack) -> dict[str, dict[str, Any]]:
+        if track.plan is None:
+            return {}
+        outcome = sorted((key, s.seq) for key, s in track.latest_snapshots.items() if not key[0])
+        if track.differences is None or track.differences[0] != tuple(outcome):
+            snapshots = [s for key, s in track.latest_snapshots.items() if not key[0]]
+            try:
+                found = variant_differences(snapshots, track.plan)
+            except ValueError:  # a snapshot that cannot be parsed: no intervals, rather than wrong ones
+                found = {}
+            track.differences = (tuple(outcome), found)
+        return track.differences[1]
 
     def _guardrails(self, track: RolloutTrack) -> list[dict[str, Any]]:
         plan = track.plan

@@ -13,7 +13,7 @@ import logging
 from typing import Any, Callable
 from urllib.parse import quote
 
-from safeswap.dashboard.charts import esc, fmt, interval_chart, stage_timeline, trend_chart, when
+from safeswap.dashboard.charts import esc, fmt, interval_chart, interval_text, stage_timeline, trend_chart, when
 from safeswap.metrics import model_drift_text
 
 TREND_LABELS = {
@@ -22,7 +22,8 @@ TREND_LABELS = {
     "error_rate": ("error rate", "rate"),
     "thumbs_down_rate": ("thumbs-down rate", "rate"),
 }
-STATUS_CLASS = {"breach": "bad", "ok": "good", "insufficient_data": "wait"}
+STATUS_CLASS = {"breach": "bad", "ok": "good", "insufficient_data": "wait", "problem": "bad", "flagged": "wait",
+                "not checked": "muted"}
 log = logging.getLogger(__name__)
 
 
@@ -78,6 +79,7 @@ def _summary_html(view: dict[str, Any]) -> str:
                  f'<dt>control</dt><dd>{_variant_spec(view["variants"]["control"])}</dd>'
                  f'<dt>candidate</dt><dd>{_variant_spec(view["variants"]["candidate"])}</dd>'
                  f'<dt>as of</dt><dd>{esc(when(view["as_of"])) if view["as_of"] else "-"} (event time, UTC)</dd>'
+                 f'<dt>shown</dt><dd>{_range_text(view)}</dd>'
                  f'<dt>plan</dt><dd>{esc(view.get("plan_hash") or "-")}</dd>'
                  '</dl>')
     stages = "".join(f'<li class="{"current" if i == view["stage_index"] else ""}">{esc(s)}</li>'
@@ -86,31 +88,41 @@ def _summary_html(view: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def _range_text(view: dict[str, Any]) -> str:
+    """The one time range every chart of the view shows, and the current stage's period."""
+    span = view.get("time_range")
+    if not span:
+        return "-"
+    text = f"{esc(when(span[0]))} to {esc(when(span[1]))} (event time, UTC)"
+    current = view.get("current_stage")
+    if current:
+        text += (f'; current stage <span class="current-stage-key">{esc(current["label"])}</span> since '
+                 f'{esc(when(current["from"]))}')
+    return text
+
+
 def _timeline_html(view: dict[str, Any]) -> str:
     decisions = view["decisions"]
-    end_x = max([view["as_of"]] + [d["x"] for d in decisions]) if decisions else None
-    start_x = view.get("first_ts")
-    parts = ['<section><h3>Stage timeline</h3>' + stage_timeline(decisions, end_x, start_x)]
+    parts = ['<section><h3>Stage timeline</h3>' + stage_timeline(decisions, view.get("time_range"))]
     rows = "".join(
         f'<tr class="action-{esc(d["action"])}"><td>#{int(d["seq"])}</td><td>{esc(when(d["ts"]))}</td>'
         f'<td>{esc(d["action"])}</td><td>{esc(d["stage"])} {d["percent"]:g}%</td><td>{esc(d["reason"])}</td></tr>'
         for d in decisions)
-    parts.append('<table class="decisions"><thead><tr><th>seq</th><th>when (UTC)</th><th>action</th>'
+    parts.append('<table class="decisions"><thead><tr><th>seq</th><th>event time (UTC)</th><th>action</th>'
                  f'<th>stage</th><th>why</th></tr></thead><tbody>{rows}</tbody></table></section>')
     return "".join(parts)
 
 
-def _guardrail_card(g: dict[str, Any], decisions: list[dict[str, Any]]) -> str:
+def _guardrail_card(g: dict[str, Any], view: dict[str, Any]) -> str:
     unit = "pct" if g["scale"] == "relative" else "num"
-    interval = (f'[{esc(fmt(g["ci_low"], unit))}, {esc(fmt(g["ci_high"], unit))}]'
-                if g["ci_low"] is not None or g["ci_high"] is not None else "-")
+    interval = esc(interval_text(g["ci_low"], g["ci_high"], unit))
     return (f'<div class="card guardrail"><h4>{esc(g["metric"])} '
             f'<span class="badge {STATUS_CLASS.get(g["status"], "wait")}">{esc(g["status"])}</span></h4>'
             f'<p>estimate {esc(fmt(g["estimate"], unit))}, interval {interval}, limit '
             f'{esc(fmt(g["threshold"], unit))} ({esc(g["scale"])}, harm = {esc(g["harm"])}'
             f'{", on breach: " + esc(g["action"]) if g["action"] else ""})</p>'
             + (f'<p class="muted">{esc(g["reason"])}</p>' if g.get("reason") else "")
-            + interval_chart(g, decisions) + '</div>')
+            + interval_chart(g, view["decisions"], view.get("time_range"), view.get("current_stage")) + '</div>')
 
 
 def _guardrails_html(view: dict[str, Any]) -> str:
@@ -122,25 +134,45 @@ def _guardrails_html(view: dict[str, Any]) -> str:
         parts.append('<p class="muted">no guardrails in the plan</p>')
     for g in view["guardrails"]:
         parts.append(guarded(f"guardrail {g.get('metric', '?') if isinstance(g, dict) else '?'}",
-                             _guardrail_card, g, view["decisions"]))
+                             _guardrail_card, g, view))
     parts.append('</div></section>')
     return "".join(parts)
+
+
+def _difference_text(row: dict[str, Any]) -> str:
+    """Candidate vs control with its interval, or why there is none (never a bare estimate)."""
+    found = row.get("difference")
+    if found is None:
+        if row["key"].startswith("latency_ms_p"):
+            return "compared per cache stratum: see the latency guardrails"
+        return "no interval (no data, or a control rate of zero)"
+    if "too_few_users" in found:
+        return f"no interval yet: {found['too_few_users']:,} users in the smaller arm"
+    if found.get("estimate") is None:
+        return "no interval yet"
+    return (f'{fmt(found["estimate"], "pct")} {interval_text(found.get("ci_low"), found.get("ci_high"), "pct")}')
 
 
 def _variants_html(view: dict[str, Any]) -> str:
     decisions = view["decisions"]
     rows = []
+    alpha = next((r["difference"]["alpha"] for r in view["variant_rows"] if (r.get("difference") or {}).get("alpha")),
+                 None)
     for row in view["variant_rows"]:
         a, b = row["values"]["control"], row["values"]["candidate"]
-        diff = f"{(b / a - 1) * 100:+.1f}%" if a and b is not None else "-"
         rows.append(f'<tr><td>{esc(row["label"])}</td><td>{esc(fmt(a, row["unit"]))}</td>'
-                    f'<td>{esc(fmt(b, row["unit"]))}</td><td>{esc(diff)}</td></tr>')
-    parts = ['<section><h3>Per variant</h3><table class="variants"><thead><tr><th>metric</th>'
+                    f'<td>{esc(fmt(b, row["unit"]))}</td><td>{esc(_difference_text(row))}</td></tr>')
+    confidence = f"{(1 - alpha) * 100:g}% " if alpha else ""
+    parts = ['<section><h3>Per variant</h3>'
+             f'<p class="muted">Candidate vs control: relative difference and its always-valid {confidence}interval '
+             '(users as the unit, by exposure cohort, valid however often you look), for reading: only the '
+             'guardrails decide.</p><table class="variants"><thead><tr><th>metric</th>'
              '<th class="control">control</th><th class="candidate">candidate</th><th>candidate vs control</th>'
              f'</tr></thead><tbody>{"".join(rows)}</tbody></table><div class="grid">']
     for metric, series in view["trends"].items():
         label, unit = TREND_LABELS.get(metric, (metric, "num"))
-        parts.append('<div class="card">' + trend_chart(metric, label, unit, series, decisions) + '</div>')
+        parts.append('<div class="card">' + trend_chart(metric, label, unit, series, decisions, view.get("time_range"),
+                                                        view.get("current_stage")) + '</div>')
     parts.append('</div></section>')
     return "".join(parts)
 
@@ -162,6 +194,10 @@ def _problem_text(problem: Any) -> str:
     return str(problem.get("reason", "")) if isinstance(problem, dict) else str(problem)
 
 
+def _badge(status: str) -> str:
+    return f'<span class="badge {STATUS_CLASS.get(status, "wait")}">{esc(status)}</span>'
+
+
 def _health_html(view: dict[str, Any]) -> str:
     health = view.get("health") or {}
     if not isinstance(health, dict):
@@ -169,16 +205,34 @@ def _health_html(view: dict[str, Any]) -> str:
     found = health.get("problems") or []
     problems = "".join(f'<li class="bad">{esc(_problem_text(p))}</li>'
                        for p in (found if isinstance(found, list) else [found]))
-    srm = health.get("srm_p_value")
-    crossover = health.get("crossover_share")
-    cache_skew = health.get("cache_skew")
-    skew = cache_skew.get("skewed") if isinstance(cache_skew, dict) else False
-    return ('<section class="health"><h3>Data health</h3><p>'
-            f'SRM p-value {esc(f"{srm:.2g}") if isinstance(srm, (int, float)) else "-"}, '
-            f'crossover {esc(f"{crossover:.2%}") if isinstance(crossover, (int, float)) else "-"}, '
-            f'model drift (traces off the pinned model) {esc(model_drift_text(health.get("model_drift")))}'
-            f'{"; cache-hit rate differs between arms: latency and cost are confounded" if skew else ""}'
-            f'</p><ul>{problems}</ul></section>')
+    rows = "".join(f'<tr><td>{esc(c["check"])}</td><td>{esc(c["value"])}</td><td>{esc(c["threshold"])}</td>'
+                   f'<td>{_badge(c["status"])}</td><td>{esc(c["on_failure"])}</td></tr>'
+                   for c in view.get("health_checks") or [])
+    return ('<section class="health"><h3>Data health</h3>'
+            '<p class="muted">Checks that the data can be trusted, at the latest look; a failure acts as '
+            'the plan says. SRM, event loss and crossover are checked while the candidate serves 0-100% of users.</p>'
+            '<table class="checks"><thead><tr><th>check</th><th>value</th><th>fails when</th><th>status</th>'
+            f'<th>on failure</th></tr></thead><tbody>{rows}</tbody></table><ul>{problems}</ul></section>')
+
+
+def _dead_letters_html(view: dict[str, Any]) -> str:
+    letters = view.get("dead_letters") or {}
+    total = letters.get("total", 0)
+    rate, events = letters.get("rate"), letters.get("events")
+    share = (f'{letters.get("from_events", 0):,} of the {events:,} events apps wrote ({rate:.2%})'
+             if rate is not None else "the events apps wrote are not counted yet")
+    head = (f'<p>{total:,} dead letters in all; from the event topics: {esc(share)}. Flagged above '
+            f'{letters.get("alert_rate", 0):.0%}. {_badge(letters.get("status", "not checked"))}</p>')
+    rows = "".join(
+        f'<tr><td>{esc(k["kind"])}</td><td>{k["count"]:,}</td><td>{k["share"]:.1%}</td>'
+        f'<td>{esc(when(k["latest_ts"]))}</td><td class="reason">{esc(k["latest_reason"])}</td></tr>'
+        for k in letters.get("kinds", []))
+    topics = ", ".join(f"{esc(t)} {n:,}" for t, n in (letters.get("topics") or {}).items())
+    table = ('<table class="dead-letters"><thead><tr><th>reason</th><th>count</th><th>share</th>'
+             '<th>latest (wall clock, UTC)</th><th>latest reason</th></tr></thead>'
+             f'<tbody>{rows}</tbody></table><p class="muted">by topic: {topics}</p>') if rows else ""
+    return ('<section class="dlq"><h3>Dead letters <span class="muted">(the whole worker, every rollout)</span></h3>'
+            f'{head}{table}</section>')
 
 
 # The rollout page, section by section; each renders on its own (see guarded).
@@ -189,6 +243,7 @@ SECTIONS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("per variant", _variants_html),
     ("judge preference", _judge_html),
     ("data health", _health_html),
+    ("dead letters", _dead_letters_html),
 )
 
 
@@ -248,6 +303,9 @@ tr.action-promote td, tr.action-complete td { background:#edf7ed; }
 .card p { margin:2px 0 6px; font-size:12px; }
 .badge { font-size:11px; padding:1px 7px; border-radius:9px; color:#fff; background:var(--muted); font-weight:600; }
 .badge.good { background:var(--good); } .badge.bad { background:var(--bad); } .badge.wait { background:var(--wait); }
+.badge.muted { background:#9aa1a9; }
+td.reason { word-break:break-word; }
+.current-stage-key { background:rgba(255,196,0,.25); padding:0 4px; border-radius:3px; }
 li.bad, p.bad { color:var(--bad); }
 .broken { border:1px dashed var(--bad); padding:4px 8px; }
 svg.chart { width:100%; height:auto; display:block; }
@@ -265,6 +323,8 @@ svg .threshold-label { font-size:10px; fill:var(--bad); }
 svg .decision { stroke-width:1.2; stroke-dasharray:2 2; }
 svg .line { fill:none; stroke-width:1.6; }
 svg .segment { opacity:.85; }
+svg .segment.current { stroke:#1f2328; stroke-width:1.5; }
+svg .current-stage { fill:rgba(255,196,0,.16); stroke:none; }
 svg .segment-label { font-size:11px; fill:#fff; font-weight:600; }
 """
 

@@ -19,8 +19,9 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from safeswap.dashboard.model import DashboardModel, coalesce
+from safeswap.dashboard.model import EVENT_TOPICS, DashboardModel, coalesce, topic_kind
 from schemas import (
+    DeadLetter,
     Decision,
     GuardrailEvidence,
     InvalidEvent,
@@ -30,11 +31,13 @@ from schemas import (
     decode,
 )
 from streams.kafka import client_options
+from streams.resume import log_ends
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_LOOKS = 150  # per rollout, recorded mode
 LOOKS_PER_FETCH = 25  # live mode, per fetch of at most 500 records
+EVENT_COUNT_INTERVAL_S = 15.0  # live mode: how often the events topics' ends are read (the DLQ rate)
 
 
 # -- recorded -------------------------------------------------------------------------
@@ -82,6 +85,9 @@ def load_recorded(data_dir: str | os.PathLike, model: DashboardModel | None = No
             "counts": _json(row.get("counts_json"), {}),
             "first_exposures": _json(row.get("first_exposures_json"), {}),
             "crossover_users": row.get("crossover_users") or 0,
+            "cohorts": _json(row.get("cohorts_json"), {}),  # null in files written before v3
+            "cohort_exposures": _json(row.get("cohort_exposures_json"), {}),
+            "cohort_starts": _json(row.get("cohort_starts_json"), []),
         }
         if row.get("source"):
             fields["source"] = row["source"]
@@ -109,7 +115,35 @@ def load_recorded(data_dir: str | os.PathLike, model: DashboardModel | None = No
         for row in counted.iter_rows(named=True):
             for _ in range(int(row["n"])):
                 model.add_judgment(row["rollout_id"], row["verdict"])
+    _load_dead_letters(model, data_dir)
     return model
+
+
+def _load_dead_letters(model: DashboardModel, data_dir: str | os.PathLike) -> None:
+    """The DLQ dataset into the model, and the records the events topics held: per partition,
+    the highest offset any dataset row or dead letter came from, plus one."""
+    import polars as pl
+
+    import sinks
+
+    letters = sinks.scan("dlq", data_dir=data_dir).select("ts", "topic", "partition", "offset", "agent",
+                                                           "reason").collect()
+    for row in letters.iter_rows(named=True):
+        model.add_dead_letter(DeadLetter(topic=row["topic"] or "", partition=row["partition"] or 0,
+                                         offset=row["offset"] or 0, reason=row["reason"] or "",
+                                         agent=row["agent"] or "", value_b64="", ts=_ms(row["ts"])))
+    ends: dict[tuple[str, int], int] = {}
+    bad = letters.with_columns(pl.col("topic").map_elements(topic_kind, return_dtype=pl.String).alias("kind"))
+    frames = [bad.filter(pl.col("kind").is_in(EVENT_TOPICS)).select("kind", "partition", "offset")]
+    for topic in EVENT_TOPICS:
+        rows = sinks.scan(topic, data_dir=data_dir).select(
+            pl.lit(topic).alias("kind"), pl.col("kafka_partition").alias("partition"),
+            pl.col("kafka_offset").alias("offset")).collect()
+        frames.append(rows.cast({"partition": pl.Int32, "offset": pl.Int64}))
+    frames[0] = frames[0].cast({"partition": pl.Int32, "offset": pl.Int64})
+    for row in pl.concat(frames).group_by("kind", "partition").agg(pl.col("offset").max()).iter_rows(named=True):
+        ends[(row["kind"], row["partition"])] = row["offset"] + 1
+    model.set_event_count(sum(ends.values()))
 
 
 # -- live -------------------------------------------------------------------------------
@@ -124,7 +158,7 @@ class LiveSource:
     One consumer without a group (it commits nothing, so it never disturbs the
     worker). Plans that arrive after their snapshots are handled by the model."""
 
-    TOPICS = ("plans", "stats", "decisions", "status", "judgments")
+    TOPICS = ("plans", "stats", "decisions", "status", "judgments", "dlq")
 
     def __init__(self, settings: Settings, model: DashboardModel | None = None) -> None:
         self.settings = settings
@@ -135,6 +169,8 @@ class LiveSource:
         self.connected = False
         self.error: str | None = None
         self._task: asyncio.Task | None = None
+        self._counter: asyncio.Task | None = None
+        self._event_partitions: list[TopicPartition] = []  # the events topics' partitions, counted for the DLQ rate
         self._consumer: AIOKafkaConsumer | None = None
         names = {settings.topic(t): t for t in self.TOPICS}
         self._kind = names
@@ -145,7 +181,22 @@ class LiveSource:
 
     async def start(self) -> "LiveSource":
         self._task = asyncio.create_task(self._run())
+        self._counter = asyncio.create_task(self._count_events())
         return self
+
+    async def _count_events(self) -> None:
+        """The records on the events topics, now and then: the dead-letter rate's denominator."""
+        while True:
+            partitions = self._event_partitions
+            if partitions:
+                try:
+                    ends = await log_ends(client_options(self.settings), partitions)
+                    self.model.set_event_count(sum(ends.values()))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:  # noqa: BLE001 - the rate waits for the next try; the page says "not counted"
+                    log.debug("dashboard: could not count the events topics", exc_info=True)
+            await asyncio.sleep(EVENT_COUNT_INTERVAL_S if partitions else 1.0)
 
     async def _connect(self) -> None:
         consumer = AIOKafkaConsumer(**client_options(self.settings), group_id=None, enable_auto_commit=False,
@@ -159,6 +210,8 @@ class LiveSource:
                 raise ConnectionError(f"no safeswap topics with prefix {self.settings.topic_prefix!r} on "
                                       f"{self.settings.broker}: run `safeswap topics create` or start a worker")
             consumer.assign(partitions)
+            self._event_partitions = [TopicPartition(self.settings.topic(t), p) for t in EVENT_TOPICS
+                                      for p in sorted(consumer.partitions_for_topic(self.settings.topic(t)) or [])]
             fresh = [tp for tp in partitions if tp not in self._positions]
             if fresh:
                 await consumer.seek_to_beginning(*fresh)
@@ -250,13 +303,16 @@ class LiveSource:
             elif kind == "judgments":
                 judgment = msgspec.json.decode(value, type=_Judgment)
                 self.model.add_judgment(judgment.rollout_id, judgment.winner)
+            elif kind == "dlq":
+                self.model.add_dead_letter(decode(DeadLetter, value))
         except Exception as exc:  # noqa: BLE001 - one bad record must not stop the feed
             self._bad_record(kind, exc)
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await self._task
+        for task in (self._task, self._counter):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
         if self._consumer is not None:
             await self._consumer.stop()

@@ -258,3 +258,27 @@ def test_a_candidate_the_judge_dislikes_holds_in_shadow_with_the_judges_reason(t
     judge = out["state"]["shadow"]["judge"]
     assert judge["status"] == "breach" and judge["judged"] >= SHADOW_PLAN["stages"][0]["min_judged_pairs"]
     assert any(reason.startswith("judge prefers control") for reason in out["state"]["shadow"]["blocking"])
+
+
+def test_traffic_goes_out_in_event_time_order_across_steps_and_nothing_is_lost():
+    # Sessions outlive a step: their later turns must wait for the step they happen in, or
+    # the next step starts far behind them and the outcomes agent dead-letters it as late.
+    flags, plan, _ = shadow_traffic(scenario(), shadow_percent=0.0)
+    import msgspec
+
+    from safeswap.simulate import Scenario, Traffic
+
+    start, step = 1_767_225_600_000, 600_000
+    traffic = Traffic(msgspec.convert(scenario(users_per_hour=600), Scenario), plan, plan.rollout_id, start)
+    sent = []
+    for index in range(12):
+        events = traffic.step(flags, start + index * step, step)
+        assert all(e.ts < start + (index + 1) * step for e in events)
+        sent.extend(events)
+    assert [e.ts for e in sent] == sorted(e.ts for e in sent)
+    assert traffic.later and min(e.ts for e in traffic.later) >= start + 12 * step  # still to happen
+    ids = [e.event_id for e in sent + traffic.later]
+    assert len(ids) == len(set(ids))
+    # every feedback event's trace was sent before it (or waits with it)
+    traces = {e.trace_id for e in sent + traffic.later if type(e).__name__ == "TraceEvent"}
+    assert {e.trace_id for e in sent if type(e).__name__ == "FeedbackEvent"} <= traces

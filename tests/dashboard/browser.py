@@ -106,6 +106,21 @@ async def _visit(ws_url: str, url: str, settle, width: int, height: int) -> Page
                             urls: Array.from(document.querySelectorAll('[src],[href]'))
                                        .map(e => e.getAttribute('src') || e.getAttribute('href')),
                             version: document.body.getAttribute('data-version'),
+                            // chart labels drawn (partly) outside their chart: cut off on screen
+                            clipped: Array.from(document.querySelectorAll('svg.chart text')).filter(t => {
+                                const box = t.getBBox(), view = t.ownerSVGElement.viewBox.baseVal;
+                                return box.width > 0 && (box.x < -0.5 || box.y < -0.5 ||
+                                    box.x + box.width > view.width + 0.5 || box.y + box.height > view.height + 0.5);
+                            }).map(t => t.textContent),
+                            ranges: Array.from(document.querySelectorAll('svg.chart[data-range]'))
+                                         .map(s => s.getAttribute('data-range')),
+                            current_stage: document.querySelectorAll('svg.chart rect.current-stage').length,
+                            health_rows: Array.from(document.querySelectorAll('table.checks tbody tr'))
+                                              .map(r => Array.from(r.cells).map(c => c.innerText)),
+                            dead_letter_rows: Array.from(document.querySelectorAll('table.dead-letters tbody tr'))
+                                                   .map(r => Array.from(r.cells).map(c => c.innerText)),
+                            decision_times: Array.from(document.querySelectorAll('table.decisions tbody tr'))
+                                                 .map(r => r.cells[1].innerText),
                             text: document.body.innerText.slice(0, 20000)};
                 })()""")
                 visit.charts = count["result"]["value"]

@@ -67,6 +67,14 @@ def test_live_and_recorded_show_the_same_rollout(simulated, dashboard_factory):
                     "thumbs_down_rate", "retry_rate", "abandon_rate"):
             assert rows[key]["control"] is not None and rows[key]["candidate"] is not None, key
         assert view["split"]["percent"] == 30 and view["variants"]["candidate"]["prompt_version"] == "v42<img src=x>"
+        # candidate vs control with its interval (the estimate inside it), or none
+        differences = {row["key"]: row["difference"] for row in view["variant_rows"]}
+        found = differences["thumbs_down_rate"]
+        assert found["ci_low"] <= found["estimate"] <= found["ci_high"] and found["alpha"] == 0.05, found
+        assert differences["latency_ms_p95"] is None
+    # The recorded statistics keep the exposure cohorts: the replay compares what the worker compared.
+    track = recorded.state.model.tracks[plan.rollout_id]
+    assert all(s.cohorts for (source, _), s in track.latest_snapshots.items() if not source)
     listing = get_json(recorded.url + "api/rollouts")["rollouts"]
     assert [r["rollout_id"] for r in listing] == [plan.rollout_id]
     # The page escapes the rollout id, description and prompt version that came from events.
@@ -158,6 +166,10 @@ def test_browser_renders_offline_and_updates_without_reload(simulated, dashboard
             await asyncio.sleep(0.2)
         raise AssertionError("the page did not show the abort without a reload")
 
+    # A dead letter, and the events counted beside it: the page shows the DLQ by reason and rate.
+    asyncio.run(send_raw(settings, [("traces", b"{not json either")], key=b"browser-test-user"))
+    letters = live.state.model.dead_letters
+    assert wait_for(lambda: letters.by_kind.get("invalid") and letters.events, timeout_s=60), letters
     visit = visit_page(live.url + "?rollout=" + quoted(plan.rollout_id), settle=steer)
     assert visit.requests, "chromium made no request"
     foreign = [u for u in visit.requests if not u.startswith("http://127.0.0.1:")]
@@ -172,5 +184,23 @@ def test_browser_renders_offline_and_updates_without_reload(simulated, dashboard
     assert len(pages) == 1, pages  # loaded once, never reloaded
     assert any(urllib.parse.urlparse(u).path == "/fragment" for u in visit.requests)  # the live refresh
     assert "dash-<b>bold</b>" in charts["text"]  # shown as text, not markup
+    # What on-call reads: no label cut off; one event-time range on every chart, the current stage
+    # shaded on each; decisions in event-time order; every interval whole; health checks with
+    # their threshold and status; dead letters by reason with the rate.
+    assert not charts["clipped"], charts["clipped"]
+    assert len(set(charts["ranges"])) == 1 and len(charts["ranges"]) >= charts["nonempty"], charts["ranges"]
+    assert charts["current_stage"] == len(charts["ranges"]) - 1  # every chart but the timeline shades it
+    assert charts["decision_times"] == sorted(charts["decision_times"]), charts["decision_times"]
+    assert ", -]" not in charts["text"] and "[-, " not in charts["text"]
+    assert "candidate vs control" in charts["text"] and "always-valid 95% interval" in charts["text"]
+    checks = {row[0]: row for row in charts["health_rows"]}
+    assert set(checks) == {"srm", "crossover", "model_drift", "event_loss", "cache_skew"}, checks
+    for check, value, threshold, status, on_failure in checks.values():
+        assert threshold and status in ("ok", "problem", "flagged", "not checked") and on_failure, checks
+    assert checks["srm"][2] == "p < 0.001" and checks["srm"][3] in ("ok", "problem")
+    kinds = {row[0]: row for row in charts["dead_letter_rows"]}
+    assert "invalid" in kinds and int(kinds["invalid"][1].replace(",", "")) >= 1, kinds
+    assert "undecodable TraceEvent" in kinds["invalid"][4]
+    assert "events apps wrote" in charts["text"] and "Flagged above 1%" in charts["text"]
     assert visit.screenshot.startswith(b"\x89PNG") and len(visit.screenshot) > 20_000
     save(visit.screenshot, Path(simulated["root"]) / "dashboard.png")

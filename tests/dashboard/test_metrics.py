@@ -8,10 +8,10 @@ import msgspec
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.metrics import DLQ_REASON_KINDS, WorkerMetrics, reason_kind
+from agents.metrics import WorkerMetrics
 from safeswap.outcomes import OutcomeConfig, OutcomeProcessor
 from schemas import encode
-from streams.deadletter import dead_letter
+from streams.deadletter import DLQ_REASON_KINDS, dead_letter, reason_kind
 from streams.settings import Settings
 
 from tests.dashboard.test_model import EVIL, snapshot

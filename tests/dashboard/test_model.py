@@ -103,7 +103,7 @@ def test_charts_are_svg_with_a_band_and_a_threshold_line():
     empty = interval_chart({**view["guardrails"][0], "points": []}, [])
     assert "no interval yet" in empty
     assert "<path" in trend_chart("thumbs_down_rate", "thumbs-down", "rate", view["trends"]["thumbs_down_rate"], [])
-    assert "<rect" in stage_timeline(view["decisions"], view["as_of"], view["first_ts"])
+    assert "<rect" in stage_timeline(view["decisions"], view["time_range"])
 
 
 def test_loopback():

@@ -11,7 +11,8 @@ from safeswap.dashboard.model import DashboardModel
 from safeswap.dashboard.page import rollout_html
 from safeswap.metrics import model_drift_text
 from safeswap.dashboard.server import DashboardState
-from schemas import Decision
+from safeswap.controller import health_checks
+from schemas import Decision, HealthSpec
 
 from tests.dashboard.test_model import EVIL, _with_client, fed_model, snapshot
 
@@ -62,7 +63,8 @@ def test_model_drift_reads_as_a_share_per_variant():
     assert model_drift_text({"candidate": 0.25, "control": 0.001}) == "control 0.1%, candidate 25.0%"
     assert model_drift_text({}) == "none" and model_drift_text(None) == "none"
     view = fed_model().view(EVIL)
-    html = rollout_html({**view, "health": {"model_drift": {"control": 0.5}}})
+    health = {"model_drift": {"control": 0.5}}
+    html = rollout_html({**view, "health": health, "health_checks": health_checks(health, HealthSpec())})
     assert "control 50.0%" in html and "{" not in html.split("Data health")[1]
 
 
