@@ -14,7 +14,6 @@ from typing import Any, Callable
 from urllib.parse import quote
 
 from safeswap.dashboard.charts import esc, fmt, interval_chart, interval_text, stage_timeline, trend_chart, when
-from safeswap.metrics import model_drift_text
 
 TREND_LABELS = {
     "latency_ms_p95": ("latency p95", "ms"),
