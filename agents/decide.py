@@ -98,7 +98,9 @@ def register(app: faust.App, settings: Settings) -> None:
             if state is None:
                 continue
             if decision is not None:
-                log.warning("decision %s #%d: %s (%s)", decision.rollout_id, decision.seq, decision.action, decision.reason)
+                log.warning(
+                    "decision %s #%d: %s (%s)", decision.rollout_id, decision.seq, decision.action, decision.reason
+                )
                 await decisions.send(key=decision.rollout_id.encode(), value=encode(decision))
             table[rollout_id] = msgspec.json.encode(state.to_dict())
             if decision is not None:

@@ -21,7 +21,9 @@ class DeadLetters:
 
     async def send(self, message: faust.types.Message, reason: str) -> None:
         self.count += 1
-        log.warning("%s: dead letter from %s[%s]@%s: %s", self.agent, message.topic, message.partition, message.offset, reason)
+        log.warning(
+            "%s: dead letter from %s[%s]@%s: %s", self.agent, message.topic, message.partition, message.offset, reason
+        )
         record = dead_letter(
             topic=message.topic,
             partition=message.partition,

@@ -69,8 +69,13 @@ def register(app: faust.App, settings: Settings) -> None:
     )
     seeded: set[str] = set()  # budget keys whose stored spend this worker has taken over
     if judge is not None:
-        log.warning("judge: %s, %d calls in flight at most, %.0f%% of pairs, %.2f USD per rollout",
-                    judge.model, settings.judge_concurrency, 100 * judge.sample_rate, settings.judge_budget_usd)
+        log.warning(
+            "judge: %s, %d calls in flight at most, %.0f%% of pairs, %.2f USD per rollout",
+            judge.model,
+            settings.judge_concurrency,
+            100 * judge.sample_rate,
+            settings.judge_budget_usd,
+        )
     accumulators: dict[tuple[str, int], ShadowAccumulator] = {}
     seqs: dict[tuple[str, int], int] = {}
     dirty: set[tuple[str, int]] = set()
@@ -150,6 +155,14 @@ def register(app: faust.App, settings: Settings) -> None:
             accumulator = accumulators[key]
             seqs[key] = seqs.get(key, 0) + 1
             rollout_id, partition = key
-            snapshot = StatsSnapshot(rollout_id=rollout_id, partition=partition, seq=seqs[key], ts=accumulator.ts,
-                                     users={}, metrics={}, source=source, shadow=accumulator.to_dict())
+            snapshot = StatsSnapshot(
+                rollout_id=rollout_id,
+                partition=partition,
+                seq=seqs[key],
+                ts=accumulator.ts,
+                users={},
+                metrics={},
+                source=source,
+                shadow=accumulator.to_dict(),
+            )
             await stats_topic.send(key=rollout_id.encode(), value=encode(snapshot))

@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import faust
 import msgspec
@@ -43,8 +44,17 @@ log = logging.getLogger(__name__)
 
 # The per-variant metrics exported as gauges (docs/metrics.md names; p50/p95 from the histogram).
 VARIANT_METRICS: tuple[str, ...] = (
-    "thumbs_down_rate", "thumbs_up_rate", "error_rate", "retry_rate", "abandon_rate", "edit_rate",
-    "edit_distance_mean", "cost_usd_mean", "cost_per_session_mean", "latency_ms_mean", "cache_hit_rate",
+    "thumbs_down_rate",
+    "thumbs_up_rate",
+    "error_rate",
+    "retry_rate",
+    "abandon_rate",
+    "edit_rate",
+    "edit_distance_mean",
+    "cost_usd_mean",
+    "cost_per_session_mean",
+    "latency_ms_mean",
+    "cache_hit_rate",
 )
 
 
@@ -78,12 +88,17 @@ UNIT_FAMILIES: dict[str, tuple[str, str, str, float]] = {
 }
 RATIO_FAMILY = "safeswap_variant_rate_ratio"
 FAMILY_HELP: dict[str, tuple[str, list[str]]] = {
-    "safeswap_variant_latency_seconds": ("Latency quantile per variant (from the latency histogram), seconds.",
-                                         ["quantile"]),
+    "safeswap_variant_latency_seconds": (
+        "Latency quantile per variant (from the latency histogram), seconds.",
+        ["quantile"],
+    ),
     "safeswap_variant_latency_mean_seconds": ("Mean latency per variant, seconds.", []),
     "safeswap_variant_cost_usd": ("Mean cost per variant, US dollars, per response or per session.", ["per"]),
-    RATIO_FAMILY: ("Rates (thumbs-down, errors, retry, abandon, edit, cache hit; 0-1) and the normalised edit "
-                   "distance (0-1) per variant.", ["metric"]),
+    RATIO_FAMILY: (
+        "Rates (thumbs-down, errors, retry, abandon, edit, cache hit; 0-1) and the normalised edit "
+        "distance (0-1) per variant.",
+        ["metric"],
+    ),
 }
 
 
@@ -150,29 +165,47 @@ class WorkerMetrics(Sensor):
         self.faust_agents: dict[str, str] | None = None  # topic -> Faust agent reading it; from app, first use
         self.app: faust.App | None = None
         r = self.registry
-        self.events = Counter("safeswap_events_processed", "Messages read, per topic and reading agent.",
-                              ["topic", "agent"], registry=r)
-        self.dead_letters = Counter("safeswap_dead_letters", "Records sent to the dead-letter topic, by agent and "
-                                    "reason kind.", ["agent", "reason"], registry=r)
-        self.decisions = Counter("safeswap_decisions", "Decisions published, by action.", ["rollout_id", "action"],
-                                 registry=r)
+        self.events = Counter(
+            "safeswap_events_processed", "Messages read, per topic and reading agent.", ["topic", "agent"], registry=r
+        )
+        self.dead_letters = Counter(
+            "safeswap_dead_letters",
+            "Records sent to the dead-letter topic, by agent and reason kind.",
+            ["agent", "reason"],
+            registry=r,
+        )
+        self.decisions = Counter(
+            "safeswap_decisions", "Decisions published, by action.", ["rollout_id", "action"], registry=r
+        )
         lag_labels = ["topic", "partition", "agent"]
-        self.lag = Gauge("safeswap_consumer_lag", "Messages behind the partition's high water (kept for "
-                         "compatibility: safeswap_consumer_lag_messages).", lag_labels, registry=r)
-        self.lag_messages = Gauge("safeswap_consumer_lag_messages", "Messages behind the partition's high water.",
-                                  lag_labels, registry=r)
+        self.lag = Gauge(
+            "safeswap_consumer_lag",
+            "Messages behind the partition's high water (kept for compatibility: safeswap_consumer_lag_messages).",
+            lag_labels,
+            registry=r,
+        )
+        self.lag_messages = Gauge(
+            "safeswap_consumer_lag_messages", "Messages behind the partition's high water.", lag_labels, registry=r
+        )
         labels = ["rollout_id", "metric"]
-        self.estimate = Gauge("safeswap_guardrail_estimate", "Candidate vs control, on the guardrail's scale.", labels,
-                              registry=r)
+        self.estimate = Gauge(
+            "safeswap_guardrail_estimate", "Candidate vs control, on the guardrail's scale.", labels, registry=r
+        )
         self.ci_low = Gauge("safeswap_guardrail_ci_low", "Always-valid interval, lower bound.", labels, registry=r)
         self.ci_high = Gauge("safeswap_guardrail_ci_high", "Always-valid interval, upper bound.", labels, registry=r)
-        self.threshold = Gauge("safeswap_guardrail_threshold", "The plan's limit on the guardrail's scale.", labels,
-                               registry=r)
+        self.threshold = Gauge(
+            "safeswap_guardrail_threshold", "The plan's limit on the guardrail's scale.", labels, registry=r
+        )
         self.breach = Gauge("safeswap_guardrail_breach", "1 while the guardrail is breached.", labels, registry=r)
-        self.percent = Gauge("safeswap_rollout_percent", "Share of users (0-100) served the candidate (kept for "
-                             "compatibility: safeswap_rollout_candidate_ratio).", ["rollout_id"], registry=r)
-        self.candidate_ratio = Gauge("safeswap_rollout_candidate_ratio", "Share of users (0-1) served the candidate.",
-                                     ["rollout_id"], registry=r)
+        self.percent = Gauge(
+            "safeswap_rollout_percent",
+            "Share of users (0-100) served the candidate (kept for compatibility: safeswap_rollout_candidate_ratio).",
+            ["rollout_id"],
+            registry=r,
+        )
+        self.candidate_ratio = Gauge(
+            "safeswap_rollout_candidate_ratio", "Share of users (0-1) served the candidate.", ["rollout_id"], registry=r
+        )
         self.users = Gauge("safeswap_rollout_users", "Users per arm.", ["rollout_id", "variant"], registry=r)
         self._snapshots: dict[str, dict[tuple[str, int], _Snapshot]] = {}
         self._lock = threading.Lock()  # snapshots are read by the scrape thread
@@ -203,7 +236,7 @@ class WorkerMetrics(Sensor):
             self.events.labels(tp.topic, self.agent_of(tp.topic)).inc()
             if tp.topic == self._topics["stats"]:
                 self.observe_snapshot(message.value)
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.debug("metrics: message in", exc_info=True)
 
     def on_send_initiated(self, producer: Any, topic: str, message: Any, keysize: int, valsize: int) -> Any:
@@ -211,7 +244,7 @@ class WorkerMetrics(Sensor):
             value = getattr(message, "value", None)
             if isinstance(value, (bytes, bytearray)):
                 self.observe_sent(topic, bytes(value))
-        except Exception:  # noqa: BLE001
+        except Exception:
             log.debug("metrics: send", exc_info=True)
         return None
 
@@ -234,8 +267,12 @@ class WorkerMetrics(Sensor):
             self.users.labels(rollout, variant).set(count)
         for item in status.guardrails:
             metric = str(item.get("metric"))
-            for gauge, key in ((self.estimate, "estimate"), (self.ci_low, "ci_low"), (self.ci_high, "ci_high"),
-                               (self.threshold, "threshold")):
+            for gauge, key in (
+                (self.estimate, "estimate"),
+                (self.ci_low, "ci_low"),
+                (self.ci_high, "ci_high"),
+                (self.threshold, "threshold"),
+            ):
                 value = item.get(key)
                 gauge.labels(rollout, metric).set(float("nan") if value is None else float(value))
             self.breach.labels(rollout, metric).set(1.0 if item.get("status") == "breach" else 0.0)
@@ -282,11 +319,17 @@ class _VariantCollector:
         return []
 
     def collect(self):
-        family = GaugeMetricFamily("safeswap_variant_metric", "Point estimate of an outcome metric per variant, in "
-                                   "the metric's own unit (ms, USD or 0-1; kept for compatibility: the _seconds, "
-                                   "_usd and _ratio families).", labels=["rollout_id", "variant", "metric"])
-        by_unit = {name: GaugeMetricFamily(name, text, labels=["rollout_id", "variant", *extra])
-                   for name, (text, extra) in FAMILY_HELP.items()}
+        family = GaugeMetricFamily(
+            "safeswap_variant_metric",
+            "Point estimate of an outcome metric per variant, in "
+            "the metric's own unit (ms, USD or 0-1; kept for compatibility: the _seconds, "
+            "_usd and _ratio families).",
+            labels=["rollout_id", "variant", "metric"],
+        )
+        by_unit = {
+            name: GaugeMetricFamily(name, text, labels=["rollout_id", "variant", *extra])
+            for name, (text, extra) in FAMILY_HELP.items()
+        }
         for rollout, variants in sorted(self.metrics.variant_gauges().items()):
             for variant, values in sorted(variants.items()):
                 for metric, value in sorted(values.items()):
@@ -315,8 +358,9 @@ def faust_agents(app: faust.App) -> dict[str, str]:
     return {topic: "+".join(sorted(names)) for topic, names in readers.items()}
 
 
-def register(app: faust.App, settings: Settings,
-             consumers: Callable[[], dict[str, Any]] = dict) -> WorkerMetrics | None:
+def register(
+    app: faust.App, settings: Settings, consumers: Callable[[], dict[str, Any]] = dict
+) -> WorkerMetrics | None:
     """Add the sensor and the lag timer; serve /metrics when the worker starts. Off when metrics_port is 0.
     ``consumers``: the worker's own aiokafka consumers besides Faust's, by agent
     (``{"outcomes": ..., "sink": ...}``; a loop between restarts has none)."""
@@ -331,8 +375,11 @@ def register(app: faust.App, settings: Settings,
     async def start_metrics_server() -> None:
         if not started:
             started.append(serve(metrics.registry, settings.metrics_host, settings.metrics_port))
-            log.warning("metrics: serving Prometheus /metrics on http://%s:%d/metrics", settings.metrics_host,
-                        settings.metrics_port)
+            log.warning(
+                "metrics: serving Prometheus /metrics on http://%s:%d/metrics",
+                settings.metrics_host,
+                settings.metrics_port,
+            )
 
     @app.timer(5.0)
     async def consumer_lag() -> None:
@@ -341,7 +388,7 @@ def register(app: faust.App, settings: Settings,
                 continue
             try:
                 await metrics.update_lag(consumer, agent)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.debug("metrics: lag", exc_info=True)
 
     return metrics

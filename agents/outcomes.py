@@ -69,8 +69,8 @@ from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.partitioner import DefaultPartitioner
 
 from agents.dlq import DeadLetters
-from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor
 from safeswap.flags import FlagClient
+from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor
 from schemas import Decision, OutcomeRecord, encode
 from streams.checkpoint import CheckpointWriter, ForkedEncoding, decode_state, ensure_checkpoint_topic, read_latest
 from streams.deadletter import dead_letter
@@ -150,16 +150,18 @@ class OutcomesService:
                 processor.on_decision(decision)
 
     # -- output -----------------------------------------------------------------------------
-    async def dead_letter_to(self, topic: str, partition: int, offset: int, key: bytes | None,
-                             value: bytes | None, reason: str) -> None:
+    async def dead_letter_to(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
+    ) -> None:
         value = value or b""
         if len(value) > DLQ_VALUE_LIMIT:
             reason += f" (original of {len(value):,} bytes cut to its first {DLQ_VALUE_LIMIT:,} in this record)"
             value = value[:DLQ_VALUE_LIMIT]
         self.dead_letters.count += 1
         log.warning("outcomes: dead letter from %s[%s]@%s: %s", topic, partition, offset, reason[:300])
-        record = dead_letter(topic=topic, partition=partition, offset=offset, key=key, value=value,
-                             reason=reason, agent="outcomes")
+        record = dead_letter(
+            topic=topic, partition=partition, offset=offset, key=key, value=value, reason=reason, agent="outcomes"
+        )
         await self.dead_letters.topic.send(key=key, value=record)
 
     async def publish(self, state: Owned) -> None:
@@ -181,8 +183,7 @@ class OutcomesService:
         processor.events_since_checkpoint = 0
         state.last_checkpoint = time.monotonic()
         encoding = ForkedEncoding.start(processor)  # the state as of now, whatever happens next
-        state.writing = asyncio.create_task(
-            self.write_checkpoint(partition, state, encoding, dict(processor.offsets)))
+        state.writing = asyncio.create_task(self.write_checkpoint(partition, state, encoding, dict(processor.offsets)))
         return state.writing
 
     async def write_checkpoint(self, partition: int, state: Owned, encoding: ForkedEncoding, offsets: dict) -> None:
@@ -191,14 +192,22 @@ class OutcomesService:
             state.encode_s = encoding.encode_s
 
             async def send(key: bytes, value: bytes) -> int:
-                metadata = await self.app.producer.send_and_wait(self.checkpoint_topic, key, value, partition,
-                                                                 None, None)
+                metadata = await self.app.producer.send_and_wait(
+                    self.checkpoint_topic, key, value, partition, None, None
+                )
                 return metadata.offset
 
             head = await state.writer.write(send, payload)
-            log.info("outcomes: checkpoint %s[%d] generation %d: %s bytes, offsets %s (encoded in %.2f s, "
-                     "loop held %.3f s)", self.checkpoint_topic, partition, head["generation"], f"{len(payload):,}",
-                     offsets, encoding.encode_s, encoding.blocked_s)
+            log.info(
+                "outcomes: checkpoint %s[%d] generation %d: %s bytes, offsets %s (encoded in %.2f s, loop held %.3f s)",
+                self.checkpoint_topic,
+                partition,
+                head["generation"],
+                f"{len(payload):,}",
+                offsets,
+                encoding.encode_s,
+                encoding.blocked_s,
+            )
         except Exception:  # a lost checkpoint only lengthens the replay after a crash
             log.exception("outcomes: checkpoint of partition %d failed", partition)
             return
@@ -211,7 +220,7 @@ class OutcomesService:
             return
         try:
             await consumer.commit({TopicPartition(topic, partition): offset for topic, offset in offsets.items()})
-        except Exception as exc:  # mid-rebalance, say: the checkpoint still holds
+        except Exception as exc:  # noqa: BLE001 - mid-rebalance, say: the checkpoint still holds
             log.debug("outcomes: offset commit of partition %d skipped: %r", partition, exc)
 
     def checkpoint_due(self, state: Owned, interval_s: float) -> bool:
@@ -219,8 +228,9 @@ class OutcomesService:
         encoding them: a partition whose last one took 2 s to encode waits at least
         40 s. A longer gap only means a longer replay after a crash (idempotent),
         never a wrong result."""
-        return state.writing_done() and \
-            time.monotonic() - state.last_checkpoint >= max(interval_s, CHECKPOINT_COST_FACTOR * state.encode_s)
+        return state.writing_done() and time.monotonic() - state.last_checkpoint >= max(
+            interval_s, CHECKPOINT_COST_FACTOR * state.encode_s
+        )
 
     def fresh(self, partition: int) -> Owned:
         processor = OutcomeProcessor(partition, self.config)
@@ -253,9 +263,16 @@ class OutcomesService:
             if offset > covered:
                 # aiokafka drops batches fetched before a seek, so a gap means the log no longer
                 # holds those offsets (retention, compaction): nothing left to read
-                log.warning("outcomes: %s[%d] continues at %d but the state covers only up to %d: offsets "
-                            "%d..%d are no longer in the log", topic, partition, offset, covered, covered,
-                            offset - 1)
+                log.warning(
+                    "outcomes: %s[%d] continues at %d but the state covers only up to %d: offsets "
+                    "%d..%d are no longer in the log",
+                    topic,
+                    partition,
+                    offset,
+                    covered,
+                    covered,
+                    offset - 1,
+                )
             origin = (topic, partition, offset, record.key, record.value)
             failed = self.failed.get((topic, partition, offset))
             if failed is not None:  # its step raised once: counted as invalid, already in the DLQ
@@ -281,8 +298,9 @@ class OutcomesService:
             if processor.events_since_snapshot >= self.settings.snapshot_every_events:
                 await producer.send_outcomes()  # the records before the snapshot that counts them
                 await self.publish(state)
-            if processor.events_since_checkpoint >= self.settings.checkpoint_every_events and \
-                    self.checkpoint_due(state, 0.0):
+            if processor.events_since_checkpoint >= self.settings.checkpoint_every_events and self.checkpoint_due(
+                state, 0.0
+            ):
                 await self.checkpoint(partition, state)
         await producer.send_outcomes()
         return True
@@ -385,8 +403,10 @@ class OutcomesService:
             try:
                 await self.adopt({tp.partition for tp in assigned})
             except Exception:  # aiokafka would log and go on: the loop adopts them before any record counts
-                log.exception("outcomes: loading the checkpoints of %s failed; retrying from the loop",
-                              sorted({tp.partition for tp in assigned}))
+                log.exception(
+                    "outcomes: loading the checkpoints of %s failed; retrying from the loop",
+                    sorted({tp.partition for tp in assigned}),
+                )
 
     async def adopt(self, partitions: set[int]) -> None:
         """Load each new partition's checkpoint and seek both of its topics to the offsets it
@@ -397,8 +417,9 @@ class OutcomesService:
         new = sorted(partitions - set(self.owned))
         if not new:
             return
-        await ensure_checkpoint_topic(client_options(settings), self.checkpoint_topic, settings.partitions,
-                                      settings.replication_factor)
+        await ensure_checkpoint_topic(
+            client_options(settings), self.checkpoint_topic, settings.partitions, settings.replication_factor
+        )
         tps = [TopicPartition(topic, p) for p in new for topic in (self.traces, self.feedback)]
         loaded: dict[int, Owned] = {}
         for partition in new:
@@ -411,18 +432,27 @@ class OutcomesService:
                 if processor is None:
                     # Written by another safeswap version: its state has another shape. Rebuild
                     # from the topics' start (exact while the broker still holds them).
-                    log.warning("outcomes: partition %d: the checkpoint was written by another safeswap "
-                                "version (state version %s): rebuilding the partition from the start of its "
-                                "topics (metrics cover only what the broker still retains)", partition,
-                                OutcomeProcessor.STATE_VERSION)
+                    log.warning(
+                        "outcomes: partition %d: the checkpoint was written by another safeswap "
+                        "version (state version %s): rebuilding the partition from the start of its "
+                        "topics (metrics cover only what the broker still retains)",
+                        partition,
+                        OutcomeProcessor.STATE_VERSION,
+                    )
                     processor, found = self.fresh(partition).processor, None
                 self.learn_decisions(processor)
                 loaded[partition] = Owned(processor, CheckpointWriter(partition, head["generation"]))
-            log.warning("outcomes: partition %d resumes at %s (%s)", partition,
-                        dict(loaded[partition].processor.offsets), "from checkpoint" if found else "no checkpoint")
+            log.warning(
+                "outcomes: partition %d resumes at %s (%s)",
+                partition,
+                dict(loaded[partition].processor.offsets),
+                "from checkpoint" if found else "no checkpoint",
+            )
         # Is each log still the one the state covers? Read from the records at the state's
         # offsets, not the broker's reported end offset (streams/resume.py).
-        resumed = {tp: covered - 1 for tp in tps if (covered := loaded[tp.partition].processor.offsets.get(tp.topic, 0))}
+        resumed = {
+            tp: covered - 1 for tp in tps if (covered := loaded[tp.partition].processor.offsets.get(tp.topic, 0))
+        }
         probes = await probe_logs(client_options(settings), resumed)
         for tp in tps:
             processor = loaded[tp.partition].processor
@@ -432,8 +462,12 @@ class OutcomesService:
                 if not same:
                     # An empty broker came back, or the topic was deleted and made again: read it
                     # from its start, or every new event would pass for one already counted.
-                    log.warning("outcomes: %s[%d]: %s: the topic was recreated; reading it from its start",
-                                tp.topic, tp.partition, evidence)
+                    log.warning(
+                        "outcomes: %s[%d]: %s: the topic was recreated; reading it from its start",
+                        tp.topic,
+                        tp.partition,
+                        evidence,
+                    )
                     covered = processor.offsets[tp.topic] = 0
             # seek, not seek_to_beginning: it also drops records already fetched past the offset
             # (a partition restored mid-stream); below the log's start the consumer resets to it
@@ -446,8 +480,11 @@ class OutcomesService:
         lock). Checked after every batch, so a busy partition does not wait for the timer
         (which waits for the lock); the timer covers partitions with nothing new to read."""
         state = self.owned.get(partition)
-        if state is not None and state.processor.dirty and \
-                time.monotonic() - state.published >= self.settings.snapshot_interval_s:
+        if (
+            state is not None
+            and state.processor.dirty
+            and time.monotonic() - state.published >= self.settings.snapshot_interval_s
+        ):
             await self.publish(state)
 
     async def publish_due(self) -> None:
@@ -459,8 +496,11 @@ class OutcomesService:
         for partition in list(self.owned):
             async with self.lock:
                 state = self.owned.get(partition)
-                if state is not None and state.processor.events_since_checkpoint and \
-                        self.checkpoint_due(state, self.settings.checkpoint_interval_s):
+                if (
+                    state is not None
+                    and state.processor.events_since_checkpoint
+                    and self.checkpoint_due(state, self.settings.checkpoint_interval_s)
+                ):
                     await self.checkpoint(partition, state)
             await asyncio.sleep(0)  # one partition at a time: events and snapshots go on between them
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import faust
 import msgspec
@@ -46,8 +47,14 @@ log = logging.getLogger(__name__)
 POLL_MS = 200
 # Datasets whose topic an agent of the worker reads with the same decoder: that agent sends a bad
 # record to the DLQ; the sink only skips it (counted in its `invalid`). Others: the sink does.
-DEAD_LETTERED_BY = {"traces": "outcomes", "feedback": "outcomes", "shadow": "judge", "plans": "decide",
-                    "stats": "decide", "dlq": "nobody: the DLQ's own sink would loop"}
+DEAD_LETTERED_BY = {
+    "traces": "outcomes",
+    "feedback": "outcomes",
+    "shadow": "judge",
+    "plans": "decide",
+    "stats": "decide",
+    "dlq": "nobody: the DLQ's own sink would loop",
+}
 MAX_RECORDS = 10_000
 
 
@@ -67,8 +74,9 @@ def selected(settings: Settings) -> list[Dataset]:
 class DatasetSink:
     """The writers of one dataset, one per Kafka partition this worker owns."""
 
-    def __init__(self, settings: Settings, dataset: Dataset, layout: Layout, rotation: Rotation,
-                 dead_letters: DeadLetters | None) -> None:
+    def __init__(
+        self, settings: Settings, dataset: Dataset, layout: Layout, rotation: Rotation, dead_letters: DeadLetters | None
+    ) -> None:
         self.dataset = dataset
         self.layout = layout
         self.rotation = rotation
@@ -123,16 +131,19 @@ class DatasetSink:
             log.exception("sink %s[%d]: flush failed; retrying", self.dataset.name, writer.partition)
             return False
 
-    def flush(self, partitions: set[int] | None = None, *, force: bool = False,
-              now: float | None = None) -> None:
+    def flush(self, partitions: set[int] | None = None, *, force: bool = False, now: float | None = None) -> None:
         for writer in self._to_flush(partitions, force, time.monotonic() if now is None else now):
             self._flush(writer)
 
     def _to_flush(self, partitions: set[int] | None, force: bool, now: float) -> list[PartitionWriter]:
         """The writers holding rows that are due (or any rows, with ``force``)."""
-        return [writer for partition, writer in list(self.writers.items())
-                if (partitions is None or partition in partitions)
-                and writer.first is not None and (force or writer.due(now))]
+        return [
+            writer
+            for partition, writer in list(self.writers.items())
+            if (partitions is None or partition in partitions)
+            and writer.first is not None
+            and (force or writer.due(now))
+        ]
 
     async def flush_due(self, now: float) -> None:
         """Write the due buffers in a thread: building and compressing a file takes
@@ -159,7 +170,10 @@ class SinkService:
         rotation = Rotation.from_settings(settings)
         self.sinks = {
             settings.topic(ds.topic): DatasetSink(
-                settings, ds, layout, rotation,
+                settings,
+                ds,
+                layout,
+                rotation,
                 # One DLQ record per bad message: a topic an agent reads is dead-lettered by that agent,
                 # and the DLQ's own sink must not write its rejects back to the DLQ (a loop).
                 DeadLetters(app, settings, agent=f"sink:{ds.name}") if ds.name not in DEAD_LETTERED_BY else None,
@@ -219,7 +233,7 @@ class SinkService:
         try:
             await self.consumer.commit(offsets)
             self.committed.update(offsets)
-        except Exception as exc:  # the checkpoint is the truth; the group offset is for lag only
+        except Exception as exc:  # noqa: BLE001 - the checkpoint is the truth; the group offset is for lag only
             log.warning("sink: offset commit failed (%s); the checkpoints still hold", exc)
 
     def flush_all(self) -> None:
@@ -275,17 +289,31 @@ def recreated(writer: PartitionWriter, evidence: str) -> None:
     """The topic was deleted and created again: its offsets restart at 0, so the partition
     is written afresh as a new generation; what the old topic's files hold stays."""
     generation = writer.reset()
-    log.warning("sink %s[%d]: %s: the topic was recreated; writing it from offset 0 as generation %d "
-                "(new files part-%d-<first>-<last>-g%d.parquet; the earlier generations' files stay in %s)",
-                writer.dataset.name, writer.partition, evidence, generation, writer.partition, generation,
-                writer.layout.root(writer.dataset))
+    log.warning(
+        "sink %s[%d]: %s: the topic was recreated; writing it from offset 0 as generation %d "
+        "(new files part-%d-<first>-<last>-g%d.parquet; the earlier generations' files stay in %s)",
+        writer.dataset.name,
+        writer.partition,
+        evidence,
+        generation,
+        writer.partition,
+        generation,
+        writer.layout.root(writer.dataset),
+    )
 
 
 async def _reject(sink: DatasetSink, record: Any, reason: str) -> None:
     sink.invalid += 1
     if sink.dead_letters is None:  # in the DLQ by the agent that reads the topic (DEAD_LETTERED_BY)
-        log.info("sink %s: unreadable record %s[%s]@%s skipped (dead-lettered by %s): %s", sink.dataset.name,
-                 record.topic, record.partition, record.offset, DEAD_LETTERED_BY.get(sink.dataset.name), reason)
+        log.info(
+            "sink %s: unreadable record %s[%s]@%s skipped (dead-lettered by %s): %s",
+            sink.dataset.name,
+            record.topic,
+            record.partition,
+            record.offset,
+            DEAD_LETTERED_BY.get(sink.dataset.name),
+            reason,
+        )
         return
     try:
         await sink.dead_letters.send(record, reason)

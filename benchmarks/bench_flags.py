@@ -11,7 +11,7 @@ measures, per message, the time from just before ``send_and_wait`` to:
 
 Then the per-call cost of ``variant()`` against the bare bucketing function.
 
-Run:  /work/venv/bin/python benchmarks/bench_flags.py [--messages 200] [--clients 4]
+Run:  python benchmarks/bench_flags.py [--messages 200] [--clients 4]
 (uses SAFESWAP_BROKER if set, else starts the embedded broker).
 """
 
@@ -42,7 +42,7 @@ def pct(values: list[float], q: float) -> float:
 
 def row(name: str, seconds: list[float]) -> str:
     ms = [s * 1000 for s in seconds]
-    return (f"{name:<38} {len(ms):>6} {statistics.median(ms):>8.1f} {pct(ms, 0.99):>8.1f} {max(ms):>8.1f}")
+    return f"{name:<38} {len(ms):>6} {statistics.median(ms):>8.1f} {pct(ms, 0.99):>8.1f} {max(ms):>8.1f}"
 
 
 async def measure(settings: Settings, messages: int, clients: int) -> tuple[list[float], list[float]]:
@@ -59,8 +59,9 @@ async def measure(settings: Settings, messages: int, clients: int) -> tuple[list
     for flags in in_loop + [background]:
         flags.on_change(watcher)
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=settings.broker, group_id=None, enable_auto_commit=False,
-                                fetch_max_wait_ms=50)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.broker, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50
+    )
     await consumer.start()
     await consumer.topics()
     assigned = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic))]
@@ -86,14 +87,23 @@ async def measure(settings: Settings, messages: int, clients: int) -> tuple[list
     try:
         for seq in range(1, messages + 1):
             action, percent = ("rollback", 0.0) if seq % 2 else ("promote", 50.0)
-            decision = Decision(rollout_id="bench", seq=seq, ts=seq, action=action,
-                                stage="rolled_back" if action == "rollback" else "ramp",
-                                percent=percent, salt="bench", reason="bench")
+            decision = Decision(
+                rollout_id="bench",
+                seq=seq,
+                ts=seq,
+                action=action,
+                stage="rolled_back" if action == "rollback" else "ramp",
+                percent=percent,
+                salt="bench",
+                reason="bench",
+            )
             sent_at[seq] = time.perf_counter()
             await producer.send_and_wait(topic, encode(decision), key=b"bench", headers=[("seq", str(seq).encode())])
             await asyncio.sleep(rng.uniform(0.01, 0.04))  # spread sends over the fetch cycle
         deadline = time.perf_counter() + 5
-        while (len(flag_latency) < messages * clients or len(raw_latency) < messages) and time.perf_counter() < deadline:
+        while (
+            len(flag_latency) < messages * clients or len(raw_latency) < messages
+        ) and time.perf_counter() < deadline:
             await asyncio.sleep(0.05)
     finally:
         tail.cancel()
@@ -107,8 +117,21 @@ async def measure(settings: Settings, messages: int, clients: int) -> tuple[list
 
 def read_cost() -> list[tuple[str, float]]:
     flags = FlagClient(settings=Settings(broker="unused:1"))
-    flags.apply(encode(Decision(rollout_id="r", seq=1, ts=1, action="promote", stage="ramp", percent=50,
-                                salt="r", reason="bench", shadow_percent=10)))
+    flags.apply(
+        encode(
+            Decision(
+                rollout_id="r",
+                seq=1,
+                ts=1,
+                action="promote",
+                stage="ramp",
+                percent=50,
+                salt="r",
+                reason="bench",
+                shadow_percent=10,
+            )
+        )
+    )
     users = [f"user-{i}" for i in range(1000)]
 
     def per_call_ns(fn) -> float:
@@ -137,8 +160,10 @@ def main() -> None:
     finally:
         if embedded is not None:
             embedded.stop()
-    print(f"decision produce -> visible, {args.messages} decisions, {args.clients} flag clients, poll 50 ms, "
-          f"{settings.partitions} partitions, broker {'embedded Tansu' if embedded else settings.broker}")
+    print(
+        f"decision produce -> visible, {args.messages} decisions, {args.clients} flag clients, poll 50 ms, "
+        f"{settings.partitions} partitions, broker {'embedded Tansu' if embedded else settings.broker}"
+    )
     print(f"{'path':<38} {'n':>6} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}")
     print(row("raw aiokafka consumer (baseline)", raw_latency))
     print(row("FlagClient variant() switched", flag_latency))

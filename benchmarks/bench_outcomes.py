@@ -1,12 +1,12 @@
 """Outcomes benchmarks; every figure printed next to its baseline from the same run.
 
-  python benchmarks/bench_outcomes.py step    [--events 200000]   pure OutcomeProcessor, 500-char responses,
-                                                                  30% of traces with feedback (decode excluded
-                                                                  and included); baseline: msgspec decode alone
-  python benchmarks/bench_outcomes.py memory  [--users 1000000]   RSS while USERS distinct users pass in event time;
-                                                                  baseline: RSS before the first user
-  python benchmarks/bench_outcomes.py agent   [--events 60000]    the outcomes agent vs a bare Faust agent over the
-                                                                  same topic on the embedded broker
+python benchmarks/bench_outcomes.py step    [--events 200000]   pure OutcomeProcessor, 500-char responses,
+                                                                30% of traces with feedback (decode excluded
+                                                                and included); baseline: msgspec decode alone
+python benchmarks/bench_outcomes.py memory  [--users 1000000]   RSS while USERS distinct users pass in event time;
+                                                                baseline: RSS before the first user
+python benchmarks/bench_outcomes.py agent   [--events 60000]    the outcomes agent vs a bare Faust agent over the
+                                                                same topic on the embedded broker
 """
 
 from __future__ import annotations
@@ -25,16 +25,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safeswap.outcomes import TRACE, OutcomeProcessor  # noqa: E402
-from safeswap.bench import BARE_APP, T0, make_events  # noqa: E402,F401  (T0: the event-time origin)
-from schemas import FeedbackEvent, TraceEvent, decode  # noqa: E402
+from safeswap.bench import BARE_APP, T0, make_events
+from safeswap.outcomes import TRACE, OutcomeProcessor
+from schemas import FeedbackEvent, TraceEvent, decode
 
 # One way to make events and run the bare-Faust baseline: shared with `safeswap bench` (safeswap/bench.py).
 
 
 def bench_step(n_events: int) -> dict:
     events = make_events(n_events, users=max(1000, n_events // 10))
-    now = T0 + 10 ** 9
+    now = T0 + 10**9
     start = time.perf_counter()
     decoded = [(s, decode(TraceEvent if s == TRACE else FeedbackEvent, raw)) for s, raw in events]
     decode_s = time.perf_counter() - start
@@ -48,9 +48,13 @@ def bench_step(n_events: int) -> dict:
     for source, raw in events:
         processor.fold_raw(source, raw, now)
     full_s = time.perf_counter() - start
-    return {"events": len(events), "baseline_msgspec_decode_per_s": round(len(events) / decode_s),
-            "step_per_s": round(len(events) / step_s), "decode_plus_step_per_s": round(len(events) / full_s),
-            "target_step_per_s": 50_000}
+    return {
+        "events": len(events),
+        "baseline_msgspec_decode_per_s": round(len(events) / decode_s),
+        "step_per_s": round(len(events) / step_s),
+        "decode_plus_step_per_s": round(len(events) / full_s),
+        "target_step_per_s": 50_000,
+    }
 
 
 def rss_mb() -> float:
@@ -64,7 +68,7 @@ REFERENCE_USERS = 100_000
 def bench_memory(users: int) -> dict:
     """USERS distinct users, each one short session, in event-time order (1 new user per 50 ms)."""
     processor = OutcomeProcessor(0)
-    now = T0 + 10 ** 10
+    now = T0 + 10**10
     rng = random.Random(2)
     samples = []
     baseline = rss_mb()  # interpreter, imports and an empty processor
@@ -72,31 +76,60 @@ def bench_memory(users: int) -> dict:
     for u in range(users):
         ts = T0 + u * 50
         user = f"user-{u}"
-        trace = TraceEvent(event_id=f"e{u}", ts=ts, rollout_id="bench", variant="control" if u & 1 else "candidate",
-                           user_id=user, session_id="s", trace_id=f"t{u}", prompt_version="p", model_version="m",
-                           latency_ms=200.0, input_tokens=1, output_tokens=1, cost_usd=0.001, cache_hit=False,
-                           prompt_text="question", response_text="x" * 500)
+        trace = TraceEvent(
+            event_id=f"e{u}",
+            ts=ts,
+            rollout_id="bench",
+            variant="control" if u & 1 else "candidate",
+            user_id=user,
+            session_id="s",
+            trace_id=f"t{u}",
+            prompt_version="p",
+            model_version="m",
+            latency_ms=200.0,
+            input_tokens=1,
+            output_tokens=1,
+            cost_usd=0.001,
+            cache_hit=False,
+            prompt_text="question",
+            response_text="x" * 500,
+        )
         processor.apply(trace, now)
         if rng.random() < 0.3:
-            processor.apply(FeedbackEvent(event_id=f"f{u}", ts=ts + 1000, trace_id=f"t{u}", user_id=user,
-                                          session_id="s", rollout_id="bench", variant=trace.variant,
-                                          kind="thumbs_up"), now)
+            processor.apply(
+                FeedbackEvent(
+                    event_id=f"f{u}",
+                    ts=ts + 1000,
+                    trace_id=f"t{u}",
+                    user_id=user,
+                    session_id="s",
+                    rollout_id="bench",
+                    variant=trace.variant,
+                    kind="thumbs_up",
+                ),
+                now,
+            )
         if u % (users // 10) == 0 or u == REFERENCE_USERS:
             samples.append({"users_seen": u, "rss_mb": round(rss_mb(), 1), "users_held": len(processor.users)})
     samples.append({"users_seen": users, "rss_mb": round(rss_mb(), 1), "users_held": len(processor.users)})
     kept = [*processor.first_seen.values(), *processor.also_served.values()]
     distinct = sum(len(seen) for seen in kept)
     reference = next((s["rss_mb"] for s in samples if s["users_seen"] == REFERENCE_USERS), None)
-    return {"users": users, "seconds": round(time.perf_counter() - start, 1), "baseline_rss_mb": round(baseline, 1),
-            "samples": samples, "growth_mb": round(samples[-1]["rss_mb"] - baseline, 1),
-            "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-            "distinct_users_kept": distinct,
-            "distinct_users_mb": round(sum(seen.members.nbytes + 80 * len(seen.recent) for seen in kept) / 2**20, 1),
-            # the target: RSS at USERS distinct users <= 1.5x the RSS at 100k, in the same run
-            "rss_at_100k_mb": reference,
-            "rss_ratio_to_100k": round(samples[-1]["rss_mb"] / reference, 3) if reference else None,
-            "note": "state held = users active within gap + join TTL + lateness of event time (~1.1 h = ~78k users "
-                    "here); the distinct-user hashes (8 bytes a user) are all that grows"}
+    return {
+        "users": users,
+        "seconds": round(time.perf_counter() - start, 1),
+        "baseline_rss_mb": round(baseline, 1),
+        "samples": samples,
+        "growth_mb": round(samples[-1]["rss_mb"] - baseline, 1),
+        "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "distinct_users_kept": distinct,
+        "distinct_users_mb": round(sum(seen.members.nbytes + 80 * len(seen.recent) for seen in kept) / 2**20, 1),
+        # the target: RSS at USERS distinct users <= 1.5x the RSS at 100k, in the same run
+        "rss_at_100k_mb": reference,
+        "rss_ratio_to_100k": round(samples[-1]["rss_mb"] / reference, 3) if reference else None,
+        "note": "state held = users active within gap + join TTL + lateness of event time (~1.1 h = ~78k users "
+        "here); the distinct-user hashes (8 bytes a user) are all that grows",
+    }
 
 
 def bench_agent(n_events: int) -> dict:
@@ -111,9 +144,15 @@ def bench_agent(n_events: int) -> dict:
 
     events = make_events(n_events, users=max(1000, n_events // 10))
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:
-        settings = Settings(broker=broker.bootstrap, topic_prefix="bench", app_id="bench-outcomes",
-                            state_dir=tmp + "/state", data_dir=tmp + "/data", snapshot_interval_s=0.5,
-                            sink_datasets=os.environ.get("SAFESWAP_SINK_DATASETS", "all"))
+        settings = Settings(
+            broker=broker.bootstrap,
+            topic_prefix="bench",
+            app_id="bench-outcomes",
+            state_dir=tmp + "/state",
+            data_dir=tmp + "/data",
+            snapshot_interval_s=0.5,
+            sink_datasets=os.environ.get("SAFESWAP_SINK_DATASETS", "all"),
+        )
         asyncio.run(ensure_topics(settings))
 
         async def produce():
@@ -129,13 +168,22 @@ def bench_agent(n_events: int) -> dict:
         # bare Faust over the same two topics' messages (the traces+feedback stream)
         out = Path(tmp) / "bare.txt"
         script = Path(tmp) / "bare.py"
-        script.write_text(BARE_APP.replace("topic = app.topic(topic_name,", "topic = app.topic(topic_name, topic_name.replace('traces', 'feedback'),"))
-        bare = subprocess.Popen([sys.executable, str(script), settings.topic("traces"), str(len(events)),
-                                 broker.bootstrap, str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        script.write_text(
+            BARE_APP.replace(
+                "topic = app.topic(topic_name,",
+                "topic = app.topic(topic_name, topic_name.replace('traces', 'feedback'),",
+            )
+        )
+        bare = subprocess.Popen(
+            [sys.executable, str(script), settings.topic("traces"), str(len(events)), broker.bootstrap, str(out)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         deadline = time.monotonic() + 300
         while not out.exists() and time.monotonic() < deadline:
             time.sleep(0.2)
-        bare.kill(); bare.wait()
+        bare.kill()
+        bare.wait()
         bare_rate = float(out.read_text()) if out.exists() else None
         # the outcomes worker: throughput from the first to the last snapshot covering everything
         worker = WorkerProcess(settings.replace(log_level="warn"), Path(tmp) / "worker.log").start()
@@ -157,10 +205,14 @@ def bench_agent(n_events: int) -> dict:
                 time.sleep(0.2)
         finally:
             worker.stop()
-    return {"events": len(events), "baseline_bare_faust_per_s": round(bare_rate or 0),
-            "outcomes_agent_per_s": round(rate or 0),
-            "ratio": round((rate or 0) / bare_rate, 2) if bare_rate and rate else None, "target_ratio": 0.7,
-            "note": "agent rate measured between its first and last stats snapshot (polling every ~0.5 s)"}
+    return {
+        "events": len(events),
+        "baseline_bare_faust_per_s": round(bare_rate or 0),
+        "outcomes_agent_per_s": round(rate or 0),
+        "ratio": round((rate or 0) / bare_rate, 2) if bare_rate and rate else None,
+        "target_ratio": 0.7,
+        "note": "agent rate measured between its first and last stats snapshot (polling every ~0.5 s)",
+    }
 
 
 def main() -> None:

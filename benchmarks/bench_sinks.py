@@ -11,7 +11,7 @@
    ``safeswap query summary`` runs it, imports excluded) and warm (median of 3 in one
    process). Target: < 2 s.
 
-    /work/venv/bin/python benchmarks/bench_sinks.py [--events 200000] [--rows 10000000] [--skip-throughput]
+    python benchmarks/bench_sinks.py [--events 200000] [--rows 10000000] [--skip-throughput]
 
 Prints one JSON object on the last line.
 """
@@ -33,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sinks.queries import SUMMARY_KEYS  # the summary's group keys, for the pyarrow baseline
+from sinks.queries import SUMMARY_KEYS  # noqa: E402 - after the path insert; the summary's group keys, for the pyarrow baseline
 
 
 # --- children: one Faust worker each, reporting its own timing --------------------------------
@@ -43,14 +43,28 @@ def _child(role: str, bootstrap: str, prefix: str, events: int, data_dir: str) -
     from streams.app import faust_broker_url, raw_topic
     from streams.settings import Settings
 
-    settings = Settings(broker=bootstrap, topic_prefix=prefix, app_id=f"bench-{role}-{uuid.uuid4().hex[:6]}",
-                        data_dir=data_dir, sink_datasets="traces", state_dir=tempfile.mkdtemp(),
-                        sink_max_rows=20_000, sink_idle_s=0.25)  # files of 20k rows; the tail flushed 0.25 s after the last
-    app = faust.App(settings.app_id, broker=faust_broker_url(bootstrap), store="memory://", web_enabled=False,
-                    datadir=settings.state_dir, topic_partitions=settings.partitions,
-                    broker_session_timeout=settings.session_timeout_s,
-                    broker_heartbeat_interval=settings.heartbeat_interval_s,
-                    broker_rebalance_timeout=settings.rebalance_timeout_s, consumer_auto_offset_reset="earliest")
+    settings = Settings(
+        broker=bootstrap,
+        topic_prefix=prefix,
+        app_id=f"bench-{role}-{uuid.uuid4().hex[:6]}",
+        data_dir=data_dir,
+        sink_datasets="traces",
+        state_dir=tempfile.mkdtemp(),
+        sink_max_rows=20_000,
+        sink_idle_s=0.25,
+    )  # files of 20k rows; the tail flushed 0.25 s after the last
+    app = faust.App(
+        settings.app_id,
+        broker=faust_broker_url(bootstrap),
+        store="memory://",
+        web_enabled=False,
+        datadir=settings.state_dir,
+        topic_partitions=settings.partitions,
+        broker_session_timeout=settings.session_timeout_s,
+        broker_heartbeat_interval=settings.heartbeat_interval_s,
+        broker_rebalance_timeout=settings.rebalance_timeout_s,
+        consumer_auto_offset_reset="earliest",
+    )
     marks: dict[str, float] = {}
 
     def done() -> None:
@@ -94,11 +108,16 @@ def _child(role: str, bootstrap: str, prefix: str, events: int, data_dir: str) -
 
 
 def run_child(role: str, bootstrap: str, prefix: str, events: int, data_dir: str) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", role, bootstrap, prefix, str(events), data_dir],
-                         capture_output=True, text=True, timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", role, bootstrap, prefix, str(events), data_dir],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
     for line in reversed(out.stdout.splitlines()):
         if '"role"' in line:  # after the terminal escape codes the worker prints
-            return json.loads(line[line.index("{"):])["seconds"]
+            return json.loads(line[line.index("{") :])["seconds"]
     raise RuntimeError(f"{role} child failed:\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
 
 
@@ -219,20 +238,30 @@ def write_synthetic_feedback(data_dir: Path, share: float = 0.05) -> int:
 
     from sinks import DATASETS, scan
     from sinks.writer import file_name
+
     kinds = ["thumbs_up", "thumbs_down", "edit", "retry", "abandon", "follow_up", "copy"]
-    reacted = (scan("traces", data_dir).select("trace_id", "user_id", "session_id", "variant", "ts")
-               .collect().sample(fraction=share, seed=1))
+    reacted = (
+        scan("traces", data_dir)
+        .select("trace_id", "user_id", "session_id", "variant", "ts")
+        .collect()
+        .sample(fraction=share, seed=1)
+    )
     n = reacted.height
     rng = np.random.default_rng(1)
     feedback = reacted.with_columns(
-        event_id=pl.format("f-{}", pl.int_range(n)), ts=pl.col("ts") + pl.duration(seconds=30),
-        kind=pl.Series(np.array(kinds)[rng.integers(0, len(kinds), n)]), final_text=pl.lit(None, pl.String),
-        kafka_partition=pl.lit(0, pl.Int32), kafka_offset=pl.int_range(n, dtype=pl.Int64))
+        event_id=pl.format("f-{}", pl.int_range(n)),
+        ts=pl.col("ts") + pl.duration(seconds=30),
+        kind=pl.Series(np.array(kinds)[rng.integers(0, len(kinds), n)]),
+        final_text=pl.lit(None, pl.String),
+        kafka_partition=pl.lit(0, pl.Int32),
+        kafka_offset=pl.int_range(n, dtype=pl.Int64),
+    )
     schema = DATASETS["feedback"].arrow_schema
     folder = data_dir / "feedback" / "rollout_id=bench" / "date=2026-01-01"
     folder.mkdir(parents=True, exist_ok=True)
-    pq.write_table(feedback.to_arrow().select(schema.names).cast(schema), folder / file_name(0, 0, n - 1),
-                   compression="zstd")
+    pq.write_table(
+        feedback.to_arrow().select(schema.names).cast(schema), folder / file_name(0, 0, n - 1), compression="zstd"
+    )
     return n
 
 
@@ -246,29 +275,55 @@ def pyarrow_summary(data_dir: Path):
     import pyarrow.dataset as pads
 
     dataset = pads.dataset(data_dir / "traces", format="parquet", partitioning="hive")
-    table = dataset.to_table(columns=[*SUMMARY_KEYS, "trace_id", "user_id", "session_id", "latency_ms", "cost_usd",
-                                      "error", "cache_hit", "output_tokens"])
+    table = dataset.to_table(
+        columns=[
+            *SUMMARY_KEYS,
+            "trace_id",
+            "user_id",
+            "session_id",
+            "latency_ms",
+            "cost_usd",
+            "error",
+            "cache_hit",
+            "output_tokens",
+        ]
+    )
     table = table.append_column("is_error", pc.not_equal(table["error"], "none"))
-    grouped = table.group_by(SUMMARY_KEYS).aggregate([
-        ([], "count_all"), ("user_id", "count_distinct"), ("session_id", "count_distinct"),
-        ("latency_ms", "mean"), ("latency_ms", "list"), ("cost_usd", "sum"),
-        ("is_error", "mean"), ("cache_hit", "mean"), ("output_tokens", "mean"),
-    ])
-    p95 = [pc.quantile(values, q=0.95, interpolation="nearest")[0].as_py()
-           for values in grouped.column("latency_ms_list").to_pylist()]
+    grouped = table.group_by(SUMMARY_KEYS).aggregate(
+        [
+            ([], "count_all"),
+            ("user_id", "count_distinct"),
+            ("session_id", "count_distinct"),
+            ("latency_ms", "mean"),
+            ("latency_ms", "list"),
+            ("cost_usd", "sum"),
+            ("is_error", "mean"),
+            ("cache_hit", "mean"),
+            ("output_tokens", "mean"),
+        ]
+    )
+    p95 = [
+        pc.quantile(values, q=0.95, interpolation="nearest")[0].as_py()
+        for values in grouped.column("latency_ms_list").to_pylist()
+    ]
     grouped = grouped.drop_columns(["latency_ms_list"]).append_column("latency_ms_p95", pa.array(p95))
-    grouped = grouped.append_column("cost_per_session", pc.divide(grouped["cost_usd_sum"],
-                                                                  grouped["session_id_count_distinct"]))
+    grouped = grouped.append_column(
+        "cost_per_session", pc.divide(grouped["cost_usd_sum"], grouped["session_id_count_distinct"])
+    )
     feedback = pads.dataset(data_dir / "feedback", format="parquet", partitioning="hive").to_table(
-        columns=["trace_id", "kind"])
+        columns=["trace_id", "kind"]
+    )
     feedback = feedback.append_column("down", pc.equal(feedback["kind"], "thumbs_down")).append_column(
-        "up", pc.equal(feedback["kind"], "thumbs_up"))
+        "up", pc.equal(feedback["kind"], "thumbs_up")
+    )
     reacted = feedback.group_by("trace_id").aggregate([("down", "max"), ("up", "max")])
     matched = table.select([*SUMMARY_KEYS, "trace_id"]).join(reacted, "trace_id", join_type="inner")
     thumbs = matched.group_by(SUMMARY_KEYS).aggregate([(c, "sum") for c in ("down_max", "up_max")])
     grouped = grouped.join(thumbs, SUMMARY_KEYS, join_type="left outer")
     for kind, column in (("down", "down_max_sum"), ("up", "up_max_sum")):
-        rate = pc.divide(pc.cast(pc.fill_null(grouped[column], 0), pa.float64()), pc.cast(grouped["count_all"], pa.float64()))
+        rate = pc.divide(
+            pc.cast(pc.fill_null(grouped[column], 0), pa.float64()), pc.cast(grouped["count_all"], pa.float64())
+        )
         grouped = grouped.append_column(f"thumbs_{kind}_rate", rate)
     return grouped
 
@@ -281,10 +336,19 @@ def same_figures(polars_summary, arrow_summary) -> bool:
     import polars as pl
 
     mine = polars_summary.select(*SUMMARY_KEYS, *FIGURES).sort(SUMMARY_KEYS)
-    theirs = pl.from_arrow(arrow_summary).select(
-        *SUMMARY_KEYS, pl.col("count_all").alias("responses"), pl.col("user_id_count_distinct").alias("users"),
-        pl.col("session_id_count_distinct").alias("sessions"), "latency_ms_p95", "thumbs_down_rate",
-        "thumbs_up_rate").sort(SUMMARY_KEYS)
+    theirs = (
+        pl.from_arrow(arrow_summary)
+        .select(
+            *SUMMARY_KEYS,
+            pl.col("count_all").alias("responses"),
+            pl.col("user_id_count_distinct").alias("users"),
+            pl.col("session_id_count_distinct").alias("sessions"),
+            "latency_ms_p95",
+            "thumbs_down_rate",
+            "thumbs_up_rate",
+        )
+        .sort(SUMMARY_KEYS)
+    )
     return mine.equals(theirs.cast(mine.schema))
 
 
@@ -300,8 +364,9 @@ print(time.perf_counter() - started, resource.getrusage(resource.RUSAGE_SELF).ru
 def cold_summary(data: Path) -> tuple[float, int]:
     """The first summary of a fresh process: what one `safeswap query summary` pays (every
     page its memory touches is new), imports excluded; and the process's peak RSS in MB."""
-    out = subprocess.run([sys.executable, "-c", COLD, str(data)], capture_output=True, text=True, check=True,
-                         cwd=ROOT, timeout=600)
+    out = subprocess.run(
+        [sys.executable, "-c", COLD, str(data)], capture_output=True, text=True, check=True, cwd=ROOT, timeout=600
+    )
     seconds, peak_mb = out.stdout.strip().splitlines()[-1].split()
     return float(seconds), int(peak_mb)
 

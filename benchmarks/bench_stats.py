@@ -4,7 +4,7 @@ Prints, in the same run, the time of one ``scipy.stats.norm.ppf`` call (baseline
 and of one ``sequential_compare`` / ``GuardrailMonitor.update`` / ``srm_test`` /
 ``quantile_compare`` call on sufficient statistics, with the ratio to the baseline.
 
-Run:  /work/venv/bin/python benchmarks/bench_stats.py
+Run:  python benchmarks/bench_stats.py
 """
 
 from __future__ import annotations
@@ -15,7 +15,14 @@ import numpy as np
 from scipy.stats import norm
 
 from safeswap.stats import (
-    GuardrailMonitor, LatencyHistogram, Mean, Proportion, Ratio, quantile_compare, sequential_compare, srm_test,
+    GuardrailMonitor,
+    LatencyHistogram,
+    Mean,
+    Proportion,
+    Ratio,
+    quantile_compare,
+    sequential_compare,
+    srm_test,
 )
 
 
@@ -37,11 +44,18 @@ def main() -> None:
     baseline = per_call_us(lambda: norm.ppf(0.975), 2000)
     rows = [
         ("scipy.stats.norm.ppf (baseline)", baseline),
-        ("sequential_compare Proportion, relative, two-sided", per_call_us(lambda: sequential_compare(a_p, b_p), 20000)),
-        ("sequential_compare Mean, absolute, greater",
-         per_call_us(lambda: sequential_compare(a_m, b_m, difference="absolute", alternative="greater"), 20000)),
-        ("sequential_compare Ratio, relative, greater",
-         per_call_us(lambda: sequential_compare(a_r, b_r, alternative="greater"), 20000)),
+        (
+            "sequential_compare Proportion, relative, two-sided",
+            per_call_us(lambda: sequential_compare(a_p, b_p), 20000),
+        ),
+        (
+            "sequential_compare Mean, absolute, greater",
+            per_call_us(lambda: sequential_compare(a_m, b_m, difference="absolute", alternative="greater"), 20000),
+        ),
+        (
+            "sequential_compare Ratio, relative, greater",
+            per_call_us(lambda: sequential_compare(a_r, b_r, alternative="greater"), 20000),
+        ),
         ("GuardrailMonitor.update Proportion", per_call_us(lambda: monitor.update(a_p, b_p), 20000)),
         ("srm_test 2 arms", per_call_us(lambda: srm_test([505_000, 495_000], [0.5, 0.5]), 2000)),
         ("quantile_compare p95, 302-bin histograms", per_call_us(lambda: quantile_compare(h_a, h_b), 500)),

@@ -1,4 +1,4 @@
-"""``safeswap bench``: the pipeline's throughput, scaling, decision latency and memory (issue #9).
+"""``safeswap bench``: the pipeline's throughput, scaling, decision latency and memory.
 
 Every figure is printed next to baselines measured in the same run on the same
 broker and the same events, because the machines this runs on are noisy:
@@ -54,17 +54,26 @@ import tempfile
 import time
 import uuid
 import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Callable, Iterator, Optional
+from typing import Annotated, Any
 
 import typer
 
 T0 = 1_700_000_000_000
 WORDS = ["alpha", "beta", "gamma", "delta", "kafka", "faust", "token", "model", "prompt", "answer"]
 TRACE, FEEDBACK = "trace", "feedback"  # the same names as safeswap.outcomes (not imported: keep this light)
-JSON_KEYS = ("pipeline_eps", "bare_faust_eps", "raw_aiokafka_eps", "pipeline_vs_bare_faust", "two_workers_vs_one",
-             "decision_latency_p50_s", "decision_latency_p99_s", "rss_mb_per_100k_users")
+JSON_KEYS = (
+    "pipeline_eps",
+    "bare_faust_eps",
+    "raw_aiokafka_eps",
+    "pipeline_vs_bare_faust",
+    "two_workers_vs_one",
+    "decision_latency_p50_s",
+    "decision_latency_p99_s",
+    "rss_mb_per_100k_users",
+)
 MEAN_STEP_MS = 20.5  # make_events advances event time by 1..40 ms per trace
 
 
@@ -73,8 +82,15 @@ def _texts(rng: random.Random, text_chars: int, count: int = 2048) -> list[str]:
     return [" ".join(rng.choice(WORDS) for _ in range(text_chars // 5))[:text_chars] for _ in range(count)]
 
 
-def iter_events(n_events: int, users: int, seed: int = 1, text_chars: int = 500, t0: int = T0,
-                feedback_share: float = 0.3, rollout_id: str = "bench") -> Iterator[tuple[str, str, bytes]]:
+def iter_events(
+    n_events: int,
+    users: int,
+    seed: int = 1,
+    text_chars: int = 500,
+    t0: int = T0,
+    feedback_share: float = 0.3,
+    rollout_id: str = "bench",
+) -> Iterator[tuple[str, str, bytes]]:
     """(source, user_id, raw bytes) in event-time order: each user sends requests 20-200 s apart on average
     (``users`` distinct ids drawn at random); ``feedback_share`` of traces get one feedback event 2 s later."""
     from schemas import FeedbackEvent, TraceEvent, encode
@@ -89,18 +105,45 @@ def iter_events(n_events: int, users: int, seed: int = 1, text_chars: int = 500,
         user = f"user-{rng.randrange(users)}"
         variant = "candidate" if zlib.crc32(user.encode()) & 1 else "control"
         text = texts[rng.randrange(len(texts))]
-        trace = TraceEvent(event_id=f"e{i}", ts=ts, rollout_id=rollout_id, variant=variant, user_id=user,
-                           session_id="s", trace_id=f"t{i}", prompt_version="p", model_version="m",
-                           latency_ms=rng.lognormvariate(6, .5), input_tokens=100, output_tokens=200, cost_usd=0.001,
-                           cache_hit=rng.random() < .3, prompt_text=prompts[rng.randrange(len(prompts))],
-                           response_text=text)
+        trace = TraceEvent(
+            event_id=f"e{i}",
+            ts=ts,
+            rollout_id=rollout_id,
+            variant=variant,
+            user_id=user,
+            session_id="s",
+            trace_id=f"t{i}",
+            prompt_version="p",
+            model_version="m",
+            latency_ms=rng.lognormvariate(6, 0.5),
+            input_tokens=100,
+            output_tokens=200,
+            cost_usd=0.001,
+            cache_hit=rng.random() < 0.3,
+            prompt_text=prompts[rng.randrange(len(prompts))],
+            response_text=text,
+        )
         yield TRACE, user, encode(trace)
         made += 1
         if made < n_events and rng.random() < feedback_share:
             kind = rng.choice(["thumbs_down", "thumbs_up", "edit", "retry", "copy"])
-            yield FEEDBACK, user, encode(FeedbackEvent(
-                event_id=f"f{i}", ts=ts + 2000, trace_id=f"t{i}", user_id=user, session_id="s", rollout_id=rollout_id,
-                variant=variant, kind=kind, final_text=text[:300] + " edited" if kind == "edit" else None))
+            yield (
+                FEEDBACK,
+                user,
+                encode(
+                    FeedbackEvent(
+                        event_id=f"f{i}",
+                        ts=ts + 2000,
+                        trace_id=f"t{i}",
+                        user_id=user,
+                        session_id="s",
+                        rollout_id=rollout_id,
+                        variant=variant,
+                        kind=kind,
+                        final_text=text[:300] + " edited" if kind == "edit" else None,
+                    )
+                ),
+            )
             made += 1
         i += 1
         ts += rng.randint(1, 40)
@@ -122,7 +165,7 @@ def active_users(events: list[tuple[str, str, bytes]], hold_ms: int) -> int:
     return sum(1 for index in last.values() if index >= cutoff)
 
 
-BARE_APP = '''
+BARE_APP = """
 import faust, sys, time
 topic_name, total, broker, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
 app = faust.App("bare-" + str(int(time.time())), broker="kafka://" + broker, store="memory://", web_enabled=False,
@@ -144,7 +187,7 @@ from faust.worker import Worker
 worker = Worker(app, loglevel="warn", quiet=True)
 worker.spinner = None
 worker.execute_from_commandline()
-'''
+"""
 
 
 # -- small helpers --------------------------------------------------------------------------
@@ -216,8 +259,9 @@ async def produce(bootstrap: str, settings, events, *, rate: float = 0.0) -> flo
     """Produce (source, user, raw) to <prefix>.traces/.feedback keyed by user_id; returns the seconds taken."""
     from aiokafka import AIOKafkaProducer
 
-    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=512 * 1024,
-                                max_request_size=4 * 1024 * 1024)
+    producer = AIOKafkaProducer(
+        bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=512 * 1024, max_request_size=4 * 1024 * 1024
+    )
     await producer.start()
     topics = {TRACE: settings.topic("traces"), FEEDBACK: settings.topic("feedback")}
     start = time.perf_counter()
@@ -240,14 +284,22 @@ async def raw_aiokafka_eps(bootstrap: str, settings, total: int) -> float:
 
     from schemas import FeedbackEvent, TraceEvent, decode
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False,
-                                fetch_max_bytes=16 * 1024 * 1024, max_partition_fetch_bytes=4 * 1024 * 1024)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=None,
+        enable_auto_commit=False,
+        fetch_max_bytes=16 * 1024 * 1024,
+        max_partition_fetch_bytes=4 * 1024 * 1024,
+    )
     await consumer.start()
     try:
         await consumer.topics()
         traces = settings.topic("traces")
-        tps = [TopicPartition(t, p) for t in (traces, settings.topic("feedback"))
-               for p in sorted(consumer.partitions_for_topic(t))]
+        tps = [
+            TopicPartition(t, p)
+            for t in (traces, settings.topic("feedback"))
+            for p in sorted(consumer.partitions_for_topic(t))
+        ]
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         seen, start = 0, None
@@ -267,10 +319,17 @@ async def raw_aiokafka_eps(bootstrap: str, settings, total: int) -> float:
 
 def bare_faust_eps(bootstrap: str, settings, total: int, tmp: Path, timeout_s: float) -> float:
     out, script = tmp / "bare.txt", tmp / "bare.py"
-    script.write_text(BARE_APP.replace("topic = app.topic(topic_name,",
-                                       "topic = app.topic(topic_name, topic_name.replace('traces', 'feedback'),"))
-    bare = subprocess.Popen([sys.executable, str(script), settings.topic("traces"), str(total), bootstrap, str(out)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    script.write_text(
+        BARE_APP.replace(
+            "topic = app.topic(topic_name,", "topic = app.topic(topic_name, topic_name.replace('traces', 'feedback'),"
+        )
+    )
+    bare = subprocess.Popen(
+        [sys.executable, str(script), settings.topic("traces"), str(total), bootstrap, str(out)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + timeout_s
         while not out.exists() and time.monotonic() < deadline and bare.poll() is None:
@@ -305,12 +364,13 @@ class StatsTail:
                 per_partition[partition] = max(per_partition.get(partition, 0), seq)
         return sum(per_partition.values())
 
-    async def start(self) -> "StatsTail":
+    async def start(self) -> StatsTail:
         from aiokafka import AIOKafkaConsumer, TopicPartition
 
         topic = self.settings.topic("stats")
-        self._consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False,
-                                          fetch_max_wait_ms=100)
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self.bootstrap, group_id=None, enable_auto_commit=False, fetch_max_wait_ms=100
+        )
         await self._consumer.start()
         await self._consumer.topics()
         tps = [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic))]
@@ -359,8 +419,9 @@ async def sink_offsets(bootstrap: str, settings) -> int:
     Read with ``committed()`` of an unsubscribed consumer: it never joins (or disturbs) the group."""
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
-    consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=f"{settings.app_id}.sink",
-                                enable_auto_commit=False)
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=f"{settings.app_id}.sink", enable_auto_commit=False
+    )
     await consumer.start()
     try:
         total = 0
@@ -379,8 +440,11 @@ async def end_offsets(bootstrap: str, settings) -> int:
     consumer = AIOKafkaConsumer(bootstrap_servers=bootstrap, group_id=None, enable_auto_commit=False)
     await consumer.start()
     try:
-        tps = [TopicPartition(t, p) for t in (settings.topic("traces"), settings.topic("feedback"))
-               for p in range(settings.partitions)]
+        tps = [
+            TopicPartition(t, p)
+            for t in (settings.topic("traces"), settings.topic("feedback"))
+            for p in range(settings.partitions)
+        ]
         return sum((await consumer.end_offsets(tps)).values())
     finally:
         await consumer.stop()
@@ -406,27 +470,43 @@ def wait_joined(workers: list, partitions: int, timeout_s: float) -> float:
 # -- phases ---------------------------------------------------------------------------------
 def pipeline_settings(base, bootstrap: str, tmp: Path, name: str):
     suffix = uuid.uuid4().hex[:6]
-    return base.replace(broker=bootstrap, topic_prefix=f"bench-{name}-{suffix}", app_id=f"bench-{name}-{suffix}",
-                        state_dir=str(tmp / f"state-{name}"), data_dir=str(tmp / f"data-{name}"), log_level="warn")
+    return base.replace(
+        broker=bootstrap,
+        topic_prefix=f"bench-{name}-{suffix}",
+        app_id=f"bench-{name}-{suffix}",
+        state_dir=str(tmp / f"state-{name}"),
+        data_dir=str(tmp / f"data-{name}"),
+        log_level="warn",
+    )
 
 
 def bench_plan(rollout_id: str, min_users: int = 100):
     """A live canary the controller evaluates on every snapshot and never promotes or rolls back by itself."""
     from schemas import GuardrailSpec, RolloutPlan, StageSpec
 
-    return RolloutPlan(rollout_id=rollout_id, stakes="low", min_users_per_arm=min_users,
-                       stages=[StageSpec(name="canary", percent=50, min_users_per_arm=10 ** 9)],
-                       guardrails=[GuardrailSpec(metric="thumbs_down_rate", max_relative_increase=100.0),
-                                   GuardrailSpec(metric="error_rate", max_absolute_increase=0.5)])
+    return RolloutPlan(
+        rollout_id=rollout_id,
+        stakes="low",
+        min_users_per_arm=min_users,
+        stages=[StageSpec(name="canary", percent=50, min_users_per_arm=10**9)],
+        guardrails=[
+            GuardrailSpec(metric="thumbs_down_rate", max_relative_increase=100.0),
+            GuardrailSpec(metric="error_rate", max_absolute_increase=0.5),
+        ],
+    )
 
 
 def crossing_plan(rollout_id: str, min_users: int):
     """Canary 50%; no verdict below ``min_users`` per arm; error_rate +0.05 absolute rolls back."""
     from schemas import GuardrailSpec, RolloutPlan, StageSpec
 
-    return RolloutPlan(rollout_id=rollout_id, stakes="low", min_users_per_arm=min_users,
-                       stages=[StageSpec(name="canary", percent=50, min_users_per_arm=10 ** 9)],
-                       guardrails=[GuardrailSpec(metric="error_rate", max_absolute_increase=0.05, action="rollback")])
+    return RolloutPlan(
+        rollout_id=rollout_id,
+        stakes="low",
+        min_users_per_arm=min_users,
+        stages=[StageSpec(name="canary", percent=50, min_users_per_arm=10**9)],
+        guardrails=[GuardrailSpec(metric="error_rate", max_absolute_increase=0.05, action="rollback")],
+    )
 
 
 async def publish_plans(bootstrap: str, settings, plans) -> None:
@@ -447,8 +527,9 @@ async def publish_plans(bootstrap: str, settings, plans) -> None:
 MEASURE_FROM = 0.6  # the throughput window: from the statistics covering 60% of the events to 100%
 
 
-async def _measure_pipeline(bootstrap: str, settings, events, workers: list, say: Callable[[str], None],
-                            timeout_s: float, sample_rss: bool) -> dict[str, Any]:
+async def _measure_pipeline(
+    bootstrap: str, settings, events, workers: list, say: Callable[[str], None], timeout_s: float, sample_rss: bool
+) -> dict[str, Any]:
     total = len(events)
     tail = await StatsTail(bootstrap, settings).start()
     # Every run is timed over the same events, the last 40%: the state and the work per
@@ -460,8 +541,10 @@ async def _measure_pipeline(bootstrap: str, settings, events, workers: list, say
         rss_empty = [rss_mb(w.pid) for w in workers]
         produce_s = await produce(bootstrap, settings, events)
         t_start, done_start = time.perf_counter(), tail.done()
-        say(f"  produced {total:,} events in {produce_s:.1f} s ({total / produce_s:,.0f}/s); "
-            f"{done_start:,} already processed; timing the events from {max(window_from, done_start):,} on")
+        say(
+            f"  produced {total:,} events in {produce_s:.1f} s ({total / produce_s:,.0f}/s); "
+            f"{done_start:,} already processed; timing the events from {max(window_from, done_start):,} on"
+        )
         curve = []
         deadline = time.monotonic() + timeout_s
         last_report = 0.0
@@ -498,13 +581,30 @@ async def _measure_pipeline(bootstrap: str, settings, events, workers: list, say
         rss_after = [rss_mb(w.pid) for w in workers]
     finally:
         await tail.stop()
-    return {"eps": eps, "window_s": t_end - t_start, "events_in_window": total - done_start,
-            "produce_s": produce_s, "sinks_after_s": sink_done_s, "rss_empty_mb": rss_empty,
-            "rss_after_mb": rss_after, "curve": curve}
+    return {
+        "eps": eps,
+        "window_s": t_end - t_start,
+        "events_in_window": total - done_start,
+        "produce_s": produce_s,
+        "sinks_after_s": sink_done_s,
+        "rss_empty_mb": rss_empty,
+        "rss_after_mb": rss_after,
+        "curve": curve,
+    }
 
 
-def run_pipeline(base, bootstrap: str, tmp: Path, name: str, events, n_workers: int, say, timeout_s: float,
-                 sample_rss: bool = False, keep_worker: bool = False):
+def run_pipeline(
+    base,
+    bootstrap: str,
+    tmp: Path,
+    name: str,
+    events,
+    n_workers: int,
+    say,
+    timeout_s: float,
+    sample_rss: bool = False,
+    keep_worker: bool = False,
+):
     """Workers join on empty topics, then the events are produced and the rate measured."""
     from streams.process import WorkerProcess
     from streams.topics import ensure_topics
@@ -535,10 +635,27 @@ def run_pipeline(base, bootstrap: str, tmp: Path, name: str, events, n_workers: 
 def _trace(rollout_id: str, user: str, variant: str, error: bool, ts: int, event_id: str) -> bytes:
     from schemas import TraceEvent, encode
 
-    return encode(TraceEvent(event_id=event_id, ts=ts, rollout_id=rollout_id, variant=variant, user_id=user,
-                             session_id=user, trace_id=event_id, prompt_version="p", model_version="m",
-                             latency_ms=250.0, input_tokens=100, output_tokens=120, cost_usd=0.001, cache_hit=False,
-                             error="timeout" if error else "none", prompt_text="question", response_text="answer"))
+    return encode(
+        TraceEvent(
+            event_id=event_id,
+            ts=ts,
+            rollout_id=rollout_id,
+            variant=variant,
+            user_id=user,
+            session_id=user,
+            trace_id=event_id,
+            prompt_version="p",
+            model_version="m",
+            latency_ms=250.0,
+            input_tokens=100,
+            output_tokens=120,
+            cost_usd=0.001,
+            cache_hit=False,
+            error="timeout" if error else "none",
+            prompt_text="question",
+            response_text="answer",
+        )
+    )
 
 
 def _pick_users(salt: str, prefix: str, n_control: int, n_candidate: int) -> tuple[list[str], list[str]]:
@@ -556,8 +673,9 @@ def _pick_users(salt: str, prefix: str, n_control: int, n_candidate: int) -> tup
     return control, candidate
 
 
-async def _background(bootstrap: str, settings, rate: float, users: int, text_chars: int, stop: asyncio.Event,
-                      counter: dict) -> None:
+async def _background(
+    bootstrap: str, settings, rate: float, users: int, text_chars: int, stop: asyncio.Event, counter: dict
+) -> None:
     """Events at ``rate``/s on rollout bench-bg, in current event time, until ``stop``."""
     from aiokafka import AIOKafkaProducer
 
@@ -577,17 +695,44 @@ async def _background(bootstrap: str, settings, rate: float, users: int, text_ch
                 user = f"bg-{rng.randrange(users)}"
                 variant = "candidate" if zlib.crc32(user.encode()) & 1 else "control"
                 text = texts[rng.randrange(len(texts))]
-                trace = TraceEvent(event_id=f"bg{i}", ts=now, rollout_id="bench-bg", variant=variant, user_id=user,
-                                   session_id=user, trace_id=f"bg{i}", prompt_version="p", model_version="m",
-                                   latency_ms=300.0, input_tokens=100, output_tokens=200, cost_usd=0.001,
-                                   cache_hit=False, prompt_text="question", response_text=text)
+                trace = TraceEvent(
+                    event_id=f"bg{i}",
+                    ts=now,
+                    rollout_id="bench-bg",
+                    variant=variant,
+                    user_id=user,
+                    session_id=user,
+                    trace_id=f"bg{i}",
+                    prompt_version="p",
+                    model_version="m",
+                    latency_ms=300.0,
+                    input_tokens=100,
+                    output_tokens=200,
+                    cost_usd=0.001,
+                    cache_hit=False,
+                    prompt_text="question",
+                    response_text=text,
+                )
                 await producer.send(traces, encode(trace), key=user.encode())
                 sent += 1
                 due -= 1
                 if due > 0 and rng.random() < 0.3:
-                    await producer.send(feedback, encode(FeedbackEvent(
-                        event_id=f"bgf{i}", ts=now + 1, trace_id=f"bg{i}", user_id=user, session_id=user,
-                        rollout_id="bench-bg", variant=variant, kind="thumbs_up")), key=user.encode())
+                    await producer.send(
+                        feedback,
+                        encode(
+                            FeedbackEvent(
+                                event_id=f"bgf{i}",
+                                ts=now + 1,
+                                trace_id=f"bg{i}",
+                                user_id=user,
+                                session_id=user,
+                                rollout_id="bench-bg",
+                                variant=variant,
+                                kind="thumbs_up",
+                            )
+                        ),
+                        key=user.encode(),
+                    )
                     sent += 1
                     due -= 1
                 i += 1
@@ -633,29 +778,41 @@ async def _latency(bootstrap: str, settings, cfg: BenchConfig, say) -> dict[str,
         while any(flags.decision(r) is None for r in trials) and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         if cfg.background_eps > 0:
-            background = asyncio.create_task(_background(bootstrap, settings, cfg.background_eps, cfg.users,
-                                                         cfg.text_chars, stop, counter))
+            background = asyncio.create_task(
+                _background(bootstrap, settings, cfg.background_eps, cfg.users, cfg.text_chars, stop, counter)
+            )
         await asyncio.sleep(3.0)  # the background reaches its rate
         now = int(time.time() * 1000)
         for rid in trials:  # N control users (20% errors), N-1 candidate users (80% errors)
             control, candidate = users[rid]
             for k, user in enumerate(control):
-                await producer.send(settings.topic("traces"), _trace(rid, user, "control", k % 5 == 0, now, f"{user}-t"),
-                                    key=user.encode())
+                await producer.send(
+                    settings.topic("traces"),
+                    _trace(rid, user, "control", k % 5 == 0, now, f"{user}-t"),
+                    key=user.encode(),
+                )
             for k, user in enumerate(candidate[:-1]):
-                await producer.send(settings.topic("traces"), _trace(rid, user, "candidate", k % 5 != 0, now, f"{user}-t"),
-                                    key=user.encode())
+                await producer.send(
+                    settings.topic("traces"),
+                    _trace(rid, user, "candidate", k % 5 != 0, now, f"{user}-t"),
+                    key=user.encode(),
+                )
         await producer.flush()
         deadline = time.monotonic() + 60
         expected = {"control": n, "candidate": n - 1}
         while time.monotonic() < deadline:
-            ready = sum(1 for r in trials if (s := watcher.latest.get(r)) is not None
-                        and all(s.users.get(v, 0) >= c for v, c in expected.items()))
+            ready = sum(
+                1
+                for r in trials
+                if (s := watcher.latest.get(r)) is not None and all(s.users.get(v, 0) >= c for v, c in expected.items())
+            )
             if ready == len(trials):
                 break
             await asyncio.sleep(0.2)
-        say(f"  {len(trials)} rollouts registered and primed with {n} control / {n - 1} candidate users; "
-            f"background {cfg.background_eps:,.0f} events/s")
+        say(
+            f"  {len(trials)} rollouts registered and primed with {n} control / {n - 1} candidate users; "
+            f"background {cfg.background_eps:,.0f} events/s"
+        )
         rng = random.Random(3)
         lag_samples = []
         for index, rid in enumerate(trials):
@@ -695,14 +852,20 @@ async def _latency(bootstrap: str, settings, cfg: BenchConfig, say) -> dict[str,
         await watcher.stop()
         await flags.stop()
     achieved = counter["sent"] / counter["seconds"] if counter.get("seconds") else 0.0
-    return {"latencies": latencies, "failures": failures, "background_eps_achieved": achieved,
-            "workers": cfg.latency_workers, "snapshot_interval_s": settings.snapshot_interval_s,
-            "event_to_snapshot_p50_s": statistics.median(to_snapshot) if to_snapshot else None,
-            "event_to_snapshot_max_s": max(to_snapshot) if to_snapshot else None,
-            "snapshot_to_flag_p50_s": (statistics.median(latencies) - statistics.median(to_snapshot)
-                                       if to_snapshot and latencies else None),
-            "background_lag_events_max": max(lag_samples) if lag_samples else None,
-            "background_lag_events_median": statistics.median(lag_samples) if lag_samples else None}
+    return {
+        "latencies": latencies,
+        "failures": failures,
+        "background_eps_achieved": achieved,
+        "workers": cfg.latency_workers,
+        "snapshot_interval_s": settings.snapshot_interval_s,
+        "event_to_snapshot_p50_s": statistics.median(to_snapshot) if to_snapshot else None,
+        "event_to_snapshot_max_s": max(to_snapshot) if to_snapshot else None,
+        "snapshot_to_flag_p50_s": (
+            statistics.median(latencies) - statistics.median(to_snapshot) if to_snapshot and latencies else None
+        ),
+        "background_lag_events_max": max(lag_samples) if lag_samples else None,
+        "background_lag_events_median": statistics.median(lag_samples) if lag_samples else None,
+    }
 
 
 # -- long RSS curve -------------------------------------------------------------------------
@@ -725,8 +888,14 @@ async def _rss_curve(bootstrap: str, settings, worker, cfg: BenchConfig, say) ->
     sampler = asyncio.create_task(sample())
     try:
         chunk = 200_000
-        generator = iter_events(cfg.rss_events, cfg.users, seed=cfg.seed + 1, text_chars=cfg.text_chars, t0=start_ts,
-                                feedback_share=cfg.feedback_share)
+        generator = iter_events(
+            cfg.rss_events,
+            cfg.users,
+            seed=cfg.seed + 1,
+            text_chars=cfg.text_chars,
+            t0=start_ts,
+            feedback_share=cfg.feedback_share,
+        )
         produced = 0
         while produced < cfg.rss_events:
             batch = [e for _, e in zip(range(chunk), generator)]
@@ -749,8 +918,9 @@ async def _rss_curve(bootstrap: str, settings, worker, cfg: BenchConfig, say) ->
 
 
 # -- the whole run --------------------------------------------------------------------------
-def run_bench(cfg: BenchConfig, broker: str | None = None, say: Callable[[str], None] | None = None,
-              base_settings=None) -> dict[str, Any]:
+def run_bench(
+    cfg: BenchConfig, broker: str | None = None, say: Callable[[str], None] | None = None, base_settings=None
+) -> dict[str, Any]:
     from streams.broker import EmbeddedBroker
     from streams.settings import Settings
     from streams.topics import ensure_topics
@@ -766,12 +936,22 @@ def run_bench(cfg: BenchConfig, broker: str | None = None, say: Callable[[str], 
         else:
             bootstrap, broker_name = stack.enter_context(EmbeddedBroker()).bootstrap, "embedded Tansu"
         details["broker"] = broker_name
-        say(f"broker {broker_name} at {bootstrap}; generating {cfg.events:,} events, {cfg.users:,} users, "
-            f"{cfg.text_chars}-char responses, {cfg.feedback_share:.0%} of traces with feedback")
+        say(
+            f"broker {broker_name} at {bootstrap}; generating {cfg.events:,} events, {cfg.users:,} users, "
+            f"{cfg.text_chars}-char responses, {cfg.feedback_share:.0%} of traces with feedback"
+        )
         now = int(time.time() * 1000)
         t0 = now - int(cfg.events / (1 + cfg.feedback_share) * MEAN_STEP_MS) - 120_000
-        events = list(iter_events(cfg.events, cfg.users, seed=cfg.seed, text_chars=cfg.text_chars, t0=t0,
-                                  feedback_share=cfg.feedback_share))
+        events = list(
+            iter_events(
+                cfg.events,
+                cfg.users,
+                seed=cfg.seed,
+                text_chars=cfg.text_chars,
+                t0=t0,
+                feedback_share=cfg.feedback_share,
+            )
+        )
         details["event_bytes_mean"] = round(sum(len(raw) for _, _, raw in events) / len(events))
 
         # 1. baselines over the same events: raw aiokafka, then a bare Faust agent
@@ -795,14 +975,17 @@ def run_bench(cfg: BenchConfig, broker: str | None = None, say: Callable[[str], 
         def latency_phase(settings) -> dict | None:
             if "latency" in cfg.skip or cfg.trials <= 0:
                 return None
-            say(f"decision latency: {cfg.trials} trials on {cfg.latency_workers} worker(s), "
-                f"background {cfg.background_eps:,.0f} events/s")
+            say(
+                f"decision latency: {cfg.trials} trials on {cfg.latency_workers} worker(s), "
+                f"background {cfg.background_eps:,.0f} events/s"
+            )
             return asyncio.run(_latency(bootstrap, settings, cfg, say))
 
         # 2. one worker: throughput, RSS before/after; kept for the latency trials (and the RSS curve)
         say("pipeline, 1 worker: starting")
-        one, one_settings, workers = run_pipeline(base, bootstrap, tmp, "one", events, 1, say, cfg.phase_timeout_s,
-                                                  sample_rss=True, keep_worker=True)
+        one, one_settings, workers = run_pipeline(
+            base, bootstrap, tmp, "one", events, 1, say, cfg.phase_timeout_s, sample_rss=True, keep_worker=True
+        )
         latency = curve = None
         try:
             say(f"pipeline, 1 worker: {one['eps']:,.0f} events/s")
@@ -827,8 +1010,9 @@ def run_bench(cfg: BenchConfig, broker: str | None = None, say: Callable[[str], 
         if "two" not in cfg.skip:
             say("pipeline, 2 workers: starting")
             keep = cfg.latency_workers == 2
-            two, two_settings, kept = run_pipeline(base, bootstrap, tmp, "two", events, 2, say, cfg.phase_timeout_s,
-                                                   keep_worker=keep)
+            two, two_settings, kept = run_pipeline(
+                base, bootstrap, tmp, "two", events, 2, say, cfg.phase_timeout_s, keep_worker=keep
+            )
             say(f"pipeline, 2 workers: {two['eps']:,.0f} events/s")
             if keep:
                 try:
@@ -850,14 +1034,16 @@ def run_bench(cfg: BenchConfig, broker: str | None = None, say: Callable[[str], 
         "decision_latency_p99_s": round(pct(lat, 0.99), 3) if lat else None,
         "rss_mb_per_100k_users": round(rss_delta / held * 100_000, 1) if held else None,
     }
-    details.update({
-        "one_worker": {k: v for k, v in one.items() if k != "curve"},
-        "rss_curve_one_worker": one["curve"][:: max(1, len(one["curve"]) // 20)],
-        "two_workers": two,
-        "latency": latency,
-        "long_rss_curve": curve,
-        "seconds": round(time.monotonic() - started, 1),
-    })
+    details.update(
+        {
+            "one_worker": {k: v for k, v in one.items() if k != "curve"},
+            "rss_curve_one_worker": one["curve"][:: max(1, len(one["curve"]) // 20)],
+            "two_workers": two,
+            "latency": latency,
+            "long_rss_curve": curve,
+            "seconds": round(time.monotonic() - started, 1),
+        }
+    )
     return {"result": result, "details": details}
 
 
@@ -892,18 +1078,24 @@ def table_lines(out: dict[str, Any]) -> list[str]:
         f"{'  vs raw aiokafka':<34} {_fmt(r['pipeline_eps'] / r['raw_aiokafka_eps'] if r['raw_aiokafka_eps'] else None):>12}",
     ]
     if two:
-        lines += [f"{'pipeline, 2 workers':<34} {round(two['eps']):>12,} events/s",
-                  f"{'  2 workers vs 1':<34} {_fmt(r['two_workers_vs_one']):>12}  {target('two_workers_vs_one')}"]
+        lines += [
+            f"{'pipeline, 2 workers':<34} {round(two['eps']):>12,} events/s",
+            f"{'  2 workers vs 1':<34} {_fmt(r['two_workers_vs_one']):>12}  {target('two_workers_vs_one')}",
+        ]
     if lat:
-        lines += [f"{'decision latency p50':<34} {_fmt(r['decision_latency_p50_s']):>12} s  "
-                  f"{len(lat['latencies'])} trials ok, {len(lat['failures'])} over {d['config']['trial_timeout_s']:g} s, "
-                  f"{lat['workers']} worker(s), snapshots every {lat['snapshot_interval_s']:g} s, background "
-                  f"{lat['background_eps_achieved']:,.0f} events/s",
-                  f"{'decision latency p99':<34} {_fmt(r['decision_latency_p99_s']):>12} s  {target('decision_latency_p99_s')}; "
-                  f"background lag max {lat['background_lag_events_max']} events"]
-    lines.append(f"{'worker RSS per 100k active users':<34} {_fmt(r['rss_mb_per_100k_users']):>12} MB  "
-                 f"({one['rss_empty_mb'][0]:.0f} MB empty -> {one['rss_after_mb'][0]:.0f} MB, "
-                 f"{d['users_active']:,} users held)")
+        lines += [
+            f"{'decision latency p50':<34} {_fmt(r['decision_latency_p50_s']):>12} s  "
+            f"{len(lat['latencies'])} trials ok, {len(lat['failures'])} over {d['config']['trial_timeout_s']:g} s, "
+            f"{lat['workers']} worker(s), snapshots every {lat['snapshot_interval_s']:g} s, background "
+            f"{lat['background_eps_achieved']:,.0f} events/s",
+            f"{'decision latency p99':<34} {_fmt(r['decision_latency_p99_s']):>12} s  {target('decision_latency_p99_s')}; "
+            f"background lag max {lat['background_lag_events_max']} events",
+        ]
+    lines.append(
+        f"{'worker RSS per 100k active users':<34} {_fmt(r['rss_mb_per_100k_users']):>12} MB  "
+        f"({one['rss_empty_mb'][0]:.0f} MB empty -> {one['rss_after_mb'][0]:.0f} MB, "
+        f"{d['users_active']:,} users held)"
+    )
     return lines
 
 
@@ -918,21 +1110,48 @@ def _fmt(value: Any) -> str:
 def register(app) -> None:
     @app.command()
     def bench(
-        broker: Annotated[Optional[str], typer.Option("--broker", help="Kafka bootstrap host:port; default: the embedded broker.")] = None,
+        broker: Annotated[
+            str | None, typer.Option("--broker", help="Kafka bootstrap host:port; default: the embedded broker.")
+        ] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")] = False,
-        events: Annotated[int, typer.Option(help="Events for the throughput runs (the default spans ~105 min of event time, so sessions close and outcome records flow while it is measured).", min=100)] = 400_000,
+        events: Annotated[
+            int,
+            typer.Option(
+                help="Events for the throughput runs (the default spans ~105 min of event time, so sessions close and outcome records flow while it is measured).",
+                min=100,
+            ),
+        ] = 400_000,
         users: Annotated[int, typer.Option(help="Distinct users in the events.", min=10)] = 100_000,
         trials: Annotated[int, typer.Option(help="Decision-latency trials (0: skip).", min=0)] = 30,
-        background_eps: Annotated[float, typer.Option("--background-eps", help="Background events/s during the latency trials.", min=0)] = 5000.0,
-        rss_events: Annotated[int, typer.Option("--rss-events", help="Also stream this many events through the worker and print its RSS curve (e.g. 10000000).", min=0)] = 0,
-        latency_workers: Annotated[int, typer.Option("--latency-workers", help="Workers serving the latency trials.", min=1, max=2)] = 1,
-        details: Annotated[bool, typer.Option("--details", help="Put every measurement in the JSON, not only the contract keys.")] = False,
+        background_eps: Annotated[
+            float, typer.Option("--background-eps", help="Background events/s during the latency trials.", min=0)
+        ] = 5000.0,
+        rss_events: Annotated[
+            int,
+            typer.Option(
+                "--rss-events",
+                help="Also stream this many events through the worker and print its RSS curve (e.g. 10000000).",
+                min=0,
+            ),
+        ] = 0,
+        latency_workers: Annotated[
+            int, typer.Option("--latency-workers", help="Workers serving the latency trials.", min=1, max=2)
+        ] = 1,
+        details: Annotated[
+            bool, typer.Option("--details", help="Put every measurement in the JSON, not only the contract keys.")
+        ] = False,
     ) -> None:
         """Throughput, scaling, decision latency and memory of the pipeline, with same-run baselines (docs/performance.md)."""
         from safeswap.cli import settings_from
 
-        cfg = BenchConfig(events=events, users=users, trials=trials, background_eps=background_eps, rss_events=rss_events,
-                          latency_workers=latency_workers)
+        cfg = BenchConfig(
+            events=events,
+            users=users,
+            trials=trials,
+            background_eps=background_eps,
+            rss_events=rss_events,
+            latency_workers=latency_workers,
+        )
         settings = settings_from(broker)
         out = run_bench(cfg, broker=settings.broker or None, say=Reporter(), base_settings=settings)
         for line in table_lines(out):

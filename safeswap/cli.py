@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -35,18 +35,25 @@ app.add_typer(plan_app, name="plan")
 err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
 
 BrokerOption = Annotated[
-    Optional[str],
-    typer.Option("--broker", help="Kafka bootstrap host:port (env SAFESWAP_BROKER); required: `safeswap dev` runs "
-                                  "a local broker and worker and prints it."),
+    str | None,
+    typer.Option(
+        "--broker",
+        help="Kafka bootstrap host:port (env SAFESWAP_BROKER); required: `safeswap dev` runs "
+        "a local broker and worker and prints it.",
+    ),
 ]
 # demo and simulate bring their own broker when none is given.
 OwnBrokerOption = Annotated[
-    Optional[str],
-    typer.Option("--broker", help="Kafka bootstrap host:port (env SAFESWAP_BROKER); empty: start the embedded "
-                                  "broker for this run."),
+    str | None,
+    typer.Option(
+        "--broker",
+        help="Kafka bootstrap host:port (env SAFESWAP_BROKER); empty: start the embedded broker for this run.",
+    ),
 ]
-NO_BROKER = ("no broker: set SAFESWAP_BROKER=host:port or pass --broker (`safeswap dev` runs a local broker and "
-             "worker without Docker and prints the address)")
+NO_BROKER = (
+    "no broker: set SAFESWAP_BROKER=host:port or pass --broker (`safeswap dev` runs a local broker and "
+    "worker without Docker and prints the address)"
+)
 
 
 class UserError(Exception):
@@ -70,7 +77,7 @@ def demo(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")] = False,
     users: Annotated[int, typer.Option(help="Simulated users at most.", min=100)] = 20_000,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.", min=5)] = 85.0,
-    data: Annotated[Optional[str], typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
 ) -> None:
     """Run the whole loop on the embedded broker: events in, rollback decision out."""
     from safeswap.demo import run_demo
@@ -92,7 +99,7 @@ def demo(
 @app.command()
 def dev(
     port: Annotated[int, typer.Option(help="Loopback port of the embedded broker.", min=1, max=65535)] = 9092,
-    data: Annotated[Optional[str], typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
 ) -> None:
     """Run a local stack without Docker until Ctrl-C: the embedded broker on 127.0.0.1:PORT, the
     topics and a worker; prints the SAFESWAP_BROKER to export for every other command."""
@@ -114,7 +121,7 @@ def dev(
 @app.command()
 def worker(
     broker: BrokerOption = None,
-    log_level: Annotated[Optional[str], typer.Option(help="crit|error|warn|info|debug")] = None,
+    log_level: Annotated[str | None, typer.Option(help="crit|error|warn|info|debug")] = None,
 ) -> None:
     """Run the stream worker (Faust): outcomes, statistics and decide agents."""
     from streams.worker import run_worker
@@ -151,7 +158,9 @@ def topics_create(broker: BrokerOption = None) -> None:
 
 
 @schema_app.command("export")
-def schema_export(directory: Annotated[Path, typer.Argument(help="Folder to write <type>.schema.json files into.")]) -> None:
+def schema_export(
+    directory: Annotated[Path, typer.Argument(help="Folder to write <type>.schema.json files into.")],
+) -> None:
     """Write one JSON Schema per event type into DIRECTORY."""
     from schemas import json_schemas
 
@@ -192,7 +201,9 @@ def _read_gate(path: Path) -> dict:
         lines = [line for line in path.read_text().splitlines() if line.strip()]
         gate = json.loads(lines[-1])
     except (OSError, IndexError, ValueError) as exc:
-        raise UserError(f"{path}: not an eval-gate result ({exc}); use the JSON line of `safeswap eval-gate --json`") from None
+        raise UserError(
+            f"{path}: not an eval-gate result ({exc}); use the JSON line of `safeswap eval-gate --json`"
+        ) from None
     if not isinstance(gate, dict) or "passed" not in gate:
         raise UserError(f"{path}: no 'passed' field; use the JSON line of `safeswap eval-gate --json`")
     return gate
@@ -208,8 +219,10 @@ def plan_validate(
     if json_out:
         print(json.dumps(report.to_dict()))
     elif report.ok:
-        err.print(f"ok: {report.plan.rollout_id} ({len(report.plan.stages)} stages, "
-                  f"{len(report.plan.guardrails)} guardrails, {len(report.warnings)} warnings)")
+        err.print(
+            f"ok: {report.plan.rollout_id} ({len(report.plan.stages)} stages, "
+            f"{len(report.plan.guardrails)} guardrails, {len(report.warnings)} warnings)"
+        )
     if not report.ok:
         raise typer.Exit(2)
 
@@ -236,7 +249,9 @@ def _broker_or_fail(broker: str | None) -> Settings:
 def rollout_start(
     plan: Annotated[Path, typer.Argument(help="Plan file (YAML or JSON).")],
     broker: BrokerOption = None,
-    eval_gate: Annotated[Optional[Path], typer.Option("--eval-gate", help="`safeswap eval-gate --json` output to attach.")] = None,
+    eval_gate: Annotated[
+        Path | None, typer.Option("--eval-gate", help="`safeswap eval-gate --json` output to attach.")
+    ] = None,
     wait: WaitOption = 15.0,
     json_out: JsonOption = False,
 ) -> None:
@@ -248,11 +263,14 @@ def rollout_start(
     the_plan = _plan_or_exit(plan, eval_gate)
     gate = the_plan.eval_gate
     if isinstance(gate, dict) and gate.get("assumed_by"):
-        raise UserError(f"{eval_gate or plan}: rollout {the_plan.rollout_id!r}: eval_gate was assumed by "
-                        f"{gate['assumed_by']} for a rehearsal; attach a real result (safeswap eval-gate --json)")
+        raise UserError(
+            f"{eval_gate or plan}: rollout {the_plan.rollout_id!r}: eval_gate was assumed by "
+            f"{gate['assumed_by']} for a rehearsal; attach a real result (safeswap eval-gate --json)"
+        )
     if the_plan.stakes == "high" and (problem := gate_problem(gate)) is not None:
-        raise UserError(f"{eval_gate or plan}: high-stakes plan {the_plan.rollout_id!r} would wait in registered: "
-                        f"{problem}")
+        raise UserError(
+            f"{eval_gate or plan}: high-stakes plan {the_plan.rollout_id!r} would wait in registered: {problem}"
+        )
     outcome, decision = _run(start_rollout(_broker_or_fail(broker), the_plan, wait))
     _print_decision_result(the_plan.rollout_id, outcome, decision, json_out, wait)
 
@@ -261,14 +279,23 @@ def _print_decision_result(rollout_id: str, outcome: str, decision, json_out: bo
     from safeswap.views import decision_line
 
     if decision is None:
-        err.print(f"{rollout_id}: {outcome}; no decision from a worker within {wait:g} s: is `safeswap worker` running?")
+        err.print(
+            f"{rollout_id}: {outcome}; no decision from a worker within {wait:g} s: is `safeswap worker` running?"
+        )
     else:
         err.print(f"{rollout_id}: {outcome}; {decision_line(decision)}", highlight=False)
     if json_out:
         import msgspec
 
-        print(json.dumps({"rollout_id": rollout_id, "outcome": outcome,
-                          "decision": msgspec.to_builtins(decision) if decision else None}))
+        print(
+            json.dumps(
+                {
+                    "rollout_id": rollout_id,
+                    "outcome": outcome,
+                    "decision": msgspec.to_builtins(decision) if decision else None,
+                }
+            )
+        )
 
 
 def _command(command: str, rollout_id: str, reason: str, broker: str | None, wait: float, json_out: bool) -> None:
@@ -282,22 +309,37 @@ ReasonOption = Annotated[str, typer.Option("--reason", help="Why: recorded in th
 
 
 @rollout_app.command("pause")
-def rollout_pause(rollout_id: str, reason: ReasonOption = "", broker: BrokerOption = None,
-                  wait: WaitOption = 15.0, json_out: JsonOption = False) -> None:
+def rollout_pause(
+    rollout_id: str,
+    reason: ReasonOption = "",
+    broker: BrokerOption = None,
+    wait: WaitOption = 15.0,
+    json_out: JsonOption = False,
+) -> None:
     """Hold the current split until resumed."""
     _command("pause", rollout_id, reason, broker, wait, json_out)
 
 
 @rollout_app.command("resume")
-def rollout_resume(rollout_id: str, reason: ReasonOption = "", broker: BrokerOption = None,
-                   wait: WaitOption = 15.0, json_out: JsonOption = False) -> None:
+def rollout_resume(
+    rollout_id: str,
+    reason: ReasonOption = "",
+    broker: BrokerOption = None,
+    wait: WaitOption = 15.0,
+    json_out: JsonOption = False,
+) -> None:
     """Continue a paused rollout where it stopped."""
     _command("resume", rollout_id, reason, broker, wait, json_out)
 
 
 @rollout_app.command("abort")
-def rollout_abort(rollout_id: str, reason: ReasonOption = "", broker: BrokerOption = None,
-                  wait: WaitOption = 15.0, json_out: JsonOption = False) -> None:
+def rollout_abort(
+    rollout_id: str,
+    reason: ReasonOption = "",
+    broker: BrokerOption = None,
+    wait: WaitOption = 15.0,
+    json_out: JsonOption = False,
+) -> None:
     """Roll back now: control for everyone."""
     _command("abort", rollout_id, reason, broker, wait, json_out)
 
@@ -319,8 +361,15 @@ def rollout_status(rollout_id: str, broker: BrokerOption = None, json_out: JsonO
     for renderable in status_view(status, decision):
         console.print(renderable)
     if json_out:
-        print(json.dumps({"rollout_id": rollout_id, "status": msgspec.to_builtins(status) if status else None,
-                          "decision": msgspec.to_builtins(decision) if decision else None}))
+        print(
+            json.dumps(
+                {
+                    "rollout_id": rollout_id,
+                    "status": msgspec.to_builtins(status) if status else None,
+                    "decision": msgspec.to_builtins(decision) if decision else None,
+                }
+            )
+        )
 
 
 @rollout_app.command("list")
@@ -341,10 +390,12 @@ def rollout_list(broker: BrokerOption = None, json_out: JsonOption = False) -> N
 @app.command()
 def simulate(
     plan: Annotated[Path, typer.Option("--plan", help="Rollout plan (YAML/JSON).")],
-    scenario: Annotated[Path, typer.Option("--scenario", help="Traffic scenario (YAML/JSON): docs/rollouts.md, Rehearsing.")],
+    scenario: Annotated[
+        Path, typer.Option("--scenario", help="Traffic scenario (YAML/JSON): docs/rollouts.md, Rehearsing.")
+    ],
     broker: OwnBrokerOption = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
-    eval_gate: Annotated[Optional[Path], typer.Option("--eval-gate", help="`safeswap eval-gate --json` output.")] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
+    eval_gate: Annotated[Path | None, typer.Option("--eval-gate", help="`safeswap eval-gate --json` output.")] = None,
     json_out: JsonOption = False,
 ) -> None:
     """Rehearse a plan: simulated users, a real worker and flag client, days of traffic in about a minute."""
@@ -369,14 +420,23 @@ def simulate(
         the_plan.eval_gate = assumed_gate("simulate")
     settings = settings_from(broker, data_dir=data)
     console = Console(stderr=json_out)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[detail]}"),
-                  TimeElapsedColumn(), console=console, transient=False) as bar:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[detail]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as bar:
         task = bar.add_task("simulating", total=1.0, detail="starting broker and worker...")
 
         def progress(done_ms: int, total_ms: int, sent: int, decision) -> None:
             where = f"{decision.stage} {decision.percent:g}%" if decision else "registered"
-            bar.update(task, completed=done_ms / total_ms,
-                       detail=f"{done_ms / 3_600_000:.0f} h simulated, {sent:,} events, {where}")
+            bar.update(
+                task,
+                completed=done_ms / total_ms,
+                detail=f"{done_ms / 3_600_000:.0f} h simulated, {sent:,} events, {where}",
+            )
 
         try:
             result = run_simulation(settings, the_plan, loaded, progress=progress)
@@ -395,18 +455,31 @@ def simulate(
         "shadow": status.shadow if status else {},  # the shadow analysis: pairs, judge, checks
     }
     if json_out:
-        print(json.dumps({
-            "rollout_id": result["rollout_id"],
-            "decisions": [{"seq": d.seq, "ts": d.ts, "action": d.action, "stage": d.stage, "percent": d.percent,
-                           "reason": d.reason} for d in result["decisions"]],
-            "state": state,
-            "events_sent": result["events_sent"],
-            "shadow_pairs_sent": result["shadow_pairs_sent"],
-            "simulated_hours": result["simulated_hours"],
-            "seconds": result["seconds"],
-            "data_dir": result["data_dir"],
-            "rows": rows,
-        }))
+        print(
+            json.dumps(
+                {
+                    "rollout_id": result["rollout_id"],
+                    "decisions": [
+                        {
+                            "seq": d.seq,
+                            "ts": d.ts,
+                            "action": d.action,
+                            "stage": d.stage,
+                            "percent": d.percent,
+                            "reason": d.reason,
+                        }
+                        for d in result["decisions"]
+                    ],
+                    "state": state,
+                    "events_sent": result["events_sent"],
+                    "shadow_pairs_sent": result["shadow_pairs_sent"],
+                    "simulated_hours": result["simulated_hours"],
+                    "seconds": result["seconds"],
+                    "data_dir": result["data_dir"],
+                    "rows": rows,
+                }
+            )
+        )
 
 
 def _register_extensions() -> None:

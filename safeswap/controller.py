@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
-from typing import Any, Collection, Iterable
+from typing import Any
 
 import msgspec
 
@@ -90,7 +91,9 @@ def gate_passed(plan: RolloutPlan) -> bool:
 
 def only_gate_changed(old: RolloutPlan, new: RolloutPlan) -> bool:
     """The same plan but for the attached eval gate (what a plan waiting in registered may change)."""
-    return plan_hash(msgspec.structs.replace(old, eval_gate=None)) == plan_hash(msgspec.structs.replace(new, eval_gate=None))
+    return plan_hash(msgspec.structs.replace(old, eval_gate=None)) == plan_hash(
+        msgspec.structs.replace(new, eval_gate=None)
+    )
 
 
 class PlanConflict(ValueError):
@@ -150,7 +153,7 @@ class RolloutState:
     monitors: dict[str, GuardrailMonitor] = field(default_factory=dict)
     last_decision: Decision | None = None
     last_evaluation: Evaluation | None = None
-    # The judge agent's shadow statistics, latest per (source, partition) (issue #7).
+    # The judge agent's shadow statistics, latest per (source, partition).
     shadow_snapshots: dict[str, StatsSnapshot] = field(default_factory=dict)
     # Each kept snapshot's statistics parsed once (not persisted: rebuilt from ``snapshots``).
     parsed: dict[int, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict, repr=False)
@@ -191,7 +194,7 @@ class RolloutState:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "RolloutState":
+    def from_dict(cls, data: dict[str, Any]) -> RolloutState:
         state = cls(
             plan=msgspec.convert(data["plan"], RolloutPlan),
             plan_hash=data["plan_hash"],
@@ -212,8 +215,9 @@ class RolloutState:
         state.monitors = {m: GuardrailMonitor.from_dict(d) for m, d in data["monitors"].items()}
         if data.get("last_decision"):
             state.last_decision = msgspec.convert(data["last_decision"], Decision)
-        state.shadow_snapshots = {k: msgspec.convert(s, StatsSnapshot)
-                                  for k, s in (data.get("shadow_snapshots") or {}).items()}
+        state.shadow_snapshots = {
+            k: msgspec.convert(s, StatsSnapshot) for k, s in (data.get("shadow_snapshots") or {}).items()
+        }
         return state
 
 
@@ -248,8 +252,9 @@ def _start_or_hold(state: RolloutState, ts: int) -> Decision:
     if not plan.stages:
         return _decide(state, ts, "hold", "registered", "the plan has no stages: nothing to roll out")
     if (refusal := gate_refusal(plan)) is not None:
-        return _decide(state, ts, "hold", "registered", f"high-stakes plan waits for a passing offline eval gate: "
-                                                        f"{refusal}")
+        return _decide(
+            state, ts, "hold", "registered", f"high-stakes plan waits for a passing offline eval gate: {refusal}"
+        )
     return _enter_stage(state, 0, ts, "start")
 
 
@@ -326,7 +331,9 @@ def looked_at(state: RolloutState) -> frozenset[str]:
     return HEALTH_METRICS | frozenset(state.monitors)
 
 
-def parse_snapshot(snapshot: StatsSnapshot, metrics: Collection[str] | None = None) -> dict[str, dict[str, dict[str, Any]]]:
+def parse_snapshot(
+    snapshot: StatsSnapshot, metrics: Collection[str] | None = None
+) -> dict[str, dict[str, dict[str, Any]]]:
     """The snapshot's per-cohort statistics, parsed: parsed[cohort][variant][metric], of
     ``metrics`` only when given (a snapshot carries ~30 metrics a cohort; a look reads a few).
     A snapshot without cohorts (written before them) counts as cohort "0". Raises ValueError
@@ -342,9 +349,11 @@ def parse_snapshot(snapshot: StatsSnapshot, metrics: Collection[str] | None = No
                 try:
                     into[metric] = stat_from_dict(stat)
                 except ValueError as exc:
-                    raise ValueError(f"statistics snapshot of {snapshot.rollout_id!r} from partition "
-                                     f"{snapshot.partition}, cohort {cohort}, {variant} {metric}: {exc}; the "
-                                     "snapshot is ignored (the partition's next snapshot replaces it)") from None
+                    raise ValueError(
+                        f"statistics snapshot of {snapshot.rollout_id!r} from partition "
+                        f"{snapshot.partition}, cohort {cohort}, {variant} {metric}: {exc}; the "
+                        "snapshot is ignored (the partition's next snapshot replaces it)"
+                    ) from None
     return parsed
 
 
@@ -356,7 +365,9 @@ def merge_cohorts(state: RolloutState) -> dict[str, dict[str, dict[str, Any]]]:
     return add_cohorts(state.parsed[p] for p in state.snapshots)
 
 
-def add_cohorts(parsed_snapshots: Iterable[dict[str, dict[str, dict[str, Any]]]]) -> dict[str, dict[str, dict[str, Any]]]:
+def add_cohorts(
+    parsed_snapshots: Iterable[dict[str, dict[str, dict[str, Any]]]],
+) -> dict[str, dict[str, dict[str, Any]]]:
     """Add parsed snapshots (``parse_snapshot``) cohort by cohort: merged[cohort][variant][metric]."""
     merged: dict[str, dict[str, dict[str, Any]]] = {}
     for parsed in parsed_snapshots:
@@ -445,18 +456,32 @@ def check_health(state: RolloutState, cohorts: dict[str, dict[str, dict[str, Any
             state.srm_min_p = min(state.srm_min_p, result.p_value)
             health.srm_p_value = state.srm_min_p
             if state.srm_min_p < rules.srm_alpha:
-                health.problems.append(("srm", rules.srm, (
-                    f"sample ratio mismatch: {counts[1]:,} candidate / {counts[0]:,} control new users in "
-                    f"this stage, expected {state.percent:g}% candidate (p={state.srm_min_p:.2g})")))
+                health.problems.append(
+                    (
+                        "srm",
+                        rules.srm,
+                        (
+                            f"sample ratio mismatch: {counts[1]:,} candidate / {counts[0]:,} control new users in "
+                            f"this stage, expected {state.percent:g}% candidate (p={state.srm_min_p:.2g})"
+                        ),
+                    )
+                )
     # Users served the candidate, then control: the assignment leaks.
     crossover = sum(s.crossover_users for s in state.snapshots.values())
     total_users = sum(users.values())
     if total_users:
         health.crossover_share = crossover / total_users
         if rules.crossover != "ignore" and health.crossover_share > rules.crossover_max and crossover >= 10:
-            health.problems.append(("crossover", rules.crossover, (
-                f"{crossover:,} users ({health.crossover_share:.1%}) were served the candidate and later control, "
-                f"above crossover_max {rules.crossover_max:.1%}: is the app assigning by request, not user?")))
+            health.problems.append(
+                (
+                    "crossover",
+                    rules.crossover,
+                    (
+                        f"{crossover:,} users ({health.crossover_share:.1%}) were served the candidate and later control, "
+                        f"above crossover_max {rules.crossover_max:.1%}: is the app assigning by request, not user?"
+                    ),
+                )
+            )
     # Served-model drift within an arm.
     models = _models_by_variant(state.snapshots)
     for variant in ("control", "candidate"):
@@ -468,30 +493,52 @@ def check_health(state: RolloutState, cohorts: dict[str, dict[str, dict[str, Any
         health.model_drift[variant] = drift
         if rules.model_drift != "ignore" and drift > rules.model_drift_max_share:
             others = ", ".join(sorted(m for m in seen if m != pinned))
-            health.problems.append(("model_drift", rules.model_drift, (
-                f"{variant} served {drift:.1%} of its responses from {others}, not the pinned {pinned}")))
+            health.problems.append(
+                (
+                    "model_drift",
+                    rules.model_drift,
+                    (f"{variant} served {drift:.1%} of its responses from {others}, not the pinned {pinned}"),
+                )
+            )
     # One arm losing events: responses per user differ between arms (cohort by cohort: earlier
     # cohorts have had longer to come back, and the arms' shares differ between cohorts).
     if serving:
         strata = cohort_strata(cohorts, "responses_per_user")
         if strata[0] and min(sum(s.n for s in arm) for arm in strata) >= plan.min_users_per_arm:
             try:
-                result = stratified_compare(list(zip(*strata)), alpha=EVENT_LOSS_ALPHA, n_tune=plan.n_tune,
-                                            difference="relative", alternative="two-sided")
+                result = stratified_compare(
+                    list(zip(*strata)),
+                    alpha=EVENT_LOSS_ALPHA,
+                    n_tune=plan.n_tune,
+                    difference="relative",
+                    alternative="two-sided",
+                )
             except ValueError:  # no cohort with 2 users in both arms yet
                 result = None
             if result is not None:
                 health.responses_per_user = result.to_dict()
                 if result.p_value < EVENT_LOSS_ALPHA:
-                    health.problems.append(("event_loss", "pause", (
-                        f"candidate responses per user {result.estimate:+.1%} vs control (p={result.p_value:.2g}): "
-                        "one arm is losing events, or the candidate changed engagement; check the emitters")))
+                    health.problems.append(
+                        (
+                            "event_loss",
+                            "pause",
+                            (
+                                f"candidate responses per user {result.estimate:+.1%} vs control (p={result.p_value:.2g}): "
+                                "one arm is losing events, or the candidate changed engagement; check the emitters"
+                            ),
+                        )
+                    )
     # Cache-hit skew: a confounder for latency and cost, flagged, not acted on (cohort by cohort).
     strata = cohort_strata(cohorts, "cache_hit_rate")
     if strata[0] and min(sum(s.n for s in arm) for arm in strata) >= plan.min_users_per_arm:
         try:
-            result = stratified_compare(list(zip(*strata)), alpha=rules.cache_skew_alpha, n_tune=plan.n_tune,
-                                        difference="absolute", alternative="two-sided")
+            result = stratified_compare(
+                list(zip(*strata)),
+                alpha=rules.cache_skew_alpha,
+                n_tune=plan.n_tune,
+                difference="absolute",
+                alternative="two-sided",
+            )
         except ValueError:  # no cohort with 2 users in both arms yet
             result = None
         if result is not None:
@@ -525,15 +572,26 @@ def _models_by_variant(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[st
 
 def decide(state: RolloutState, evaluation: Evaluation) -> Decision | None:
     """The action for one look: rollback > pause > promote > nothing."""
-    breaches = [(v.reason, spec.action) for spec in state.plan.guardrails for metric in guarded_metrics(spec.metric)
-                if (v := evaluation.verdicts.get(metric)) is not None and v.status == "breach"]
+    breaches = [
+        (v.reason, spec.action)
+        for spec in state.plan.guardrails
+        for metric in guarded_metrics(spec.metric)
+        if (v := evaluation.verdicts.get(metric)) is not None and v.status == "breach"
+    ]
     problems = [(reason, action) for _, action, reason in evaluation.health.problems]
     for action in ("rollback", "pause"):
         reasons = [reason for reason, act in breaches + problems if act == action]
         if reasons:
             if action == "rollback":
-                return _decide(state, evaluation.ts, "rollback", "rolled_back", "; ".join(reasons),
-                               evaluation=evaluation, percent=0.0)
+                return _decide(
+                    state,
+                    evaluation.ts,
+                    "rollback",
+                    "rolled_back",
+                    "; ".join(reasons),
+                    evaluation=evaluation,
+                    percent=0.0,
+                )
             state.paused_stage = state.stage
             return _decide(state, evaluation.ts, "pause", "paused", "; ".join(reasons), evaluation=evaluation)
     if not _ready_to_promote(state, evaluation):
@@ -541,9 +599,16 @@ def decide(state: RolloutState, evaluation: Evaluation) -> Decision | None:
     if state.stage_index + 1 < len(state.plan.stages):
         return _enter_stage(state, state.stage_index + 1, evaluation.ts, "promote", evaluation)
     state.stage_index = len(state.plan.stages)
-    return _decide(state, evaluation.ts, "complete", "complete",
-                   f"every stage passed; candidate serves everyone ({_summary(evaluation)})",
-                   evaluation=evaluation, percent=100.0, shadow_percent=0.0)
+    return _decide(
+        state,
+        evaluation.ts,
+        "complete",
+        "complete",
+        f"every stage passed; candidate serves everyone ({_summary(evaluation)})",
+        evaluation=evaluation,
+        percent=100.0,
+        shadow_percent=0.0,
+    )
 
 
 def _ready_to_promote(state: RolloutState, evaluation: Evaluation) -> bool:
@@ -571,7 +636,9 @@ def _summary(evaluation: Evaluation) -> str:
     return f"{users.get('control', 0):,} control / {users.get('candidate', 0):,} candidate users"
 
 
-def _enter_stage(state: RolloutState, index: int, ts: int, action: str, evaluation: Evaluation | None = None) -> Decision:
+def _enter_stage(
+    state: RolloutState, index: int, ts: int, action: str, evaluation: Evaluation | None = None
+) -> Decision:
     stage = state.plan.stages[index]
     state.stage_index = index
     state.stage_started_ts = evaluation.ts if evaluation is not None else 0
@@ -591,17 +658,26 @@ def _enter_stage(state: RolloutState, index: int, ts: int, action: str, evaluati
         reason = f"started; {what}"
     else:
         reason = f"promoted to {what} after {_hours(evaluation.stage_elapsed_s)}, {_summary(evaluation)}"
-    return _decide(state, ts, action, stage.name, reason, evaluation=evaluation, percent=percent,
-                   shadow_percent=shadow_percent)
+    return _decide(
+        state, ts, action, stage.name, reason, evaluation=evaluation, percent=percent, shadow_percent=shadow_percent
+    )
 
 
 def _hours(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def _decide(state: RolloutState, ts: int, action: str, stage: str, reason: str, *,
-            evaluation: Evaluation | None = None, percent: float | None = None,
-            shadow_percent: float | None = None) -> Decision:
+def _decide(
+    state: RolloutState,
+    ts: int,
+    action: str,
+    stage: str,
+    reason: str,
+    *,
+    evaluation: Evaluation | None = None,
+    percent: float | None = None,
+    shadow_percent: float | None = None,
+) -> Decision:
     state.seq += 1
     state.stage = stage
     if percent is not None:
@@ -648,6 +724,7 @@ def health_checks(health: dict[str, Any], rules: HealthSpec) -> list[dict[str, A
     its status (``ok``, ``problem``, ``flagged`` for a check that only warns, ``not checked``
     while it cannot run) and what a failure does. ``health`` is a status's or decision's
     ``health`` (``health_dict``)."""
+
     def mapping(value: Any) -> dict[str, Any]:  # health arrives from events: any shape
         return value if isinstance(value, dict) else {}
 
@@ -657,34 +734,74 @@ def health_checks(health: dict[str, Any], rules: HealthSpec) -> list[dict[str, A
     def row(check: str, value: str, threshold: str, status: str, action: str) -> dict[str, Any]:
         if status != "not checked" and check in found:
             status = "problem"
-        return {"check": check, "value": value, "threshold": threshold, "status": status,
-                "on_failure": "nothing (ignored by the plan)" if action == "ignore" else action}
+        return {
+            "check": check,
+            "value": value,
+            "threshold": threshold,
+            "status": status,
+            "on_failure": "nothing (ignored by the plan)" if action == "ignore" else action,
+        }
 
     rows = []
     srm = health.get("srm_p_value")
     counts = mapping(health.get("srm_new_users"))
-    rows.append(row("srm", f"p={srm:.2g} ({counts.get('candidate', 0):,} candidate / "
-                           f"{counts.get('control', 0):,} control new users)" if _number(srm) and counts else
-                    f"p={srm:.2g}" if _number(srm) else "-",
-                    f"p < {rules.srm_alpha:g}", "ok" if _number(srm) else "not checked", rules.srm))
+    rows.append(
+        row(
+            "srm",
+            f"p={srm:.2g} ({counts.get('candidate', 0):,} candidate / {counts.get('control', 0):,} control new users)"
+            if _number(srm) and counts
+            else f"p={srm:.2g}"
+            if _number(srm)
+            else "-",
+            f"p < {rules.srm_alpha:g}",
+            "ok" if _number(srm) else "not checked",
+            rules.srm,
+        )
+    )
     crossover = health.get("crossover_share")
-    rows.append(row("crossover", f"{crossover:.2%} of users" if _number(crossover) else "-",
-                    f"> {rules.crossover_max:.1%} (and 10 users)", "ok" if _number(crossover) else "not checked",
-                    rules.crossover))
+    rows.append(
+        row(
+            "crossover",
+            f"{crossover:.2%} of users" if _number(crossover) else "-",
+            f"> {rules.crossover_max:.1%} (and 10 users)",
+            "ok" if _number(crossover) else "not checked",
+            rules.crossover,
+        )
+    )
     drift = mapping(health.get("model_drift"))
-    rows.append(row("model_drift", model_drift_text(drift) if drift else "-",
-                    f"> {rules.model_drift_max_share:.1%} off the pinned model",
-                    "ok" if drift else "not checked", rules.model_drift))
+    rows.append(
+        row(
+            "model_drift",
+            model_drift_text(drift) if drift else "-",
+            f"> {rules.model_drift_max_share:.1%} off the pinned model",
+            "ok" if drift else "not checked",
+            rules.model_drift,
+        )
+    )
     loss = mapping(health.get("responses_per_user"))
-    rows.append(row("event_loss", f"responses per user {loss['estimate']:+.1%}, p={loss['p_value']:.2g}"
-                    if _number(loss.get("estimate")) and _number(loss.get("p_value")) else "-",
-                    f"p < {EVENT_LOSS_ALPHA:g}", "ok" if loss else "not checked", "pause"))
+    rows.append(
+        row(
+            "event_loss",
+            f"responses per user {loss['estimate']:+.1%}, p={loss['p_value']:.2g}"
+            if _number(loss.get("estimate")) and _number(loss.get("p_value"))
+            else "-",
+            f"p < {EVENT_LOSS_ALPHA:g}",
+            "ok" if loss else "not checked",
+            "pause",
+        )
+    )
     skew = mapping(health.get("cache_skew"))
-    rows.append(row("cache_skew", f"cache-hit rate {skew['estimate']:+.2%}, p={skew['p_value']:.2g}"
-                    if _number(skew.get("estimate")) and _number(skew.get("p_value")) else "-",
-                    f"p < {rules.cache_skew_alpha:g}",
-                    ("flagged" if skew.get("skewed") else "ok") if skew else "not checked",
-                    "flag only (latency and cost are confounded)"))
+    rows.append(
+        row(
+            "cache_skew",
+            f"cache-hit rate {skew['estimate']:+.2%}, p={skew['p_value']:.2g}"
+            if _number(skew.get("estimate")) and _number(skew.get("p_value"))
+            else "-",
+            f"p < {rules.cache_skew_alpha:g}",
+            ("flagged" if skew.get("skewed") else "ok") if skew else "not checked",
+            "flag only (latency and cost are confounded)",
+        )
+    )
     return rows
 
 
@@ -740,8 +857,7 @@ def group_sequential_config(plan: RolloutPlan) -> dict[str, Any] | None:
         # gamma -0.5: 5% -> 6% found in ~92% of runs by a median 0.84x the fixed-horizon n;
         # gamma -1 (the textbook choice) ~92.5% at 0.87-0.90x (docs/statistics.md)
         param = HSD_GAMMA
-    return {"spending": sequential.spending, "param": param, "share": sequential.share,
-            "analyses": sequential.analyses}
+    return {"spending": sequential.spending, "param": param, "share": sequential.share, "analyses": sequential.analyses}
 
 
 def _monitor(plan: RolloutPlan, spec, metric: str, alpha: float) -> GuardrailMonitor:

@@ -55,8 +55,10 @@ def demo_plan(rollout_id: str) -> RolloutPlan:
         control=VariantSpec(model=MODELS["control"], prompt_version="v41"),
         candidate=VariantSpec(model=MODELS["candidate"], prompt_version="v41"),
         skip_shadow="demo: the simulated candidate exists only to be rolled back",
-        stages=[StageSpec(name="canary", percent=10, min_duration="24h", min_users_per_arm=200),
-                StageSpec(name="ramp", percent=100)],
+        stages=[
+            StageSpec(name="canary", percent=10, min_duration="24h", min_users_per_arm=200),
+            StageSpec(name="ramp", percent=100),
+        ],
         alpha=0.05,
         min_users_per_arm=200,
         guardrails=[
@@ -88,7 +90,9 @@ def simulated_events(flags: FlagClient, rollout_id: str, user_index: int, ts_ms:
     )
     events: list[Any] = [trace]
     if rng.random() < THUMBS_DOWN[variant]:
-        events.append(FeedbackEvent(event_id=f"f-{trace_id}", ts=ts_ms + 5_000, trace_id=trace_id, kind="thumbs_down", **common))
+        events.append(
+            FeedbackEvent(event_id=f"f-{trace_id}", ts=ts_ms + 5_000, trace_id=trace_id, kind="thumbs_down", **common)
+        )
     return variant, events
 
 
@@ -105,8 +109,15 @@ def _status_table(sent: int, users: dict[str, int], decision: Decision | None, e
     return table
 
 
-async def _simulate(settings: Settings, rollout_id: str, max_users: int, deadline: float, console: Console, started: float,
-                    worker: WorkerProcess) -> dict:
+async def _simulate(
+    settings: Settings,
+    rollout_id: str,
+    max_users: int,
+    deadline: float,
+    console: Console,
+    started: float,
+    worker: WorkerProcess,
+) -> dict:
     plan = demo_plan(rollout_id)
     rng = random.Random(7)
     users = {"control": 0, "candidate": 0}
@@ -120,8 +131,9 @@ async def _simulate(settings: Settings, rollout_id: str, max_users: int, deadlin
         await producer.start()
         try:
             # Stamped at the traffic's first event time: the start decision is in event time too.
-            await producer.send_and_wait(settings.topic("plans"), encode(plan), key=rollout_id.encode(),
-                                         timestamp_ms=event_time)
+            await producer.send_and_wait(
+                settings.topic("plans"), encode(plan), key=rollout_id.encode(), timestamp_ms=event_time
+            )
         finally:
             await producer.stop()
         with Live(_status_table(0, users, None, 0), console=console, refresh_per_second=8, transient=False) as live:
@@ -154,7 +166,9 @@ async def _wait(condition, deadline: float, worker: WorkerProcess) -> None:
         await asyncio.sleep(0.05)
 
 
-def run_demo(settings: Settings, *, max_users: int, timeout_s: float, json_out: bool, data_dir: str | None = None) -> dict:
+def run_demo(
+    settings: Settings, *, max_users: int, timeout_s: float, json_out: bool, data_dir: str | None = None
+) -> dict:
     console = Console(stderr=json_out)
     started = time.monotonic()
     deadline = started + timeout_s
@@ -184,7 +198,9 @@ def run_demo(settings: Settings, *, max_users: int, timeout_s: float, json_out: 
     decision: Decision | None = outcome["decision"]
     seconds = round(time.monotonic() - started, 2)
     if decision is not None and decision.evidence:
-        console.print(evidence_table(decision.evidence, f"decision #{decision.seq}: {decision.action} {decision.rollout_id}"))
+        console.print(
+            evidence_table(decision.evidence, f"decision #{decision.seq}: {decision.action} {decision.rollout_id}")
+        )
     if decision is not None and decision.action == "rollback":
         console.print(
             f"[bold green]rolled back[/] after {outcome['events_sent']:,} events in {seconds} s: {decision.reason}\n"

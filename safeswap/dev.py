@@ -29,8 +29,10 @@ def run_dev(settings: Settings, port: int, console: Console, *, until: float | N
     """Run the stack until Ctrl-C (or ``until``, a ``time.monotonic()``, for tests); returns the
     worker's exit code if it stopped on its own, else 0."""
     if wait_for_port("127.0.0.1", port, 0.2):
-        raise PortInUse(f"port {port} on 127.0.0.1 is in use (another broker, or `safeswap dev` already running?): "
-                        f"pass --port with a free one")
+        raise PortInUse(
+            f"port {port} on 127.0.0.1 is in use (another broker, or `safeswap dev` already running?): "
+            f"pass --port with a free one"
+        )
     with contextlib.ExitStack() as stack:
         broker = stack.enter_context(EmbeddedBroker(port=port))
         settings = settings.replace(broker=broker.bootstrap)
@@ -39,11 +41,14 @@ def run_dev(settings: Settings, port: int, console: Console, *, until: float | N
         console.print(f"embedded broker (Tansu) on {broker.bootstrap}, topics created (prefix {settings.topic_prefix})")
         console.print(f"worker running (pid {worker.pid}), log: {worker.log_path}")
         console.print(f"Parquet datasets in {settings.data_dir}")
-        console.print("\nIn another shell:\n"
-                      f"  export SAFESWAP_BROKER={broker.bootstrap}\n"
-                      "  safeswap rollout start plan.yaml    # then emit events from your app\n"
-                      "  safeswap dashboard                  # http://127.0.0.1:8050\n"
-                      "\nCtrl-C stops the worker and the broker (the broker's topics are in memory).", highlight=False)
+        console.print(
+            "\nIn another shell:\n"
+            f"  export SAFESWAP_BROKER={broker.bootstrap}\n"
+            "  safeswap rollout start plan.yaml    # then emit events from your app\n"
+            "  safeswap dashboard                  # http://127.0.0.1:8050\n"
+            "\nCtrl-C stops the worker and the broker (the broker's topics are in memory).",
+            highlight=False,
+        )
         try:
             while until is None or time.monotonic() < until:
                 if not worker.alive():

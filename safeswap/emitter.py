@@ -31,16 +31,23 @@ from streams.settings import Settings
 log = logging.getLogger(__name__)
 
 # Errors that a retry cannot fix: the event fails at once instead of at the delivery timeout.
-PERMANENT_ERRORS = (kafka_errors.MessageSizeTooLargeError, kafka_errors.RecordListTooLargeError,
-                    kafka_errors.InvalidTopicError, kafka_errors.TopicAuthorizationFailedError,
-                    kafka_errors.ClusterAuthorizationFailedError, kafka_errors.UnsupportedVersionError,
-                    kafka_errors.InvalidRequiredAcksError, kafka_errors.ProducerClosed)
+PERMANENT_ERRORS = (
+    kafka_errors.MessageSizeTooLargeError,
+    kafka_errors.RecordListTooLargeError,
+    kafka_errors.InvalidTopicError,
+    kafka_errors.TopicAuthorizationFailedError,
+    kafka_errors.ClusterAuthorizationFailedError,
+    kafka_errors.UnsupportedVersionError,
+    kafka_errors.InvalidRequiredAcksError,
+    kafka_errors.ProducerClosed,
+)
 RETRY_BACKOFF_S = 0.5
 
 
 @dataclass
 class Pending:
     """An event on its way: where it goes and until when it is retried."""
+
     topic: str
     key: bytes | None
     value: bytes
@@ -72,7 +79,7 @@ class Emitter:
         self._in_flight = 0  # handed to the producer, not yet acknowledged nor failed
         self._retries: set[asyncio.Task] = set()  # failed deliveries waiting to be sent again
 
-    async def start(self) -> "Emitter":
+    async def start(self) -> Emitter:
         self._sender = asyncio.create_task(self._send_loop(), name="safeswap-emitter")
         return self
 
@@ -86,11 +93,13 @@ class Emitter:
             await asyncio.wait_for(self._queue.join(), flush_timeout_s)
             while (self._in_flight or self._retries) and loop.time() < deadline:  # acknowledged or failed
                 await asyncio.sleep(0.02)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         if self._queue.qsize() or self._in_flight or self._retries:
-            log.warning("emitter: stopping with %d events not acknowledged by the broker",
-                        self._queue.qsize() + self._in_flight + len(self._retries))
+            log.warning(
+                "emitter: stopping with %d events not acknowledged by the broker",
+                self._queue.qsize() + self._in_flight + len(self._retries),
+            )
         self._sender.cancel()
         for task in list(self._retries):
             task.cancel()
@@ -109,7 +118,7 @@ class Emitter:
             try:
                 # aiokafka's stop() waits for every batch (up to the delivery timeout): keep the bound.
                 await asyncio.wait_for(producer.stop(), max(1.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 sender = getattr(producer, "_sender", None)
                 if sender is not None and sender.sender_task is not None:
                     sender.sender_task.cancel()
@@ -118,7 +127,7 @@ class Emitter:
             self.stats.send_errors += self._in_flight
             self._in_flight = 0
 
-    async def __aenter__(self) -> "Emitter":
+    async def __aenter__(self) -> Emitter:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -146,11 +155,18 @@ class Emitter:
         except InvalidEvent as exc:
             self.stats.invalid += 1
             log.warning("emitter: invalid event sent to the dead-letter topic: %s", exc)
-            record = dead_letter(topic=self.settings.topic(topic), partition=-1, offset=-1, key=None,
-                                 value=_best_effort_json(event), reason=str(exc), agent="emitter")
+            record = dead_letter(
+                topic=self.settings.topic(topic),
+                partition=-1,
+                offset=-1,
+                key=None,
+                value=_best_effort_json(event),
+                reason=str(exc),
+                agent="emitter",
+            )
             self._put(self.settings.topic("dlq"), None, record)
             return False
-        except Exception as exc:  # an app's odd object must not fail its request
+        except Exception as exc:  # noqa: BLE001 - an app's odd object must not fail its request
             self.stats.invalid += 1
             log.warning("emitter: could not encode event: %r", exc)
             return False
@@ -172,12 +188,15 @@ class Emitter:
         delay = 0.2
         while True:
             # request_timeout_ms is also how long aiokafka keeps retrying a batch: the delivery timeout.
-            producer = AIOKafkaProducer(**client_options(self.settings), linger_ms=5,
-                                        request_timeout_ms=int(self.settings.emitter_delivery_timeout_s * 1000))
+            producer = AIOKafkaProducer(
+                **client_options(self.settings),
+                linger_ms=5,
+                request_timeout_ms=int(self.settings.emitter_delivery_timeout_s * 1000),
+            )
             try:
                 await producer.start()
                 return producer
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - a broker not reachable yet, in any way: retried
                 await producer.stop()
                 log.warning("emitter: broker %s not reachable (%s); retrying", self.settings.broker, exc)
                 await asyncio.sleep(delay)
@@ -200,7 +219,7 @@ class Emitter:
         except asyncio.CancelledError:  # stopped while waiting for the broker: not sent
             self.stats.send_errors += 1
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - any send failure is counted and reported, never raised into the app
             self._failed(pending, exc)
             return
         self._in_flight += 1
@@ -219,8 +238,11 @@ class Emitter:
         """Retry until the delivery timeout (a broker that came back without its topics
         yet, a leader moving), unless no retry can help."""
         loop = asyncio.get_running_loop()
-        if (self._sender is not None and not isinstance(exc, (asyncio.CancelledError, *PERMANENT_ERRORS))
-                and loop.time() + RETRY_BACKOFF_S < pending.deadline):
+        if (
+            self._sender is not None
+            and not isinstance(exc, (asyncio.CancelledError, *PERMANENT_ERRORS))
+            and loop.time() + RETRY_BACKOFF_S < pending.deadline
+        ):
             task = loop.create_task(self._retry(pending))
             self._retries.add(task)
             task.add_done_callback(self._retries.discard)
@@ -229,8 +251,7 @@ class Emitter:
         # One log line per 1,000 failures: an outage longer than the delivery timeout must not flood the log.
         if self.stats.send_errors - self._last_error_log >= 1000 or self.stats.send_errors == 1:
             self._last_error_log = self.stats.send_errors
-            log.warning("emitter: send to %s failed (%d events so far): %r", pending.topic,
-                        self.stats.send_errors, exc)
+            log.warning("emitter: send to %s failed (%d events so far): %r", pending.topic, self.stats.send_errors, exc)
 
     async def _retry(self, pending: Pending) -> None:
         try:
@@ -244,5 +265,5 @@ class Emitter:
 def _best_effort_json(event: Any) -> bytes:
     try:
         return msgspec.json.encode(event)
-    except Exception:
+    except Exception:  # noqa: BLE001 - only for a log line: anything printable will do
         return repr(event).encode()

@@ -40,8 +40,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, Iterator, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -107,7 +108,7 @@ def load_cases(path: Path) -> dict[str, tuple[bool | None, float | None]]:
         if problem is not None:
             raise GateInputError(f"{where}: {problem}")
         if not isinstance(record, dict):
-            raise GateInputError(f"{where}: expected a JSON object like {{\"case_id\": \"c1\", \"passed\": true}}")
+            raise GateInputError(f'{where}: expected a JSON object like {{"case_id": "c1", "passed": true}}')
         case_id = record.get("case_id")
         if isinstance(case_id, bool) or not isinstance(case_id, (str, int)) or str(case_id) == "":
             raise GateInputError(f"{where}: case_id missing or not a string/integer")
@@ -124,7 +125,7 @@ def load_cases(path: Path) -> dict[str, tuple[bool | None, float | None]]:
                 raise GateInputError(f"{where}: score must be a finite number, got {score!r}")
             results[case_id] = (None, float(score))
         else:
-            raise GateInputError(f"{where}: give \"passed\" (true/false) or a numeric \"score\"")
+            raise GateInputError(f'{where}: give "passed" (true/false) or a numeric "score"')
     if not results:
         raise GateInputError(f"{path}: no cases")
     return results
@@ -139,8 +140,13 @@ def regressed(baseline: bool | float, candidate: bool | float, tolerance: float 
     return candidate < baseline - tolerance, candidate > baseline + tolerance
 
 
-def gate(baseline: dict[str, bool | float], candidate: dict[str, bool | float], stakes: str, min_net_gain: int = 1,
-         score_tolerance: float = 0.0) -> dict[str, Any]:
+def gate(
+    baseline: dict[str, bool | float],
+    candidate: dict[str, bool | float],
+    stakes: str,
+    min_net_gain: int = 1,
+    score_tolerance: float = 0.0,
+) -> dict[str, Any]:
     """The gate's result (without files and hash): pure.
 
     A case is lost when it passed on the baseline and fails on the candidate, or,
@@ -159,14 +165,20 @@ def gate(baseline: dict[str, bool | float], candidate: dict[str, bool | float], 
         passed, reason = False, "no case in common between baseline and candidate"
     elif stakes == "high":
         passed = not lost
-        reason = ("no regression: every case the baseline passed still passes" if passed
-                  else f"high stakes: {len(lost)} case(s) the baseline passed now fail"
-                  + (f" or score lower by more than {score_tolerance:g}" if scored else ""))
+        reason = (
+            "no regression: every case the baseline passed still passes"
+            if passed
+            else f"high stakes: {len(lost)} case(s) the baseline passed now fail"
+            + (f" or score lower by more than {score_tolerance:g}" if scored else "")
+        )
     else:
         passed = not lost or net >= min_net_gain
-        reason = (f"net change {net:+d} (gained {len(gained)}, lost {len(lost)}); "
-                  f"{'at least' if passed else 'below'} --min-net-gain {min_net_gain}" if lost
-                  else f"no case lost (gained {len(gained)})")
+        reason = (
+            f"net change {net:+d} (gained {len(gained)}, lost {len(lost)}); "
+            f"{'at least' if passed else 'below'} --min-net-gain {min_net_gain}"
+            if lost
+            else f"no case lost (gained {len(gained)})"
+        )
     only_baseline = sorted(set(baseline) - set(candidate))
     only_candidate = sorted(set(candidate) - set(baseline))
     return {
@@ -174,10 +186,12 @@ def gate(baseline: dict[str, bool | float], candidate: dict[str, bool | float], 
         "stakes": stakes,
         "reason": reason,
         "common": len(common),
-        "baseline_pass_rate": (sum(baseline[c] for c in judged_by_pass) / len(judged_by_pass)
-                               if judged_by_pass else None),
-        "candidate_pass_rate": (sum(candidate[c] for c in judged_by_pass) / len(judged_by_pass)
-                                if judged_by_pass else None),
+        "baseline_pass_rate": (
+            sum(baseline[c] for c in judged_by_pass) / len(judged_by_pass) if judged_by_pass else None
+        ),
+        "candidate_pass_rate": (
+            sum(candidate[c] for c in judged_by_pass) / len(judged_by_pass) if judged_by_pass else None
+        ),
         "scored_count": len(scored),
         "score_tolerance": score_tolerance if scored else None,
         "lost_count": len(lost),
@@ -202,15 +216,23 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def run_gate(baseline_path: Path, candidate_path: Path, stakes: str, min_net_gain: int = 1,
-             pass_threshold: float | None = None, score_tolerance: float = 0.0) -> dict[str, Any]:
+def run_gate(
+    baseline_path: Path,
+    candidate_path: Path,
+    stakes: str,
+    min_net_gain: int = 1,
+    pass_threshold: float | None = None,
+    score_tolerance: float = 0.0,
+) -> dict[str, Any]:
     """Load both files, apply the rule, attach file digests and the result hash."""
     baseline = load_results(baseline_path, pass_threshold)
     candidate = load_results(candidate_path, pass_threshold)
     for case in sorted(set(baseline) & set(candidate)):
         if isinstance(baseline[case], bool) != isinstance(candidate[case], bool):
-            raise GateInputError(f"{candidate_path}: case {case!r} has a score on one side and passed on the other: "
-                                 "give --pass-threshold to turn scores into pass/fail")
+            raise GateInputError(
+                f"{candidate_path}: case {case!r} has a score on one side and passed on the other: "
+                "give --pass-threshold to turn scores into pass/fail"
+            )
     result = gate(baseline, candidate, stakes, min_net_gain, score_tolerance)
     result["pass_threshold"] = pass_threshold
     result["baseline"] = {"file": str(baseline_path), "sha256": file_sha256(baseline_path), "cases": len(baseline)}
@@ -229,7 +251,9 @@ def gate_problem(result: Any) -> str | None:
     if result.get("hash") != result_hash(result):
         return "the attached eval-gate result was edited or hand-written (its hash does not match): attach the output of safeswap eval-gate --json"
     if result.get("stakes") != "high":
-        return f"the attached eval gate ran with --stakes {result.get('stakes')!r}: a high-stakes plan needs --stakes high"
+        return (
+            f"the attached eval gate ran with --stakes {result.get('stakes')!r}: a high-stakes plan needs --stakes high"
+        )
     if result.get("passed") is not True:
         return f"the attached eval gate did not pass: {result.get('reason', 'no reason given')}"
     if result.get("lost_count", 0) or result.get("lost"):
@@ -240,8 +264,14 @@ def gate_problem(result: Any) -> str | None:
 def assumed_gate(by: str) -> dict[str, Any]:
     """A passing high-stakes result for rehearsals (simulate, replay) that have no eval set;
     ``rollout start`` refuses it."""
-    result: dict[str, Any] = {"passed": True, "stakes": "high", "reason": f"assumed by {by} (a rehearsal)",
-                              "lost_count": 0, "lost": [], "assumed_by": by}
+    result: dict[str, Any] = {
+        "passed": True,
+        "stakes": "high",
+        "reason": f"assumed by {by} (a rehearsal)",
+        "lost_count": 0,
+        "lost": [],
+        "assumed_by": by,
+    }
     result["hash"] = result_hash(result)
     return result
 
@@ -252,10 +282,26 @@ def register(app) -> None:
         baseline: Annotated[Path, typer.Option("--baseline", help="Baseline results, JSONL: case_id + passed|score.")],
         candidate: Annotated[Path, typer.Option("--candidate", help="Candidate results, same form.")],
         stakes: Annotated[str, typer.Option("--stakes", help="high: no case may regress; low: net gain rule.")],
-        min_net_gain: Annotated[int, typer.Option("--min-net-gain", help="Low stakes: gained - lost must reach this when a case is lost.")] = 1,
-        pass_threshold: Annotated[Optional[float], typer.Option("--pass-threshold", help="A numeric score passes when >= this (default: compare each case's scores).")] = None,
-        score_tolerance: Annotated[float, typer.Option("--score-tolerance", min=0, help="Scores without --pass-threshold: a case regresses when the candidate scores lower than the baseline by more than this.")] = 0.0,
-        json_out: Annotated[bool, typer.Option("--json", help="Print the result as one JSON object on the last line.")] = False,
+        min_net_gain: Annotated[
+            int, typer.Option("--min-net-gain", help="Low stakes: gained - lost must reach this when a case is lost.")
+        ] = 1,
+        pass_threshold: Annotated[
+            float | None,
+            typer.Option(
+                "--pass-threshold", help="A numeric score passes when >= this (default: compare each case's scores)."
+            ),
+        ] = None,
+        score_tolerance: Annotated[
+            float,
+            typer.Option(
+                "--score-tolerance",
+                min=0,
+                help="Scores without --pass-threshold: a case regresses when the candidate scores lower than the baseline by more than this.",
+            ),
+        ] = 0.0,
+        json_out: Annotated[
+            bool, typer.Option("--json", help="Print the result as one JSON object on the last line.")
+        ] = False,
     ) -> None:
         """Offline eval gate: exit 0 pass, 1 fail, 2 unusable input."""
         from rich.console import Console
@@ -270,10 +316,17 @@ def register(app) -> None:
             err.print(f"error: {exc}", highlight=False, markup=False)
             raise typer.Exit(2) from None
         verdict = "PASS" if result["passed"] else "FAIL"
-        err.print(f"eval gate {verdict} ({stakes} stakes, {result['common']} cases in common): {result['reason']}",
-                  highlight=False, markup=False)
-        for label, key in (("lost", "lost"), ("gained", "gained"), ("only in baseline", "only_in_baseline"),
-                           ("only in candidate", "only_in_candidate")):
+        err.print(
+            f"eval gate {verdict} ({stakes} stakes, {result['common']} cases in common): {result['reason']}",
+            highlight=False,
+            markup=False,
+        )
+        for label, key in (
+            ("lost", "lost"),
+            ("gained", "gained"),
+            ("only in baseline", "only_in_baseline"),
+            ("only in candidate", "only_in_candidate"),
+        ):
             count = result.get(f"{key}_count", len(result[key]))
             if count:
                 shown = ", ".join(result[key][:20]) + (" ..." if count > 20 else "")

@@ -71,8 +71,8 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
-from typing import Callable, Iterable, Mapping
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -354,7 +354,7 @@ class FlagClient:
         return applied
 
     # -- async lifecycle -------------------------------------------------------------
-    async def start(self, catch_up_timeout_s: float = 10.0) -> "FlagClient":
+    async def start(self, catch_up_timeout_s: float = 10.0) -> FlagClient:
         """Start tailing; waits until the existing state is read (or the timeout: then control)."""
         if self._tail is not None:
             return self
@@ -364,7 +364,7 @@ class FlagClient:
         self._tail = asyncio.create_task(self._run(), name="safeswap-flag-client")
         try:
             await asyncio.wait_for(self._caught_up.wait(), catch_up_timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             log.warning("flag client: no state from %s yet; serving control", self.settings.broker)
         return self
 
@@ -386,14 +386,14 @@ class FlagClient:
         if consumer is not None:
             await _close(consumer)
 
-    async def __aenter__(self) -> "FlagClient":
+    async def __aenter__(self) -> FlagClient:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
 
     # -- sync lifecycle (a daemon thread with its own event loop) ----------------------
-    def start_background(self, catch_up_timeout_s: float = 10.0) -> "FlagClient":
+    def start_background(self, catch_up_timeout_s: float = 10.0) -> FlagClient:
         """Run the tail on a daemon thread; returns once the state is read (or the timeout)."""
         if self._thread is not None:
             return self
@@ -407,7 +407,7 @@ class FlagClient:
             try:
                 try:
                     loop.run_until_complete(self.start(catch_up_timeout_s))
-                except BaseException as exc:  # reported to the starting thread
+                except BaseException as exc:  # noqa: BLE001 - reported to the starting thread
                     failures.append(exc)
                     return
                 finally:
@@ -444,7 +444,7 @@ class FlagClient:
             log.warning("flag client: background thread did not stop within %ss", timeout_s)
         self._thread = None
 
-    def __enter__(self) -> "FlagClient":
+    def __enter__(self) -> FlagClient:
         return self.start_background()
 
     def __exit__(self, *exc: object) -> None:
@@ -473,7 +473,7 @@ class FlagClient:
                 await consumer.seek_to_beginning(*assigned)
                 self._end_offsets = await consumer.end_offsets(assigned)
                 return consumer
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - any read failure: retried while the last state is served
                 await _close(consumer)
                 log.warning("flag client: %s not readable (%s); retrying, serving last state", topic, exc)
                 await asyncio.sleep(delay)
@@ -531,7 +531,7 @@ async def _close(consumer: AIOKafkaConsumer, timeout_s: float = 5.0) -> None:
         task = asyncio.current_task()
         if task is not None and task.cancelling():
             raise  # we are being cancelled ourselves
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - stopping: nothing left to protect
         log.warning("flag client: consumer did not stop cleanly: %r", exc)
 
 

@@ -41,7 +41,7 @@ import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -58,8 +58,11 @@ VERDICT_TOOL: dict[str, Any] = {
     "input_schema": {
         "type": "object",
         "properties": {
-            "winner": {"type": "string", "enum": ["A", "B", "tie"],
-                       "description": "A or B for the better answer; tie when neither is better."},
+            "winner": {
+                "type": "string",
+                "enum": ["A", "B", "tie"],
+                "description": "A or B for the better answer; tie when neither is better.",
+            },
             "reason": {"type": "string", "description": "One or two sentences: the deciding difference."},
         },
         "required": ["winner", "reason"],
@@ -139,7 +142,9 @@ def price_table(path: str = "") -> dict[str, tuple[float, float]]:
         try:
             prices[str(model)] = (float(entry["input_per_mtok"]), float(entry["output_per_mtok"]))
         except (KeyError, TypeError, ValueError):
-            raise ValueError(f"{path}: {model}: give input_per_mtok and output_per_mtok (USD per million tokens)") from None
+            raise ValueError(
+                f"{path}: {model}: give input_per_mtok and output_per_mtok (USD per million tokens)"
+            ) from None
     return prices
 
 
@@ -171,8 +176,9 @@ def _cut(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:limit] + f"\n[... {len(text) - limit} characters cut]"
 
 
-def judge_request(pair: ShadowPair, rubric: str, candidate_first: bool, *, model: str, max_tokens: int,
-                  max_chars: int) -> dict[str, Any]:
+def judge_request(
+    pair: ShadowPair, rubric: str, candidate_first: bool, *, model: str, max_tokens: int, max_chars: int
+) -> dict[str, Any]:
     """The ``messages.create`` arguments for one order (A = the first answer shown)."""
     first, second = (pair.candidate, pair.control) if candidate_first else (pair.control, pair.candidate)
     fmt = "\n(The user's application expects the answer to be valid JSON.)" if pair.expects_json else ""
@@ -197,8 +203,10 @@ def parse_verdict(message: Any) -> tuple[str, str]:
     calls = [block for block in content if _get(block, "type") == "tool_use" and _get(block, "name") == TOOL_NAME]
     if len(calls) != 1:
         kinds = [f"{_get(b, 'type')}:{_get(b, 'name') or ''}".rstrip(":") for b in content]
-        raise MalformedVerdict(f"expected one {TOOL_NAME} tool call, got {len(calls)} (content: {kinds or 'empty'}, "
-                               f"stop_reason {_get(message, 'stop_reason')!r})")
+        raise MalformedVerdict(
+            f"expected one {TOOL_NAME} tool call, got {len(calls)} (content: {kinds or 'empty'}, "
+            f"stop_reason {_get(message, 'stop_reason')!r})"
+        )
     arguments = _get(calls[0], "input")
     if not isinstance(arguments, dict):
         raise MalformedVerdict(f"{TOOL_NAME} input is not an object: {arguments!r:.200}")
@@ -221,8 +229,9 @@ def combine(control_first: str, candidate_first: str) -> str:
     return first if first == second else "tie"
 
 
-def reserve_estimate(pair: ShadowPair, rubric: str, model: str, max_tokens: int, max_chars: int,
-                     prices: dict[str, tuple[float, float]]) -> float:
+def reserve_estimate(
+    pair: ShadowPair, rubric: str, model: str, max_tokens: int, max_chars: int, prices: dict[str, tuple[float, float]]
+) -> float:
     """Worst-case USD of judging a pair (both orders)."""
     texts = (pair.prompt_text, pair.control.response_text, pair.candidate.response_text)
     size = sum(len(_cut(t or "", max_chars).encode()) for t in texts) + len(rubric.encode())
@@ -341,19 +350,35 @@ class Judge:
     when the judge cannot run, so the caller carries on without it.
     """
 
-    def __init__(self, settings: Settings, *, client: Any = None, prices: dict[str, tuple[float, float]] | None = None,
-                 rubrics: dict[str, str] | None = None, budget: Budget | None = None,
-                 sample_rate: float | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        client: Any = None,
+        prices: dict[str, tuple[float, float]] | None = None,
+        rubrics: dict[str, str] | None = None,
+        budget: Budget | None = None,
+        sample_rate: float | None = None,
+    ):
         self.settings = settings
         self.model = settings.judge_model
         self.prices = prices if prices is not None else price_table(settings.judge_prices)
         if self.model not in self.prices:
-            raise JudgeUnavailable(f"judge model {self.model!r} has no price in the table (add it with "
-                                   "SAFESWAP_JUDGE_PRICES): without one the budget cannot be kept")
+            raise JudgeUnavailable(
+                f"judge model {self.model!r} has no price in the table (add it with "
+                "SAFESWAP_JUDGE_PRICES): without one the budget cannot be kept"
+            )
         if not is_pinned(self.model):
-            log.warning("judge model %r is an alias, not a pinned snapshot: its verdicts can move when the alias "
-                        "does (set SAFESWAP_JUDGE_MODEL to a snapshot such as claude-sonnet-4-6)", self.model)
-        self.rubrics = rubrics if rubrics is not None else {str(k): str(v) for k, v in load_mapping(settings.judge_rubrics).items()}
+            log.warning(
+                "judge model %r is an alias, not a pinned snapshot: its verdicts can move when the alias "
+                "does (set SAFESWAP_JUDGE_MODEL to a snapshot such as claude-sonnet-4-6)",
+                self.model,
+            )
+        self.rubrics = (
+            rubrics
+            if rubrics is not None
+            else {str(k): str(v) for k, v in load_mapping(settings.judge_rubrics).items()}
+        )
         self.budget = budget or Budget(settings.judge_budget_usd)
         self.sample_rate = settings.judge_sample_rate if sample_rate is None else sample_rate
         self.stats = JudgeStats()
@@ -362,7 +387,7 @@ class Judge:
         self._owns_client = client is None
 
     @classmethod
-    def from_settings(cls, settings: Settings, **kwargs: Any) -> "Judge | None":
+    def from_settings(cls, settings: Settings, **kwargs: Any) -> Judge | None:
         if not settings.anthropic_api_key:
             log.warning("judge disabled: ANTHROPIC_API_KEY is not set (shadow pairs are still analysed, not judged)")
             return None
@@ -404,7 +429,7 @@ class Judge:
             return admission
         return await self.judge_admitted(admission)
 
-    def admit(self, pair: ShadowPair, budget_key: str | None = None) -> "Admission | JudgeResult":
+    def admit(self, pair: ShadowPair, budget_key: str | None = None) -> Admission | JudgeResult:
         """Sampling, the judgeable check and the budget reservation, at once (no await): the
         agent stores the reservation before any call is made (agents/judge.py)."""
         self.stats.pairs += 1
@@ -416,21 +441,28 @@ class Judge:
             return JudgeResult("not_judgeable", reason="a side has no answer")
         rubric = self.rubric_for(pair.rollout_id)
         settings = self.settings
-        reserved = reserve_estimate(pair, rubric, self.model, settings.judge_max_tokens,
-                                    settings.judge_max_answer_chars, self.prices)
+        reserved = reserve_estimate(
+            pair, rubric, self.model, settings.judge_max_tokens, settings.judge_max_answer_chars, self.prices
+        )
         payer = budget_key or pair.rollout_id
         if not self.budget.reserve(payer, reserved):
             self.stats.budget_skipped += 1
-            return JudgeResult("budget", reason=(f"judge budget for {payer}: "
-                                                 f"{self.budget.remaining(payer):.4f} USD left, "
-                                                 f"a pair may cost {reserved:.4f}"))
+            return JudgeResult(
+                "budget",
+                reason=(
+                    f"judge budget for {payer}: "
+                    f"{self.budget.remaining(payer):.4f} USD left, "
+                    f"a pair may cost {reserved:.4f}"
+                ),
+            )
         return Admission(pair, rubric, payer, reserved)
 
     async def judge_admitted(self, admission: Admission) -> JudgeResult:
         """Both orders of an admitted pair; settles its reservation with the actual cost."""
         pair, rubric, payer, reserved = admission.pair, admission.rubric, admission.payer, admission.reserved
-        outcomes = await asyncio.gather(self._judge_order(pair, rubric, False), self._judge_order(pair, rubric, True),
-                                        return_exceptions=True)
+        outcomes = await asyncio.gather(
+            self._judge_order(pair, rubric, False), self._judge_order(pair, rubric, True), return_exceptions=True
+        )
         cost = sum(o.cost_usd for o in outcomes if isinstance(o, _CallOutcome))
         cost += sum(getattr(o, "cost_usd", 0.0) for o in outcomes if isinstance(o, MalformedVerdict))
         self.budget.settle(payer, reserved, cost)
@@ -478,8 +510,14 @@ class Judge:
 
     async def _judge_order(self, pair: ShadowPair, rubric: str, candidate_first: bool) -> _CallOutcome:
         settings = self.settings
-        request = judge_request(pair, rubric, candidate_first, model=self.model, max_tokens=settings.judge_max_tokens,
-                                max_chars=settings.judge_max_answer_chars)
+        request = judge_request(
+            pair,
+            rubric,
+            candidate_first,
+            model=self.model,
+            max_tokens=settings.judge_max_tokens,
+            max_chars=settings.judge_max_answer_chars,
+        )
         message, retries = await self._create(request)
         usage = _get(message, "usage")
         input_tokens = int(_get(usage, "input_tokens") or 0)
@@ -526,7 +564,7 @@ class Judge:
             if attempt >= settings.judge_max_retries:
                 raise failure
             if wait is None:
-                wait = min(0.5 * 2 ** attempt, MAX_BACKOFF_S) * (1 - 0.25 * random.random())
+                wait = min(0.5 * 2**attempt, MAX_BACKOFF_S) * (1 - 0.25 * random.random())
             attempt += 1
             self.stats.retries += 1
             await asyncio.sleep(wait)  # outside the semaphore: a waiting call is not in flight
@@ -598,10 +636,31 @@ def encode_judgment(judgment: Judgment) -> str:
 
 
 __all__ = [
-    "Admission", "Budget", "DEFAULT_RUBRIC", "Judge", "JudgeCallError", "JudgeResult", "JudgeStats", "JudgeUnavailable",
-    "MalformedVerdict", "TOOL_CHOICE", "TOOL_NAME", "VERDICT_TOOL", "call_cost", "combine", "judge_pairs",
-    "judge_request", "judgeable", "parse_verdict", "price_table", "read_pairs", "reserve_estimate",
-    "retry_after_s", "rubric_hash", "sampled", "summary",
+    "Admission",
+    "Budget",
+    "DEFAULT_RUBRIC",
+    "Judge",
+    "JudgeCallError",
+    "JudgeResult",
+    "JudgeStats",
+    "JudgeUnavailable",
+    "MalformedVerdict",
+    "TOOL_CHOICE",
+    "TOOL_NAME",
+    "VERDICT_TOOL",
+    "call_cost",
+    "combine",
+    "judge_pairs",
+    "judge_request",
+    "judgeable",
+    "parse_verdict",
+    "price_table",
+    "read_pairs",
+    "reserve_estimate",
+    "retry_after_s",
+    "rubric_hash",
+    "sampled",
+    "summary",
 ]
 
 
@@ -609,11 +668,19 @@ __all__ = [
 def register(app) -> None:
     @app.command("judge")
     def judge_command(
-        pairs_file: Annotated[Path, typer.Argument(help="Shadow pairs, one JSON object per line (the shadow topic's form).")],
-        out: Annotated[Optional[Path], typer.Option("--out", help="Write the judgments here (JSONL).")] = None,
-        sample_rate: Annotated[Optional[float], typer.Option("--sample-rate", min=0, max=1,
-                                                             help="Share of pairs judged (default SAFESWAP_JUDGE_SAMPLE_RATE).")] = None,
-        json_out: Annotated[bool, typer.Option("--json", help="Print the summary as one JSON object on the last line.")] = False,
+        pairs_file: Annotated[
+            Path, typer.Argument(help="Shadow pairs, one JSON object per line (the shadow topic's form).")
+        ],
+        out: Annotated[Path | None, typer.Option("--out", help="Write the judgments here (JSONL).")] = None,
+        sample_rate: Annotated[
+            float | None,
+            typer.Option(
+                "--sample-rate", min=0, max=1, help="Share of pairs judged (default SAFESWAP_JUDGE_SAMPLE_RATE)."
+            ),
+        ] = None,
+        json_out: Annotated[
+            bool, typer.Option("--json", help="Print the summary as one JSON object on the last line.")
+        ] = False,
     ) -> None:
         """Judge a file of shadow pairs with the judge the worker uses (ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL)."""
         from rich.console import Console
@@ -652,8 +719,12 @@ def register(app) -> None:
         if out is not None:
             out.write_text("".join(line + "\n" for line in lines))
         result = summary(judge.stats, len(problems))
-        err.print(f"judged {result['judged']} of {result['pairs']} pairs: {result['candidate_wins']} candidate, "
-                  f"{result['ties']} tie, {result['control_wins']} control; {result['errors']} errors; "
-                  f"{result['cost_usd']:.4f} USD ({judge.model})", highlight=False, markup=False)
+        err.print(
+            f"judged {result['judged']} of {result['pairs']} pairs: {result['candidate_wins']} candidate, "
+            f"{result['ties']} tie, {result['control_wins']} control; {result['errors']} errors; "
+            f"{result['cost_usd']:.4f} USD ({judge.model})",
+            highlight=False,
+            markup=False,
+        )
         if json_out:
             print(json.dumps(result))

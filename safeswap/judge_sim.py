@@ -80,7 +80,7 @@ class MessagesEndpoint:
             site = web.TCPSite(runner, "127.0.0.1", 0)
             self._loop.run_until_complete(site.start())
             self.port = site._server.sockets[0].getsockname()[1]
-        except BaseException as exc:  # reported by start()
+        except BaseException as exc:  # noqa: BLE001 - reported by start()
             self._failure = exc
             self._started.set()
             return
@@ -127,16 +127,27 @@ class MessagesEndpoint:
     def message(self, content: list[dict[str, Any]], stop_reason: str, body: dict[str, Any]) -> web.Response:
         """A Messages API reply with ``usage`` from :meth:`usage`."""
         input_tokens, output_tokens = self.usage(body)
-        return web.json_response({
-            "id": "msg_simulated", "type": "message", "role": "assistant", "model": body.get("model", "simulated"),
-            "content": content, "stop_reason": stop_reason, "stop_sequence": None,
-            "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
-        })
+        return web.json_response(
+            {
+                "id": "msg_simulated",
+                "type": "message",
+                "role": "assistant",
+                "model": body.get("model", "simulated"),
+                "content": content,
+                "stop_reason": stop_reason,
+                "stop_sequence": None,
+                "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens},
+            }
+        )
 
     def verdict(self, winner: str, reason: str, body: dict[str, Any]) -> web.Response:
         """The forced tool call the judge asks for."""
-        tool = {"type": "tool_use", "id": "toolu_simulated", "name": TOOL_NAME,
-                "input": {"winner": winner, "reason": reason}}
+        tool = {
+            "type": "tool_use",
+            "id": "toolu_simulated",
+            "name": TOOL_NAME,
+            "input": {"winner": winner, "reason": reason},
+        }
         return self.message([tool], "tool_use", body)
 
     def usage(self, body: dict[str, Any]) -> tuple[int, int]:
@@ -159,19 +170,20 @@ def between(text: str, tag: str) -> str:
 
 
 # -- the simulated judge -------------------------------------------------------------------
-def simulated_winner(request: str, control: str, candidate: str, candidate_wins: float,
-                     control_wins: float) -> str:
+def simulated_winner(request: str, control: str, candidate: str, candidate_wins: float, control_wins: float) -> str:
     """``candidate`` | ``control`` | ``tie`` for one pair, the same in both orders.
 
     A refusal loses to an answer; otherwise a stable hash of the request and both
     answers falls into [0, 1): below ``candidate_wins`` the candidate wins, in the
     next ``control_wins`` control does, above both it is a tie."""
-    refused = {name: REFUSAL_OPENINGS.match(text[:200]) is not None
-               for name, text in (("control", control), ("candidate", candidate))}
+    refused = {
+        name: REFUSAL_OPENINGS.match(text[:200]) is not None
+        for name, text in (("control", control), ("candidate", candidate))
+    }
     if refused["control"] != refused["candidate"]:
         return "control" if refused["candidate"] else "candidate"
     digest = hashlib.sha256("\x00".join((request, control, candidate)).encode()).digest()
-    u = int.from_bytes(digest[:8], "big") / 2 ** 64
+    u = int.from_bytes(digest[:8], "big") / 2**64
     if u < candidate_wins:
         return "candidate"
     if u < candidate_wins + control_wins:
@@ -193,8 +205,7 @@ class SimulatedJudge(MessagesEndpoint):
         if candidate_is_a == candidate_is_b:  # not a simulated pair: no side to prefer
             return self.verdict("tie", "simulated judge: cannot tell which answer is the candidate's", body)
         candidate, control = (answer_a, answer_b) if candidate_is_a else (answer_b, answer_a)
-        winner = simulated_winner(between(text, "request"), control, candidate, self.candidate_wins,
-                                  self.control_wins)
+        winner = simulated_winner(between(text, "request"), control, candidate, self.candidate_wins, self.control_wins)
         if winner == "tie":
             return self.verdict("tie", "simulated judge: neither answer is better", body)
         position = "A" if (winner == "candidate") == candidate_is_a else "B"

@@ -16,12 +16,13 @@ from __future__ import annotations
 from array import array
 from bisect import bisect_right
 from collections import defaultdict
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
-from schemas import FeedbackEvent, StatsSnapshot, TraceEvent, decode
 from safeswap.stats import Ratio
+from schemas import FeedbackEvent, StatsSnapshot, TraceEvent, decode
 
 # The metrics the first guardrail path computes; the outcomes issue adds more.
 GUARDRAIL_METRICS: tuple[str, ...] = ("thumbs_down_rate", "error_rate")
@@ -138,22 +139,37 @@ def fold_raw(state: PartitionStats, is_trace: bool, raw: bytes) -> bool:
 
 # --- Outcome metrics (docs/metrics.md) -------------------------------------------------
 
-ERROR_KIND_METRICS: tuple[str, ...] = tuple(f"error_rate_{kind}" for kind in
-                                            ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other"))
+ERROR_KIND_METRICS: tuple[str, ...] = tuple(
+    f"error_rate_{kind}" for kind in ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other")
+)
 # Every ratio metric: per-user numerator and denominator sums (safeswap.stats.Ratio).
 RATIO_METRICS: tuple[str, ...] = (
-    "thumbs_down_rate", "thumbs_up_rate", "edit_rate", "edit_distance_mean", "edit_distance_words_mean",
-    "retry_rate", "follow_up_rate", "session_turns_mean", "abandon_rate",
-    "error_rate", *ERROR_KIND_METRICS,
-    "latency_ms_mean", "latency_ms_mean_cache_hit", "latency_ms_mean_cache_miss",
-    "cost_usd_mean", "cost_per_session_mean", "cache_hit_rate",
+    "thumbs_down_rate",
+    "thumbs_up_rate",
+    "edit_rate",
+    "edit_distance_mean",
+    "edit_distance_words_mean",
+    "retry_rate",
+    "follow_up_rate",
+    "session_turns_mean",
+    "abandon_rate",
+    "error_rate",
+    *ERROR_KIND_METRICS,
+    "latency_ms_mean",
+    "latency_ms_mean_cache_hit",
+    "latency_ms_mean_cache_miss",
+    "cost_usd_mean",
+    "cost_per_session_mean",
+    "cache_hit_rate",
     "responses_per_user",
 )
 M = {name: index for index, name in enumerate(RATIO_METRICS)}
 N_RATIO = len(RATIO_METRICS)
 # Latency quantiles (safeswap.stats LatencyHistogram with users' hash buckets as clusters), per cache stratum.
 HISTOGRAM_METRICS: dict[str, str] = {
-    "latency_ms_p95": "all", "latency_ms_p95_cache_hit": "cache_hit", "latency_ms_p95_cache_miss": "cache_miss",
+    "latency_ms_p95": "all",
+    "latency_ms_p95_cache_hit": "cache_hit",
+    "latency_ms_p95_cache_miss": "cache_miss",
 }
 QUANTILE = 0.95
 
@@ -225,7 +241,7 @@ class VariantSums:
             totals = self.buckets[b] = array("d", bytes(16 * N_RATIO))
         return totals
 
-    def absorb(self, other: "VariantSums") -> None:
+    def absorb(self, other: VariantSums) -> None:
         """Add another cell's statistics (disjoint users): the arm's figures over all cohorts.
         Its latency histograms join the pooled ones as counts only: the pooled view gives the
         arm's p95, the tests read each cohort's cluster moments (docs/metrics.md)."""
@@ -297,14 +313,21 @@ class VariantSums:
 
     def ratio(self, m: int) -> Ratio | None:
         j = 6 * m
-        n, num, num_sq, den, den_sq, num_den = self.sums[j:j + 6]
+        n, num, num_sq, den, den_sq, num_den = self.sums[j : j + 6]
         if n <= 0 or den == 0:
             return None
         units = int(round(n))
         # ``users``: the cell's distinct users (those with a response); per-metric users
         # (e.g. only those who edited) are not tracked per user, buckets are.
-        return Ratio(n_units=units, num=num, num_sq=max(num_sq, 0.0), den=den, den_sq=max(den_sq, 0.0),
-                     num_den=num_den, users=max(self.users, units))
+        return Ratio(
+            n_units=units,
+            num=num,
+            num_sq=max(num_sq, 0.0),
+            den=den,
+            den_sq=max(den_sq, 0.0),
+            num_den=num_den,
+            users=max(self.users, units),
+        )
 
     def histograms(self) -> dict[str, Any]:
         """Per stratum ("all", "cache_hit", "cache_miss"), the cell's LatencyHistogram with

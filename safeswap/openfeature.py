@@ -111,8 +111,12 @@ class SafeswapProvider(AbstractProvider):
     ) -> FlagResolutionDetails[bool]:
         details = self._resolve(flag_key, evaluation_context)
         return FlagResolutionDetails(
-            value=details.value == "candidate", error_code=details.error_code, error_message=details.error_message,
-            reason=details.reason, variant=details.variant, flag_metadata=details.flag_metadata,
+            value=details.value == "candidate",
+            error_code=details.error_code,
+            error_message=details.error_message,
+            reason=details.reason,
+            variant=details.variant,
+            flag_metadata=details.flag_metadata,
         )
 
     def resolve_object_details(
@@ -125,8 +129,11 @@ class SafeswapProvider(AbstractProvider):
         decision = self.flags.decision(flag_key)
         described = dict(getattr(decision, details.value, None) or {}) if decision is not None else {}
         return FlagResolutionDetails(
-            value={**described, "variant": details.value}, error_code=details.error_code,
-            error_message=details.error_message, reason=details.reason, variant=details.variant,
+            value={**described, "variant": details.value},
+            error_code=details.error_code,
+            error_message=details.error_message,
+            reason=details.reason,
+            variant=details.variant,
             flag_metadata=details.flag_metadata,
         )
 
@@ -144,14 +151,18 @@ class SafeswapProvider(AbstractProvider):
         user_id = context.targeting_key if context is not None else None
         if not user_id:
             return FlagResolutionDetails(
-                value="control", variant="control", reason=Reason.ERROR, error_code=ErrorCode.TARGETING_KEY_MISSING,
+                value="control",
+                variant="control",
+                reason=Reason.ERROR,
+                error_code=ErrorCode.TARGETING_KEY_MISSING,
                 error_message="safeswap needs the user id as the evaluation context's targeting_key",
             )
         flags = self.flags
         decision = flags.decision(rollout_id)
         if decision is None or not flags.serving:
-            return FlagResolutionDetails(value="control", variant="control", reason=Reason.DEFAULT,
-                                         flag_metadata={"rollout_id": rollout_id})
+            return FlagResolutionDetails(
+                value="control", variant="control", reason=Reason.DEFAULT, flag_metadata={"rollout_id": rollout_id}
+            )
         value = flags.variant(rollout_id, user_id)
         if flags.is_stale():
             reason = Reason.STALE
@@ -159,22 +170,30 @@ class SafeswapProvider(AbstractProvider):
             reason = Reason.SPLIT
         else:
             reason = Reason.STATIC
-        return FlagResolutionDetails(value=value, variant=value, reason=reason,
-                                     flag_metadata=_metadata(decision, value))
+        return FlagResolutionDetails(
+            value=value, variant=value, reason=reason, flag_metadata=_metadata(decision, value)
+        )
 
 
 def _metadata(decision: Decision, variant: str) -> dict[str, bool | int | float | str]:
     described = decision.candidate if variant == "candidate" else decision.control
     metadata: dict[str, bool | int | float | str] = {k: v for k, v in described.items() if isinstance(v, str)}
     metadata.update(
-        rollout_id=decision.rollout_id, stage=decision.stage, action=decision.action, percent=float(decision.percent),
-        shadow_percent=float(decision.shadow_percent), seq=decision.seq, salt=decision.salt,
+        rollout_id=decision.rollout_id,
+        stage=decision.stage,
+        action=decision.action,
+        percent=float(decision.percent),
+        shadow_percent=float(decision.shadow_percent),
+        seq=decision.seq,
+        salt=decision.salt,
     )
     return metadata
 
 
 def _type_mismatch(default_value: Any, kind: str) -> FlagResolutionDetails[Any]:
     return FlagResolutionDetails(
-        value=default_value, reason=Reason.ERROR, error_code=ErrorCode.TYPE_MISMATCH,
+        value=default_value,
+        reason=Reason.ERROR,
+        error_code=ErrorCode.TYPE_MISMATCH,
         error_message=f"safeswap flags are strings (control|candidate) or booleans, not {kind}",
     )

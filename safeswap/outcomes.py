@@ -51,18 +51,16 @@ agree with the streaming path.
 
 from __future__ import annotations
 
-from bisect import insort
+from bisect import bisect_right, insort
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, get_args
+from typing import Any, get_args
 
+import msgspec
 from rapidfuzz import fuzz
 from rapidfuzz.distance import Levenshtein
 
-from bisect import bisect_right
-
 from safeswap.metrics import M, VariantSums
-import msgspec
-
 from schemas import Decision, FeedbackEvent, InvalidEvent, OutcomeRecord, StatsSnapshot, TraceEvent, decode
 from schemas.events import Variant, rfc3339
 from streams.dedup import DistinctHashes, DueQueue, Watermarks, id_hash
@@ -81,16 +79,21 @@ _TURNS, _ABANDON, _COST_SESSION = M["session_turns_mean"], M["abandon_rate"], M[
 _ERROR, _LATENCY, _COST, _CACHE = M["error_rate"], M["latency_ms_mean"], M["cost_usd_mean"], M["cache_hit_rate"]
 _LATENCY_HIT, _LATENCY_MISS = M["latency_ms_mean_cache_hit"], M["latency_ms_mean_cache_miss"]
 _RESPONSES_PER_USER = M["responses_per_user"]
-_ERROR_KINDS = {kind: M[f"error_rate_{kind}"]
-                for kind in ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other")}
+_ERROR_KINDS = {
+    kind: M[f"error_rate_{kind}"]
+    for kind in ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other")
+}
 _ERROR_KIND_LIST = tuple(_ERROR_KINDS.values())
 _VARIANTS = get_args(Variant)  # control, candidate
 # A new response's increments that depend only on its error value: 0 for thumbs, edit,
 # retry and follow-up (feedback fills them in later), 0/1 for the error rate and each kind.
 _PER_RESPONSE_ZERO = tuple((m, 0.0) for m in (_THUMBS_DOWN, _THUMBS_UP, _EDIT, _RETRY, _FOLLOW))
 _ERROR_ROWS = {
-    error: (*_PER_RESPONSE_ZERO, (_ERROR, 0.0 if error == "none" else 1.0),
-            *((m, 1.0 if m == _ERROR_KINDS.get(error) else 0.0) for m in _ERROR_KIND_LIST))
+    error: (
+        *_PER_RESPONSE_ZERO,
+        (_ERROR, 0.0 if error == "none" else 1.0),
+        *((m, 1.0 if m == _ERROR_KINDS.get(error) else 0.0) for m in _ERROR_KIND_LIST),
+    )
     for error in ("none", "other", *_ERROR_KINDS)
 }
 
@@ -108,7 +111,7 @@ class OutcomeConfig:
     max_event_bytes: int = 1_000_000
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "OutcomeConfig":
+    def from_settings(cls, settings: Any) -> OutcomeConfig:
         ms = lambda seconds: int(round(seconds * 1000))  # noqa: E731
         return cls(
             gap_ms=ms(settings.session_gap_s),
@@ -126,11 +129,36 @@ class OutcomeConfig:
 class Response:
     """One served response and what is known about it so far."""
 
-    __slots__ = ("trace", "trace_id", "ts", "variant", "cell", "totals", "prompt", "text", "error", "cost", "closed",
-                 "last",
-                 "down", "up", "edited", "edit_key", "dist", "dist_words",
-                 "explicit_retry", "implicit_retry", "explicit_follow", "has_next", "counted_retry",
-                 "counted_follow", "counted_abandon", "last_negative", "last_positive", "abandon_feedback")
+    __slots__ = (
+        "trace",
+        "trace_id",
+        "ts",
+        "variant",
+        "cell",
+        "totals",
+        "prompt",
+        "text",
+        "error",
+        "cost",
+        "closed",
+        "last",
+        "down",
+        "up",
+        "edited",
+        "edit_key",
+        "dist",
+        "dist_words",
+        "explicit_retry",
+        "implicit_retry",
+        "explicit_follow",
+        "has_next",
+        "counted_retry",
+        "counted_follow",
+        "counted_abandon",
+        "last_negative",
+        "last_positive",
+        "abandon_feedback",
+    )
 
     def __init__(self, trace: TraceEvent, max_chars: int, cell: VariantSums, totals: list[float]) -> None:
         # for its outcome record; without the texts, which may be large
@@ -168,14 +196,29 @@ class Response:
 def outcome_record(response: Response) -> OutcomeRecord:
     trace = response.trace
     return OutcomeRecord(
-        event_id=f"outcome-{trace.trace_id}", ts=trace.ts, rollout_id=trace.rollout_id, trace_id=trace.trace_id,
-        variant=trace.variant, user_id=trace.user_id, session_id=trace.session_id,
-        prompt_version=trace.prompt_version, model_version=trace.model_version, latency_ms=trace.latency_ms,
-        cost_usd=trace.cost_usd, cache_hit=trace.cache_hit, error=trace.error, thumbs_up=response.up,
-        thumbs_down=response.down, edited=response.edited, edit_distance=response.dist,
-        edit_distance_words=response.dist_words, retried=response.counted_retry,
+        event_id=f"outcome-{trace.trace_id}",
+        ts=trace.ts,
+        rollout_id=trace.rollout_id,
+        trace_id=trace.trace_id,
+        variant=trace.variant,
+        user_id=trace.user_id,
+        session_id=trace.session_id,
+        prompt_version=trace.prompt_version,
+        model_version=trace.model_version,
+        latency_ms=trace.latency_ms,
+        cost_usd=trace.cost_usd,
+        cache_hit=trace.cache_hit,
+        error=trace.error,
+        thumbs_up=response.up,
+        thumbs_down=response.down,
+        edited=response.edited,
+        edit_distance=response.dist,
+        edit_distance_words=response.dist_words,
+        retried=response.counted_retry,
         follow_up=response.counted_follow,
-        session_last=response.last, abandoned=response.last and response.abandoned())
+        session_last=response.last,
+        abandoned=response.last and response.abandoned(),
+    )
 
 
 def _sort_key(response: Response) -> tuple[int, str]:
@@ -183,8 +226,21 @@ def _sort_key(response: Response) -> tuple[int, str]:
 
 
 class UserState:
-    __slots__ = ("rollout_id", "user_id", "uid", "variants", "crossed", "open", "by_trace", "pending", "ids",
-                 "arm", "cohort", "due", "release_at")
+    __slots__ = (
+        "rollout_id",
+        "user_id",
+        "uid",
+        "variants",
+        "crossed",
+        "open",
+        "by_trace",
+        "pending",
+        "ids",
+        "arm",
+        "cohort",
+        "due",
+        "release_at",
+    )
 
     def __init__(self, rollout_id: str, user_id: str) -> None:
         self.rollout_id = rollout_id
@@ -271,8 +327,11 @@ class OutcomeProcessor:
         self.events_since_snapshot += 1
         self.events_since_checkpoint += 1
         if len(raw) > self.config.max_event_bytes:
-            return self._reject("invalid", "too_large",
-                                f"event of {len(raw):,} bytes exceeds max_event_bytes={self.config.max_event_bytes:,}")
+            return self._reject(
+                "invalid",
+                "too_large",
+                f"event of {len(raw):,} bytes exceeds max_event_bytes={self.config.max_event_bytes:,}",
+            )
         try:
             event = decode(TraceEvent if source == TRACE else FeedbackEvent, raw)
         except InvalidEvent as exc:
@@ -339,8 +398,15 @@ class OutcomeProcessor:
         latency = trace.latency_ms
         hit = trace.cache_hit
         sums.add_response(totals, _ERROR_ROWS[trace.error])
-        sums.add_response(totals, ((_LATENCY, latency), (_LATENCY_HIT if hit else _LATENCY_MISS, latency),
-                                   (_COST, trace.cost_usd), (_CACHE, 1.0 if hit else 0.0)))
+        sums.add_response(
+            totals,
+            (
+                (_LATENCY, latency),
+                (_LATENCY_HIT if hit else _LATENCY_MISS, latency),
+                (_COST, trace.cost_usd),
+                (_CACHE, 1.0 if hit else 0.0),
+            ),
+        )
         sums.add_latency(latency, hit, user.uid)
 
         response = Response(trace, config.max_edit_chars, sums, totals)
@@ -351,8 +417,9 @@ class OutcomeProcessor:
                 if joinable(trace.ts, fb_ts, config.join_ttl_ms):
                     self._join(user, response, feedback)
                 else:
-                    self.rejected.append((origin, self._reject("late", "feedback_unjoined",
-                                                               self._unjoined_reason(feedback, trace.ts))))
+                    self.rejected.append(
+                        (origin, self._reject("late", "feedback_unjoined", self._unjoined_reason(feedback, trace.ts)))
+                    )
         self._schedule(user, min(trace.ts + config.gap_ms, trace.ts + config.join_ttl_ms + 1))
         self._touch(trace.rollout_id, trace.ts)
         self._advance()
@@ -370,8 +437,11 @@ class OutcomeProcessor:
                     served = (arm,)
                     break
             if served:
-                served += tuple(v for v in _VARIANTS if v != served[0] and (also := self.also_served.get((rollout, v)))
-                                is not None and uid in also)
+                served += tuple(
+                    v
+                    for v in _VARIANTS
+                    if v != served[0] and (also := self.also_served.get((rollout, v))) is not None and uid in also
+                )
             user.variants = served
         if variant not in served:
             if not served:  # the user's first trace in this rollout: its arm and cohort
@@ -486,7 +556,9 @@ class OutcomeProcessor:
         if response.last_positive is None or ts > response.last_positive:
             response.last_positive = ts
 
-    def _edit_distance(self, sums: VariantSums, totals: list[float], response: Response, feedback: FeedbackEvent) -> None:
+    def _edit_distance(
+        self, sums: VariantSums, totals: list[float], response: Response, feedback: FeedbackEvent
+    ) -> None:
         """Distance of the latest edit (by event time, then event id) of a response."""
         if feedback.final_text is None or response.text is None:
             return
@@ -573,7 +645,7 @@ class OutcomeProcessor:
         if opened:
             closed = closable_sessions([r.ts for r in opened], watermark, config.gap_ms)
             for first, last in closed:
-                self._close_session(user, opened[first:last + 1])
+                self._close_session(user, opened[first : last + 1])
             if closed:
                 del opened[: closed[-1][1] + 1]
         ttl = config.join_ttl_ms
@@ -584,10 +656,17 @@ class OutcomeProcessor:
                 self.outcome_records.append(outcome_record(final))
         if user.pending.waiting:
             for feedback, origin in user.pending.expire(watermark, ttl):
-                self.rejected.append((origin, self._reject(
-                    "late", "feedback_unjoined",
-                    f"feedback {feedback.event_id} for trace {feedback.trace_id}: no trace within the join TTL "
-                    f"({ttl // 1000} s)")))
+                self.rejected.append(
+                    (
+                        origin,
+                        self._reject(
+                            "late",
+                            "feedback_unjoined",
+                            f"feedback {feedback.event_id} for trace {feedback.trace_id}: no trace within the join TTL "
+                            f"({ttl // 1000} s)",
+                        ),
+                    )
+                )
         user.ids = {event_id: ts for event_id, ts in user.ids.items() if ts >= watermark}
         key = (user.rollout_id, user.user_id)
         if not opened and not by_trace and not user.pending.waiting:
@@ -600,8 +679,9 @@ class OutcomeProcessor:
         # A response is final once its session has closed *and* its join TTL has passed. An
         # open session's responses wait for its end (the candidate above): counting their
         # TTL alone would wake a user whose session outlasts the TTL at every watermark step.
-        final_ts = [r.ts for r in by_trace.values() if r.closed] or \
-            ([] if opened else [r.ts for r in by_trace.values()])
+        final_ts = [r.ts for r in by_trace.values() if r.closed] or (
+            [] if opened else [r.ts for r in by_trace.values()]
+        )
         if final_ts:
             candidates.append(min(final_ts) + ttl + 1)
         oldest = user.pending.oldest_ts()
@@ -646,16 +726,22 @@ class OutcomeProcessor:
 
     def _late_reason(self, source: str, ts: int) -> str:
         newest = self.marks.newest[source]
-        return (f"event time {rfc3339(ts)} is {(newest - ts) / 1000:.0f} s behind the newest {source} event "
-                f"({rfc3339(newest)}); allowed lateness is {self.config.lateness_ms / 1000:.0f} s")
+        return (
+            f"event time {rfc3339(ts)} is {(newest - ts) / 1000:.0f} s behind the newest {source} event "
+            f"({rfc3339(newest)}); allowed lateness is {self.config.lateness_ms / 1000:.0f} s"
+        )
 
     def _future_reason(self, ts: int, now_ms: int) -> str:
-        return (f"event time {rfc3339(ts)} is more than {self.config.max_future_ms / 1000:.0f} s ahead of the "
-                f"worker's clock ({rfc3339(now_ms)})")
+        return (
+            f"event time {rfc3339(ts)} is more than {self.config.max_future_ms / 1000:.0f} s ahead of the "
+            f"worker's clock ({rfc3339(now_ms)})"
+        )
 
     def _unjoined_reason(self, feedback: FeedbackEvent, trace_ts: int) -> str:
-        return (f"feedback {feedback.event_id} is {abs(feedback.ts - trace_ts) / 1000:.0f} s from its trace "
-                f"{feedback.trace_id}; the join TTL is {self.config.join_ttl_ms / 1000:.0f} s")
+        return (
+            f"feedback {feedback.event_id} is {abs(feedback.ts - trace_ts) / 1000:.0f} s from its trace "
+            f"{feedback.trace_id}; the join TTL is {self.config.join_ttl_ms / 1000:.0f} s"
+        )
 
     # -- output ---------------------------------------------------------------------------
     def rollouts(self) -> list[str]:
@@ -691,12 +777,21 @@ class OutcomeProcessor:
                 also = self.also_served.get((rollout, variant))
                 users[variant] = exposures.get(variant, 0) + (len(also) if also is not None else 0)
         crossed = self.crossed_users.get(rollout_id)
-        return StatsSnapshot(rollout_id=rollout_id, partition=self.partition, seq=seq,
-                             ts=self.latest_ts.get(rollout_id, 0), users=users, metrics=metrics,
-                             models=models, counts=counts, first_exposures=exposures,
-                             crossover_users=len(crossed) if crossed is not None else 0,
-                             cohorts=cohorts, cohort_exposures=cohort_exposures,
-                             cohort_starts=list(self.cohort_starts.get(rollout_id, ())))
+        return StatsSnapshot(
+            rollout_id=rollout_id,
+            partition=self.partition,
+            seq=seq,
+            ts=self.latest_ts.get(rollout_id, 0),
+            users=users,
+            metrics=metrics,
+            models=models,
+            counts=counts,
+            first_exposures=exposures,
+            crossover_users=len(crossed) if crossed is not None else 0,
+            cohorts=cohorts,
+            cohort_exposures=cohort_exposures,
+            cohort_starts=list(self.cohort_starts.get(rollout_id, ())),
+        )
 
     def take_dirty_snapshots(self, seq: int) -> list[StatsSnapshot]:
         dirty, self.dirty = self.dirty, set()

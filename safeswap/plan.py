@@ -16,8 +16,8 @@ from typing import Any
 
 import msgspec
 
-from safeswap.metrics import HISTOGRAM_METRICS, RATIO_METRICS
 from safeswap.config_files import ConfigIssue, convert_config, line_for, read_config
+from safeswap.metrics import HISTOGRAM_METRICS, RATIO_METRICS
 from schemas import RolloutPlan
 
 # Guardrail metrics are the outcome metrics (docs/metrics.md). For most a rise is
@@ -57,8 +57,13 @@ def _anthropic_snapshots() -> frozenset[str]:
     from anthropic.types import Model
 
     names = {a for arg in get_args(Model) for a in (get_args(arg) or (arg,)) if isinstance(a, str)}
-    return frozenset(n for n in names if not PINNED_MODEL.search(n) and not n.endswith("-latest")
-                     and not any(re.fullmatch(re.escape(n) + r"-\d{8}", m) for m in names))
+    return frozenset(
+        n
+        for n in names
+        if not PINNED_MODEL.search(n)
+        and not n.endswith("-latest")
+        and not any(re.fullmatch(re.escape(n) + r"-\d{8}", m) for m in names)
+    )
 
 
 def is_pinned(model: str) -> bool:
@@ -76,7 +81,7 @@ class PlanError(ValueError):
 
 
 def parse_duration(text: str) -> float:
-    """"24h" -> 86400.0; "1d12h" -> 129600.0. Raises ValueError with the accepted form."""
+    """ "24h" -> 86400.0; "1d12h" -> 129600.0. Raises ValueError with the accepted form."""
     position, total = 0, 0.0
     text = str(text)
     while position < len(text):
@@ -181,25 +186,46 @@ def check_plan(plan: RolloutPlan) -> tuple[list[tuple[str, str]], list[tuple[str
             errors.append((f"{path}.percent", "missing: the share of users (0-100] served the candidate"))
             continue
         if stage.percent <= previous_percent:
-            errors.append((f"{path}.percent", f"{stage.percent:g} does not go up from {previous_percent:g}: "
-                                              "percentages must increase stage after stage"))
+            errors.append(
+                (
+                    f"{path}.percent",
+                    f"{stage.percent:g} does not go up from {previous_percent:g}: "
+                    "percentages must increase stage after stage",
+                )
+            )
         if stage.name == "canary" and previous_percent > 0:
             errors.append((f"{path}.name", "the canary comes before the ramp stages"))
         if stage.name == "canary":
             if stage.percent > 5:
-                warnings.append((f"{path}.percent", f"a canary of {stage.percent:g}% exposes more users than the "
-                                                    "usual 1-5% before the guardrails have data"))
+                warnings.append(
+                    (
+                        f"{path}.percent",
+                        f"a canary of {stage.percent:g}% exposes more users than the "
+                        "usual 1-5% before the guardrails have data",
+                    )
+                )
             duration = _safe_duration(stage.min_duration)
             if duration < DAY_S:
-                warnings.append((f"{path}.min_duration", "a canary watched less than 24 h misses time-of-day "
-                                                         "effects (traffic mix changes between day and night)"))
+                warnings.append(
+                    (
+                        f"{path}.min_duration",
+                        "a canary watched less than 24 h misses time-of-day "
+                        "effects (traffic mix changes between day and night)",
+                    )
+                )
         previous_percent = stage.percent
     if durations and sum(durations) < 7 * DAY_S:
-        warnings.append(("stages", f"the stages watch {sum(durations) / DAY_S:.1f} days in all; under 7 days a "
-                                   "weekday/weekend difference can pass for a variant effect"))
+        warnings.append(
+            (
+                "stages",
+                f"the stages watch {sum(durations) / DAY_S:.1f} days in all; under 7 days a "
+                "weekday/weekend difference can pass for a variant effect",
+            )
+        )
     if plan.stages and previous_percent < 100 and not any(s.name == "ramp" and s.percent == 100 for s in plan.stages):
-        warnings.append(("stages", "no stage serves 100%: the rollout completes by switching everyone after "
-                                   "the last stage passes"))
+        warnings.append(
+            ("stages", "no stage serves 100%: the rollout completes by switching everyone after the last stage passes")
+        )
 
     changes = changed_parts(plan)
     for side in ("control", "candidate"):
@@ -207,22 +233,37 @@ def check_plan(plan: RolloutPlan) -> tuple[list[tuple[str, str]], list[tuple[str
         if model is None:
             errors.append((f"{side}.model", "missing: name the model (a dated snapshot) this variant serves"))
         elif not is_pinned(model) and not plan.allow_unpinned:
-            errors.append((f"{side}.model", f"{model!r} is an alias, not a pinned snapshot: use a dated version "
-                                            "(like claude-sonnet-4-5-20250929; Anthropic's ids from claude-sonnet-4-6 "
-                                            "on are snapshots) or set allow_unpinned: true"))
+            errors.append(
+                (
+                    f"{side}.model",
+                    f"{model!r} is an alias, not a pinned snapshot: use a dated version "
+                    "(like claude-sonnet-4-5-20250929; Anthropic's ids from claude-sonnet-4-6 "
+                    "on are snapshots) or set allow_unpinned: true",
+                )
+            )
     if len(changes) > 1 and not (plan.allow_multiple_changes or "").strip():
-        errors.append(("candidate", f"changes {len(changes)} things at once ({', '.join(changes)}): a regression "
-                                    "could not be traced to one of them; split the rollout or give "
-                                    "allow_multiple_changes: <reason>"))
+        errors.append(
+            (
+                "candidate",
+                f"changes {len(changes)} things at once ({', '.join(changes)}): a regression "
+                "could not be traced to one of them; split the rollout or give "
+                "allow_multiple_changes: <reason>",
+            )
+        )
     if not changes:
         warnings.append(("candidate", "identical to control: this rollout is an A/A rehearsal"))
     has_shadow = any(stage.name == "shadow" for stage in plan.stages)
     needs_shadow = "model" in changes or plan.stakes == "high"
     if needs_shadow and not has_shadow and not (plan.skip_shadow or "").strip():
         why = "a model change" if "model" in changes else "a high-stakes plan"
-        errors.append(("stages", f"{why} needs a shadow stage before users see it (\"evals passed\" is how "
-                                 "regressions ship): add {name: shadow, shadow_percent: 10, min_duration: 24h} "
-                                 "or give skip_shadow: <reason>"))
+        errors.append(
+            (
+                "stages",
+                f'{why} needs a shadow stage before users see it ("evals passed" is how '
+                "regressions ship): add {name: shadow, shadow_percent: 10, min_duration: 24h} "
+                "or give skip_shadow: <reason>",
+            )
+        )
 
     if not plan.guardrails:
         warnings.append(("guardrails", "no guardrails: nothing can roll this rollout back automatically"))
@@ -231,14 +272,26 @@ def check_plan(plan: RolloutPlan) -> tuple[list[tuple[str, str]], list[tuple[str
         if guardrail.metric not in METRIC_HARM:
             errors.append((f"{path}.metric", f"unknown metric {guardrail.metric!r}; known: {', '.join(METRIC_HARM)}"))
             continue
-        limits = [name for name in ("max_relative_increase", "max_absolute_increase", "max_relative_decrease",
-                                    "max_absolute_decrease") if getattr(guardrail, name) is not None]
+        limits = [
+            name
+            for name in (
+                "max_relative_increase",
+                "max_absolute_increase",
+                "max_relative_decrease",
+                "max_absolute_decrease",
+            )
+            if getattr(guardrail, name) is not None
+        ]
         if len(limits) > 1:
             errors.append((path, f"give one limit, not {', '.join(limits)}"))
         harm = METRIC_HARM[guardrail.metric]
         if limits and harm not in limits[0]:
-            errors.append((f"{path}.{limits[0]}", f"harm for {guardrail.metric} is a {harm}: use "
-                                                 f"max_{limits[0].split('_')[1]}_{harm}"))
+            errors.append(
+                (
+                    f"{path}.{limits[0]}",
+                    f"harm for {guardrail.metric} is a {harm}: use max_{limits[0].split('_')[1]}_{harm}",
+                )
+            )
     metrics = [g.metric for g in plan.guardrails]
     for metric in {m for m in metrics if metrics.count(m) > 1}:
         errors.append(("guardrails", f"{metric} is guarded twice: keep one rule per metric"))

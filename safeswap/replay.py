@@ -22,8 +22,9 @@ import json
 import re
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Annotated, Any, Iterable, Optional
+from typing import Annotated, Any
 
 import msgspec
 import typer
@@ -42,12 +43,13 @@ class _Head(msgspec.Struct):
 _head = msgspec.json.Decoder(_Head)
 VALUE_CHARS = 60  # an echoed value in a rejection reason is cut to this (never the line number or the reason)
 # a quoted value (not an apostrophe inside a word) longer than VALUE_CHARS
-_QUOTED = re.compile(r"""(?<!\w)(?:'([^']{%d})([^']+)'|"([^"]{%d})([^"]+)")""" % (VALUE_CHARS, VALUE_CHARS))
+_QUOTED = re.compile(rf"""(?<!\w)(?:'([^']{{{VALUE_CHARS}}})([^']+)'|"([^"]{{{VALUE_CHARS}}})([^"]+)")""")
 
 
 def short_values(reason: str) -> str:
     """``reason`` with each quoted value longer than VALUE_CHARS cut: one line per rejected input
     stays short even when a 10 MB text is echoed back by the validator."""
+
     def cut(m: re.Match) -> str:
         quote = "'" if m[1] is not None else '"'
         head, rest = (m[1], m[2]) if m[1] is not None else (m[3], m[4])
@@ -63,9 +65,17 @@ def partition_for(user_id: str, partitions: int) -> int:
     return (murmur2(user_id.encode()) & 0x7FFFFFFF) % partitions
 
 
-def replay_lines(lines: Iterable[bytes], config: OutcomeConfig, partitions: int, now_ms: int | None = None,
-                 report=None, look=None, look_every: int = 1000,
-                 pinned: tuple[str, dict[str, str | None]] | None = None, on_recorded_decision=None) -> dict[str, Any]:
+def replay_lines(
+    lines: Iterable[bytes],
+    config: OutcomeConfig,
+    partitions: int,
+    now_ms: int | None = None,
+    report=None,
+    look=None,
+    look_every: int = 1000,
+    pinned: tuple[str, dict[str, str | None]] | None = None,
+    on_recorded_decision=None,
+) -> dict[str, Any]:
     """Run the outcome logic over JSONL lines; ``report(line_no, reason)`` hears every rejected line,
     ``look(processors)`` is called every ``look_every`` lines and at the end (the controller's looks).
     ``pinned = (rollout_id, {variant: model})`` (from a plan) adds each variant's ``model_drift``."""
@@ -165,12 +175,22 @@ class DecisionReplay:
         state = self.rollouts[self.rollout_id]
         return {
             "rollout_id": self.rollout_id,
-            "decisions": [{"seq": d.seq, "ts": d.ts, "action": d.action, "stage": d.stage, "percent": d.percent,
-                           "reason": d.reason} for d in self.decisions],
+            "decisions": [
+                {
+                    "seq": d.seq,
+                    "ts": d.ts,
+                    "action": d.action,
+                    "stage": d.stage,
+                    "percent": d.percent,
+                    "reason": d.reason,
+                }
+                for d in self.decisions
+            ],
             "final_stage": state.stage,
             "cohort_starts": "recorded decisions" if self.follows_recording else "replay's own decisions",
             "guardrails": [msgspec.to_builtins(e) for e in state.last_evaluation.evidence]
-            if state.last_evaluation else [],
+            if state.last_evaluation
+            else [],
         }
 
 
@@ -178,9 +198,11 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def replay(
         events: Annotated[Path, typer.Argument(help="JSONL file: one trace or feedback event per line, field `type`.")],
-        plan: Annotated[Optional[Path], typer.Option("--plan", help="Rollout plan (YAML/JSON) to evaluate.")] = None,
+        plan: Annotated[Path | None, typer.Option("--plan", help="Rollout plan (YAML/JSON) to evaluate.")] = None,
         json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on the last line.")] = False,
-        partitions: Annotated[Optional[int], typer.Option(help="Partitions to route users to (default: settings).", min=1)] = None,
+        partitions: Annotated[
+            int | None, typer.Option(help="Partitions to route users to (default: settings).", min=1)
+        ] = None,
     ) -> None:
         """Compute the outcome metrics of a JSONL file of events offline (no Kafka)."""
         from rich.console import Console
@@ -195,12 +217,15 @@ def register(app: typer.Typer) -> None:
         try:
             handle = events.open("rb")
         except OSError as exc:
-            raise UserError(f"{events}: cannot read the events file: {exc.strerror} "
-                            "(fix: pass a JSONL file with one trace or feedback event per line)") from None
+            raise UserError(
+                f"{events}: cannot read the events file: {exc.strerror} "
+                "(fix: pass a JSONL file with one trace or feedback event per line)"
+            ) from None
 
         def report(line_no: Any, reason: str) -> None:  # every rejected line, however many
-            err.print(f"{events}:{line_no}: skipped: {short_values(reason)}", highlight=False, markup=False,
-                      soft_wrap=True)
+            err.print(
+                f"{events}:{line_no}: skipped: {short_values(reason)}", highlight=False, markup=False, soft_wrap=True
+            )
 
         controller = None
         pinned = None
@@ -213,12 +238,20 @@ def register(app: typer.Typer) -> None:
             if not loaded.ok:
                 raise typer.Exit(2)
             controller = DecisionReplay(loaded.plan)
-            pinned = (loaded.plan.rollout_id, {"control": loaded.plan.control.model,
-                                               "candidate": loaded.plan.candidate.model})
+            pinned = (
+                loaded.plan.rollout_id,
+                {"control": loaded.plan.control.model, "candidate": loaded.plan.candidate.model},
+            )
         with handle:
-            result = replay_lines(handle, OutcomeConfig.from_settings(settings), partitions or settings.partitions,
-                                  report=report, look=controller.look if controller else None,
-                                  pinned=pinned, on_recorded_decision=controller.recorded if controller else None)
+            result = replay_lines(
+                handle,
+                OutcomeConfig.from_settings(settings),
+                partitions or settings.partitions,
+                report=report,
+                look=controller.look if controller else None,
+                pinned=pinned,
+                on_recorded_decision=controller.recorded if controller else None,
+            )
         if controller is not None:
             result["plan"] = controller.summary()
             from safeswap.views import decision_line
@@ -226,8 +259,12 @@ def register(app: typer.Typer) -> None:
             for decision in controller.decisions:
                 err.print(decision_line(decision), highlight=False, markup=False, soft_wrap=True)
             for guardrail in result["plan"]["guardrails"]:  # where the rollout stands, guardrail by guardrail
-                err.print(f"guardrail {guardrail['status']}: {guardrail['reason']}", highlight=False,
-                          markup=False, soft_wrap=True)
+                err.print(
+                    f"guardrail {guardrail['status']}: {guardrail['reason']}",
+                    highlight=False,
+                    markup=False,
+                    soft_wrap=True,
+                )
         if json_out:
             sys.stdout.write(json.dumps(result) + "\n")
         else:
@@ -251,6 +288,11 @@ def result_table(result: dict[str, Any]):
                 value = rollout["variants"].get(variant, {}).get(name)
                 cells.append("-" if value is None else f"{value:,}" if isinstance(value, int) else f"{value:.4g}")
             table.add_row(name, *cells)
-        table.add_row("models", *[", ".join(f"{m}: {n}" for m, n in rollout["variants"].get(v, {}).get("models", {}).items())
-                                  for v in variants])
+        table.add_row(
+            "models",
+            *[
+                ", ".join(f"{m}: {n}" for m, n in rollout["variants"].get(v, {}).get("models", {}).items())
+                for v in variants
+            ],
+        )
     return table

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -36,13 +37,16 @@ class RolloutError(Exception):
 async def read_latest(settings: Settings, topic: str, event_type: type, timeout_s: float = 10.0) -> dict[str, Any]:
     """The last decodable record per key of a compacted topic, read from the beginning to its end now."""
     name = settings.topic(topic)
-    consumer = AIOKafkaConsumer(**client_options(settings), group_id=None, enable_auto_commit=False,
-                                request_timeout_ms=int(timeout_s * 1000))
+    consumer = AIOKafkaConsumer(
+        **client_options(settings), group_id=None, enable_auto_commit=False, request_timeout_ms=int(timeout_s * 1000)
+    )
     try:
         await asyncio.wait_for(consumer.start(), timeout_s)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any connect failure becomes a sentence for the CLI
         await consumer.stop()
-        raise RolloutError(f"cannot reach Kafka at {settings.broker}: {exc} (set SAFESWAP_BROKER or --broker)") from None
+        raise RolloutError(
+            f"cannot reach Kafka at {settings.broker}: {exc} (set SAFESWAP_BROKER or --broker)"
+        ) from None
     latest: dict[str, Any] = {}
     try:
         await consumer.topics()
@@ -54,7 +58,8 @@ async def read_latest(settings: Settings, topic: str, event_type: type, timeout_
         end = await consumer.end_offsets(partitions)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not all(
-                [reached_end(await consumer.position(tp), end[tp], consumer.highwater(tp)) for tp in partitions]):
+            [reached_end(await consumer.position(tp), end[tp], consumer.highwater(tp)) for tp in partitions]
+        ):
             for records in (await consumer.getmany(timeout_ms=200)).values():
                 for record in records:
                     try:
@@ -74,25 +79,27 @@ async def _send(settings: Settings, topic: str, key: str, value: bytes, timestam
         await producer.send_and_wait(settings.topic(topic), value, key=key.encode(), timestamp_ms=timestamp_ms)
     except RolloutError:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any publish failure becomes a sentence for the CLI
         raise RolloutError(f"cannot publish to {settings.topic(topic)} at {settings.broker}: {exc}") from None
     finally:
         await producer.stop()
 
 
-async def wait_for_decision(settings: Settings, rollout_id: str, accept: Callable[[Decision], bool],
-                            timeout_s: float) -> Decision | None:
+async def wait_for_decision(
+    settings: Settings, rollout_id: str, accept: Callable[[Decision], bool], timeout_s: float
+) -> Decision | None:
     from safeswap.flags import FlagClient
 
     async with FlagClient(settings=settings) as flags:
         try:
             return await flags.wait_for(lambda d: d.rollout_id == rollout_id and accept(d), timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return None
 
 
-async def start_rollout(settings: Settings, plan: RolloutPlan, wait_s: float,
-                        at_ms: int | None = None) -> tuple[str, Decision | None]:
+async def start_rollout(
+    settings: Settings, plan: RolloutPlan, wait_s: float, at_ms: int | None = None
+) -> tuple[str, Decision | None]:
     """Publish a plan once. Returns ("started" | "already started" | "gate attached", first decision or None).
 
     ``at_ms``: the plan's record timestamp, which stamps its first decision (default: now).
@@ -110,7 +117,8 @@ async def start_rollout(settings: Settings, plan: RolloutPlan, wait_s: float,
         if current.stage != "registered" or not await _registered_plan_differs_only_in_gate(settings, plan, current):
             raise RolloutError(
                 f"rollout {plan.rollout_id!r} already started with plan {current.plan_hash} (this plan is {digest}); "
-                "a started plan is immutable: give the changed plan a new rollout_id")
+                "a started plan is immutable: give the changed plan a new rollout_id"
+            )
         outcome = "gate attached"
     await _send(settings, "plans", plan.rollout_id, encode(plan), timestamp_ms=at_ms)
     decision = await wait_for_decision(settings, plan.rollout_id, lambda d: d.plan_hash == digest, wait_s)
@@ -120,16 +128,21 @@ async def start_rollout(settings: Settings, plan: RolloutPlan, wait_s: float,
 async def _registered_plan_differs_only_in_gate(settings: Settings, plan: RolloutPlan, current: Decision) -> bool:
     """Whether the plan the controller holds in ``registered`` is this one but for its eval gate."""
     registered = (await read_latest(settings, "plans", RolloutPlan)).get(plan.rollout_id)
-    return (registered is not None and plan_hash(registered) == current.plan_hash
-            and only_gate_changed(registered, plan))
+    return registered is not None and plan_hash(registered) == current.plan_hash and only_gate_changed(registered, plan)
 
 
-async def command_rollout(settings: Settings, rollout_id: str, command: str, reason: str, wait_s: float) -> Decision | None:
+async def command_rollout(
+    settings: Settings, rollout_id: str, command: str, reason: str, wait_s: float
+) -> Decision | None:
     current = (await read_latest(settings, "decisions", Decision)).get(rollout_id)
     if current is None:
         raise RolloutError(f"no rollout {rollout_id!r}: `safeswap rollout list` shows the known ones")
-    await _send(settings, "commands", rollout_id,
-                encode(Command(rollout_id=rollout_id, command=command, reason=reason, ts=int(time.time() * 1000))))
+    await _send(
+        settings,
+        "commands",
+        rollout_id,
+        encode(Command(rollout_id=rollout_id, command=command, reason=reason, ts=int(time.time() * 1000))),
+    )
     return await wait_for_decision(settings, rollout_id, lambda d: d.seq > current.seq, wait_s)
 
 

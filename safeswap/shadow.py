@@ -31,8 +31,9 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 import msgspec
 
@@ -78,8 +79,16 @@ def _error_kind(exc: BaseException) -> str:
 class Shadow:
     """Background candidate calls with bounded concurrency and a timeout, emitted as shadow pairs."""
 
-    def __init__(self, emitter, flags=None, *, settings: Settings | None = None, concurrency: int | None = None,
-                 timeout_s: float | None = None, clock: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        emitter,
+        flags=None,
+        *,
+        settings: Settings | None = None,
+        concurrency: int | None = None,
+        timeout_s: float | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
         settings = settings or getattr(emitter, "settings", None) or Settings()
         self.emitter = emitter
         self.flags = flags
@@ -93,10 +102,21 @@ class Shadow:
     def in_flight(self) -> int:
         return len(self._tasks)
 
-    def submit(self, *, rollout_id: str, user_id: str, request_id: str, prompt_text: str,
-               control: ShadowSide | dict[str, Any], candidate: Callable[[], Awaitable[Any]],
-               model_version: str = "candidate", prompt_version: str = "candidate", expects_json: bool = False,
-               session_id: str | None = None, force: bool = False) -> bool:
+    def submit(
+        self,
+        *,
+        rollout_id: str,
+        user_id: str,
+        request_id: str,
+        prompt_text: str,
+        control: ShadowSide | dict[str, Any],
+        candidate: Callable[[], Awaitable[Any]],
+        model_version: str = "candidate",
+        prompt_version: str = "candidate",
+        expects_json: bool = False,
+        session_id: str | None = None,
+        force: bool = False,
+    ) -> bool:
         """Start the candidate call in the background if this user is shadowed; True if started.
 
         ``force=True`` skips the flag check (the app decided itself). Never raises."""
@@ -108,14 +128,26 @@ class Shadow:
             if len(self._tasks) >= self.concurrency:
                 self.stats.skipped_busy += 1
                 return False
-            task = asyncio.get_running_loop().create_task(self._run(
-                rollout_id, user_id, request_id, prompt_text, control, candidate, model_version, prompt_version,
-                expects_json, session_id, int(time.time() * 1000)))
+            task = asyncio.get_running_loop().create_task(
+                self._run(
+                    rollout_id,
+                    user_id,
+                    request_id,
+                    prompt_text,
+                    control,
+                    candidate,
+                    model_version,
+                    prompt_version,
+                    expects_json,
+                    session_id,
+                    int(time.time() * 1000),
+                )
+            )
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
             self.stats.started += 1
             return True
-        except Exception as exc:  # the user's response must not fail because of shadowing
+        except Exception as exc:  # noqa: BLE001 - the user's response must not fail because of shadowing
             self.stats.internal_errors += 1
             log.warning("shadow: could not start the candidate call: %r", exc)
             return False
@@ -125,17 +157,29 @@ class Shadow:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout_s)
 
-    async def _run(self, rollout_id, user_id, request_id, prompt_text, control, candidate, model_version,
-                   prompt_version, expects_json, session_id, ts_ms) -> None:
+    async def _run(
+        self,
+        rollout_id,
+        user_id,
+        request_id,
+        prompt_text,
+        control,
+        candidate,
+        model_version,
+        prompt_version,
+        expects_json,
+        session_id,
+        ts_ms,
+    ) -> None:
         try:
             start = self._clock()
             error, detail, answer = "none", None, None
             try:
                 answer = await asyncio.wait_for(candidate(), self.timeout_s)
-            except (asyncio.TimeoutError, TimeoutError):
+            except TimeoutError:
                 error, detail = "timeout", f"no answer within {self.timeout_s:g} s"
                 self.stats.timeouts += 1
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the candidate's failure is data (its error kind), not a crash
                 error, detail = _error_kind(exc), f"{type(exc).__name__}: {exc}"[:500]
                 self.stats.candidate_errors += 1
             latency_ms = (self._clock() - start) * 1000
@@ -151,17 +195,28 @@ class Shadow:
                 output_tokens=answer.output_tokens if answer is not None else 0,
                 error=answer.error if answer is not None and error == "none" else error,
                 model_version=(answer.model_version if answer is not None and answer.model_version else model_version),
-                prompt_version=(answer.prompt_version if answer is not None and answer.prompt_version else prompt_version),
+                prompt_version=(
+                    answer.prompt_version if answer is not None and answer.prompt_version else prompt_version
+                ),
                 error_detail=detail,
             )
             if isinstance(control, dict):
                 control = ShadowSide(**control)
-            pair = ShadowPair(event_id=uuid.uuid4().hex, ts=ts_ms, rollout_id=rollout_id, user_id=user_id,
-                              request_id=request_id, prompt_text=prompt_text, expects_json=expects_json,
-                              control=control, candidate=side, session_id=session_id)
+            pair = ShadowPair(
+                event_id=uuid.uuid4().hex,
+                ts=ts_ms,
+                rollout_id=rollout_id,
+                user_id=user_id,
+                request_id=request_id,
+                prompt_text=prompt_text,
+                expects_json=expects_json,
+                control=control,
+                candidate=side,
+                session_id=session_id,
+            )
             self.stats.completed += 1
             if not self.emitter.shadow_pair(msgspec.to_builtins(pair)):  # validated on the way out
                 self.stats.emit_failures += 1
-        except Exception as exc:  # a background task must not die with an unread exception
+        except Exception as exc:  # noqa: BLE001 - a background task must not die with an unread exception
             self.stats.internal_errors += 1
             log.warning("shadow: pair for request %s not emitted: %r", request_id, exc)

@@ -81,15 +81,29 @@ PLAN_METRIC = {
 DEFAULT_JUDGE_MAX_CONTROL_PREFERENCE = 0.10
 _HIST = LatencyHistogram.empty()
 _EDGES = [float(edge) for edge in _HIST.edges]
-_SIDE_KEYS = ("n", "refusal", "timeout", "error", "json_n", "json_break", "cost_sum", "cost_sq", "latency_sum",
-              "latency_sq")
+_SIDE_KEYS = (
+    "n",
+    "refusal",
+    "timeout",
+    "error",
+    "json_n",
+    "json_break",
+    "cost_sum",
+    "cost_sq",
+    "latency_sum",
+    "latency_sq",
+)
 _JUDGE_KEYS = ("judged", "candidate_wins", "control_wins", "ties", "malformed", "errors", "not_judged", "cost_usd")
 
 
 def is_refusal(side) -> bool:
     if side.error == "refusal":
         return True
-    return bool(side.response_text) and side.error == "none" and REFUSAL_OPENINGS.match(side.response_text[:200]) is not None
+    return (
+        bool(side.response_text)
+        and side.error == "none"
+        and REFUSAL_OPENINGS.match(side.response_text[:200]) is not None
+    )
 
 
 def json_broken(side) -> bool:
@@ -160,8 +174,12 @@ class ShadowAccumulator:
 
 def merge(parts: list[dict[str, Any]]) -> dict[str, Any]:
     """Add the shadow dicts of several snapshots (counts and sums add; ts is the latest)."""
-    total: dict[str, Any] = {"pairs": 0, "ts": 0, "sides": {"control": _empty_side(), "candidate": _empty_side()},
-                             "judge": {key: 0 for key in _JUDGE_KEYS}}
+    total: dict[str, Any] = {
+        "pairs": 0,
+        "ts": 0,
+        "sides": {"control": _empty_side(), "candidate": _empty_side()},
+        "judge": {key: 0 for key in _JUDGE_KEYS},
+    }
     for part in parts:
         if not part:
             continue
@@ -222,6 +240,7 @@ def _interval(estimate: float, variance: float, n: int, alpha: float, n_tune: fl
 
 def stage_rule(plan, stage=None) -> dict[str, Any]:
     """The shadow stage's promotion numbers, defaults filled in (docs/shadow.md)."""
+
     def given(name: str):
         return getattr(stage, name, None) if stage is not None else None
 
@@ -259,9 +278,15 @@ def analyze(shadow: dict[str, Any], plan, stage=None) -> dict[str, Any]:
             # No refusals (or cost) on control yet: a relative change is undefined and
             # would hold the stage for ever; any detected increase is the honest reading.
             relative, absolute = None, 0.0
-        monitor = GuardrailMonitor(f"shadow_{name}", max_relative_increase=relative, max_absolute_increase=absolute,
-                                   direction="increase", alpha=alpha_each, min_units_per_arm=max(2, min_pairs),
-                                   n_tune=plan.n_tune)
+        monitor = GuardrailMonitor(
+            f"shadow_{name}",
+            max_relative_increase=relative,
+            max_absolute_increase=absolute,
+            direction="increase",
+            alpha=alpha_each,
+            min_units_per_arm=max(2, min_pairs),
+            n_tune=plan.n_tune,
+        )
         if name == "json_break" and a.n == 0 and b.n == 0 and shadow.get("pairs", 0):
             verdict, status = None, "not_applicable"  # no request expected JSON: nothing to break
         elif a.n == 0 or b.n == 0:
@@ -272,22 +297,28 @@ def analyze(shadow: dict[str, Any], plan, stage=None) -> dict[str, Any]:
             except ValueError:
                 verdict = None
             status = verdict.status if verdict else "insufficient_data"
-        results.append({
-            "metric": name,
-            "enforced": enforced,
-            "status": status,
-            "control": _finite(_value(a)),
-            "candidate": _finite(_value(b)),
-            "estimate": _finite(verdict.estimate) if verdict else None,
-            "ci_low": _finite(verdict.ci_low) if verdict else None,
-            "ci_high": _finite(verdict.ci_high) if verdict else None,
-            "threshold": monitor.threshold,
-            "difference": monitor.difference,
-            "n": min(a.n, b.n),
-            "reason": (verdict.reason if verdict else
-                       f"shadow_{name}: no request expected JSON" if status == "not_applicable"
-                       else f"shadow_{name}: no data yet"),
-        })
+        results.append(
+            {
+                "metric": name,
+                "enforced": enforced,
+                "status": status,
+                "control": _finite(_value(a)),
+                "candidate": _finite(_value(b)),
+                "estimate": _finite(verdict.estimate) if verdict else None,
+                "ci_low": _finite(verdict.ci_low) if verdict else None,
+                "ci_high": _finite(verdict.ci_high) if verdict else None,
+                "threshold": monitor.threshold,
+                "difference": monitor.difference,
+                "n": min(a.n, b.n),
+                "reason": (
+                    verdict.reason
+                    if verdict
+                    else f"shadow_{name}: no request expected JSON"
+                    if status == "not_applicable"
+                    else f"shadow_{name}: no data yet"
+                ),
+            }
+        )
 
     judge = judge_summary(shadow.get("judge") or {}, alpha_each, plan.n_tune, rule["min_judged_pairs"], margin)
     pairs = shadow.get("pairs", 0)
@@ -308,17 +339,23 @@ def analyze(shadow: dict[str, Any], plan, stage=None) -> dict[str, Any]:
     }
 
 
-def judge_summary(counts: dict[str, Any], alpha: float, n_tune: float, min_units: int,
-                  margin: float) -> dict[str, Any]:
+def judge_summary(counts: dict[str, Any], alpha: float, n_tune: float, min_units: int, margin: float) -> dict[str, Any]:
     """Win/tie/loss rates and the control preference with always-valid intervals; ``status``
     ok | breach | undecided | insufficient_data against the margin."""
     judged = int(counts.get("judged", 0))
     wins, losses, ties = (int(counts.get(k, 0)) for k in ("candidate_wins", "control_wins", "ties"))
     out: dict[str, Any] = {
-        "judged": judged, "candidate_wins": wins, "control_wins": losses, "ties": ties,
-        "malformed": int(counts.get("malformed", 0)), "errors": int(counts.get("errors", 0)),
-        "not_judged": int(counts.get("not_judged", 0)), "cost_usd": float(counts.get("cost_usd", 0.0)),
-        "margin": margin, "rates": {}, "control_preference": None,
+        "judged": judged,
+        "candidate_wins": wins,
+        "control_wins": losses,
+        "ties": ties,
+        "malformed": int(counts.get("malformed", 0)),
+        "errors": int(counts.get("errors", 0)),
+        "not_judged": int(counts.get("not_judged", 0)),
+        "cost_usd": float(counts.get("cost_usd", 0.0)),
+        "margin": margin,
+        "rates": {},
+        "control_preference": None,
     }
     if judged < 2:
         out["status"] = "insufficient_data"
@@ -335,9 +372,11 @@ def judge_summary(counts: dict[str, Any], alpha: float, n_tune: float, min_units
     lower = mean - _interval(mean, variance, judged, alpha, n_tune, one_sided=True)
     out["control_preference"] = {"estimate": mean, "ci_low": max(-1.0, lower), "ci_high": min(1.0, upper)}
     limit = f"the {margin:.1%} margin"
-    head = (f"judge prefers control by {mean:+.1%} of {judged:,} judged pairs "
-            f"(always-valid CI {max(-1.0, lower):+.1%}..{min(1.0, upper):+.1%}; "
-            f"{wins:,} candidate / {ties:,} tie / {losses:,} control)")
+    head = (
+        f"judge prefers control by {mean:+.1%} of {judged:,} judged pairs "
+        f"(always-valid CI {max(-1.0, lower):+.1%}..{min(1.0, upper):+.1%}; "
+        f"{wins:,} candidate / {ties:,} tie / {losses:,} control)"
+    )
     if judged < min_units:
         out["status"], out["reason"] = "insufficient_data", f"judge: {judged:,} pairs judged, need {min_units:,}"
     elif lower > margin:

@@ -34,7 +34,7 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
@@ -90,9 +90,19 @@ class Behaviour(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
     cost_usd: CostSpec | None = None
 
 
-CONTROL_DEFAULTS = Behaviour(thumbs_down_rate=0.05, thumbs_up_rate=0.2, edit_rate=0.1, retry_rate=0.05,
-                             abandon_rate=0.1, error_rate=0.01, refusal_rate=0.0, json_valid_rate=1.0,
-                             cache_hit_rate=0.3, latency_ms=LatencySpec(), cost_usd=CostSpec())
+CONTROL_DEFAULTS = Behaviour(
+    thumbs_down_rate=0.05,
+    thumbs_up_rate=0.2,
+    edit_rate=0.1,
+    retry_rate=0.05,
+    abandon_rate=0.1,
+    error_rate=0.01,
+    refusal_rate=0.0,
+    json_valid_rate=1.0,
+    cache_hit_rate=0.3,
+    latency_ms=LatencySpec(),
+    cost_usd=CostSpec(),
+)
 
 
 class DropEvents(msgspec.Struct, tag="drop_events", tag_field="kind", forbid_unknown_fields=True):
@@ -114,7 +124,7 @@ class AssignByRequest(msgspec.Struct, tag="assign_by_request", tag_field="kind",
     """The app picks the variant per request instead of per user (a classic bug)."""
 
 
-Fault = Union[DropEvents, ModelSwitch, AssignByRequest]
+Fault = DropEvents | ModelSwitch | AssignByRequest
 
 
 class Variants(msgspec.Struct, forbid_unknown_fields=True):
@@ -170,8 +180,11 @@ def load_scenario(path: str) -> Scenario:
             checks.append(ConfigIssue(f"faults[{index}].share", "a share is between 0 and 1"))
     if scenario.users_per_hour <= 0 or scenario.requests_per_user < 1:
         checks.append(ConfigIssue("users_per_hour", "users_per_hour > 0 and requests_per_user >= 1"))
-    shares = {"expects_json_share": scenario.expects_json_share, "judge.candidate_wins": scenario.judge.candidate_wins,
-              "judge.control_wins": scenario.judge.control_wins}
+    shares = {
+        "expects_json_share": scenario.expects_json_share,
+        "judge.candidate_wins": scenario.judge.candidate_wins,
+        "judge.control_wins": scenario.judge.control_wins,
+    }
     for name in ("control", "candidate"):
         behaviour = getattr(scenario.variants, name)
         for field in ("refusal_rate", "json_valid_rate"):
@@ -216,17 +229,27 @@ def arm_models(scenario: Scenario) -> dict[str, ArmModel]:
     for name, fields in (("control", control), ("candidate", candidate)):
         latency = fields["latency_ms"]
         models[name] = ArmModel(
-            thumbs_down=fields["thumbs_down_rate"], thumbs_up=fields["thumbs_up_rate"], edit=fields["edit_rate"],
-            retry=fields["retry_rate"], abandon=fields["abandon_rate"], error=fields["error_rate"],
-            refusal=fields["refusal_rate"], json_valid=fields["json_valid_rate"], cache_hit=fields["cache_hit_rate"],
+            thumbs_down=fields["thumbs_down_rate"],
+            thumbs_up=fields["thumbs_up_rate"],
+            edit=fields["edit_rate"],
+            retry=fields["retry_rate"],
+            abandon=fields["abandon_rate"],
+            error=fields["error_rate"],
+            refusal=fields["refusal_rate"],
+            json_valid=fields["json_valid_rate"],
+            cache_hit=fields["cache_hit_rate"],
             latency_mu=math.log(latency.median),
-            latency_sigma=max(1e-6, math.log(latency.p95 / latency.median) / 1.6449), cost_mean=fields["cost_usd"].mean)
+            latency_sigma=max(1e-6, math.log(latency.p95 / latency.median) / 1.6449),
+            cost_mean=fields["cost_usd"].mean,
+        )
     return models
 
 
 # -- traffic ---------------------------------------------------------------------------
-WORDS = ("refund order invoice shipping account password reset cancel upgrade plan billing address "
-         "delivery status warranty return exchange discount coupon login error payment card").split()
+WORDS = (
+    "refund order invoice shipping account password reset cancel upgrade plan billing address "
+    "delivery status warranty return exchange discount coupon login error payment card"
+).split()
 
 
 REFUSAL_TEXT = "I'm sorry, but I can't help with that request."
@@ -244,8 +267,7 @@ class Answer:
     error: str
 
 
-def simulated_answer(rng: random.Random, arm: ArmModel, prompt: str, expects_json: bool, *,
-                     tag: str = "") -> Answer:
+def simulated_answer(rng: random.Random, arm: ArmModel, prompt: str, expects_json: bool, *, tag: str = "") -> Answer:
     """An answer drawn from an arm's model. The draws come in a fixed order (cache, latency,
     length, [JSON validity], cost, error) so a scenario without JSON requests replays the
     same traffic as before refusals and JSON were modelled."""
@@ -270,7 +292,7 @@ class Traffic:
     """Generates one step of users' sessions, assigned by a FlagClient (pure but for the client),
     and the shadow pairs of the requests it shadows."""
 
-    def __init__(self, scenario: Scenario, plan: RolloutPlan, rollout_id: str, start_ms: int):
+    def __init__(self, scenario: Scenario, plan: RolloutPlan, rollout_id: str, start_ms: int, lead_ms: int = 150_000):
         self.scenario, self.plan, self.rollout_id, self.start_ms = scenario, plan, rollout_id, start_ms
         self.rng = random.Random(scenario.seed)
         # The candidate's shadow answers draw from their own stream: users' traffic is the
@@ -278,15 +300,24 @@ class Traffic:
         self.shadow_rng = random.Random(f"{scenario.seed}:shadow")
         self.arms = arm_models(scenario)
         self.next_user = 0
-        self.switches = [(f, start_ms + int(parse_duration(f.at) * 1000)) for f in scenario.faults
-                         if isinstance(f, ModelSwitch)]
+        self.switches = [
+            (f, start_ms + int(parse_duration(f.at) * 1000)) for f in scenario.faults if isinstance(f, ModelSwitch)
+        ]
         self.drops = {f.variant: f.share for f in scenario.faults if isinstance(f, DropEvents)}
         self.by_request = any(isinstance(f, AssignByRequest) for f in scenario.faults)
-        # Later turns of a step's sessions happen after the step ends: they wait here and go
-        # out with the step they happen in, as an app would send them (in time order).
+        # Later turns of a step's sessions happen after the step ends. Those within ``lead_ms``
+        # of its end go out with it: the watermark then passes the step's end, so a stage that
+        # ends there is promoted before the next step's users are assigned (at the old split
+        # they would count as the new stage's and trip the SRM check). The rest wait here for
+        # the step they happen in: the next step's first events are then never more than
+        # ``lead_ms`` behind the newest one sent (the outcomes agent dead-letters events more
+        # than its allowed lateness behind).
         self.later: list[TraceEvent | FeedbackEvent | ShadowPair] = []
-        self.pinned = {"control": plan.control.model or "control-model",
-                       "candidate": plan.candidate.model or "candidate-model"}
+        self.lead_ms = lead_ms
+        self.pinned = {
+            "control": plan.control.model or "control-model",
+            "candidate": plan.candidate.model or "candidate-model",
+        }
 
     def _poisson(self, mean: float) -> int:
         # Knuth; means here are small
@@ -303,11 +334,13 @@ class Traffic:
                 model = fault.model
         return model
 
-    def step(self, flags: FlagClient, step_start: int,
-             step_ms: int) -> list[TraceEvent | FeedbackEvent | ShadowPair]:
+    def step(self, flags: FlagClient, step_start: int, step_ms: int) -> list[TraceEvent | FeedbackEvent | ShadowPair]:
         rng, events = self.rng, []
-        users = self._poisson(self.scenario.users_per_hour * step_ms / HOUR_MS) if step_ms < HOUR_MS \
+        users = (
+            self._poisson(self.scenario.users_per_hour * step_ms / HOUR_MS)
+            if step_ms < HOUR_MS
             else int(round(self.scenario.users_per_hour * step_ms / HOUR_MS))
+        )
         for _ in range(users):
             self.next_user += 1
             user_id = f"sim-user-{self.next_user}"
@@ -331,10 +364,21 @@ class Traffic:
                 response = served.text
                 common = dict(rollout_id=self.rollout_id, variant=variant, user_id=user_id, session_id=session_id)
                 trace = TraceEvent(
-                    event_id=f"t-{trace_id}", ts=ts, trace_id=trace_id, prompt_version=self._prompt(variant),
-                    model_version=self._model(variant, ts), latency_ms=served.latency_ms, input_tokens=300,
-                    output_tokens=served.output_tokens, cost_usd=served.cost_usd, cache_hit=served.cache_hit,
-                    error=served.error, prompt_text=prompt, response_text=response, **common)
+                    event_id=f"t-{trace_id}",
+                    ts=ts,
+                    trace_id=trace_id,
+                    prompt_version=self._prompt(variant),
+                    model_version=self._model(variant, ts),
+                    latency_ms=served.latency_ms,
+                    input_tokens=300,
+                    output_tokens=served.output_tokens,
+                    cost_usd=served.cost_usd,
+                    cache_hit=served.cache_hit,
+                    error=served.error,
+                    prompt_text=prompt,
+                    response_text=response,
+                    **common,
+                )
                 events.append(trace)
                 if shadowed and variant == "control":  # the user sees control; the candidate answers unseen
                     events.append(self._shadow_pair(trace, expects_json))
@@ -345,19 +389,35 @@ class Traffic:
                 elif reaction < arm.thumbs_down + arm.thumbs_up:
                     kind = "thumbs_up"
                 if kind:
-                    events.append(FeedbackEvent(event_id=f"f-{trace_id}-{kind}", ts=ts + 4_000, trace_id=trace_id,
-                                                kind=kind, **common))
+                    events.append(
+                        FeedbackEvent(
+                            event_id=f"f-{trace_id}-{kind}", ts=ts + 4_000, trace_id=trace_id, kind=kind, **common
+                        )
+                    )
                 if rng.random() < arm.edit:
-                    events.append(FeedbackEvent(event_id=f"f-{trace_id}-edit", ts=ts + 6_000, trace_id=trace_id,
-                                                kind="edit", final_text=response[: len(response) // 2] + " edited",
-                                                **common))
+                    events.append(
+                        FeedbackEvent(
+                            event_id=f"f-{trace_id}-edit",
+                            ts=ts + 6_000,
+                            trace_id=trace_id,
+                            kind="edit",
+                            final_text=response[: len(response) // 2] + " edited",
+                            **common,
+                        )
+                    )
                 last = index == requests - 1
                 if last and rng.random() < arm.abandon:
-                    events.append(FeedbackEvent(event_id=f"f-{trace_id}-abandon", ts=ts + 8_000, trace_id=trace_id,
-                                                kind="abandon", **common))
+                    events.append(
+                        FeedbackEvent(
+                            event_id=f"f-{trace_id}-abandon", ts=ts + 8_000, trace_id=trace_id, kind="abandon", **common
+                        )
+                    )
                 if not last and rng.random() < arm.retry:
-                    events.append(FeedbackEvent(event_id=f"f-{trace_id}-retry", ts=ts + 2_000, trace_id=trace_id,
-                                                kind="retry", **common))
+                    events.append(
+                        FeedbackEvent(
+                            event_id=f"f-{trace_id}-retry", ts=ts + 2_000, trace_id=trace_id, kind="retry", **common
+                        )
+                    )
                     ts += 20_000  # a retry comes quickly, with the same prompt
                 else:
                     ts += int(rng.expovariate(1 / 90_000)) + 5_000
@@ -365,7 +425,7 @@ class Traffic:
         # A broken emitter loses traces and feedback (shadow pairs have their own path).
         events = [e for e in events if isinstance(e, ShadowPair) or rng.random() >= self.drops.get(e.variant, 0.0)]
         events += self.later
-        end = step_start + step_ms
+        end = step_start + step_ms + self.lead_ms
         self.later = [e for e in events if e.ts >= end]
         events = [e for e in events if e.ts < end]
         events.sort(key=lambda e: e.ts)  # the outcomes agent treats far-behind events as late
@@ -374,21 +434,41 @@ class Traffic:
     def _shadow_pair(self, trace: TraceEvent, expects_json: bool) -> ShadowPair:
         """The served control answer beside the candidate's, drawn from the candidate's model (and
         tagged so the simulated judge knows it). A timed-out side has no answer, as in the helper."""
-        answer = simulated_answer(self.shadow_rng, self.arms["candidate"], trace.prompt_text, expects_json,
-                                  tag=CANDIDATE_TAG)
+        answer = simulated_answer(
+            self.shadow_rng, self.arms["candidate"], trace.prompt_text, expects_json, tag=CANDIDATE_TAG
+        )
         control = ShadowSide(
-            response_text=None if trace.error == "timeout" else trace.response_text, latency_ms=trace.latency_ms,
-            cost_usd=trace.cost_usd, input_tokens=trace.input_tokens, output_tokens=trace.output_tokens,
-            error=trace.error, model_version=trace.model_version, prompt_version=trace.prompt_version)
+            response_text=None if trace.error == "timeout" else trace.response_text,
+            latency_ms=trace.latency_ms,
+            cost_usd=trace.cost_usd,
+            input_tokens=trace.input_tokens,
+            output_tokens=trace.output_tokens,
+            error=trace.error,
+            model_version=trace.model_version,
+            prompt_version=trace.prompt_version,
+        )
         candidate = ShadowSide(
-            response_text=None if answer.error == "timeout" else answer.text, latency_ms=answer.latency_ms,
-            cost_usd=answer.cost_usd, input_tokens=trace.input_tokens, output_tokens=answer.output_tokens,
-            error=answer.error, model_version=self._model("candidate", trace.ts),
-            prompt_version=self._prompt("candidate"))
-        return ShadowPair(event_id=f"s-{trace.trace_id}", ts=trace.ts, rollout_id=self.rollout_id,
-                          user_id=trace.user_id, request_id=trace.trace_id, prompt_text=trace.prompt_text,
-                          expects_json=expects_json, control=control, candidate=candidate,
-                          session_id=trace.session_id)
+            response_text=None if answer.error == "timeout" else answer.text,
+            latency_ms=answer.latency_ms,
+            cost_usd=answer.cost_usd,
+            input_tokens=trace.input_tokens,
+            output_tokens=answer.output_tokens,
+            error=answer.error,
+            model_version=self._model("candidate", trace.ts),
+            prompt_version=self._prompt("candidate"),
+        )
+        return ShadowPair(
+            event_id=f"s-{trace.trace_id}",
+            ts=trace.ts,
+            rollout_id=self.rollout_id,
+            user_id=trace.user_id,
+            request_id=trace.trace_id,
+            prompt_text=trace.prompt_text,
+            expects_json=expects_json,
+            control=control,
+            candidate=candidate,
+            session_id=trace.session_id,
+        )
 
     def _prompt(self, variant: str) -> str:
         return getattr(self.plan, variant).prompt_version or "v1"
@@ -403,10 +483,11 @@ class StatusWatcher:
         self._task: asyncio.Task | None = None
         self._consumer: AIOKafkaConsumer | None = None
 
-    async def start(self) -> "StatusWatcher":
+    async def start(self) -> StatusWatcher:
         topic = self.settings.topic("status")
-        self._consumer = AIOKafkaConsumer(**client_options(self.settings), group_id=None,
-                                          enable_auto_commit=False, fetch_max_wait_ms=50)
+        self._consumer = AIOKafkaConsumer(
+            **client_options(self.settings), group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50
+        )
         await self._consumer.start()
         await self._consumer.topics()
         partitions = [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or [])]
@@ -436,12 +517,14 @@ class StatusWatcher:
 TERMINAL = ("rolled_back", "complete", "paused")
 
 
-async def closed_loop(settings: Settings, plan: RolloutPlan, scenario: Scenario, *, progress=None,
-                      step_timeout_s: float = 30.0) -> dict[str, Any]:
+async def closed_loop(
+    settings: Settings, plan: RolloutPlan, scenario: Scenario, *, progress=None, step_timeout_s: float = 30.0
+) -> dict[str, Any]:
     duration_ms = int(parse_duration(scenario.duration) * 1000)
     step_ms = int(parse_duration(scenario.step) * 1000)
     start_ms = (int(time.time() * 1000) - duration_ms - 10 * 60_000) // HOUR_MS * HOUR_MS
-    traffic = Traffic(scenario, plan, plan.rollout_id, start_ms)
+    # half the allowed lateness: see Traffic.later
+    traffic = Traffic(scenario, plan, plan.rollout_id, start_ms, lead_ms=int(settings.allowed_lateness_s * 500))
     decisions: list[Decision] = []
     sent = shadow_sent = 0
     outcome, first = await start_rollout(settings, plan, wait_s=60, at_ms=start_ms)
@@ -464,8 +547,14 @@ async def closed_loop(settings: Settings, plan: RolloutPlan, scenario: Scenario,
                     else:
                         sent += (emitter.trace if isinstance(event, TraceEvent) else emitter.feedback)(event)
                 step_start += step_ms
-                await _wait_for_watermark(watcher, plan.rollout_id, step_start - step_ms // 4, emitter, step_timeout_s,
-                                          shadow_pairs=shadow_sent)
+                await _wait_for_watermark(
+                    watcher,
+                    plan.rollout_id,
+                    step_start - step_ms // 4,
+                    emitter,
+                    step_timeout_s,
+                    shadow_pairs=shadow_sent,
+                )
                 if progress:
                     progress(step_start - start_ms, duration_ms, sent, flags.decision(plan.rollout_id))
             await asyncio.sleep(0.5)  # the last decision's way to the client
@@ -477,17 +566,25 @@ async def closed_loop(settings: Settings, plan: RolloutPlan, scenario: Scenario,
         if decision.seq not in seen:
             seen.add(decision.seq)
             unique.append(decision)
-    return {"decisions": unique, "status": final, "events_sent": sent, "shadow_pairs_sent": shadow_sent,
-            "simulated_hours": round((step_start - start_ms) / HOUR_MS, 2), "start_ms": start_ms}
+    return {
+        "decisions": unique,
+        "status": final,
+        "events_sent": sent,
+        "shadow_pairs_sent": shadow_sent,
+        "simulated_hours": round((step_start - start_ms) / HOUR_MS, 2),
+        "start_ms": start_ms,
+    }
 
 
-async def _wait_for_watermark(watcher: StatusWatcher, rollout_id: str, target: int, emitter: Emitter,
-                              timeout_s: float, shadow_pairs: int = 0) -> None:
+async def _wait_for_watermark(
+    watcher: StatusWatcher, rollout_id: str, target: int, emitter: Emitter, timeout_s: float, shadow_pairs: int = 0
+) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         status = watcher.latest.get(rollout_id)
-        if status is not None and (status.stage in TERMINAL or
-                                   (status.watermark >= target and shadow_settled(status.shadow, shadow_pairs))):
+        if status is not None and (
+            status.stage in TERMINAL or (status.watermark >= target and shadow_settled(status.shadow, shadow_pairs))
+        ):
             return
         await asyncio.sleep(0.05)
 
@@ -521,15 +618,23 @@ def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *,
             # A shared cluster: never collide with a real rollout.
             plan = msgspec.structs.replace(plan, rollout_id=f"{plan.rollout_id}-sim-{uuid.uuid4().hex[:6]}")
             if any(stage.name == "shadow" for stage in plan.stages):
-                print("note: with --broker the cluster's workers judge the shadow pairs (their own "
-                      "ANTHROPIC_API_KEY, or no judge); the scenario's judge: block is not used", file=sys.stderr)
+                print(
+                    "note: with --broker the cluster's workers judge the shadow pairs (their own "
+                    "ANTHROPIC_API_KEY, or no judge); the scenario's judge: block is not used",
+                    file=sys.stderr,
+                )
         if own_worker:
             state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="safeswap-sim-"))
             # The worker's judge calls a simulated endpoint, never the real API (whatever key is set).
             judge = stack.enter_context(SimulatedJudge(scenario.judge.candidate_wins, scenario.judge.control_wins))
-            settings = settings.replace(state_dir=state_dir, snapshot_interval_s=0.2, status_interval_s=0.2,
-                                        sink_idle_s=1.0, anthropic_api_key="simulated-judge-no-key",
-                                        anthropic_base_url=judge.base_url)
+            settings = settings.replace(
+                state_dir=state_dir,
+                snapshot_interval_s=0.2,
+                status_interval_s=0.2,
+                sink_idle_s=1.0,
+                anthropic_api_key="simulated-judge-no-key",
+                anthropic_base_url=judge.base_url,
+            )
             asyncio.run(ensure_topics(settings))
             rows_before = sinks.count_rows(settings.data_dir, rollout_id=plan.rollout_id)
             stack.enter_context(WorkerProcess(settings))
@@ -540,9 +645,16 @@ def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *,
             events = ["traces", "feedback", "shadow", "judgments"]
             status = result["status"]
             judged = ((status.shadow or {}).get("judge") or {}).get("judged", 0) if status is not None else 0
-            sinks.wait_for_rows(settings.data_dir, events, sum(rows_before.get(name, 0) for name in events)
-                                + result["events_sent"] + result["shadow_pairs_sent"] + judged,
-                                rollout_id=plan.rollout_id, timeout_s=60.0)
+            sinks.wait_for_rows(
+                settings.data_dir,
+                events,
+                sum(rows_before.get(name, 0) for name in events)
+                + result["events_sent"]
+                + result["shadow_pairs_sent"]
+                + judged,
+                rollout_id=plan.rollout_id,
+                timeout_s=60.0,
+            )
     result["seconds"] = round(time.monotonic() - started, 2)
     result["rollout_id"] = plan.rollout_id
     if own_worker:

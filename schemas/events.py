@@ -12,8 +12,8 @@ Unknown fields are ignored, so emitters may send newer fields to older workers.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
-from typing import Annotated, Any, Literal, Union
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta
@@ -30,14 +30,14 @@ NonEmpty = Annotated[str, Meta(min_length=1, max_length=512)]
 NonNegative = Annotated[float, Meta(ge=0)]
 Count = Annotated[int, Meta(ge=0)]
 # RFC 3339 with an offset (naive times are refused: they are ambiguous), or epoch ms.
-EventTime = Union[Annotated[int, Meta(ge=0)], Annotated[datetime, Meta(tz=True)]]
+EventTime = Annotated[int, Meta(ge=0)] | Annotated[datetime, Meta(tz=True)]
 
 
 class InvalidEvent(ValueError):
     """An event that does not decode or validate; the message says where and why."""
 
 
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_MS = timedelta(milliseconds=1)
 
 
@@ -49,7 +49,7 @@ def to_epoch_ms(ts: int | datetime) -> int:
 
 def rfc3339(ts_ms: int) -> str:
     """Epoch milliseconds as an RFC 3339 UTC string, the wire form of ``ts``."""
-    moment = datetime.fromtimestamp(ts_ms / 1000, tz=timezone.utc)
+    moment = datetime.fromtimestamp(ts_ms / 1000, tz=UTC)
     return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
@@ -282,7 +282,7 @@ class RolloutStatus(msgspec.Struct, kw_only=True):
     # Event time every partition's statistics have reached (the minimum over
     # partitions): what a closed-loop simulation waits for.
     watermark: int = 0
-    # Shadow analysis (issue #7): judge win/tie/loss with always-valid intervals,
+    # Shadow analysis: judge win/tie/loss with always-valid intervals,
     # tail/cost/latency checks and the promotion verdict (safeswap.shadow_analysis).
     shadow: dict[str, Any] = {}
 
@@ -391,8 +391,10 @@ def encode(event: msgspec.Struct) -> bytes:
 
 # What the decoder accepts as a ``ts`` string: RFC 3339 with seconds and an offset ("Z", "+01:00",
 # "+0100"). A regex cannot know month lengths: 2026-02-30 passes it and the worker refuses it.
-RFC3339_PATTERN = (r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:"
-                   r"[0-5][0-9](\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):?[0-5][0-9])$")
+RFC3339_PATTERN = (
+    r"^[0-9]{4}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])[Tt ]([01][0-9]|2[0-3]):[0-5][0-9]:"
+    r"[0-5][0-9](\.[0-9]+)?([Zz]|[+-]([01][0-9]|2[0-3]):?[0-5][0-9])$"
+)
 
 
 def json_schemas() -> dict[str, dict[str, Any]]:
@@ -400,8 +402,11 @@ def json_schemas() -> dict[str, dict[str, Any]]:
     as strict as the worker's decoder on ``ts`` (an offset is required, a date alone is refused)."""
     out = {}
     for name, event_type in EVENT_TYPES.items():
-        schema = {"$schema": "https://json-schema.org/draft/2020-12/schema",
-                  "$id": f"urn:safeswap:schema:v{SCHEMA_VERSION}:{name}", **msgspec.json.schema(event_type)}
+        schema = {
+            "$schema": "https://json-schema.org/draft/2020-12/schema",
+            "$id": f"urn:safeswap:schema:v{SCHEMA_VERSION}:{name}",
+            **msgspec.json.schema(event_type),
+        }
         _pin_date_times(schema)
         out[name] = schema
     return out
@@ -435,18 +440,18 @@ class StatsSnapshot(msgspec.Struct, kw_only=True):
     users: dict[str, int]
     metrics: dict[str, dict[str, dict[str, Any]]]
     schema_version: int = SCHEMA_VERSION
-    # Served-model drift: model_version -> distinct traces, per variant (outcomes issue #4).
+    # Served-model drift: model_version -> distinct traces, per variant.
     models: dict[str, dict[str, int]] = {}
-    # Plain counts per variant: {"responses": n, "sessions": n} (outcomes issue #4).
+    # Plain counts per variant: {"responses": n, "sessions": n}.
     counts: dict[str, dict[str, int]] = {}
-    # Health (controller issue #5). Users whose first-ever trace in this rollout was
+    # Health. Users whose first-ever trace in this rollout was
     # in each variant: a never-seen user arriving at split p lands in the candidate
     # with probability p, so stage increments are what the SRM test checks.
     first_exposures: dict[str, int] = {}
     # Users served the candidate and later control while the rollout was live:
     # a ramp only moves users the other way, so these are assignment leaks.
     crossover_users: int = 0
-    # Shadow analysis (issue #7). "" = the outcomes agent; "shadow:<worker incarnation>"
+    # Shadow analysis. "" = the outcomes agent; "shadow:<worker incarnation>"
     # = the judge agent's per-partition shadow statistics (safeswap.shadow_analysis),
     # which the controller keeps apart from the outcome snapshots, per (source, partition).
     source: str = ""
@@ -466,7 +471,7 @@ EVENT_TYPES["outcome"] = OutcomeRecord
 EVENT_TYPES["command"] = Command
 
 
-# --- shadow traffic and the LLM judge (issue #7) -------------------------------------
+# --- shadow traffic and the LLM judge -----------------------------------------------
 
 
 class ShadowSide(msgspec.Struct, kw_only=True):

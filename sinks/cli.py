@@ -9,7 +9,7 @@ import datetime as dt
 import json
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -17,7 +17,7 @@ from rich.console import Console
 err = Console(stderr=True, soft_wrap=True)
 
 DataOption = Annotated[
-    Optional[str],
+    str | None,
     typer.Option("--data", help="Dataset folder (env SAFESWAP_DATA_DIR, default ./safeswap-data)."),
 ]
 
@@ -37,8 +37,10 @@ def _data_dir(data: str | None) -> Path:
             _fail(str(exc))
     path = Path(data)
     if not path.is_dir():
-        _fail(f"{path}: no dataset folder here (fix: pass --data DIR where a worker or `safeswap demo --data DIR` "
-              f"wrote, or set SAFESWAP_DATA_DIR)")
+        _fail(
+            f"{path}: no dataset folder here (fix: pass --data DIR where a worker or `safeswap demo --data DIR` "
+            f"wrote, or set SAFESWAP_DATA_DIR)"
+        )
     return path
 
 
@@ -82,16 +84,27 @@ def register(app: typer.Typer) -> None:
 
     @app.command()
     def query(
-        name: Annotated[Optional[str], typer.Argument(help="Named query: summary|timeline|both-arms.")] = None,
-        sql: Annotated[Optional[str], typer.Option("--sql", help="Polars SQL; tables: traces, feedback, "
-                                                   "outcomes, stats, decisions, plans, shadow, judgments, dlq.")] = None,
+        name: Annotated[str | None, typer.Argument(help="Named query: summary|timeline|both-arms.")] = None,
+        sql: Annotated[
+            str | None,
+            typer.Option(
+                "--sql",
+                help="Polars SQL; tables: traces, feedback, outcomes, stats, decisions, plans, shadow, judgments, dlq.",
+            ),
+        ] = None,
         data: DataOption = None,
-        rollout: Annotated[Optional[str], typer.Option("--rollout", help="Only this rollout_id.")] = None,
+        rollout: Annotated[str | None, typer.Option("--rollout", help="Only this rollout_id.")] = None,
         fmt: Annotated[str, typer.Option("--format", help="table|csv|json")] = "table",
         limit: Annotated[int, typer.Option(help="At most this many rows (0: all).", min=0)] = 200,
-        exact: Annotated[Optional[bool], typer.Option("--exact/--approx", help="summary: exact distinct users/"
-                                            "sessions and p95 latency (default, any size), or HyperLogLog "
-                                            "estimates without p95.")] = None,
+        exact: Annotated[
+            bool | None,
+            typer.Option(
+                "--exact/--approx",
+                help="summary: exact distinct users/"
+                "sessions and p95 latency (default, any size), or HyperLogLog "
+                "estimates without p95.",
+            ),
+        ] = None,
     ) -> None:
         """Ask the Parquet datasets: per-variant summary, decision timeline, users in both arms, or SQL."""
         import polars as pl
@@ -108,8 +121,15 @@ def register(app: typer.Typer) -> None:
             _fail(f"unknown query {name!r} (fix: use one of {names}, or --sql)")
         folder = _data_dir(data)
         try:
-            frame = run_sql(folder, sql) if sql is not None else (QUERIES[name](folder, rollout_id=rollout, exact=exact) if name == "summary"
-                                                   else QUERIES[name](folder, rollout_id=rollout))
+            frame = (
+                run_sql(folder, sql)
+                if sql is not None
+                else (
+                    QUERIES[name](folder, rollout_id=rollout, exact=exact)
+                    if name == "summary"
+                    else QUERIES[name](folder, rollout_id=rollout)
+                )
+            )
             if limit:
                 frame = frame.limit(limit)
             result = frame.collect(engine="streaming")
@@ -127,11 +147,14 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def compact(
         data: DataOption = None,
-        dataset: Annotated[Optional[list[str]], typer.Option("--dataset", help="Only this dataset (repeatable).")] = None,
-        before: Annotated[Optional[str], typer.Option(help="Compact dates before this YYYY-MM-DD (default: today, UTC: "
-                                                      "every closed date).")] = None,
-        grace: Annotated[float, typer.Option(help="Seconds a merged file's inputs stay for readers already "
-                                             "listing them.", min=0)] = 10.0,
+        dataset: Annotated[list[str] | None, typer.Option("--dataset", help="Only this dataset (repeatable).")] = None,
+        before: Annotated[
+            str | None,
+            typer.Option(help="Compact dates before this YYYY-MM-DD (default: today, UTC: every closed date)."),
+        ] = None,
+        grace: Annotated[
+            float, typer.Option(help="Seconds a merged file's inputs stay for readers already listing them.", min=0)
+        ] = 10.0,
         json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     ) -> None:
         """Merge the small files of closed date partitions (safe beside running workers and readers)."""
@@ -152,7 +175,9 @@ def register(app: typer.Typer) -> None:
         if json_out:
             print(json.dumps(report.as_dict()))
         else:
-            err.print(f"compacted {report.merged_files} files into {report.written_files} in {report.folders} "
-                      f"closed folders ({report.rows:,} rows); removed {report.removed_files} superseded files")
+            err.print(
+                f"compacted {report.merged_files} files into {report.written_files} in {report.folders} "
+                f"closed folders ({report.rows:,} rows); removed {report.removed_files} superseded files"
+            )
         for line in report.errors:
             err.print(f"[yellow]skipped:[/yellow] {line}", highlight=False)

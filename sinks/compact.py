@@ -66,7 +66,7 @@ def _folder_date(folder: str) -> dt.date | None:
     if not name.startswith("date="):
         return None
     try:
-        return dt.date.fromisoformat(name[len("date="):])
+        return dt.date.fromisoformat(name[len("date=") :])
     except ValueError:
         return None
 
@@ -82,7 +82,7 @@ def compact(
 ) -> CompactionReport:
     """Merge the small files of closed date partitions; remove superseded inputs after ``grace_s``."""
     data_dir = Path(data_dir)
-    before = before or dt.datetime.now(dt.timezone.utc).date()
+    before = before or dt.datetime.now(dt.UTC).date()
     report = CompactionReport()
     to_remove: list[str] = []
     for name in datasets or list(DATASETS):
@@ -104,7 +104,7 @@ def compact(
                     continue
                 try:
                     report.rows += _merge(ds, Path(folder), partition, generation, inputs, staging)
-                except Exception as exc:  # one bad file must not stop the rest
+                except Exception as exc:  # noqa: BLE001 - one bad file must not stop the rest
                     where = f"partition {partition}" + (f" generation {generation}" if generation else "")
                     report.errors.append(f"{folder}: {where}: {exc}")
                     continue

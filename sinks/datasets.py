@@ -22,9 +22,10 @@ Adding a dataset is one line in ``DATASETS`` plus its columns.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from operator import attrgetter
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import msgspec
 import pyarrow as pa
@@ -96,6 +97,7 @@ class Dataset:
         if self.time_field is not None:
             attrs.append(self.time_field)
         if "*" in attrs:
+
             def getter(struct: Any, _attrs: tuple = tuple(attrs)) -> tuple:
                 return tuple(struct if a == "*" else getattr(struct, a) for a in _attrs)
         elif len(attrs) == 1:
@@ -107,8 +109,9 @@ class Dataset:
             getter = attrgetter(*attrs)
         object.__setattr__(self, "_getter", getter)
         object.__setattr__(self, "_slots", slots)
-        object.__setattr__(self, "_n_values", len(attrs) - ("rollout_id" in self.partition_by)
-                           - (self.time_field is not None))
+        object.__setattr__(
+            self, "_n_values", len(attrs) - ("rollout_id" in self.partition_by) - (self.time_field is not None)
+        )
 
     # -- the hot path: one call per record --------------------------------------
     def row(self, raw: bytes) -> tuple:
@@ -162,73 +165,237 @@ def _cols(*spec: tuple) -> tuple[Col, ...]:
     return tuple(Col(*item) if isinstance(item, tuple) else item for item in spec)
 
 
-S, F, I, B = pa.string(), pa.float64(), pa.int64(), pa.bool_()
+S, F, I, B = pa.string(), pa.float64(), pa.int64(), pa.bool_()  # noqa: E741 - short names keep the column tables readable
 
-EVIDENCE = pa.list_(pa.struct([
-    ("metric", S), ("status", S), ("estimate", F), ("ci_low", F), ("ci_high", F), ("p_value", F),
-    ("threshold", F), ("users_control", I), ("users_candidate", I),
-]))
+EVIDENCE = pa.list_(
+    pa.struct(
+        [
+            ("metric", S),
+            ("status", S),
+            ("estimate", F),
+            ("ci_low", F),
+            ("ci_high", F),
+            ("p_value", F),
+            ("threshold", F),
+            ("users_control", I),
+            ("users_candidate", I),
+        ]
+    )
+)
 
 # One side of a shadow pair (schemas.events.ShadowSide), as an Arrow struct.
-SHADOW_SIDE = pa.struct([
-    ("response_text", S), ("latency_ms", F), ("cost_usd", F), ("input_tokens", I), ("output_tokens", I),
-    ("error", S), ("model_version", S), ("prompt_version", S), ("error_detail", S),
-])
+SHADOW_SIDE = pa.struct(
+    [
+        ("response_text", S),
+        ("latency_ms", F),
+        ("cost_usd", F),
+        ("input_tokens", I),
+        ("output_tokens", I),
+        ("error", S),
+        ("model_version", S),
+        ("prompt_version", S),
+        ("error_detail", S),
+    ]
+)
 
-DATASETS: dict[str, Dataset] = {d.name: d for d in (
-    Dataset("traces", "traces", TraceEvent, 1, _cols(
-        ("event_id", S), ("ts", TS), ("variant", S), ("user_id", S), ("session_id", S), ("trace_id", S),
-        ("prompt_version", S), ("model_version", S), ("latency_ms", F), ("ttft_ms", F),
-        ("input_tokens", I), ("output_tokens", I), ("cost_usd", F), ("cache_hit", B), ("error", S),
-        ("prompt_text", S), ("response_text", S),
-    )),
-    Dataset("feedback", "feedback", FeedbackEvent, 1, _cols(
-        ("event_id", S), ("ts", TS), ("trace_id", S), ("user_id", S), ("session_id", S), ("variant", S),
-        ("kind", S), ("final_text", S),
-    )),
-    Dataset("outcomes", "outcomes", OutcomeRecord, 2, _cols(
-        ("event_id", S), ("ts", TS), ("trace_id", S), ("variant", S), ("user_id", S), ("session_id", S),
-        ("prompt_version", S), ("model_version", S), ("latency_ms", F), ("cost_usd", F), ("cache_hit", B),
-        ("error", S), ("thumbs_up", B), ("thumbs_down", B), ("edited", B), ("edit_distance", F),
-        ("edit_distance_words", F), ("retried", B), ("follow_up", B), ("session_last", B), ("abandoned", B),
-        ("schema_version", pa.int32()),
-    )),
-    Dataset("stats", "stats", StatsSnapshot, 3, _cols(
-        ("source_partition", pa.int32(), "partition"), ("seq", I), ("ts", TS),
-        ("users_json", S, "users", "json"), ("metrics_json", S, "metrics", "json"), ("schema_version", pa.int32()),
-        ("models_json", S, "models", "json"), ("counts_json", S, "counts", "json"),
-        ("first_exposures_json", S, "first_exposures", "json"), ("crossover_users", I),
-        # v2: which agent published it ("outcomes" snapshots vs "shadow:<worker>" judge statistics)
-        ("source", S), ("shadow_json", S, "shadow", "json"),
-        # v3: the exposure cohorts the guardrails compare (a replay of the controller needs them)
-        ("cohorts_json", S, "cohorts", "json"), ("cohort_exposures_json", S, "cohort_exposures", "json"),
-        ("cohort_starts_json", S, "cohort_starts", "json"),
-    )),
-    Dataset("decisions", "decisions", Decision, 1, _cols(
-        ("seq", I), ("ts", TS), ("action", S), ("stage", S), ("percent", F), ("salt", S), ("reason", S),
-        ("plan_hash", S), ("evidence", EVIDENCE, None, "builtins"), ("schema_version", pa.int32()),
-        ("shadow_percent", F), ("control_json", S, "control", "json"), ("candidate_json", S, "candidate", "json"),
-        ("health_json", S, "health", "json"),
-    )),
-    Dataset("plans", "plans", RolloutPlan, 1, _cols(
-        Col("ts", TS, kind="time"), ("salt", S), ("stakes", S), ("description", S), ("alpha", F),
-        ("min_users_per_arm", I), ("n_tune", I), ("plan_json", S, "*", "json"),
-    ), time_field=None),
-    Dataset("shadow", "shadow", ShadowPair, 2, _cols(
-        ("event_id", S), ("ts", TS), ("user_id", S), ("session_id", S), ("request_id", S), ("prompt_text", S),
-        ("expects_json", B), ("control", SHADOW_SIDE, None, "builtins"), ("candidate", SHADOW_SIDE, None, "builtins"),
-    )),
-    Dataset("judgments", "judgments", Judgment, 2, _cols(
-        ("event_id", S), ("ts", TS), ("pair_event_id", S), ("user_id", S), ("request_id", S), ("judge_model", S),
-        ("rubric_hash", S), ("verdict", S, "winner"), ("verdict_control_first", S), ("verdict_candidate_first", S),
-        ("reason_control_first", S), ("reason_candidate_first", S), ("input_tokens", I), ("output_tokens", I),
-        ("cost_usd", F), ("retries", I),
-    )),
-    Dataset("dlq", "dlq", DeadLetter, 1, _cols(
-        ("ts", TS), ("topic", S), ("partition", pa.int32()), ("offset", I), ("agent", S), ("reason", S),
-        ("value_b64", S), ("key_b64", S),
-    ), partition_by=("date",)),
-)}
+DATASETS: dict[str, Dataset] = {
+    d.name: d
+    for d in (
+        Dataset(
+            "traces",
+            "traces",
+            TraceEvent,
+            1,
+            _cols(
+                ("event_id", S),
+                ("ts", TS),
+                ("variant", S),
+                ("user_id", S),
+                ("session_id", S),
+                ("trace_id", S),
+                ("prompt_version", S),
+                ("model_version", S),
+                ("latency_ms", F),
+                ("ttft_ms", F),
+                ("input_tokens", I),
+                ("output_tokens", I),
+                ("cost_usd", F),
+                ("cache_hit", B),
+                ("error", S),
+                ("prompt_text", S),
+                ("response_text", S),
+            ),
+        ),
+        Dataset(
+            "feedback",
+            "feedback",
+            FeedbackEvent,
+            1,
+            _cols(
+                ("event_id", S),
+                ("ts", TS),
+                ("trace_id", S),
+                ("user_id", S),
+                ("session_id", S),
+                ("variant", S),
+                ("kind", S),
+                ("final_text", S),
+            ),
+        ),
+        Dataset(
+            "outcomes",
+            "outcomes",
+            OutcomeRecord,
+            2,
+            _cols(
+                ("event_id", S),
+                ("ts", TS),
+                ("trace_id", S),
+                ("variant", S),
+                ("user_id", S),
+                ("session_id", S),
+                ("prompt_version", S),
+                ("model_version", S),
+                ("latency_ms", F),
+                ("cost_usd", F),
+                ("cache_hit", B),
+                ("error", S),
+                ("thumbs_up", B),
+                ("thumbs_down", B),
+                ("edited", B),
+                ("edit_distance", F),
+                ("edit_distance_words", F),
+                ("retried", B),
+                ("follow_up", B),
+                ("session_last", B),
+                ("abandoned", B),
+                ("schema_version", pa.int32()),
+            ),
+        ),
+        Dataset(
+            "stats",
+            "stats",
+            StatsSnapshot,
+            3,
+            _cols(
+                ("source_partition", pa.int32(), "partition"),
+                ("seq", I),
+                ("ts", TS),
+                ("users_json", S, "users", "json"),
+                ("metrics_json", S, "metrics", "json"),
+                ("schema_version", pa.int32()),
+                ("models_json", S, "models", "json"),
+                ("counts_json", S, "counts", "json"),
+                ("first_exposures_json", S, "first_exposures", "json"),
+                ("crossover_users", I),
+                # v2: which agent published it ("outcomes" snapshots vs "shadow:<worker>" judge statistics)
+                ("source", S),
+                ("shadow_json", S, "shadow", "json"),
+                # v3: the exposure cohorts the guardrails compare (a replay of the controller needs them)
+                ("cohorts_json", S, "cohorts", "json"),
+                ("cohort_exposures_json", S, "cohort_exposures", "json"),
+                ("cohort_starts_json", S, "cohort_starts", "json"),
+            ),
+        ),
+        Dataset(
+            "decisions",
+            "decisions",
+            Decision,
+            1,
+            _cols(
+                ("seq", I),
+                ("ts", TS),
+                ("action", S),
+                ("stage", S),
+                ("percent", F),
+                ("salt", S),
+                ("reason", S),
+                ("plan_hash", S),
+                ("evidence", EVIDENCE, None, "builtins"),
+                ("schema_version", pa.int32()),
+                ("shadow_percent", F),
+                ("control_json", S, "control", "json"),
+                ("candidate_json", S, "candidate", "json"),
+                ("health_json", S, "health", "json"),
+            ),
+        ),
+        Dataset(
+            "plans",
+            "plans",
+            RolloutPlan,
+            1,
+            _cols(
+                Col("ts", TS, kind="time"),
+                ("salt", S),
+                ("stakes", S),
+                ("description", S),
+                ("alpha", F),
+                ("min_users_per_arm", I),
+                ("n_tune", I),
+                ("plan_json", S, "*", "json"),
+            ),
+            time_field=None,
+        ),
+        Dataset(
+            "shadow",
+            "shadow",
+            ShadowPair,
+            2,
+            _cols(
+                ("event_id", S),
+                ("ts", TS),
+                ("user_id", S),
+                ("session_id", S),
+                ("request_id", S),
+                ("prompt_text", S),
+                ("expects_json", B),
+                ("control", SHADOW_SIDE, None, "builtins"),
+                ("candidate", SHADOW_SIDE, None, "builtins"),
+            ),
+        ),
+        Dataset(
+            "judgments",
+            "judgments",
+            Judgment,
+            2,
+            _cols(
+                ("event_id", S),
+                ("ts", TS),
+                ("pair_event_id", S),
+                ("user_id", S),
+                ("request_id", S),
+                ("judge_model", S),
+                ("rubric_hash", S),
+                ("verdict", S, "winner"),
+                ("verdict_control_first", S),
+                ("verdict_candidate_first", S),
+                ("reason_control_first", S),
+                ("reason_candidate_first", S),
+                ("input_tokens", I),
+                ("output_tokens", I),
+                ("cost_usd", F),
+                ("retries", I),
+            ),
+        ),
+        Dataset(
+            "dlq",
+            "dlq",
+            DeadLetter,
+            1,
+            _cols(
+                ("ts", TS),
+                ("topic", S),
+                ("partition", pa.int32()),
+                ("offset", I),
+                ("agent", S),
+                ("reason", S),
+                ("value_b64", S),
+                ("key_b64", S),
+            ),
+            partition_by=("date",),
+        ),
+    )
+}
 
 
 def dataset(name: str) -> Dataset:

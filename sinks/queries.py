@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 import operator
 import os
-from typing import Callable
+from collections.abc import Callable
 
 import polars as pl
 
@@ -31,7 +31,9 @@ SUMMARY_KEYS = ["rollout_id", "variant", "prompt_version", "model_version"]
 # first row): cheaper than comparing four strings per row. Each key is hashed with its own
 # seed and the hashes XORed, which costs 0.6x a struct's hash (that row-encodes the
 # strings first); two different key tuples share a hash with odds about 2**-64.
-_GROUP = functools.reduce(operator.xor, [pl.col(key).hash(seed=i) for i, key in enumerate(SUMMARY_KEYS)]).alias("_group")
+_GROUP = functools.reduce(operator.xor, [pl.col(key).hash(seed=i) for i, key in enumerate(SUMMARY_KEYS)]).alias(
+    "_group"
+)
 
 
 def _streamable_figures() -> list[pl.Expr]:
@@ -50,23 +52,39 @@ def _streamable_figures() -> list[pl.Expr]:
 def _reactions(feedback: pl.LazyFrame) -> pl.LazyFrame:
     """One row per trace that got feedback: did it get a thumbs-down, a thumbs-up?"""
     return feedback.group_by("trace_id").agg(
-        thumbs_down=(pl.col("kind") == "thumbs_down").any(), thumbs_up=(pl.col("kind") == "thumbs_up").any())
+        thumbs_down=(pl.col("kind") == "thumbs_down").any(), thumbs_up=(pl.col("kind") == "thumbs_up").any()
+    )
 
 
 def _thumbs(traces: pl.LazyFrame, reactions: pl.LazyFrame) -> pl.LazyFrame:
     """Per group: responses that got a thumbs-down / thumbs-up. Reactions are few (one row
     per reacted-to trace), so they are joined first and only the matches deduplicated."""
     return (
-        traces.select("_group", "trace_id").join(reactions, on="trace_id", how="inner")
+        traces.select("_group", "trace_id")
+        .join(reactions, on="trace_id", how="inner")
         .unique("trace_id")  # a trace written twice (a replayed file) is one response
-        .group_by("_group").agg(thumbs_down_n=pl.col("thumbs_down").sum(), thumbs_up_n=pl.col("thumbs_up").sum())
+        .group_by("_group")
+        .agg(thumbs_down_n=pl.col("thumbs_down").sum(), thumbs_up_n=pl.col("thumbs_up").sum())
     )
 
 
 # The summary's columns, in the order `safeswap query summary` prints them.
-SUMMARY_COLUMNS = [*SUMMARY_KEYS, "responses", "users", "sessions", "latency_ms_mean", "latency_ms_p95",
-                   "cost_usd_total", "error_rate", "cache_hit_rate", "output_tokens_mean", "cost_per_response",
-                   "cost_per_session", "thumbs_down_rate", "thumbs_up_rate"]
+SUMMARY_COLUMNS = [
+    *SUMMARY_KEYS,
+    "responses",
+    "users",
+    "sessions",
+    "latency_ms_mean",
+    "latency_ms_p95",
+    "cost_usd_total",
+    "error_rate",
+    "cache_hit_rate",
+    "output_tokens_mean",
+    "cost_per_response",
+    "cost_per_session",
+    "thumbs_down_rate",
+    "thumbs_up_rate",
+]
 
 
 def _assemble(figures: pl.LazyFrame, thumbs: pl.LazyFrame | None) -> pl.LazyFrame:
@@ -83,8 +101,9 @@ def _assemble(figures: pl.LazyFrame, thumbs: pl.LazyFrame | None) -> pl.LazyFram
     return summary.select([c for c in SUMMARY_COLUMNS if c in present]).sort(SUMMARY_KEYS, nulls_last=True)
 
 
-def variant_summary(data_dir: str | os.PathLike, rollout_id: str | None = None, *,
-                    exact: bool | None = None) -> pl.LazyFrame:
+def variant_summary(
+    data_dir: str | os.PathLike, rollout_id: str | None = None, *, exact: bool | None = None
+) -> pl.LazyFrame:
     """Per rollout, variant, prompt_version and model_version: responses, users, sessions,
     latency, cost, error and cache-hit rates, tokens; thumbs-down/up rates per response
     when there is feedback.
@@ -102,22 +121,40 @@ def variant_summary(data_dir: str | os.PathLike, rollout_id: str | None = None, 
     error) and no p95, in one streaming pass (docs/data.md has both timings)."""
     exact = exact is not False
     traces = _rollout(scan("traces", data_dir), rollout_id).with_columns(_GROUP)
-    reactions = (_reactions(_rollout(scan("feedback", data_dir), rollout_id)).with_columns(pl.col("trace_id").hash())
-                 if list_files(os.path.join(data_dir, "feedback")) else None)
-    distinct = [] if exact else [pl.col("user_id").approx_n_unique().alias("users"),
-                                 pl.col("session_id").approx_n_unique().alias("sessions")]
+    reactions = (
+        _reactions(_rollout(scan("feedback", data_dir), rollout_id)).with_columns(pl.col("trace_id").hash())
+        if list_files(os.path.join(data_dir, "feedback"))
+        else None
+    )
+    distinct = (
+        []
+        if exact
+        else [
+            pl.col("user_id").approx_n_unique().alias("users"),
+            pl.col("session_id").approx_n_unique().alias("sessions"),
+        ]
+    )
     streamed = traces.group_by("_group").agg(*_streamable_figures(), *distinct)
     # Ids as 64-bit hashes; trace_id only when there is feedback to join it with (a false
     # match: odds about traces x reactions / 2**64).
     hashed = (["user_id", "session_id"] if exact else []) + (["trace_id"] if reactions is not None else [])
-    ids = traces.select("_group", *[pl.col(c).hash() for c in hashed], *(["latency_ms"] if exact else [])) if hashed else None
+    ids = (
+        traces.select("_group", *[pl.col(c).hash() for c in hashed], *(["latency_ms"] if exact else []))
+        if hashed
+        else None
+    )
 
     def summary(streamed: pl.LazyFrame, ids: pl.LazyFrame | None, reactions: pl.LazyFrame | None) -> pl.LazyFrame:
         figures = streamed
         if exact:
-            figures = streamed.join(ids.group_by("_group").agg(
-                pl.col("user_id").n_unique().alias("users"), pl.col("session_id").n_unique().alias("sessions"),
-                pl.col("latency_ms").quantile(0.95, interpolation="nearest").alias("latency_ms_p95")), on="_group")
+            figures = streamed.join(
+                ids.group_by("_group").agg(
+                    pl.col("user_id").n_unique().alias("users"),
+                    pl.col("session_id").n_unique().alias("sessions"),
+                    pl.col("latency_ms").quantile(0.95, interpolation="nearest").alias("latency_ms_p95"),
+                ),
+                on="_group",
+            )
         return _assemble(figures, None if reactions is None else _thumbs(ids, reactions))
 
     return _one_after_the_other(summary, [streamed, ids, reactions])
@@ -129,6 +166,7 @@ def _one_after_the_other(build: Callable[..., pl.LazyFrame], inputs: list[pl.Laz
     the whole dataset in memory (10M traces: 1.8 GB for the approximate summary with
     feedback, against 0.5); collected together (``pl.collect_all``) they peak ~1.8x higher
     and are no faster on two cores."""
+
     def run() -> pl.DataFrame:
         now = [None if frame is None else frame.collect(engine="streaming").lazy() for frame in inputs]
         return build(*now).collect(engine="streaming")
@@ -142,9 +180,12 @@ def decision_timeline(data_dir: str | os.PathLike, rollout_id: str | None = None
     return (
         decisions.unique(["rollout_id", "seq"], keep="last")  # a decision republished is one event
         .with_columns(
-            breached=pl.col("evidence").list.eval(
+            breached=pl.col("evidence")
+            .list.eval(
                 pl.when(pl.element().struct.field("status") == "breach").then(pl.element().struct.field("metric"))
-            ).list.drop_nulls().list.join(","),
+            )
+            .list.drop_nulls()
+            .list.join(","),
         )
         .select("rollout_id", "seq", "ts", "action", "stage", "percent", "breached", "reason")
         .sort("rollout_id", "seq")

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import polars as pl
 
-from sinks.datasets import DATASETS, Dataset, dataset as dataset_named
+from sinks.datasets import DATASETS, Dataset
+from sinks.datasets import dataset as dataset_named
 from sinks.writer import parse_file_name
 
 HIDDEN = (".", "_")
@@ -57,7 +58,7 @@ def select_files(names: list[str]) -> tuple[list[str], list[str]]:
         # before this one: it is covered iff some kept range ends at or after it.
         items.sort(key=lambda item: (item[0], -item[1]))
         reach = -1
-        for first, last, name in items:
+        for _first, last, name in items:
             if last <= reach:
                 superseded.append(name)
             else:
@@ -108,8 +109,9 @@ class UnreadableFile(ValueError):
     truncated by a full disk): polars' own error does not say which file it was."""
 
     def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: not a readable Parquet file ({reason}) (fix: remove it, or move it out "
-                         f"of the dataset folder)")
+        super().__init__(
+            f"{path}: not a readable Parquet file ({reason}) (fix: remove it, or move it out of the dataset folder)"
+        )
         self.path = path
 
 
@@ -137,8 +139,9 @@ def _rollout_root(data_dir: str | os.PathLike, name: str, rollout_id: str | None
     return root
 
 
-def count_rows(data_dir: str | os.PathLike, datasets: list[str] | None = None, *,
-               rollout_id: str | None = None) -> dict[str, int]:
+def count_rows(
+    data_dir: str | os.PathLike, datasets: list[str] | None = None, *, rollout_id: str | None = None
+) -> dict[str, int]:
     """Rows per dataset (every registered dataset, 0 where nothing was written).
 
     ``rollout_id``: only that rollout's rows (datasets not partitioned by rollout,
@@ -166,8 +169,15 @@ def find_unreadable(data_dir: str | os.PathLike, datasets: list[str] | None = No
     return None
 
 
-def wait_for_rows(data_dir: str | os.PathLike, datasets: list[str], at_least: int, *, rollout_id: str | None = None,
-                  timeout_s: float = 20.0, poll_s: float = 0.25) -> int:
+def wait_for_rows(
+    data_dir: str | os.PathLike,
+    datasets: list[str],
+    at_least: int,
+    *,
+    rollout_id: str | None = None,
+    timeout_s: float = 20.0,
+    poll_s: float = 0.25,
+) -> int:
     """Wait until the datasets together hold ``at_least`` rows (the worker is a separate
     process: its sinks flush on rotation). Returns the rows found; no error on timeout."""
     import time

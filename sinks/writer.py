@@ -46,9 +46,10 @@ import os
 import re
 import time
 import urllib.parse
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, NamedTuple
 
 import msgspec
 import pyarrow as pa
@@ -76,7 +77,7 @@ class Rotation:
     idle_s: float = 2.0  # no new record for this long (end of a burst): flush now
 
     @classmethod
-    def from_settings(cls, settings: Any) -> "Rotation":
+    def from_settings(cls, settings: Any) -> Rotation:
         return cls(
             max_rows=settings.sink_max_rows,
             max_bytes=settings.sink_max_bytes,
@@ -199,7 +200,7 @@ def highest_offset_in_files(root: Path, partition: int) -> tuple[int, int]:
     """(generation, highest ``<last>``) of the partition's newest generation among the file
     names under ``root``; (0, -1): no file."""
     highest = (0, -1)
-    for folder, _dirs, files in os.walk(root):
+    for _folder, _dirs, files in os.walk(root):
         for name in files:
             parsed = parse_file_name(name)
             if parsed and parsed.partition == partition and (parsed.generation, parsed.last) > highest:
@@ -290,8 +291,11 @@ class PartitionWriter:
         if self.first is None:
             return False
         now = self.clock() if now is None else now
-        return (self.full() or now - self.opened_at >= self.rotation.max_age_s
-                or now - self.touched_at >= self.rotation.idle_s)
+        return (
+            self.full()
+            or now - self.opened_at >= self.rotation.max_age_s
+            or now - self.touched_at >= self.rotation.idle_s
+        )
 
     # -- flush ----------------------------------------------------------------------
     def _groups(self) -> dict[tuple[str | None, int], tuple[list[tuple], list[int]]]:
@@ -354,8 +358,15 @@ class PartitionWriter:
     def _save_state(self, last_offset: int, pending: dict | None) -> None:
         write_json_atomic(
             self.layout.state(self.dataset, self.partition),
-            {"dataset": self.dataset.name, "partition": self.partition, "last_offset": last_offset,
-             "pending": pending, "fingerprint": self.fingerprint, "generation": self.generation, "updated_ms": int(time.time() * 1000)},
+            {
+                "dataset": self.dataset.name,
+                "partition": self.partition,
+                "last_offset": last_offset,
+                "pending": pending,
+                "fingerprint": self.fingerprint,
+                "generation": self.generation,
+                "updated_ms": int(time.time() * 1000),
+            },
             self.fsync,
         )
 
@@ -366,8 +377,13 @@ class PartitionWriter:
         except FileNotFoundError:
             state = None
         except (OSError, ValueError) as exc:
-            log.error("sink %s[%d]: unreadable checkpoint %s (%s): using file names", self.dataset.name,
-                      self.partition, path, exc)
+            log.error(
+                "sink %s[%d]: unreadable checkpoint %s (%s): using file names",
+                self.dataset.name,
+                self.partition,
+                path,
+                exc,
+            )
             state = None
         keep: set[str] = set()
         if state is None:
@@ -382,11 +398,20 @@ class PartitionWriter:
                     if os.path.exists(tmp):
                         _move(tmp, final, self.fsync)
                     elif not os.path.exists(final):
-                        log.error("sink %s[%d]: file of a pending flush is missing: %s", self.dataset.name,
-                                  self.partition, final)
+                        log.error(
+                            "sink %s[%d]: file of a pending flush is missing: %s",
+                            self.dataset.name,
+                            self.partition,
+                            final,
+                        )
                 last_offset = int(pending["last"])
-                log.warning("sink %s[%d]: rolled forward a flush interrupted at offsets %s-%s",
-                            self.dataset.name, self.partition, pending["first"], pending["last"])
+                log.warning(
+                    "sink %s[%d]: rolled forward a flush interrupted at offsets %s-%s",
+                    self.dataset.name,
+                    self.partition,
+                    pending["first"],
+                    pending["last"],
+                )
                 self._save_state(last_offset, None)
         staging = self.layout.staging(self.dataset)
         prefix = f".p{self.partition}-"
@@ -417,11 +442,13 @@ def _move(tmp: str, final: str, fsync: bool) -> None:
         fsync_dir(Path(folder))
 
 
-def write_rows(layout: Layout, dataset: Dataset, partition: int, rows: Iterable[tuple], first_offset: int = 0,
-               fsync: bool = False) -> PartitionWriter:
+def write_rows(
+    layout: Layout, dataset: Dataset, partition: int, rows: Iterable[tuple], first_offset: int = 0, fsync: bool = False
+) -> PartitionWriter:
     """Write rows (as :meth:`Dataset.row` returns them) through the real protocol; for tools and tests."""
-    writer = PartitionWriter(layout, dataset, partition, Rotation(max_rows=10**12, max_bytes=2**62,
-                             max_age_s=1e12, idle_s=1e12), fsync=fsync)
+    writer = PartitionWriter(
+        layout, dataset, partition, Rotation(max_rows=10**12, max_bytes=2**62, max_age_s=1e12, idle_s=1e12), fsync=fsync
+    )
     offset = max(first_offset, writer.last_offset + 1)
     for row in rows:
         writer.append(row, offset, 0)

@@ -15,7 +15,7 @@ from streams.settings import Settings
 
 
 def faust_broker_url(bootstrap: str) -> str:
-    """"h1:9092,h2:9092" -> "kafka://h1:9092;h2:9092" (Faust's form)."""
+    """ "h1:9092,h2:9092" -> "kafka://h1:9092;h2:9092" (Faust's form)."""
     hosts = [h.strip() for h in bootstrap.replace(";", ",").split(",") if h.strip()]
     return "kafka://" + ";".join(hosts)
 
@@ -101,8 +101,13 @@ def create_app(settings: Settings) -> faust.App:
     decide.register(app, settings)
     sink_service = __import__("agents.sink").sink.register(app, settings)  # Parquet sinks (sinks/, docs/data.md)
     metrics = __import__("agents.metrics").metrics.register(  # Prometheus /metrics (off unless metrics_port)
-        app, settings, consumers=lambda: {"outcomes": outcomes_service.consumer,
-                                          "sink": sink_service.consumer if sink_service else None})
+        app,
+        settings,
+        consumers=lambda: {
+            "outcomes": outcomes_service.consumer,
+            "sink": sink_service.consumer if sink_service else None,
+        },
+    )
     if metrics is not None:
         outcomes_service.on_batch.append(metrics.reader("outcomes"))
         if sink_service is not None:

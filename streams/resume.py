@@ -58,8 +58,10 @@ def same_log(last_offset: int, mark: list[int] | None, probe: LogProbe) -> tuple
             return False, f"the log ends at offset {probe.highwater}, before the checkpoint's offset {last_offset}"
         return True, f"nothing to read at offset {last_offset} yet"
     if probe.offset < last_offset:
-        return False, (f"reading from the checkpoint's offset {last_offset} came back at offset {probe.offset}: "
-                       "the log no longer reaches it")
+        return False, (
+            f"reading from the checkpoint's offset {last_offset} came back at offset {probe.offset}: "
+            "the log no longer reaches it"
+        )
     if probe.offset > last_offset:
         return True, f"offsets up to {probe.offset - 1} are no longer in the log (retention or compaction)"
     if mark is not None and probe.mark != list(mark):
@@ -74,8 +76,9 @@ def reached_end(position: int, reported_end: int, highwater: int | None) -> bool
     return highwater is not None and position >= max(reported_end, highwater)
 
 
-async def probe_logs(client: dict[str, Any], offsets: dict[TopicPartition, int],
-                     timeout_s: float = 10.0) -> dict[TopicPartition, LogProbe]:
+async def probe_logs(
+    client: dict[str, Any], offsets: dict[TopicPartition, int], timeout_s: float = 10.0
+) -> dict[TopicPartition, LogProbe]:
     """Read each partition from its offset with a consumer of its own (no group): the first
     record there and the high watermark. A partition without an answer in ``timeout_s``
     gets ``LogProbe(None, None, None)``, which :func:`same_log` takes for the same log."""
@@ -84,8 +87,9 @@ async def probe_logs(client: dict[str, Any], offsets: dict[TopicPartition, int],
     found: dict[TopicPartition, LogProbe] = {}
     if not offsets:
         return found
-    consumer = AIOKafkaConsumer(**client, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest",
-                                fetch_max_wait_ms=100)
+    consumer = AIOKafkaConsumer(
+        **client, group_id=None, enable_auto_commit=False, auto_offset_reset="earliest", fetch_max_wait_ms=100
+    )
     await consumer.start()
     try:
         consumer.assign(list(offsets))
@@ -93,13 +97,13 @@ async def probe_logs(client: dict[str, Any], offsets: dict[TopicPartition, int],
             consumer.seek(tp, offset)
         deadline = time.monotonic() + timeout_s
         while len(found) < len(offsets) and time.monotonic() < deadline:
-            batch = await consumer.getmany(*[tp for tp in offsets if tp not in found], timeout_ms=200,
-                                           max_records=1)
+            batch = await consumer.getmany(*[tp for tp in offsets if tp not in found], timeout_ms=200, max_records=1)
             for tp, records in batch.items():
                 if records and tp not in found:
                     first = records[0]
-                    found[tp] = LogProbe(first.offset, record_mark(first.timestamp, first.value),
-                                         consumer.highwater(tp))
+                    found[tp] = LogProbe(
+                        first.offset, record_mark(first.timestamp, first.value), consumer.highwater(tp)
+                    )
             for tp in offsets:
                 highwater = consumer.highwater(tp)
                 # An empty answer with a high watermark at or below the offset: nothing is there.
@@ -111,8 +115,9 @@ async def probe_logs(client: dict[str, Any], offsets: dict[TopicPartition, int],
         await consumer.stop()
 
 
-async def log_ends(client: dict[str, Any], partitions: list[TopicPartition],
-                   timeout_s: float = 10.0) -> dict[TopicPartition, int]:
+async def log_ends(
+    client: dict[str, Any], partitions: list[TopicPartition], timeout_s: float = 10.0
+) -> dict[TopicPartition, int]:
     """Each partition's end offset (the next offset to be written), correct on brokers whose
     ``ListOffsets`` undercounts (see the module docstring): the reported end, raised to the
     high watermark a fetch from just before it returns."""

@@ -16,7 +16,7 @@ sessions are derived from the sorted times, never stored as boundaries.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def same_session(earlier_ts: int, later_ts: int, gap_ms: int) -> bool:

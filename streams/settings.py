@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from typing import Any, Mapping, get_type_hints
+from typing import Any, get_type_hints
 
 ENV_PREFIX = "SAFESWAP_"
 
@@ -115,7 +116,7 @@ class Settings:
     kafka_ssl_keyfile: str = ""
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
         """Settings from ``SAFESWAP_*`` variables, then non-None ``overrides`` (flags)."""
         environ = os.environ if environ is None else environ
         values: dict[str, Any] = {}
@@ -134,7 +135,7 @@ class Settings:
         if problems:
             raise ValueError("; ".join(problems))
 
-    def replace(self, **changes: Any) -> "Settings":
+    def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
 
     def topic(self, name: str) -> str:
@@ -163,18 +164,47 @@ def env_names() -> set[str]:
 # Ranges outside which a numeric setting is clearly a mistake (SAFESWAP_PARTITIONS=0 created
 # topics no worker could consume). The lower bound is inclusive unless the name is in POSITIVE.
 AT_LEAST_ONE = (
-    "partitions", "replication_factor", "producer_max_batch_bytes", "snapshot_every_events", "emitter_buffer",
-    "max_edit_chars", "max_event_bytes", "checkpoint_every_events", "sink_max_rows", "sink_max_bytes",
-    "judge_concurrency", "judge_max_tokens", "judge_max_answer_chars", "shadow_concurrency",
+    "partitions",
+    "replication_factor",
+    "producer_max_batch_bytes",
+    "snapshot_every_events",
+    "emitter_buffer",
+    "max_edit_chars",
+    "max_event_bytes",
+    "checkpoint_every_events",
+    "sink_max_rows",
+    "sink_max_bytes",
+    "judge_concurrency",
+    "judge_max_tokens",
+    "judge_max_answer_chars",
+    "shadow_concurrency",
 )
 POSITIVE = (  # intervals, timeouts and windows a zero would turn into a busy loop or an instant expiry
-    "broker_wait_s", "session_timeout_s", "heartbeat_interval_s", "rebalance_timeout_s", "snapshot_interval_s",
-    "emitter_delivery_timeout_s", "session_gap_s", "join_ttl_s", "checkpoint_interval_s", "sink_max_age_s",
-    "sink_idle_s", "status_interval_s", "judge_timeout_s", "shadow_timeout_s",
+    "broker_wait_s",
+    "session_timeout_s",
+    "heartbeat_interval_s",
+    "rebalance_timeout_s",
+    "snapshot_interval_s",
+    "emitter_delivery_timeout_s",
+    "session_gap_s",
+    "join_ttl_s",
+    "checkpoint_interval_s",
+    "sink_max_age_s",
+    "sink_idle_s",
+    "status_interval_s",
+    "judge_timeout_s",
+    "shadow_timeout_s",
 )
 NOT_NEGATIVE = (  # zero is a meaningful "none" here
-    "consumer_fetch_max_wait_ms", "producer_linger_ms", "retry_window_s", "allowed_lateness_s",
-    "max_topic_skew_s", "max_future_s", "judge_budget_usd", "judge_max_retries", "judge_max_retry_after_s",
+    "consumer_fetch_max_wait_ms",
+    "producer_linger_ms",
+    "retry_window_s",
+    "allowed_lateness_s",
+    "max_topic_skew_s",
+    "max_future_s",
+    "judge_budget_usd",
+    "judge_max_retries",
+    "judge_max_retry_after_s",
 )
 BOUNDED = {  # inclusive ranges; port 0 = off (metrics) or any free port (dashboard)
     "judge_sample_rate": (0.0, 1.0),

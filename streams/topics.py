@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Mapping
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.admin.config_resource import ConfigResource, ConfigResourceType
@@ -81,7 +81,8 @@ async def ensure_topics(settings: Settings, timeout_s: float = 20.0) -> list[str
                 if refused:
                     raise TopicCreationError(
                         f"the broker at {settings.broker} refused to create {'; '.join(refused)} "
-                        "(check SAFESWAP_PARTITIONS, SAFESWAP_REPLICATION_FACTOR and the principal's ACLs)")
+                        "(check SAFESWAP_PARTITIONS, SAFESWAP_REPLICATION_FACTOR and the principal's ACLs)"
+                    )
                 transient = creation_errors(response.topic_errors, retriable=True)
                 if transient:  # e.g. NotControllerError during a failover: ensure_topics_with_retry retries
                     raise KafkaError(f"topic creation must be retried: {'; '.join(transient)}")
@@ -89,7 +90,7 @@ async def ensure_topics(settings: Settings, timeout_s: float = 20.0) -> list[str
             if present:
                 try:
                     await _warn_about_drift(admin, settings, present)
-                except Exception as exc:  # advisory: never a reason to refuse (or retry) topic creation
+                except Exception as exc:  # noqa: BLE001 - advisory: never a reason to refuse (or retry) topic creation
                     log.debug("could not compare the existing topics with the registry: %r", exc)
             return [topic.name for topic in missing]
         finally:
@@ -119,12 +120,16 @@ def drift_warnings(settings: Settings, partitions: Mapping[str, int], policies: 
     for spec in TOPICS:
         name = settings.topic(spec.name)
         if name in partitions and partitions[name] != settings.partitions:
-            warnings.append(f"topic {name} has {partitions[name]} partitions, SAFESWAP_PARTITIONS is "
-                            f"{settings.partitions}: the extra workers idle or the partitions are unevenly shared")
+            warnings.append(
+                f"topic {name} has {partitions[name]} partitions, SAFESWAP_PARTITIONS is "
+                f"{settings.partitions}: the extra workers idle or the partitions are unevenly shared"
+            )
         wanted = spec.config.get("cleanup.policy")
         if wanted == "compact" and name in policies and "compact" not in (policies[name] or "").split(","):
-            warnings.append(f"topic {name} is not compacted (cleanup.policy={policies[name] or 'delete'}): "
-                            "its latest state per key can be deleted by retention; set cleanup.policy=compact")
+            warnings.append(
+                f"topic {name} is not compacted (cleanup.policy={policies[name] or 'delete'}): "
+                "its latest state per key can be deleted by retention; set cleanup.policy=compact"
+            )
     return warnings
 
 
@@ -137,8 +142,9 @@ async def _warn_about_drift(admin: AIOKafkaAdminClient, settings: Settings, topi
     if to_check:
         try:
             responses = await admin.describe_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, name) for name in to_check])
-        except Exception as exc:  # a broker (or ACL) without DescribeConfigs: skip only this check
+                [ConfigResource(ConfigResourceType.TOPIC, name) for name in to_check]
+            )
+        except Exception as exc:  # noqa: BLE001 - a broker (or ACL) without DescribeConfigs: skip only this check
             log.debug("cannot describe topic configs on %s, cleanup policy not checked: %r", settings.broker, exc)
             responses = []
         for response in responses:
@@ -146,8 +152,9 @@ async def _warn_about_drift(admin: AIOKafkaAdminClient, settings: Settings, topi
                 if error_code == 0:
                     policies[name] = {entry[0]: entry[1] for entry in entries}.get("cleanup.policy")
                 else:
-                    log.debug("cannot describe topic %s (%s), cleanup policy not checked", name,
-                              for_code(error_code).__name__)
+                    log.debug(
+                        "cannot describe topic %s (%s), cleanup policy not checked", name, for_code(error_code).__name__
+                    )
     for warning in drift_warnings(settings, partitions, policies):
         log.warning(warning)
 

@@ -21,10 +21,12 @@ async def ensure_topics_with_retry(settings: Settings, timeout_s: float | None =
             return
         except TopicCreationError:
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the broker may fail in any way while it starts: retried until the deadline
             if asyncio.get_running_loop().time() > deadline:
-                raise ConnectionError(f"cannot reach the Kafka broker at {settings.broker}: "
-                                      f"{exc or type(exc).__name__}; check --broker / SAFESWAP_BROKER") from None
+                raise ConnectionError(
+                    f"cannot reach the Kafka broker at {settings.broker}: "
+                    f"{exc or type(exc).__name__}; check --broker / SAFESWAP_BROKER"
+                ) from None
             await asyncio.sleep(0.5)
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -15,6 +15,7 @@ from streams.broker import EmbeddedBroker
 from streams.process import WorkerProcess
 from streams.settings import ENV_PREFIX, Settings
 from streams.topics import ensure_topics
+
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[str]:
@@ -31,8 +32,13 @@ def broker() -> Iterator[str]:
 def settings(broker: str, tmp_path: Path) -> Settings:
     """Settings with a topic prefix and consumer group of this test's own, topics created."""
     unique = uuid.uuid4().hex[:8]
-    settings = Settings(broker=broker, topic_prefix=f"t{unique}", app_id=f"safeswap-test-{unique}",
-                        state_dir=str(tmp_path / "state"), data_dir=str(tmp_path / "data"))
+    settings = Settings(
+        broker=broker,
+        topic_prefix=f"t{unique}",
+        app_id=f"safeswap-test-{unique}",
+        state_dir=str(tmp_path / "state"),
+        data_dir=str(tmp_path / "data"),
+    )
     asyncio.run(ensure_topics(settings))
     return settings
 

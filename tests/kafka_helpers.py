@@ -36,8 +36,9 @@ async def read_topic(bootstrap: str, topic: str, *, until_count: int = 0, timeou
             for records in batch.values():
                 messages.extend(records)
             end = await consumer.end_offsets(partitions)  # short on Tansu: reached_end adds the fetch's end
-            caught_up = all([reached_end(await consumer.position(tp), end[tp], consumer.highwater(tp))
-                             for tp in partitions])
+            caught_up = all(
+                [reached_end(await consumer.position(tp), end[tp], consumer.highwater(tp)) for tp in partitions]
+            )
             if (caught_up and len(messages) >= until_count) or asyncio.get_running_loop().time() > deadline:
                 return messages
     finally:

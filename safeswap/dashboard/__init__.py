@@ -8,7 +8,7 @@ polling script), :mod:`.server` (aiohttp). docs/dashboard.md has the tour.
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,10 +16,23 @@ import typer
 def register(app: typer.Typer) -> None:
     @app.command()
     def dashboard(
-        broker: Annotated[Optional[str], typer.Option("--broker", help="Kafka bootstrap host:port (env SAFESWAP_BROKER).")] = None,
-        data: Annotated[Optional[str], typer.Option("--data", help="Show a recorded dataset folder (the Parquet sinks) instead of live topics.")] = None,
-        port: Annotated[Optional[int], typer.Option("--port", help="Port (env SAFESWAP_DASHBOARD_PORT, default 8050; 0: any free one).", min=0, max=65535)] = None,
-        host: Annotated[Optional[str], typer.Option("--host", help="Address to bind (env SAFESWAP_DASHBOARD_HOST, default 127.0.0.1).")] = None,
+        broker: Annotated[
+            str | None, typer.Option("--broker", help="Kafka bootstrap host:port (env SAFESWAP_BROKER).")
+        ] = None,
+        data: Annotated[
+            str | None,
+            typer.Option("--data", help="Show a recorded dataset folder (the Parquet sinks) instead of live topics."),
+        ] = None,
+        port: Annotated[
+            int | None,
+            typer.Option(
+                "--port", help="Port (env SAFESWAP_DASHBOARD_PORT, default 8050; 0: any free one).", min=0, max=65535
+            ),
+        ] = None,
+        host: Annotated[
+            str | None,
+            typer.Option("--host", help="Address to bind (env SAFESWAP_DASHBOARD_HOST, default 127.0.0.1)."),
+        ] = None,
     ) -> None:
         """Web dashboard: rollouts, stage timeline, guardrail intervals, per-variant metrics.
 
@@ -36,15 +49,19 @@ def register(app: typer.Typer) -> None:
         if data is not None and not os.path.isdir(data):
             raise UserError(f"--data {data}: no such folder (give the dataset folder of `safeswap simulate --data`)")
         if data is None and not settings.broker:
-            raise UserError("no broker: set SAFESWAP_BROKER=host:port or pass --broker, or show a recorded dataset with --data DIR")
+            raise UserError(
+                "no broker: set SAFESWAP_BROKER=host:port or pass --broker, or show a recorded dataset with --data DIR"
+            )
         if not is_loopback(settings.dashboard_host) and not settings.dashboard_token:
-            err.print(f"[yellow]warning:[/yellow] serving on {settings.dashboard_host} without a token: "
-                      "anyone who can reach it sees your rollouts (set SAFESWAP_DASHBOARD_TOKEN)")
+            err.print(
+                f"[yellow]warning:[/yellow] serving on {settings.dashboard_host} without a token: "
+                "anyone who can reach it sees your rollouts (set SAFESWAP_DASHBOARD_TOKEN)"
+            )
         board = Dashboard(settings, data_dir=data)
 
         async def main() -> None:
             task = asyncio.create_task(serve_forever(board))
-            while board.state is None or board._runner is None:  # noqa: SLF001 - wait for the bind
+            while board.state is None or board._runner is None:
                 if task.done():
                     await task
                 await asyncio.sleep(0.05)
@@ -54,4 +71,6 @@ def register(app: typer.Typer) -> None:
         try:
             asyncio.run(main())
         except OSError as exc:
-            raise UserError(f"cannot serve on {settings.dashboard_host}:{settings.dashboard_port}: {exc.strerror or exc}") from None
+            raise UserError(
+                f"cannot serve on {settings.dashboard_host}:{settings.dashboard_port}: {exc.strerror or exc}"
+            ) from None

@@ -24,8 +24,17 @@ from typing import Any
 
 import msgspec
 
-from safeswap.controller import (LIVE, PlanConflict, RolloutState, add_cohorts, cohort_strata, health_checks, on_plan,
-                                 on_snapshot, parse_snapshot)
+from safeswap.controller import (
+    LIVE,
+    PlanConflict,
+    RolloutState,
+    add_cohorts,
+    cohort_strata,
+    health_checks,
+    on_plan,
+    on_snapshot,
+    parse_snapshot,
+)
 from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
 from safeswap.stats.sequential import stratified_compare
 from schemas import DeadLetter, Decision, HealthSpec, RolloutPlan, RolloutStatus, StatsSnapshot
@@ -90,7 +99,9 @@ def merge_raw(snapshots: list[StatsSnapshot]) -> dict[str, dict[str, dict[str, A
                         continue
                 else:
                     for key, value in stat.items():
-                        if key not in ("kind", "counts", "lo", "hi", "bins_per_decade") and isinstance(value, (int, float)):
+                        if key not in ("kind", "counts", "lo", "hi", "bins_per_decade") and isinstance(
+                            value, (int, float)
+                        ):
                             total[key] = total.get(key, 0) + value
                 if isinstance(stat.get("counts"), list) and isinstance(total.get("counts"), dict):
                     bins = total["counts"]
@@ -142,12 +153,17 @@ def variant_differences(snapshots: list[StatsSnapshot], plan: RolloutPlan) -> di
             out[metric] = {"too_few_users": users}
             continue
         try:
-            result = stratified_compare(list(zip(*strata)), alpha=plan.alpha, n_tune=plan.n_tune,
-                                        difference="relative", alternative="two-sided")
+            result = stratified_compare(
+                list(zip(*strata)), alpha=plan.alpha, n_tune=plan.n_tune, difference="relative", alternative="two-sided"
+            )
         except (ValueError, ZeroDivisionError):  # a control mean of zero, or no cohort with 2 users an arm
             continue
-        out[metric] = {"estimate": _finite(result.estimate), "ci_low": _finite(result.ci_low),
-                       "ci_high": _finite(result.ci_high), "alpha": plan.alpha}
+        out[metric] = {
+            "estimate": _finite(result.estimate),
+            "ci_low": _finite(result.ci_low),
+            "ci_high": _finite(result.ci_high),
+            "alpha": plan.alpha,
+        }
     return out
 
 
@@ -181,9 +197,16 @@ class DeadLetterTally:
             "rate": rate,
             "alert_rate": DLQ_ALERT_RATE,
             "status": "not checked" if rate is None else ("problem" if rate > DLQ_ALERT_RATE else "ok"),
-            "kinds": [{"kind": kind, "count": n, "share": n / total, "latest_ts": self.latest[kind][0],
-                       "latest_reason": self.latest[kind][1]}
-                      for kind, n in sorted(self.by_kind.items(), key=lambda item: (-item[1], item[0]))],
+            "kinds": [
+                {
+                    "kind": kind,
+                    "count": n,
+                    "share": n / total,
+                    "latest_ts": self.latest[kind][0],
+                    "latest_reason": self.latest[kind][1],
+                }
+                for kind, n in sorted(self.by_kind.items(), key=lambda item: (-item[1], item[0]))
+            ],
             "topics": dict(sorted(self.by_topic.items())),
         }
 
@@ -197,7 +220,7 @@ def coalesce(snapshots: list[StatsSnapshot], chunk: int) -> list[StatsSnapshot]:
         return list(snapshots)
     kept: list[StatsSnapshot] = []
     for start in range(0, len(snapshots), chunk):
-        run = snapshots[start:start + chunk]
+        run = snapshots[start : start + chunk]
         newest: dict[tuple[str, str, int], int] = {}
         for index, snapshot in enumerate(run):
             newest[(snapshot.rollout_id, _source(snapshot), snapshot.partition)] = index
@@ -289,13 +312,16 @@ class DashboardModel:
             # Merged before anything changes: a snapshot that cannot be merged (malformed
             # histogram counts, say) raises here and leaves the rollout as it was, instead
             # of staying among the latest and breaking every later look.
-            outcome_snapshots = [s for (source, _), s in {**track.latest_snapshots, key: snapshot}.items()
-                                 if not source]
+            outcome_snapshots = [
+                s for (source, _), s in {**track.latest_snapshots, key: snapshot}.items() if not source
+            ]
             try:
                 current = variant_values(outcome_snapshots)
-            except Exception as exc:  # noqa: BLE001 - any shape error in event data
-                raise ValueError(f"statistics snapshot {snapshot.rollout_id!r} partition {snapshot.partition} "
-                                 f"seq {snapshot.seq} cannot be merged: {exc!r}") from exc
+            except Exception as exc:
+                raise ValueError(
+                    f"statistics snapshot {snapshot.rollout_id!r} partition {snapshot.partition} "
+                    f"seq {snapshot.seq} cannot be merged: {exc!r}"
+                ) from exc
         track.latest_snapshots[key] = snapshot
         state = track.replay
         before = state.last_evaluation
@@ -327,8 +353,8 @@ class DashboardModel:
         )
         track.looks.append(look)
         if len(track.looks) > self.max_points:
-            keep = track.looks[-self.max_points // 2:]
-            track.looks = track.looks[:-len(keep)][::2] + keep
+            keep = track.looks[-self.max_points // 2 :]
+            track.looks = track.looks[: -len(keep)][::2] + keep
         self.version += 1
 
     def add_decision(self, decision: Decision) -> None:
@@ -365,13 +391,15 @@ class DashboardModel:
         for rollout_id in sorted(self.tracks):
             track = self.tracks[rollout_id]
             last = self._last_decision(track)
-            out.append({
-                "rollout_id": rollout_id,
-                "stage": last.stage if last else (track.status.stage if track.status else "registered"),
-                "percent": last.percent if last else 0.0,
-                "last_action": last.action if last else None,
-                "decisions": len(track.decisions),
-            })
+            out.append(
+                {
+                    "rollout_id": rollout_id,
+                    "stage": last.stage if last else (track.status.stage if track.status else "registered"),
+                    "percent": last.percent if last else 0.0,
+                    "last_action": last.action if last else None,
+                    "decisions": len(track.decisions),
+                }
+            )
         return out
 
     @staticmethod
@@ -421,11 +449,20 @@ class DashboardModel:
         as_of = track.last_ts or (status.ts if status else 0)
         xs = [x for x in [*(look_range or ()), *positions.values(), as_of] if x]
         time_range = [min(xs), max(xs)] if xs else None
-        current_stage = ({"from": positions[decisions[-1].seq], "to": time_range[1],
-                          "label": f"{decisions[-1].stage} {decisions[-1].percent:g}%"}
-                         if decisions and time_range else None)
-        health = (status.health if status and status.health else
-                  (decisions[-1].health if decisions and decisions[-1].health else {}))
+        current_stage = (
+            {
+                "from": positions[decisions[-1].seq],
+                "to": time_range[1],
+                "label": f"{decisions[-1].stage} {decisions[-1].percent:g}%",
+            }
+            if decisions and time_range
+            else None
+        )
+        health = (
+            status.health
+            if status and status.health
+            else (decisions[-1].health if decisions and decisions[-1].health else {})
+        )
         differences = self._differences(track)
         return {
             "rollout_id": rollout_id,
@@ -443,25 +480,45 @@ class DashboardModel:
             "as_of": as_of,
             "time_range": time_range,
             "current_stage": current_stage,
-            "decisions": [{
-                "seq": d.seq, "ts": d.ts, "x": positions[d.seq], "action": d.action, "stage": d.stage,
-                "percent": d.percent, "shadow_percent": d.shadow_percent, "reason": d.reason,
-                "breached": [e.metric for e in d.evidence if e.status == "breach"],
-            } for d in decisions],
+            "decisions": [
+                {
+                    "seq": d.seq,
+                    "ts": d.ts,
+                    "x": positions[d.seq],
+                    "action": d.action,
+                    "stage": d.stage,
+                    "percent": d.percent,
+                    "shadow_percent": d.shadow_percent,
+                    "reason": d.reason,
+                    "breached": [e.metric for e in d.evidence if e.status == "breach"],
+                }
+                for d in decisions
+            ],
             "guardrails": self._guardrails(track),
-            "variant_rows": [{"key": key, "label": label, "unit": unit,
-                              "values": {v: track.current.get(v, {}).get(key) for v in ("control", "candidate")},
-                              "difference": differences.get(key)}
-                             for key, label, unit in VARIANT_ROWS],
+            "variant_rows": [
+                {
+                    "key": key,
+                    "label": label,
+                    "unit": unit,
+                    "values": {v: track.current.get(v, {}).get(key) for v in ("control", "candidate")},
+                    "difference": differences.get(key),
+                }
+                for key, label, unit in VARIANT_ROWS
+            ],
             "trends": self._trends(track),
             "judge": self._judge(track),
             "health": health,
-            "health_checks": health_checks(health if isinstance(health, dict) else {},
-                                           plan.health if plan else HealthSpec()),
+            "health_checks": health_checks(
+                health if isinstance(health, dict) else {}, plan.health if plan else HealthSpec()
+            ),
             "dead_letters": self.dead_letters.view(),
             "status_live": status is not None,
-            "min_duration_s": {label: parse_duration(s.min_duration) if s.min_duration else 0.0
-                               for label, s in zip(stages, plan.stages)} if plan else {},
+            "min_duration_s": {
+                label: parse_duration(s.min_duration) if s.min_duration else 0.0
+                for label, s in zip(stages, plan.stages)
+            }
+            if plan
+            else {},
         }
 
     @staticmethod
@@ -488,11 +545,16 @@ class DashboardModel:
         series: dict[str, list[dict[str, Any]]] = {}
         for look in track.looks:
             for item in look.evidence:
-                series.setdefault(item["metric"], []).append({
-                    "ts": look.ts, "estimate": _finite(item.get("estimate")), "ci_low": _finite(item.get("ci_low")),
-                    "ci_high": _finite(item.get("ci_high")), "status": item.get("status"),
-                    "threshold": _finite(item.get("threshold")),
-                })
+                series.setdefault(item["metric"], []).append(
+                    {
+                        "ts": look.ts,
+                        "estimate": _finite(item.get("estimate")),
+                        "ci_low": _finite(item.get("ci_low")),
+                        "ci_high": _finite(item.get("ci_high")),
+                        "status": item.get("status"),
+                        "threshold": _finite(item.get("threshold")),
+                    }
+                )
         # The latest evidence: the live status if there is one, else the last look's.
         latest: dict[str, dict[str, Any]] = {}
         if track.status is not None:
@@ -507,20 +569,22 @@ class DashboardModel:
             points = series.get(metric, [])
             threshold = next((p["threshold"] for p in reversed(points) if p["threshold"] is not None), None)
             now = latest.get(metric, {})
-            out.append({
-                "metric": metric,
-                "guardrail": base,
-                "scale": "absolute" if absolute else "relative",
-                "harm": METRIC_HARM.get(base, "increase"),
-                "action": spec.action if spec else None,
-                "threshold": threshold if threshold is not None else _finite(now.get("threshold")),
-                "status": now.get("status", "insufficient_data"),
-                "estimate": _finite(now.get("estimate")),
-                "ci_low": _finite(now.get("ci_low")),
-                "ci_high": _finite(now.get("ci_high")),
-                "reason": now.get("reason") or "",
-                "points": points,
-            })
+            out.append(
+                {
+                    "metric": metric,
+                    "guardrail": base,
+                    "scale": "absolute" if absolute else "relative",
+                    "harm": METRIC_HARM.get(base, "increase"),
+                    "action": spec.action if spec else None,
+                    "threshold": threshold if threshold is not None else _finite(now.get("threshold")),
+                    "status": now.get("status", "insufficient_data"),
+                    "estimate": _finite(now.get("estimate")),
+                    "ci_low": _finite(now.get("ci_low")),
+                    "ci_high": _finite(now.get("ci_high")),
+                    "reason": now.get("reason") or "",
+                    "points": points,
+                }
+            )
         return out
 
     @staticmethod
@@ -538,7 +602,9 @@ class DashboardModel:
         decided = counts["candidate"] + counts["control"]
         total = decided + counts["tie"]
         shadow = track.status.shadow if track.status is not None and getattr(track.status, "shadow", None) else {}
-        gated = any(s.name == "shadow" for s in track.plan.stages) if track.plan else False  # every shadow stage checks the judge
+        gated = (
+            any(s.name == "shadow" for s in track.plan.stages) if track.plan else False
+        )  # every shadow stage checks the judge
         return {
             "counts": counts,
             "judged": total,

@@ -10,7 +10,8 @@ inline script, so even an escaping mistake could not run injected code.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 from urllib.parse import quote
 
 from safeswap.dashboard.charts import esc, fmt, interval_chart, interval_text, stage_timeline, trend_chart, when
@@ -21,8 +22,14 @@ TREND_LABELS = {
     "error_rate": ("error rate", "rate"),
     "thumbs_down_rate": ("thumbs-down rate", "rate"),
 }
-STATUS_CLASS = {"breach": "bad", "ok": "good", "insufficient_data": "wait", "problem": "bad", "flagged": "wait",
-                "not checked": "muted"}
+STATUS_CLASS = {
+    "breach": "bad",
+    "ok": "good",
+    "insufficient_data": "wait",
+    "problem": "bad",
+    "flagged": "wait",
+    "not checked": "muted",
+}
 log = logging.getLogger(__name__)
 
 
@@ -31,11 +38,13 @@ def guarded(label: str, render: Callable[..., str], *args: Any) -> str:
     costs its own section, never the whole page (an HTTP 500)."""
     try:
         return render(*args)
-    except Exception as exc:  # noqa: BLE001 - event data can have any shape
+    except Exception as exc:
         log.warning("dashboard: could not render %s", label, exc_info=True)
         reason = f"{type(exc).__name__}: {exc}"
-        return (f'<section class="broken"><h3>{esc(label)}</h3>'
-                f'<p class="bad">could not render: {esc(reason[:300])}</p></section>')
+        return (
+            f'<section class="broken"><h3>{esc(label)}</h3>'
+            f'<p class="bad">could not render: {esc(reason[:300])}</p></section>'
+        )
 
 
 def rollout_link(rollout_id: str) -> str:
@@ -48,8 +57,10 @@ def nav_html(rollouts: list[dict[str, Any]], selected: str | None) -> str:
     items = []
     for r in rollouts:
         current = ' class="current"' if r["rollout_id"] == selected else ""
-        items.append(f'<li{current}><a href="{esc(rollout_link(r["rollout_id"]))}">{esc(r["rollout_id"])}</a>'
-                     f'<span class="stage stage-{esc(r["stage"])}">{esc(r["stage"])} {r["percent"]:g}%</span></li>')
+        items.append(
+            f'<li{current}><a href="{esc(rollout_link(r["rollout_id"]))}">{esc(r["rollout_id"])}</a>'
+            f'<span class="stage stage-{esc(r["stage"])}">{esc(r["stage"])} {r["percent"]:g}%</span></li>'
+        )
     return '<ul class="rollouts">' + "".join(items) + "</ul>"
 
 
@@ -69,20 +80,24 @@ def _summary_html(view: dict[str, Any]) -> str:
     parts = [f'<section class="summary"><h2>{esc(view["rollout_id"])}</h2>']
     if view.get("description"):
         parts.append(f'<p class="muted">{esc(view["description"])}</p>')
-    shadow = f', {split["shadow_percent"]:g}% shadowed' if split.get("shadow_percent") else ""
-    parts.append('<dl class="facts">'
-                 f'<dt>stage</dt><dd><span class="stage stage-{esc(split["stage"])}">{esc(split["stage"])}</span></dd>'
-                 f'<dt>split</dt><dd class="split">{split["percent"]:g}% candidate / {100 - split["percent"]:g}% '
-                 f'control{esc(shadow)}</dd>'
-                 f'<dt>users</dt><dd>{users.get("control", 0):,} control / {users.get("candidate", 0):,} candidate</dd>'
-                 f'<dt>control</dt><dd>{_variant_spec(view["variants"]["control"])}</dd>'
-                 f'<dt>candidate</dt><dd>{_variant_spec(view["variants"]["candidate"])}</dd>'
-                 f'<dt>as of</dt><dd>{esc(when(view["as_of"])) if view["as_of"] else "-"} (event time, UTC)</dd>'
-                 f'<dt>shown</dt><dd>{_range_text(view)}</dd>'
-                 f'<dt>plan</dt><dd>{esc(view.get("plan_hash") or "-")}</dd>'
-                 '</dl>')
-    stages = "".join(f'<li class="{"current" if i == view["stage_index"] else ""}">{esc(s)}</li>'
-                     for i, s in enumerate(view["stages"]))
+    shadow = f", {split['shadow_percent']:g}% shadowed" if split.get("shadow_percent") else ""
+    parts.append(
+        '<dl class="facts">'
+        f'<dt>stage</dt><dd><span class="stage stage-{esc(split["stage"])}">{esc(split["stage"])}</span></dd>'
+        f'<dt>split</dt><dd class="split">{split["percent"]:g}% candidate / {100 - split["percent"]:g}% '
+        f"control{esc(shadow)}</dd>"
+        f"<dt>users</dt><dd>{users.get('control', 0):,} control / {users.get('candidate', 0):,} candidate</dd>"
+        f"<dt>control</dt><dd>{_variant_spec(view['variants']['control'])}</dd>"
+        f"<dt>candidate</dt><dd>{_variant_spec(view['variants']['candidate'])}</dd>"
+        f"<dt>as of</dt><dd>{esc(when(view['as_of'])) if view['as_of'] else '-'} (event time, UTC)</dd>"
+        f"<dt>shown</dt><dd>{_range_text(view)}</dd>"
+        f"<dt>plan</dt><dd>{esc(view.get('plan_hash') or '-')}</dd>"
+        "</dl>"
+    )
+    stages = "".join(
+        f'<li class="{"current" if i == view["stage_index"] else ""}">{esc(s)}</li>'
+        for i, s in enumerate(view["stages"])
+    )
     parts.append(f'<ol class="plan-stages">{stages}</ol></section>')
     return "".join(parts)
 
@@ -95,46 +110,57 @@ def _range_text(view: dict[str, Any]) -> str:
     text = f"{esc(when(span[0]))} to {esc(when(span[1]))} (event time, UTC)"
     current = view.get("current_stage")
     if current:
-        text += (f'; current stage <span class="current-stage-key">{esc(current["label"])}</span> since '
-                 f'{esc(when(current["from"]))}')
+        text += (
+            f'; current stage <span class="current-stage-key">{esc(current["label"])}</span> since '
+            f"{esc(when(current['from']))}"
+        )
     return text
 
 
 def _timeline_html(view: dict[str, Any]) -> str:
     decisions = view["decisions"]
-    parts = ['<section><h3>Stage timeline</h3>' + stage_timeline(decisions, view.get("time_range"))]
+    parts = ["<section><h3>Stage timeline</h3>" + stage_timeline(decisions, view.get("time_range"))]
     rows = "".join(
         f'<tr class="action-{esc(d["action"])}"><td>#{int(d["seq"])}</td><td>{esc(when(d["ts"]))}</td>'
-        f'<td>{esc(d["action"])}</td><td>{esc(d["stage"])} {d["percent"]:g}%</td><td>{esc(d["reason"])}</td></tr>'
-        for d in decisions)
-    parts.append('<table class="decisions"><thead><tr><th>seq</th><th>event time (UTC)</th><th>action</th>'
-                 f'<th>stage</th><th>why</th></tr></thead><tbody>{rows}</tbody></table></section>')
+        f"<td>{esc(d['action'])}</td><td>{esc(d['stage'])} {d['percent']:g}%</td><td>{esc(d['reason'])}</td></tr>"
+        for d in decisions
+    )
+    parts.append(
+        '<table class="decisions"><thead><tr><th>seq</th><th>event time (UTC)</th><th>action</th>'
+        f"<th>stage</th><th>why</th></tr></thead><tbody>{rows}</tbody></table></section>"
+    )
     return "".join(parts)
 
 
 def _guardrail_card(g: dict[str, Any], view: dict[str, Any]) -> str:
     unit = "pct" if g["scale"] == "relative" else "num"
     interval = esc(interval_text(g["ci_low"], g["ci_high"], unit))
-    return (f'<div class="card guardrail"><h4>{esc(g["metric"])} '
-            f'<span class="badge {STATUS_CLASS.get(g["status"], "wait")}">{esc(g["status"])}</span></h4>'
-            f'<p>estimate {esc(fmt(g["estimate"], unit))}, interval {interval}, limit '
-            f'{esc(fmt(g["threshold"], unit))} ({esc(g["scale"])}, harm = {esc(g["harm"])}'
-            f'{", on breach: " + esc(g["action"]) if g["action"] else ""})</p>'
-            + (f'<p class="muted">{esc(g["reason"])}</p>' if g.get("reason") else "")
-            + interval_chart(g, view["decisions"], view.get("time_range"), view.get("current_stage")) + '</div>')
+    return (
+        f'<div class="card guardrail"><h4>{esc(g["metric"])} '
+        f'<span class="badge {STATUS_CLASS.get(g["status"], "wait")}">{esc(g["status"])}</span></h4>'
+        f"<p>estimate {esc(fmt(g['estimate'], unit))}, interval {interval}, limit "
+        f"{esc(fmt(g['threshold'], unit))} ({esc(g['scale'])}, harm = {esc(g['harm'])}"
+        f"{', on breach: ' + esc(g['action']) if g['action'] else ''})</p>"
+        + (f'<p class="muted">{esc(g["reason"])}</p>' if g.get("reason") else "")
+        + interval_chart(g, view["decisions"], view.get("time_range"), view.get("current_stage"))
+        + "</div>"
+    )
 
 
 def _guardrails_html(view: dict[str, Any]) -> str:
-    parts = ['<section><h3>Guardrails: always-valid intervals over time</h3>'
-             '<p class="muted">Band: the always-valid interval of the candidate vs control; line: the estimate; '
-             'dashed: the plan\'s limit. The controller acts when the interval clears the limit.</p>'
-             '<div class="grid">']
+    parts = [
+        "<section><h3>Guardrails: always-valid intervals over time</h3>"
+        '<p class="muted">Band: the always-valid interval of the candidate vs control; line: the estimate; '
+        "dashed: the plan's limit. The controller acts when the interval clears the limit.</p>"
+        '<div class="grid">'
+    ]
     if not view["guardrails"]:
         parts.append('<p class="muted">no guardrails in the plan</p>')
     for g in view["guardrails"]:
-        parts.append(guarded(f"guardrail {g.get('metric', '?') if isinstance(g, dict) else '?'}",
-                             _guardrail_card, g, view))
-    parts.append('</div></section>')
+        parts.append(
+            guarded(f"guardrail {g.get('metric', '?') if isinstance(g, dict) else '?'}", _guardrail_card, g, view)
+        )
+    parts.append("</div></section>")
     return "".join(parts)
 
 
@@ -149,30 +175,38 @@ def _difference_text(row: dict[str, Any]) -> str:
         return f"no interval yet: {found['too_few_users']:,} users in the smaller arm"
     if found.get("estimate") is None:
         return "no interval yet"
-    return (f'{fmt(found["estimate"], "pct")} {interval_text(found.get("ci_low"), found.get("ci_high"), "pct")}')
+    return f"{fmt(found['estimate'], 'pct')} {interval_text(found.get('ci_low'), found.get('ci_high'), 'pct')}"
 
 
 def _variants_html(view: dict[str, Any]) -> str:
     decisions = view["decisions"]
     rows = []
-    alpha = next((r["difference"]["alpha"] for r in view["variant_rows"] if (r.get("difference") or {}).get("alpha")),
-                 None)
+    alpha = next(
+        (r["difference"]["alpha"] for r in view["variant_rows"] if (r.get("difference") or {}).get("alpha")), None
+    )
     for row in view["variant_rows"]:
         a, b = row["values"]["control"], row["values"]["candidate"]
-        rows.append(f'<tr><td>{esc(row["label"])}</td><td>{esc(fmt(a, row["unit"]))}</td>'
-                    f'<td>{esc(fmt(b, row["unit"]))}</td><td>{esc(_difference_text(row))}</td></tr>')
+        rows.append(
+            f"<tr><td>{esc(row['label'])}</td><td>{esc(fmt(a, row['unit']))}</td>"
+            f"<td>{esc(fmt(b, row['unit']))}</td><td>{esc(_difference_text(row))}</td></tr>"
+        )
     confidence = f"{(1 - alpha) * 100:g}% " if alpha else ""
-    parts = ['<section><h3>Per variant</h3>'
-             f'<p class="muted">Candidate vs control: relative difference and its always-valid {confidence}interval '
-             '(users as the unit, by exposure cohort, valid however often you look), for reading: only the '
-             'guardrails decide.</p><table class="variants"><thead><tr><th>metric</th>'
-             '<th class="control">control</th><th class="candidate">candidate</th><th>candidate vs control</th>'
-             f'</tr></thead><tbody>{"".join(rows)}</tbody></table><div class="grid">']
+    parts = [
+        "<section><h3>Per variant</h3>"
+        f'<p class="muted">Candidate vs control: relative difference and its always-valid {confidence}interval '
+        "(users as the unit, by exposure cohort, valid however often you look), for reading: only the "
+        'guardrails decide.</p><table class="variants"><thead><tr><th>metric</th>'
+        '<th class="control">control</th><th class="candidate">candidate</th><th>candidate vs control</th>'
+        f'</tr></thead><tbody>{"".join(rows)}</tbody></table><div class="grid">'
+    ]
     for metric, series in view["trends"].items():
         label, unit = TREND_LABELS.get(metric, (metric, "num"))
-        parts.append('<div class="card">' + trend_chart(metric, label, unit, series, decisions, view.get("time_range"),
-                                                        view.get("current_stage")) + '</div>')
-    parts.append('</div></section>')
+        parts.append(
+            '<div class="card">'
+            + trend_chart(metric, label, unit, series, decisions, view.get("time_range"), view.get("current_stage"))
+            + "</div>"
+        )
+    parts.append("</div></section>")
     return "".join(parts)
 
 
@@ -180,13 +214,18 @@ def _judge_html(view: dict[str, Any]) -> str:
     judge = view["judge"]
     counts = judge["counts"]
     preference = judge["candidate_preference"]
-    note = ("monitored, not a decision input" if not judge["gates_shadow"] else
-            "monitored; not a guardrail (the plan's shadow stage checks the judge before promoting)")
-    return (f'<section class="judge"><h3>Judge preference <span class="badge wait">{esc(note)}</span></h3>'
-            f'<p>{judge["judged"]:,} shadow pairs judged: candidate better {counts["candidate"]:,}, '
-            f'control better {counts["control"]:,}, tie {counts["tie"]:,}. '
-            f'Preference for the candidate: {esc(fmt(preference, "pct")) if preference is not None else "-"} '
-            '(candidate wins minus control wins, over decided pairs).</p></section>')
+    note = (
+        "monitored, not a decision input"
+        if not judge["gates_shadow"]
+        else "monitored; not a guardrail (the plan's shadow stage checks the judge before promoting)"
+    )
+    return (
+        f'<section class="judge"><h3>Judge preference <span class="badge wait">{esc(note)}</span></h3>'
+        f"<p>{judge['judged']:,} shadow pairs judged: candidate better {counts['candidate']:,}, "
+        f"control better {counts['control']:,}, tie {counts['tie']:,}. "
+        f"Preference for the candidate: {esc(fmt(preference, 'pct')) if preference is not None else '-'} "
+        "(candidate wins minus control wins, over decided pairs).</p></section>"
+    )
 
 
 def _problem_text(problem: Any) -> str:
@@ -202,36 +241,55 @@ def _health_html(view: dict[str, Any]) -> str:
     if not isinstance(health, dict):
         health = {}
     found = health.get("problems") or []
-    problems = "".join(f'<li class="bad">{esc(_problem_text(p))}</li>'
-                       for p in (found if isinstance(found, list) else [found]))
-    rows = "".join(f'<tr><td>{esc(c["check"])}</td><td>{esc(c["value"])}</td><td>{esc(c["threshold"])}</td>'
-                   f'<td>{_badge(c["status"])}</td><td>{esc(c["on_failure"])}</td></tr>'
-                   for c in view.get("health_checks") or [])
-    return ('<section class="health"><h3>Data health</h3>'
-            '<p class="muted">Checks that the data can be trusted, at the latest look; a failure acts as '
-            'the plan says. SRM, event loss and crossover are checked while the candidate serves 0-100% of users.</p>'
-            '<table class="checks"><thead><tr><th>check</th><th>value</th><th>fails when</th><th>status</th>'
-            f'<th>on failure</th></tr></thead><tbody>{rows}</tbody></table><ul>{problems}</ul></section>')
+    problems = "".join(
+        f'<li class="bad">{esc(_problem_text(p))}</li>' for p in (found if isinstance(found, list) else [found])
+    )
+    rows = "".join(
+        f"<tr><td>{esc(c['check'])}</td><td>{esc(c['value'])}</td><td>{esc(c['threshold'])}</td>"
+        f"<td>{_badge(c['status'])}</td><td>{esc(c['on_failure'])}</td></tr>"
+        for c in view.get("health_checks") or []
+    )
+    return (
+        '<section class="health"><h3>Data health</h3>'
+        '<p class="muted">Checks that the data can be trusted, at the latest look; a failure acts as '
+        "the plan says. SRM, event loss and crossover are checked while the candidate serves 0-100% of users.</p>"
+        '<table class="checks"><thead><tr><th>check</th><th>value</th><th>fails when</th><th>status</th>'
+        f"<th>on failure</th></tr></thead><tbody>{rows}</tbody></table><ul>{problems}</ul></section>"
+    )
 
 
 def _dead_letters_html(view: dict[str, Any]) -> str:
     letters = view.get("dead_letters") or {}
     total = letters.get("total", 0)
     rate, events = letters.get("rate"), letters.get("events")
-    share = (f'{letters.get("from_events", 0):,} of the {events:,} events apps wrote ({rate:.2%})'
-             if rate is not None else "the events apps wrote are not counted yet")
-    head = (f'<p>{total:,} dead letters in all; from the event topics: {esc(share)}. Flagged above '
-            f'{letters.get("alert_rate", 0):.0%}. {_badge(letters.get("status", "not checked"))}</p>')
+    share = (
+        f"{letters.get('from_events', 0):,} of the {events:,} events apps wrote ({rate:.2%})"
+        if rate is not None
+        else "the events apps wrote are not counted yet"
+    )
+    head = (
+        f"<p>{total:,} dead letters in all; from the event topics: {esc(share)}. Flagged above "
+        f"{letters.get('alert_rate', 0):.0%}. {_badge(letters.get('status', 'not checked'))}</p>"
+    )
     rows = "".join(
-        f'<tr><td>{esc(k["kind"])}</td><td>{k["count"]:,}</td><td>{k["share"]:.1%}</td>'
+        f"<tr><td>{esc(k['kind'])}</td><td>{k['count']:,}</td><td>{k['share']:.1%}</td>"
         f'<td>{esc(when(k["latest_ts"]))}</td><td class="reason">{esc(k["latest_reason"])}</td></tr>'
-        for k in letters.get("kinds", []))
+        for k in letters.get("kinds", [])
+    )
     topics = ", ".join(f"{esc(t)} {n:,}" for t, n in (letters.get("topics") or {}).items())
-    table = ('<table class="dead-letters"><thead><tr><th>reason</th><th>count</th><th>share</th>'
-             '<th>latest (wall clock, UTC)</th><th>latest reason</th></tr></thead>'
-             f'<tbody>{rows}</tbody></table><p class="muted">by topic: {topics}</p>') if rows else ""
-    return ('<section class="dlq"><h3>Dead letters <span class="muted">(the whole worker, every rollout)</span></h3>'
-            f'{head}{table}</section>')
+    table = (
+        (
+            '<table class="dead-letters"><thead><tr><th>reason</th><th>count</th><th>share</th>'
+            "<th>latest (wall clock, UTC)</th><th>latest reason</th></tr></thead>"
+            f'<tbody>{rows}</tbody></table><p class="muted">by topic: {topics}</p>'
+        )
+        if rows
+        else ""
+    )
+    return (
+        '<section class="dlq"><h3>Dead letters <span class="muted">(the whole worker, every rollout)</span></h3>'
+        f"{head}{table}</section>"
+    )
 
 
 # The rollout page, section by section; each renders on its own (see guarded).
@@ -250,12 +308,12 @@ def page_html(nav: str, main: str, *, selected: str | None, source: str, live: b
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<title>safeswap dashboard{' - ' + esc(selected) if selected else ''}</title>
+<title>safeswap dashboard{" - " + esc(selected) if selected else ""}</title>
 <link rel="stylesheet" href="static/dashboard.css">
 </head>
-<body data-rollout="{esc(selected or '')}" data-live="{'1' if live else '0'}" data-version="{int(version)}">
+<body data-rollout="{esc(selected or "")}" data-live="{"1" if live else "0"}" data-version="{int(version)}">
 <header><h1>safeswap</h1><span class="source">{esc(source)}</span>
-<span id="live" class="{'live' if live else 'recorded'}">{'live' if live else 'recorded'}</span></header>
+<span id="live" class="{"live" if live else "recorded"}">{"live" if live else "recorded"}</span></header>
 <div class="layout"><nav id="nav">{nav}</nav><main id="main">{main}</main></div>
 <script src="static/dashboard.js"></script>
 </body></html>

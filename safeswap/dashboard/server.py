@@ -35,11 +35,15 @@ from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 COOKIE = "safeswap_dashboard"
-ICON = (b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
-        b'fill="#1f2328"/><path d="M3 11 L7 6 L10 9 L13 4" stroke="#e45756" stroke-width="2" fill="none"/></svg>')
+ICON = (
+    b'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 16 16"><rect width="16" height="16" rx="3" '
+    b'fill="#1f2328"/><path d="M3 11 L7 6 L10 9 L13 4" stroke="#e45756" stroke-width="2" fill="none"/></svg>'
+)
 SECURITY_HEADERS = {
-    "Content-Security-Policy": ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
-                                "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"),
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
     "Cache-Control": "no-store",
@@ -91,14 +95,17 @@ def build_app(state: DashboardState) -> web.Application:
             supplied = ""
             header = request.headers.get("Authorization", "")
             if header.startswith("Bearer "):
-                supplied = header[len("Bearer "):].strip()
+                supplied = header[len("Bearer ") :].strip()
             elif "token" in request.query:
                 supplied = request.query["token"]
             else:
                 supplied = request.cookies.get(COOKIE, "")
             if not hmac.compare_digest(supplied.encode(), state.token.encode()):
-                response = web.Response(status=401, text="safeswap dashboard: a bearer token is required\n",
-                                        headers={"WWW-Authenticate": 'Bearer realm="safeswap"'})
+                response = web.Response(
+                    status=401,
+                    text="safeswap dashboard: a bearer token is required\n",
+                    headers={"WWW-Authenticate": 'Bearer realm="safeswap"'},
+                )
                 response.headers.update(SECURITY_HEADERS)
                 return response
         response = await handler(request)
@@ -110,8 +117,9 @@ def build_app(state: DashboardState) -> web.Application:
     async def page(request: web.Request) -> web.Response:
         selected = _selected(state, request)
         nav, main = _parts(state, selected)
-        html = page_html(nav, main, selected=selected, source=state.model.source, live=state.live,
-                         version=state.model.version)
+        html = page_html(
+            nav, main, selected=selected, source=state.model.source, live=state.live, version=state.model.version
+        )
         return web.Response(text=html, content_type="text/html", charset="utf-8")
 
     async def fragment(request: web.Request) -> web.Response:
@@ -122,11 +130,17 @@ def build_app(state: DashboardState) -> web.Application:
 
     async def version(request: web.Request) -> web.Response:
         source = state.live_source
-        return web.json_response({"version": state.model.version, "source": state.model.source, "live": state.live,
-                                  "error": state.error(),
-                                  # Records skipped as unshowable, and read-loop reconnects (live only).
-                                  "undecodable": getattr(source, "undecodable", 0),
-                                  "restarts": getattr(source, "restarts", 0)})
+        return web.json_response(
+            {
+                "version": state.model.version,
+                "source": state.model.source,
+                "live": state.live,
+                "error": state.error(),
+                # Records skipped as unshowable, and read-loop reconnects (live only).
+                "undecodable": getattr(source, "undecodable", 0),
+                "restarts": getattr(source, "restarts", 0),
+            }
+        )
 
     async def rollouts(request: web.Request) -> web.Response:
         return web.json_response({"rollouts": state.model.rollouts(), "version": state.model.version})
@@ -161,8 +175,9 @@ def build_app(state: DashboardState) -> web.Application:
 class Dashboard:
     """A running dashboard: ``await start()`` / ``await stop()``, or ``run_in_thread()`` for tests."""
 
-    def __init__(self, settings: Settings, data_dir: str | None = None, host: str | None = None,
-                 port: int | None = None) -> None:
+    def __init__(
+        self, settings: Settings, data_dir: str | None = None, host: str | None = None, port: int | None = None
+    ) -> None:
         self.settings = settings
         self.data_dir = data_dir
         self.host = host or settings.dashboard_host
@@ -177,7 +192,7 @@ class Dashboard:
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/"
 
-    async def start(self) -> "Dashboard":
+    async def start(self) -> Dashboard:
         if self.data_dir is not None:
             from safeswap.dashboard.sources import load_recorded
 
@@ -187,8 +202,9 @@ class Dashboard:
             from safeswap.dashboard.sources import LiveSource
 
             source = await LiveSource(self.settings).start()
-            self.state = DashboardState(source.model, live=True, token=self.settings.dashboard_token,
-                                        live_source=source)
+            self.state = DashboardState(
+                source.model, live=True, token=self.settings.dashboard_token, live_source=source
+            )
         self._runner = web.AppRunner(build_app(self.state), access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port)
@@ -204,7 +220,7 @@ class Dashboard:
             await self._runner.cleanup()
 
     # -- for tests and embedding: the server on its own loop in a thread --------------
-    def run_in_thread(self, timeout_s: float = 120.0) -> "Dashboard":
+    def run_in_thread(self, timeout_s: float = 120.0) -> Dashboard:
         ready = threading.Event()
         failure: list[BaseException] = []
 

@@ -56,8 +56,9 @@ def _json(text: str | None, default: Any) -> Any:
         return default
 
 
-def load_recorded(data_dir: str | os.PathLike, model: DashboardModel | None = None,
-                  max_looks: int = MAX_LOOKS) -> DashboardModel:
+def load_recorded(
+    data_dir: str | os.PathLike, model: DashboardModel | None = None, max_looks: int = MAX_LOOKS
+) -> DashboardModel:
     """A model filled from a dataset folder (``safeswap simulate --data DIR``, the worker's sinks).
 
     A rollout with more than ``max_looks`` snapshots is looked at ``max_looks``
@@ -79,9 +80,13 @@ def load_recorded(data_dir: str | os.PathLike, model: DashboardModel | None = No
     by_rollout: dict[str, list[StatsSnapshot]] = {}
     for row in stats.iter_rows(named=True):
         fields = {
-            "rollout_id": row["rollout_id"], "partition": row.get("source_partition") or 0, "seq": row["seq"],
-            "ts": _ms(row["ts"]), "users": _json(row.get("users_json"), {}),
-            "metrics": _json(row.get("metrics_json"), {}), "models": _json(row.get("models_json"), {}),
+            "rollout_id": row["rollout_id"],
+            "partition": row.get("source_partition") or 0,
+            "seq": row["seq"],
+            "ts": _ms(row["ts"]),
+            "users": _json(row.get("users_json"), {}),
+            "metrics": _json(row.get("metrics_json"), {}),
+            "models": _json(row.get("models_json"), {}),
             "counts": _json(row.get("counts_json"), {}),
             "first_exposures": _json(row.get("first_exposures_json"), {}),
             "crossover_users": row.get("crossover_users") or 0,
@@ -102,13 +107,24 @@ def load_recorded(data_dir: str | os.PathLike, model: DashboardModel | None = No
     decisions = sinks.scan("decisions", data_dir=data_dir).sort("rollout_id", "seq").collect()
     for row in decisions.iter_rows(named=True):
         evidence = [msgspec.convert(e, GuardrailEvidence) for e in (row.get("evidence") or [])]
-        model.add_decision(Decision(
-            rollout_id=row["rollout_id"], seq=row["seq"], ts=_ms(row["ts"]), action=row["action"],
-            stage=row["stage"], percent=row["percent"] or 0.0, salt=row.get("salt") or "", reason=row["reason"] or "",
-            plan_hash=row.get("plan_hash") or "", evidence=evidence, shadow_percent=row.get("shadow_percent") or 0.0,
-            control=_json(row.get("control_json"), {}), candidate=_json(row.get("candidate_json"), {}),
-            health=_json(row.get("health_json"), {}),
-        ))
+        model.add_decision(
+            Decision(
+                rollout_id=row["rollout_id"],
+                seq=row["seq"],
+                ts=_ms(row["ts"]),
+                action=row["action"],
+                stage=row["stage"],
+                percent=row["percent"] or 0.0,
+                salt=row.get("salt") or "",
+                reason=row["reason"] or "",
+                plan_hash=row.get("plan_hash") or "",
+                evidence=evidence,
+                shadow_percent=row.get("shadow_percent") or 0.0,
+                control=_json(row.get("control_json"), {}),
+                candidate=_json(row.get("candidate_json"), {}),
+                health=_json(row.get("health_json"), {}),
+            )
+        )
     judgments = sinks.scan("judgments", data_dir=data_dir)
     if "verdict" in judgments.collect_schema().names():
         counted = judgments.group_by("rollout_id", "verdict").agg(pl.len().alias("n")).collect()
@@ -126,19 +142,34 @@ def _load_dead_letters(model: DashboardModel, data_dir: str | os.PathLike) -> No
 
     import sinks
 
-    letters = sinks.scan("dlq", data_dir=data_dir).select("ts", "topic", "partition", "offset", "agent",
-                                                           "reason").collect()
+    letters = (
+        sinks.scan("dlq", data_dir=data_dir).select("ts", "topic", "partition", "offset", "agent", "reason").collect()
+    )
     for row in letters.iter_rows(named=True):
-        model.add_dead_letter(DeadLetter(topic=row["topic"] or "", partition=row["partition"] or 0,
-                                         offset=row["offset"] or 0, reason=row["reason"] or "",
-                                         agent=row["agent"] or "", value_b64="", ts=_ms(row["ts"])))
+        model.add_dead_letter(
+            DeadLetter(
+                topic=row["topic"] or "",
+                partition=row["partition"] or 0,
+                offset=row["offset"] or 0,
+                reason=row["reason"] or "",
+                agent=row["agent"] or "",
+                value_b64="",
+                ts=_ms(row["ts"]),
+            )
+        )
     ends: dict[tuple[str, int], int] = {}
     bad = letters.with_columns(pl.col("topic").map_elements(topic_kind, return_dtype=pl.String).alias("kind"))
     frames = [bad.filter(pl.col("kind").is_in(EVENT_TOPICS)).select("kind", "partition", "offset")]
     for topic in EVENT_TOPICS:
-        rows = sinks.scan(topic, data_dir=data_dir).select(
-            pl.lit(topic).alias("kind"), pl.col("kafka_partition").alias("partition"),
-            pl.col("kafka_offset").alias("offset")).collect()
+        rows = (
+            sinks.scan(topic, data_dir=data_dir)
+            .select(
+                pl.lit(topic).alias("kind"),
+                pl.col("kafka_partition").alias("partition"),
+                pl.col("kafka_offset").alias("offset"),
+            )
+            .collect()
+        )
         frames.append(rows.cast({"partition": pl.Int32, "offset": pl.Int64}))
     frames[0] = frames[0].cast({"partition": pl.Int32, "offset": pl.Int64})
     for row in pl.concat(frames).group_by("kind", "partition").agg(pl.col("offset").max()).iter_rows(named=True):
@@ -179,7 +210,7 @@ class LiveSource:
         self._positions: dict[TopicPartition, int] = {}
         self._logged: set[str] = set()  # record kinds whose bad record was logged (once each)
 
-    async def start(self) -> "LiveSource":
+    async def start(self) -> LiveSource:
         self._task = asyncio.create_task(self._run())
         self._counter = asyncio.create_task(self._count_events())
         return self
@@ -194,24 +225,37 @@ class LiveSource:
                     self.model.set_event_count(sum(ends.values()))
                 except asyncio.CancelledError:
                     raise
-                except Exception:  # noqa: BLE001 - the rate waits for the next try; the page says "not counted"
+                except Exception:
                     log.debug("dashboard: could not count the events topics", exc_info=True)
             await asyncio.sleep(EVENT_COUNT_INTERVAL_S if partitions else 1.0)
 
     async def _connect(self) -> None:
-        consumer = AIOKafkaConsumer(**client_options(self.settings), group_id=None, enable_auto_commit=False,
-                                    fetch_max_wait_ms=200, request_timeout_ms=10_000)
+        consumer = AIOKafkaConsumer(
+            **client_options(self.settings),
+            group_id=None,
+            enable_auto_commit=False,
+            fetch_max_wait_ms=200,
+            request_timeout_ms=10_000,
+        )
         await consumer.start()
         try:
             await consumer.topics()
-            partitions = [TopicPartition(name, p) for name in self._kind
-                          for p in sorted(consumer.partitions_for_topic(name) or [])]
+            partitions = [
+                TopicPartition(name, p)
+                for name in self._kind
+                for p in sorted(consumer.partitions_for_topic(name) or [])
+            ]
             if not partitions:
-                raise ConnectionError(f"no safeswap topics with prefix {self.settings.topic_prefix!r} on "
-                                      f"{self.settings.broker}: run `safeswap topics create` or start a worker")
+                raise ConnectionError(
+                    f"no safeswap topics with prefix {self.settings.topic_prefix!r} on "
+                    f"{self.settings.broker}: run `safeswap topics create` or start a worker"
+                )
             consumer.assign(partitions)
-            self._event_partitions = [TopicPartition(self.settings.topic(t), p) for t in EVENT_TOPICS
-                                      for p in sorted(consumer.partitions_for_topic(self.settings.topic(t)) or [])]
+            self._event_partitions = [
+                TopicPartition(self.settings.topic(t), p)
+                for t in EVENT_TOPICS
+                for p in sorted(consumer.partitions_for_topic(self.settings.topic(t)) or [])
+            ]
             fresh = [tp for tp in partitions if tp not in self._positions]
             if fresh:
                 await consumer.seek_to_beginning(*fresh)
@@ -238,7 +282,7 @@ class LiveSource:
                 await self._read()
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - a dead task would leave the page saying "live" forever
+            except Exception as exc:
                 self.restarts += 1
                 self.connected = False
                 self.error = f"reading {self.settings.broker} failed ({exc!r}); reconnecting"
@@ -269,8 +313,9 @@ class LiveSource:
         self.undecodable += 1  # the worker's DLQ has it; the dashboard only shows
         if kind not in self._logged:
             self._logged.add(kind)
-            log.warning("dashboard: a %s record could not be shown (%s); later ones of this kind are only counted",
-                        kind, exc)
+            log.warning(
+                "dashboard: a %s record could not be shown (%s); later ones of this kind are only counted", kind, exc
+            )
 
     def ingest_snapshots(self, values: list[bytes | None]) -> None:
         """One fetch of statistics. Snapshots are cumulative, so a long fetch (catching up

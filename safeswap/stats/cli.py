@@ -7,7 +7,7 @@ one line on stderr and exit non-zero (no traceback).
 from __future__ import annotations
 
 import json
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -22,25 +22,39 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
-def _fmt_x(value: Optional[float]) -> str:
+def _fmt_x(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
 def validate_stats(
-    runs: Annotated[int | None, typer.Option(
-        "--runs", help="Simulated rollouts per scenario (default 2000; 200 with --realistic).")] = None,
+    runs: Annotated[
+        int | None, typer.Option("--runs", help="Simulated rollouts per scenario (default 2000; 200 with --realistic).")
+    ] = None,
     seed: int = typer.Option(0, "--seed", help="Random seed."),
     as_json: bool = typer.Option(False, "--json", help="Print the figures as one JSON object on the last line."),
-    realistic: Annotated[bool, typer.Option(
-        "--realistic", help="Closed-loop rollouts of realistic traffic through the worker's own code "
-                            "(safeswap.stats.scenarios) instead of the idealised streams.")] = False,
-    scenario: Annotated[list[str] | None, typer.Option(
-        "--scenario", help="Only this scenario (repeatable; default all).")] = None,
-    jobs: Annotated[int, typer.Option(
-        "--jobs", help="Worker processes for --realistic (the idealised streams are vectorised and ignore it); "
-                       "results do not depend on it.")] = 1,
-    look_minutes: Annotated[float, typer.Option(
-        "--look-minutes", help="With --realistic: simulated minutes between the controller's looks.")] = 60.0,
+    realistic: Annotated[
+        bool,
+        typer.Option(
+            "--realistic",
+            help="Closed-loop rollouts of realistic traffic through the worker's own code "
+            "(safeswap.stats.scenarios) instead of the idealised streams.",
+        ),
+    ] = False,
+    scenario: Annotated[
+        list[str] | None, typer.Option("--scenario", help="Only this scenario (repeatable; default all).")
+    ] = None,
+    jobs: Annotated[
+        int,
+        typer.Option(
+            "--jobs",
+            help="Worker processes for --realistic (the idealised streams are vectorised and ignore it); "
+            "results do not depend on it.",
+        ),
+    ] = 1,
+    look_minutes: Annotated[
+        float,
+        typer.Option("--look-minutes", help="With --realistic: simulated minutes between the controller's looks."),
+    ] = 60.0,
 ) -> None:
     """Monte-Carlo validation: false-rollback and detection rates, safeswap vs naive z-tests."""
     from safeswap.stats.validation import run_validation
@@ -49,8 +63,14 @@ def validate_stats(
     if runs is None:
         runs = 200 if realistic else 2000
     try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                      TimeElapsedColumn(), console=err, transient=True) as progress:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total}"),
+            TimeElapsedColumn(),
+            console=err,
+            transient=True,
+        ) as progress:
             task = progress.add_task("simulating", total=None)
 
             def report(name: str, done: int, total: int) -> None:
@@ -59,8 +79,9 @@ def validate_stats(
             if realistic:
                 from safeswap.stats.scenarios import run_realistic
 
-                result = run_realistic(scenario or None, runs, seed, jobs=jobs, progress=report,
-                                       look_minutes=look_minutes)
+                result = run_realistic(
+                    scenario or None, runs, seed, jobs=jobs, progress=report, look_minutes=look_minutes
+                )
             else:
                 result = run_validation(runs, seed, progress=report, scenarios=scenario or None)
     except ValueError as exc:
@@ -74,20 +95,34 @@ def validate_stats(
         if as_json:
             print(json.dumps(result))
         return
-    table = Table(title=f"safeswap.stats validation: {runs} runs, seed {seed}, alpha {result['alpha']}, "
-                        f"n_tune {result['n_tune']}, fixed-horizon n {result['fixed_horizon_per_arm']}/arm, "
-                        f"looks every {result['look_every_per_arm']} to {result['horizon_per_arm']}/arm")
-    for column in ("scenario", "type", "safeswap rate (±MC SE)", "naive rate (±MC SE)",
-                   "median stop", "p80 stop", "median stop | detected", "naive median stop"):
+    table = Table(
+        title=f"safeswap.stats validation: {runs} runs, seed {seed}, alpha {result['alpha']}, "
+        f"n_tune {result['n_tune']}, fixed-horizon n {result['fixed_horizon_per_arm']}/arm, "
+        f"looks every {result['look_every_per_arm']} to {result['horizon_per_arm']}/arm"
+    )
+    for column in (
+        "scenario",
+        "type",
+        "safeswap rate (±MC SE)",
+        "naive rate (±MC SE)",
+        "median stop",
+        "p80 stop",
+        "median stop | detected",
+        "naive median stop",
+    ):
         table.add_column(column)
     for name, s in result["scenarios"].items():
         ours, naive = s["safeswap"], s["naive"]
         label = "false rollback" if s["kind"] == "aa" else "detection"
         table.add_row(
-            name, label,
-            f"{ours['rate']:.3f} ± {ours['mc_se']:.3f}", f"{naive['rate']:.3f} ± {naive['mc_se']:.3f}",
-            _fmt_x(ours.get("median_stop_x")), _fmt_x(ours.get("p80_stop_x")),
-            _fmt_x(ours.get("median_stop_x_detected")), _fmt_x(naive.get("median_stop_x")),
+            name,
+            label,
+            f"{ours['rate']:.3f} ± {ours['mc_se']:.3f}",
+            f"{naive['rate']:.3f} ± {naive['mc_se']:.3f}",
+            _fmt_x(ours.get("median_stop_x")),
+            _fmt_x(ours.get("p80_stop_x")),
+            _fmt_x(ours.get("median_stop_x_detected")),
+            _fmt_x(naive.get("median_stop_x")),
         )
     # With --json, stdout is the JSON alone (the table goes to stderr), so `| jq` works.
     Console(stderr=as_json).print(table)
@@ -101,20 +136,35 @@ def _rate_cell(figures: dict) -> str:
 
 
 def _realistic_table(result: dict) -> Table:
-    stages = " -> ".join(f"{s['percent']:g}%" + (f" {s['min_duration']}" if s.get("min_duration") else "")
-                         for s in result["plan"]["stages"])
-    table = Table(title=f"safeswap realistic rollouts: {result['runs']} runs, seed {result['seed']}, "
-                        f"alpha {result['alpha']}, a look every {result['look_minutes']:g} min; "
-                        f"plan {stages}, traffic for {result['traffic_days']:g} days")
-    for column in ("scenario", "kind", "safeswap rate ± MC SE (Wilson 95%)", "previous method rate ± SE",
-                   "pauses", "users/run", "runs"):
+    stages = " -> ".join(
+        f"{s['percent']:g}%" + (f" {s['min_duration']}" if s.get("min_duration") else "")
+        for s in result["plan"]["stages"]
+    )
+    table = Table(
+        title=f"safeswap realistic rollouts: {result['runs']} runs, seed {result['seed']}, "
+        f"alpha {result['alpha']}, a look every {result['look_minutes']:g} min; "
+        f"plan {stages}, traffic for {result['traffic_days']:g} days"
+    )
+    for column in (
+        "scenario",
+        "kind",
+        "safeswap rate ± MC SE (Wilson 95%)",
+        "previous method rate ± SE",
+        "pauses",
+        "users/run",
+        "runs",
+    ):
         table.add_column(column, justify="right" if column in ("pauses", "users/run", "runs") else "left")
     for name, s in result["scenarios"].items():
         previous = s["previous"]
         table.add_row(
-            name, "A/A false rollback" if s["kind"] == "aa" else "A/B detection", _rate_cell(s["safeswap"]),
-            f"{previous['rate']:.3f} ± {previous['mc_se']:.3f}", f"{s['pause_rate']:.3f}",
-            f"{s['users_per_run']:,.0f}", str(s["runs"]),
+            name,
+            "A/A false rollback" if s["kind"] == "aa" else "A/B detection",
+            _rate_cell(s["safeswap"]),
+            f"{previous['rate']:.3f} ± {previous['mc_se']:.3f}",
+            f"{s['pause_rate']:.3f}",
+            f"{s['users_per_run']:,.0f}",
+            str(s["runs"]),
         )
     return table
 
@@ -125,20 +175,29 @@ def plan_size(
     alpha: float = typer.Option(0.05, "--alpha"),
     power: float = typer.Option(0.8, "--power"),
     kind: str = typer.Option("proportion", "--kind", help="proportion | mean"),
-    std: Optional[float] = typer.Option(None, "--std", help="Per-unit standard deviation (kind=mean)."),
+    std: float | None = typer.Option(None, "--std", help="Per-unit standard deviation (kind=mean)."),
     alternative: str = typer.Option("greater", "--alternative", help="greater | less | two-sided"),
     variance_inflation: float = typer.Option(1.0, "--variance-inflation", help="Design effect for clustered metrics."),
     n_tune: float = typer.Option(5000, "--n-tune", help="Total units where the sequential test is tightest."),
-    users_per_hour: Optional[float] = typer.Option(None, "--users-per-hour"),
-    percent: Optional[float] = typer.Option(None, "--percent", help="Candidate traffic share in percent."),
+    users_per_hour: float | None = typer.Option(None, "--users-per-hour"),
+    percent: float | None = typer.Option(None, "--percent", help="Candidate traffic share in percent."),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Users per arm for the fixed-horizon and the sequential test, and how long to watch."""
     from safeswap.stats.planning import plan_sample_size, watch_hours
 
     try:
-        plan = plan_sample_size(baseline, mde, alpha=alpha, power=power, kind=kind, std=std,
-                                alternative=alternative, variance_inflation=variance_inflation, n_tune=n_tune)
+        plan = plan_sample_size(
+            baseline,
+            mde,
+            alpha=alpha,
+            power=power,
+            kind=kind,
+            std=std,
+            alternative=alternative,
+            variance_inflation=variance_inflation,
+            n_tune=n_tune,
+        )
         hours = None
         if (users_per_hour is None) != (percent is None):
             raise ValueError("--users-per-hour and --percent go together")
@@ -153,21 +212,27 @@ def plan_size(
     if as_json:
         print(json.dumps({**plan.to_dict(), "watch_hours": hours}))
         return
-    table = Table(title=f"{kind} {baseline:g} -> {baseline * (1 + mde):g} ({mde:+.0%}), alpha {alpha:g}, "
-                        f"power {power:g}, {alternative}")
+    table = Table(
+        title=f"{kind} {baseline:g} -> {baseline * (1 + mde):g} ({mde:+.0%}), alpha {alpha:g}, "
+        f"power {power:g}, {alternative}"
+    )
     table.add_column("test")
     table.add_column("users per arm", justify="right")
     if hours:
         table.add_column(f"watch hours at {percent:g}% of {users_per_hour:g}/h", justify="right")
-    for label, n, key in (("fixed horizon", plan.fixed_horizon_per_arm, "fixed_horizon"),
-                          ("sequential (always-valid)", plan.sequential_per_arm, "sequential")):
+    for label, n, key in (
+        ("fixed horizon", plan.fixed_horizon_per_arm, "fixed_horizon"),
+        ("sequential (always-valid)", plan.sequential_per_arm, "sequential"),
+    ):
         row = [label, f"{n:,}"]
         if hours:
             row.append(f"{hours[key]:.1f}")
         table.add_row(*row)
     Console().print(table)
-    Console().print(f"Set the plan's n_tune to about {plan.recommended_n_tune:,} (2x the fixed-horizon n per arm): "
-                    f"the sequential test is then tightest where it typically decides (n_tune used above: {n_tune:g}).")
+    Console().print(
+        f"Set the plan's n_tune to about {plan.recommended_n_tune:,} (2x the fixed-horizon n per arm): "
+        f"the sequential test is then tightest where it typically decides (n_tune used above: {n_tune:g})."
+    )
 
 
 def register(app: typer.Typer, plan_app: typer.Typer) -> None:

@@ -60,14 +60,19 @@ Several guardrails in one rollout share the false-rollback budget: pass
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
 import re
 from dataclasses import asdict, dataclass
+from numbers import Integral, Real
 from typing import Any, Literal
 
 from safeswap.stats.gst import GroupSequentialTest
-from safeswap.stats.sequential import (_check_alpha, _check_n_tune, _compare_moments, stratified_compare,
-                                       stratified_moments)
+from safeswap.stats.sequential import (
+    _check_alpha,
+    _check_n_tune,
+    _compare_moments,
+    stratified_compare,
+    stratified_moments,
+)
 from safeswap.stats.sufficient import Mean, Proportion, Ratio
 
 __all__ = ["GuardrailMonitor", "GuardrailVerdict", "split_alpha"]
@@ -196,7 +201,9 @@ class GuardrailMonitor:
         self.difference: Literal["relative", "absolute"] = (
             "absolute" if max_absolute_increase is not None else "relative"
         )
-        self.tolerance = float(max_absolute_increase if max_absolute_increase is not None else (max_relative_increase or 0.0))
+        self.tolerance = float(
+            max_absolute_increase if max_absolute_increase is not None else (max_relative_increase or 0.0)
+        )
         if self.difference == "relative" and direction == "decrease" and self.tolerance >= 1:
             raise ValueError("max_relative_increase must be < 1 for direction='decrease' (a drop cannot exceed 100%)")
         match = _QUANTILE_METRIC.search(metric)
@@ -212,10 +219,12 @@ class GuardrailMonitor:
             if not 0 < share < 1:
                 raise ValueError(f"group_sequential share must be in (0, 1), got {share!r}")
             self.cs_alpha = self.alpha * (1 - share)
-            self.gst = GroupSequentialTest(alpha=self.alpha * share,
-                                           spending=self.group_sequential.get("spending", "hsd"),
-                                           param=self.group_sequential.get("param"),
-                                           analyses=int(self.group_sequential.get("analyses", 50)))
+            self.gst = GroupSequentialTest(
+                alpha=self.alpha * share,
+                spending=self.group_sequential.get("spending", "hsd"),
+                param=self.group_sequential.get("param"),
+                analyses=int(self.group_sequential.get("analyses", 50)),
+            )
         self.gst_z: float | None = None
         self.gst_bound: float | None = None
         # Running state (always-valid: intersect over looks, minimum p-value).
@@ -239,22 +248,32 @@ class GuardrailMonitor:
                 # Users as the unit (delta method over users' hash buckets), cohorts combined
                 # with CMH weights, then the same confidence sequences as the ratio metrics.
                 est, var, m_a, m_b, n_a, n_b = quantile_strata_moments(strata, self.quantile, self.difference)
-                kw = {"alpha": self.cs_alpha, "n_tune": self.n_tune, "difference": self.difference,
-                      "null": self.threshold}
+                kw = {
+                    "alpha": self.cs_alpha,
+                    "n_tune": self.n_tune,
+                    "difference": self.difference,
+                    "null": self.threshold,
+                }
                 lower = _compare_moments(est, var, m_a, m_b, n_a, n_b, alternative="greater", **kw)
                 upper = _compare_moments(est, var, m_a, m_b, n_a, n_b, alternative="less", **kw)
                 p = lower.p_value if self.direction == "increase" else upper.p_value
                 z = information = None
                 if lower.std_error > 0:
                     harm = est - self.threshold if self.direction == "increase" else self.threshold - est
-                    z, information = harm / lower.std_error, 1.0 / lower.std_error ** 2
+                    z, information = harm / lower.std_error, 1.0 / lower.std_error**2
                 return est, lower.ci_low, upper.ci_high, p, z, information
             # Histograms without cluster moments (snapshots written before them): the exact
             # request-level sequence on the histograms pooled over cohorts.
             control, candidate = _pooled(strata)
             r = quantile_compare(
-                control, candidate, q=self.quantile, alpha=self.cs_alpha, n_tune=self.n_tune,
-                difference=self.difference, alternative=harm_alt, null=self.threshold,
+                control,
+                candidate,
+                q=self.quantile,
+                alpha=self.cs_alpha,
+                n_tune=self.n_tune,
+                difference=self.difference,
+                alternative=harm_alt,
+                null=self.threshold,
             )
             return r.estimate, r.ci_low, r.ci_high, r.p_value, None, None
         # one set of combined moments for both one-sided bounds (the decide agent's hot path)
@@ -266,7 +285,7 @@ class GuardrailMonitor:
         z = information = None
         if lower.std_error > 0:
             harm = lower.estimate - self.threshold if self.direction == "increase" else self.threshold - lower.estimate
-            z, information = harm / lower.std_error, 1.0 / lower.std_error ** 2
+            z, information = harm / lower.std_error, 1.0 / lower.std_error**2
         return lower.estimate, lower.ci_low, upper.ci_high, p, z, information
 
     def _check_inputs(self, strata) -> str | None:
@@ -298,8 +317,10 @@ class GuardrailMonitor:
 
             users_control, users_candidate = (sum(pair[i].users for pair in strata) for i in (0, 1))
             if min(users_control, users_candidate) < self.min_units_per_arm:
-                return (f"{self.metric}: {users_control} control / {users_candidate} candidate users, "
-                        f"need {self.min_units_per_arm} per arm")
+                return (
+                    f"{self.metric}: {users_control} control / {users_candidate} candidate users, "
+                    f"need {self.min_units_per_arm} per arm"
+                )
             try:
                 quantile_strata_moments(strata, self.quantile, self.difference)
             except ValueError as exc:
@@ -361,8 +382,10 @@ class GuardrailMonitor:
         head = f"{self.metric} {_fmt(estimate, relative)} vs control ({ci})"
         limit = f"the {_fmt(self.threshold, relative)} limit"
         if gst_breach and not breach:
-            reason = (f"{head} exceeds {limit}: group-sequential z {self.gst_z:.2f} >= bound {self.gst_bound:.2f} "
-                      f"at {min(fraction, 1.0):.0%} of the planned watch")
+            reason = (
+                f"{head} exceeds {limit}: group-sequential z {self.gst_z:.2f} >= bound {self.gst_bound:.2f} "
+                f"at {min(fraction, 1.0):.0%} of the planned watch"
+            )
         elif breach:
             reason = f"{head} exceeds {limit}"
         elif self._harm_ruled_out():
@@ -376,16 +399,26 @@ class GuardrailMonitor:
         """Relative tolerance on a zero control rate: +X% of 0 is 0, so the absolute
         difference is tested against 0 (not folded into the relative intervals)."""
         harm_alt = "greater" if self.direction == "increase" else "less"
-        result = stratified_compare(strata, alpha=self.cs_alpha, n_tune=self.n_tune, difference="absolute",
-                                    alternative=harm_alt, null=0.0)
+        result = stratified_compare(
+            strata, alpha=self.cs_alpha, n_tune=self.n_tune, difference="absolute", alternative=harm_alt, null=0.0
+        )
         candidate_rate = result.candidate_estimate
         if candidate_rate == 0.0:
-            return self._verdict("ok", None, n_control, n_candidate, (
-                f"{self.metric}: 0 in both arms so far ({n_control:,} control / {n_candidate:,} candidate users); "
-                "a relative change from 0 is undefined, so it counts as ok until control has events"))
+            return self._verdict(
+                "ok",
+                None,
+                n_control,
+                n_candidate,
+                (
+                    f"{self.metric}: 0 in both arms so far ({n_control:,} control / {n_candidate:,} candidate users); "
+                    "a relative change from 0 is undefined, so it counts as ok until control has events"
+                ),
+            )
         bound = result.ci_low if harm_alt == "greater" else result.ci_high
-        what = (f"{self.metric}: control 0, candidate {candidate_rate:.4g} (tested as an absolute difference, "
-                f"always-valid bound {_fmt(bound, False)}); with control at 0, any harm shown breaches a relative limit")
+        what = (
+            f"{self.metric}: control 0, candidate {candidate_rate:.4g} (tested as an absolute difference, "
+            f"always-valid bound {_fmt(bound, False)}); with control at 0, any harm shown breaches a relative limit"
+        )
         if result.significant:
             return self._verdict("breach", None, n_control, n_candidate, what)
         return self._verdict("ok", None, n_control, n_candidate, f"{what}: none shown yet")
@@ -441,7 +474,7 @@ class GuardrailMonitor:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "GuardrailMonitor":
+    def from_dict(cls, data: dict[str, Any]) -> GuardrailMonitor:
         if not isinstance(data, dict) or "metric" not in data:
             raise ValueError(f"a guardrail monitor needs a 'metric', got {data!r}")
         key = "max_absolute_increase" if data.get("difference") == "absolute" else "max_relative_increase"
@@ -467,8 +500,11 @@ class GuardrailMonitor:
 def _strata(control, candidate) -> list[tuple[Any, Any]]:
     """One (control, candidate) pair per stratum, from single statistics or sequences."""
     if isinstance(control, (list, tuple)) or isinstance(candidate, (list, tuple)):
-        if (not isinstance(control, (list, tuple)) or not isinstance(candidate, (list, tuple))
-                or len(control) != len(candidate)):
+        if (
+            not isinstance(control, (list, tuple))
+            or not isinstance(candidate, (list, tuple))
+            or len(control) != len(candidate)
+        ):
             raise ValueError("control and candidate strata must be sequences of the same length")
         return list(zip(control, candidate))
     return [(control, candidate)]

@@ -24,8 +24,8 @@ the figure is conservative (see docs/statistics.md for simulated stop times).
 from __future__ import annotations
 
 import math
-from numbers import Real
 from dataclasses import asdict, dataclass
+from numbers import Real
 from typing import Any, Literal
 
 from scipy.special import ndtri
@@ -98,8 +98,12 @@ def plan_sample_size(
         raise ValueError(f"power must be in (0.5, 1), got {power!r}")
     variance_inflation = _positive("variance_inflation", variance_inflation)
     n_tune = _check_n_tune(n_tune)
-    if isinstance(relative_mde, bool) or not isinstance(relative_mde, Real) \
-            or not math.isfinite(relative_mde) or relative_mde == 0:
+    if (
+        isinstance(relative_mde, bool)
+        or not isinstance(relative_mde, Real)
+        or not math.isfinite(relative_mde)
+        or relative_mde == 0
+    ):
         raise ValueError(f"relative_mde must be a non-zero finite number, got {relative_mde!r}")
     if kind == "proportion":
         p_a = _positive("baseline", baseline, upper=1.0)

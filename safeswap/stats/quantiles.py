@@ -94,9 +94,10 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from numbers import Integral
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 from scipy.special import betaln
@@ -104,8 +105,15 @@ from scipy.special import betaln
 from safeswap.stats.sequential import _check_alpha, _check_n_tune, _compare_moments, _json_float
 from safeswap.stats.sufficient import _check_kind, _count, _finite, _nonneg
 
-__all__ = ["LatencyHistogram", "QuantileResult", "quantile_compare", "quantile_bounds", "quantile_moments",
-           "quantile_strata_moments", "quantile_std_error"]
+__all__ = [
+    "LatencyHistogram",
+    "QuantileResult",
+    "quantile_compare",
+    "quantile_bounds",
+    "quantile_moments",
+    "quantile_strata_moments",
+    "quantile_std_error",
+]
 
 # z of the "outer" interval q +- z sigma that gives a quantile's standard error (Deng et al. 2018).
 OUTER_Z = 1.96
@@ -132,9 +140,12 @@ def _sparse(name: str, value: Any) -> dict[int, float]:
         keys, values = [p[0] for p in value], [p[1] for p in value]
     else:
         keys = values = None
-    if (keys is not None and all(type(k) is int for k in keys)
-            and all(type(v) is int or type(v) is float for v in values)
-            and (not keys or (min(keys) >= 0 and min(values) >= 0 and math.isfinite(sum(values))))):
+    if (
+        keys is not None
+        and all(type(k) is int for k in keys)
+        and all(type(v) is int or type(v) is float for v in values)
+        and (not keys or (min(keys) >= 0 and min(values) >= 0 and math.isfinite(sum(values))))
+    ):
         return dict(zip(keys, values))
     items = value.items() if isinstance(value, Mapping) else value
     if not isinstance(items, Iterable) or isinstance(items, (str, bytes)):
@@ -165,8 +176,9 @@ def _check_clusters(data: Any, counts: tuple[int, ...]) -> dict[str, Any] | None
     units = _count("clusters.units", data.get("units"))
     users = _count("clusters.users", data.get("users", units))
     if users < units:
-        raise ValueError(f"clusters.users must be >= clusters.units (a cluster holds at least one user), "
-                         f"got {users} < {units}")
+        raise ValueError(
+            f"clusters.users must be >= clusters.units (a cluster holds at least one user), got {users} < {units}"
+        )
     n_sq = _moment("clusters.n_sq", data.get("n_sq"))
     c_sq = _sparse("clusters.c_sq", data.get("c_sq", ()))
     c_n = _sparse("clusters.c_n", data.get("c_n", ()))
@@ -182,8 +194,10 @@ def _check_clusters(data: Any, counts: tuple[int, ...]) -> dict[str, Any] | None
     interior = set(np.flatnonzero((cum > 0) & (cum < n)).tolist())
     for name, sparse in (("c_sq", c_sq), ("c_n", c_n)):
         if sparse.keys() != interior:
-            raise ValueError(f"clusters.{name} must have one entry per edge with 0 < observations below it < n "
-                             f"({len(interior)} edges), got {len(sparse)}")
+            raise ValueError(
+                f"clusters.{name} must have one entry per edge with 0 < observations below it < n "
+                f"({len(interior)} edges), got {len(sparse)}"
+            )
     return {"units": units, "users": users, "n_sq": n_sq, "c_sq": c_sq, "c_n": c_n}
 
 
@@ -233,19 +247,26 @@ class LatencyHistogram:
         object.__setattr__(self, "_edges", _layout_edges(lo, hi, bpd))
 
     @classmethod
-    def _trusted(cls, counts: tuple[int, ...], lo: float, hi: float, bins_per_decade: int,
-                 clusters: dict[str, Any] | None) -> "LatencyHistogram":
+    def _trusted(
+        cls, counts: tuple[int, ...], lo: float, hi: float, bins_per_decade: int, clusters: dict[str, Any] | None
+    ) -> LatencyHistogram:
         """A histogram from parts this module computed from valid histograms (sums, cluster
         moments): built without checking them again (the snapshot path builds thousands)."""
         hist = object.__new__(cls)
-        for name, value in (("counts", counts), ("lo", lo), ("hi", hi), ("bins_per_decade", bins_per_decade),
-                            ("clusters", clusters), ("_edges", _layout_edges(lo, hi, bins_per_decade))):
+        for name, value in (
+            ("counts", counts),
+            ("lo", lo),
+            ("hi", hi),
+            ("bins_per_decade", bins_per_decade),
+            ("clusters", clusters),
+            ("_edges", _layout_edges(lo, hi, bins_per_decade)),
+        ):
             object.__setattr__(hist, name, value)
         return hist
 
     # -- construction -------------------------------------------------------
     @classmethod
-    def empty(cls, lo: float = 1.0, hi: float = 1e6, bins_per_decade: int = 50) -> "LatencyHistogram":
+    def empty(cls, lo: float = 1.0, hi: float = 1e6, bins_per_decade: int = 50) -> LatencyHistogram:
         lo, hi = _finite("lo", lo), _finite("hi", hi)
         if lo <= 0 or hi <= lo:
             raise ValueError(f"lo and hi must satisfy 0 < lo < hi, got lo={lo}, hi={hi}")
@@ -258,9 +279,16 @@ class LatencyHistogram:
         return cls._trusted((0,) * (n_bins + 2), lo, hi, bins_per_decade, None)
 
     @classmethod
-    def from_values(cls, values: Iterable[Any], lo: float = 1.0, hi: float = 1e6,
-                    bins_per_decade: int = 50, *, clusters: Iterable[Any] | None = None,
-                    users: int | None = None) -> "LatencyHistogram":
+    def from_values(
+        cls,
+        values: Iterable[Any],
+        lo: float = 1.0,
+        hi: float = 1e6,
+        bins_per_decade: int = 50,
+        *,
+        clusters: Iterable[Any] | None = None,
+        users: int | None = None,
+    ) -> LatencyHistogram:
         """Histogram of ``values``; with ``clusters`` (one label per value, e.g. the user's
         hash bucket) it also carries the cluster moments (``users`` defaults to the number
         of clusters: one user per label)."""
@@ -284,8 +312,9 @@ class LatencyHistogram:
         return cls(tuple(int(c) for c in counts), lo, hi, bins_per_decade)
 
     @classmethod
-    def from_cluster_counts(cls, matrix: Any, users: int | None = None, lo: float = 1.0, hi: float = 1e6,
-                            bins_per_decade: int = 50) -> "LatencyHistogram":
+    def from_cluster_counts(
+        cls, matrix: Any, users: int | None = None, lo: float = 1.0, hi: float = 1e6, bins_per_decade: int = 50
+    ) -> LatencyHistogram:
         """Histogram with cluster moments from per-cluster bin counts (one row per cluster,
         e.g. per hash bucket of users; empty rows are ignored)."""
         proto = cls.empty(lo, hi, bins_per_decade)
@@ -300,24 +329,35 @@ class LatencyHistogram:
         counts = m.sum(axis=0) if m.size else np.zeros(len(proto.counts), dtype=np.int64)
         n = int(counts.sum())
         if n == 0:
-            return cls(proto.counts, proto.lo, proto.hi, proto.bins_per_decade,
-                       {"units": 0, "users": users or 0, "n_sq": 0})
+            return cls(
+                proto.counts, proto.lo, proto.hi, proto.bins_per_decade, {"units": 0, "users": users or 0, "n_sq": 0}
+            )
         # The edges with data on both sides are those from the first occupied bin up to the
         # last one (exclusive); C_b(edges[j]) = the cluster's counts in bins 0..j.
         occupied = np.flatnonzero(counts)
         first, last = int(occupied[0]), int(occupied[-1])
         # Exact integer sums while they fit in int64, floats beyond (statistically the same).
-        exact = int(n_b.max()) ** 2 * len(n_b) < 2 ** 62
+        exact = int(n_b.max()) ** 2 * len(n_b) < 2**62
         c = np.cumsum(m[:, first:last], axis=1, dtype=np.int64 if exact else np.float64)
         nb = n_b.astype(c.dtype)
         c_sq = (c * c).sum(axis=0).tolist()
         c_n = (c * nb[:, None]).sum(axis=0).tolist()
         j = list(range(first, last))
-        return cls._trusted(tuple(counts.tolist()), proto.lo, proto.hi, proto.bins_per_decade, {
-            "units": len(n_b), "users": len(n_b) if users is None else max(int(users), len(n_b)),
-            "n_sq": (nb * nb).sum().item(), "c_sq": dict(zip(j, c_sq)), "c_n": dict(zip(j, c_n))})
+        return cls._trusted(
+            tuple(counts.tolist()),
+            proto.lo,
+            proto.hi,
+            proto.bins_per_decade,
+            {
+                "units": len(n_b),
+                "users": len(n_b) if users is None else max(int(users), len(n_b)),
+                "n_sq": (nb * nb).sum().item(),
+                "c_sq": dict(zip(j, c_sq)),
+                "c_n": dict(zip(j, c_n)),
+            },
+        )
 
-    def __add__(self, other: object) -> "LatencyHistogram":
+    def __add__(self, other: object) -> LatencyHistogram:
         """Merge.  Cluster moments add (the clusters of the two histograms are different
         units: other partitions' or cohorts' buckets); if only one side carries them, the
         sum keeps them when the other side is empty and drops them otherwise (that sum is
@@ -337,12 +377,21 @@ class LatencyHistogram:
         cum = np.cumsum(counts[:-1])
         j = np.flatnonzero((cum > 0) & (cum < n))
         keys = j.tolist()
-        return LatencyHistogram._trusted(counts, self.lo, self.hi, self.bins_per_decade, {
-            "units": a["units"] + b["units"], "users": a["users"] + b["users"], "n_sq": a["n_sq"] + b["n_sq"],
-            "c_sq": dict(zip(keys, (c_sq_a[j] + c_sq_b[j]).tolist())),
-            "c_n": dict(zip(keys, (c_n_a[j] + c_n_b[j]).tolist()))})
+        return LatencyHistogram._trusted(
+            counts,
+            self.lo,
+            self.hi,
+            self.bins_per_decade,
+            {
+                "units": a["units"] + b["units"],
+                "users": a["users"] + b["users"],
+                "n_sq": a["n_sq"] + b["n_sq"],
+                "c_sq": dict(zip(keys, (c_sq_a[j] + c_sq_b[j]).tolist())),
+                "c_n": dict(zip(keys, (c_n_a[j] + c_n_b[j]).tolist())),
+            },
+        )
 
-    def counts_only(self) -> "LatencyHistogram":
+    def counts_only(self) -> LatencyHistogram:
         """The same counts without cluster moments (a point estimate's view: the p95 an arm shows)."""
         if self.clusters is None:
             return self
@@ -431,13 +480,18 @@ class LatencyHistogram:
         }
         cl = self.clusters
         if cl is not None:
-            out["clusters"] = {"n": self.n, "units": cl["units"], "users": cl["users"], "n_sq": cl["n_sq"],
-                               "c_sq": [[j, v] for j, v in cl["c_sq"].items()],
-                               "c_n": [[j, v] for j, v in cl["c_n"].items()]}
+            out["clusters"] = {
+                "n": self.n,
+                "units": cl["units"],
+                "users": cl["users"],
+                "n_sq": cl["n_sq"],
+                "c_sq": [[j, v] for j, v in cl["c_sq"].items()],
+                "c_n": [[j, v] for j, v in cl["c_n"].items()],
+            }
         return out
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "LatencyHistogram":
+    def from_dict(cls, data: Mapping[str, Any]) -> LatencyHistogram:
         """Rebuild from ``to_dict()``; dicts written before cluster moments existed load
         without them (and are compared by the request-level sequence).
 
@@ -459,8 +513,11 @@ class LatencyHistogram:
                 raise ValueError(f"counts index {i} out of range for this layout")
             counts[i] += pair[1]  # validated once, all bins together, by the constructor
         clusters = data.get("clusters")
-        if isinstance(clusters, Mapping) and "n" in clusters and clusters["n"] != sum(
-                c for c in counts if isinstance(c, (int, float))):
+        if (
+            isinstance(clusters, Mapping)
+            and "n" in clusters
+            and clusters["n"] != sum(c for c in counts if isinstance(c, (int, float)))
+        ):
             clusters = None
         return cls(tuple(counts), proto.lo, proto.hi, proto.bins_per_decade, clusters)
 
@@ -530,17 +587,23 @@ def quantile_std_error(hist: LatencyHistogram, q: float, z: float = OUTER_Z) -> 
     last = len(hist.counts) - 1
     if i in (0, last):
         side = "below lo" if i == 0 else "at or above hi"
-        raise ValueError(f"the q={q:g} quantile is in the {'underflow' if i == 0 else 'overflow'} bin "
-                         f"({side} = {hist.lo if i == 0 else hist.hi:g} ms): outside the histogram's range")
+        raise ValueError(
+            f"the q={q:g} quantile is in the {'underflow' if i == 0 else 'overflow'} bin "
+            f"({side} = {hist.lo if i == 0 else hist.hi:g} ms): outside the histogram's range"
+        )
     sigma = math.sqrt((1.0 - frac) * var_f[i - 1] + frac * var_f[i])
     p_lo, p_hi = q - z * sigma, q + z * sigma
     if p_lo <= 0.0 or p_hi >= 1.0:
-        raise ValueError(f"too few data for the q={q:g} quantile's standard error: the outer interval "
-                         f"q +- {z:g} sigma = [{p_lo:.3g}, {p_hi:.3g}] leaves (0, 1)")
+        raise ValueError(
+            f"too few data for the q={q:g} quantile's standard error: the outer interval "
+            f"q +- {z:g} sigma = [{p_lo:.3g}, {p_hi:.3g}] leaves (0, 1)"
+        )
     (i_lo, _, q_lo), (i_hi, _, q_hi) = hist._locate(p_lo), hist._locate(p_hi)
     if i_lo == 0 or i_hi == last:
-        raise ValueError(f"the outer interval of the q={q:g} quantile reaches the "
-                         f"{'underflow' if i_lo == 0 else 'overflow'} bin: outside the histogram's range")
+        raise ValueError(
+            f"the outer interval of the q={q:g} quantile reaches the "
+            f"{'underflow' if i_lo == 0 else 'overflow'} bin: outside the histogram's range"
+        )
     return value, (q_hi - q_lo) / (2.0 * z)
 
 
@@ -553,8 +616,9 @@ def _arm(name: str, hist: Any, q: float) -> tuple[float, float]:
         raise ValueError(f"{name}: {exc}") from None
 
 
-def quantile_moments(control: LatencyHistogram, candidate: LatencyHistogram, q: float,
-                     difference: str = "relative") -> tuple[float, float, float, float]:
+def quantile_moments(
+    control: LatencyHistogram, candidate: LatencyHistogram, q: float, difference: str = "relative"
+) -> tuple[float, float, float, float]:
     """(estimate, variance of the estimate, control quantile, candidate quantile) of the
     difference of the arms' q-quantiles, users as the unit (``quantile_std_error``).
 
@@ -573,8 +637,9 @@ def quantile_moments(control: LatencyHistogram, candidate: LatencyHistogram, q: 
     return qb / qa - 1.0, se_b * se_b / qa2 + qb * qb * se_a * se_a / (qa2 * qa2), qa, qb
 
 
-def quantile_strata_moments(strata, q: float, difference: str = "relative"
-                            ) -> tuple[float, float, float, float, int, int]:
+def quantile_strata_moments(
+    strata, q: float, difference: str = "relative"
+) -> tuple[float, float, float, float, int, int]:
     """(estimate, variance, control mean quantile, candidate mean quantile, control users,
     candidate users) over strata (exposure cohorts) of clustered histograms, combined with
     Cochran-Mantel-Haenszel weights as ``sequential.stratified_moments`` combines means.
@@ -611,20 +676,18 @@ def quantile_strata_moments(strata, q: float, difference: str = "relative"
         n_a += ua
         n_b += ub
     if sum_w == 0.0:
-        raise ValueError(f"no exposure cohort has the q={q:g} quantile and its standard error in both arms "
-                         f"({reason})")
+        raise ValueError(f"no exposure cohort has the q={q:g} quantile and its standard error in both arms ({reason})")
     mean_a, mean_b = sum_a / sum_w, sum_b / sum_w
     if difference == "absolute":
         return mean_b - mean_a, (var_a + var_b) / (sum_w * sum_w), mean_a, mean_b, n_a, n_b
-    var = var_b / (sum_a * sum_a) + var_a * sum_b * sum_b / sum_a ** 4
+    var = var_b / (sum_a * sum_a) + var_a * sum_b * sum_b / sum_a**4
     return sum_b / sum_a - 1.0, var, mean_a, mean_b, n_a, n_b
 
 
 def _check_layouts(control: Any, candidate: Any) -> None:
     if not isinstance(control, LatencyHistogram) or not isinstance(candidate, LatencyHistogram):
         raise ValueError("control and candidate must be LatencyHistogram")
-    if (control.lo, control.hi, control.bins_per_decade) != (
-            candidate.lo, candidate.hi, candidate.bins_per_decade):
+    if (control.lo, control.hi, control.bins_per_decade) != (candidate.lo, candidate.hi, candidate.bins_per_decade):
         raise ValueError("control and candidate must share the bin layout")
 
 
@@ -684,8 +747,9 @@ def _diff(b: float, a: float, relative: bool) -> float:
     return b - a
 
 
-def _pair_p_value(ev_a: np.ndarray, ev_b: np.ndarray, edges: np.ndarray, null: float,
-                  relative: bool, greater: bool) -> float:
+def _pair_p_value(
+    ev_a: np.ndarray, ev_b: np.ndarray, edges: np.ndarray, null: float, relative: bool, greater: bool
+) -> float:
     """min over edge pairs certifying the claim of 2 exp(-min(evidence_a, evidence_b))."""
     if greater:
         # Q_b > e_b >= f(e_a) >= f(Q_a): for each e_a take the smallest e_b >= f(e_a).
@@ -727,7 +791,10 @@ def quantile_compare(
     if not isinstance(control_hist, LatencyHistogram) or not isinstance(candidate_hist, LatencyHistogram):
         raise ValueError("control_hist and candidate_hist must be LatencyHistogram")
     if (control_hist.lo, control_hist.hi, control_hist.bins_per_decade) != (
-            candidate_hist.lo, candidate_hist.hi, candidate_hist.bins_per_decade):
+        candidate_hist.lo,
+        candidate_hist.hi,
+        candidate_hist.bins_per_decade,
+    ):
         raise ValueError("control_hist and candidate_hist must share the bin layout")
     if difference not in ("relative", "absolute"):
         raise ValueError(f"difference must be 'relative' or 'absolute', got {difference!r}")
@@ -739,14 +806,39 @@ def quantile_compare(
     n_tune = _check_n_tune(n_tune)
     if control_hist.clusters is not None and candidate_hist.clusters is not None:
         est, var, qa, qb = quantile_moments(control_hist, candidate_hist, q, difference)
-        r = _compare_moments(est, var, qa, qb, control_hist.users, candidate_hist.users, alpha=alpha,
-                             n_tune=n_tune, difference=difference, alternative=alternative, null=null)
+        r = _compare_moments(
+            est,
+            var,
+            qa,
+            qb,
+            control_hist.users,
+            candidate_hist.users,
+            alpha=alpha,
+            n_tune=n_tune,
+            difference=difference,
+            alternative=alternative,
+            null=null,
+        )
         nan = (math.nan, math.nan)
-        return QuantileResult(q=q, estimate=est, ci_low=r.ci_low, ci_high=r.ci_high, p_value=r.p_value,
-                              control_quantile=qa, candidate_quantile=qb, control_bounds=nan, candidate_bounds=nan,
-                              n_control=r.n_control, n_candidate=r.n_candidate, difference=difference,
-                              alternative=alternative, alpha=r.alpha, null=null, method="user_delta",
-                              std_error=r.std_error)
+        return QuantileResult(
+            q=q,
+            estimate=est,
+            ci_low=r.ci_low,
+            ci_high=r.ci_high,
+            p_value=r.p_value,
+            control_quantile=qa,
+            candidate_quantile=qb,
+            control_bounds=nan,
+            candidate_bounds=nan,
+            n_control=r.n_control,
+            n_candidate=r.n_candidate,
+            difference=difference,
+            alternative=alternative,
+            alpha=r.alpha,
+            null=null,
+            method="user_delta",
+            std_error=r.std_error,
+        )
     for name, h in (("control_hist", control_hist), ("candidate_hist", candidate_hist)):
         if h.n < 2:
             raise ValueError(f"{name} needs at least 2 observations, got {h.n}")

@@ -42,8 +42,8 @@ a few microseconds (see ``benchmarks/bench_stats.py``).
 from __future__ import annotations
 
 import math
-from numbers import Real
 from dataclasses import asdict, dataclass
+from numbers import Real
 from typing import Any, Literal
 
 from safeswap.stats.sufficient import Mean, Proportion, Ratio
@@ -188,8 +188,10 @@ def stratified_moments(strata, difference: str) -> tuple[float, float, float, fl
     n_a = n_b = 0
     for control, candidate in strata:
         if type(control) is not type(candidate):
-            raise ValueError(f"control and candidate must be the same statistic kind, got "
-                             f"{type(control).__name__} and {type(candidate).__name__}")
+            raise ValueError(
+                f"control and candidate must be the same statistic kind, got "
+                f"{type(control).__name__} and {type(candidate).__name__}"
+            )
         if not isinstance(control, (Proportion, Mean, Ratio)):
             raise ValueError(f"strata must hold Proportion, Mean or Ratio statistics, got {type(control).__name__}")
         na, nb = control.n, candidate.n
@@ -215,7 +217,7 @@ def stratified_moments(strata, difference: str) -> tuple[float, float, float, fl
     if difference == "relative":
         if sum_a == 0.0:
             raise ValueError("control estimate is 0: the relative difference is undefined")
-        var = var_b / (sum_a * sum_a) + var_a * sum_b * sum_b / sum_a ** 4
+        var = var_b / (sum_a * sum_a) + var_a * sum_b * sum_b / sum_a**4
         return sum_b / sum_a - 1.0, var, mean_a, mean_b, n_a, n_b
     raise ValueError(f"difference must be one of {_DIFFERENCES}, got {difference!r}")
 
@@ -232,8 +234,19 @@ def stratified_compare(
     """``sequential_compare`` over strata (exposure cohorts) combined with CMH weights
     (``stratified_moments``); ``t`` is the users of both arms in the strata that count."""
     est, var, m_a, m_b, n_a, n_b = stratified_moments(strata, difference)
-    return _compare_moments(est, var, m_a, m_b, n_a, n_b, alpha=alpha, n_tune=n_tune, difference=difference,
-                            alternative=alternative, null=null)
+    return _compare_moments(
+        est,
+        var,
+        m_a,
+        m_b,
+        n_a,
+        n_b,
+        alpha=alpha,
+        n_tune=n_tune,
+        difference=difference,
+        alternative=alternative,
+        null=null,
+    )
 
 
 def sequential_compare(
@@ -272,12 +285,35 @@ def sequential_compare(
     one-sided test) and the always-valid ``p_value``.
     """
     est, var, m_a, m_b = difference_moments(control, candidate, difference)
-    return _compare_moments(est, var, m_a, m_b, control.n, candidate.n, alpha=alpha, n_tune=n_tune,
-                            difference=difference, alternative=alternative, null=null)
+    return _compare_moments(
+        est,
+        var,
+        m_a,
+        m_b,
+        control.n,
+        candidate.n,
+        alpha=alpha,
+        n_tune=n_tune,
+        difference=difference,
+        alternative=alternative,
+        null=null,
+    )
 
 
-def _compare_moments(est: float, var: float, m_a: float, m_b: float, n_a: int, n_b: int, *, alpha: float,
-                     n_tune: float, difference: str, alternative: str, null: float) -> SequentialResult:
+def _compare_moments(
+    est: float,
+    var: float,
+    m_a: float,
+    m_b: float,
+    n_a: int,
+    n_b: int,
+    *,
+    alpha: float,
+    n_tune: float,
+    difference: str,
+    alternative: str,
+    null: float,
+) -> SequentialResult:
     if alternative not in _ALTERNATIVES:
         raise ValueError(f"alternative must be one of {_ALTERNATIVES}, got {alternative!r}")
     one_sided = alternative != "two-sided"

@@ -28,9 +28,10 @@ spends evidence on absurd imbalances and needs ~4x more traffic to flag a
 from __future__ import annotations
 
 import math
-from numbers import Real
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from numbers import Real
+from typing import Any
 
 import numpy as np
 from scipy.special import gammaln, xlogy
@@ -75,22 +76,24 @@ def _validate(counts: Sequence[Any], expected_shares: Sequence[Any], concentrati
         raise ValueError(f"expected_shares must be finite and > 0, got {expected_shares!r}")
     if abs(p.sum() - 1.0) > 1e-6:
         raise ValueError(f"expected_shares must sum to 1, got sum {p.sum():.6g}")
-    if isinstance(concentration, bool) or not isinstance(concentration, Real) \
-            or not math.isfinite(concentration) or concentration <= 0:
+    if (
+        isinstance(concentration, bool)
+        or not isinstance(concentration, Real)
+        or not math.isfinite(concentration)
+        or concentration <= 0
+    ):
         raise ValueError(f"concentration must be a positive finite number, got {concentration!r}")
     return x, p / p.sum(), float(concentration)
 
 
-def srm_test(counts: Sequence[int], expected_shares: Sequence[float], concentration: float = DEFAULT_CONCENTRATION) -> SRMResult:
+def srm_test(
+    counts: Sequence[int], expected_shares: Sequence[float], concentration: float = DEFAULT_CONCENTRATION
+) -> SRMResult:
     """Dirichlet-multinomial Bayes factor and anytime-valid p-value for cumulative assignment counts."""
     x, p, c = _validate(counts, expected_shares, concentration)
     n = x.sum()
     alpha = c * p
-    log_bf = float(
-        gammaln(c) - gammaln(c + n)
-        + np.sum(gammaln(alpha + x) - gammaln(alpha))
-        - np.sum(xlogy(x, p))
-    )
+    log_bf = float(gammaln(c) - gammaln(c + n) + np.sum(gammaln(alpha + x) - gammaln(alpha)) - np.sum(xlogy(x, p)))
     p_value = 1.0 if log_bf <= 0 else math.exp(-log_bf)
     return SRMResult(
         log_bayes_factor=log_bf,
@@ -106,8 +109,9 @@ def srm_test(counts: Sequence[int], expected_shares: Sequence[float], concentrat
 class SRMMonitor:
     """Running-minimum p-value of ``srm_test`` over looks at cumulative counts."""
 
-    def __init__(self, expected_shares: Sequence[float], *, alpha: float = 0.001,
-                 concentration: float = DEFAULT_CONCENTRATION) -> None:
+    def __init__(
+        self, expected_shares: Sequence[float], *, alpha: float = 0.001, concentration: float = DEFAULT_CONCENTRATION
+    ) -> None:
         _validate([0] * len(expected_shares), expected_shares, concentration)
         if isinstance(alpha, bool) or not isinstance(alpha, Real) or not 0 < alpha < 1:
             raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")

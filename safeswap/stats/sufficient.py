@@ -13,9 +13,10 @@ GrowthBook's ``gbstats``) and ``p (1 - p)`` for proportions.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from numbers import Integral, Real
-from typing import Any, ClassVar, Iterable, Mapping
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -105,14 +106,14 @@ class Proportion:
         object.__setattr__(self, "successes", successes)
 
     @classmethod
-    def from_values(cls, values: Iterable[Any]) -> "Proportion":
+    def from_values(cls, values: Iterable[Any]) -> Proportion:
         """Build from raw 0/1 outcomes (one per unit)."""
         x = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
         if x.size and not np.all((x == 0) | (x == 1)):
             raise ValueError("values must be 0/1 outcomes")
         return cls(n=int(x.size), successes=int(x.sum()))
 
-    def __add__(self, other: object) -> "Proportion":
+    def __add__(self, other: object) -> Proportion:
         if not isinstance(other, Proportion):
             return NotImplemented
         return Proportion(self.n + other.n, self.successes + other.successes)
@@ -136,7 +137,7 @@ class Proportion:
         return {"kind": self.kind, "n": self.n, "successes": self.successes}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Proportion":
+    def from_dict(cls, data: Mapping[str, Any]) -> Proportion:
         _check_kind(cls.kind, data)
         return cls(n=data.get("n"), successes=data.get("successes"))
 
@@ -169,14 +170,14 @@ class Mean:
         object.__setattr__(self, "total_sq", total_sq)
 
     @classmethod
-    def from_values(cls, values: Iterable[Any]) -> "Mean":
+    def from_values(cls, values: Iterable[Any]) -> Mean:
         """Build from raw per-unit values."""
         x = np.asarray(list(values) if not isinstance(values, np.ndarray) else values, dtype=float)
         if not np.all(np.isfinite(x)):
             raise ValueError("values must be finite")
         return cls(n=int(x.size), total=float(x.sum()), total_sq=float(np.dot(x, x)))
 
-    def __add__(self, other: object) -> "Mean":
+    def __add__(self, other: object) -> Mean:
         if not isinstance(other, Mean):
             return NotImplemented
         return Mean(self.n + other.n, self.total + other.total, self.total_sq + other.total_sq)
@@ -199,7 +200,7 @@ class Mean:
         return {"kind": self.kind, "n": self.n, "total": self.total, "total_sq": self.total_sq}
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Mean":
+    def from_dict(cls, data: Mapping[str, Any]) -> Mean:
         _check_kind(cls.kind, data)
         return cls(n=data.get("n"), total=data.get("total"), total_sq=data.get("total_sq"))
 
@@ -271,7 +272,7 @@ class Ratio:
         object.__setattr__(self, "num_den", num_den)
 
     @classmethod
-    def from_units(cls, num: Iterable[Any], den: Iterable[Any]) -> "Ratio":
+    def from_units(cls, num: Iterable[Any], den: Iterable[Any]) -> Ratio:
         """Build from per-user numerators and denominators (same length)."""
         y = np.asarray(num, dtype=float)
         x = np.asarray(den, dtype=float)
@@ -288,7 +289,7 @@ class Ratio:
             num_den=float(np.dot(x, y)),
         )
 
-    def __add__(self, other: object) -> "Ratio":
+    def __add__(self, other: object) -> Ratio:
         if not isinstance(other, Ratio):
             return NotImplemented
         return Ratio(
@@ -342,7 +343,7 @@ class Ratio:
         }
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> "Ratio":
+    def from_dict(cls, data: Mapping[str, Any]) -> Ratio:
         _check_kind(cls.kind, data)
         return cls(
             n_units=data.get("n_units"),

@@ -23,10 +23,10 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from numbers import Integral
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
+from numbers import Integral
 
 import numpy as np
 from scipy.special import betaln, ndtri
@@ -108,6 +108,7 @@ def _wilson(hits: int, runs: int, z: float = 1.959964) -> list[float]:
 # ------------------------------------------------------------------ scenarios
 # Each returns (safeswap_reject, naive_reject) arrays of shape (chunk, LOOKS).
 
+
 def _bernoulli(rng, runs, p_a, p_b, difference="absolute", null=0.0, n_tune=N_TUNE):
     n = LOOK_EVERY * np.arange(1, LOOKS + 1, dtype=float)
     s_a = rng.binomial(LOOK_EVERY, p_a, size=(runs, LOOKS)).cumsum(1)
@@ -123,16 +124,16 @@ def _bernoulli(rng, runs, p_a, p_b, difference="absolute", null=0.0, n_tune=N_TU
     return cs_reject(est, var, 2 * n, null=null, n_tune=n_tune) & ok, naive_reject(est, var, null=null) & ok
 
 
-def gst_plan(looks: int, horizon_looks: int, *, alpha: float = ALPHA, share: float = 0.95,
-             analyses: int = 50) -> np.ndarray:
+def gst_plan(
+    looks: int, horizon_looks: int, *, alpha: float = ALPHA, share: float = 0.95, analyses: int = 50
+) -> np.ndarray:
     """The product's group-sequential boundaries at ``looks`` equally spaced looks of a plan
     whose horizon is ``horizon_looks`` looks (``GroupSequentialTest`` fed the spending time
     k / horizon and information proportional to the users): +inf where a look is not an
     analysis or the plan is spent. Traffic at the planned rate makes the information
     deterministic, so one boundary sequence serves every run."""
-    from safeswap.stats.gst import GroupSequentialTest
-
     from safeswap.controller import HSD_GAMMA
+    from safeswap.stats.gst import GroupSequentialTest
 
     test = GroupSequentialTest(alpha=alpha * share, spending="hsd", param=HSD_GAMMA, analyses=analyses)
     bounds = np.full(looks, np.inf)
@@ -204,6 +205,7 @@ def _p95(rng, runs, sigma, lift=0.0, null=0.0, q=0.95):
     cdf_edges = []
     for mult in (1.0, 1.0 + lift):
         from scipy.stats import norm  # setup only, not per look
+
         cdf_edges.append(norm.cdf((np.log(edges) - math.log(median_ms * mult)) / sigma))
     n = LOOK_EVERY * np.arange(1, LOOKS + 1, dtype=float)
     a_half = ALPHA / 2
@@ -221,8 +223,12 @@ def _p95(rng, runs, sigma, lift=0.0, null=0.0, q=0.95):
         sd = np.sqrt(t * q * (1 - q))
         naive_lower_ok = below < t * q - z * sd
         naive_upper_ok = below > t * q + z * sd
-        bounds.append([_edge_bound(m, edges, upper) for m, upper in (
-            (lower_ok, False), (upper_ok, True), (naive_lower_ok, False), (naive_upper_ok, True))])
+        bounds.append(
+            [
+                _edge_bound(m, edges, upper)
+                for m, upper in ((lower_ok, False), (upper_ok, True), (naive_lower_ok, False), (naive_upper_ok, True))
+            ]
+        )
     (_, ua, _, nua), (lb, _, nlb, _) = bounds
     return lb >= (1 + null) * ua, nlb >= (1 + null) * nua
 
@@ -233,8 +239,12 @@ def quantile_certified(below: np.ndarray, t: np.ndarray, q: float, c: float, thr
     ``below`` holds N(e), the observations below each edge, ``t`` the total.
     Same evidence as ``quantiles._log_evidence`` (tested against ``quantile_bounds``).
     """
-    log_m = (betaln(q * c + below, (1 - q) * c + t - below) - betaln(q * c, (1 - q) * c)
-             - below * math.log(q) - (t - below) * math.log1p(-q))
+    log_m = (
+        betaln(q * c + below, (1 - q) * c + t - below)
+        - betaln(q * c, (1 - q) * c)
+        - below * math.log(q)
+        - (t - below) * math.log1p(-q)
+    )
     sure = log_m >= thr
     return sure & (below < t * q), sure & (below > t * q)
 
@@ -252,34 +262,68 @@ def _edge_bound(mask: np.ndarray, edges: np.ndarray, upper: bool) -> np.ndarray:
 SCENARIOS: dict[str, tuple[str, str, Callable]] = {
     "bernoulli_aa": ("aa", "thumbs-down 5% vs 5%, absolute, one-sided", lambda r, k: _bernoulli(r, k, 0.05, 0.05)),
     "bernoulli_ab": ("ab", "thumbs-down 5% -> 6%, absolute, one-sided", lambda r, k: _bernoulli(r, k, 0.05, 0.06)),
-    "bernoulli_aa_gst": ("aa", "5% vs 5%, group-sequential over a stated watch (HSD -0.5, 95% of alpha) + CS reserve",
-                         lambda r, k: _bernoulli_gst(r, k, 0.05, 0.05)),
-    "bernoulli_aa_gst_overrun": ("aa", "the same, watched to 1.5x the planned horizon (the reserve alone past it)",
-                                 lambda r, k: _bernoulli_gst(r, k, 0.05, 0.05, overrun=1.5)),
-    "bernoulli_ab_gst": ("ab", "5% -> 6%, group-sequential over a stated watch + CS reserve",
-                         lambda r, k: _bernoulli_gst(r, k, 0.05, 0.06)),
-    "bernoulli_ab_ntune5000": ("ab", "5% -> 6% with the default n_tune=5000",
-                               lambda r, k: _bernoulli(r, k, 0.05, 0.06, n_tune=5000)),
-    "rel20_boundary": ("aa", "+20% tolerance, true lift exactly +20% (5% -> 6%): false breach",
-                       lambda r, k: _bernoulli(r, k, 0.05, 0.06, "relative", null=0.2)),
-    "rel20_ab": ("ab", "+20% tolerance, true lift +50% (5% -> 7.5%): detection",
-                 lambda r, k: _bernoulli(r, k, 0.05, 0.075, "relative", null=0.2)),
-    "harm0_ab_rel": ("ab", "tolerance 0 (any harm), 5% -> 6% relative",
-                     lambda r, k: _bernoulli(r, k, 0.05, 0.06, "relative")),
-    "lognormal_mean_aa_s1": ("aa", "mean latency, lognormal sigma=1, A/A, relative", lambda r, k: _lognormal_mean(r, k, 1.0)),
-    "lognormal_mean_aa_s2": ("aa", "mean latency, lognormal sigma=2, A/A, relative", lambda r, k: _lognormal_mean(r, k, 2.0)),
+    "bernoulli_aa_gst": (
+        "aa",
+        "5% vs 5%, group-sequential over a stated watch (HSD -0.5, 95% of alpha) + CS reserve",
+        lambda r, k: _bernoulli_gst(r, k, 0.05, 0.05),
+    ),
+    "bernoulli_aa_gst_overrun": (
+        "aa",
+        "the same, watched to 1.5x the planned horizon (the reserve alone past it)",
+        lambda r, k: _bernoulli_gst(r, k, 0.05, 0.05, overrun=1.5),
+    ),
+    "bernoulli_ab_gst": (
+        "ab",
+        "5% -> 6%, group-sequential over a stated watch + CS reserve",
+        lambda r, k: _bernoulli_gst(r, k, 0.05, 0.06),
+    ),
+    "bernoulli_ab_ntune5000": (
+        "ab",
+        "5% -> 6% with the default n_tune=5000",
+        lambda r, k: _bernoulli(r, k, 0.05, 0.06, n_tune=5000),
+    ),
+    "rel20_boundary": (
+        "aa",
+        "+20% tolerance, true lift exactly +20% (5% -> 6%): false breach",
+        lambda r, k: _bernoulli(r, k, 0.05, 0.06, "relative", null=0.2),
+    ),
+    "rel20_ab": (
+        "ab",
+        "+20% tolerance, true lift +50% (5% -> 7.5%): detection",
+        lambda r, k: _bernoulli(r, k, 0.05, 0.075, "relative", null=0.2),
+    ),
+    "harm0_ab_rel": (
+        "ab",
+        "tolerance 0 (any harm), 5% -> 6% relative",
+        lambda r, k: _bernoulli(r, k, 0.05, 0.06, "relative"),
+    ),
+    "lognormal_mean_aa_s1": (
+        "aa",
+        "mean latency, lognormal sigma=1, A/A, relative",
+        lambda r, k: _lognormal_mean(r, k, 1.0),
+    ),
+    "lognormal_mean_aa_s2": (
+        "aa",
+        "mean latency, lognormal sigma=2, A/A, relative",
+        lambda r, k: _lognormal_mean(r, k, 2.0),
+    ),
     "lognormal_mean_ab_s1": ("ab", "mean latency, sigma=1, +10%", lambda r, k: _lognormal_mean(r, k, 1.0, 0.10)),
     "lognormal_mean_ab_s2": ("ab", "mean latency, sigma=2, +30%", lambda r, k: _lognormal_mean(r, k, 2.0, 0.30)),
     "p95_aa_s1": ("aa", "p95 latency guardrail, lognormal sigma=1, A/A", lambda r, k: _p95(r, k, 1.0)),
     "p95_aa_s2": ("aa", "p95 latency guardrail, lognormal sigma=2, A/A", lambda r, k: _p95(r, k, 2.0)),
     "p95_ab_s1": ("ab", "p95 latency +30% (sigma=1), tolerance 0", lambda r, k: _p95(r, k, 1.0, 0.30)),
-    "clustered_ratio_aa": ("aa", "thumbs-down per response, 1-20 requests/user, A/A, Ratio", lambda r, k: _clustered_ratio(r, k)),
+    "clustered_ratio_aa": (
+        "aa",
+        "thumbs-down per response, 1-20 requests/user, A/A, Ratio",
+        lambda r, k: _clustered_ratio(r, k),
+    ),
     "clustered_ratio_ab": ("ab", "thumbs-down per response, +20%, Ratio", lambda r, k: _clustered_ratio(r, k, 0.20)),
 }
 
 
-def run_validation(runs: int, seed: int = 0, progress: Progress | None = None,
-                   scenarios: list[str] | None = None) -> dict:
+def run_validation(
+    runs: int, seed: int = 0, progress: Progress | None = None, scenarios: list[str] | None = None
+) -> dict:
     """Simulate every scenario with ``runs`` rollouts; return a JSON-able dict of figures."""
     if isinstance(runs, bool) or not isinstance(runs, Integral) or runs < 10:
         raise ValueError(f"runs must be an integer >= 10, got {runs!r}")
@@ -293,8 +337,14 @@ def run_validation(runs: int, seed: int = 0, progress: Progress | None = None,
     chunks = [min(CHUNK, runs - i) for i in range(0, runs, CHUNK)]
     total, done = len(names) * len(chunks), 0
     out: dict = {
-        "runs": runs, "seed": seed, "alpha": ALPHA, "n_tune": N_TUNE, "look_every_per_arm": LOOK_EVERY,
-        "fixed_horizon_per_arm": FIXED_N, "horizon_per_arm": LOOKS * LOOK_EVERY, "looks": LOOKS,
+        "runs": runs,
+        "seed": seed,
+        "alpha": ALPHA,
+        "n_tune": N_TUNE,
+        "look_every_per_arm": LOOK_EVERY,
+        "fixed_horizon_per_arm": FIXED_N,
+        "horizon_per_arm": LOOKS * LOOK_EVERY,
+        "looks": LOOKS,
         "scenarios": {},
     }
     for s_index, name in enumerate(names):

@@ -31,9 +31,27 @@ def test_events_are_realistic() -> None:
 
 def test_bench_tiny_run(broker: str) -> None:
     run = subprocess.run(
-        [sys.executable, "-m", "safeswap", "bench", "--json", "--broker", broker, "--events", "2000",
-         "--users", "300", "--trials", "2", "--background-eps", "100"],
-        cwd=REPO, capture_output=True, text=True, timeout=170,
+        [
+            sys.executable,
+            "-m",
+            "safeswap",
+            "bench",
+            "--json",
+            "--broker",
+            broker,
+            "--events",
+            "2000",
+            "--users",
+            "300",
+            "--trials",
+            "2",
+            "--background-eps",
+            "100",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=170,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.strip().splitlines()

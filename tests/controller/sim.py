@@ -48,7 +48,9 @@ class Sim:
         self.exposures = [{"control": 0, "candidate": 0} for _ in range(self.partitions)]
         self.models = [{"control": {}, "candidate": {}} for _ in range(self.partitions)]
         self.crossovers = [0] * self.partitions
-        self.latencies = [{v: {"hit": [], "miss": []} for v in ("control", "candidate")} for _ in range(self.partitions)]
+        self.latencies = [
+            {v: {"hit": [], "miss": []} for v in ("control", "candidate")} for _ in range(self.partitions)
+        ]
         self.seq = [0] * self.partitions
         self.next_user = 0
         self.ts = 1_800_000_000_000
@@ -74,7 +76,9 @@ class Sim:
                 hit = self.rng.random() < behaviour.cache_hit
                 hits += hit
                 median = behaviour.latency_hit_ms if hit else behaviour.latency_miss_ms
-                self.latencies[partition][variant]["hit" if hit else "miss"].append(self.rng.lognormvariate(0, 0.5) * median)
+                self.latencies[partition][variant]["hit" if hit else "miss"].append(
+                    self.rng.lognormvariate(0, 0.5) * median
+                )
             self.units[partition][variant][user] = (down, errors, hits, kept)
             self.exposures[partition][variant] += 1
             seen = self.models[partition][variant]
@@ -101,12 +105,20 @@ class Sim:
             }
             strata = self.latencies[partition][variant]
             if strata["hit"] and strata["miss"]:
-                metrics[variant]["latency_ms_p95"] = LatencyHistogram.from_values(strata["hit"] + strata["miss"]).to_dict()
+                metrics[variant]["latency_ms_p95"] = LatencyHistogram.from_values(
+                    strata["hit"] + strata["miss"]
+                ).to_dict()
                 metrics[variant]["latency_ms_p95_cache_hit"] = LatencyHistogram.from_values(strata["hit"]).to_dict()
                 metrics[variant]["latency_ms_p95_cache_miss"] = LatencyHistogram.from_values(strata["miss"]).to_dict()
             users[variant] = len(units)
         return StatsSnapshot(
-            rollout_id=self.rollout_id, partition=partition, seq=self.seq[partition], ts=self.ts, users=users,
-            metrics=metrics, models={v: dict(m) for v, m in self.models[partition].items() if m},
-            first_exposures=dict(self.exposures[partition]), crossover_users=self.crossovers[partition],
+            rollout_id=self.rollout_id,
+            partition=partition,
+            seq=self.seq[partition],
+            ts=self.ts,
+            users=users,
+            metrics=metrics,
+            models={v: dict(m) for v, m in self.models[partition].items() if m},
+            first_exposures=dict(self.exposures[partition]),
+            crossover_users=self.crossovers[partition],
         )

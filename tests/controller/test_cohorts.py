@@ -9,8 +9,16 @@ import msgspec
 import numpy as np
 import pytest
 
-from safeswap.controller import (RolloutState, cohort_strata, evaluate, merge_cohorts, on_plan, on_snapshot,
-                                 plan_hash, watch_horizon_s)
+from safeswap.controller import (
+    RolloutState,
+    cohort_strata,
+    evaluate,
+    merge_cohorts,
+    on_plan,
+    on_snapshot,
+    plan_hash,
+    watch_horizon_s,
+)
 from safeswap.metrics import UNIT_BUCKETS, M
 from safeswap.outcomes import OutcomeProcessor
 from safeswap.stats import Ratio
@@ -24,8 +32,17 @@ HOUR = 3_600_000
 
 
 def decision(starts: list[int], rollout: str = "r1") -> Decision:
-    return Decision(rollout_id=rollout, seq=len(starts) + 1, ts=starts[-1] if starts else T0, action="promote",
-                    stage="ramp", percent=50, salt=rollout, reason="test", cohort_starts=starts)
+    return Decision(
+        rollout_id=rollout,
+        seq=len(starts) + 1,
+        ts=starts[-1] if starts else T0,
+        action="promote",
+        stage="ramp",
+        percent=50,
+        salt=rollout,
+        reason="test",
+        cohort_starts=starts,
+    )
 
 
 def test_a_new_user_is_filed_under_the_split_period_of_its_first_exposure():
@@ -34,8 +51,10 @@ def test_a_new_user_is_filed_under_the_split_period_of_its_first_exposure():
     processor.on_decision(decision([T0 + HOUR]))
     processor.apply(trace(2, T0 + 2 * HOUR, user="late", prompt="b"), NOW)
     processor.apply(trace(3, T0 + 3 * HOUR, user="early", prompt="c"), NOW)  # back after the promotion
-    assert {key: sums.users for key, sums in processor.cells.items()} == {("r1", "control", 0): 1,
-                                                                          ("r1", "control", 1): 1}
+    assert {key: sums.users for key, sums in processor.cells.items()} == {
+        ("r1", "control", 0): 1,
+        ("r1", "control", 1): 1,
+    }
     snapshot = processor.snapshot("r1", seq=1)
     assert snapshot.cohort_starts == [T0 + HOUR]
     assert snapshot.cohort_exposures == {"0": {"control": 1}, "1": {"control": 1}}
@@ -89,13 +108,21 @@ def test_bucket_sums_give_the_user_level_delta_method_variance():
     per_user = Ratio.from_units(downs, responses)
     buckets = rng.integers(0, UNIT_BUCKETS, users)
     y, x = np.bincount(buckets, downs, UNIT_BUCKETS), np.bincount(buckets, responses, UNIT_BUCKETS)
-    bucketed = Ratio(n_units=UNIT_BUCKETS, num=y.sum(), num_sq=y @ y, den=x.sum(), den_sq=x @ x, num_den=x @ y,
-                     users=users)
+    bucketed = Ratio(
+        n_units=UNIT_BUCKETS, num=y.sum(), num_sq=y @ y, den=x.sum(), den_sq=x @ x, num_den=x @ y, users=users
+    )
     assert bucketed.n == users and bucketed.estimate == pytest.approx(per_user.estimate)
     # 1,024 buckets estimate the variance within a few percent (chi-square with 1,023 df: sd ~4.4%)
     assert bucketed.variance_of_estimate == pytest.approx(per_user.variance_of_estimate, rel=0.15)
-    one_each = Ratio(n_units=users, num=per_user.num, num_sq=per_user.num_sq, den=per_user.den,
-                     den_sq=per_user.den_sq, num_den=per_user.num_den, users=users)
+    one_each = Ratio(
+        n_units=users,
+        num=per_user.num,
+        num_sq=per_user.num_sq,
+        den=per_user.den,
+        den_sq=per_user.den_sq,
+        num_den=per_user.num_den,
+        users=users,
+    )
     assert one_each.variance_of_unit == pytest.approx(per_user.variance_of_unit)  # one user a bucket: identical
     assert Ratio.from_dict(bucketed.to_dict()) == bucketed and "users" not in per_user.to_dict()
     with pytest.raises(ValueError, match="users must be >= n_units"):
@@ -108,8 +135,9 @@ def _ratio(users: int, rate: float, per_user: float = 4.0) -> dict:
     num = den * rate
     # per-user thumbs-down counts with a Bernoulli-like spread (variance num*(1-rate))
     num_sq = num * (1 - rate) + num * num / users
-    return Ratio(n_units=users, num=num, num_sq=num_sq, den=den, den_sq=users * per_user ** 2,
-                 num_den=per_user * num, users=users).to_dict()
+    return Ratio(
+        n_units=users, num=num, num_sq=num_sq, den=den, den_sq=users * per_user**2, num_den=per_user * num, users=users
+    ).to_dict()
 
 
 def _snapshot(cohorts: dict, seq: int, ts: int, starts: list[int]) -> StatsSnapshot:
@@ -118,28 +146,59 @@ def _snapshot(cohorts: dict, seq: int, ts: int, starts: list[int]) -> StatsSnaps
         for arm, metrics in arms.items():
             for metric, stat in metrics.items():
                 have = pooled.setdefault(arm, {}).get(metric)
-                pooled[arm][metric] = stat if have is None else (Ratio.from_dict(have) + Ratio.from_dict(stat)).to_dict()
-    return StatsSnapshot(rollout_id="r1", partition=0, seq=seq, ts=ts,
-                         users={arm: sum(Ratio.from_dict(s["thumbs_down_rate"]).n for a in cohorts.values()
-                                         for x, s in a.items() if x == arm) for arm in pooled},
-                         metrics=pooled, cohorts=cohorts, cohort_starts=starts)
+                pooled[arm][metric] = (
+                    stat if have is None else (Ratio.from_dict(have) + Ratio.from_dict(stat)).to_dict()
+                )
+    return StatsSnapshot(
+        rollout_id="r1",
+        partition=0,
+        seq=seq,
+        ts=ts,
+        users={
+            arm: sum(
+                Ratio.from_dict(s["thumbs_down_rate"]).n for a in cohorts.values() for x, s in a.items() if x == arm
+            )
+            for arm in pooled
+        },
+        metrics=pooled,
+        cohorts=cohorts,
+        cohort_starts=starts,
+    )
 
 
 def test_cohorts_remove_the_time_bias_of_a_ramp_while_the_baseline_moves():
     """A/A: 3% thumbs-down while the split was 10%, 9% after the promotion to 50%. Pooled, the
     candidate (over-represented after the jump) looks +60% worse; cohort by cohort it is equal."""
     rollouts: dict[str, RolloutState] = {}
-    on_plan(rollouts, plan(guardrails=[msgspec.convert({"metric": "thumbs_down_rate", "max_relative_increase": 0.2},
-                                                        type=type(plan().guardrails[0]))],
-                           sequential=SequentialSpec(design="confidence_sequence")), ts=0)
+    on_plan(
+        rollouts,
+        plan(
+            guardrails=[
+                msgspec.convert(
+                    {"metric": "thumbs_down_rate", "max_relative_increase": 0.2}, type=type(plan().guardrails[0])
+                )
+            ],
+            sequential=SequentialSpec(design="confidence_sequence"),
+        ),
+        ts=0,
+    )
     state = rollouts["r1"]
-    cohorts = {"0": {"control": {"thumbs_down_rate": _ratio(18_000, 0.03)},
-                     "candidate": {"thumbs_down_rate": _ratio(2_000, 0.03)}},
-               "1": {"control": {"thumbs_down_rate": _ratio(10_000, 0.09)},
-                     "candidate": {"thumbs_down_rate": _ratio(10_000, 0.09)}}}
+    cohorts = {
+        "0": {
+            "control": {"thumbs_down_rate": _ratio(18_000, 0.03)},
+            "candidate": {"thumbs_down_rate": _ratio(2_000, 0.03)},
+        },
+        "1": {
+            "control": {"thumbs_down_rate": _ratio(10_000, 0.09)},
+            "candidate": {"thumbs_down_rate": _ratio(10_000, 0.09)},
+        },
+    }
     snapshot = _snapshot(cohorts, seq=1, ts=T0, starts=[T0 - HOUR])
-    pooled_lift = (Ratio.from_dict(snapshot.metrics["candidate"]["thumbs_down_rate"]).estimate
-                   / Ratio.from_dict(snapshot.metrics["control"]["thumbs_down_rate"]).estimate - 1)
+    pooled_lift = (
+        Ratio.from_dict(snapshot.metrics["candidate"]["thumbs_down_rate"]).estimate
+        / Ratio.from_dict(snapshot.metrics["control"]["thumbs_down_rate"]).estimate
+        - 1
+    )
     assert pooled_lift > 0.5  # what a pooled comparison would act on
     state.cohort_starts = [T0 - HOUR]
     on_snapshot(state, snapshot)
@@ -171,8 +230,9 @@ def test_group_sequential_guardrails_when_the_plan_states_its_watch():
     monitor = rollouts["r1"].monitors["thumbs_down_rate"]
     assert monitor.gst is not None and monitor.cs_alpha == pytest.approx(monitor.alpha * 0.05)
     assert monitor.gst.to_dict()["alpha"] == pytest.approx(monitor.alpha * 0.95)
-    no_horizon = plan(stages=[s if s.name != "ramp" else msgspec.structs.replace(s, min_duration=None)
-                              for s in the_plan.stages])
+    no_horizon = plan(
+        stages=[s if s.name != "ramp" else msgspec.structs.replace(s, min_duration=None) for s in the_plan.stages]
+    )
     assert watch_horizon_s(no_horizon) is None
     rollouts = {}
     on_plan(rollouts, no_horizon, ts=0)
@@ -186,7 +246,9 @@ def test_a_harmful_candidate_is_rolled_back_by_the_group_sequential_test_with_it
     from tests.controller.sim import Behaviour, Sim
     from tests.controller.test_controller import run
 
-    decisions, state = run(plan(), Sim("r1", "r1", seed=2, behaviour={"control": Behaviour(), "candidate": Behaviour(thumbs_down=0.09)}))
+    decisions, state = run(
+        plan(), Sim("r1", "r1", seed=2, behaviour={"control": Behaviour(), "candidate": Behaviour(thumbs_down=0.09)})
+    )
     assert decisions[-1].action == "rollback"
     evidence = {e.metric: e for e in decisions[-1].evidence}["thumbs_down_rate"]
     assert evidence.status == "breach" and evidence.reason
@@ -208,12 +270,17 @@ def test_a_processor_driven_ramp_files_each_stage_under_its_own_cohort():
     """The processor and the controller together, as the worker and replay run them."""
     rng = random.Random(4)
     rollouts: dict[str, RolloutState] = {}
-    the_plan = plan(stages=[msgspec.convert({"name": "canary", "percent": 10, "min_duration": "1h",
-                                             "min_users_per_arm": 20}, type=type(plan().stages[0])),
-                            msgspec.convert({"name": "ramp", "percent": 50, "min_duration": "1h"},
-                                            type=type(plan().stages[0])),
-                            msgspec.convert({"name": "ramp", "percent": 100}, type=type(plan().stages[0]))],
-                    min_users_per_arm=20)
+    the_plan = plan(
+        stages=[
+            msgspec.convert(
+                {"name": "canary", "percent": 10, "min_duration": "1h", "min_users_per_arm": 20},
+                type=type(plan().stages[0]),
+            ),
+            msgspec.convert({"name": "ramp", "percent": 50, "min_duration": "1h"}, type=type(plan().stages[0])),
+            msgspec.convert({"name": "ramp", "percent": 100}, type=type(plan().stages[0])),
+        ],
+        min_users_per_arm=20,
+    )
     decisions = [on_plan(rollouts, the_plan, ts=0)]
     state = rollouts["r1"]
     processor = OutcomeProcessor(0)
@@ -237,8 +304,11 @@ def test_a_processor_driven_ramp_files_each_stage_under_its_own_cohort():
     snapshot = processor.snapshot("r1", seq=10_000)
     assert snapshot.cohort_starts == state.cohort_starts
     assert {"0", "1"} <= set(snapshot.cohorts)
-    shares = {c: arms["candidate"] / sum(arms.values()) for c, arms in snapshot.cohort_exposures.items()
-              if "candidate" in arms and c in ("0", "1")}
+    shares = {
+        c: arms["candidate"] / sum(arms.values())
+        for c, arms in snapshot.cohort_exposures.items()
+        if "candidate" in arms and c in ("0", "1")
+    }
     assert shares["0"] == pytest.approx(0.10, abs=0.05) and shares["1"] == pytest.approx(0.50, abs=0.1)
     assert evaluate(state).health.srm_p_value > 0.001  # the new period's users at its own split
 
@@ -247,10 +317,15 @@ def test_a_snapshot_with_unusable_totals_never_reaches_a_decision():
     rollouts: dict[str, RolloutState] = {}
     on_plan(rollouts, plan(), ts=0)
     state = rollouts["r1"]
-    good = {"0": {"control": {"thumbs_down_rate": _ratio(500, 0.05)},
-                  "candidate": {"thumbs_down_rate": _ratio(500, 0.05)}}}
-    bad = {"0": {"control": {"thumbs_down_rate": {**_ratio(500, 0.05), "num_sq": -1.0}},
-                 "candidate": {"thumbs_down_rate": {**_ratio(500, 0.05), "num": float("nan")}}}}
+    good = {
+        "0": {"control": {"thumbs_down_rate": _ratio(500, 0.05)}, "candidate": {"thumbs_down_rate": _ratio(500, 0.05)}}
+    }
+    bad = {
+        "0": {
+            "control": {"thumbs_down_rate": {**_ratio(500, 0.05), "num_sq": -1.0}},
+            "candidate": {"thumbs_down_rate": {**_ratio(500, 0.05), "num": float("nan")}},
+        }
+    }
     with pytest.raises(ValueError, match="partition 0, cohort 0, control thumbs_down_rate: num_sq must be >= 0"):
         on_snapshot(state, msgspec.structs.replace(_snapshot(good, seq=1, ts=T0, starts=[]), cohorts=bad))
     assert state.snapshots == {}  # not kept: the next good snapshot decides as if it never came
@@ -261,17 +336,26 @@ def test_a_snapshot_with_unusable_totals_never_reaches_a_decision():
 def test_replay_follows_recorded_decisions_for_the_cohorts():
     import json
 
-    from safeswap.replay import DecisionReplay, replay_lines
     from safeswap.outcomes import OutcomeConfig
+    from safeswap.replay import DecisionReplay, replay_lines
 
     events = [trace(1, T0, user="a"), trace(2, T0 + 2 * HOUR, user="b", prompt="q")]
     recorded = decision([T0 + HOUR])
-    lines = [json.dumps({"type": "trace", **msgspec.to_builtins(events[0])}).encode(),
-             json.dumps({"type": "decision", **msgspec.to_builtins(recorded)}).encode(),
-             json.dumps({"type": "trace", **msgspec.to_builtins(events[1])}).encode()]
+    lines = [
+        json.dumps({"type": "trace", **msgspec.to_builtins(events[0])}).encode(),
+        json.dumps({"type": "decision", **msgspec.to_builtins(recorded)}).encode(),
+        json.dumps({"type": "trace", **msgspec.to_builtins(events[1])}).encode(),
+    ]
     controller = DecisionReplay(plan())
     seen = []
-    replay_lines(lines, OutcomeConfig(), partitions=1, now_ms=NOW, look=lambda ps: seen.append(ps[0].snapshot("r1", 1)),
-                 look_every=1, on_recorded_decision=controller.recorded)
+    replay_lines(
+        lines,
+        OutcomeConfig(),
+        partitions=1,
+        now_ms=NOW,
+        look=lambda ps: seen.append(ps[0].snapshot("r1", 1)),
+        look_every=1,
+        on_recorded_decision=controller.recorded,
+    )
     assert controller.follows_recording and controller.summary()["cohort_starts"] == "recorded decisions"
     assert seen[-1].cohort_exposures == {"0": {"control": 1}, "1": {"control": 1}}

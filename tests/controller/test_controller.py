@@ -6,8 +6,8 @@ import msgspec
 import pytest
 
 from safeswap.controller import PlanConflict, RolloutState, on_command, on_plan, on_snapshot, plan_hash
-from schemas import GuardrailSpec, RolloutPlan, StageSpec, VariantSpec, encode
 from safeswap.evalgate import gate, result_hash
+from schemas import GuardrailSpec, RolloutPlan, StageSpec, VariantSpec, encode
 from tests.controller.sim import Behaviour, Sim
 
 CONTROL = VariantSpec(model="m-20250101", prompt_version="v1")
@@ -16,13 +16,21 @@ CANDIDATE = VariantSpec(model="m-20260101", prompt_version="v1")
 
 def plan(**overrides) -> RolloutPlan:
     fields = dict(
-        rollout_id="r1", stakes="low", control=CONTROL, candidate=CANDIDATE, skip_shadow="tests",
-        stages=[StageSpec(name="canary", percent=5, min_duration="24h", min_users_per_arm=200),
-                StageSpec(name="ramp", percent=50, min_duration="24h"),
-                StageSpec(name="ramp", percent=100)],
+        rollout_id="r1",
+        stakes="low",
+        control=CONTROL,
+        candidate=CANDIDATE,
+        skip_shadow="tests",
+        stages=[
+            StageSpec(name="canary", percent=5, min_duration="24h", min_users_per_arm=200),
+            StageSpec(name="ramp", percent=50, min_duration="24h"),
+            StageSpec(name="ramp", percent=100),
+        ],
         min_users_per_arm=100,
-        guardrails=[GuardrailSpec(metric="thumbs_down_rate", max_relative_increase=0.2, action="rollback"),
-                    GuardrailSpec(metric="error_rate", max_relative_increase=0.5, action="pause")],
+        guardrails=[
+            GuardrailSpec(metric="thumbs_down_rate", max_relative_increase=0.2, action="rollback"),
+            GuardrailSpec(metric="error_rate", max_relative_increase=0.5, action="pause"),
+        ],
     )
     fields.update(overrides)
     return RolloutPlan(**fields)
@@ -53,7 +61,11 @@ def run(the_plan: RolloutPlan, sim: Sim, *, hours: int = 120, users_per_hour: in
 def test_healthy_candidate_walks_every_stage_in_event_time_and_completes():
     decisions, state = run(plan(), Sim("r1", "r1", seed=1))
     assert [(d.action, d.stage, d.percent) for d in decisions] == [
-        ("start", "canary", 5), ("promote", "ramp", 50), ("promote", "ramp", 100), ("complete", "complete", 100)]
+        ("start", "canary", 5),
+        ("promote", "ramp", 50),
+        ("promote", "ramp", 100),
+        ("complete", "complete", 100),
+    ]
     assert [d.seq for d in decisions] == [1, 2, 3, 4]
     # each promotion only after the stage's 24 h of event time
     assert decisions[1].ts - decisions[0].ts >= 24 * 3_600_000
@@ -63,16 +75,21 @@ def test_healthy_candidate_walks_every_stage_in_event_time_and_completes():
 
 
 def test_no_promotion_before_min_users_per_arm():
-    the_plan = plan(stages=[StageSpec(name="canary", percent=5, min_duration="1h", min_users_per_arm=5000),
-                            StageSpec(name="ramp", percent=100)])
+    the_plan = plan(
+        stages=[
+            StageSpec(name="canary", percent=5, min_duration="1h", min_users_per_arm=5000),
+            StageSpec(name="ramp", percent=100),
+        ]
+    )
     decisions, state = run(the_plan, Sim("r1", "r1", seed=2), hours=40)
     assert [d.action for d in decisions] == ["start"]  # 40 h x 400 users x 5% is ~800 candidates < 5000
     assert state.stage == "canary"
 
 
 def test_worse_candidate_is_rolled_back_during_canary_with_evidence():
-    sim = Sim("r1", "r1", seed=3, behaviour={"control": Behaviour(thumbs_down=0.05),
-                                              "candidate": Behaviour(thumbs_down=0.15)})
+    sim = Sim(
+        "r1", "r1", seed=3, behaviour={"control": Behaviour(thumbs_down=0.05), "candidate": Behaviour(thumbs_down=0.15)}
+    )
     decisions, state = run(plan(), sim, users_per_hour=2000)
     last = decisions[-1]
     assert (last.action, last.stage, last.percent) == ("rollback", "rolled_back", 0.0)
@@ -113,15 +130,22 @@ def test_served_model_drift_in_an_arm_pauses():
 
 
 def test_one_arm_losing_events_pauses():
-    sim = Sim("r1", "r1", seed=8, behaviour={"control": Behaviour(responses=(1, 5)),
-                                              "candidate": Behaviour(responses=(1, 5), drop_share=0.3)})
-    decisions, state = run(plan(stages=[StageSpec(name="canary", percent=50, min_duration="30d")]), sim,
-                           users_per_hour=2000)
+    sim = Sim(
+        "r1",
+        "r1",
+        seed=8,
+        behaviour={"control": Behaviour(responses=(1, 5)), "candidate": Behaviour(responses=(1, 5), drop_share=0.3)},
+    )
+    decisions, state = run(
+        plan(stages=[StageSpec(name="canary", percent=50, min_duration="30d")]), sim, users_per_hour=2000
+    )
     assert decisions[-1].action == "pause" and "losing events" in decisions[-1].reason
 
 
 def test_cache_hit_skew_is_flagged_not_acted_on():
-    sim = Sim("r1", "r1", seed=9, behaviour={"control": Behaviour(cache_hit=0.2), "candidate": Behaviour(cache_hit=0.6)})
+    sim = Sim(
+        "r1", "r1", seed=9, behaviour={"control": Behaviour(cache_hit=0.2), "candidate": Behaviour(cache_hit=0.6)}
+    )
     the_plan = plan(stages=[StageSpec(name="canary", percent=50, min_duration="30d")])
     decisions, state = run(the_plan, sim, hours=10, users_per_hour=1000)
     assert [d.action for d in decisions] == ["start"]
@@ -129,8 +153,10 @@ def test_cache_hit_skew_is_flagged_not_acted_on():
 
 
 def test_high_stakes_plan_waits_for_a_passing_eval_gate_then_starts_in_shadow():
-    stages = [StageSpec(name="shadow", shadow_percent=10, min_duration="24h", min_users_per_arm=100),
-              StageSpec(name="canary", percent=5, min_duration="24h")]
+    stages = [
+        StageSpec(name="shadow", shadow_percent=10, min_duration="24h", min_users_per_arm=100),
+        StageSpec(name="canary", percent=5, min_duration="24h"),
+    ]
     rollouts: dict = {}
     held = on_plan(rollouts, plan(stakes="high", stages=stages, skip_shadow=None), ts=0)
     assert (held.action, held.stage, held.percent) == ("hold", "registered", 0)
@@ -145,8 +171,10 @@ def test_shadow_promotes_to_canary_after_its_watch_once_shadow_pairs_are_in():
     from schemas.events import ShadowPair
     from tests.judge.fake_anthropic import pair_fields
 
-    stages = [StageSpec(name="shadow", shadow_percent=10, min_duration="24h", min_users_per_arm=100),
-              StageSpec(name="canary", percent=5, min_duration="24h")]
+    stages = [
+        StageSpec(name="shadow", shadow_percent=10, min_duration="24h", min_users_per_arm=100),
+        StageSpec(name="canary", percent=5, min_duration="24h"),
+    ]
     sim = Sim("r1", "r1", seed=10)
     decisions, state = run(plan(stages=stages), sim, hours=30, until=lambda s: s.stage == "canary")
     assert [(d.action, d.stage) for d in decisions] == [("start", "shadow")]  # time and users, no evidence
@@ -155,8 +183,19 @@ def test_shadow_promotes_to_canary_after_its_watch_once_shadow_pairs_are_in():
     for index in range(150):
         shadow.add_pair(convert(ShadowPair, pair_fields(index, ts=sim.ts)))
         shadow.add_judge_result("judged", "candidate" if index % 2 else "tie")
-    on_snapshot(state, StatsSnapshot(rollout_id="r1", partition=0, seq=1, ts=sim.ts, users={}, metrics={},
-                                     source="shadow:w1", shadow=shadow.to_dict()))
+    on_snapshot(
+        state,
+        StatsSnapshot(
+            rollout_id="r1",
+            partition=0,
+            seq=1,
+            ts=sim.ts,
+            users={},
+            metrics={},
+            source="shadow:w1",
+            shadow=shadow.to_dict(),
+        ),
+    )
     promoted = state.last_decision
     assert (promoted.action, promoted.stage, promoted.shadow_percent, promoted.percent) == ("promote", "canary", 0, 5)
 
@@ -185,7 +224,9 @@ def test_same_inputs_same_decisions_and_state_survives_a_restart_midway():
         out = [on_plan(rollouts, plan(), ts=sim.ts)]
         for hour in range(60):
             if hour == restart_at:  # what the decide agent's table gives back after a crash
-                rollouts["r1"] = RolloutState.from_dict(msgspec.json.decode(msgspec.json.encode(rollouts["r1"].to_dict())))
+                rollouts["r1"] = RolloutState.from_dict(
+                    msgspec.json.decode(msgspec.json.encode(rollouts["r1"].to_dict()))
+                )
             for snapshot in sim.step(1000, rollouts["r1"].percent):
                 if (decision := on_snapshot(rollouts["r1"], snapshot)) is not None:
                     out.append(decision)
@@ -214,14 +255,18 @@ def test_replayed_snapshot_is_ignored_and_changed_plan_refused():
 
 
 def latency_plan():
-    return plan(stages=[StageSpec(name="canary", percent=50, min_duration="30d")],
-                guardrails=[GuardrailSpec(metric="latency_ms_p95", max_relative_increase=0.10, action="pause")])
+    return plan(
+        stages=[StageSpec(name="canary", percent=50, min_duration="30d")],
+        guardrails=[GuardrailSpec(metric="latency_ms_p95", max_relative_increase=0.10, action="pause")],
+    )
 
 
 def test_latency_guardrail_is_judged_within_cache_strata_so_a_cache_skew_does_not_pause():
     # The candidate hits the cache less: its overall p95 is much worse, but within
     # each stratum it is as fast as control. Not a model effect: no pause.
-    sim = Sim("r1", "r1", seed=13, behaviour={"control": Behaviour(cache_hit=0.6), "candidate": Behaviour(cache_hit=0.3)})
+    sim = Sim(
+        "r1", "r1", seed=13, behaviour={"control": Behaviour(cache_hit=0.6), "candidate": Behaviour(cache_hit=0.3)}
+    )
     decisions, state = run(latency_plan(), sim, hours=8, users_per_hour=500)
     assert [d.action for d in decisions] == ["start"]
     assert set(state.monitors) == {"latency_ms_p95_cache_hit", "latency_ms_p95_cache_miss"}

@@ -22,8 +22,10 @@ from tests.controller.test_controller import gate_result, plan
 from tests.kafka_helpers import produce
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
-STAGES = [StageSpec(name="shadow", shadow_percent=10, min_duration="24h", min_users_per_arm=100),
-          StageSpec(name="canary", percent=5, min_duration="24h")]
+STAGES = [
+    StageSpec(name="shadow", shadow_percent=10, min_duration="24h", min_users_per_arm=100),
+    StageSpec(name="canary", percent=5, min_duration="24h"),
+]
 
 
 def high(**overrides):
@@ -35,15 +37,18 @@ def rehashed(result: dict, **changes) -> dict:
     return {**forged, "hash": result_hash(forged)}
 
 
-@pytest.mark.parametrize("attached,why", [
-    (None, "no offline eval gate"),
-    ({"passed": True}, "hash does not match"),                                 # hand-written
-    ({**gate_result(), "passed": True, "lost": []}, None),                     # sanity: untouched real result
-    (rehashed(gate_result(), lost_count=1, lost=["b"]), "lost 1 case"),         # losses, hash recomputed
-    (gate_result({"a": True, "b": True}, {"a": False, "b": True}), "did not pass"),
-    (gate_result({"a": True, "b": False}, {"a": False, "b": True}, stakes="low"), "--stakes 'low'"),
-    ({**gate_result(), "lost_count": 0, "reason": "edited"}, "hash does not match"),
-])
+@pytest.mark.parametrize(
+    "attached,why",
+    [
+        (None, "no offline eval gate"),
+        ({"passed": True}, "hash does not match"),  # hand-written
+        ({**gate_result(), "passed": True, "lost": []}, None),  # sanity: untouched real result
+        (rehashed(gate_result(), lost_count=1, lost=["b"]), "lost 1 case"),  # losses, hash recomputed
+        (gate_result({"a": True, "b": True}, {"a": False, "b": True}), "did not pass"),
+        (gate_result({"a": True, "b": False}, {"a": False, "b": True}, stakes="low"), "--stakes 'low'"),
+        ({**gate_result(), "lost_count": 0, "reason": "edited"}, "hash does not match"),
+    ],
+)
 def test_only_an_unedited_passing_high_stakes_result_opens_registered(attached, why):
     rollouts: dict[str, RolloutState] = {}
     decision = on_plan(rollouts, high(eval_gate=attached), ts=0)
@@ -86,8 +91,13 @@ def test_rehearsals_assume_a_gate_the_controller_accepts():
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "safeswap", *args], capture_output=True, text=True,
-                          env=dict(os.environ, **(env or {})), timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "safeswap", *args],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **(env or {})),
+        timeout=120,
+    )
 
 
 def write_plan(tmp_path: Path, **changes) -> Path:
@@ -98,11 +108,14 @@ def write_plan(tmp_path: Path, **changes) -> Path:
     return path
 
 
-@pytest.mark.parametrize("gate_text,why", [
-    (None, "no offline eval gate"),
-    (json.dumps({"passed": True}), "hash does not match"),
-    (json.dumps(assumed_gate("simulate")), "assumed by simulate"),
-])
+@pytest.mark.parametrize(
+    "gate_text,why",
+    [
+        (None, "no offline eval gate"),
+        (json.dumps({"passed": True}), "hash does not match"),
+        (json.dumps(assumed_gate("simulate")), "assumed by simulate"),
+    ],
+)
 def test_rollout_start_refuses_a_high_stakes_plan_without_a_passing_gate_in_one_line(tmp_path, gate_text, why):
     args = ["rollout", "start", str(write_plan(tmp_path)), "--broker", "127.0.0.1:9"]  # never reached
     if gate_text is not None:
@@ -134,8 +147,11 @@ def test_a_plan_stuck_in_registered_starts_when_rollout_start_attaches_its_gate(
     assert done.returncode == 0, done.stderr
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["outcome"] == "gate attached"
-    assert (out["decision"]["action"], out["decision"]["stage"], out["decision"]["shadow_percent"]) == \
-        ("start", "shadow", 10)
+    assert (out["decision"]["action"], out["decision"]["stage"], out["decision"]["shadow_percent"]) == (
+        "start",
+        "shadow",
+        10,
+    )
     changed = write_plan(tmp_path, rollout_id="gated", alpha=0.01)
     refused = cli("rollout", "start", str(changed), "--eval-gate", str(gate_file), env=env)
     assert refused.returncode == 2 and "immutable" in refused.stderr

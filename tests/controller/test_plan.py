@@ -31,13 +31,21 @@ def test_the_documented_example_plan_is_valid():
     ("change", "path", "line", "words"),
     [
         (("alpha: 0.05", "alpha: 0.05\nalpah: 0.1"), "alpah", 14, "unknown field"),
-        (("{name: ramp,   percent: 50, min_duration: 48h}", "{name: ramp,   percent: 8, min_duration: 48h}"),
-         "stages[3].percent", 11, "does not go up"),
+        (
+            ("{name: ramp,   percent: 50, min_duration: 48h}", "{name: ramp,   percent: 8, min_duration: 48h}"),
+            "stages[3].percent",
+            11,
+            "does not go up",
+        ),
         (("{name: ramp,   percent: 100}", "{name: ramp,   percent: 120}"), "stages[4].percent", 12, "<= 100"),
         (("min_duration: 48h", "min_duration: two days"), "stages[3].min_duration", 11, "not a duration"),
         (("claude-sonnet-4-6-20260301", "claude-sonnet-4-5"), "candidate.model", 5, "allow_unpinned"),
-        (("prompt_version: v41}\n# optional", "prompt_version: v42}\n# optional"), "candidate", 5,
-         "allow_multiple_changes"),
+        (
+            ("prompt_version: v41}\n# optional", "prompt_version: v42}\n# optional"),
+            "candidate",
+            5,
+            "allow_multiple_changes",
+        ),
         (("metric: error_rate,", "metric: eror_rate,"), "guardrails[1].metric", 16, "unknown metric"),
     ],
 )
@@ -51,13 +59,13 @@ def test_refusals_name_field_line_and_fix(tmp_path, change, path, line, words):
 
 
 def test_missing_stages_and_missing_shadow_are_refused(tmp_path):
-    no_stages = "\n".join(l for l in GOOD.splitlines() if not l.startswith("  - {name") and l != "stages:")
+    no_stages = "\n".join(line for line in GOOD.splitlines() if not line.startswith("  - {name") and line != "stages:")
     report = load_plan(write(tmp_path, no_stages))
     assert any(i.path == "stages" and "missing" in i.message for i in report.errors)
     no_shadow = GOOD.replace("  - {name: shadow, shadow_percent: 10, min_duration: 24h, min_users_per_arm: 500}\n", "")
     report = load_plan(write(tmp_path, no_shadow))
     assert any("shadow stage" in i.message for i in report.errors)
-    report = load_plan(write(tmp_path, no_shadow + "skip_shadow: \"offline evals cover this path fully\"\n"))
+    report = load_plan(write(tmp_path, no_shadow + 'skip_shadow: "offline evals cover this path fully"\n'))
     assert report.ok, report.lines()
 
 
@@ -89,27 +97,39 @@ def test_durations():
 
 def test_cli_validate_exit_codes_and_one_line_per_error(tmp_path):
     bad = write(tmp_path, GOOD.replace("percent: 50", "percent: 8").replace("eror", "x"))
-    result = subprocess.run([sys.executable, "-m", "safeswap", "plan", "validate", str(bad)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "safeswap", "plan", "validate", str(bad)], capture_output=True, text=True
+    )
     assert result.returncode == 2 and "Traceback" not in result.stderr
-    errors = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-    assert errors == [f"error: {bad}:11: stages[3].percent: 8 does not go up from 10: percentages must increase "
-                      "stage after stage"]
-    ok = subprocess.run([sys.executable, "-m", "safeswap", "plan", "validate", str(EXAMPLE), "--json"],
-                        capture_output=True, text=True)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        f"error: {bad}:11: stages[3].percent: 8 does not go up from 10: percentages must increase stage after stage"
+    ]
+    ok = subprocess.run(
+        [sys.executable, "-m", "safeswap", "plan", "validate", str(EXAMPLE), "--json"], capture_output=True, text=True
+    )
     assert ok.returncode == 0
     assert json.loads(ok.stdout.splitlines()[-1])["ok"] is True
-    missing = subprocess.run([sys.executable, "-m", "safeswap", "plan", "validate", str(tmp_path / "nope.yaml")],
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "safeswap", "plan", "validate", str(tmp_path / "nope.yaml")],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode == 2 and "file not found" in missing.stderr
 
 
-@pytest.mark.parametrize(("model", "pinned"), [
-    ("claude-sonnet-4-5-20250929", True), ("gpt-4o-2024-08-06", True), ("my-model@v3", True),
-    ("claude-sonnet-4-6", True),   # Anthropic's ids from 4.6 on are the snapshots themselves
-    ("claude-sonnet-4-5", False),  # an alias of claude-sonnet-4-5-20250929
-    ("claude-3-7-sonnet-latest", False), ("gpt-4o", False),
-])
+@pytest.mark.parametrize(
+    ("model", "pinned"),
+    [
+        ("claude-sonnet-4-5-20250929", True),
+        ("gpt-4o-2024-08-06", True),
+        ("my-model@v3", True),
+        ("claude-sonnet-4-6", True),  # Anthropic's ids from 4.6 on are the snapshots themselves
+        ("claude-sonnet-4-5", False),  # an alias of claude-sonnet-4-5-20250929
+        ("claude-3-7-sonnet-latest", False),
+        ("gpt-4o", False),
+    ],
+)
 def test_pinned_models(model, pinned):
     from safeswap.plan import is_pinned
 

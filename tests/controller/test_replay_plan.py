@@ -22,12 +22,35 @@ def recorded_week(path, thumbs_down: dict[str, float], users: int = 3000, seed: 
         ts = T0 + u * 60_000  # a user a minute: ~2 days
         for _ in range(rng.randint(1, 3)):
             n += 1
-            lines.append(dict(json.loads(encode(trace(n, ts, user=f"u{u}", variant=variant, rollout="sim",
-                                                      prompt=f"question {n}",
-                                                      model_version=PLAN[variant]["model"]))), type="trace"))
+            lines.append(
+                dict(
+                    json.loads(
+                        encode(
+                            trace(
+                                n,
+                                ts,
+                                user=f"u{u}",
+                                variant=variant,
+                                rollout="sim",
+                                prompt=f"question {n}",
+                                model_version=PLAN[variant]["model"],
+                            )
+                        )
+                    ),
+                    type="trace",
+                )
+            )
             if rng.random() < thumbs_down[variant]:
-                lines.append(dict(json.loads(encode(feedback(n, n, ts + 1000, "thumbs_down", user=f"u{u}",
-                                                             variant=variant, rollout="sim"))), type="feedback"))
+                lines.append(
+                    dict(
+                        json.loads(
+                            encode(
+                                feedback(n, n, ts + 1000, "thumbs_down", user=f"u{u}", variant=variant, rollout="sim")
+                            )
+                        ),
+                        type="feedback",
+                    )
+                )
             ts += 5 * 60_000
     lines.sort(key=lambda line: line["ts"])  # recorded in event-time order (ISO strings sort as times)
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
@@ -36,8 +59,12 @@ def recorded_week(path, thumbs_down: dict[str, float], users: int = 3000, seed: 
 def replay(tmp_path, events) -> dict:
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump(PLAN))
-    result = subprocess.run([sys.executable, "-m", "safeswap", "replay", str(events), "--plan", str(plan), "--json"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "safeswap", "replay", str(events), "--plan", str(plan), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

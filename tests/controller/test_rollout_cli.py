@@ -17,8 +17,9 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
 
 def cli(settings, *args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, SAFESWAP_BROKER=settings.broker, SAFESWAP_TOPIC_PREFIX=settings.topic_prefix)
-    return subprocess.run([sys.executable, "-m", "safeswap", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "safeswap", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 def last_json(result: subprocess.CompletedProcess) -> dict:
@@ -37,8 +38,11 @@ def test_start_status_pause_resume_abort_list(settings, worker_factory, tmp_path
 
     started = last_json(cli(settings, "rollout", "start", str(path), "--json", "--wait", "60"))
     assert started["outcome"] == "started"
-    assert (started["decision"]["action"], started["decision"]["stage"], started["decision"]["percent"]) == \
-        ("start", "canary", 5)
+    assert (started["decision"]["action"], started["decision"]["stage"], started["decision"]["percent"]) == (
+        "start",
+        "canary",
+        5,
+    )
 
     again = last_json(cli(settings, "rollout", "start", str(path), "--json", "--wait", "5"))
     assert again["outcome"] == "already started" and again["decision"]["seq"] == 1
@@ -53,8 +57,11 @@ def test_start_status_pause_resume_abort_list(settings, worker_factory, tmp_path
     assert status["decision"]["seq"] == 1
 
     paused = last_json(cli(settings, "rollout", "pause", "cli-rollout", "--reason", "looking", "--json"))
-    assert (paused["decision"]["action"], paused["decision"]["stage"], paused["decision"]["percent"]) == \
-        ("pause", "paused", 5)
+    assert (paused["decision"]["action"], paused["decision"]["stage"], paused["decision"]["percent"]) == (
+        "pause",
+        "paused",
+        5,
+    )
     resumed = last_json(cli(settings, "rollout", "resume", "cli-rollout", "--json"))
     assert (resumed["decision"]["action"], resumed["decision"]["stage"]) == ("resume", "canary")
     aborted = last_json(cli(settings, "rollout", "abort", "cli-rollout", "--reason", "drill", "--json"))

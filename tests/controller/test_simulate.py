@@ -11,20 +11,22 @@ from pathlib import Path
 import pytest
 import yaml
 
-
-
 PLAN = {
     "rollout_id": "sim",
     "stakes": "low",
     "control": {"model": "claude-sonnet-4-5-20250929", "prompt_version": "v41"},
     "candidate": {"model": "claude-sonnet-4-6-20260301", "prompt_version": "v41"},
     "skip_shadow": "rehearsal",
-    "stages": [{"name": "canary", "percent": 50, "min_duration": "4h", "min_users_per_arm": 300},
-               {"name": "ramp", "percent": 80, "min_duration": "3h"},
-               {"name": "ramp", "percent": 100}],
+    "stages": [
+        {"name": "canary", "percent": 50, "min_duration": "4h", "min_users_per_arm": 300},
+        {"name": "ramp", "percent": 80, "min_duration": "3h"},
+        {"name": "ramp", "percent": 100},
+    ],
     "min_users_per_arm": 100,
-    "guardrails": [{"metric": "thumbs_down_rate", "max_relative_increase": 0.05, "action": "rollback"},
-                   {"metric": "error_rate", "max_relative_increase": 0.5, "action": "pause"}],
+    "guardrails": [
+        {"metric": "thumbs_down_rate", "max_relative_increase": 0.05, "action": "rollback"},
+        {"metric": "error_rate", "max_relative_increase": 0.5, "action": "pause"},
+    ],
 }
 CONTROL = {"thumbs_down_rate": 0.2, "error_rate": 0.01}
 
@@ -36,9 +38,24 @@ def simulate(tmp_path: Path, scenario: dict, plan: dict = PLAN) -> dict:
     env = dict(os.environ)
     env.pop("SAFESWAP_BROKER", None)  # the command starts its own embedded broker and worker
     result = subprocess.run(
-        [sys.executable, "-m", "safeswap", "simulate", "--plan", str(plan_path), "--scenario", str(scenario_path),
-         "--data", str(tmp_path / "data"), "--json"],
-        capture_output=True, text=True, env=env, timeout=400)
+        [
+            sys.executable,
+            "-m",
+            "safeswap",
+            "simulate",
+            "--plan",
+            str(plan_path),
+            "--scenario",
+            str(scenario_path),
+            "--data",
+            str(tmp_path / "data"),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=400,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -49,15 +66,25 @@ def actions(out: dict) -> list[tuple[str, str, float]]:
 
 
 def scenario(candidate: dict | None = None, faults: list | None = None, **fields) -> dict:
-    return {"duration": "30h", "users_per_hour": 500, "requests_per_user": 3,
-            "variants": {"control": CONTROL, "candidate": candidate or {}}, "faults": faults or [], **fields}
+    return {
+        "duration": "30h",
+        "users_per_hour": 500,
+        "requests_per_user": 3,
+        "variants": {"control": CONTROL, "candidate": candidate or {}},
+        "faults": faults or [],
+        **fields,
+    }
 
 
 @pytest.mark.integration
 def test_a_a_rollout_walks_every_stage_and_completes(tmp_path):
     out = simulate(tmp_path, scenario())
-    assert actions(out) == [("start", "canary", 50), ("promote", "ramp", 80), ("promote", "ramp", 100),
-                            ("complete", "complete", 100)]
+    assert actions(out) == [
+        ("start", "canary", 50),
+        ("promote", "ramp", 80),
+        ("promote", "ramp", 100),
+        ("complete", "complete", 100),
+    ]
     assert [d["seq"] for d in out["decisions"]] == [1, 2, 3, 4]
     assert all(d["reason"] and d["ts"] > 0 for d in out["decisions"])
     assert out["state"]["stage"] == "complete"
@@ -101,13 +128,21 @@ def test_scenario_files_are_checked_with_field_and_line(tmp_path):
     from safeswap.simulate import ScenarioError, arm_models, load_scenario
 
     good = tmp_path / "good.yaml"
-    good.write_text(yaml.safe_dump(scenario(candidate={"thumbs_down_rate": 0.3}, faults=[
-        {"kind": "model_switch", "variant": "candidate", "at": "3d", "model": "m-20260415"}])))
+    good.write_text(
+        yaml.safe_dump(
+            scenario(
+                candidate={"thumbs_down_rate": 0.3},
+                faults=[{"kind": "model_switch", "variant": "candidate", "at": "3d", "model": "m-20260415"}],
+            )
+        )
+    )
     loaded = load_scenario(str(good))
     arms = arm_models(loaded)
     assert arms["candidate"].thumbs_down == 0.3 and arms["candidate"].error == CONTROL["error_rate"]  # copied
     bad = tmp_path / "bad.yaml"
-    bad.write_text("duration: 3 days\nusers_per_hour: 10\nfaults:\n  - {kind: drop_events, variant: candidate, shares: 0.1}\n")
+    bad.write_text(
+        "duration: 3 days\nusers_per_hour: 10\nfaults:\n  - {kind: drop_events, variant: candidate, shares: 0.1}\n"
+    )
     with pytest.raises(ScenarioError) as info:
         load_scenario(str(bad))
     assert f"{bad}:4: faults[0].shares: unknown field" in str(info.value)
@@ -122,13 +157,24 @@ SHADOW_PLAN = {
     "stakes": "low",
     "control": {"model": "claude-sonnet-4-5-20250929", "prompt_version": "v41"},
     "candidate": {"model": "claude-sonnet-4-6-20260301", "prompt_version": "v41"},
-    "stages": [{"name": "shadow", "shadow_percent": 50, "min_duration": "2h", "min_users_per_arm": 100,
-                "min_shadow_pairs": 300, "min_judged_pairs": 300, "judge_max_control_preference": 0.25},
-               {"name": "canary", "percent": 50, "min_duration": "3h", "min_users_per_arm": 200},
-               {"name": "ramp", "percent": 100}],
+    "stages": [
+        {
+            "name": "shadow",
+            "shadow_percent": 50,
+            "min_duration": "2h",
+            "min_users_per_arm": 100,
+            "min_shadow_pairs": 300,
+            "min_judged_pairs": 300,
+            "judge_max_control_preference": 0.25,
+        },
+        {"name": "canary", "percent": 50, "min_duration": "3h", "min_users_per_arm": 200},
+        {"name": "ramp", "percent": 100},
+    ],
     "min_users_per_arm": 100,
-    "guardrails": [{"metric": "thumbs_down_rate", "max_relative_increase": 0.05, "action": "rollback"},
-                   {"metric": "error_rate", "max_relative_increase": 0.5, "action": "pause"}],
+    "guardrails": [
+        {"metric": "thumbs_down_rate", "max_relative_increase": 0.05, "action": "rollback"},
+        {"metric": "error_rate", "max_relative_increase": 0.5, "action": "pause"},
+    ],
 }
 
 
@@ -144,8 +190,21 @@ def shadow_traffic(scenario_fields: dict, shadow_percent: float = 50.0):
 
     plan = validate_plan_data(SHADOW_PLAN).plan
     flags = FlagClient(settings=Settings(broker="unused:1"))
-    flags.apply(encode(Decision(rollout_id=plan.rollout_id, seq=1, ts=1, action="start", stage="shadow", percent=0.0,
-                                salt=plan.salt or plan.rollout_id, reason="test", shadow_percent=shadow_percent)))
+    flags.apply(
+        encode(
+            Decision(
+                rollout_id=plan.rollout_id,
+                seq=1,
+                ts=1,
+                action="start",
+                stage="shadow",
+                percent=0.0,
+                salt=plan.salt or plan.rollout_id,
+                reason="test",
+                shadow_percent=shadow_percent,
+            )
+        )
+    )
     scenario_obj = msgspec.convert(scenario_fields, Scenario)
     start = 1_767_225_600_000
     return flags, plan, Traffic(scenario_obj, plan, plan.rollout_id, start).step(flags, start, 3_600_000)
@@ -157,8 +216,10 @@ def test_shadow_stage_pairs_each_shadowed_request_with_the_candidates_answer_use
     from schemas import FeedbackEvent, TraceEvent
     from schemas.events import ShadowPair
 
-    fields = scenario(candidate={"refusal_rate": 0.1, "json_valid_rate": 0.5, "latency_ms": {"median": 2000, "p95": 5000}},
-                      expects_json_share=0.3)
+    fields = scenario(
+        candidate={"refusal_rate": 0.1, "json_valid_rate": 0.5, "latency_ms": {"median": 2000, "p95": 5000}},
+        expects_json_share=0.3,
+    )
     flags, plan, events = shadow_traffic(fields)
     traces = {e.trace_id: e for e in events if isinstance(e, TraceEvent)}
     pairs = [e for e in events if isinstance(e, ShadowPair)]
@@ -170,8 +231,11 @@ def test_shadow_stage_pairs_each_shadowed_request_with_the_candidates_answer_use
     for pair in pairs:
         trace = traces[pair.request_id]
         assert (pair.user_id, pair.ts, pair.prompt_text) == (trace.user_id, trace.ts, trace.prompt_text)
-        assert (pair.control.latency_ms, pair.control.cost_usd, pair.control.model_version) == \
-            (trace.latency_ms, trace.cost_usd, trace.model_version)
+        assert (pair.control.latency_ms, pair.control.cost_usd, pair.control.model_version) == (
+            trace.latency_ms,
+            trace.cost_usd,
+            trace.model_version,
+        )
         assert pair.candidate.model_version == plan.candidate.model
         if pair.candidate.response_text is not None:
             assert CANDIDATE_TAG in pair.candidate.response_text
@@ -181,8 +245,10 @@ def test_shadow_stage_pairs_each_shadowed_request_with_the_candidates_answer_use
 
     json_pairs = [p for p in pairs if p.expects_json]
     assert 0 < len(json_pairs) < len(pairs)
-    broken = {side: sum(getattr(p, side).error == "none" and json_broken(getattr(p, side)) for p in json_pairs)
-              for side in ("control", "candidate")}
+    broken = {
+        side: sum(getattr(p, side).error == "none" and json_broken(getattr(p, side)) for p in json_pairs)
+        for side in ("control", "candidate")
+    }
     assert broken["candidate"] > broken["control"] == 0
     assert sum(s.latency_ms for s in candidate) > sum(s.latency_ms for s in control)  # slower candidate model
     # the candidate's answers draw from their own stream: the users' traffic is the same unshadowed
@@ -218,8 +284,14 @@ def test_simulated_judge_follows_the_judge_block_in_both_orders_through_the_real
 
 
 def shadow_scenario(judge: dict, **fields) -> dict:
-    return {"duration": "10h", "users_per_hour": 300, "requests_per_user": 2,
-            "variants": {"control": CONTROL, "candidate": {}}, "judge": judge, **fields}
+    return {
+        "duration": "10h",
+        "users_per_hour": 300,
+        "requests_per_user": 2,
+        "variants": {"control": CONTROL, "candidate": {}},
+        "judge": judge,
+        **fields,
+    }
 
 
 @pytest.mark.integration
@@ -235,8 +307,13 @@ def test_rehearsal_passes_shadow_on_pairs_and_judgments_then_serves_the_candidat
     import polars as pl
 
     def dataset(name: str) -> pl.LazyFrame:
-        return pl.scan_parquet(f"{out['data_dir']}/{name}/**/*.parquet", hive_partitioning=True,
-                               hidden_file_prefix=[".", "_"], missing_columns="insert", extra_columns="ignore")
+        return pl.scan_parquet(
+            f"{out['data_dir']}/{name}/**/*.parquet",
+            hive_partitioning=True,
+            hidden_file_prefix=[".", "_"],
+            missing_columns="insert",
+            extra_columns="ignore",
+        )
 
     shadowed = dataset("shadow").select("user_id").unique()
     served = dataset("traces").join(shadowed, on="user_id").select("variant").unique().collect()
@@ -251,8 +328,9 @@ def test_rehearsal_passes_shadow_on_pairs_and_judgments_then_serves_the_candidat
 
 @pytest.mark.integration
 def test_a_candidate_the_judge_dislikes_holds_in_shadow_with_the_judges_reason(tmp_path):
-    out = simulate(tmp_path, shadow_scenario({"candidate_wins": 0.1, "control_wins": 0.6}, duration="6h"),
-                   plan=SHADOW_PLAN)
+    out = simulate(
+        tmp_path, shadow_scenario({"candidate_wins": 0.1, "control_wins": 0.6}, duration="6h"), plan=SHADOW_PLAN
+    )
     assert actions(out) == [("start", "shadow", 0)]
     assert out["state"]["stage"] == "shadow"
     judge = out["state"]["shadow"]["judge"]
@@ -260,23 +338,29 @@ def test_a_candidate_the_judge_dislikes_holds_in_shadow_with_the_judges_reason(t
     assert any(reason.startswith("judge prefers control") for reason in out["state"]["shadow"]["blocking"])
 
 
-def test_traffic_goes_out_in_event_time_order_across_steps_and_nothing_is_lost():
-    # Sessions outlive a step: their later turns must wait for the step they happen in, or
-    # the next step starts far behind them and the outcomes agent dead-letters it as late.
+def test_traffic_goes_out_never_further_behind_than_the_lead_and_past_each_step_end():
+    # Sessions outlive a step. Their turns up to the lead past the step's end go with it (so the
+    # watermark passes the end and a stage ending there is promoted before the next step's users
+    # are assigned); later ones wait for their step, so nothing sent is more than the lead behind
+    # the newest event sent before it (the outcomes agent dead-letters events beyond its lateness).
     flags, plan, _ = shadow_traffic(scenario(), shadow_percent=0.0)
     import msgspec
 
     from safeswap.simulate import Scenario, Traffic
 
-    start, step = 1_767_225_600_000, 600_000
-    traffic = Traffic(msgspec.convert(scenario(users_per_hour=600), Scenario), plan, plan.rollout_id, start)
-    sent = []
+    start, step, lead = 1_767_225_600_000, 600_000, 150_000
+    traffic = Traffic(msgspec.convert(scenario(users_per_hour=600), Scenario), plan, plan.rollout_id, start, lead)
+    sent, newest = [], 0
     for index in range(12):
-        events = traffic.step(flags, start + index * step, step)
-        assert all(e.ts < start + (index + 1) * step for e in events)
+        end = start + (index + 1) * step
+        events = traffic.step(flags, end - step, step)
+        assert [e.ts for e in events] == sorted(e.ts for e in events)
+        assert all(e.ts < end + lead for e in events)
+        assert events[0].ts > newest - lead  # never late
+        assert max(e.ts for e in events) >= end  # the watermark passes the step's end
+        newest = max(newest, events[-1].ts)
         sent.extend(events)
-    assert [e.ts for e in sent] == sorted(e.ts for e in sent)
-    assert traffic.later and min(e.ts for e in traffic.later) >= start + 12 * step  # still to happen
+    assert traffic.later and min(e.ts for e in traffic.later) >= start + 12 * step + lead  # still to happen
     ids = [e.event_id for e in sent + traffic.later]
     assert len(ids) == len(set(ids))
     # every feedback event's trace was sent before it (or waits with it)

@@ -33,8 +33,10 @@ def chromium_binary() -> str:
         found = shutil.which(name)
         if found:
             return found
-    raise RuntimeError("headless Chromium is needed for the dashboard browser test and was not found: "
-                       "`apt-get install -y chromium` (.ci/run installs it)")
+    raise RuntimeError(
+        "headless Chromium is needed for the dashboard browser test and was not found: "
+        "`apt-get install -y chromium` (.ci/run installs it)"
+    )
 
 
 @dataclass
@@ -52,6 +54,7 @@ async def _visit(ws_url: str, url: str, settle, width: int, height: int) -> Page
     pending: dict[int, asyncio.Future] = {}
     async with aiohttp.ClientSession() as session:
         async with session.ws_connect(ws_url, max_msg_size=64 * 1024 * 1024) as ws:
+
             async def reader() -> None:
                 async for msg in ws:
                     data = json.loads(msg.data)
@@ -62,7 +65,7 @@ async def _visit(ws_url: str, url: str, settle, width: int, height: int) -> Page
                     if method == "Network.requestWillBeSent":
                         visit.requests.append(params["request"]["url"])
                     elif method == "Network.loadingFailed":
-                        visit.failed.append(f'{params.get("errorText")} ({params.get("requestId")})')
+                        visit.failed.append(f"{params.get('errorText')} ({params.get('requestId')})")
                     elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
                         visit.console_errors.append(json.dumps(params.get("args"))[:300])
                     elif method == "Runtime.exceptionThrown":
@@ -85,8 +88,9 @@ async def _visit(ws_url: str, url: str, settle, width: int, height: int) -> Page
             try:
                 for domain in ("Network.enable", "Runtime.enable", "Log.enable", "Page.enable"):
                     await call(domain)
-                await call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1,
-                           mobile=False)
+                await call(
+                    "Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False
+                )
                 await call("Page.navigate", url=url)
                 deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
@@ -96,7 +100,10 @@ async def _visit(ws_url: str, url: str, settle, width: int, height: int) -> Page
                     await asyncio.sleep(0.1)
                 if settle is not None:
                     await settle(call)
-                count = await call("Runtime.evaluate", returnByValue=True, expression="""(() => {
+                count = await call(
+                    "Runtime.evaluate",
+                    returnByValue=True,
+                    expression="""(() => {
                     const svgs = Array.from(document.querySelectorAll('svg.chart'));
                     return {svg: svgs.length,
                             nonempty: svgs.filter(s => s.querySelectorAll('path').length > 0).length,
@@ -122,7 +129,8 @@ async def _visit(ws_url: str, url: str, settle, width: int, height: int) -> Page
                             decision_times: Array.from(document.querySelectorAll('table.decisions tbody tr'))
                                                  .map(r => r.cells[1].innerText),
                             text: document.body.innerText.slice(0, 20000)};
-                })()""")
+                })()""",
+                )
                 visit.charts = count["result"]["value"]
                 shot = await call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
                 visit.screenshot = base64.b64decode(shot["data"])
@@ -138,12 +146,32 @@ def visit_page(url: str, settle=None, width: int = 1400, height: int = 2000, tim
     closed = free_port()  # nothing listens here: the proxy every non-loopback request is sent to
     with tempfile.TemporaryDirectory(prefix="safeswap-chromium-") as profile:
         process = subprocess.Popen(
-            [binary, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             "--disable-default-apps", "--disable-extensions", "--mute-audio", "--hide-scrollbars",
-             f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "--remote-debugging-address=127.0.0.1",
-             f"--proxy-server=127.0.0.1:{closed}", "--proxy-bypass-list=127.0.0.1;localhost", "about:blank"],
-            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            [
+                binary,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--disable-default-apps",
+                "--disable-extensions",
+                "--mute-audio",
+                "--hide-scrollbars",
+                f"--user-data-dir={profile}",
+                f"--remote-debugging-port={port}",
+                "--remote-debugging-address=127.0.0.1",
+                f"--proxy-server=127.0.0.1:{closed}",
+                "--proxy-bypass-list=127.0.0.1;localhost",
+                "about:blank",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             if not wait_for_port("127.0.0.1", port, 30):
                 raise RuntimeError(f"chromium did not open its DevTools port within 30 s ({binary})")

@@ -29,23 +29,40 @@ PLAN = {
     "control": {"model": "claude-sonnet-4-5-20250929", "prompt_version": "v41"},
     "candidate": {"model": "claude-sonnet-4-6-20260301", "prompt_version": "v42<img src=x>"},
     "skip_shadow": "rehearsal",
-    "stages": [{"name": "canary", "percent": 30, "min_duration": "2d", "min_users_per_arm": 50},
-               {"name": "ramp", "percent": 100}],
+    "stages": [
+        {"name": "canary", "percent": 30, "min_duration": "2d", "min_users_per_arm": 50},
+        {"name": "ramp", "percent": 100},
+    ],
     "min_users_per_arm": 30,
-    "guardrails": [{"metric": "thumbs_down_rate", "max_relative_increase": 0.5, "action": "rollback"},
-                   {"metric": "latency_ms_p95", "max_relative_increase": 0.5, "action": "pause"}],
+    "guardrails": [
+        {"metric": "thumbs_down_rate", "max_relative_increase": 0.5, "action": "rollback"},
+        {"metric": "latency_ms_p95", "max_relative_increase": 0.5, "action": "pause"},
+    ],
 }
-SCENARIO = {"duration": "10h", "step": "2h", "users_per_hour": 150, "requests_per_user": 2,
-            "variants": {"control": {"thumbs_down_rate": 0.1}, "candidate": {"thumbs_down_rate": 0.12}}}
+SCENARIO = {
+    "duration": "10h",
+    "step": "2h",
+    "users_per_hour": 150,
+    "requests_per_user": 2,
+    "variants": {"control": {"thumbs_down_rate": 0.1}, "candidate": {"thumbs_down_rate": 0.12}},
+}
 
 
 @pytest.fixture(scope="module")
 def simulated(broker: str, tmp_path_factory: pytest.TempPathFactory):
     root: Path = tmp_path_factory.mktemp("dashboard")
     unique = uuid.uuid4().hex[:8]
-    settings = Settings(broker=broker, topic_prefix=f"d{unique}", app_id=f"safeswap-dash-{unique}",
-                        state_dir=str(root / "state"), data_dir=str(root / "data"), snapshot_interval_s=0.2,
-                        status_interval_s=0.2, sink_idle_s=0.5, metrics_port=free_port())
+    settings = Settings(
+        broker=broker,
+        topic_prefix=f"d{unique}",
+        app_id=f"safeswap-dash-{unique}",
+        state_dir=str(root / "state"),
+        data_dir=str(root / "data"),
+        snapshot_interval_s=0.2,
+        status_interval_s=0.2,
+        sink_idle_s=0.5,
+        metrics_port=free_port(),
+    )
     asyncio.run(ensure_topics(settings))
     worker = WorkerProcess(settings, root / "worker.log").start()
     try:
@@ -67,8 +84,9 @@ def dashboard_factory():
     started: list[Dashboard] = []
 
     def start(settings: Settings, data_dir: str | None = None, **overrides) -> Dashboard:
-        board = Dashboard(settings.replace(**overrides) if overrides else settings, data_dir=data_dir,
-                          host="127.0.0.1", port=0)
+        board = Dashboard(
+            settings.replace(**overrides) if overrides else settings, data_dir=data_dir, host="127.0.0.1", port=0
+        )
         started.append(board.run_in_thread())
         return board
 

@@ -1,7 +1,7 @@
 """Regenerate docs/dashboard.png from the scenario its caption documents (docs/dashboard.md):
 
-    /work/venv/bin/python -m tests.dashboard.screenshot            # writes docs/dashboard.png
-    /work/venv/bin/python -m tests.dashboard.screenshot --out x.png --workdir DIR   # keeps the dataset
+    python -m tests.dashboard.screenshot            # writes docs/dashboard.png
+    python -m tests.dashboard.screenshot --out x.png --workdir DIR   # keeps the dataset
 
 ``safeswap simulate`` of examples/plan.yaml with examples/scenario-fast-rollback.yaml
 (embedded broker, a few minutes), then the recorded dashboard of its dataset in the same
@@ -20,7 +20,6 @@ from pathlib import Path
 
 from safeswap.dashboard.server import Dashboard
 from streams.settings import Settings
-
 from tests.dashboard.browser import save, visit_page
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,8 +29,19 @@ DATASET = "safeswap-data"  # relative, so the page header reads "recorded: safes
 
 
 def simulate(workdir: Path) -> None:
-    command = [sys.executable, "-m", "safeswap", "simulate", "--plan", str(PLAN), "--scenario", str(SCENARIO),
-               "--data", DATASET, "--json"]
+    command = [
+        sys.executable,
+        "-m",
+        "safeswap",
+        "simulate",
+        "--plan",
+        str(PLAN),
+        "--scenario",
+        str(SCENARIO),
+        "--data",
+        DATASET,
+        "--json",
+    ]
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"safeswap simulate failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
@@ -48,16 +58,21 @@ def shoot(workdir: Path, out: Path) -> Path:
     foreign = [u for u in visit.requests if not u.startswith("http://127.0.0.1:")]
     charts = visit.charts
     if foreign or visit.failed or visit.console_errors or charts.get("nonempty", 0) < 4:
-        raise SystemExit(f"the page did not render cleanly: foreign={foreign} failed={visit.failed} "
-                         f"console={visit.console_errors} charts={ {k: charts.get(k) for k in ('svg', 'nonempty')} }")
+        raise SystemExit(
+            f"the page did not render cleanly: foreign={foreign} failed={visit.failed} "
+            f"console={visit.console_errors} charts={ {k: charts.get(k) for k in ('svg', 'nonempty')} }"
+        )
     return save(visit.screenshot, out)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "dashboard.png")
-    parser.add_argument("--workdir", type=Path, help="keep the simulated dataset here (DIR/safeswap-data); "
-                        "if it is there already, only take the screenshot")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        help="keep the simulated dataset here (DIR/safeswap-data); if it is there already, only take the screenshot",
+    )
     args = parser.parse_args()
     out = args.out.resolve()
     if args.workdir is not None:

@@ -17,7 +17,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from safeswap.rollouts import command_rollout
 from streams.kafka import client_options
-
 from tests.dashboard.browser import save, visit_page
 
 pytestmark = pytest.mark.integration
@@ -50,21 +49,32 @@ def test_live_and_recorded_show_the_same_rollout(simulated, dashboard_factory):
 
     def live_view():
         view = get_json(live.url + "api/rollouts/" + quoted(plan.rollout_id)) if live.state.model.tracks else None
-        return view if view and [d["seq"] for d in view["decisions"]][: len(seqs)] == seqs and view["status_live"] \
+        return (
+            view
+            if view and [d["seq"] for d in view["decisions"]][: len(seqs)] == seqs and view["status_live"]
             else None
+        )
 
     live_now = wait_for(live_view)
     assert live_now, get_json(live.url + "api/rollouts")
     recorded_now = get_json(recorded.url + "api/rollouts/" + quoted(plan.rollout_id))
     assert [d["seq"] for d in recorded_now["decisions"]] == seqs
-    assert [d["action"] for d in recorded_now["decisions"]] == [d["action"] for d in live_now["decisions"][:len(seqs)]]
+    assert [d["action"] for d in recorded_now["decisions"]] == [d["action"] for d in live_now["decisions"][: len(seqs)]]
     for view in (live_now, recorded_now):
         metrics = [g["metric"] for g in view["guardrails"]]
         assert metrics == ["thumbs_down_rate", "latency_ms_p95_cache_hit", "latency_ms_p95_cache_miss"]
         assert any(g["points"] for g in view["guardrails"]), "no interval over time"
         rows = {row["key"]: row["values"] for row in view["variant_rows"]}
-        for key in ("latency_ms_p50", "latency_ms_p95", "cost_usd_mean", "cost_per_session_mean", "error_rate",
-                    "thumbs_down_rate", "retry_rate", "abandon_rate"):
+        for key in (
+            "latency_ms_p50",
+            "latency_ms_p95",
+            "cost_usd_mean",
+            "cost_per_session_mean",
+            "error_rate",
+            "thumbs_down_rate",
+            "retry_rate",
+            "abandon_rate",
+        ):
             assert rows[key]["control"] is not None and rows[key]["candidate"] is not None, key
         assert view["split"]["percent"] == 30 and view["variants"]["candidate"]["prompt_version"] == "v42<img src=x>"
         # candidate vs control with its interval (the estimate inside it), or none
@@ -94,10 +104,20 @@ def test_worker_metrics_endpoint(simulated):
             assert response.headers["Content-Type"].startswith("text/plain")
             text = response.read().decode()
         families = {f.name: f for f in text_string_to_metric_families(text)}
-        lagging = {s.labels.get("agent") for s in families["safeswap_consumer_lag_messages"].samples} \
-            if "safeswap_consumer_lag_messages" in families else set()
-        letters = {(s.labels["agent"], s.labels["reason"]) for s in families["safeswap_dead_letters"].samples
-                   if s.name == "safeswap_dead_letters_total"} if "safeswap_dead_letters" in families else set()
+        lagging = (
+            {s.labels.get("agent") for s in families["safeswap_consumer_lag_messages"].samples}
+            if "safeswap_consumer_lag_messages" in families
+            else set()
+        )
+        letters = (
+            {
+                (s.labels["agent"], s.labels["reason"])
+                for s in families["safeswap_dead_letters"].samples
+                if s.name == "safeswap_dead_letters_total"
+            }
+            if "safeswap_dead_letters" in families
+            else set()
+        )
         seen[:] = [lagging, letters]
         return families if {"outcomes", "sink", "decide"} <= lagging and ("outcomes", "invalid") in letters else None
 
@@ -109,34 +129,49 @@ def test_worker_metrics_endpoint(simulated):
     traces = settings.topic("traces")
     by_agent = {dict(labels)["agent"]: v for labels, v in processed.items() if dict(labels)["topic"] == traces}
     assert by_agent.get("outcomes", 0) > 0 and by_agent.get("sink", 0) > 0  # each reader counted on its own
-    assert sum(v for labels, v in processed.items() if dict(labels) == {"topic": settings.topic("stats"),
-                                                                         "agent": "decide"}) > 0
+    assert (
+        sum(
+            v
+            for labels, v in processed.items()
+            if dict(labels) == {"topic": settings.topic("stats"), "agent": "decide"}
+        )
+        > 0
+    )
     for name in ("safeswap_consumer_lag", "safeswap_consumer_lag_messages"):
         lag = [dict(labels) for (n, labels), v in samples.items() if n == name and v >= 0]
         assert {"topic": traces, "partition": "0", "agent": "sink"} in lag, (name, lag)
     assert samples[("safeswap_dead_letters_total", (("agent", "outcomes"), ("reason", "invalid")))] >= 1
     started = samples[("safeswap_decisions_total", (("action", "start"), ("rollout_id", plan.rollout_id)))]
     assert started >= 1
-    threshold = samples[("safeswap_guardrail_threshold", (("metric", "thumbs_down_rate"), ("rollout_id", plan.rollout_id)))]
+    threshold = samples[
+        ("safeswap_guardrail_threshold", (("metric", "thumbs_down_rate"), ("rollout_id", plan.rollout_id)))
+    ]
     assert threshold == pytest.approx(0.5)
     assert ("safeswap_guardrail_ci_low", (("metric", "thumbs_down_rate"), ("rollout_id", plan.rollout_id))) in samples
     assert samples[("safeswap_rollout_percent", (("rollout_id", plan.rollout_id),))] == 30
     assert samples[("safeswap_rollout_candidate_ratio", (("rollout_id", plan.rollout_id),))] == pytest.approx(0.3)
+
     def sample(name: str, **labels) -> float:
         return samples[(name, tuple(sorted({"rollout_id": plan.rollout_id, **labels}.items())))]
 
     for variant in ("control", "candidate"):
+
         def value(name: str, **labels) -> float:
             return sample(name, variant=variant, **labels)  # noqa: B023 - called within this iteration
+
         assert 0 < value("safeswap_variant_metric", metric="thumbs_down_rate") < 1
-        assert value("safeswap_variant_rate_ratio", metric="thumbs_down_rate") == \
-            value("safeswap_variant_metric", metric="thumbs_down_rate")
-        assert value("safeswap_variant_latency_seconds", quantile="0.95") == \
-            pytest.approx(value("safeswap_variant_metric", metric="latency_ms_p95") / 1000)
-        assert value("safeswap_variant_cost_usd", per="response") == value("safeswap_variant_metric",
-                                                                           metric="cost_usd_mean")
-        assert value("safeswap_variant_cost_usd", per="session") == value("safeswap_variant_metric",
-                                                                          metric="cost_per_session_mean")
+        assert value("safeswap_variant_rate_ratio", metric="thumbs_down_rate") == value(
+            "safeswap_variant_metric", metric="thumbs_down_rate"
+        )
+        assert value("safeswap_variant_latency_seconds", quantile="0.95") == pytest.approx(
+            value("safeswap_variant_metric", metric="latency_ms_p95") / 1000
+        )
+        assert value("safeswap_variant_cost_usd", per="response") == value(
+            "safeswap_variant_metric", metric="cost_usd_mean"
+        )
+        assert value("safeswap_variant_cost_usd", per="session") == value(
+            "safeswap_variant_metric", metric="cost_per_session_mean"
+        )
 
 
 async def send_raw(settings, records: list[tuple[str, bytes]], key: bytes) -> None:
@@ -153,14 +188,19 @@ async def send_raw(settings, records: list[tuple[str, bytes]], key: bytes) -> No
 def test_browser_renders_offline_and_updates_without_reload(simulated, dashboard_factory):
     settings, plan = simulated["settings"], simulated["plan"]
     live = dashboard_factory(settings)
-    assert wait_for(lambda: plan.rollout_id in live.state.model.tracks and live.state.model.tracks[plan.rollout_id].looks)
+    assert wait_for(
+        lambda: plan.rollout_id in live.state.model.tracks and live.state.model.tracks[plan.rollout_id].looks
+    )
 
     async def steer(call):
         # The page is loaded; now the operator aborts, and the page must show it by itself.
         await command_rollout(settings, plan.rollout_id, "abort", "browser test", wait_s=20)
         for _ in range(150):
-            found = await call("Runtime.evaluate", returnByValue=True,
-                               expression="document.getElementById('main').innerText.includes('aborted by an operator')")
+            found = await call(
+                "Runtime.evaluate",
+                returnByValue=True,
+                expression="document.getElementById('main').innerText.includes('aborted by an operator')",
+            )
             if found["result"]["value"]:
                 return
             await asyncio.sleep(0.2)
@@ -195,7 +235,7 @@ def test_browser_renders_offline_and_updates_without_reload(simulated, dashboard
     assert "candidate vs control" in charts["text"] and "always-valid 95% interval" in charts["text"]
     checks = {row[0]: row for row in charts["health_rows"]}
     assert set(checks) == {"srm", "crossover", "model_drift", "event_loss", "cache_skew"}, checks
-    for check, value, threshold, status, on_failure in checks.values():
+    for _check, _value, threshold, status, on_failure in checks.values():
         assert threshold and status in ("ok", "problem", "flagged", "not checked") and on_failure, checks
     assert checks["srm"][2] == "p < 0.001" and checks["srm"][3] in ("ok", "problem")
     kinds = {row[0]: row for row in charts["dead_letter_rows"]}

@@ -11,7 +11,6 @@ import msgspec
 import pytest
 
 from schemas import Decision, encode
-
 from tests.dashboard.test_live import get_json, send_raw, wait_for
 from tests.dashboard.test_model import PLAN, snapshot
 
@@ -23,8 +22,18 @@ def produce(settings, records: list[tuple[str, bytes]]) -> None:
 
 
 def decision(seq: int, action: str) -> bytes:
-    return encode(Decision(rollout_id=PLAN.rollout_id, seq=seq, ts=1_000 + seq, action=action, stage="canary",
-                           percent=50.0, salt="s", reason=f"decision {seq}"))
+    return encode(
+        Decision(
+            rollout_id=PLAN.rollout_id,
+            seq=seq,
+            ts=1_000 + seq,
+            action=action,
+            stage="canary",
+            percent=50.0,
+            salt="s",
+            reason=f"decision {seq}",
+        )
+    )
 
 
 def snapshot_bytes(seq: int, counts=None) -> bytes:
@@ -38,15 +47,30 @@ def test_bad_records_are_skipped_and_a_failed_read_loop_reconnects(settings, das
     board = dashboard_factory(settings)
     source, model = board.state.live_source, board.state.model
     judgment = json.dumps({"rollout_id": PLAN.rollout_id, "winner": "candidate"}).encode()
-    produce(settings, [("plans", encode(PLAN)), ("stats", snapshot_bytes(2)),
-                       ("stats", snapshot_bytes(3, counts=[[1]])),  # decodes, but its histogram cannot be merged
-                       ("decisions", b"{not json"), ("judgments", judgment), ("decisions", decision(1, "start")),
-                       ("stats", snapshot_bytes(4))])
+    produce(
+        settings,
+        [
+            ("plans", encode(PLAN)),
+            ("stats", snapshot_bytes(2)),
+            ("stats", snapshot_bytes(3, counts=[[1]])),  # decodes, but its histogram cannot be merged
+            ("decisions", b"{not json"),
+            ("judgments", judgment),
+            ("decisions", decision(1, "start")),
+            ("stats", snapshot_bytes(4)),
+        ],
+    )
+
     def track():
         return model.tracks.get(PLAN.rollout_id)
 
-    assert wait_for(lambda: track() and 1 in track().decisions and track().latest_snapshots.get(("", 0))
-                    and track().latest_snapshots[("", 0)].seq == 4), (source.error, source.undecodable)
+    assert wait_for(
+        lambda: (
+            track()
+            and 1 in track().decisions
+            and track().latest_snapshots.get(("", 0))
+            and track().latest_snapshots[("", 0)].seq == 4
+        )
+    ), (source.error, source.undecodable)
     assert source.undecodable == 2 and source.error is None and not source._task.done()
     assert track().judgments["candidate"] == 1
 

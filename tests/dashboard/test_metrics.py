@@ -13,7 +13,6 @@ from safeswap.outcomes import OutcomeConfig, OutcomeProcessor
 from schemas import encode
 from streams.deadletter import DLQ_REASON_KINDS, dead_letter, reason_kind
 from streams.settings import Settings
-
 from tests.dashboard.test_model import EVIL, snapshot
 from tests.outcomes.helpers import NOW, T0, trace
 
@@ -22,17 +21,22 @@ MIN = 60_000
 
 def scrape(metrics: WorkerMetrics) -> dict[tuple[str, tuple], float]:
     text = generate_latest(metrics.registry).decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def test_outcome_reasons_become_their_kind_and_anything_else_a_bounded_label():
     processor = OutcomeProcessor(0, OutcomeConfig(max_event_bytes=5_000, lateness_ms=5 * MIN))
-    sent = [processor.fold_raw("trace", b"{not json", NOW),
-            processor.fold_raw("trace", encode(trace(1, NOW + 2 * 3600_000)), NOW),
-            processor.fold_raw("trace", encode(trace(2, T0, response_text="x" * 6_000)), NOW),
-            processor.fold_raw("trace", encode(trace(3, T0 + 60 * MIN)), NOW),  # accepted: None
-            processor.fold_raw("trace", encode(trace(4, T0, user="u4")), NOW)]  # an hour behind it: late
+    sent = [
+        processor.fold_raw("trace", b"{not json", NOW),
+        processor.fold_raw("trace", encode(trace(1, NOW + 2 * 3600_000)), NOW),
+        processor.fold_raw("trace", encode(trace(2, T0, response_text="x" * 6_000)), NOW),
+        processor.fold_raw("trace", encode(trace(3, T0 + 60 * MIN)), NOW),  # accepted: None
+        processor.fold_raw("trace", encode(trace(4, T0, user="u4")), NOW),
+    ]  # an hour behind it: late
     assert sent[3] is None
     kinds: dict[str, int] = {}
     for reason in sent[:3] + sent[4:]:
@@ -48,21 +52,31 @@ def test_outcome_reasons_become_their_kind_and_anything_else_a_bounded_label():
 def test_dead_letters_by_reason_events_per_agent_and_unit_families():
     settings = Settings(topic_prefix="m")
     metrics = WorkerMetrics(settings)
-    for reason, agent in (("late_event: 400 s behind", "outcomes"), ("late_event: 500 s behind", "outcomes"),
-                          ("feedback_unjoined: no trace", "outcomes"), ("invalid Decision: x", "sink:decisions")):
-        metrics.observe_sent(settings.topic("dlq"), dead_letter(topic="t", partition=0, offset=1, key=None,
-                                                                value=b"x", reason=reason, agent=agent))
+    for reason, agent in (
+        ("late_event: 400 s behind", "outcomes"),
+        ("late_event: 500 s behind", "outcomes"),
+        ("feedback_unjoined: no trace", "outcomes"),
+        ("invalid Decision: x", "sink:decisions"),
+    ):
+        metrics.observe_sent(
+            settings.topic("dlq"),
+            dead_letter(topic="t", partition=0, offset=1, key=None, value=b"x", reason=reason, agent=agent),
+        )
     traces = settings.topic("traces")
     metrics.reader("outcomes")(traces, 7)
     metrics.reader("sink")(traces, 5)
-    metrics.observe_sent(settings.topic("status"), msgspec.json.encode(
-        {"rollout_id": "r", "percent": 25.0, "users": {"control": 3}}))
+    metrics.observe_sent(
+        settings.topic("status"), msgspec.json.encode({"rollout_id": "r", "percent": 25.0, "users": {"control": 3}})
+    )
     metrics.observe_snapshot(msgspec.json.encode(snapshot(0, 1, 1_000, 40, {"control": 0.1, "candidate": 0.2})))
 
     samples = scrape(metrics)
 
-    dlq = {dict(k)["reason"]: v for (name, k), v in samples.items()
-           if name == "safeswap_dead_letters_total" and dict(k)["agent"] == "outcomes"}
+    dlq = {
+        dict(k)["reason"]: v
+        for (name, k), v in samples.items()
+        if name == "safeswap_dead_letters_total" and dict(k)["agent"] == "outcomes"
+    }
     assert dlq == {"late_event": 2, "feedback_unjoined": 1}
     assert samples[("safeswap_dead_letters_total", (("agent", "sink:decisions"), ("reason", "invalid")))] == 1
     processed = {dict(k)["agent"]: v for (name, k), v in samples.items() if name == "safeswap_events_processed_total"}
@@ -71,13 +85,15 @@ def test_dead_letters_by_reason_events_per_agent_and_unit_families():
     assert samples[("safeswap_rollout_candidate_ratio", (("rollout_id", "r"),))] == 0.25
 
     def variant(name: str, **labels) -> float:
-        return samples[(name, tuple(sorted({"rollout_id": EVIL, "variant": "control",
-                                            **labels}.items())))]
+        return samples[(name, tuple(sorted({"rollout_id": EVIL, "variant": "control", **labels}.items())))]
+
     p95_ms = variant("safeswap_variant_metric", metric="latency_ms_p95")
     assert 100 < p95_ms < 150  # the histogram holds 100..149 ms
     assert variant("safeswap_variant_latency_seconds", quantile="0.95") == p95_ms / 1000
-    assert variant("safeswap_variant_latency_seconds", quantile="0.5") == \
-        variant("safeswap_variant_metric", metric="latency_ms_p50") / 1000
+    assert (
+        variant("safeswap_variant_latency_seconds", quantile="0.5")
+        == variant("safeswap_variant_metric", metric="latency_ms_p50") / 1000
+    )
     down = variant("safeswap_variant_metric", metric="thumbs_down_rate")
     assert 0 < down < 1 and variant("safeswap_variant_rate_ratio", metric="thumbs_down_rate") == down
     assert not [k for k in samples if k[0] == "safeswap_variant_rate_ratio" and "latency" in dict(k[1])["metric"]]

@@ -19,25 +19,39 @@ from safeswap.stats import LatencyHistogram, Ratio
 from schemas import Decision, RolloutPlan, StatsSnapshot
 
 EVIL = '"><script>alert(1)</script>'
-PLAN = RolloutPlan(rollout_id=EVIL, stakes="low", stages=[{"name": "canary", "percent": 50, "min_duration": "1h"}],
-                   min_users_per_arm=10, guardrails=[{"metric": "thumbs_down_rate", "max_relative_increase": 0.2}],
-                   candidate={"prompt_version": "<img src=x onerror=alert(2)>"})
+PLAN = RolloutPlan(
+    rollout_id=EVIL,
+    stakes="low",
+    stages=[{"name": "canary", "percent": 50, "min_duration": "1h"}],
+    min_users_per_arm=10,
+    guardrails=[{"metric": "thumbs_down_rate", "max_relative_increase": 0.2}],
+    candidate={"prompt_version": "<img src=x onerror=alert(2)>"},
+)
 PLAN = msgspec.convert(msgspec.to_builtins(PLAN), RolloutPlan)
 
 
 def ratio(n: int, num: float, den: float) -> dict:
     # n users with equal mean shares and some spread between users
     a, b = num / n, den / n
-    return Ratio(n_units=n, num=num, num_sq=n * a * a * 2.0 + n * 0.05, den=den, den_sq=n * b * b * 1.2,
-                 num_den=n * a * b * 1.1).to_dict()
+    return Ratio(
+        n_units=n, num=num, num_sq=n * a * a * 2.0 + n * 0.05, den=den, den_sq=n * b * b * 1.2, num_den=n * a * b * 1.1
+    ).to_dict()
 
 
 def snapshot(partition: int, seq: int, ts: int, users: int, down: dict[str, float]) -> StatsSnapshot:
     hist = LatencyHistogram.from_values([100.0 + i for i in range(50)]).to_dict()
-    metrics = {v: {"thumbs_down_rate": ratio(users, down[v] * users * 3, users * 3), "latency_ms_p95": hist}
-               for v in ("control", "candidate")}
-    return StatsSnapshot(rollout_id=EVIL, partition=partition, seq=seq, ts=ts, users={"control": users,
-                         "candidate": users}, metrics=metrics)
+    metrics = {
+        v: {"thumbs_down_rate": ratio(users, down[v] * users * 3, users * 3), "latency_ms_p95": hist}
+        for v in ("control", "candidate")
+    }
+    return StatsSnapshot(
+        rollout_id=EVIL,
+        partition=partition,
+        seq=seq,
+        ts=ts,
+        users={"control": users, "candidate": users},
+        metrics=metrics,
+    )
 
 
 def fed_model() -> DashboardModel:
@@ -46,10 +60,14 @@ def fed_model() -> DashboardModel:
     model.add_plan(PLAN, 500)
     for seq in range(2, 30):
         for partition in (0, 1):
-            model.add_snapshot(snapshot(partition, seq, 1_000 + seq * 600_000, 20 * seq,
-                                        {"control": 0.1, "candidate": 0.16}))
-    model.add_decision(Decision(rollout_id=EVIL, seq=1, ts=500, action="start", stage="canary", percent=50,
-                                salt=EVIL, reason="started <b>"))
+            model.add_snapshot(
+                snapshot(partition, seq, 1_000 + seq * 600_000, 20 * seq, {"control": 0.1, "candidate": 0.16})
+            )
+    model.add_decision(
+        Decision(
+            rollout_id=EVIL, seq=1, ts=500, action="start", stage="canary", percent=50, salt=EVIL, reason="started <b>"
+        )
+    )
     return model
 
 
@@ -88,8 +106,14 @@ def test_replayed_looks_draw_the_interval_and_its_threshold():
 def test_everything_from_events_is_escaped():
     model = fed_model()
     view = model.view(EVIL)
-    html = page_html(nav_html(model.rollouts(), EVIL), rollout_html(view), selected=EVIL, source="test", live=True,
-                     version=model.version)
+    html = page_html(
+        nav_html(model.rollouts(), EVIL),
+        rollout_html(view),
+        selected=EVIL,
+        source="test",
+        live=True,
+        version=model.version,
+    )
     assert "<script>alert" not in html and "<img src=x" not in html and "started <b>" not in html
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
     assert html.count("<script") == 1  # only our own static script
@@ -115,6 +139,7 @@ def _with_client(state: DashboardState, check) -> None:
     async def run() -> None:
         async with TestClient(TestServer(build_app(state), host="127.0.0.1")) as client:
             await check(client)
+
     asyncio.run(run())
 
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 import msgspec
 import pytest
 
+from safeswap.controller import health_checks
 from safeswap.dashboard.model import DashboardModel
 from safeswap.dashboard.page import rollout_html
-from safeswap.metrics import model_drift_text
 from safeswap.dashboard.server import DashboardState
-from safeswap.controller import health_checks
+from safeswap.metrics import model_drift_text
 from schemas import Decision, HealthSpec
-
 from tests.dashboard.test_model import EVIL, _with_client, fed_model, snapshot
 
 BAD = "!bad-rollout"  # sorts first: it is the rollout `/` shows
@@ -21,10 +20,24 @@ BAD = "!bad-rollout"  # sorts first: it is the rollout `/` shows
 
 def malformed(model: DashboardModel) -> DashboardModel:
     """A rollout whose decision claims a time no calendar holds and whose health has odd entries."""
-    model.add_decision(Decision(
-        rollout_id=BAD, seq=1, ts=10**19, action="pause", stage="canary", percent=5.0, salt="s", reason="odd <i>",
-        health={"problems": ["not a dict <b>", 3, {"reason": "srm mismatch"}], "srm_p_value": "nan?",
-                "model_drift": {"candidate": 0.032, "control": 0.0}, "cache_skew": ["not", "a", "dict"]}))
+    model.add_decision(
+        Decision(
+            rollout_id=BAD,
+            seq=1,
+            ts=10**19,
+            action="pause",
+            stage="canary",
+            percent=5.0,
+            salt="s",
+            reason="odd <i>",
+            health={
+                "problems": ["not a dict <b>", 3, {"reason": "srm mismatch"}],
+                "srm_p_value": "nan?",
+                "model_drift": {"candidate": 0.032, "control": 0.0},
+                "cache_skew": ["not", "a", "dict"],
+            },
+        )
+    )
     return model
 
 
@@ -37,7 +50,7 @@ def test_a_malformed_rollout_still_serves_the_page():
         assert page.status == 200, html[:500]
         assert "!bad-rollout" in html and "could not render" not in html
         assert "ts 10000000000000000000" in html  # the time it claims, as a number
-        assert "not a dict &lt;b&gt;" in html and "<li class=\"bad\">3</li>" in html and "srm mismatch" in html
+        assert "not a dict &lt;b&gt;" in html and '<li class="bad">3</li>' in html and "srm mismatch" in html
         assert "control 0.0%, candidate 3.2%" in html
         fragment = await client.get("/fragment")
         assert fragment.status == 200 and "!bad-rollout" in (await fragment.json())["main"]
@@ -52,7 +65,7 @@ def test_a_section_that_cannot_render_shows_why_and_the_others_render():
     broken_guardrail = {k: v for k, v in view["guardrails"][0].items() if k != "scale"}
     html = rollout_html({**view, "judge": None, "guardrails": [broken_guardrail, view["guardrails"][0]]})
     assert html.count("could not render") == 2
-    assert "<h3>judge preference</h3><p class=\"bad\">could not render: TypeError" in html
+    assert '<h3>judge preference</h3><p class="bad">could not render: TypeError' in html
     assert "could not render: KeyError: &#x27;scale&#x27;" in html
     # The rest of the page is there: summary, timeline, the good guardrail's interval, variants, health.
     assert 'class="summary"' in html and "stage timeline" in html and 'class="band"' in html

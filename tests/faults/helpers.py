@@ -7,8 +7,8 @@ import threading
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import msgspec
 from aiokafka import AIOKafkaProducer
@@ -24,9 +24,14 @@ def fresh_settings(broker: str, tmp_path: Path, name: str, **overrides) -> Setti
     """Settings with their own topic prefix, consumer group and folders, topics created."""
     unique = uuid.uuid4().hex[:8]
     (tmp_path / name).mkdir(parents=True, exist_ok=True)
-    settings = Settings(broker=broker, topic_prefix=f"f{name}{unique}", app_id=f"safeswap-fault-{name}-{unique}",
-                        state_dir=str(tmp_path / name / "state"), data_dir=str(tmp_path / name / "data"),
-                        **overrides)
+    settings = Settings(
+        broker=broker,
+        topic_prefix=f"f{name}{unique}",
+        app_id=f"safeswap-fault-{name}-{unique}",
+        state_dir=str(tmp_path / name / "state"),
+        data_dir=str(tmp_path / name / "data"),
+        **overrides,
+    )
     asyncio.run(ensure_topics(settings))
     return settings
 
@@ -40,19 +45,29 @@ def walk_plan(rollout_id: str) -> RolloutPlan:
     worker may publish that one late in the data: a test must end with events of this
     rollout well past 30 min later (``rollout_tail`` in tests/outcomes/test_streaming.py), or "complete"
     depends on the worker's speed."""
-    return msgspec.convert({
-        "rollout_id": rollout_id, "stakes": "low", "skip_shadow": "fault suite",
-        "control": {"model": "m1", "prompt_version": "p1"}, "candidate": {"model": "m1", "prompt_version": "p1"},
-        "allow_unpinned": True,
-        "stages": [{"name": "canary", "percent": 50, "min_duration": "30m", "min_users_per_arm": 50},
-                   {"name": "ramp", "percent": 100}],
-        "min_users_per_arm": 50,
-        "guardrails": [{"metric": "thumbs_down_rate", "max_relative_increase": 3.0, "action": "rollback"}],
-        "health": {"model_drift": "ignore"},
-    }, RolloutPlan)
+    return msgspec.convert(
+        {
+            "rollout_id": rollout_id,
+            "stakes": "low",
+            "skip_shadow": "fault suite",
+            "control": {"model": "m1", "prompt_version": "p1"},
+            "candidate": {"model": "m1", "prompt_version": "p1"},
+            "allow_unpinned": True,
+            "stages": [
+                {"name": "canary", "percent": 50, "min_duration": "30m", "min_users_per_arm": 50},
+                {"name": "ramp", "percent": 100},
+            ],
+            "min_users_per_arm": 50,
+            "guardrails": [{"metric": "thumbs_down_rate", "max_relative_increase": 3.0, "action": "rollback"}],
+            "health": {"model_drift": "ignore"},
+        },
+        RolloutPlan,
+    )
 
 
-async def produce_many(settings: Settings, messages: list[tuple[str, bytes | None, bytes]]) -> list[tuple[str, int, int]]:
+async def produce_many(
+    settings: Settings, messages: list[tuple[str, bytes | None, bytes]]
+) -> list[tuple[str, int, int]]:
     """Produce ``(short topic, key, value)`` in order; returns each message's (full topic, partition, offset)."""
     producer = AIOKafkaProducer(bootstrap_servers=settings.broker, linger_ms=5, max_request_size=32_000_000)
     await producer.start()
@@ -69,8 +84,9 @@ async def produce_many(settings: Settings, messages: list[tuple[str, bytes | Non
 
 
 def dead_letters(settings: Settings, until_count: int = 0, timeout_s: float = 30.0) -> list[DeadLetter]:
-    records = asyncio.run(read_topic(settings.broker, settings.topic("dlq"), until_count=until_count,
-                                     timeout_s=timeout_s))
+    records = asyncio.run(
+        read_topic(settings.broker, settings.topic("dlq"), until_count=until_count, timeout_s=timeout_s)
+    )
     return [msgspec.json.decode(r.value, type=DeadLetter) for r in records]
 
 
@@ -93,7 +109,9 @@ def by_seq(found: list[Decision]) -> list[tuple[int, str, str, float]]:
     seen: dict[int, tuple[int, str, str, float]] = {}
     for d in found:
         row = (d.seq, d.action, d.stage, d.percent)
-        assert seen.setdefault(d.seq, row) == row, f"seq {d.seq} published twice with different content: {seen[d.seq]} vs {row}"
+        assert seen.setdefault(d.seq, row) == row, (
+            f"seq {d.seq} published twice with different content: {seen[d.seq]} vs {row}"
+        )
     return [seen[seq] for seq in sorted(seen)]
 
 
@@ -123,8 +141,12 @@ def latest_snapshots(settings: Settings, rollout: str) -> dict:
             snapshot = msgspec.json.decode(record.value, type=StatsSnapshot)
         except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError):
             continue
-        if snapshot.rollout_id == rollout and not snapshot.source and snapshot.seq > 1 and (
-                snapshot.partition not in latest or snapshot.seq > latest[snapshot.partition].seq):
+        if (
+            snapshot.rollout_id == rollout
+            and not snapshot.source
+            and snapshot.seq > 1
+            and (snapshot.partition not in latest or snapshot.seq > latest[snapshot.partition].seq)
+        ):
             latest[snapshot.partition] = snapshot
     return latest
 
@@ -134,8 +156,12 @@ def wait_until_covered(settings: Settings, worker, rollout: str, flush: str, tim
     from tests.outcomes.test_streaming import end_offsets
 
     ends = asyncio.run(end_offsets(settings))
-    wait_until(lambda: (lambda f: all(p in f and f[p].seq >= ends[p] for p in ends))(latest_snapshots(settings, flush)),
-               timeout_s, f"the worker to cover {ends}", worker.log)
+    wait_until(
+        lambda: (lambda f: all(p in f and f[p].seq >= ends[p] for p in ends))(latest_snapshots(settings, flush)),
+        timeout_s,
+        f"the worker to cover {ends}",
+        worker.log,
+    )
     time.sleep(1.5)  # the rollout's own snapshots were published in the same round
     return latest_snapshots(settings, rollout)
 
@@ -162,7 +188,7 @@ class CuttableProxy:
     def _call(self, coro) -> None:
         asyncio.run_coroutine_threadsafe(coro, self._loop).result(10)
 
-    def restore(self) -> "CuttableProxy":
+    def restore(self) -> CuttableProxy:
         self._call(self._listen())
         return self
 

@@ -30,8 +30,15 @@ from safeswap.rollouts import start_rollout
 from schemas import StatsSnapshot, encode
 from streams.process import WorkerProcess
 from tests.faults.badinput import TOPICS, check_rejected, malformed
-from tests.faults.helpers import (dead_letters, decisions, fresh_settings, produce_many, wait_until,
-                                  wait_until_covered, walk_plan)
+from tests.faults.helpers import (
+    dead_letters,
+    decisions,
+    fresh_settings,
+    produce_many,
+    wait_until,
+    wait_until_covered,
+    walk_plan,
+)
 from tests.kafka_helpers import read_topic
 from tests.outcomes.helpers import assert_same_metrics, simulated_events
 from tests.outcomes.test_streaming import FLUSH, ROLLOUT, expected, jsonl, rollout_tail
@@ -40,16 +47,28 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 N_BAD = 10_000
 # One DLQ record per bad message, from the agent that reads the topic (its sink skips it).
-CONSUMERS = {"traces": ("outcomes",), "feedback": ("outcomes",), "shadow": ("judge",), "plans": ("decide",),
-             "stats": ("decide",), "commands": ("decide",)}
+CONSUMERS = {
+    "traces": ("outcomes",),
+    "feedback": ("outcomes",),
+    "shadow": ("judge",),
+    "plans": ("decide",),
+    "stats": ("decide",),
+    "commands": ("decide",),
+}
 
 
 def generate_bad(n: int) -> list[tuple[str, bytes]]:
     """``n`` malformed messages, each checked to be refused by its topic's decoder."""
     out: list[tuple[str, bytes]] = []
 
-    @hypothesis_settings(max_examples=n, database=None, derandomize=True, phases=[Phase.generate], deadline=None,
-                         suppress_health_check=list(HealthCheck))
+    @hypothesis_settings(
+        max_examples=n,
+        database=None,
+        derandomize=True,
+        phases=[Phase.generate],
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(st.sampled_from(TOPICS).flatmap(lambda topic: st.tuples(st.just(topic), malformed(topic))))
     def collect(item):
         check_rejected(*item)
@@ -61,8 +80,16 @@ def generate_bad(n: int) -> list[tuple[str, bytes]]:
 
 def poison_snapshot(partition: int) -> bytes:
     """Valid StatsSnapshot framing, statistics the controller cannot read."""
-    return encode(StatsSnapshot(rollout_id=ROLLOUT, partition=partition, seq=1, ts=1,
-                                users={"control": 1}, metrics={"control": {"thumbs_down_rate": {"kind": "bogus"}}}))
+    return encode(
+        StatsSnapshot(
+            rollout_id=ROLLOUT,
+            partition=partition,
+            seq=1,
+            ts=1,
+            users={"control": 1},
+            metrics={"control": {"thumbs_down_rate": {"kind": "bogus"}}},
+        )
+    )
 
 
 def rollout_snapshot_seen(settings) -> bool:
@@ -146,9 +173,14 @@ def test_ten_thousand_malformed_messages(broker, tmp_path):
         assert worker.alive()
         log = worker.log()
         assert "crashed" not in log.lower() and "Traceback" not in log, log[-3000:]
-        wait_until(lambda: any(d.action == "complete" for d in decisions(settings, ROLLOUT)), 60,
-                   "the rollout's decisions after the poison snapshot",
-                   lambda: worker.log()[-2000:]
-                           + f"\ndecisions: {[(d.seq, d.action, d.reason) for d in decisions(settings, ROLLOUT)]}")
+        wait_until(
+            lambda: any(d.action == "complete" for d in decisions(settings, ROLLOUT)),
+            60,
+            "the rollout's decisions after the poison snapshot",
+            lambda: (
+                worker.log()[-2000:]
+                + f"\ndecisions: {[(d.seq, d.action, d.reason) for d in decisions(settings, ROLLOUT)]}"
+            ),
+        )
     finally:
         worker.stop()

@@ -50,9 +50,22 @@ USERS = [f"user-{i}" for i in range(400)]
 
 
 def trace(n: int, user: str, rollout: str) -> TraceEvent:
-    return TraceEvent(event_id=f"o-{n}", ts=int(time.time() * 1000) - 1000, rollout_id=rollout, variant="control",
-                      user_id=user, session_id="s", trace_id=f"ot-{n}", prompt_version="p1", model_version="m1",
-                      latency_ms=100.0, input_tokens=1, output_tokens=1, cost_usd=0.0, cache_hit=False)
+    return TraceEvent(
+        event_id=f"o-{n}",
+        ts=int(time.time() * 1000) - 1000,
+        rollout_id=rollout,
+        variant="control",
+        user_id=user,
+        session_id="s",
+        trace_id=f"ot-{n}",
+        prompt_version="p1",
+        model_version="m1",
+        latency_ms=100.0,
+        input_tokens=1,
+        output_tokens=1,
+        cost_usd=0.0,
+        cache_hit=False,
+    )
 
 
 def candidates(flags: FlagClient, rollout: str) -> list[str]:
@@ -65,8 +78,14 @@ def test_broker_gone_for_ten_seconds(tmp_path):
     proxy.restore()
     unique = uuid.uuid4().hex[:8]
     (tmp_path / "state").mkdir()
-    settings = Settings(broker=proxy.bootstrap, topic_prefix=f"outage{unique}", app_id=f"outage-{unique}",
-                        state_dir=str(tmp_path / "state"), data_dir=str(tmp_path / "data"), sink_datasets="")
+    settings = Settings(
+        broker=proxy.bootstrap,
+        topic_prefix=f"outage{unique}",
+        app_id=f"outage-{unique}",
+        state_dir=str(tmp_path / "state"),
+        data_dir=str(tmp_path / "data"),
+        sink_datasets="",
+    )
     worker = None
     hold = FlagClient(settings=settings, stale_policy="hold", max_staleness_s=1.0)
     control = FlagClient(settings=settings, stale_policy="control", max_staleness_s=1.0)
@@ -123,8 +142,18 @@ def test_broker_gone_for_ten_seconds(tmp_path):
             beat.cancel()
             await big.stop()
             await small.stop()
-            return dict(big=big.stats, small=small.stats, calls=calls, small_calls=small_calls, results=results,
-                        ticks=ticks_during, stale=stale, served=served, alive=alive, pre_outage=pre_outage)
+            return dict(
+                big=big.stats,
+                small=small.stats,
+                calls=calls,
+                small_calls=small_calls,
+                results=results,
+                ticks=ticks_during,
+                stale=stale,
+                served=served,
+                alive=alive,
+                pre_outage=pre_outage,
+            )
 
         out = asyncio.run(app())
         # The Emitter never blocked nor raised: every call returned a bool while the loop kept running.
@@ -139,8 +168,9 @@ def test_broker_gone_for_ten_seconds(tmp_path):
         assert out["alive"]
 
         # Back: what was buffered reaches the topic, exactly once.
-        delivered = asyncio.run(read_topic(settings.broker, settings.topic("traces"),
-                                           until_count=big.queued + small.queued, timeout_s=30))
+        delivered = asyncio.run(
+            read_topic(settings.broker, settings.topic("traces"), until_count=big.queued + small.queued, timeout_s=30)
+        )
         ids = [msgspec.json.decode(r.value, type=TraceEvent).event_id for r in delivered]
         emitted_after = {f"o-{n}" for n in range(1000, 1000 + out["calls"])}
         assert emitted_after <= set(ids) and len(ids) == len(set(ids)) == big.queued + small.queued
@@ -160,8 +190,9 @@ def test_broker_gone_for_ten_seconds(tmp_path):
         while counted() < big.queued:
             assert worker.alive(), worker.log()[-3000:]
             if time.monotonic() > deadline:
-                raise AssertionError(f"worker counted {counted()} of {big.queued} after the broker came back: "
-                                     + worker.log()[-3000:])
+                raise AssertionError(
+                    f"worker counted {counted()} of {big.queued} after the broker came back: " + worker.log()[-3000:]
+                )
             time.sleep(1)
         assert counted() == big.queued  # each exactly once, the 50 from before the outage included
         after_plan = walk_plan("after-outage")

@@ -48,17 +48,35 @@ def raw(event: TraceEvent) -> tuple[str, bytes, bytes]:
 
 def shadow_pair(n: int) -> tuple[str, bytes, bytes]:
     side = {"latency_ms": 10.0, "model_version": "m", "prompt_version": "p", "response_text": "hello"}
-    value = msgspec.json.encode({"event_id": f"sp-{n}", "ts": int(time.time() * 1000), "rollout_id": UNKNOWN,
-                                 "user_id": f"u{n}", "request_id": f"q{n}", "prompt_text": "say hello",
-                                 "control": side, "candidate": side})
+    value = msgspec.json.encode(
+        {
+            "event_id": f"sp-{n}",
+            "ts": int(time.time() * 1000),
+            "rollout_id": UNKNOWN,
+            "user_id": f"u{n}",
+            "request_id": f"q{n}",
+            "prompt_text": "say hello",
+            "control": side,
+            "candidate": side,
+        }
+    )
     return ("shadow", f"u{n}".encode(), value)
 
 
 def test_edge_cases_are_handled_as_documented_and_no_secret_leaks(broker, tmp_path):
     settings = fresh_settings(
-        broker, tmp_path, "edge", sink_datasets="traces,shadow,dlq", log_level="debug",
-        anthropic_api_key=API_KEY, anthropic_base_url=f"http://127.0.0.1:{free_port()}", judge_max_retries=0,
-        judge_timeout_s=2.0, kafka_sasl_username="svc-fault", kafka_sasl_password=PASSWORD)
+        broker,
+        tmp_path,
+        "edge",
+        sink_datasets="traces,shadow,dlq",
+        log_level="debug",
+        anthropic_api_key=API_KEY,
+        anthropic_base_url=f"http://127.0.0.1:{free_port()}",
+        judge_max_retries=0,
+        judge_timeout_s=2.0,
+        kafka_sasl_username="svc-fault",
+        kafka_sasl_password=PASSWORD,
+    )
     worker = WorkerProcess(settings, tmp_path / "worker.log").start()
     try:
         now = int(time.time() * 1000)
@@ -72,8 +90,11 @@ def test_edge_cases_are_handled_as_documented_and_no_secret_leaks(broker, tmp_pa
         where = dict(zip(["huge", "future", "ancient"], positions[20:23]))
 
         def outcome_letters() -> dict:
-            found = {(r.topic, r.partition, r.offset): r for r in dead_letters(settings, timeout_s=5)
-                     if r.agent == "outcomes"}
+            found = {
+                (r.topic, r.partition, r.offset): r
+                for r in dead_letters(settings, timeout_s=5)
+                if r.agent == "outcomes"
+            }
             return found if all(p in found for p in where.values()) else {}
 
         found = wait_until(outcome_letters, 90, "the outcomes agent's dead letters", worker.log)
@@ -103,8 +124,10 @@ def test_edge_cases_are_handled_as_documented_and_no_secret_leaks(broker, tmp_pa
     # No secret anywhere we write.
     log = worker.log().encode()
     assert len(log) > 10_000 and b"DEBUG" in log  # a debug run really happened
-    dlq = b"".join((r.value or b"") + (r.key or b"") for r in asyncio.run(
-        read_topic(settings.broker, settings.topic("dlq"), timeout_s=5)))
+    dlq = b"".join(
+        (r.value or b"") + (r.key or b"")
+        for r in asyncio.run(read_topic(settings.broker, settings.topic("dlq"), timeout_s=5))
+    )
     decoded = b"".join(base64.b64decode(r.value_b64) for r in dead_letters(settings, timeout_s=5))
     parquet = [path for path in Path(settings.data_dir).rglob("*") if path.is_file()]
     assert any(p.suffix == ".parquet" for p in parquet)
@@ -115,18 +138,29 @@ def test_edge_cases_are_handled_as_documented_and_no_secret_leaks(broker, tmp_pa
             assert secret not in path.read_bytes(), f"a secret in {path}"
 
 
-@pytest.mark.parametrize("bad", [
-    {"SAFESWAP_PARTITIONS": "four"},
-    {"SAFESWAP_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "SAFESWAP_KAFKA_SASL_MECHANISM": "ROT13"},
-    {"SAFESWAP_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "SAFESWAP_KAFKA_SASL_USERNAME": ""},
-    {"SAFESWAP_KAFKA_SECURITY_PROTOCOL": "PLAINTEXTISH"},
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"SAFESWAP_PARTITIONS": "four"},
+        {"SAFESWAP_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "SAFESWAP_KAFKA_SASL_MECHANISM": "ROT13"},
+        {"SAFESWAP_KAFKA_SECURITY_PROTOCOL": "SASL_PLAINTEXT", "SAFESWAP_KAFKA_SASL_USERNAME": ""},
+        {"SAFESWAP_KAFKA_SECURITY_PROTOCOL": "PLAINTEXTISH"},
+    ],
+)
 def test_cli_errors_for_bad_settings_do_not_echo_secrets(tmp_path, bad):
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAFESWAP_")}
-    env.update({"ANTHROPIC_API_KEY": API_KEY, "SAFESWAP_KAFKA_SASL_PASSWORD": PASSWORD,
-                "SAFESWAP_KAFKA_SASL_USERNAME": "svc-fault", "SAFESWAP_BROKER": f"127.0.0.1:{free_port()}", **bad})
-    run = subprocess.run([sys.executable, "-m", "safeswap", "topics", "create"], capture_output=True, env=env,
-                         cwd=tmp_path, timeout=120)
+    env.update(
+        {
+            "ANTHROPIC_API_KEY": API_KEY,
+            "SAFESWAP_KAFKA_SASL_PASSWORD": PASSWORD,
+            "SAFESWAP_KAFKA_SASL_USERNAME": "svc-fault",
+            "SAFESWAP_BROKER": f"127.0.0.1:{free_port()}",
+            **bad,
+        }
+    )
+    run = subprocess.run(
+        [sys.executable, "-m", "safeswap", "topics", "create"], capture_output=True, env=env, cwd=tmp_path, timeout=120
+    )
     output = run.stdout + run.stderr
     assert run.returncode != 0 or b"rror" in output, output[-2000:]  # it did refuse
     for secret in SECRETS:

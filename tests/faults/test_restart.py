@@ -41,8 +41,14 @@ from tests.outcomes.test_streaming import (
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
-WORKER = dict(checkpoint_every_events=150, checkpoint_interval_s=600.0, sink_datasets="traces,feedback,outcomes",
-              sink_max_rows=200, sink_max_age_s=600.0, sink_idle_s=600.0)
+WORKER = dict(
+    checkpoint_every_events=150,
+    checkpoint_interval_s=600.0,
+    sink_datasets="traces,feedback,outcomes",
+    sink_max_rows=200,
+    sink_max_age_s=600.0,
+    sink_idle_s=600.0,
+)
 
 
 async def reported_and_true_ends(settings) -> list[tuple[int, int]]:
@@ -61,7 +67,7 @@ def test_restarts_after_batched_produces_neither_double_nor_drop(broker, tmp_pat
     events = simulated_events(seed=17, users=400, text_len=40)
     lines = jsonl(events)
     third = len(lines) // 3
-    chunks = [lines[:third], lines[third:2 * third], lines[2 * third:]]
+    chunks = [lines[:third], lines[third : 2 * third], lines[2 * third :]]
     tail_events = rollout_tail(4, events[-1].ts, ROLLOUT)
     settings = fresh_settings(broker, tmp_path, "restart").replace(**WORKER)
     started: list[WorkerProcess] = []
@@ -109,15 +115,17 @@ def test_restarts_after_batched_produces_neither_double_nor_drop(broker, tmp_pat
 
     produced = {
         "traces": {e.event_id for e in events + tail_events if e.rollout_id == ROLLOUT and hasattr(e, "latency_ms")},
-        "feedback": {e.event_id for e in events + tail_events
-                     if e.rollout_id == ROLLOUT and not hasattr(e, "latency_ms")},
+        "feedback": {
+            e.event_id for e in events + tail_events if e.rollout_id == ROLLOUT and not hasattr(e, "latency_ms")
+        },
     }
     for dataset, ids in produced.items():
         frame = sinks.scan(dataset, settings.data_dir).filter(pl.col("rollout_id") == ROLLOUT).collect()
         assert frame.height == len(ids) and set(frame["event_id"]) == ids, (dataset, frame.height, len(ids))
     outcomes = sinks.scan("outcomes", settings.data_dir).filter(pl.col("rollout_id") == ROLLOUT).collect()
-    assert set(outcomes["trace_id"]) == {e.trace_id for e in events + tail_events
-                                         if e.rollout_id == ROLLOUT and hasattr(e, "latency_ms")}
+    assert set(outcomes["trace_id"]) == {
+        e.trace_id for e in events + tail_events if e.rollout_id == ROLLOUT and hasattr(e, "latency_ms")
+    }
     # At least once after the SIGKILL: a repeated record is the very same record.
     distinct = outcomes.drop("kafka_partition", "kafka_offset", strict=False).unique()
     assert distinct["event_id"].n_unique() == distinct.height

@@ -28,8 +28,16 @@ from safeswap.rollouts import start_rollout
 from streams.process import WorkerProcess
 from tests.faults.helpers import by_seq, decisions, fresh_settings, wait_until, walk_plan
 from tests.outcomes.helpers import assert_same_metrics, simulated_events
-from tests.outcomes.test_streaming import (ROLLOUT, end_offsets, expected, jsonl, latest_snapshots, rollout_tail,
-                                           produce_lines, wait_until_covered)
+from tests.outcomes.test_streaming import (
+    ROLLOUT,
+    end_offsets,
+    expected,
+    jsonl,
+    latest_snapshots,
+    produce_lines,
+    rollout_tail,
+    wait_until_covered,
+)
 
 # Once flaky (Faust resumed a partition past the checkpoint's offsets); the outcomes
 # agent now has its own consumer and seeks to the checkpoint itself (agents/outcomes.py).
@@ -37,8 +45,14 @@ pytestmark = [pytest.mark.faults, pytest.mark.integration]
 
 SEED = 20261126
 KILLS = 3
-WORKER = dict(checkpoint_every_events=150, checkpoint_interval_s=600.0, sink_datasets="traces,feedback,decisions",
-              sink_max_rows=200, sink_max_age_s=600.0, sink_idle_s=600.0)
+WORKER = dict(
+    checkpoint_every_events=150,
+    checkpoint_interval_s=600.0,
+    sink_datasets="traces,feedback,decisions",
+    sink_max_rows=200,
+    sink_max_age_s=600.0,
+    sink_idle_s=600.0,
+)
 
 
 def split_points(n: int, rng: random.Random) -> list[int]:
@@ -85,7 +99,7 @@ def test_three_sigkills_change_nothing(broker, tmp_path):
                 break
             ends = asyncio.run(end_offsets(victim))
 
-            def caught_up():
+            def caught_up(ends=ends):
                 seen = asyncio.run(latest_snapshots(victim, ROLLOUT))
                 return all(p in seen and seen[p].seq >= ends[p] for p in ends if ends[p])
 
@@ -118,8 +132,12 @@ def test_three_sigkills_change_nothing(broker, tmp_path):
             process.stop()  # SIGINT: the sinks flush what they hold
 
     # Parquet: every produced trace and feedback exactly once.
-    produced = {"traces": {e.event_id for e in events + tail_events if e.rollout_id == ROLLOUT and hasattr(e, "latency_ms")},
-                "feedback": {e.event_id for e in events + tail_events if e.rollout_id == ROLLOUT and not hasattr(e, "latency_ms")}}
+    produced = {
+        "traces": {e.event_id for e in events + tail_events if e.rollout_id == ROLLOUT and hasattr(e, "latency_ms")},
+        "feedback": {
+            e.event_id for e in events + tail_events if e.rollout_id == ROLLOUT and not hasattr(e, "latency_ms")
+        },
+    }
     for dataset, ids in produced.items():
         frame = sinks.scan(dataset, victim.data_dir).filter(pl.col("rollout_id") == ROLLOUT).collect()
         assert frame.height == len(ids), (dataset, frame.height, len(ids))

@@ -40,6 +40,7 @@ def test_rollback_reaches_every_client_async_and_background(settings):
                 def on_change(decision):
                     if decision.action == "rollback":
                         switched_at[index] = time.perf_counter()
+
                 return on_change
 
             for index, flags in enumerate(clients):

@@ -89,8 +89,14 @@ def test_undecodable_and_invalid_decisions_are_counted_and_the_state_is_kept():
     flags = client()
     flags.apply(raw(1, "start", 10))
     good = candidates(flags)
-    for bad in (b"{not json", b'{"rollout_id": "r"}', b"[]", raw(2, "promote", 150), raw(3, "promote", -1),
-                b'{"rollout_id":"r","seq":5,"percent":"x"}'):
+    for bad in (
+        b"{not json",
+        b'{"rollout_id": "r"}',
+        b"[]",
+        raw(2, "promote", 150),
+        raw(3, "promote", -1),
+        b'{"rollout_id":"r","seq":5,"percent":"x"}',
+    ):
         assert flags.apply(bad) is None
     assert flags.decode_errors == 6 and flags.last_error
     assert flags.decision("r").seq == 1 and candidates(flags) == good

@@ -49,8 +49,11 @@ def test_resolves_rollout_id_to_variant_with_reason_and_metadata(openfeature_api
     assert (meta["stage"], meta["percent"], meta["seq"], meta["action"]) == ("ramp", 30.0, 3, "promote")
 
     details = client.get_string_details("r", "control", ctx(ctrl))
-    assert (details.value, details.reason, details.flag_metadata["model"]) == ("control", Reason.SPLIT,
-                                                                              "claude-sonnet-4")
+    assert (details.value, details.reason, details.flag_metadata["model"]) == (
+        "control",
+        Reason.SPLIT,
+        "claude-sonnet-4",
+    )
     # Every user's OpenFeature answer is the FlagClient's.
     assert all(client.get_string_value("r", "control", ctx(u)) == flags.variant("r", u) for u in USERS[:500])
     assert client.get_boolean_value("r", False, ctx(cand)) is True
@@ -67,8 +70,11 @@ def test_unknown_rollout_missing_user_rollback_and_type_mismatch(openfeature_api
 
     flags.apply(raw(1, "promote", 50))
     missing = client.get_string_details("r", "control", ctx(None))
-    assert (missing.value, missing.reason, missing.error_code) == ("control", Reason.ERROR,
-                                                                  ErrorCode.TARGETING_KEY_MISSING)
+    assert (missing.value, missing.reason, missing.error_code) == (
+        "control",
+        Reason.ERROR,
+        ErrorCode.TARGETING_KEY_MISSING,
+    )
 
     flags.apply(raw(2, "rollback", 0, control=CONTROL, candidate=CANDIDATE))
     after = [client.get_string_details("r", "control", ctx(u)) for u in USERS[:300]]
@@ -85,8 +91,9 @@ def test_unknown_rollout_missing_user_rollback_and_type_mismatch(openfeature_api
 @pytest.mark.parametrize("policy,expected", [("hold", "candidate"), ("control", "control")])
 def test_stale_state_is_reported_with_reason_stale(openfeature_api, policy, expected):
     now = [100.0]
-    flags = FlagClient(settings=Settings(broker="unused:1"), stale_policy=policy, max_staleness_s=10,
-                       clock=lambda: now[0])
+    flags = FlagClient(
+        settings=Settings(broker="unused:1"), stale_policy=policy, max_staleness_s=10, clock=lambda: now[0]
+    )
     flags.apply(raw(1, "complete", 100))
     flags.mark_fresh()
     openfeature_api.set_provider_and_wait(SafeswapProvider(flags))

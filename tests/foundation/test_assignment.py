@@ -47,7 +47,7 @@ def test_identical_buckets_in_a_subprocess_with_another_hash_seed():
     for seed in ("1", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert eval(out.stdout) == here  # noqa: S307 - our own subprocess output
+        assert eval(out.stdout) == here
 
 
 def test_assign_names_the_variant():

@@ -15,8 +15,9 @@ import pytest
 def safeswap(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     full_env = dict(os.environ, **(env or {}))
     full_env.pop("SAFESWAP_BROKER", None) if env is None or "SAFESWAP_BROKER" not in env else None
-    return subprocess.run([sys.executable, "-m", "safeswap", *args], capture_output=True, text=True,
-                          env=full_env, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "safeswap", *args], capture_output=True, text=True, env=full_env, timeout=60
+    )
 
 
 def test_schema_export_writes_valid_json_schemas(tmp_path: Path):
@@ -63,8 +64,9 @@ def test_demo_on_ctrl_c_stops_the_worker_and_the_broker():
 
     env = dict(os.environ, COLUMNS="200")
     env.pop("SAFESWAP_BROKER", None)
-    demo = subprocess.Popen([sys.executable, "-m", "safeswap", "demo"], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=env)
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "safeswap", "demo"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     lines = []
     try:
         for line in demo.stdout:
@@ -115,8 +117,15 @@ def test_malformed_broker_names_the_value_and_where_it_came_from(broker):
         assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("variable, value", [("SAFESWAP_PARTITIONS", "0"), ("SAFESWAP_PARTITIONS", "-2"),
-                                             ("SAFESWAP_SNAPSHOT_INTERVAL_S", "0"), ("SAFESWAP_METRICS_PORT", "70000")])
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("SAFESWAP_PARTITIONS", "0"),
+        ("SAFESWAP_PARTITIONS", "-2"),
+        ("SAFESWAP_SNAPSHOT_INTERVAL_S", "0"),
+        ("SAFESWAP_METRICS_PORT", "70000"),
+    ],
+)
 def test_out_of_range_setting_is_refused_before_any_topic_is_made(variable, value):
     result = safeswap("topics", "create", env={**unreachable_broker_env(), variable: value})
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
+
 import msgspec
-import pytest
 
 from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
@@ -14,14 +14,28 @@ from streams.broker import free_port
 from streams.settings import Settings
 from tests.kafka_helpers import produce, read_topic
 
-TRACE = dict(event_id="e1", ts=1793611000000, rollout_id="r", variant="control", user_id="u1", session_id="s",
-             trace_id="t1", prompt_version="v1", model_version="m", latency_ms=10, input_tokens=1,
-             output_tokens=1, cost_usd=0.0, cache_hit=False)
+TRACE = dict(
+    event_id="e1",
+    ts=1793611000000,
+    rollout_id="r",
+    variant="control",
+    user_id="u1",
+    session_id="s",
+    trace_id="t1",
+    prompt_version="v1",
+    model_version="m",
+    latency_ms=10,
+    input_tokens=1,
+    output_tokens=1,
+    cost_usd=0.0,
+    cache_hit=False,
+)
 
 
 def decision(seq: int, action: str = "start", percent: float = 50.0) -> Decision:
-    return Decision(rollout_id="r", seq=seq, ts=seq, action=action, stage="canary", percent=percent,
-                    salt="r", reason="test")
+    return Decision(
+        rollout_id="r", seq=seq, ts=seq, action=action, stage="canary", percent=percent, salt="r", reason="test"
+    )
 
 
 def test_emitter_with_unreachable_broker_never_blocks_and_counts_drops():

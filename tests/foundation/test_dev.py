@@ -18,8 +18,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _safeswap(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "safeswap", *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "safeswap", *args], env=env, capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def test_dev_runs_broker_topics_and_worker_prints_the_address_and_stops_on_ctrl_c(tmp_path):
@@ -28,8 +29,14 @@ def test_dev_runs_broker_topics_and_worker_prints_the_address_and_stops_on_ctrl_
     env.update(SAFESWAP_DATA_DIR=str(tmp_path / "data"), SAFESWAP_STATE_DIR=str(tmp_path / "state"))
     out = tmp_path / "dev.out"
     with open(out, "w") as sink:
-        dev = subprocess.Popen([sys.executable, "-m", "safeswap", "dev", "--port", str(port)], env=env, cwd=REPO,
-                               stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        dev = subprocess.Popen(
+            [sys.executable, "-m", "safeswap", "dev", "--port", str(port)],
+            env=env,
+            cwd=REPO,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline = time.monotonic() + 90
         while f"export SAFESWAP_BROKER=127.0.0.1:{port}" not in out.read_text():

@@ -34,11 +34,25 @@ def test_librdkafka_with_the_readme_settings_produces_where_safeswap_partitions(
     users = [f"user-{i}" for i in range(200)]
     errors: list = []
     for i, user in enumerate(users):
-        event = {"type": "trace", "event_id": f"ev-{i}", "ts": "2026-11-02T09:16:40Z", "rollout_id": "r1",
-                 "variant": "control", "user_id": user, "session_id": f"{user}/1", "trace_id": f"tr-{i}",
-                 "prompt_version": "p1", "model_version": "m1", "latency_ms": 800.0}
-        producer.produce(settings.topic("traces"), key=user.encode(), value=json.dumps(event).encode(),
-                         on_delivery=lambda err, msg: errors.append(err) if err else None)
+        event = {
+            "type": "trace",
+            "event_id": f"ev-{i}",
+            "ts": "2026-11-02T09:16:40Z",
+            "rollout_id": "r1",
+            "variant": "control",
+            "user_id": user,
+            "session_id": f"{user}/1",
+            "trace_id": f"tr-{i}",
+            "prompt_version": "p1",
+            "model_version": "m1",
+            "latency_ms": 800.0,
+        }
+        producer.produce(
+            settings.topic("traces"),
+            key=user.encode(),
+            value=json.dumps(event).encode(),
+            on_delivery=lambda err, msg: errors.append(err) if err else None,
+        )
     assert producer.flush(30) == 0 and errors == []
     assert confluent_kafka.libversion()[1] >= 0x02100000  # librdkafka 2.16 or later, as the README says
     records = asyncio.run(read_topic(broker, settings.topic("traces"), until_count=len(users)))

@@ -33,8 +33,11 @@ def test_a_child_that_ignores_sigint_is_killed_and_reaped():
 
 
 def test_a_child_that_honours_sigint_is_not_killed():
-    child = subprocess.Popen([sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(600)"],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import time; print('ready', flush=True); time.sleep(600)"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert child.stdout.readline().strip() == "ready"
         stop_process(child, timeout_s=30)

@@ -13,15 +13,18 @@ from streams.resume import LogProbe, log_ends, probe_logs, reached_end, record_m
 MARK = record_mark(1_000, b"the record")
 
 
-@pytest.mark.parametrize(("probe", "same", "says"), [
-    (LogProbe(7, MARK, 20), True, "is the one"),
-    (LogProbe(7, record_mark(1_000, b"another record"), 20), False, "not the one"),
-    (LogProbe(7, record_mark(2_000, b"the record"), 20), False, "not the one"),
-    (LogProbe(0, record_mark(5, b"x"), 3), False, "came back at offset 0"),  # a real Kafka's reset to the start
-    (LogProbe(None, None, 3), False, "ends at offset 3"),  # Tansu: nothing there, the log is shorter
-    (LogProbe(12, record_mark(5, b"x"), 20), True, "no longer in the log"),  # retention or compaction
-    (LogProbe(None, None, None), True, "nothing to read"),  # no answer: trust the offsets
-])
+@pytest.mark.parametrize(
+    ("probe", "same", "says"),
+    [
+        (LogProbe(7, MARK, 20), True, "is the one"),
+        (LogProbe(7, record_mark(1_000, b"another record"), 20), False, "not the one"),
+        (LogProbe(7, record_mark(2_000, b"the record"), 20), False, "not the one"),
+        (LogProbe(0, record_mark(5, b"x"), 3), False, "came back at offset 0"),  # a real Kafka's reset to the start
+        (LogProbe(None, None, 3), False, "ends at offset 3"),  # Tansu: nothing there, the log is shorter
+        (LogProbe(12, record_mark(5, b"x"), 20), True, "no longer in the log"),  # retention or compaction
+        (LogProbe(None, None, None), True, "nothing to read"),  # no answer: trust the offsets
+    ],
+)
 def test_same_log_verdicts(probe, same, says):
     verdict, evidence = same_log(7, MARK, probe)
     assert verdict is same and says in evidence
@@ -67,8 +70,11 @@ async def _scenario(bootstrap: str) -> dict:
     finally:
         await consumer.stop()
     client = {"bootstrap_servers": bootstrap}
-    return {"reported": reported, "true": await log_ends(client, [a0, a1, b0]),
-            "probes": await probe_logs(client, {a0: 3, a1: 3, b0: 3}, timeout_s=5)}
+    return {
+        "reported": reported,
+        "true": await log_ends(client, [a0, a1, b0]),
+        "probes": await probe_logs(client, {a0: 3, a1: 3, b0: 3}, timeout_s=5),
+    }
 
 
 def test_probes_read_the_log_not_the_reported_end(broker):

@@ -8,9 +8,20 @@ from schemas import FeedbackEvent, InvalidEvent, RolloutPlan, TraceEvent, conver
 
 def trace_fields(**overrides):
     fields = dict(
-        event_id="e1", ts="2026-11-02T09:16:40Z", rollout_id="r1", variant="candidate", user_id="u1",
-        session_id="s1", trace_id="t1", prompt_version="v41", model_version="claude-sonnet-4-6-20260301",
-        latency_ms=812.5, input_tokens=300, output_tokens=120, cost_usd=0.0021, cache_hit=False,
+        event_id="e1",
+        ts="2026-11-02T09:16:40Z",
+        rollout_id="r1",
+        variant="candidate",
+        user_id="u1",
+        session_id="s1",
+        trace_id="t1",
+        prompt_version="v41",
+        model_version="claude-sonnet-4-6-20260301",
+        latency_ms=812.5,
+        input_tokens=300,
+        output_tokens=120,
+        cost_usd=0.0021,
+        cache_hit=False,
     )
     fields.update(overrides)
     return fields
@@ -79,12 +90,28 @@ def test_json_schemas_cover_every_event_type_and_validate_an_event():
         jsonschema.validate({**wire, "variant": "treatment"}, schemas["trace"])
 
 
-TS_SAMPLES = ["2026-11-02T09:16:40Z", "2026-11-02T09:16:40.123Z", "2026-11-02T09:16:40+01:00",
-              "2026-11-02t09:16:40z", "2026-11-02 09:16:40Z", "2026-11-02T09:16:40.123456789Z",
-              "2026-11-02T09:16:40+0100", "2026-11-02T09:16:40-00:00",  # accepted by both
-              "2026-11-02T09:16:40", "2026-11-02", "2026-11-02T09:16Z", "2026-13-02T09:16:40Z",
-              "20261102T091640Z", "2026-11-02T24:00:00Z", "yesterday", "",  # refused by both
-              1_796_000_000_000, 0, -1, 1.5]
+TS_SAMPLES = [
+    "2026-11-02T09:16:40Z",
+    "2026-11-02T09:16:40.123Z",
+    "2026-11-02T09:16:40+01:00",
+    "2026-11-02t09:16:40z",
+    "2026-11-02 09:16:40Z",
+    "2026-11-02T09:16:40.123456789Z",
+    "2026-11-02T09:16:40+0100",
+    "2026-11-02T09:16:40-00:00",  # accepted by both
+    "2026-11-02T09:16:40",
+    "2026-11-02",
+    "2026-11-02T09:16Z",
+    "2026-13-02T09:16:40Z",
+    "20261102T091640Z",
+    "2026-11-02T24:00:00Z",
+    "yesterday",
+    "",  # refused by both
+    1_796_000_000_000,
+    0,
+    -1,
+    1.5,
+]
 
 
 @pytest.mark.parametrize("ts", TS_SAMPLES)

@@ -17,7 +17,10 @@ def test_topics_are_created_once_with_partitions_and_compaction(settings):
         try:
             described = await admin.describe_topics([settings.topic(spec.name) for spec in TOPICS])
             configs = await admin.describe_configs(
-                [ConfigResource(ConfigResourceType.TOPIC, settings.topic(name)) for name in ("decisions", "plans", "traces")]
+                [
+                    ConfigResource(ConfigResourceType.TOPIC, settings.topic(name))
+                    for name in ("decisions", "plans", "traces")
+                ]
             )
         finally:
             await admin.close()
@@ -43,12 +46,15 @@ def test_creation_errors_name_topic_and_kafka_error_but_not_already_exists():
 
     from streams.topics import creation_errors
 
-    response = CreateTopicsResponse_v2(throttle_time_ms=0, topic_errors=[
-        ("p.traces", 0, None),
-        ("p.plans", 36, "Topic 'p.plans' already exists."),  # another process won the race
-        ("p.decisions", 38, "Replication factor: 3 larger than available brokers: 1."),
-        ("p.status", 29, None),
-    ])
+    response = CreateTopicsResponse_v2(
+        throttle_time_ms=0,
+        topic_errors=[
+            ("p.traces", 0, None),
+            ("p.plans", 36, "Topic 'p.plans' already exists."),  # another process won the race
+            ("p.decisions", 38, "Replication factor: 3 larger than available brokers: 1."),
+            ("p.status", 29, None),
+        ],
+    )
     assert creation_errors(response.topic_errors) == [
         "p.decisions: InvalidReplicationFactorError (Replication factor: 3 larger than available brokers: 1.)",
         "p.status: TopicAuthorizationFailedError",
@@ -64,10 +70,11 @@ def test_drift_warnings_for_partitions_and_compaction():
     from streams.topics import drift_warnings
 
     settings = Settings(topic_prefix="p", partitions=4)
-    warnings = drift_warnings(settings,
-                              partitions={"p.traces": 4, "p.decisions": 2, "p.stats": 4},
-                              policies={"p.decisions": "compact", "p.plans": None, "p.status": "delete",
-                                        "p.checkpoints": "compact,delete"})
+    warnings = drift_warnings(
+        settings,
+        partitions={"p.traces": 4, "p.decisions": 2, "p.stats": 4},
+        policies={"p.decisions": "compact", "p.plans": None, "p.status": "delete", "p.checkpoints": "compact,delete"},
+    )
     assert len(warnings) == 3  # in registry order: plans, decisions, status
     assert "p.plans is not compacted (cleanup.policy=delete)" in warnings[0]
     assert "p.decisions has 2 partitions" in warnings[1] and "SAFESWAP_PARTITIONS is 4" in warnings[1]
@@ -90,8 +97,9 @@ def test_existing_topics_that_differ_are_warned_about_once_each(broker, caplog):
         admin = AIOKafkaAdminClient(bootstrap_servers=broker)
         await admin.start()
         try:
-            await admin.create_topics([NewTopic(settings.topic("decisions"), 2, 1),
-                                       NewTopic(settings.topic("traces"), 4, 1)])
+            await admin.create_topics(
+                [NewTopic(settings.topic("decisions"), 2, 1), NewTopic(settings.topic("traces"), 4, 1)]
+            )
         finally:
             await admin.close()
         with caplog.at_level(logging.WARNING, logger="streams.topics"):

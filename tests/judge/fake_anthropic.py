@@ -36,8 +36,9 @@ from safeswap.judge_sim import between as _between
 class FakeAnthropic(MessagesEndpoint):
     """The scripted judge on the package's endpoint plumbing (safeswap.judge_sim)."""
 
-    def __init__(self, delay_s: float = 0.0, hang_s: float = 5.0, input_tokens: int | None = 1000,
-                 output_tokens: int = 50):
+    def __init__(
+        self, delay_s: float = 0.0, hang_s: float = 5.0, input_tokens: int | None = 1000, output_tokens: int = 50
+    ):
         super().__init__(record=True)
         self.delay_s = delay_s
         self.hang_s = hang_s
@@ -90,21 +91,49 @@ class FakeAnthropic(MessagesEndpoint):
 
 def _error(status: int, headers: dict[str, str] | None = None) -> web.Response:
     kind = {429: "rate_limit_error", 529: "overloaded_error"}[status]
-    return web.json_response({"type": "error", "error": {"type": kind, "message": kind}}, status=status,
-                             headers=headers if headers is not None else {"retry-after-ms": "5", "retry-after": "0"})
+    return web.json_response(
+        {"type": "error", "error": {"type": kind, "message": kind}},
+        status=status,
+        headers=headers if headers is not None else {"retry-after-ms": "5", "retry-after": "0"},
+    )
 
 
-def pair_fields(index: int, *, control: str = "control answer", candidate: str = "candidate answer GOOD",
-                rollout_id: str = "r1", prompt: str = "question", expects_json: bool = False,
-                control_error: str = "none", candidate_error: str = "none", **extra) -> dict[str, Any]:
+def pair_fields(
+    index: int,
+    *,
+    control: str = "control answer",
+    candidate: str = "candidate answer GOOD",
+    rollout_id: str = "r1",
+    prompt: str = "question",
+    expects_json: bool = False,
+    control_error: str = "none",
+    candidate_error: str = "none",
+    **extra,
+) -> dict[str, Any]:
     def side(text, error, model):
-        return {"response_text": text, "latency_ms": 100.0 + index, "cost_usd": 0.001, "input_tokens": 10,
-                "output_tokens": 20, "error": error, "model_version": model, "prompt_version": "v1"}
+        return {
+            "response_text": text,
+            "latency_ms": 100.0 + index,
+            "cost_usd": 0.001,
+            "input_tokens": 10,
+            "output_tokens": 20,
+            "error": error,
+            "model_version": model,
+            "prompt_version": "v1",
+        }
 
-    return {"event_id": f"pair-{index}", "ts": 1_767_225_600_000 + index * 1000, "rollout_id": rollout_id,
-            "user_id": f"u{index}", "request_id": f"q{index}", "prompt_text": f"{prompt} {index}",
-            "expects_json": expects_json, "control": side(control, control_error, "m-control"),
-            "candidate": side(candidate, candidate_error, "m-candidate"), **extra}
+    return {
+        "event_id": f"pair-{index}",
+        "ts": 1_767_225_600_000 + index * 1000,
+        "rollout_id": rollout_id,
+        "user_id": f"u{index}",
+        "request_id": f"q{index}",
+        "prompt_text": f"{prompt} {index}",
+        "expects_json": expects_json,
+        "control": side(control, control_error, "m-control"),
+        "candidate": side(candidate, candidate_error, "m-candidate"),
+        **extra,
+    }
 
 
 def answers_in_order(request: dict[str, Any]) -> tuple[str, str]:

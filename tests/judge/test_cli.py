@@ -64,15 +64,23 @@ def test_scores_with_a_threshold_and_one_sided_cases_are_reported_not_guessed(tm
     assert out["only_in_baseline"] == ["only-base"] and out["only_in_candidate"] == ["only-cand"]
 
 
-@pytest.mark.parametrize("line,reason", [
-    ("not json", "not JSON"), ('{"passed": true}', "case_id"), ('{"case_id": "x"}', "passed"),
-    ('{"case_id": "b", "passed": "yes"}', "true or false"), ('{"case_id": "a", "passed": true}', "duplicate"),
-])
+@pytest.mark.parametrize(
+    "line,reason",
+    [
+        ("not json", "not JSON"),
+        ('{"passed": true}', "case_id"),
+        ('{"case_id": "x"}', "passed"),
+        ('{"case_id": "b", "passed": "yes"}', "true or false"),
+        ('{"case_id": "a", "passed": true}', "duplicate"),
+    ],
+)
 def test_unusable_input_exits_2_naming_file_line_and_reason(tmp_path, line, reason):
     result = eval_gate(tmp_path, ['{"case_id": "a", "passed": true}', line], cases({"a": True}), "--stakes", "high")
     assert result.exit_code == 2 and "base.jsonl:2" in result.output and reason in result.output
-    missing = runner.invoke(app, ["eval-gate", "--baseline", str(tmp_path / "nope"), "--candidate",
-                                  str(tmp_path / "nope"), "--stakes", "high"])
+    missing = runner.invoke(
+        app,
+        ["eval-gate", "--baseline", str(tmp_path / "nope"), "--candidate", str(tmp_path / "nope"), "--stakes", "high"],
+    )
     assert missing.exit_code == 2 and "cannot read" in missing.output
 
 
@@ -86,19 +94,47 @@ def test_the_json_line_is_what_rollout_start_attaches_and_the_controller_accepts
 
 
 def test_safeswap_judge_on_a_file_against_a_fake_server(tmp_path):
-    rows = [pair_fields(1), pair_fields(2, control="GOOD ctl", candidate="meh"), pair_fields(3, prompt="[bias-A]"),
-            pair_fields(4, prompt="[malformed]")]
+    rows = [
+        pair_fields(1),
+        pair_fields(2, control="GOOD ctl", candidate="meh"),
+        pair_fields(3, prompt="[bias-A]"),
+        pair_fields(4, prompt="[malformed]"),
+    ]
     pairs = jsonl(tmp_path / "pairs.jsonl", rows + ['{"event_id": "broken"}'])
     with FakeAnthropic() as fake:
-        env = dict(os.environ, ANTHROPIC_API_KEY="test-key", ANTHROPIC_BASE_URL=fake.base_url,
-                   SAFESWAP_JUDGE_MODEL="claude-haiku-4-5-20251001", SAFESWAP_JUDGE_CONCURRENCY="2")
-        done = subprocess.run([sys.executable, "-m", "safeswap", "judge", str(pairs), "--json",
-                               "--out", str(tmp_path / "judgments.jsonl")],
-                              capture_output=True, text=True, env=env, timeout=60)
+        env = dict(
+            os.environ,
+            ANTHROPIC_API_KEY="test-key",
+            ANTHROPIC_BASE_URL=fake.base_url,
+            SAFESWAP_JUDGE_MODEL="claude-haiku-4-5-20251001",
+            SAFESWAP_JUDGE_CONCURRENCY="2",
+        )
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "safeswap",
+                "judge",
+                str(pairs),
+                "--json",
+                "--out",
+                str(tmp_path / "judgments.jsonl"),
+            ],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert {k: summary[k] for k in ("pairs", "judged", "candidate_wins", "control_wins", "ties", "errors")} == {
-        "pairs": 5, "judged": 3, "candidate_wins": 1, "control_wins": 1, "ties": 1, "errors": 2}
+        "pairs": 5,
+        "judged": 3,
+        "candidate_wins": 1,
+        "control_wins": 1,
+        "ties": 1,
+        "errors": 2,
+    }
     assert summary["cost_usd"] > 0 and summary["max_in_flight"] <= 2
     assert len(fake.requests) == 8  # 4 valid pairs x 2 orders
     assert "pairs.jsonl:5" in done.stderr and "test-key" not in done.stderr + done.stdout

@@ -31,8 +31,12 @@ def write(path: Path, rows: list) -> Path:
 
 @pytest.mark.parametrize("separator", SEPARATORS)
 def test_a_raw_line_separator_inside_a_json_string_stays_one_line(tmp_path, separator):
-    base = write(tmp_path / "b.jsonl", [{"case_id": f"a{separator}b", "passed": True}, {"case_id": "c", "passed": True}])
-    cand = write(tmp_path / "c.jsonl", [{"case_id": f"a{separator}b", "passed": True}, {"case_id": "c", "passed": True}])
+    base = write(
+        tmp_path / "b.jsonl", [{"case_id": f"a{separator}b", "passed": True}, {"case_id": "c", "passed": True}]
+    )
+    cand = write(
+        tmp_path / "c.jsonl", [{"case_id": f"a{separator}b", "passed": True}, {"case_id": "c", "passed": True}]
+    )
     assert separator in base.read_text(encoding="utf-8")  # written raw, not escaped
     result = eval_gate(base, cand, "--stakes", "high", "--json")
     assert result.exit_code == 0, result.output
@@ -49,10 +53,13 @@ def test_the_judge_reads_pairs_our_own_encoder_wrote_with_a_raw_u2028(tmp_path):
     assert problems == [] and [p.prompt_text for p in pairs] == ["first line\u2028second line 1", "question 2"]
 
 
-@pytest.mark.parametrize("content,reason", [
-    (b'{"case_id": "a", "passed": true}\n{"case_id": "b\xff\xfe", "passed": true}\n', "not UTF-8"),
-    (b'{"case_id": "a", "passed": true}\n' + b"[" * 100_000 + b"\n", "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "content,reason",
+    [
+        (b'{"case_id": "a", "passed": true}\n{"case_id": "b\xff\xfe", "passed": true}\n', "not UTF-8"),
+        (b'{"case_id": "a", "passed": true}\n' + b"[" * 100_000 + b"\n", "nested too deeply"),
+    ],
+)
 def test_bytes_that_are_not_utf8_or_nest_too_deep_exit_2_naming_the_line(tmp_path, content, reason):
     base = tmp_path / "base.jsonl"
     base.write_bytes(content)
@@ -65,7 +72,9 @@ def test_bytes_that_are_not_utf8_or_nest_too_deep_exit_2_naming_the_line(tmp_pat
 def test_the_judge_file_reports_bad_lines_and_keeps_the_good_ones(tmp_path):
     path = tmp_path / "pairs.jsonl"
     good = json.dumps(pair_fields(1)).encode()
-    path.write_bytes(good + b"\n\xff\xfe not utf-8\n" + b"[" * 100_000 + b"\n" + good.replace(b"pair-1", b"pair-9") + b"\n")
+    path.write_bytes(
+        good + b"\n\xff\xfe not utf-8\n" + b"[" * 100_000 + b"\n" + good.replace(b"pair-1", b"pair-9") + b"\n"
+    )
     pairs, problems = read_pairs(path)
     assert [p.event_id for p in pairs] == ["pair-1", "pair-9"]
     assert [problem.split(": ")[0] for problem in problems] == [f"{path}:2", f"{path}:3"]
@@ -74,10 +83,14 @@ def test_the_judge_file_reports_bad_lines_and_keeps_the_good_ones(tmp_path):
 
 
 def test_score_lines_compare_each_case_with_its_baseline_without_a_threshold(tmp_path):
-    base = write(tmp_path / "b.jsonl", [{"case_id": "a", "score": 0.80}, {"case_id": "b", "score": 0.50},
-                                        {"case_id": "c", "score": 0.90}])
-    cand = write(tmp_path / "c.jsonl", [{"case_id": "a", "score": 0.78}, {"case_id": "b", "score": 0.70},
-                                        {"case_id": "c", "score": 0.90}])
+    base = write(
+        tmp_path / "b.jsonl",
+        [{"case_id": "a", "score": 0.80}, {"case_id": "b", "score": 0.50}, {"case_id": "c", "score": 0.90}],
+    )
+    cand = write(
+        tmp_path / "c.jsonl",
+        [{"case_id": "a", "score": 0.78}, {"case_id": "b", "score": 0.70}, {"case_id": "c", "score": 0.90}],
+    )
     strict = eval_gate(base, cand, "--stakes", "high", "--json")  # the issue's own command line
     assert strict.exit_code == 1, strict.output
     out = json.loads(strict.stdout.strip().splitlines()[-1])
@@ -103,8 +116,12 @@ def test_passed_on_one_side_and_a_score_on_the_other_is_unusable_without_a_thres
 def test_judge_sample_rate_defaults_to_the_setting_and_the_flag_overrides_it(tmp_path, env_rate, flag, judged):
     pairs = write(tmp_path / "pairs.jsonl", [pair_fields(i) for i in range(3)])
     with FakeAnthropic() as fake:
-        env = {"ANTHROPIC_API_KEY": "test-key", "ANTHROPIC_BASE_URL": fake.base_url,
-               "SAFESWAP_JUDGE_MODEL": "claude-haiku-4-5-20251001", "SAFESWAP_JUDGE_SAMPLE_RATE": env_rate}
+        env = {
+            "ANTHROPIC_API_KEY": "test-key",
+            "ANTHROPIC_BASE_URL": fake.base_url,
+            "SAFESWAP_JUDGE_MODEL": "claude-haiku-4-5-20251001",
+            "SAFESWAP_JUDGE_SAMPLE_RATE": env_rate,
+        }
         result = runner.invoke(app, ["judge", str(pairs), "--json", *flag], env=env)
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])

@@ -7,8 +7,17 @@ import logging
 
 import pytest
 
-from safeswap.judge import (Budget, Judge, JudgeResult, combine, judge_pairs, parse_verdict, reserve_estimate, sampled,
-                            summary)
+from safeswap.judge import (
+    Budget,
+    Judge,
+    JudgeResult,
+    combine,
+    judge_pairs,
+    parse_verdict,
+    reserve_estimate,
+    sampled,
+    summary,
+)
 from schemas import convert
 from schemas.events import ShadowPair
 from streams.settings import Settings
@@ -24,8 +33,15 @@ def fake():
 
 
 def settings_for(fake: FakeAnthropic, **overrides) -> Settings:
-    values = dict(anthropic_api_key="test-key", anthropic_base_url=fake.base_url, judge_model=MODEL,
-                  judge_concurrency=4, judge_max_retries=2, judge_timeout_s=5.0, judge_budget_usd=100.0)
+    values = dict(
+        anthropic_api_key="test-key",
+        anthropic_base_url=fake.base_url,
+        judge_model=MODEL,
+        judge_concurrency=4,
+        judge_max_retries=2,
+        judge_timeout_s=5.0,
+        judge_budget_usd=100.0,
+    )
     values.update(overrides)
     return Settings(**values)
 
@@ -198,8 +214,14 @@ def test_the_reservation_covers_non_latin_text(fake):
     text = "这个答案比另一个更好" * 300  # 3,000 characters, 9,000 UTF-8 bytes
     cjk = pair(1, prompt=text, control=text, candidate=text + " GOOD")
     judge = Judge(settings_for(fake))
-    reserved = reserve_estimate(cjk, judge.rubric_for("r1"), MODEL, judge.settings.judge_max_tokens,
-                                judge.settings.judge_max_answer_chars, judge.prices)
+    reserved = reserve_estimate(
+        cjk,
+        judge.rubric_for("r1"),
+        MODEL,
+        judge.settings.judge_max_tokens,
+        judge.settings.judge_max_answer_chars,
+        judge.prices,
+    )
     [result] = run(judge, [cjk])
     assert result.status == "judged" and result.judgment.input_tokens > 2 * 9_000
     assert result.cost_usd <= reserved

@@ -16,17 +16,34 @@ from tests.kafka_helpers import produce, read_topic
 
 
 def test_the_worker_judges_shadow_pairs_and_rollout_status_shows_the_analysis(settings, worker_factory):
-    plan = RolloutPlan(rollout_id="r1", stakes="low", control=VariantSpec(model="m-20250101", prompt_version="v1"),
-                       candidate=VariantSpec(model="m-20260101", prompt_version="v1"), min_users_per_arm=2,
-                       stages=[StageSpec(name="shadow", shadow_percent=10, min_duration="24h", min_users_per_arm=2,
-                                         judge_max_control_preference=0.05),
-                               StageSpec(name="canary", percent=5)])
+    plan = RolloutPlan(
+        rollout_id="r1",
+        stakes="low",
+        control=VariantSpec(model="m-20250101", prompt_version="v1"),
+        candidate=VariantSpec(model="m-20260101", prompt_version="v1"),
+        min_users_per_arm=2,
+        stages=[
+            StageSpec(
+                name="shadow",
+                shadow_percent=10,
+                min_duration="24h",
+                min_users_per_arm=2,
+                judge_max_control_preference=0.05,
+            ),
+            StageSpec(name="canary", percent=5),
+        ],
+    )
     rows = [pair_fields(i) for i in range(6)] + [pair_fields(6, prompt="[malformed]")]
     with FakeAnthropic() as fake:
         # The child gets them as ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL (streams.process, env_name).
-        worker = worker_factory(anthropic_api_key="test-key", anthropic_base_url=fake.base_url,
-                                judge_model="claude-haiku-4-5-20251001", judge_concurrency=2,
-                                snapshot_interval_s=0.3, status_interval_s=0.3)
+        worker = worker_factory(
+            anthropic_api_key="test-key",
+            anthropic_base_url=fake.base_url,
+            judge_model="claude-haiku-4-5-20251001",
+            judge_concurrency=2,
+            snapshot_interval_s=0.3,
+            status_interval_s=0.3,
+        )
 
         async def scenario():
             await produce(settings.broker, settings.topic("plans"), [(b"r1", encode(plan))])

@@ -26,13 +26,29 @@ class Flags:
         return user_id in self.shadowed
 
 
-CONTROL = ShadowSide(response_text="control says hi", latency_ms=120.0, cost_usd=0.002, input_tokens=10,
-                     output_tokens=5, model_version="m-control", prompt_version="v1")
+CONTROL = ShadowSide(
+    response_text="control says hi",
+    latency_ms=120.0,
+    cost_usd=0.002,
+    input_tokens=10,
+    output_tokens=5,
+    model_version="m-control",
+    prompt_version="v1",
+)
 
 
 def submit(shadow: Shadow, user: str, candidate, **kw) -> bool:
-    return shadow.submit(rollout_id="r1", user_id=user, request_id=f"req-{user}", prompt_text="hello",
-                         control=CONTROL, candidate=candidate, model_version="m-cand", prompt_version="v2", **kw)
+    return shadow.submit(
+        rollout_id="r1",
+        user_id=user,
+        request_id=f"req-{user}",
+        prompt_text="hello",
+        control=CONTROL,
+        candidate=candidate,
+        model_version="m-cand",
+        prompt_version="v2",
+        **kw,
+    )
 
 
 def test_the_candidate_runs_in_the_background_and_a_pair_is_emitted():
@@ -94,6 +110,7 @@ def test_candidate_errors_and_timeouts_become_part_of_the_pair_never_the_callers
         async def rate_limited():
             class RateLimitError(Exception):
                 status_code = 429
+
             raise RateLimitError("slow down")
 
         shadow = Shadow(emitter, Flags({"a", "b", "c"}), concurrency=4, timeout_s=0.05)

@@ -8,8 +8,14 @@ import msgspec
 import pytest
 
 from safeswap.controller import RolloutState, on_plan, on_snapshot, status_of
-from safeswap.shadow_analysis import (DEFAULT_JUDGE_MAX_CONTROL_PREFERENCE, ShadowAccumulator, analyze, is_refusal,
-                                      json_broken, merge)
+from safeswap.shadow_analysis import (
+    DEFAULT_JUDGE_MAX_CONTROL_PREFERENCE,
+    ShadowAccumulator,
+    analyze,
+    is_refusal,
+    json_broken,
+    merge,
+)
 from safeswap.views import status_view
 from schemas import GuardrailSpec, RolloutPlan, StageSpec, StatsSnapshot, VariantSpec, convert
 from schemas.events import ShadowPair, ShadowSide
@@ -21,12 +27,20 @@ HOUR = 3_600_000
 
 def plan(margin: float | None = 0.05, **overrides) -> RolloutPlan:
     fields = dict(
-        rollout_id="r1", stakes="low",
+        rollout_id="r1",
+        stakes="low",
         control=VariantSpec(model="m-20250101", prompt_version="v1"),
         candidate=VariantSpec(model="m-20260101", prompt_version="v1"),
-        stages=[StageSpec(name="shadow", shadow_percent=10, min_duration="24h", min_users_per_arm=100,
-                          judge_max_control_preference=margin),
-                StageSpec(name="canary", percent=5, min_duration="24h")],
+        stages=[
+            StageSpec(
+                name="shadow",
+                shadow_percent=10,
+                min_duration="24h",
+                min_users_per_arm=100,
+                judge_max_control_preference=margin,
+            ),
+            StageSpec(name="canary", percent=5, min_duration="24h"),
+        ],
         min_users_per_arm=100,
         guardrails=[GuardrailSpec(metric="thumbs_down_rate", max_relative_increase=0.2)],
     )
@@ -38,8 +52,17 @@ def side(**kw) -> ShadowSide:
     return ShadowSide(**{"latency_ms": 100.0, "model_version": "m", "prompt_version": "v", **kw})
 
 
-def feed_shadow(acc: ShadowAccumulator, rng: random.Random, n: int, ts: int, *, p_candidate: float, p_control: float,
-                candidate_refusal: float = 0.0, judged: bool = True) -> None:
+def feed_shadow(
+    acc: ShadowAccumulator,
+    rng: random.Random,
+    n: int,
+    ts: int,
+    *,
+    p_candidate: float,
+    p_control: float,
+    candidate_refusal: float = 0.0,
+    judged: bool = True,
+) -> None:
     for _ in range(n):
         index = acc.pairs
         refused = rng.random() < candidate_refusal
@@ -66,8 +89,16 @@ def drive(the_plan: RolloutPlan, hours: int = 40, pairs_per_hour: int = 60, **sh
                 decisions.append(decision)
         if pairs_per_hour:
             feed_shadow(acc, rng, pairs_per_hour, sim.ts, **shadow_kw)
-            shadow = StatsSnapshot(rollout_id="r1", partition=0, seq=hour + 1, ts=sim.ts, users={}, metrics={},
-                                   source="shadow:w1", shadow=acc.to_dict())
+            shadow = StatsSnapshot(
+                rollout_id="r1",
+                partition=0,
+                seq=hour + 1,
+                ts=sim.ts,
+                users={},
+                metrics={},
+                source="shadow:w1",
+                shadow=acc.to_dict(),
+            )
             if (decision := on_snapshot(state, shadow)) is not None:
                 decisions.append(decision)
         if state.stage != "shadow":
@@ -175,9 +206,13 @@ def test_a_relative_tail_limit_on_a_zero_control_rate_reads_as_any_increase():
     assert json_break["status"] == "not_applicable"  # no request expected JSON
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("min_shadow_pairs", 1, "Expected `int` >= 2"), ("min_judged_pairs", -1, "Expected `int` >= 0"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("min_shadow_pairs", 1, "Expected `int` >= 2"),
+        ("min_judged_pairs", -1, "Expected `int` >= 0"),
+    ],
+)
 def test_the_stage_numbers_are_validated(field, value, message):
     from safeswap.plan import validate_plan_data
 
@@ -198,8 +233,9 @@ def test_shadow_snapshots_are_kept_apart_from_outcome_snapshots_and_survive_pers
     outcome = StatsSnapshot(rollout_id="r1", partition=0, seq=5, ts=HOUR, users={"control": 3}, metrics={})
     acc = ShadowAccumulator()
     acc.add_pair(convert(ShadowPair, pair_fields(1)))
-    shadow = StatsSnapshot(rollout_id="r1", partition=0, seq=1, ts=HOUR, users={}, metrics={}, source="shadow:w1",
-                           shadow=acc.to_dict())
+    shadow = StatsSnapshot(
+        rollout_id="r1", partition=0, seq=1, ts=HOUR, users={}, metrics={}, source="shadow:w1", shadow=acc.to_dict()
+    )
     on_snapshot(state, outcome)
     on_snapshot(state, shadow)
     assert state.snapshots[0].seq == 5 and state.shadow_snapshots["shadow:w1|0"].seq == 1
@@ -230,8 +266,10 @@ def test_derived_tails():
     assert sum(cand["latency_bins"].values()) == 2  # the timed-out side's latency is left out
 
 
-@pytest.mark.parametrize("wins,losses,ties,status", [(180, 30, 90, "ok"), (30, 180, 90, "breach"),
-                                                     (90, 96, 114, "undecided"), (3, 1, 1, "insufficient_data")])
+@pytest.mark.parametrize(
+    "wins,losses,ties,status",
+    [(180, 30, 90, "ok"), (30, 180, 90, "breach"), (90, 96, 114, "undecided"), (3, 1, 1, "insufficient_data")],
+)
 def test_judge_summary_statuses(wins, losses, ties, status):
     counts = {"judged": wins + losses + ties, "candidate_wins": wins, "control_wins": losses, "ties": ties}
     the_plan = plan(0.05, min_users_per_arm=50, n_tune=600)

@@ -15,11 +15,27 @@ from tests.kafka_helpers import read_topic
 
 def outcome(i: int) -> OutcomeRecord:
     return OutcomeRecord(
-        event_id=f"outcome-t{i}", ts=1_700_000_000_000 + i, rollout_id="r1", trace_id=f"t{i}",
-        variant="candidate" if i % 2 else "control", user_id=f"user-{i % 37}", session_id=f"s{i % 37}",
-        prompt_version="p1", model_version="m1", latency_ms=100.0 + i, cost_usd=0.001, cache_hit=False,
-        error="none", thumbs_up=False, thumbs_down=i % 5 == 0, edited=False, retried=False, follow_up=True,
-        session_last=False, abandoned=False)
+        event_id=f"outcome-t{i}",
+        ts=1_700_000_000_000 + i,
+        rollout_id="r1",
+        trace_id=f"t{i}",
+        variant="candidate" if i % 2 else "control",
+        user_id=f"user-{i % 37}",
+        session_id=f"s{i % 37}",
+        prompt_version="p1",
+        model_version="m1",
+        latency_ms=100.0 + i,
+        cost_usd=0.001,
+        cache_hit=False,
+        error="none",
+        thumbs_up=False,
+        thumbs_down=i % 5 == 0,
+        edited=False,
+        retried=False,
+        follow_up=True,
+        session_last=False,
+        abandoned=False,
+    )
 
 
 def test_outcome_records_arrive_once_each_on_their_user_ids_partition_in_order(settings):

@@ -1,4 +1,5 @@
 """Stream primitives at their boundaries: session gap, join TTL, lateness, expiry queue."""
+
 import pytest
 
 from streams.dedup import NEVER, DueQueue, Watermarks

@@ -25,9 +25,13 @@ def values(processor, rollout="r1"):
 
 
 def test_response_rates_count_a_response_once_however_many_feedbacks():
-    events = [trace(1, T0), trace(2, T0 + 40 * MIN, prompt="something else"),
-              feedback(1, 1, T0 + 1000, "thumbs_down"), feedback(2, 1, T0 + 2000, "thumbs_down"),
-              feedback(3, 2, T0 + 41 * MIN, "thumbs_up")]
+    events = [
+        trace(1, T0),
+        trace(2, T0 + 40 * MIN, prompt="something else"),
+        feedback(1, 1, T0 + 1000, "thumbs_down"),
+        feedback(2, 1, T0 + 2000, "thumbs_down"),
+        feedback(3, 2, T0 + 41 * MIN, "thumbs_up"),
+    ]
     got = values(run(events)[0])["control"]
     assert got["responses"] == 2 and got["users"] == 1
     assert got["thumbs_down_rate"] == 0.5
@@ -45,9 +49,13 @@ def test_feedback_before_its_trace_waits_and_joins():
 
 def test_feedback_without_trace_within_the_ttl_is_rejected_with_a_reason_not_dropped():
     config = OutcomeConfig(join_ttl_ms=10 * MIN)
-    events = [trace(1, T0), feedback(1, 1, T0 + 10 * MIN, "thumbs_down"),  # at the TTL: joins
-              trace(2, T0 + 20 * MIN), feedback(2, 2, T0 + 30 * MIN + 1, "thumbs_down"),  # TTL + 1: rejected
-              feedback(3, 99, T0 + 31 * MIN, "thumbs_up")]  # its trace never comes
+    events = [
+        trace(1, T0),
+        feedback(1, 1, T0 + 10 * MIN, "thumbs_down"),  # at the TTL: joins
+        trace(2, T0 + 20 * MIN),
+        feedback(2, 2, T0 + 30 * MIN + 1, "thumbs_down"),  # TTL + 1: rejected
+        feedback(3, 99, T0 + 31 * MIN, "thumbs_up"),
+    ]  # its trace never comes
     processor, verdicts = run(events, config)
     assert verdicts[1] is None
     assert verdicts[3].startswith("feedback_unjoined")
@@ -59,21 +67,27 @@ def test_feedback_without_trace_within_the_ttl_is_rejected_with_a_reason_not_dro
 def test_edit_distance_uses_the_latest_edit_and_is_normalised():
     response = "The quick brown fox jumps over the lazy dog"
     first, last = "The quick brown fox", "A quick red fox jumps over the dog"
-    events = [trace(1, T0, response_text=response),
-              feedback(2, 1, T0 + 3000, "edit", final_text=last),
-              feedback(1, 1, T0 + 2000, "edit", final_text=first)]  # older edit arrives later
+    events = [
+        trace(1, T0, response_text=response),
+        feedback(2, 1, T0 + 3000, "edit", final_text=last),
+        feedback(1, 1, T0 + 2000, "edit", final_text=first),
+    ]  # older edit arrives later
     got = values(run(events)[0])["control"]
     assert got["edit_rate"] == 1.0
     assert got["edit_distance_mean"] == pytest.approx(Levenshtein.normalized_distance(response, last))
     assert got["edit_distance_words_mean"] == pytest.approx(
-        Levenshtein.normalized_distance(response.split(), last.split()))
+        Levenshtein.normalized_distance(response.split(), last.split())
+    )
 
 
 def test_implicit_retry_window_and_similarity_edges():
     same = "how do I reset my password"
-    events = [trace(1, T0, prompt=same), trace(2, T0 + MIN, prompt=same + "?"),  # 60 s, similar: retry
-              trace(3, T0 + 2 * MIN + 1, prompt=same),  # 60 s + 1 after #2: not a retry of #2
-              trace(4, T0 + 2 * MIN + 2, prompt="tell me a joke about databases")]  # dissimilar
+    events = [
+        trace(1, T0, prompt=same),
+        trace(2, T0 + MIN, prompt=same + "?"),  # 60 s, similar: retry
+        trace(3, T0 + 2 * MIN + 1, prompt=same),  # 60 s + 1 after #2: not a retry of #2
+        trace(4, T0 + 2 * MIN + 2, prompt="tell me a joke about databases"),
+    ]  # dissimilar
     got = values(run(events)[0])["control"]
     assert got["retry_rate"] == 0.25  # only #1
     # follow-ups: #2 (next #3 not a retry), #3 (next #4 dissimilar); #1 was retried, #4 is last
@@ -84,11 +98,14 @@ def test_implicit_retry_window_and_similarity_edges():
 def test_explicit_retry_and_abandon_rules():
     gap = 30 * MIN
     events = [
-        trace(1, T0, prompt="a"), feedback(1, 1, T0 + 1000, "retry"),  # session 1: last got a retry -> abandoned
-        trace(2, T0 + gap + 1, prompt="b"), feedback(2, 2, T0 + gap + 2, "thumbs_down"),
+        trace(1, T0, prompt="a"),
+        feedback(1, 1, T0 + 1000, "retry"),  # session 1: last got a retry -> abandoned
+        trace(2, T0 + gap + 1, prompt="b"),
+        feedback(2, 2, T0 + gap + 2, "thumbs_down"),
         feedback(3, 2, T0 + gap + 3, "copy"),  # positive after the thumbs-down: not abandoned
         trace(3, T0 + 3 * gap, prompt="c", error="timeout"),  # ended in an error: abandoned
-        trace(4, T0 + 5 * gap, prompt="d"), feedback(4, 4, T0 + 5 * gap + 1, "abandon"),  # explicit
+        trace(4, T0 + 5 * gap, prompt="d"),
+        feedback(4, 4, T0 + 5 * gap + 1, "abandon"),  # explicit
         trace(5, T0 + 7 * gap, prompt="e"),  # nothing happened after it: not abandoned
     ]
     got = values(run(events)[0])["control"]
@@ -111,9 +128,11 @@ def test_a_user_counts_in_the_arm_that_first_served_it():
 
 
 def test_latency_and_cost_are_stratified_by_cache_and_models_are_counted():
-    events = [trace(1, T0, latency_ms=100.0, cache_hit=True, model_version="m2"),
-              trace(2, T0 + 1, latency_ms=300.0, cache_hit=False, prompt="other", cost_usd=0.03),
-              trace(3, T0 + 2, latency_ms=500.0, cache_hit=False, prompt="third", cost_usd=0.05)]
+    events = [
+        trace(1, T0, latency_ms=100.0, cache_hit=True, model_version="m2"),
+        trace(2, T0 + 1, latency_ms=300.0, cache_hit=False, prompt="other", cost_usd=0.03),
+        trace(3, T0 + 2, latency_ms=500.0, cache_hit=False, prompt="third", cost_usd=0.05),
+    ]
     got = values(run(events)[0])["control"]
     assert got["latency_ms_mean"] == pytest.approx(300.0)
     assert got["latency_ms_mean_cache_hit"] == pytest.approx(100.0)
@@ -130,7 +149,7 @@ def test_users_are_the_unit_of_the_ratio_statistics():
     processor, _ = run(events)
     ratio = processor.cells[("r1", "control", 0)].ratio(0)  # thumbs_down_rate
     assert ratio.n_units == 2 and ratio.users == ratio.n == 2  # two users, in two hash buckets
-    assert ratio.den == 11 and ratio.den_sq == 10 ** 2 + 1
+    assert ratio.den == 11 and ratio.den_sq == 10**2 + 1
 
 
 def test_repeated_event_ids_and_trace_ids_never_count_twice():
@@ -176,13 +195,17 @@ def test_bad_input_is_rejected_with_a_reason_and_processing_continues():
     processor = OutcomeProcessor(0, OutcomeConfig(max_event_bytes=50_000, max_edit_chars=1000))
     good = encode(trace(1, T0))
     assert processor.fold_raw("trace", b"{not json", NOW).startswith("undecodable TraceEvent: JSON is malformed")
-    assert "latency_ms" in processor.fold_raw("trace", encode(trace(2, T0)).replace(b'"latency_ms":100.0', b'"latency_ms":-1'), NOW)
+    assert "latency_ms" in processor.fold_raw(
+        "trace", encode(trace(2, T0)).replace(b'"latency_ms":100.0', b'"latency_ms":-1'), NOW
+    )
     assert "variant" in processor.fold_raw("trace", good.replace(b'"control"', b'"sideways"'), NOW)
     assert processor.fold_raw("trace", encode(trace(3, NOW + 2 * 3600_000)), NOW).startswith("future_timestamp")
     assert processor.fold_raw("trace", encode(trace(4, T0, response_text="x" * 60_000)), NOW).startswith("too_large")
     # big but allowed texts are truncated for edit distance: quick, and still counted
     assert processor.fold_raw("trace", encode(trace(5, T0, prompt="p5", response_text="ab " * 15_000)), NOW) is None
-    assert processor.fold_raw("feedback", encode(feedback(5, 5, T0 + 1, "edit", final_text="ba " * 15_000)), NOW) is None
+    assert (
+        processor.fold_raw("feedback", encode(feedback(5, 5, T0 + 1, "edit", final_text="ba " * 15_000)), NOW) is None
+    )
     assert processor.fold_raw("trace", good, NOW) is None
     processor.finish()
     assert processor.counts == {"read": 8, "invalid": 5, "duplicates": 0, "late": 0}
@@ -213,11 +236,17 @@ def test_exposures_count_users_by_their_first_variant_and_crossovers_count_leaks
     # u3: control, then back after the session gap + TTL: still one user, one exposure.
     # u4: candidate, then control on a later visit (its state released meanwhile): a crossover,
     #     counted once however often it is served control again.
-    events = [trace(1, T0, user="u1"), trace(2, T0 + 1 * MIN, user="u1", variant="candidate", prompt="x"),
-              trace(3, T0, user="u2", variant="candidate"), trace(4, T0 + 1 * MIN, user="u2", prompt="y"),
-              trace(5, T0, user="u3"), trace(6, T0 + 5 * 60 * MIN, user="u3", prompt="z"),
-              trace(7, T0, user="u4", variant="candidate"), trace(8, T0 + 5 * 60 * MIN, user="u4", prompt="w"),
-              trace(9, T0 + 10 * 60 * MIN, user="u4", prompt="v")]
+    events = [
+        trace(1, T0, user="u1"),
+        trace(2, T0 + 1 * MIN, user="u1", variant="candidate", prompt="x"),
+        trace(3, T0, user="u2", variant="candidate"),
+        trace(4, T0 + 1 * MIN, user="u2", prompt="y"),
+        trace(5, T0, user="u3"),
+        trace(6, T0 + 5 * 60 * MIN, user="u3", prompt="z"),
+        trace(7, T0, user="u4", variant="candidate"),
+        trace(8, T0 + 5 * 60 * MIN, user="u4", prompt="w"),
+        trace(9, T0 + 10 * 60 * MIN, user="u4", prompt="v"),
+    ]
     processor, verdicts = run(sorted(events, key=lambda e: e.ts))
     assert verdicts == [None] * 9
     snapshot = processor.snapshot("r1", 1)
@@ -227,10 +256,13 @@ def test_exposures_count_users_by_their_first_variant_and_crossovers_count_leaks
 
 
 def test_a_final_response_yields_one_outcome_record_with_what_happened():
-    events = [trace(1, T0), trace(2, T0 + 20_000, prompt="how do I reset my password?"),  # implicit retry of 1
-              feedback(1, 2, T0 + 30_000, "edit", final_text="Open settings, then reset."),
-              feedback(2, 2, T0 + 40_000, "thumbs_up"),
-              trace(3, T0 + 5 * 60 * MIN, user="u2", error="timeout")]  # alone in its session, ended in an error
+    events = [
+        trace(1, T0),
+        trace(2, T0 + 20_000, prompt="how do I reset my password?"),  # implicit retry of 1
+        feedback(1, 2, T0 + 30_000, "edit", final_text="Open settings, then reset."),
+        feedback(2, 2, T0 + 40_000, "thumbs_up"),
+        trace(3, T0 + 5 * 60 * MIN, user="u2", error="timeout"),
+    ]  # alone in its session, ended in an error
     processor = OutcomeProcessor(0)
     processor.collect_outcomes = True
     for event in events:
@@ -241,8 +273,9 @@ def test_a_final_response_yields_one_outcome_record_with_what_happened():
     assert records["t-1"].retried and not records["t-1"].session_last and not records["t-1"].abandoned
     second = records["t-2"]
     assert second.edited and second.thumbs_up and second.session_last and not second.abandoned
-    assert second.edit_distance == pytest.approx(Levenshtein.normalized_distance(
-        "Open settings and click reset.", "Open settings, then reset."))
+    assert second.edit_distance == pytest.approx(
+        Levenshtein.normalized_distance("Open settings and click reset.", "Open settings, then reset.")
+    )
     assert records["t-3"].abandoned and records["t-3"].error == "timeout"
     assert records["t-2"].event_id == "outcome-t-2" and records["t-2"].model_version == "m1"
     off = OutcomeProcessor(0)
@@ -267,12 +300,16 @@ def test_a_session_longer_than_the_join_ttl_is_not_revisited_on_every_watermark_
 
     processor._advance_user = counting
     hours = 4
-    events = [trace(n, T0 + n * 20 * MIN, user="u-long", prompt=f"question {n} " + "x" * (n % 7))
-              for n in range(hours * 3)]
-    events += [trace(1000 + s, T0 + s * 1000, user=f"u-bg-{s % 500}", prompt=f"background {s}")
-               for s in range(hours * 3600)]  # the watermark moves one second of event time per event
-    events += [feedback(s, 1000 + s, T0 + s * 1000 + 500, "thumbs_up", user=f"u-bg-{s % 500}")
-               for s in range(0, hours * 3600, 10)]  # both sources move: the watermark is their minimum
+    events = [
+        trace(n, T0 + n * 20 * MIN, user="u-long", prompt=f"question {n} " + "x" * (n % 7)) for n in range(hours * 3)
+    ]
+    events += [
+        trace(1000 + s, T0 + s * 1000, user=f"u-bg-{s % 500}", prompt=f"background {s}") for s in range(hours * 3600)
+    ]  # the watermark moves one second of event time per event
+    events += [
+        feedback(s, 1000 + s, T0 + s * 1000 + 500, "thumbs_up", user=f"u-bg-{s % 500}")
+        for s in range(0, hours * 3600, 10)
+    ]  # both sources move: the watermark is their minimum
     events.sort(key=lambda e: e.ts)
     for event in events:
         processor.apply(event, NOW)

@@ -83,7 +83,9 @@ async def latest_snapshots(settings, rollout: str) -> dict[int, StatsSnapshot]:
     latest: dict[int, StatsSnapshot] = {}
     for record in await read_topic(settings.broker, settings.topic("stats"), timeout_s=5):
         snapshot = msgspec.json.decode(record.value, type=StatsSnapshot)
-        if snapshot.rollout_id == rollout and (snapshot.partition not in latest or snapshot.seq > latest[snapshot.partition].seq):
+        if snapshot.rollout_id == rollout and (
+            snapshot.partition not in latest or snapshot.seq > latest[snapshot.partition].seq
+        ):
             latest[snapshot.partition] = snapshot
     return latest
 
@@ -108,9 +110,12 @@ def expected(lines, settings):
 
 def test_streaming_equals_replay_and_bad_input_goes_to_the_dlq(settings, worker_factory):
     events = simulated_events(seed=11, users=400, text_len=300)
-    bad = [b"{not json", json.dumps({"type": "trace", "user_id": "u-bad", "event_id": "x"}).encode(),
-           jsonl([trace("future", int(time.time() * 1000) + 10 * 3600_000, user="u-future")])[0],
-           jsonl([trace("huge", T0, user="u-huge", response_text="z" * 3_000_000)])[0]]
+    bad = [
+        b"{not json",
+        json.dumps({"type": "trace", "user_id": "u-bad", "event_id": "x"}).encode(),
+        jsonl([trace("future", int(time.time() * 1000) + 10 * 3600_000, user="u-future")])[0],
+        jsonl([trace("huge", T0, user="u-huge", response_text="z" * 3_000_000)])[0],
+    ]
     lines = jsonl(events) + bad + jsonl(flush_events(settings.partitions, events[-1].ts + 4 * 3600_000))
     worker = worker_factory()
     asyncio.run(produce_lines(settings.broker, settings, lines))
@@ -156,8 +161,12 @@ def test_sigkill_mid_stream_then_restart_gives_the_same_metrics(settings, worker
 
     seen = asyncio.run(processed_first_half(time.monotonic() + 90))
     worker.kill()  # SIGKILL: no revocation, no final checkpoint
-    heads = {p: asyncio.run(read_latest({"bootstrap_servers": settings.broker}, settings.topic("checkpoints"), p)) for p in ends}
+    heads = {
+        p: asyncio.run(read_latest({"bootstrap_servers": settings.broker}, settings.topic("checkpoints"), p))
+        for p in ends
+    }
     from streams.checkpoint import decode_state
+
     covered = {p: (0 if found is None else sum(decode_state(found[0]).offsets.values())) for p, found in heads.items()}
     assert any(covered[p] < seen[p] for p in ends), (covered, seen)  # a gap to replay really existed
     assert any(covered[p] > 0 for p in ends)  # and a checkpoint to resume from

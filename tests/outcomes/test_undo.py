@@ -68,7 +68,7 @@ async def _run(settings, lines: list[bytes]) -> tuple[dict, dict, list]:
             assert not task.done() and not timer.done(), (task, timer)
             await asyncio.sleep(0.5)
         else:
-            raise AssertionError(f"the agent did not cover {ends}: {({p: s.seq for p, s in seen.items()})}")
+            raise AssertionError(f"the agent did not cover {ends}: { ({p: s.seq for p, s in seen.items()}) }")
         counts = {"read": 0, "invalid": 0}
         async with service.lock:
             for state in service.owned.values():
@@ -85,8 +85,9 @@ def test_a_step_that_raises_halfway_is_undone_dead_lettered_once_and_counted_onc
     # No checkpoint is written here (the Faust app that carries them is not running): the
     # partition is restored from the start of its topics, the path a first failure takes; the
     # restore from a checkpoint is the one every restart takes (tests/faults/).
-    settings = fresh_settings(broker, tmp_path, "undo").replace(checkpoint_every_events=10**9,
-                                                                 checkpoint_interval_s=10**6, snapshot_interval_s=0.2)
+    settings = fresh_settings(broker, tmp_path, "undo").replace(
+        checkpoint_every_events=10**9, checkpoint_interval_s=10**6, snapshot_interval_s=0.2
+    )
     events = simulated_events(seed=11, users=120, text_len=30)
     thumbs_down = [e for e in events if getattr(e, "kind", None) == "thumbs_down"]
     bad = thumbs_down[len(thumbs_down) // 2]  # one that moves a guarded metric

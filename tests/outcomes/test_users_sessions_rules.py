@@ -1,4 +1,4 @@
-"""The audit of issue #4: distinct users, abandonment that late feedback can change, retries
+"""Distinct users, abandonment that late feedback can change, retries
 that stay inside their session, retried xor followed up, and replay's stderr/JSON contract."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
 from safeswap.metrics import model_drift
+from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
 from safeswap.replay import replay_lines, short_values
 from streams.checkpoint import decode_state, encode_state
 from streams.dedup import DistinctHashes, id_hash
@@ -36,6 +36,7 @@ def values(processor, rollout="r1"):
 
 # -- users: distinct user_ids ---------------------------------------------------------------
 
+
 def test_distinct_hashes_membership_survives_merges_and_pickling():
     hashes = DistinctHashes(min_merge=4)
     ids = [id_hash(f"user-{i}") for i in range(1000)]
@@ -49,14 +50,17 @@ def test_distinct_hashes_membership_survives_merges_and_pickling():
 
 
 def test_a_user_back_after_three_hours_is_one_user_and_the_same_unit():
-    events = [trace(1, T0, user="u1"), trace(2, T0 + 3 * HOUR, user="u1", prompt="again"),
-              trace(3, T0 + 3 * HOUR, user="u2", prompt="other")]
+    events = [
+        trace(1, T0, user="u1"),
+        trace(2, T0 + 3 * HOUR, user="u1", prompt="again"),
+        trace(3, T0 + 3 * HOUR, user="u2", prompt="other"),
+    ]
     processor = run(events)
     got = values(processor)["control"]
     assert got["users"] == 2 and got["n_units"] == 2  # u1's two visits add to u1's totals: one unit
     assert got["responses"] == 3
     ratio = processor.cells[("r1", "control", 0)].ratio(0)
-    assert ratio.den_sq == 2 ** 2 + 1  # per-user totals since first exposure: 2 responses and 1
+    assert ratio.den_sq == 2**2 + 1  # per-user totals since first exposure: 2 responses and 1
     replayed = replay_lines(jsonl(events), OutcomeConfig(), partitions=3, now_ms=NOW)
     assert replayed["rollouts"]["r1"]["variants"]["control"]["users"] == 2
     assert replayed["rollouts"]["r1"]["variants"]["control"]["n_units"] == 2
@@ -66,8 +70,10 @@ def test_distinct_users_survive_a_checkpoint_round_trip_while_the_state_is_relea
     events = simulated_events(seed=11, users=80)
     variant_of = {e.user_id: e.variant for e in events}
     back = [f"user-{i}" for i in range(0, 80, 3)]
-    returning = [trace(f"back-{i}", events[-1].ts + 6 * HOUR + i, user=user, variant=variant_of[user],
-                       prompt=f"back {i}") for i, user in enumerate(back)]
+    returning = [
+        trace(f"back-{i}", events[-1].ts + 6 * HOUR + i, user=user, variant=variant_of[user], prompt=f"back {i}")
+        for i, user in enumerate(back)
+    ]
     everything = events + returning
     uninterrupted = run(everything)
     processor = OutcomeProcessor(0)
@@ -85,10 +91,13 @@ def test_distinct_users_survive_a_checkpoint_round_trip_while_the_state_is_relea
     first = values(run(events))
     assert {v: got["users"] for v, got in first.items()} == users  # the returning users are no new users
     # a returning user adds to its own totals, not a new unit
-    assert sum(got["n_units"] for got in values(uninterrupted).values()) == sum(got["n_units"] for got in first.values())
+    assert sum(got["n_units"] for got in values(uninterrupted).values()) == sum(
+        got["n_units"] for got in first.values()
+    )
 
 
 # -- abandonment: late feedback moves the session -------------------------------------------
+
 
 def _late_feedback_events(kinds_and_minutes):
     """u1's one-response session closes (u2's traffic moves both watermarks past its gap), then
@@ -102,22 +111,25 @@ def _late_feedback_events(kinds_and_minutes):
     return events
 
 
-@pytest.mark.parametrize("kinds, abandoned", [
-    ([("thumbs_down", 40)], True),
-    ([("thumbs_down", 40), ("thumbs_up", 50)], False),  # abandoned, then moved back
-    ([("abandon", 45)], True),
-    ([("copy", 35), ("retry", 41)], True),
-])
+@pytest.mark.parametrize(
+    "kinds, abandoned",
+    [
+        ([("thumbs_down", 40)], True),
+        ([("thumbs_down", 40), ("thumbs_up", 50)], False),  # abandoned, then moved back
+        ([("abandon", 45)], True),
+        ([("copy", 35), ("retry", 41)], True),
+    ],
+)
 def test_feedback_after_the_session_closed_counts_for_abandonment_and_the_record_agrees(kinds, abandoned):
     events = _late_feedback_events(kinds)
     processor = OutcomeProcessor(0)
     processor.collect_outcomes = True
-    for event in events[:-len(kinds)]:
+    for event in events[: -len(kinds)]:
         assert processor.apply(event, NOW) is None
     response = processor.users[("r1", "u1")].by_trace["t-1"]
     assert response.closed and response.last  # the session closed before its feedback came
     assert values(processor)["control"]["abandon_rate"] is not None
-    for event in events[-len(kinds):]:
+    for event in events[-len(kinds) :]:
         assert processor.apply(event, NOW) is None
     processor.finish()
     got = values(processor)["control"]
@@ -131,6 +143,7 @@ def test_feedback_after_the_session_closed_counts_for_abandonment_and_the_record
 
 
 # -- retries stay in their session; retried xor followed up --------------------------------
+
 
 def test_an_implicit_retry_never_crosses_a_session_boundary():
     config = OutcomeConfig(gap_ms=30_000, retry_window_ms=60_000)
@@ -146,9 +159,13 @@ def test_an_implicit_retry_never_crosses_a_session_boundary():
 
 
 def test_a_retried_response_is_never_a_follow_up():
-    events = [trace(1, T0, prompt="how do I reset my password"), feedback(1, 1, T0 + 1000, "retry"),
-              trace(2, T0 + 5 * MIN, prompt="tell me a joke about databases"),  # next request, not similar
-              feedback(2, 2, T0 + 5 * MIN + 1000, "follow_up"), feedback(3, 2, T0 + 5 * MIN + 2000, "retry")]
+    events = [
+        trace(1, T0, prompt="how do I reset my password"),
+        feedback(1, 1, T0 + 1000, "retry"),
+        trace(2, T0 + 5 * MIN, prompt="tell me a joke about databases"),  # next request, not similar
+        feedback(2, 2, T0 + 5 * MIN + 1000, "follow_up"),
+        feedback(3, 2, T0 + 5 * MIN + 2000, "retry"),
+    ]
     processor = run(events, collect=True)
     got = values(processor)["control"]
     assert got["retry_rate"] == 1.0 and got["follow_up_rate"] == 0.0
@@ -160,6 +177,7 @@ def test_a_retried_response_is_never_a_follow_up():
 
 
 # -- replay: every rejected line on stderr, model drift with a plan -------------------------
+
 
 def test_short_values_cuts_only_long_quoted_values():
     long = "x" * 5000
@@ -180,8 +198,9 @@ def test_replay_reports_every_rejected_line_with_its_number(tmp_path):
     bad = [json.dumps({"type": "sideways" + "s" * 3000, "user_id": "u"}).encode() for _ in range(120)]
     path = tmp_path / "events.jsonl"
     path.write_bytes(b"\n".join(good + bad) + b"\n")
-    result = subprocess.run([sys.executable, "-m", "safeswap", "replay", str(path), "--json"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "safeswap", "replay", str(path), "--json"], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     skipped = [line for line in result.stderr.splitlines() if ": skipped: " in line]
     assert [int(line.split(":")[1]) for line in skipped] == list(range(2, 122))
@@ -193,9 +212,13 @@ def test_replay_reports_every_rejected_line_with_its_number(tmp_path):
 
 
 def test_replay_with_pins_reports_model_drift_per_variant():
-    events = [trace(1, T0, model_version="m1"), trace(2, T0 + 1, user="u2", model_version="m2", prompt="b"),
-              trace(3, T0 + 2, user="u3", variant="candidate", model_version="c1", prompt="c")]
-    out = replay_lines(jsonl(events), OutcomeConfig(), partitions=2, now_ms=NOW,
-                       pinned=("r1", {"control": "m1", "candidate": "c1"}))
+    events = [
+        trace(1, T0, model_version="m1"),
+        trace(2, T0 + 1, user="u2", model_version="m2", prompt="b"),
+        trace(3, T0 + 2, user="u3", variant="candidate", model_version="c1", prompt="c"),
+    ]
+    out = replay_lines(
+        jsonl(events), OutcomeConfig(), partitions=2, now_ms=NOW, pinned=("r1", {"control": "m1", "candidate": "c1"})
+    )
     variants = out["rollouts"]["r1"]["variants"]
     assert variants["control"]["model_drift"] == 0.5 and variants["candidate"]["model_drift"] == 0.0

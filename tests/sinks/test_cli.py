@@ -15,8 +15,9 @@ from tests.sinks.helpers import raw, trace
 
 def safeswap(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAFESWAP_")}
-    return subprocess.run([sys.executable, "-m", "safeswap", *args], capture_output=True, text=True, env=env,
-                          timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "safeswap", *args], capture_output=True, text=True, env=env, timeout=60
+    )
 
 
 def test_query_formats_sql_compact_and_one_line_errors(tmp_path: Path):
@@ -53,8 +54,9 @@ def test_query_formats_sql_compact_and_one_line_errors(tmp_path: Path):
     compact = safeswap("compact", "--data", data, "--before", "2100-01-01", "--grace", "0", "--json")
     assert compact.returncode == 0, compact.stderr
     assert json.loads(compact.stdout.strip().splitlines()[-1])["merged_files"] == 3
-    assert json.loads(safeswap("query", "--sql", "SELECT COUNT(*) AS n FROM traces", "--data", data,
-                               "--format", "json").stdout) == [{"n": 12}]
+    assert json.loads(
+        safeswap("query", "--sql", "SELECT COUNT(*) AS n FROM traces", "--data", data, "--format", "json").stdout
+    ) == [{"n": 12}]
 
 
 def test_a_file_that_is_not_parquet_is_named_with_the_fix_on_every_query_path(tmp_path: Path):

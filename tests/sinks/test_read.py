@@ -28,7 +28,7 @@ def test_files_from_before_and_after_a_new_optional_column_read_as_one_table(tmp
     # An older version of the dataset: the same columns without the last one.
     old = dataclasses.replace(TRACES, columns=TRACES.columns[:-1], version=0)
     rows = [TRACES.row(raw(trace(i))) for i in range(5)]
-    write_rows(Layout(tmp_path), old, 0, [r[:len(old.value_columns)] + r[-2:] for r in rows])
+    write_rows(Layout(tmp_path), old, 0, [r[: len(old.value_columns)] + r[-2:] for r in rows])
     newer = [trace(i) for i in range(5, 10)]
     for event in newer:
         event.response_text = f"answer {event.event_id}"
@@ -52,8 +52,13 @@ def test_scan_ignores_staging_hidden_and_foreign_files_and_types_hive_columns(tm
     assert frame.schema["rollout_id"] == pl.String and frame["rollout_id"].unique().to_list() == ["a=b/c d"]
     assert frame.schema["date"] == pl.Date and frame.schema["ts"] == pl.Datetime("ms", "UTC")
     # The documented raw recipe reads the same thing.
-    recipe = pl.scan_parquet(str(tmp_path / "traces") + "/**/*.parquet", hive_partitioning=True,
-                             hidden_file_prefix=[".", "_"], missing_columns="insert", extra_columns="ignore")
+    recipe = pl.scan_parquet(
+        str(tmp_path / "traces") + "/**/*.parquet",
+        hive_partitioning=True,
+        hidden_file_prefix=[".", "_"],
+        missing_columns="insert",
+        extra_columns="ignore",
+    )
     assert recipe.select(pl.len()).collect().item() == 3
 
 
@@ -64,8 +69,10 @@ def test_an_empty_dataset_scans_as_an_empty_typed_frame(tmp_path: Path):
 
 
 def test_named_queries_answer_the_three_questions(tmp_path: Path):
-    events = [trace(i, user=f"u{i % 4}", variant="control" if i < 8 else "candidate",
-                    model_version="m1" if i < 8 else "m2") for i in range(12)]
+    events = [
+        trace(i, user=f"u{i % 4}", variant="control" if i < 8 else "candidate", model_version="m1" if i < 8 else "m2")
+        for i in range(12)
+    ]
     write_traces(tmp_path, events)
     fb = DATASETS["feedback"]
     write_rows(Layout(tmp_path), fb, 0, [fb.row(raw(feedback(i))) for i in (8, 9, 9)])  # 9 twice: one response
@@ -79,28 +86,77 @@ def test_named_queries_answer_the_three_questions(tmp_path: Path):
     assert both.filter(pl.col("user_id") == "u0")["control_responses"].item() == 2
 
     dd = DATASETS["decisions"]
-    evidence = [GuardrailEvidence(metric="thumbs_down_rate", status="breach", estimate=1.0, ci_low=0.5, ci_high=2.0,
-                                  p_value=0.01, threshold=0.2, users_control=8, users_candidate=4)]
-    decisions = [Decision(rollout_id="r1", seq=1, ts=BASE_TS, action="start", stage="canary", percent=5, salt="r1",
-                          reason="plan registered"),
-                 Decision(rollout_id="r1", seq=2, ts=BASE_TS + 60_000, action="rollback", stage="rolled_back",
-                          percent=0, salt="r1", reason="thumbs down", evidence=evidence)]
+    evidence = [
+        GuardrailEvidence(
+            metric="thumbs_down_rate",
+            status="breach",
+            estimate=1.0,
+            ci_low=0.5,
+            ci_high=2.0,
+            p_value=0.01,
+            threshold=0.2,
+            users_control=8,
+            users_candidate=4,
+        )
+    ]
+    decisions = [
+        Decision(
+            rollout_id="r1",
+            seq=1,
+            ts=BASE_TS,
+            action="start",
+            stage="canary",
+            percent=5,
+            salt="r1",
+            reason="plan registered",
+        ),
+        Decision(
+            rollout_id="r1",
+            seq=2,
+            ts=BASE_TS + 60_000,
+            action="rollback",
+            stage="rolled_back",
+            percent=0,
+            salt="r1",
+            reason="thumbs down",
+            evidence=evidence,
+        ),
+    ]
     write_rows(Layout(tmp_path), dd, 0, [dd.row(raw(d)) for d in decisions])
     timeline = sinks.decision_timeline(tmp_path, rollout_id="r1").collect()
     assert timeline["action"].to_list() == ["start", "rollback"]
     assert timeline["breached"].to_list() == ["", "thumbs_down_rate"]
     # docs/data.md, recipe 2: every decision, one row per evidence item (none: one row of nulls).
-    recipe = (sinks.scan("decisions", data_dir=tmp_path).filter(pl.col("rollout_id") == "r1")
-              .sort("seq")
-              .with_columns(pl.when(pl.col("evidence").list.len() > 0).then(pl.col("evidence")))
-              .explode("evidence")
-              .unnest("evidence")
-              .select("seq", "ts", "action", "stage", "percent", "metric", "status", "estimate", "ci_low", "ci_high",
-                      "threshold", "users_control", "users_candidate", "reason")
-              .collect())
+    recipe = (
+        sinks.scan("decisions", data_dir=tmp_path)
+        .filter(pl.col("rollout_id") == "r1")
+        .sort("seq")
+        .with_columns(pl.when(pl.col("evidence").list.len() > 0).then(pl.col("evidence")))
+        .explode("evidence")
+        .unnest("evidence")
+        .select(
+            "seq",
+            "ts",
+            "action",
+            "stage",
+            "percent",
+            "metric",
+            "status",
+            "estimate",
+            "ci_low",
+            "ci_high",
+            "threshold",
+            "users_control",
+            "users_candidate",
+            "reason",
+        )
+        .collect()
+    )
     assert recipe["seq"].to_list() == [1, 2] and recipe["metric"].to_list() == [None, "thumbs_down_rate"]
 
-    counted = sinks.sql(tmp_path, "SELECT variant, COUNT(*) AS n FROM traces GROUP BY variant ORDER BY variant").collect()
+    counted = sinks.sql(
+        tmp_path, "SELECT variant, COUNT(*) AS n FROM traces GROUP BY variant ORDER BY variant"
+    ).collect()
     assert counted.to_dicts() == [{"variant": "candidate", "n": 4}, {"variant": "control", "n": 8}]
     assert count_rows(tmp_path, ["traces", "feedback"], rollout_id="r1") == {"traces": 12, "feedback": 3}
     assert count_rows(tmp_path, ["traces"], rollout_id="other") == {"traces": 0}
@@ -109,9 +165,13 @@ def test_named_queries_answer_the_three_questions(tmp_path: Path):
 def test_compaction_merges_closed_dates_and_a_concurrent_reader_never_sees_duplicates_or_gaps(tmp_path: Path):
     for batch in range(4):  # four small files per partition in a closed date
         for partition in (0, 1):
-            write_traces(tmp_path, [trace(batch * 10 + i + partition * 1000) for i in range(10)], partition,
-                         first_offset=batch * 10)
-    today = dt.datetime.now(dt.timezone.utc)
+            write_traces(
+                tmp_path,
+                [trace(batch * 10 + i + partition * 1000) for i in range(10)],
+                partition,
+                first_offset=batch * 10,
+            )
+    today = dt.datetime.now(dt.UTC)
     open_events = [trace(5000 + i, ts=int(today.timestamp() * 1000)) for i in range(3)]
     write_traces(tmp_path, open_events, 0, first_offset=40)
     before = scan("traces", tmp_path).collect()
@@ -140,8 +200,10 @@ def test_compaction_merges_closed_dates_and_a_concurrent_reader_never_sees_dupli
 def test_summary_groups_keep_apart_key_tuples_that_share_values(tmp_path: Path):
     # The group is one hash of the four keys: swapped or shifted values must not merge.
     versions = [("a", "b"), ("b", "a"), ("a", "a"), ("b", "b"), ("ab", "c"), ("a", "bc")]
-    write_traces(tmp_path, [trace(i, variant="control", prompt_version=p, model_version=m)
-                            for i, (p, m) in enumerate(versions * 2)])
+    write_traces(
+        tmp_path,
+        [trace(i, variant="control", prompt_version=p, model_version=m) for i, (p, m) in enumerate(versions * 2)],
+    )
     summary = sinks.variant_summary(tmp_path).collect()
     assert sorted(zip(summary["prompt_version"], summary["model_version"])) == sorted(versions)
     assert summary["responses"].to_list() == [2] * len(versions)
@@ -151,10 +213,11 @@ def test_the_summary_counts_users_and_sessions_exactly_and_gives_p95_at_any_size
     import random
 
     rng = random.Random(3)
-    events = [trace(i, user=f"u{rng.randrange(3000)}", variant=rng.choice(["control", "candidate"]))
-              for i in range(6000)]
+    events = [
+        trace(i, user=f"u{rng.randrange(3000)}", variant=rng.choice(["control", "candidate"])) for i in range(6000)
+    ]
     for n, i in enumerate(range(0, 6000, 1500)):  # several files, as a running worker leaves them
-        write_traces(tmp_path, events[i:i + 1500], n % 2, first_offset=i)
+        write_traces(tmp_path, events[i : i + 1500], n % 2, first_offset=i)
     # Reactions to 900 of the traces, 60 of them twice (a thumbs-down on top): one response each.
     reacted = rng.sample(range(6000), 900)
     reactions = [feedback(i, rng.choice(["thumbs_down", "thumbs_up", "edit"])) for i in reacted]
@@ -164,17 +227,34 @@ def test_the_summary_counts_users_and_sessions_exactly_and_gives_p95_at_any_size
     keys = ["rollout_id", "variant", "prompt_version", "model_version"]
     # The same figures the plain way: strings, no hashing, one pass.
     traces, kinds = scan("traces", tmp_path), scan("feedback", tmp_path).select("trace_id", "kind")
-    thumbs = (traces.join(kinds, on="trace_id").group_by(keys)
-              .agg(down=pl.col("trace_id").filter(pl.col("kind") == "thumbs_down").n_unique(),
-                   up=pl.col("trace_id").filter(pl.col("kind") == "thumbs_up").n_unique()))
-    expected = (traces.group_by(keys)
-                .agg(responses=pl.len(), users=pl.col("user_id").n_unique(), sessions=pl.col("session_id").n_unique(),
-                     latency_ms_p95=pl.col("latency_ms").quantile(0.95))
-                .join(thumbs, on=keys, how="left")
-                .select(*keys, "users", "sessions", "latency_ms_p95",
-                        thumbs_down_rate=pl.col("down").fill_null(0) / pl.col("responses"),
-                        thumbs_up_rate=pl.col("up").fill_null(0) / pl.col("responses"))
-                .sort(keys).collect())
+    thumbs = (
+        traces.join(kinds, on="trace_id")
+        .group_by(keys)
+        .agg(
+            down=pl.col("trace_id").filter(pl.col("kind") == "thumbs_down").n_unique(),
+            up=pl.col("trace_id").filter(pl.col("kind") == "thumbs_up").n_unique(),
+        )
+    )
+    expected = (
+        traces.group_by(keys)
+        .agg(
+            responses=pl.len(),
+            users=pl.col("user_id").n_unique(),
+            sessions=pl.col("session_id").n_unique(),
+            latency_ms_p95=pl.col("latency_ms").quantile(0.95),
+        )
+        .join(thumbs, on=keys, how="left")
+        .select(
+            *keys,
+            "users",
+            "sessions",
+            "latency_ms_p95",
+            thumbs_down_rate=pl.col("down").fill_null(0) / pl.col("responses"),
+            thumbs_up_rate=pl.col("up").fill_null(0) / pl.col("responses"),
+        )
+        .sort(keys)
+        .collect()
+    )
     figures = ["users", "sessions", "latency_ms_p95", "thumbs_down_rate", "thumbs_up_rate"]
     for engine in ("streaming", "in-memory"):
         summary = sinks.variant_summary(tmp_path).collect(engine=engine).sort(keys)
@@ -184,4 +264,5 @@ def test_the_summary_counts_users_and_sessions_exactly_and_gives_p95_at_any_size
     approx = sinks.variant_summary(tmp_path, exact=False).collect().sort(keys)
     assert "latency_ms_p95" not in approx.columns and approx["responses"].sum() == 6000
     assert approx.select(*keys, "thumbs_down_rate", "thumbs_up_rate").equals(
-        expected.select(*keys, "thumbs_down_rate", "thumbs_up_rate"))
+        expected.select(*keys, "thumbs_down_rate", "thumbs_up_rate")
+    )

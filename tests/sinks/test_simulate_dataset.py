@@ -27,13 +27,19 @@ PLAN = {
     "control": {"model": "claude-sonnet-4-5-20250929", "prompt_version": "v1"},
     "candidate": {"model": "claude-sonnet-4-6-20260301", "prompt_version": "v1"},
     "skip_shadow": "rehearsal",
-    "stages": [{"name": "canary", "percent": 50, "min_duration": "2h", "min_users_per_arm": 50},
-               {"name": "ramp", "percent": 100}],
+    "stages": [
+        {"name": "canary", "percent": 50, "min_duration": "2h", "min_users_per_arm": 50},
+        {"name": "ramp", "percent": 100},
+    ],
     "min_users_per_arm": 50,
     "guardrails": [{"metric": "thumbs_down_rate", "max_relative_increase": 0.5, "action": "rollback"}],
 }
-SCENARIO = {"duration": "5h", "users_per_hour": 300, "requests_per_user": 3,
-            "variants": {"control": {"thumbs_down_rate": 0.1}, "candidate": {}}}
+SCENARIO = {
+    "duration": "5h",
+    "users_per_hour": 300,
+    "requests_per_user": 3,
+    "variants": {"control": {"thumbs_down_rate": 0.1}, "candidate": {}},
+}
 
 
 def simulate(tmp_path: Path, data: Path) -> dict:
@@ -41,9 +47,26 @@ def simulate(tmp_path: Path, data: Path) -> dict:
     plan.write_text(yaml.safe_dump(PLAN))
     scenario.write_text(yaml.safe_dump(SCENARIO))
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAFESWAP_")}  # its own broker and worker
-    run = subprocess.run([sys.executable, "-m", "safeswap", "simulate", "--plan", str(plan), "--scenario",
-                          str(scenario), "--data", str(data), "--json"],
-                         capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "safeswap",
+            "simulate",
+            "--plan",
+            str(plan),
+            "--scenario",
+            str(scenario),
+            "--data",
+            str(data),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr[-3000:]
     return json.loads(run.stdout.strip().splitlines()[-1])
 
@@ -70,4 +93,3 @@ def test_simulate_twice_into_one_folder_reports_and_keeps_every_event(tmp_path: 
     report = sinks.compact(data, before=dt.date(2100, 1, 1), grace_s=0)
     assert not report.errors and report.written_files > 0
     assert on_disk() == sent  # compaction deleted nothing of either run
-

@@ -84,8 +84,12 @@ def test_sigkill_while_writing_then_restart_leaves_every_event_exactly_once(sett
             stable = sinks.count_rows(data, ["traces"])["traces"]
             time.sleep(2.0)
         # The outcomes agent (which dead-letters the bad traces) may trail the sink on a busy machine.
-        wait_until(lambda: len([d for d in dead_letters(settings, timeout_s=5) if d.agent == "outcomes"])
-                   >= len(BAD), 90, "the outcomes agent's dead letters", restarted.log)
+        wait_until(
+            lambda: len([d for d in dead_letters(settings, timeout_s=5) if d.agent == "outcomes"]) >= len(BAD),
+            90,
+            "the outcomes agent's dead letters",
+            restarted.log,
+        )
         restarted.stop()  # SIGINT: the worker flushes what it holds before it exits
         assert restarted.process.returncode is not None
     finally:
@@ -112,15 +116,30 @@ def test_demo_writes_the_dataset_and_reports_rows_twice_into_the_same_folder(tmp
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAFESWAP_")}
     results = []
     for _ in range(2):
-        run = subprocess.run([sys.executable, "-m", "safeswap", "demo", "--json", "--data", str(tmp_path / "data")],
-                             capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path)
+        run = subprocess.run(
+            [sys.executable, "-m", "safeswap", "demo", "--json", "--data", str(tmp_path / "data")],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=180,
+            cwd=tmp_path,
+        )
         assert run.returncode == 0, run.stderr[-2000:]
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
     for result in results:
         assert result["data_dir"] == str(tmp_path / "data")
         rows = result["rows"]
-        assert set(rows) == {"traces", "feedback", "outcomes", "stats", "decisions", "plans", "shadow",
-                             "judgments", "dlq"}
+        assert set(rows) == {
+            "traces",
+            "feedback",
+            "outcomes",
+            "stats",
+            "decisions",
+            "plans",
+            "shadow",
+            "judgments",
+            "dlq",
+        }
         assert rows["traces"] + rows["feedback"] == result["events_sent"]
         assert rows["plans"] == 1 and rows["decisions"] >= 2 and rows["stats"] >= 1
     timeline = sinks.decision_timeline(tmp_path / "data", rollout_id=results[1]["rollout_id"]).collect()

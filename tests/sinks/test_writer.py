@@ -220,8 +220,7 @@ def test_a_recreated_topic_starts_a_generation_whose_files_nothing_overwrites_hi
 
     check()
     names = sorted(p.name for p in dataset_files(tmp_path))
-    assert names == ["part-0-0-29-g1.parquet", "part-0-0-29.parquet", "part-0-30-44-g1.parquet",
-                     "part-0-30-59.parquet"]
+    assert names == ["part-0-0-29-g1.parquet", "part-0-0-29.parquet", "part-0-30-44-g1.parquet", "part-0-30-59.parquet"]
     assert [parse_file_name(n).generation for n in names] == [1, 0, 1, 0]
 
     restarted = PartitionWriter(Layout(tmp_path), TRACES, 0, NEVER)

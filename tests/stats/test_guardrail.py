@@ -1,7 +1,6 @@
 """GuardrailMonitor and split_alpha."""
 
 import json
-import math
 
 import pytest
 
@@ -78,18 +77,22 @@ def test_verdict_and_state_serialise():
     json.dumps(v.to_dict(), allow_nan=False)
     restored = GuardrailMonitor.from_dict(json.loads(json.dumps(m.to_dict())))
     assert restored.update(Proportion(4000, 200), Proportion(4000, 230)) == m.update(
-        Proportion(4000, 200), Proportion(4000, 230))
+        Proportion(4000, 200), Proportion(4000, 230)
+    )
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(max_relative_increase=0.1, max_absolute_increase=0.1), "at most one"),
-    (dict(max_relative_increase=-0.1), "max_relative_increase"),
-    (dict(max_absolute_increase=float("nan")), "max_absolute_increase"),
-    (dict(direction="up"), "direction"),
-    (dict(alpha=0.5), "alpha"),
-    (dict(min_units_per_arm=1), "min_units_per_arm"),
-    (dict(n_tune=-5), "n_tune"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(max_relative_increase=0.1, max_absolute_increase=0.1), "at most one"),
+        (dict(max_relative_increase=-0.1), "max_relative_increase"),
+        (dict(max_absolute_increase=float("nan")), "max_absolute_increase"),
+        (dict(direction="up"), "direction"),
+        (dict(alpha=0.5), "alpha"),
+        (dict(min_units_per_arm=1), "min_units_per_arm"),
+        (dict(n_tune=-5), "n_tune"),
+    ],
+)
 def test_bad_configuration(kwargs, name):
     with pytest.raises(ValueError, match=name):
         GuardrailMonitor("m", **kwargs)
@@ -102,7 +105,7 @@ def test_wrong_statistic_kind():
 
 def test_split_alpha():
     assert split_alpha(0.05, 4) == pytest.approx(0.0125)
-    assert split_alpha(0.05, 4, rule="sidak") == pytest.approx(1 - 0.95 ** 0.25)
+    assert split_alpha(0.05, 4, rule="sidak") == pytest.approx(1 - 0.95**0.25)
     assert split_alpha(0.05, 4, rule="sidak") > split_alpha(0.05, 4)
     for bad in (dict(n_guardrails=0), dict(n_guardrails=2.0), dict(n_guardrails=2, rule="holm")):
         with pytest.raises(ValueError):
@@ -112,4 +115,3 @@ def test_split_alpha():
 def test_from_dict_without_a_metric_is_a_value_error():
     with pytest.raises(ValueError, match="metric"):
         GuardrailMonitor.from_dict({"tolerance": 0.2})
-

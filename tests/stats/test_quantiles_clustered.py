@@ -72,7 +72,9 @@ def test_std_error_is_the_outer_interval_and_scales_with_clustering():
     var = hist.cdf_variance()
     sigma = math.sqrt((1 - frac) * var[i - 1] + frac * var[i])
     assert q_hat == hist.quantile(Q)
-    assert se == pytest.approx((hist.quantile(Q + OUTER_Z * sigma) - hist.quantile(Q - OUTER_Z * sigma)) / (2 * OUTER_Z))
+    assert se == pytest.approx(
+        (hist.quantile(Q + OUTER_Z * sigma) - hist.quantile(Q - OUTER_Z * sigma)) / (2 * OUTER_Z)
+    )
     # Requests as their own clusters give the binomial variance, and a much smaller SE:
     # that gap is the clustering a per-request test ignores.
     latency, _, _ = _traffic(np.random.default_rng(2), 1500)
@@ -143,22 +145,36 @@ def test_dict_round_trip_and_old_dicts():
     assert LatencyHistogram.from_dict(raw).clusters is None and LatencyHistogram.from_dict(raw).n == a.n + b.n
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: quantile_std_error(LatencyHistogram.from_cluster_counts(np.zeros((3, HIST_BINS), int)), Q), "empty"),
-    (lambda: quantile_std_error(LatencyHistogram.from_values([100.0, 200.0, 300.0], clusters=[1, 1, 1]), Q),
-     "at least 2 clusters"),
-    (lambda: quantile_std_error(LatencyHistogram.from_values([5e6] * 50 + [10.0], clusters=np.arange(51)), Q),
-     "overflow"),
-    (lambda: quantile_std_error(LatencyHistogram.from_values([100.0, 200.0], clusters=[1, 2]), Q),
-     "too few data"),
-    (lambda: quantile_std_error(LatencyHistogram.from_values([100.0, 200.0]), Q), "no cluster moments"),
-    (lambda: quantile_moments(LatencyHistogram.from_values([1.0] * 3, clusters=[1, 1, 1]),
-                              _hist(np.random.default_rng(0), 300), Q), "control: needs data from at least 2"),
-    (lambda: LatencyHistogram((0,) * (HIST_BINS - 1) + (3,), clusters={"units": 1, "n_sq": 4}), "n_sq"),
-    (lambda: LatencyHistogram((0,) * (HIST_BINS - 1) + (3,), clusters={"units": 5, "n_sq": 9}), "units"),
-    (lambda: LatencyHistogram(_hist(np.random.default_rng(0), 300).counts, clusters={"n": 0, "units": 0, "n_sq": 0}),
-     "clusters describe 0 observations"),
-])
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (lambda: quantile_std_error(LatencyHistogram.from_cluster_counts(np.zeros((3, HIST_BINS), int)), Q), "empty"),
+        (
+            lambda: quantile_std_error(LatencyHistogram.from_values([100.0, 200.0, 300.0], clusters=[1, 1, 1]), Q),
+            "at least 2 clusters",
+        ),
+        (
+            lambda: quantile_std_error(LatencyHistogram.from_values([5e6] * 50 + [10.0], clusters=np.arange(51)), Q),
+            "overflow",
+        ),
+        (lambda: quantile_std_error(LatencyHistogram.from_values([100.0, 200.0], clusters=[1, 2]), Q), "too few data"),
+        (lambda: quantile_std_error(LatencyHistogram.from_values([100.0, 200.0]), Q), "no cluster moments"),
+        (
+            lambda: quantile_moments(
+                LatencyHistogram.from_values([1.0] * 3, clusters=[1, 1, 1]), _hist(np.random.default_rng(0), 300), Q
+            ),
+            "control: needs data from at least 2",
+        ),
+        (lambda: LatencyHistogram((0,) * (HIST_BINS - 1) + (3,), clusters={"units": 1, "n_sq": 4}), "n_sq"),
+        (lambda: LatencyHistogram((0,) * (HIST_BINS - 1) + (3,), clusters={"units": 5, "n_sq": 9}), "units"),
+        (
+            lambda: LatencyHistogram(
+                _hist(np.random.default_rng(0), 300).counts, clusters={"n": 0, "units": 0, "n_sq": 0}
+            ),
+            "clusters describe 0 observations",
+        ),
+    ],
+)
 def test_bad_input_raises_a_clear_error(make, match):
     with pytest.raises(ValueError, match=match):
         make()
@@ -237,8 +253,9 @@ def _requests(rng, runs, shift):
     """Per request, ``(run * B + bucket) * (W + 2) + column`` (column 0: below the window,
     W + 1: above it), in look order; and where each look's requests end."""
     m = rng.integers(1, 21, size=(LOOKS, runs, LOOK), dtype=np.int32)
-    centre = ((MU + shift - math.log(EDGES[J0])) / H
-              + rng.standard_normal(m.shape, dtype=np.float32) * np.float32(math.sqrt(0.5) / H))
+    centre = (MU + shift - math.log(EDGES[J0])) / H + rng.standard_normal(m.shape, dtype=np.float32) * np.float32(
+        math.sqrt(0.5) / H
+    )
     bucket = (rng.integers(0, 2**63, size=m.shape, dtype=np.int64) % LATENCY_BUCKETS).astype(np.int32)
     base = (np.arange(runs, dtype=np.int32)[None, :, None] * LATENCY_BUCKETS + bucket) * (W + 2)
     ends = np.cumsum(m.reshape(LOOKS, -1).sum(1))
@@ -268,7 +285,7 @@ def _arm(counts, edges):
     runs = counts.shape[0]
     n_b = counts.sum(2)
     n, k_units, n_sq = n_b.sum(1), np.count_nonzero(n_b, 1), (n_b * n_b).sum(1)
-    cum = np.cumsum(counts.sum(1)[:, :W + 1], 1)
+    cum = np.cumsum(counts.sum(1)[:, : W + 1], 1)
     q_hat, k, frac = _quantile(cum, n, np.full(runs, Q), edges)
     # C_b at the two edges around the p95: columns 0..k-1 and 0..k.
     masks = (np.arange(W + 2)[None, None, :] <= np.stack([k - 1, k], 1)[:, :, None]).astype(float)
@@ -290,7 +307,7 @@ def _arm(counts, edges):
 def _simulate(rng, runs, lift, batch=100):
     """Per run and look: breach by (users as the unit, the request-level exact CS, the delta
     method with requests as the unit); and the per-look estimates of the first batch."""
-    edges = EDGES[J0:J0 + W + 1]
+    edges = EDGES[J0 : J0 + W + 1]
     c = _concentration(Q, ALPHA / 2, N_TUNE / 2)
     thr = -math.log(ALPHA / 2)
     out, first = [], None
@@ -302,8 +319,9 @@ def _simulate(rng, runs, lift, batch=100):
         looks = []
         for look in range(LOOKS):
             for arm, (keys, ends) in enumerate(arms):
-                counts[arm] += np.bincount(keys[ends[look]:ends[look + 1]], minlength=counts[arm].size
-                                           ).reshape(counts[arm].shape)
+                counts[arm] += np.bincount(keys[ends[look] : ends[look + 1]], minlength=counts[arm].size).reshape(
+                    counts[arm].shape
+                )
             (n_a, cum_a, q_a, se_a, ser_a), (n_b, cum_b, q_b, se_b, ser_b) = (_arm(x, edges) for x in counts)
             est = q_b / q_a - 1
             var = se_b**2 / q_a**2 + q_b**2 * se_a**2 / q_a**4
@@ -349,9 +367,9 @@ def test_vectorised_looks_equal_the_modules_decisions():
             a, b = (_module_histograms(keys, ends[look + 1], run, users) for keys, ends in arms)
             est, var, _, _ = quantile_moments(a, b, Q)
             assert (est, var) == pytest.approx((looks[look][0][run], looks[look][1][run]), rel=1e-9)
-            assert new.update(a, b).breach == breach[0, run, :look + 1].any()
+            assert new.update(a, b).breach == breach[0, run, : look + 1].any()
             plain = [LatencyHistogram(h.counts) for h in (a, b)]
-            assert old.update(*plain).breach == breach[1, run, :look + 1].any()
+            assert old.update(*plain).breach == breach[1, run, : look + 1].any()
             if look < 3:  # requests as their own clusters (a matrix of requests x bins: small looks only)
                 a, b = (_module_histograms(keys, ends[look + 1], run, users, clusters=False) for keys, ends in arms)
                 assert quantile_moments(a, b, Q)[1] == pytest.approx(looks[look][2][run], rel=1e-9)
@@ -371,8 +389,10 @@ def _monte_carlo(runs, runs_ab, seed):
     aa, _ = _simulate(np.random.default_rng(seed), runs, 0.0)
     rate = aa.any(2).mean(1)
     se = np.sqrt(rate * (1 - rate) / runs)
-    figures = (f"A/A over {runs} runs: users as the unit {rate[0]:.3f} +- {se[0]:.3f}, request-level exact CS "
-               f"{rate[1]:.3f} +- {se[1]:.3f}, delta method with requests as the unit {rate[2]:.3f} +- {se[2]:.3f}")
+    figures = (
+        f"A/A over {runs} runs: users as the unit {rate[0]:.3f} +- {se[0]:.3f}, request-level exact CS "
+        f"{rate[1]:.3f} +- {se[1]:.3f}, delta method with requests as the unit {rate[2]:.3f} +- {se[2]:.3f}"
+    )
     # Valid: at most alpha (up to 3 Monte-Carlo SEs at alpha).
     assert rate[0] <= ALPHA + 3 * math.sqrt(ALPHA * (1 - ALPHA) / runs), figures
     # The same test with requests as the unit is far above alpha on the same streams: the
@@ -382,9 +402,11 @@ def _monte_carlo(runs, runs_ab, seed):
     detected = ab.any(2).mean(1)
     stop = np.where(ab[0].any(1), (ab[0].argmax(1) + 1) * LOOK, np.inf)
     median_stop = float(np.median(stop))  # over all runs: a run that never stops counts as infinity
-    figures += (f"; A/B +10% p95 over {runs_ab} runs: detected {detected[0]:.3f} +- "
-                f"{math.sqrt(detected[0] * (1 - detected[0]) / runs_ab):.3f} (request-level exact CS "
-                f"{detected[1]:.3f}), median stop {median_stop:.0f} users per arm")
+    figures += (
+        f"; A/B +10% p95 over {runs_ab} runs: detected {detected[0]:.3f} +- "
+        f"{math.sqrt(detected[0] * (1 - detected[0]) / runs_ab):.3f} (request-level exact CS "
+        f"{detected[1]:.3f}), median stop {median_stop:.0f} users per arm"
+    )
     print(figures)
     assert detected[0] >= 0.8 and median_stop <= 4000, figures
     assert detected[0] > detected[1] + 0.4, figures  # the exact CS's bin-edge bounds barely see +10%

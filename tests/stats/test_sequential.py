@@ -32,12 +32,15 @@ def test_gbstats_two_sided_proportion():
     assert r.p_value < 1e-5  # gbstats rounds it to 0.0
 
 
-@pytest.mark.parametrize("difference, alternative, bound", [
-    ("relative", "greater", -0.42356454602790883),
-    ("absolute", "greater", -0.12656844172804982),
-    ("relative", "less", 1.4302867177403806),
-    ("absolute", "less", 0.5953217750613832),
-])
+@pytest.mark.parametrize(
+    "difference, alternative, bound",
+    [
+        ("relative", "greater", -0.42356454602790883),
+        ("absolute", "greater", -0.12656844172804982),
+        ("relative", "less", 1.4302867177403806),
+        ("absolute", "less", 0.5953217750613832),
+    ],
+)
 def test_gbstats_one_sided_bounds(difference, alternative, bound):
     r = sequential_compare(GB_A, GB_B, difference=difference, alternative=alternative)
     if alternative == "greater":
@@ -62,7 +65,8 @@ def test_rho_formula_eq161():
     expected = math.sqrt((-2 * math.log(a) + math.log(-2 * math.log(a) + 1)) / n)
     assert sequential_rho(a, n) == pytest.approx(expected, rel=1e-12)
     assert sequential_rho(a, n, one_sided=True) == pytest.approx(
-        math.sqrt((-2 * math.log(2 * a) + math.log(-2 * math.log(2 * a) + 1)) / n), rel=1e-12)
+        math.sqrt((-2 * math.log(2 * a) + math.log(-2 * math.log(2 * a) + 1)) / n), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
@@ -77,15 +81,17 @@ def test_p_value_is_the_level_where_the_cs_touches_zero(alternative, difference)
     one_sided = alternative != "two-sided"
     rho = sequential_rho(r.alpha, r.n_tune, one_sided=one_sided)
     t = r.n_control + r.n_candidate
-    hw = cs_halfwidth(r.std_error ** 2 * t, t, r.p_value, rho, one_sided=one_sided)
+    hw = cs_halfwidth(r.std_error**2 * t, t, r.p_value, rho, one_sided=one_sided)
     assert abs(r.estimate) == pytest.approx(hw, rel=1e-9)
     assert r.significant == (r.p_value < r.alpha)
 
 
 def test_cs_is_wider_than_fixed_horizon_and_tightest_near_n_tune():
     a, b = Proportion(5000, 250), Proportion(5000, 275)
-    widths = {nt: sequential_compare(a, b, n_tune=nt).ci_high - sequential_compare(a, b, n_tune=nt).ci_low
-              for nt in (100, 10_000, 1_000_000)}
+    widths = {
+        nt: sequential_compare(a, b, n_tune=nt).ci_high - sequential_compare(a, b, n_tune=nt).ci_low
+        for nt in (100, 10_000, 1_000_000)
+    }
     r = sequential_compare(a, b, n_tune=10_000)
     assert (r.ci_high - r.ci_low) / 2 > 1.96 * r.std_error
     assert widths[10_000] < widths[100] and widths[10_000] < widths[1_000_000]
@@ -118,16 +124,19 @@ def test_ratio_and_mean_inputs_work_and_kinds_must_match():
         sequential_compare(Proportion(10, 1), Mean(10, 1.0, 1.0))
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(alpha=0.0), "alpha"),
-    (dict(alpha=float("nan")), "alpha"),
-    (dict(alpha=0.6, alternative="greater"), "alpha"),
-    (dict(n_tune=0), "n_tune"),
-    (dict(n_tune=float("inf")), "n_tune"),
-    (dict(difference="ratio"), "difference"),
-    (dict(alternative="bigger"), "alternative"),
-    (dict(null=float("nan")), "null"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(alpha=0.0), "alpha"),
+        (dict(alpha=float("nan")), "alpha"),
+        (dict(alpha=0.6, alternative="greater"), "alpha"),
+        (dict(n_tune=0), "n_tune"),
+        (dict(n_tune=float("inf")), "n_tune"),
+        (dict(difference="ratio"), "difference"),
+        (dict(alternative="bigger"), "alternative"),
+        (dict(null=float("nan")), "null"),
+    ],
+)
 def test_bad_arguments_raise(kwargs, name):
     with pytest.raises(ValueError, match=name):
         sequential_compare(Proportion(100, 5), Proportion(100, 6), **kwargs)
@@ -148,6 +157,7 @@ def test_too_few_units_or_zero_control_raise():
 
 def test_to_dict_is_json_safe():
     import json
+
     d = sequential_compare(Proportion(100, 5), Proportion(100, 9), alternative="greater").to_dict()
     assert d["ci_high"] is None and d["alternative"] == "greater"
     json.dumps(d, allow_nan=False)

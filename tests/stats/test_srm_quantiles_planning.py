@@ -8,8 +8,15 @@ import pytest
 from scipy.special import gammaln
 
 from safeswap.stats import (
-    GuardrailMonitor, LatencyHistogram, SRMMonitor, plan_sample_size, quantile_bounds,
-    quantile_compare, srm_test, stat_from_dict, watch_hours,
+    GuardrailMonitor,
+    LatencyHistogram,
+    SRMMonitor,
+    plan_sample_size,
+    quantile_bounds,
+    quantile_compare,
+    srm_test,
+    stat_from_dict,
+    watch_hours,
 )
 
 # ---------------------------------------------------------------- SRM
@@ -24,7 +31,10 @@ def test_srm_balanced_counts_do_not_trigger_and_imbalance_at_1m_does():
 def test_srm_bayes_factor_matches_beta_binomial_closed_form():
     # Independent check, two arms: BF = B(c/2 + x1, c/2 + x2) / B(c/2, c/2) / 0.5^n.
     x1, x2, c = 5300, 4700, 10_000.0
-    log_beta = lambda a, b: gammaln(a) + gammaln(b) - gammaln(a + b)
+
+    def log_beta(a, b):
+        return gammaln(a) + gammaln(b) - gammaln(a + b)
+
     expected = log_beta(c / 2 + x1, c / 2 + x2) - log_beta(c / 2, c / 2) - (x1 + x2) * math.log(0.5)
     assert srm_test([x1, x2], [0.5, 0.5], concentration=c).log_bayes_factor == pytest.approx(expected, rel=1e-10)
 
@@ -36,8 +46,9 @@ def test_srm_bayes_factor_matches_scipy_dirichlet_multinomial_for_three_arms():
     from scipy.stats import dirichlet_multinomial, multinomial
 
     counts, shares, c = [130, 290, 580], [0.1, 0.3, 0.6], 100.0
-    expected = (dirichlet_multinomial.logpmf(counts, [c * s for s in shares], sum(counts))
-                - multinomial.logpmf(counts, sum(counts), shares))
+    expected = dirichlet_multinomial.logpmf(counts, [c * s for s in shares], sum(counts)) - multinomial.logpmf(
+        counts, sum(counts), shares
+    )
     result = srm_test(counts, shares, concentration=c)
     assert result.log_bayes_factor == pytest.approx(expected, rel=1e-9)
     assert result.p_value == pytest.approx(min(1.0, math.exp(-expected)), rel=1e-9)
@@ -70,13 +81,16 @@ def test_srm_monitor_running_minimum_is_sticky():
     assert mon.mismatch and mon.p_value < 0.001
 
 
-@pytest.mark.parametrize("counts, shares, name", [
-    ([10, -1], [0.5, 0.5], "counts"),
-    ([10, float("nan")], [0.5, 0.5], "counts"),
-    ([10, 10], [0.6, 0.6], "sum to 1"),
-    ([10, 10], [1.0, 0.0], "expected_shares"),
-    ([10, 10, 10], [0.5, 0.5], "expected_shares"),
-])
+@pytest.mark.parametrize(
+    "counts, shares, name",
+    [
+        ([10, -1], [0.5, 0.5], "counts"),
+        ([10, float("nan")], [0.5, 0.5], "counts"),
+        ([10, 10], [0.6, 0.6], "sum to 1"),
+        ([10, 10], [1.0, 0.0], "expected_shares"),
+        ([10, 10, 10], [0.5, 0.5], "expected_shares"),
+    ],
+)
 def test_srm_bad_input(counts, shares, name):
     with pytest.raises(ValueError, match=name):
         srm_test(counts, shares)
@@ -101,13 +115,16 @@ def test_histogram_quantile_within_one_bin_of_exact():
     assert h.quantile(0.95) == pytest.approx(np.quantile(x, 0.95), rel=10 ** (1 / 50) - 1)
 
 
-@pytest.mark.parametrize("bad, name", [
-    (lambda: LatencyHistogram.from_values([1.0, -2.0]), "values"),
-    (lambda: LatencyHistogram.from_values([1.0, float("nan")]), "values"),
-    (lambda: LatencyHistogram((1, 2, 3)), "counts"),
-    (lambda: LatencyHistogram.empty(lo=0.0), "lo"),
-    (lambda: LatencyHistogram.empty().quantile(0.95), "empty"),
-])
+@pytest.mark.parametrize(
+    "bad, name",
+    [
+        (lambda: LatencyHistogram.from_values([1.0, -2.0]), "values"),
+        (lambda: LatencyHistogram.from_values([1.0, float("nan")]), "values"),
+        (lambda: LatencyHistogram((1, 2, 3)), "counts"),
+        (lambda: LatencyHistogram.empty(lo=0.0), "lo"),
+        (lambda: LatencyHistogram.empty().quantile(0.95), "empty"),
+    ],
+)
 def test_histogram_bad_input(bad, name):
     with pytest.raises(ValueError, match=name):
         bad()
@@ -158,7 +175,7 @@ def test_guardrail_monitor_accepts_histograms_for_p95_metrics():
 
 def test_fixed_horizon_matches_textbook_formula():
     # Independent: (z_.95 + z_.8)^2 (p1 q1 + p2 q2) / delta^2 with p1=.05, p2=.06.
-    expected = (1.6448536 + 0.8416212) ** 2 * (0.05 * 0.95 + 0.06 * 0.94) / 0.01 ** 2
+    expected = (1.6448536 + 0.8416212) ** 2 * (0.05 * 0.95 + 0.06 * 0.94) / 0.01**2
     plan = plan_sample_size(0.05, 0.2)
     assert plan.fixed_horizon_per_arm == math.ceil(expected) == 6424
     assert plan.sequential_per_arm > plan.fixed_horizon_per_arm
@@ -169,21 +186,25 @@ def test_fixed_horizon_matches_textbook_formula():
 def test_planning_scales_with_variance_inflation_and_sidedness():
     base = plan_sample_size(0.05, 0.2)
     assert plan_sample_size(0.05, 0.2, variance_inflation=2.0).fixed_horizon_per_arm == pytest.approx(
-        2 * base.fixed_horizon_per_arm, abs=1)
+        2 * base.fixed_horizon_per_arm, abs=1
+    )
     assert plan_sample_size(0.05, 0.2, alternative="two-sided").fixed_horizon_per_arm > base.fixed_horizon_per_arm
     mean_plan = plan_sample_size(100.0, 0.1, kind="mean", std=50.0)
     assert mean_plan.fixed_horizon_per_arm == math.ceil((1.6448536 + 0.8416212) ** 2 * 2 * 2500 / 100)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(baseline=1.5, relative_mde=0.2), "baseline"),
-    (dict(baseline=0.05, relative_mde=0.0), "relative_mde"),
-    (dict(baseline=0.05, relative_mde=0.2, power=1.2), "power"),
-    (dict(baseline=0.05, relative_mde=0.2, kind="mean"), "std"),
-    (dict(baseline=0.05, relative_mde=0.2, variance_inflation=-1), "variance_inflation"),
-    (dict(baseline=0.9, relative_mde=0.2), "in \\(0, 1\\)"),
-    (dict(baseline=0.05, relative_mde=0.2, sequential="no"), "sequential"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(baseline=1.5, relative_mde=0.2), "baseline"),
+        (dict(baseline=0.05, relative_mde=0.0), "relative_mde"),
+        (dict(baseline=0.05, relative_mde=0.2, power=1.2), "power"),
+        (dict(baseline=0.05, relative_mde=0.2, kind="mean"), "std"),
+        (dict(baseline=0.05, relative_mde=0.2, variance_inflation=-1), "variance_inflation"),
+        (dict(baseline=0.9, relative_mde=0.2), "in \\(0, 1\\)"),
+        (dict(baseline=0.05, relative_mde=0.2, sequential="no"), "sequential"),
+    ],
+)
 def test_planning_bad_input(kwargs, name):
     with pytest.raises(ValueError, match=name):
         plan_sample_size(**kwargs)

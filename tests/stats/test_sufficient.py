@@ -42,11 +42,14 @@ def test_adding_different_kinds_is_a_type_error():
         Proportion(10, 1) + Mean(10, 1.0, 1.0)
 
 
-@pytest.mark.parametrize("stat", [
-    Proportion(120, 7),
-    Mean(50, 12.5, 9.75),
-    Ratio(40, 10.0, 12.0, 200.0, 1400.0, 60.0),
-])
+@pytest.mark.parametrize(
+    "stat",
+    [
+        Proportion(120, 7),
+        Mean(50, 12.5, 9.75),
+        Ratio(40, 10.0, 12.0, 200.0, 1400.0, 60.0),
+    ],
+)
 def test_dict_round_trip_through_json(stat):
     data = json.loads(json.dumps(stat.to_dict()))
     assert data["kind"] == stat.kind
@@ -54,22 +57,25 @@ def test_dict_round_trip_through_json(stat):
     assert stat_from_dict(data) == stat
 
 
-@pytest.mark.parametrize("make, argname", [
-    (lambda: Proportion(-1, 0), "n"),
-    (lambda: Proportion(10, 11), "successes"),
-    (lambda: Proportion(10, -1), "successes"),
-    (lambda: Proportion(10.5, 1), "n"),
-    (lambda: Proportion(float("nan"), 1), "n"),
-    (lambda: Mean(10, float("inf"), 1.0), "total"),
-    (lambda: Mean(10, 1.0, float("nan")), "total_sq"),
-    (lambda: Mean(10, 1.0, -1.0), "total_sq"),
-    (lambda: Mean(2, 10.0, 1.0), "total_sq"),
-    (lambda: Ratio(-3, 1, 1, 1, 1, 1), "n_units"),
-    (lambda: Ratio(3, float("nan"), 1, 1, 1, 1), "num"),
-    (lambda: Ratio(3, 1, 1, 1, 1, float("inf")), "num_den"),
-    (lambda: Ratio(3, 1, 1, 1, -1, 1), "den_sq"),
-    (lambda: Ratio(10, 1, 1, -5, 25, -1), "den"),  # a count of responses or sessions
-])
+@pytest.mark.parametrize(
+    "make, argname",
+    [
+        (lambda: Proportion(-1, 0), "n"),
+        (lambda: Proportion(10, 11), "successes"),
+        (lambda: Proportion(10, -1), "successes"),
+        (lambda: Proportion(10.5, 1), "n"),
+        (lambda: Proportion(float("nan"), 1), "n"),
+        (lambda: Mean(10, float("inf"), 1.0), "total"),
+        (lambda: Mean(10, 1.0, float("nan")), "total_sq"),
+        (lambda: Mean(10, 1.0, -1.0), "total_sq"),
+        (lambda: Mean(2, 10.0, 1.0), "total_sq"),
+        (lambda: Ratio(-3, 1, 1, 1, 1, 1), "n_units"),
+        (lambda: Ratio(3, float("nan"), 1, 1, 1, 1), "num"),
+        (lambda: Ratio(3, 1, 1, 1, 1, float("inf")), "num_den"),
+        (lambda: Ratio(3, 1, 1, 1, -1, 1), "den_sq"),
+        (lambda: Ratio(10, 1, 1, -5, 25, -1), "den"),  # a count of responses or sessions
+    ],
+)
 def test_bad_input_raises_value_error_naming_the_argument(make, argname):
     with pytest.raises(ValueError, match=argname):
         make()
@@ -86,11 +92,11 @@ def test_from_dict_rejects_wrong_kind_and_missing_fields():
 
 def test_empty_statistics_refuse_to_estimate():
     with pytest.raises(ValueError, match="n is 0"):
-        Proportion(0, 0).estimate
+        _ = Proportion(0, 0).estimate
     with pytest.raises(ValueError, match="n >= 2"):
-        Mean(1, 1.0, 1.0).variance_of_unit
+        _ = Mean(1, 1.0, 1.0).variance_of_unit
     with pytest.raises(ValueError, match="den is 0"):
-        Ratio(5, 0, 0, 0, 0, 0).estimate
+        _ = Ratio(5, 0, 0, 0, 0, 0).estimate
 
 
 def test_ratio_delta_method_variance_matches_clustered_simulation():

@@ -22,7 +22,7 @@ def test_vectorised_boundary_agrees_with_sequential_compare():
         if a.successes in (0, n) or b.successes in (0, n):
             continue
         r = sequential_compare(a, b, difference="absolute", alternative="greater", n_tune=N_TUNE)
-        assert bool(cs_reject(np.array(r.estimate), np.array(r.std_error ** 2), 2 * n)) == (r.ci_low > 0)
+        assert bool(cs_reject(np.array(r.estimate), np.array(r.std_error**2), 2 * n)) == (r.ci_low > 0)
 
 
 def test_vectorised_quantile_bounds_agree_with_quantile_bounds():
@@ -81,8 +81,10 @@ def _app():
 
 
 def test_cli_plan_size_json():
-    result = CliRunner().invoke(_app(), ["plan", "size", "--baseline", "0.05", "--mde", "0.2", "--users-per-hour",
-                                         "1000", "--percent", "10", "--json"])
+    result = CliRunner().invoke(
+        _app(),
+        ["plan", "size", "--baseline", "0.05", "--mde", "0.2", "--users-per-hour", "1000", "--percent", "10", "--json"],
+    )
     assert result.exit_code == 0, result.output
     data = json.loads(result.stdout.strip().splitlines()[-1])
     assert data["fixed_horizon_per_arm"] == 6424
