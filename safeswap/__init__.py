@@ -15,7 +15,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = ["Emitter", "FlagClient", "__version__"]
-# Loaded on first use: they pull in Faust and aiokafka (~0.4 s), which most CLI
+# Loaded on first use: they pull in aiokafka, which most CLI
 # commands (every one starts by importing this package) never need.
 _LAZY = {"Emitter": "safeswap.emitter", "FlagClient": "safeswap.flags"}
 

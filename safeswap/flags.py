@@ -427,8 +427,6 @@ class FlagClient:
             raise failures[0]
         return self
 
-    start_sync = start_background
-
     def stop_background(self, timeout_s: float = 10.0) -> None:
         """Stop the background tail and its thread (idempotent)."""
         thread, loop = self._thread, self._loop

@@ -1,9 +1,11 @@
 """How every Kafka client safeswap makes connects: one mapping from Settings.
 
-Faust gets ``broker_credentials=credentials(settings)``; every aiokafka client
-(the Emitter, the FlagClient, the CLI, the sinks, checkpoints, the dashboard)
-gets ``**client_options(settings)``, which is Faust's own translation of the same
-credentials, so the worker and the clients can never disagree.
+Every aiokafka client (the Emitter, the FlagClient, the CLI, the sinks,
+checkpoints, the dashboard) gets ``**client_options(settings)``; Faust gets
+``broker_credentials=credentials(settings)``. Both read the same validated
+``security(settings)``, and a test checks that Faust's own translation of the
+credentials gives the clients' options, so the worker and the clients can never
+disagree. Only ``credentials`` imports Faust: apps that use the SDK never load it.
 
     SAFESWAP_KAFKA_SECURITY_PROTOCOL   PLAINTEXT (default) | SSL | SASL_PLAINTEXT | SASL_SSL
     SAFESWAP_KAFKA_SASL_MECHANISM      PLAIN (default) | SCRAM-SHA-256 | SCRAM-SHA-512
@@ -20,8 +22,6 @@ from typing import Any
 
 from aiokafka import ConsumerRebalanceListener
 from aiokafka.helpers import create_ssl_context
-from faust.auth import SASLCredentials, SSLCredentials
-from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
 
 from streams.settings import Settings
 
@@ -37,17 +37,15 @@ def ssl_context(settings: Settings):
     )
 
 
-def credentials(settings: Settings) -> SASLCredentials | SSLCredentials | None:
-    """Faust credentials for the configured protocol; None for PLAINTEXT."""
+def security(settings: Settings) -> tuple[str, str | None]:
+    """(protocol, SASL mechanism or None), validated; a ValueError names the variable to fix."""
     protocol = settings.kafka_security_protocol.upper()
     if protocol not in PROTOCOLS:
         raise ValueError(
             f"SAFESWAP_KAFKA_SECURITY_PROTOCOL={settings.kafka_security_protocol!r}: use one of {', '.join(PROTOCOLS)}"
         )
-    if protocol == "PLAINTEXT":
-        return None
-    if protocol == "SSL":
-        return SSLCredentials(ssl_context(settings))
+    if not protocol.startswith("SASL"):
+        return protocol, None
     mechanism = (settings.kafka_sasl_mechanism or "PLAIN").upper()
     if mechanism not in MECHANISMS:
         raise ValueError(
@@ -55,17 +53,41 @@ def credentials(settings: Settings) -> SASLCredentials | SSLCredentials | None:
         )
     if not settings.kafka_sasl_username:
         raise ValueError(f"{protocol} needs SAFESWAP_KAFKA_SASL_USERNAME and SAFESWAP_KAFKA_SASL_PASSWORD")
+    return protocol, mechanism
+
+
+def client_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for any aiokafka client: bootstrap servers plus security."""
+    protocol, mechanism = security(settings)
+    options: dict[str, Any] = {"bootstrap_servers": settings.broker, "security_protocol": protocol}
+    if protocol == "SSL":
+        options["ssl_context"] = ssl_context(settings)
+    elif mechanism is not None:
+        options.update(
+            sasl_mechanism=mechanism,
+            sasl_plain_username=settings.kafka_sasl_username,
+            sasl_plain_password=settings.kafka_sasl_password,
+            ssl_context=ssl_context(settings) if protocol == "SASL_SSL" else None,
+        )
+    return options
+
+
+def credentials(settings: Settings) -> Any:
+    """Faust credentials (``SASLCredentials`` / ``SSLCredentials``) for the configured protocol;
+    None for PLAINTEXT."""
+    protocol, mechanism = security(settings)
+    if protocol == "PLAINTEXT":
+        return None
+    from faust.auth import SASLCredentials, SSLCredentials
+
+    if protocol == "SSL":
+        return SSLCredentials(ssl_context(settings))
     return SASLCredentials(
         username=settings.kafka_sasl_username,
         password=settings.kafka_sasl_password,
         ssl_context=ssl_context(settings) if protocol == "SASL_SSL" else None,
         mechanism=mechanism,
     )
-
-
-def client_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for any aiokafka client: bootstrap servers plus security."""
-    return {"bootstrap_servers": settings.broker, **credentials_to_aiokafka_auth(credentials(settings))}
 
 
 class RebalanceForwarder(ConsumerRebalanceListener):

@@ -99,3 +99,29 @@ def test_sasl_plaintext_and_ssl_only(pem):
 def test_misconfiguration_names_the_variable(fields, words):
     with pytest.raises(ValueError, match=words):
         client_options(Settings(broker="k:1", **fields))
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"kafka_security_protocol": "SSL"},
+        {"kafka_security_protocol": "SASL_PLAINTEXT", "kafka_sasl_username": "u", "kafka_sasl_password": "p"},
+        {
+            "kafka_security_protocol": "sasl_ssl",
+            "kafka_sasl_mechanism": "scram-sha-256",
+            "kafka_sasl_username": "u",
+            "kafka_sasl_password": "p",
+        },
+    ],
+)
+def test_the_clients_options_are_fausts_translation_of_its_credentials(fields, pem):
+    from faust.transport.drivers.aiokafka import credentials_to_aiokafka_auth
+
+    settings = Settings(broker="k:1", kafka_ssl_cafile=str(pem), **fields)
+
+    def comparable(options):  # two SSL contexts from the same files: compare what they trust
+        return {k: (v.get_ca_certs() if isinstance(v, ssl.SSLContext) else v) for k, v in options.items()}
+
+    faust_options = {"bootstrap_servers": "k:1", **credentials_to_aiokafka_auth(credentials(settings))}
+    assert comparable(client_options(settings)) == comparable(faust_options)
