@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from safeswap.assignment import in_candidate
 from safeswap.stats import Ratio
-from safeswap.stats.cli import register
+from safeswap.cli.stats import register
 from safeswap.stats.scenarios import (
     DAY_MS,
     SCENARIOS,

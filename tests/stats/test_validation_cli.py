@@ -9,7 +9,7 @@ import typer
 from typer.testing import CliRunner
 
 from safeswap.stats import Proportion, sequential_compare
-from safeswap.stats.cli import register
+from safeswap.cli.stats import register
 from safeswap.stats.quantiles import LatencyHistogram, _concentration, quantile_bounds
 from safeswap.stats.validation import N_TUNE, cs_reject, quantile_certified, run_validation
 

@@ -1,4 +1,5 @@
-"""The ``safeswap`` command line.
+"""The ``safeswap`` command line: the core commands here, the others in this package's
+modules (each a ``register(app)``); nothing outside this package imports it.
 
 User errors print one line (``error: <file>: <field>: <reason> (fix: ...)``) and
 exit non-zero; a traceback means a bug in safeswap.
@@ -14,6 +15,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from safeswap.cli import bench, dashboard, data, evalgate, judge, replay, stats
+from safeswap.cli.common import NO_BROKER, BrokerOption, OwnBrokerOption, UserError, err, settings_from
 from streams.settings import Settings
 
 app = typer.Typer(
@@ -31,44 +34,6 @@ app.add_typer(topics_app, name="topics")
 rollout_app = typer.Typer(help="Start and steer rollouts; see what the controller sees.", no_args_is_help=True)
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(plan_app, name="plan")
-
-err = Console(stderr=True, soft_wrap=True)  # an error stays one line, whatever the width
-
-BrokerOption = Annotated[
-    str | None,
-    typer.Option(
-        "--broker",
-        help="Kafka bootstrap host:port (env SAFESWAP_BROKER); required: `safeswap dev` runs "
-        "a local broker and worker and prints it.",
-    ),
-]
-# demo and simulate bring their own broker when none is given.
-OwnBrokerOption = Annotated[
-    str | None,
-    typer.Option(
-        "--broker",
-        help="Kafka bootstrap host:port (env SAFESWAP_BROKER); empty: start the embedded broker for this run.",
-    ),
-]
-NO_BROKER = (
-    "no broker: set SAFESWAP_BROKER=host:port or pass --broker (`safeswap dev` runs a local broker and "
-    "worker without Docker and prints the address)"
-)
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 2."""
-
-
-def settings_from(broker: str | None = None, **overrides) -> Settings:
-    from streams.kafka import credentials
-
-    try:
-        settings = Settings.from_env(broker=broker, **overrides)
-        credentials(settings)  # a security misconfiguration is a user error, said before any connection
-    except (ValueError, OSError) as exc:
-        raise UserError(str(exc)) from None
-    return settings
 
 
 @app.command()
@@ -482,21 +447,13 @@ def simulate(
         )
 
 
-def _register_extensions() -> None:
-    __import__("safeswap.replay").replay.register(app)
-    try:
-        from safeswap.stats import cli as stats_cli
-    except ImportError:
-        return
-    stats_cli.register(app, plan_app)
-    __import__("sinks.cli").cli.register(app)  # safeswap query, safeswap compact
-    __import__("safeswap.dashboard").dashboard.register(app)  # safeswap dashboard
-    __import__("safeswap.bench", fromlist=["register"]).register(app)  # safeswap bench (docs/performance.md)
-    for name in ("evalgate", "judge"):  # safeswap eval-gate, safeswap judge (docs/shadow.md)
-        __import__(f"safeswap.{name}", fromlist=["register"]).register(app)
-
-
-_register_extensions()
+replay.register(app)  # safeswap replay
+stats.register(app, plan_app)  # safeswap plan size, validate-stats
+data.register(app)  # safeswap query, safeswap compact
+dashboard.register(app)  # safeswap dashboard
+bench.register(app)  # safeswap bench (docs/performance.md)
+evalgate.register(app)  # safeswap eval-gate (docs/shadow.md)
+judge.register(app)  # safeswap judge (docs/shadow.md)
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """CLI commands for the statistics library: ``validate-stats`` and ``plan size``.
 
-``register(app, plan_app)`` is called from ``safeswap/cli.py``.  Errors print
+``register(app, plan_app)`` is called from ``safeswap/cli/__init__.py``.  Errors print
 one line on stderr and exit non-zero (no traceback).
 """
 
