@@ -1,4 +1,4 @@
-"""The Faust app factory: one worker process runs every agent.
+"""The Faust app factory: the runtime every agent is registered on.
 
 Kafka plus Faust consumer groups are the distributed engine: start more workers
 (up to the partition count) and the partitions spread over them.
@@ -73,8 +73,7 @@ def _freeze_heap_regularly(app: faust.App) -> None:
 
 
 def create_app(settings: Settings) -> faust.App:
-    from agents import decide, outcomes  # agents depend on the app, not the reverse
-
+    """The configured Faust app, without agents (``agents.worker.worker_app`` adds them)."""
     app = faust.App(
         settings.app_id,
         broker=faust_broker_url(settings.broker),
@@ -97,20 +96,4 @@ def create_app(settings: Settings) -> faust.App:
     _patch_fetch_max_wait()
     _freeze_heap_regularly(app)
     app.safeswap_fetch_max_wait_ms = settings.consumer_fetch_max_wait_ms
-    outcomes_service = outcomes.register(app, settings)
-    decide.register(app, settings)
-    sink_service = __import__("agents.sink").sink.register(app, settings)  # Parquet sinks (sinks/, docs/data.md)
-    metrics = __import__("agents.metrics").metrics.register(  # Prometheus /metrics (off unless metrics_port)
-        app,
-        settings,
-        consumers=lambda: {
-            "outcomes": outcomes_service.consumer,
-            "sink": sink_service.consumer if sink_service else None,
-        },
-    )
-    if metrics is not None:
-        outcomes_service.on_batch.append(metrics.reader("outcomes"))
-        if sink_service is not None:
-            sink_service.on_batch.append(metrics.reader("sink"))
-    __import__("agents.judge").judge.register(app, settings)  # shadow statistics + LLM judge (docs/shadow.md)
     return app

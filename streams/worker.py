@@ -1,4 +1,4 @@
-"""Running the Faust worker: topics first, then every agent."""
+"""Running a Faust worker: its topics first (``ensure_topics_with_retry``), without Faust's spinner."""
 
 from __future__ import annotations
 
@@ -28,20 +28,6 @@ async def ensure_topics_with_retry(settings: Settings, timeout_s: float | None =
                     f"{exc or type(exc).__name__}; check --broker / SAFESWAP_BROKER"
                 ) from None
             await asyncio.sleep(0.5)
-
-
-def run_worker(settings: Settings) -> None:
-    """Blocks until the worker is stopped (SIGINT/SIGTERM)."""
-    from streams.app import create_app
-
-    setup = asyncio.new_event_loop()
-    try:
-        setup.run_until_complete(ensure_topics_with_retry(settings))
-    finally:
-        setup.close()
-    asyncio.set_event_loop(asyncio.new_event_loop())
-    worker = faust_worker(create_app(settings), settings)
-    worker.execute_from_commandline()
 
 
 def faust_worker(app, settings: Settings):

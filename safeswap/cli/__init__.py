@@ -89,7 +89,7 @@ def worker(
     log_level: Annotated[str | None, typer.Option(help="crit|error|warn|info|debug")] = None,
 ) -> None:
     """Run the stream worker (Faust): outcomes, statistics and decide agents."""
-    from streams.worker import run_worker
+    from agents.worker import run_worker
 
     settings = settings_from(broker, log_level=log_level)
     if not settings.broker:

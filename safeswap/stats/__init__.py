@@ -13,13 +13,16 @@ Public API (names are a contract used by the decide agent and the stream process
 See docs/statistics.md for the methods, references and validation figures.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 from safeswap.stats.gst import GroupSequentialTest, GSTLook, gst_bounds, spending_alpha
 from safeswap.stats.guardrail import GuardrailMonitor, GuardrailVerdict, split_alpha
 from safeswap.stats.planning import SamplePlan, plan_sample_size, watch_hours
 from safeswap.stats.quantiles import LatencyHistogram, QuantileResult, quantile_bounds, quantile_compare
 from safeswap.stats.sequential import SequentialResult, sequential_compare
 from safeswap.stats.srm import SRMMonitor, SRMResult, srm_test
-from safeswap.stats.sufficient import Mean, Proportion, Ratio, stat_from_dict
+from safeswap.stats.sufficient import Mean, Proportion, Ratio
 
 __all__ = [
     "GSTLook",
@@ -46,3 +49,16 @@ __all__ = [
     "stat_from_dict",
     "watch_hours",
 ]
+
+
+def stat_from_dict(data: Mapping[str, Any]):
+    """Rebuild any statistic (including ``LatencyHistogram``) from its ``to_dict()``."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"data must be a mapping, got {type(data).__name__}")
+    kind = data.get("kind")
+    if kind not in STATISTIC_KINDS:
+        raise ValueError(f"kind must be one of {sorted(STATISTIC_KINDS)}, got {kind!r}")
+    return STATISTIC_KINDS[kind].from_dict(data)
+
+
+STATISTIC_KINDS = {c.kind: c for c in (Proportion, Mean, Ratio, LatencyHistogram)}

@@ -25,7 +25,6 @@ __all__ = [
     "Mean",
     "Ratio",
     "SufficientStatistic",
-    "stat_from_dict",
 ]
 
 
@@ -357,16 +356,3 @@ class Ratio:
 
 
 SufficientStatistic = Proportion | Mean | Ratio
-
-
-def stat_from_dict(data: Mapping[str, Any]):
-    """Rebuild any statistic (including ``LatencyHistogram``) from its ``to_dict()``."""
-    if not isinstance(data, Mapping):
-        raise ValueError(f"data must be a mapping, got {type(data).__name__}")
-    from safeswap.stats.quantiles import LatencyHistogram  # lazy: quantiles imports this module
-
-    kinds = {c.kind: c for c in (Proportion, Mean, Ratio, LatencyHistogram)}
-    kind = data.get("kind")
-    if kind not in kinds:
-        raise ValueError(f"kind must be one of {sorted(kinds)}, got {kind!r}")
-    return kinds[kind].from_dict(data)

@@ -11,8 +11,8 @@ import typer
 from typer.testing import CliRunner
 
 from safeswap.assignment import in_candidate
-from safeswap.stats import Ratio
 from safeswap.cli.stats import register
+from safeswap.stats import Ratio
 from safeswap.stats.scenarios import (
     DAY_MS,
     SCENARIOS,

@@ -8,8 +8,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from safeswap.stats import Proportion, sequential_compare
 from safeswap.cli.stats import register
+from safeswap.stats import Proportion, sequential_compare
 from safeswap.stats.quantiles import LatencyHistogram, _concentration, quantile_bounds
 from safeswap.stats.validation import N_TUNE, cs_reject, quantile_certified, run_validation
 
