@@ -744,7 +744,7 @@ async def _latency(bootstrap: str, settings, cfg: BenchConfig, say) -> dict[str,
     from aiokafka import AIOKafkaProducer
 
     from safeswap.flags import FlagClient, rolled_back
-    from safeswap.simulate import StatusWatcher
+    from safeswap.simulate import status_view
 
     n = cfg.min_users
     run = uuid.uuid4().hex[:6]
@@ -752,7 +752,7 @@ async def _latency(bootstrap: str, settings, cfg: BenchConfig, say) -> dict[str,
     users = {rid: _pick_users(rid, f"{rid}-u", n, n) for rid in trials}
     flags = FlagClient(settings=settings.replace(broker=bootstrap))
     await flags.start()
-    watcher = await StatusWatcher(settings.replace(broker=bootstrap)).start()
+    watcher = await status_view(settings.replace(broker=bootstrap)).start()
     tail = await StatsTail(bootstrap, settings).start()
     tail.watched = set(trials)
     rolled: dict[str, float] = {}

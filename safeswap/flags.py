@@ -78,8 +78,8 @@ from aiokafka import AIOKafkaConsumer, TopicPartition
 
 from safeswap.assignment import assign, in_candidate
 from schemas import Decision, InvalidEvent, decode
+from streams.compacted import assign_from_beginning, at_end
 from streams.kafka import client_options
-from streams.resume import reached_end
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -462,14 +462,7 @@ class FlagClient:
             )
             try:
                 await consumer.start()
-                await consumer.topics()  # fetches cluster metadata
-                partitions = consumer.partitions_for_topic(topic)
-                if not partitions:
-                    raise RuntimeError(f"topic {topic} not found")
-                assigned = [TopicPartition(topic, p) for p in sorted(partitions)]
-                consumer.assign(assigned)
-                await consumer.seek_to_beginning(*assigned)
-                self._end_offsets = await consumer.end_offsets(assigned)
+                self._end_offsets = await assign_from_beginning(consumer, topic)
                 return consumer
             except Exception as exc:  # noqa: BLE001 - any read failure: retried while the last state is served
                 await _close(consumer)
@@ -499,7 +492,7 @@ class FlagClient:
             batches = await consumer.getmany(timeout_ms=self.poll_ms)
             if batches:
                 self._ingest((m.key, m.value) for messages in batches.values() for m in messages)
-            if not self._serving and await self._reached_end(consumer):
+            if not self._serving and await at_end(consumer, self._end_offsets):
                 self._serving = True
                 self._caught_up.set()
             # Freshness: a fetch answered on a partition (with or without records)
@@ -512,12 +505,6 @@ class FlagClient:
                     confirmed_at[tp] = now
             if self._serving and all(t is not None for t in confirmed_at.values()):
                 self._fresh_at = min(confirmed_at.values())  # type: ignore[type-var]
-
-    async def _reached_end(self, consumer: AIOKafkaConsumer) -> bool:
-        for tp, end in self._end_offsets.items():
-            if not reached_end(await consumer.position(tp), end, consumer.highwater(tp)):
-                return False
-        return True
 
 
 async def _close(consumer: AIOKafkaConsumer, timeout_s: float = 5.0) -> None:

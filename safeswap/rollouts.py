@@ -13,20 +13,19 @@ from collections.abc import Callable
 from typing import Any
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 
 from safeswap.controller import only_gate_changed, plan_hash
 from schemas import (
     Command,
     Decision,
-    InvalidEvent,
     RolloutPlan,
     RolloutStatus,
     decode,
     encode,
 )
+from streams.compacted import CompactedView, TopicMissing
 from streams.kafka import client_options
-from streams.resume import reached_end
 from streams.settings import Settings
 
 
@@ -35,41 +34,16 @@ class RolloutError(Exception):
 
 
 async def read_latest(settings: Settings, topic: str, event_type: type, timeout_s: float = 10.0) -> dict[str, Any]:
-    """The last decodable record per key of a compacted topic, read from the beginning to its end now."""
-    name = settings.topic(topic)
-    consumer = AIOKafkaConsumer(
-        **client_options(settings), group_id=None, enable_auto_commit=False, request_timeout_ms=int(timeout_s * 1000)
-    )
+    """The last decodable record per rollout of a compacted topic, read from the beginning to its end now."""
+    view = CompactedView(settings, topic, lambda raw: decode(event_type, raw), key=lambda value: value.rollout_id)
     try:
-        await asyncio.wait_for(consumer.start(), timeout_s)
+        return await view.read_to_end(timeout_s)
+    except TopicMissing as exc:
+        raise RolloutError(str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - any connect failure becomes a sentence for the CLI
-        await consumer.stop()
         raise RolloutError(
             f"cannot reach Kafka at {settings.broker}: {exc} (set SAFESWAP_BROKER or --broker)"
         ) from None
-    latest: dict[str, Any] = {}
-    try:
-        await consumer.topics()
-        partitions = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or [])]
-        if not partitions:
-            raise RolloutError(f"topic {name} does not exist: run `safeswap topics create` or start a worker")
-        consumer.assign(partitions)
-        await consumer.seek_to_beginning(*partitions)
-        end = await consumer.end_offsets(partitions)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not all(
-            [reached_end(await consumer.position(tp), end[tp], consumer.highwater(tp)) for tp in partitions]
-        ):
-            for records in (await consumer.getmany(timeout_ms=200)).values():
-                for record in records:
-                    try:
-                        value = decode(event_type, record.value)
-                    except InvalidEvent:
-                        continue  # not ours to judge here; the worker's DLQ has it
-                    latest[value.rollout_id] = value
-    finally:
-        await consumer.stop()
-    return latest
 
 
 async def _send(settings: Settings, topic: str, key: str, value: bytes, timestamp_ms: int | None = None) -> None:

@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import msgspec
-from aiokafka import AIOKafkaConsumer, TopicPartition
 
 import sinks
 from safeswap.config_files import ConfigIssue, convert_config, read_config
@@ -56,7 +55,7 @@ from schemas import (
 )
 from schemas.events import ShadowPair, ShadowSide
 from streams.broker import EmbeddedBroker
-from streams.kafka import client_options
+from streams.compacted import CompactedView
 from streams.process import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -474,43 +473,15 @@ class Traffic:
         return getattr(self.plan, variant).prompt_version or "v1"
 
 
-class StatusWatcher:
-    """Tails the compacted status topic: the controller's latest look per rollout."""
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.latest: dict[str, RolloutStatus] = {}
-        self._task: asyncio.Task | None = None
-        self._consumer: AIOKafkaConsumer | None = None
-
-    async def start(self) -> StatusWatcher:
-        topic = self.settings.topic("status")
-        self._consumer = AIOKafkaConsumer(
-            **client_options(self.settings), group_id=None, enable_auto_commit=False, fetch_max_wait_ms=50
-        )
-        await self._consumer.start()
-        await self._consumer.topics()
-        partitions = [TopicPartition(topic, p) for p in sorted(self._consumer.partitions_for_topic(topic) or [])]
-        self._consumer.assign(partitions)
-        await self._consumer.seek_to_beginning(*partitions)
-        self._task = asyncio.create_task(self._run())
-        return self
-
-    async def _run(self) -> None:
-        while True:
-            for records in (await self._consumer.getmany(timeout_ms=100)).values():
-                for record in records:
-                    with contextlib.suppress(Exception):
-                        status = decode(RolloutStatus, record.value)
-                        self.latest[status.rollout_id] = status
-
-    async def stop(self) -> None:
-        if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        if self._consumer:
-            await self._consumer.stop()
+def status_view(settings: Settings) -> CompactedView[RolloutStatus]:
+    """The compacted status topic, tailed: ``latest`` is the controller's latest look per rollout."""
+    return CompactedView(
+        settings,
+        "status",
+        lambda raw: decode(RolloutStatus, raw),
+        key=lambda status: status.rollout_id,
+        fetch_max_wait_ms=50,
+    )
 
 
 # -- the loop ----------------------------------------------------------------------------
@@ -530,7 +501,7 @@ async def closed_loop(
     outcome, first = await start_rollout(settings, plan, wait_s=60, at_ms=start_ms)
     if first is None:
         raise RuntimeError("the worker did not register the plan within 60 s")
-    watcher = await StatusWatcher(settings).start()
+    watcher = await status_view(settings).start()
     try:
         async with Emitter(settings=settings, buffer=1_000_000) as emitter, FlagClient(settings=settings) as flags:
             flags.on_change(lambda d: decisions.append(d) if d.rollout_id == plan.rollout_id else None)
@@ -577,7 +548,12 @@ async def closed_loop(
 
 
 async def _wait_for_watermark(
-    watcher: StatusWatcher, rollout_id: str, target: int, emitter: Emitter, timeout_s: float, shadow_pairs: int = 0
+    watcher: CompactedView[RolloutStatus],
+    rollout_id: str,
+    target: int,
+    emitter: Emitter,
+    timeout_s: float,
+    shadow_pairs: int = 0,
 ) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
