@@ -18,10 +18,10 @@ import logging
 import faust
 import msgspec
 
-from agents.dlq import DeadLetters
 from safeswap.controller import PlanConflict, RolloutState, on_command, on_plan, on_snapshot, status_of
 from schemas import Command, InvalidEvent, RolloutPlan, StatsSnapshot, decode, encode
 from streams.app import raw_topic
+from streams.deadletter import DeadLetters
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -41,12 +41,12 @@ import uuid
 
 import faust
 
-from agents.dlq import DeadLetters
 from safeswap.judge import Budget, Judge, JudgeResult
 from safeswap.shadow_analysis import ShadowAccumulator
 from schemas import InvalidEvent, StatsSnapshot, decode, encode
 from schemas.events import ShadowPair
 from streams.app import raw_topic
+from streams.deadletter import DeadLetters
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)

@@ -68,18 +68,16 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.partitioner import DefaultPartitioner
 
-from agents.dlq import DeadLetters
 from safeswap.flags import FlagClient
 from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor
 from schemas import Decision, OutcomeRecord, encode
 from streams.checkpoint import CheckpointWriter, ForkedEncoding, decode_state, ensure_checkpoint_topic, read_latest
-from streams.deadletter import dead_letter
+from streams.deadletter import DeadLetters
 from streams.kafka import RebalanceForwarder, client_options, run_restarting
 from streams.resume import probe_logs, record_mark, same_log
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
-DLQ_VALUE_LIMIT = 256 * 1024  # larger originals are cut in the DLQ record (the producer's max is ~1 MB)
 POLL_MS = 100
 MAX_RECORDS = 1_000  # per fetch: a batch is folded under the lock, so this bounds how long snapshots wait
 
@@ -150,20 +148,6 @@ class OutcomesService:
                 processor.on_decision(decision)
 
     # -- output -----------------------------------------------------------------------------
-    async def dead_letter_to(
-        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
-    ) -> None:
-        value = value or b""
-        if len(value) > DLQ_VALUE_LIMIT:
-            reason += f" (original of {len(value):,} bytes cut to its first {DLQ_VALUE_LIMIT:,} in this record)"
-            value = value[:DLQ_VALUE_LIMIT]
-        self.dead_letters.count += 1
-        log.warning("outcomes: dead letter from %s[%s]@%s: %s", topic, partition, offset, reason[:300])
-        record = dead_letter(
-            topic=topic, partition=partition, offset=offset, key=key, value=value, reason=reason, agent="outcomes"
-        )
-        await self.dead_letters.topic.send(key=key, value=record)
-
     async def publish(self, state: Owned) -> None:
         processor = state.processor
         state.published = time.monotonic()
@@ -288,13 +272,13 @@ class OutcomesService:
             covered = processor.offsets[topic] = offset + 1
             processor.log_marks[topic] = record_mark(record.timestamp, record.value)
             if reason is not None:
-                await self.dead_letter_to(topic, partition, offset, record.key, record.value, reason)
+                await self.dead_letters.send_record(topic, partition, offset, record.key, record.value, reason)
             if processor.outcome_records:  # responses that became final: their records
                 producer.add(processor.outcome_records)
                 processor.outcome_records = []
             while processor.rejected:
                 (r_topic, r_partition, r_offset, r_key, r_value), why = processor.rejected.pop(0)
-                await self.dead_letter_to(r_topic, r_partition, r_offset, r_key, r_value, why)
+                await self.dead_letters.send_record(r_topic, r_partition, r_offset, r_key, r_value, why)
             if processor.events_since_snapshot >= self.settings.snapshot_every_events:
                 await producer.send_outcomes()  # the records before the snapshot that counts them
                 await self.publish(state)
@@ -314,7 +298,7 @@ class OutcomesService:
         state = self.owned.pop(partition)
         reason = f"{error}; the event was skipped and the partition restored from its last checkpoint"
         self.failed[(tp.topic, partition, record.offset)] = reason
-        await self.dead_letter_to(tp.topic, partition, record.offset, record.key, record.value, reason)
+        await self.dead_letters.send_record(tp.topic, partition, record.offset, record.key, record.value, reason)
         if state.writing is not None:  # never two writers on one checkpoint partition
             try:
                 await state.writing

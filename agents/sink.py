@@ -35,9 +35,9 @@ import faust
 import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from agents.dlq import DeadLetters
 from sinks.datasets import DATASETS, Dataset
 from sinks.writer import Layout, PartitionWriter, Rotation
+from streams.deadletter import DeadLetters
 from streams.kafka import RebalanceForwarder, client_options, run_restarting
 from streams.resume import probe_logs, same_log
 from streams.settings import Settings

@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import base64
+import logging
 import time
+from typing import Any
 
 from schemas import DeadLetter, encode
+from streams.settings import Settings
+
+log = logging.getLogger(__name__)
+VALUE_LIMIT = 256 * 1024  # larger originals are cut in the DLQ record (the producer's max is ~1 MB)
 
 # Reason kinds of dead letters: the outcomes agent's reason keys (``reason_key`` in
 # safeswap/outcomes.py, the prefix of the reason it sends, also kept per partition in
@@ -54,3 +60,35 @@ def dead_letter(
 
 def original_value(record: DeadLetter) -> bytes:
     return base64.b64decode(record.value_b64)
+
+
+class DeadLetters:
+    """The one way an agent sends bad input to the dead-letter topic: the original bytes
+    (cut to ``VALUE_LIMIT``, the reason says so), where they came from, the agent and a
+    reason a person can act on; each one logged and counted."""
+
+    def __init__(self, app: Any, settings: Settings, agent: str) -> None:
+        from streams.app import raw_topic  # the Faust runtime: only agents send dead letters
+
+        self.topic = raw_topic(app, settings, "dlq")
+        self.agent = agent
+        self.count = 0
+
+    async def send(self, message: Any, reason: str) -> None:
+        """Dead-letter a Faust message or an aiokafka record (both say topic, partition,
+        offset, key and value)."""
+        await self.send_record(message.topic, message.partition, message.offset, message.key, message.value, reason)
+
+    async def send_record(
+        self, topic: str, partition: int, offset: int, key: bytes | None, value: bytes | None, reason: str
+    ) -> None:
+        value = value or b""
+        if len(value) > VALUE_LIMIT:
+            reason += f" (original of {len(value):,} bytes cut to its first {VALUE_LIMIT:,} in this record)"
+            value = value[:VALUE_LIMIT]
+        self.count += 1
+        log.warning("%s: dead letter from %s[%s]@%s: %s", self.agent, topic, partition, offset, reason[:300])
+        record = dead_letter(
+            topic=topic, partition=partition, offset=offset, key=key, value=value, reason=reason, agent=self.agent
+        )
+        await self.topic.send(key=key, value=record)
