@@ -37,6 +37,7 @@ from faust.sensors import Sensor
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from safeswap.metrics import variant_values
 from streams.deadletter import reason_kind
 from streams.settings import Settings
 
@@ -120,38 +121,15 @@ class _Snapshot(msgspec.Struct):
     source: str = ""
 
 
-def variant_values(snapshots: list[Any]) -> dict[str, dict[str, float]]:
-    """Point estimates per variant from the latest snapshot of each partition
-    (``metrics`` dicts as published): {variant: {metric: value}}."""
-    from safeswap.stats import stat_from_dict
-
-    merged: dict[str, dict[str, Any]] = {}
-    for snapshot in snapshots:
-        for variant, metrics in snapshot.metrics.items():
-            into = merged.setdefault(variant, {})
-            for metric, stat in metrics.items():
-                if metric not in VARIANT_METRICS and metric != "latency_ms_p95":
-                    continue
-                try:
-                    value = stat_from_dict(stat)
-                except Exception:  # noqa: BLE001 - a newer stat kind: skip, never break a scrape
-                    continue
-                into[metric] = into[metric] + value if metric in into else value
-    out: dict[str, dict[str, float]] = {}
-    for variant, stats in merged.items():
-        values: dict[str, float] = {}
-        for metric, stat in stats.items():
-            try:
-                if metric == "latency_ms_p95":
-                    if stat.n:
-                        values["latency_ms_p50"] = float(stat.quantile(0.5))
-                        values["latency_ms_p95"] = float(stat.quantile(0.95))
-                elif getattr(stat, "den", 1):
-                    values[metric] = float(stat.estimate)
-            except Exception:  # noqa: BLE001
-                continue
-        out[variant] = values
-    return out
+def exported_values(snapshots: list[Any]) -> dict[str, dict[str, float]]:
+    """The exported point estimates per variant (``VARIANT_METRICS``, latency p50 and p95) from
+    the latest snapshot of each partition; snapshots that cannot be merged export nothing."""
+    try:
+        values = variant_values(snapshots)
+    except (ValueError, TypeError):  # a malformed snapshot must never break a scrape
+        return {}
+    wanted = {*VARIANT_METRICS, "latency_ms_p50", "latency_ms_p95"}
+    return {variant: {m: v for m, v in found.items() if m in wanted} for variant, found in values.items()}
 
 
 class WorkerMetrics(Sensor):
@@ -291,7 +269,7 @@ class WorkerMetrics(Sensor):
     def variant_gauges(self) -> dict[str, dict[str, dict[str, float]]]:
         with self._lock:
             current = {rollout: list(parts.values()) for rollout, parts in self._snapshots.items()}
-        return {rollout: variant_values(snapshots) for rollout, snapshots in current.items()}
+        return {rollout: exported_values(snapshots) for rollout, snapshots in current.items()}
 
     async def update_lag(self, consumer: Any, agent: str | None = None) -> None:
         """Lag of one consumer's assigned partitions; ``agent`` None: Faust's consumer

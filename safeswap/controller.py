@@ -310,18 +310,6 @@ def on_command(state: RolloutState, command: str, reason: str, ts: int) -> Decis
 
 
 # -- one look ----------------------------------------------------------------------
-def merge_snapshots(snapshots: dict[int, StatsSnapshot]) -> dict[str, dict[str, Any]]:
-    """Add the latest snapshot of every partition: merged[variant][metric]."""
-    merged: dict[str, dict[str, Any]] = {}
-    for snapshot in snapshots.values():
-        for variant, metrics in snapshot.metrics.items():
-            into = merged.setdefault(variant, {})
-            for metric, stat in metrics.items():
-                value = stat_from_dict(stat)
-                into[metric] = into[metric] + value if metric in into else value
-    return merged
-
-
 # What the health checks compare between arms, besides the guardrails' metrics.
 HEALTH_METRICS = frozenset({"responses_per_user", "cache_hit_rate"})
 

@@ -12,14 +12,17 @@ sums of squares and cross-products incrementally, O(1) per event.
 
 from __future__ import annotations
 
+import math
 from array import array
 from bisect import bisect_right
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
 
 from safeswap.stats import Ratio
 from safeswap.stats.quantiles import LatencyHistogram
+from schemas import StatsSnapshot
 
 # --- Outcome metrics (docs/metrics.md) -------------------------------------------------
 
@@ -253,6 +256,75 @@ def metric_values(stats: dict[str, object]) -> dict[str, float | None]:
         stat = stats.get(name)
         values[name] = None if stat is None or stat.n == 0 else stat.quantile(QUANTILE)
     return values
+
+
+def add_published(snapshots: Iterable[StatsSnapshot]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Add the partitions' published statistics as plain dicts (``to_dict`` form):
+    sums of every numeric field, sparse histogram counts added bin by bin. Much
+    cheaper than building and adding one validated statistic per partition."""
+    merged: dict[str, dict[str, dict[str, Any]]] = {}
+    for snapshot in snapshots:
+        for variant, metrics in snapshot.metrics.items():
+            into = merged.setdefault(variant, {})
+            for metric, stat in metrics.items():
+                if not isinstance(stat, dict):
+                    continue
+                total = into.get(metric)
+                if total is None:
+                    # the point estimates need the counts, not a histogram's cluster moments
+                    total = into[metric] = {k: v for k, v in stat.items() if k not in ("counts", "clusters")}
+                    if "counts" in stat:
+                        total["counts"] = {}
+                    else:
+                        continue
+                else:
+                    for key, value in stat.items():
+                        if key not in ("kind", "counts", "lo", "hi", "bins_per_decade") and isinstance(
+                            value, (int, float)
+                        ):
+                            total[key] = total.get(key, 0) + value
+                if isinstance(stat.get("counts"), list) and isinstance(total.get("counts"), dict):
+                    bins = total["counts"]
+                    for index, count in stat["counts"]:
+                        bins[index] = bins.get(index, 0) + count
+    for metrics in merged.values():
+        for stat in metrics.values():
+            if isinstance(stat.get("counts"), dict):
+                stat["counts"] = sorted([i, c] for i, c in stat["counts"].items())
+    return merged
+
+
+def merge_variant_stats(snapshots: Iterable[StatsSnapshot]) -> dict[str, dict[str, Any]]:
+    """The latest snapshot of every partition added into one statistic per variant and metric
+    ({variant: {metric: stat}}), as a look sees the pooled arms: the published dicts are summed
+    first, then each metric is parsed once. A statistic that cannot be parsed (a kind this
+    version does not know) is left out; one whose parts cannot be added raises ValueError."""
+    from safeswap.stats import stat_from_dict
+
+    merged: dict[str, dict[str, Any]] = {}
+    for variant, raw in add_published(snapshots).items():
+        stats = merged[variant] = {}
+        for metric, data in raw.items():
+            try:
+                stats[metric] = stat_from_dict(data)
+            except (ValueError, TypeError):
+                continue
+    return merged
+
+
+def point_estimates(stats: dict[str, Any]) -> dict[str, float]:
+    """The finite point estimates of merged statistics (``metric_values``), plus the median
+    latency ``latency_ms_p50``: what the dashboard and ``/metrics`` show per variant."""
+    values = {k: v for k, v in metric_values(stats).items() if v is not None and math.isfinite(v)}
+    histogram = stats.get("latency_ms_p95")
+    if histogram is not None and histogram.n:
+        values["latency_ms_p50"] = float(histogram.quantile(0.5))
+    return values
+
+
+def variant_values(snapshots: Iterable[StatsSnapshot]) -> dict[str, dict[str, float]]:
+    """Point estimates per variant from the latest snapshot of each partition."""
+    return {variant: point_estimates(stats) for variant, stats in merge_variant_stats(snapshots).items()}
 
 
 def model_drift(models: dict[str, int], pinned: str | None) -> float | None:

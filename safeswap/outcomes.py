@@ -813,11 +813,10 @@ class OutcomeProcessor:
 def merged_snapshot_values(snapshots: Iterable[StatsSnapshot]) -> dict[str, dict[str, Any]]:
     """Per-variant metric values (docs/metrics.md) of a rollout from the latest snapshot of
     each partition, merged the way the decide agent merges them. Used by replay and tests."""
-    from safeswap.controller import merge_snapshots
-    from safeswap.metrics import metric_values
+    from safeswap.metrics import merge_variant_stats, metric_values
 
     snapshots = list(snapshots)
-    merged = merge_snapshots({i: snapshot for i, snapshot in enumerate(snapshots)})
+    merged = merge_variant_stats(snapshots)
     out: dict[str, dict[str, Any]] = {}
     for variant in sorted({v for s in snapshots for v in s.users}):
         counts = {"responses": 0, "sessions": 0, "users": 0}

@@ -35,6 +35,7 @@ from safeswap.controller import (
     on_snapshot,
     parse_snapshot,
 )
+from safeswap.metrics import variant_values
 from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
 from safeswap.stats.sequential import stratified_compare
 from schemas import DeadLetter, Decision, HealthSpec, RolloutPlan, RolloutStatus, StatsSnapshot
@@ -76,66 +77,6 @@ DLQ_ALERT_RATE = 0.01  # a dead-letter rate above this share of the events is fl
 def topic_kind(topic: str) -> str:
     """``safeswap.traces`` -> ``traces`` (topics are ``<prefix>.<name>``)."""
     return topic.rsplit(".", 1)[-1]
-
-
-def merge_raw(snapshots: list[StatsSnapshot]) -> dict[str, dict[str, dict[str, Any]]]:
-    """Add the partitions' published statistics as plain dicts (``to_dict`` form):
-    sums of every numeric field, sparse histogram counts added bin by bin. Much
-    cheaper than building and adding one validated statistic per partition."""
-    merged: dict[str, dict[str, dict[str, Any]]] = {}
-    for snapshot in snapshots:
-        for variant, metrics in snapshot.metrics.items():
-            into = merged.setdefault(variant, {})
-            for metric, stat in metrics.items():
-                if not isinstance(stat, dict):
-                    continue
-                total = into.get(metric)
-                if total is None:
-                    # the point estimates need the counts, not a histogram's cluster moments
-                    total = into[metric] = {k: v for k, v in stat.items() if k not in ("counts", "clusters")}
-                    if "counts" in stat:
-                        total["counts"] = {}
-                    else:
-                        continue
-                else:
-                    for key, value in stat.items():
-                        if key not in ("kind", "counts", "lo", "hi", "bins_per_decade") and isinstance(
-                            value, (int, float)
-                        ):
-                            total[key] = total.get(key, 0) + value
-                if isinstance(stat.get("counts"), list) and isinstance(total.get("counts"), dict):
-                    bins = total["counts"]
-                    for index, count in stat["counts"]:
-                        bins[index] = bins.get(index, 0) + count
-    for metrics in merged.values():
-        for stat in metrics.values():
-            if isinstance(stat.get("counts"), dict):
-                stat["counts"] = sorted([i, c] for i, c in stat["counts"].items())
-    return merged
-
-
-def variant_values(snapshots: list[StatsSnapshot]) -> dict[str, dict[str, float]]:
-    """Point estimates per variant from the latest snapshot of each partition
-    (docs/metrics.md names, plus ``latency_ms_p50``)."""
-    from safeswap.metrics import metric_values
-    from safeswap.stats import stat_from_dict
-
-    out: dict[str, dict[str, float]] = {}
-    for variant, raw in merge_raw(snapshots).items():
-        stats: dict[str, Any] = {}
-        for metric, data in raw.items():
-            try:
-                stats[metric] = stat_from_dict(data)
-            except (ValueError, TypeError):
-                continue
-        values = {k: v for k, v in metric_values(stats).items() if v is not None and math.isfinite(v)}
-        values.pop("latency_ms_p95", None)
-        histogram = stats.get("latency_ms_p95")
-        if histogram is not None and getattr(histogram, "n", 0):
-            values["latency_ms_p50"] = float(histogram.quantile(0.5))
-            values["latency_ms_p95"] = float(histogram.quantile(0.95))
-        out[variant] = values
-    return out
 
 
 def variant_differences(snapshots: list[StatsSnapshot], plan: RolloutPlan) -> dict[str, dict[str, Any]]:
@@ -637,4 +578,4 @@ def _spec(plan: RolloutPlan | None, variant: str) -> dict[str, str]:
     return {k: v for k, v in msgspec.to_builtins(getattr(plan, variant)).items() if v is not None}
 
 
-__all__ = ["DashboardModel", "LIVE", "VARIANT_ROWS", "TREND_METRICS", "variant_values"]
+__all__ = ["LIVE", "TREND_METRICS", "VARIANT_ROWS", "DashboardModel"]

@@ -9,13 +9,12 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
-from safeswap.controller import merge_snapshots
 from safeswap.dashboard.charts import interval_chart, stage_timeline, trend_chart
-from safeswap.dashboard.model import DashboardModel, coalesce, merge_raw, variant_values
+from safeswap.dashboard.model import DashboardModel, coalesce
 from safeswap.dashboard.page import nav_html, page_html, rollout_html
 from safeswap.dashboard.server import DashboardState, build_app, is_loopback
-from safeswap.metrics import metric_values
-from safeswap.stats import LatencyHistogram, Ratio
+from safeswap.metrics import add_published, metric_values, variant_values
+from safeswap.stats import LatencyHistogram, Ratio, stat_from_dict
 from schemas import Decision, RolloutPlan, StatsSnapshot
 
 EVIL = '"><script>alert(1)</script>'
@@ -71,15 +70,22 @@ def fed_model() -> DashboardModel:
     return model
 
 
-def test_merge_raw_gives_the_controllers_estimates():
+def test_summed_snapshots_give_the_estimates_of_statistics_added_one_by_one():
     snaps = [snapshot(p, 1, 1, 10 + p, {"control": 0.1 + p / 10, "candidate": 0.2}) for p in range(3)]
     fast = variant_values(snaps)
-    slow = {v: metric_values(stats) for v, stats in merge_snapshots(dict(enumerate(snaps))).items()}
+    slow: dict = {}
+    for snap in snaps:  # one validated statistic per partition, added: what the sums must equal
+        for variant, metrics in snap.metrics.items():
+            into = slow.setdefault(variant, {})
+            for metric, data in metrics.items():
+                stat = stat_from_dict(data)
+                into[metric] = into[metric] + stat if metric in into else stat
     for variant in ("control", "candidate"):
-        assert fast[variant]["thumbs_down_rate"] == pytest.approx(slow[variant]["thumbs_down_rate"])
-        assert fast[variant]["latency_ms_p95"] == pytest.approx(slow[variant]["latency_ms_p95"])
+        expected = metric_values(slow[variant])
+        assert fast[variant]["thumbs_down_rate"] == pytest.approx(expected["thumbs_down_rate"])
+        assert fast[variant]["latency_ms_p95"] == pytest.approx(expected["latency_ms_p95"])
         assert fast[variant]["latency_ms_p50"] < fast[variant]["latency_ms_p95"]
-    assert merge_raw(snaps)["control"]["latency_ms_p95"]["counts"]  # histogram bins added up
+    assert add_published(snaps)["control"]["latency_ms_p95"]["counts"]  # histogram bins added up
 
 
 def test_coalesce_keeps_the_newest_per_partition_in_order():
