@@ -493,7 +493,10 @@ async def closed_loop(
 ) -> dict[str, Any]:
     duration_ms = int(parse_duration(scenario.duration) * 1000)
     step_ms = int(parse_duration(scenario.step) * 1000)
-    start_ms = (int(time.time() * 1000) - duration_ms - 10 * 60_000) // HOUR_MS * HOUR_MS
+    # Not rounded: the plan record is stamped at the start, and two rehearsals into one folder
+    # must not publish byte-identical plans at the same time (a fresh broker's identical first
+    # record reads, to a sink resuming from its checkpoint, as one it already wrote).
+    start_ms = int(time.time() * 1000) - duration_ms - 10 * 60_000
     # half the allowed lateness: see Traffic.later
     traffic = Traffic(scenario, plan, plan.rollout_id, start_ms, lead_ms=int(settings.allowed_lateness_s * 500))
     decisions: list[Decision] = []
