@@ -10,7 +10,7 @@ import asyncio
 
 import faust
 
-from agents import decide, judge, metrics, outcomes, sink
+from agents import decide, judge, outcomes, prometheus, sink
 from streams.app import create_app
 from streams.settings import Settings
 from streams.worker import ensure_topics_with_retry, faust_worker
@@ -22,7 +22,7 @@ def worker_app(settings: Settings) -> faust.App:
     outcomes_service = outcomes.register(app, settings)
     decide.register(app, settings)
     sink_service = sink.register(app, settings)  # Parquet sinks (sinks/, docs/data.md)
-    worker_metrics = metrics.register(  # Prometheus /metrics (off unless metrics_port)
+    worker_metrics = prometheus.register(  # Prometheus /metrics (off unless metrics_port)
         app,
         settings,
         consumers=lambda: {

@@ -36,7 +36,7 @@ def main() -> None:
     a_m, b_m = Mean(3000, 1396.87, 52377.9767), Mean(3461, 2422.7, 134698.29)
     a_r = Ratio(2000, 950.0, 2900.0, 21000.0, 290000.0, 13500.0)
     b_r = Ratio(2100, 1100.0, 3400.0, 22000.0, 305000.0, 15500.0)
-    monitor = GuardrailMonitor("thumbs_down_rate", max_relative_increase=0.2)
+    monitor = GuardrailMonitor("thumbs_down_rate", max_relative_harm=0.2)
     rng = np.random.default_rng(0)
     h_a = LatencyHistogram.from_values(rng.lognormal(6.7, 1, 20_000))
     h_b = LatencyHistogram.from_values(rng.lognormal(6.8, 1, 20_000))

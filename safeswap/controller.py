@@ -854,8 +854,8 @@ def _monitor(plan: RolloutPlan, spec, metric: str, alpha: float) -> GuardrailMon
     absolute = spec.max_absolute_increase if direction == "increase" else spec.max_absolute_decrease
     return GuardrailMonitor(
         metric,
-        max_relative_increase=relative,
-        max_absolute_increase=absolute,
+        max_relative_harm=relative,
+        max_absolute_harm=absolute,
         direction=direction,
         alpha=alpha,
         min_units_per_arm=plan.min_users_per_arm,

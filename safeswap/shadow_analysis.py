@@ -280,8 +280,8 @@ def analyze(shadow: dict[str, Any], plan, stage=None) -> dict[str, Any]:
             relative, absolute = None, 0.0
         monitor = GuardrailMonitor(
             f"shadow_{name}",
-            max_relative_increase=relative,
-            max_absolute_increase=absolute,
+            max_relative_harm=relative,
+            max_absolute_harm=absolute,
             direction="increase",
             alpha=alpha_each,
             min_units_per_arm=max(2, min_pairs),

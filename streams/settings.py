@@ -103,7 +103,7 @@ class Settings:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8050
     dashboard_token: str = dataclasses.field(default="", repr=False)  # never printed or logged
-    # Prometheus /metrics of the worker (agents/metrics.py): 0 = off.
+    # Prometheus /metrics of the worker (agents/prometheus.py): 0 = off.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
     # Kafka security (streams/kafka.py): passed to Faust and to every aiokafka client.

@@ -2,7 +2,7 @@
 
 Threshold semantics (the decision rule)
 ---------------------------------------
-A guardrail ``max_relative_increase=0.20`` means "the candidate may be up to
+A guardrail ``max_relative_harm=0.20`` means "the candidate may be up to
 20% worse than control".  We roll back only when we are *confident the harm is
 larger than the tolerance*: a one-sided always-valid test of
 
@@ -151,9 +151,11 @@ class GuardrailMonitor:
     ----------
     metric:
         Metric name, used in reasons; ``*_pNN`` names are quantile guardrails.
-    max_relative_increase / max_absolute_increase:
-        Tolerated harm (>= 0), relative (0.20 = 20%) or absolute.  At most one;
-        neither means tolerance 0 on the relative scale.
+    max_relative_harm / max_absolute_harm:
+        Tolerated harm (>= 0) in the harmful ``direction``, relative (0.20 = 20%) or
+        absolute: an increase for ``"increase"``, a decrease for ``"decrease"`` (a plan's
+        ``max_relative_increase`` or ``max_relative_decrease``). At most one; neither
+        means tolerance 0 on the relative scale.
     direction:
         ``"increase"`` if a higher candidate value is harm, ``"decrease"`` if lower.
     alpha:
@@ -169,8 +171,8 @@ class GuardrailMonitor:
         self,
         metric: str,
         *,
-        max_relative_increase: float | None = None,
-        max_absolute_increase: float | None = None,
+        max_relative_harm: float | None = None,
+        max_absolute_harm: float | None = None,
         direction: Literal["increase", "decrease"] = "increase",
         alpha: float = 0.05,
         min_units_per_arm: int = 100,
@@ -179,13 +181,13 @@ class GuardrailMonitor:
     ) -> None:
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"metric must be a non-empty string, got {metric!r}")
-        if max_relative_increase is not None and max_absolute_increase is not None:
-            raise ValueError("give at most one of max_relative_increase and max_absolute_increase")
+        if max_relative_harm is not None and max_absolute_harm is not None:
+            raise ValueError("give at most one of max_relative_harm and max_absolute_harm")
         if direction not in ("increase", "decrease"):
             raise ValueError(f"direction must be 'increase' or 'decrease', got {direction!r}")
         for name, value in (
-            ("max_relative_increase", max_relative_increase),
-            ("max_absolute_increase", max_absolute_increase),
+            ("max_relative_harm", max_relative_harm),
+            ("max_absolute_harm", max_absolute_harm),
         ):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value) or value < 0
@@ -198,14 +200,10 @@ class GuardrailMonitor:
         self.alpha = _check_alpha(alpha, one_sided=True)
         self.n_tune = _check_n_tune(n_tune)
         self.min_units_per_arm = min_units_per_arm
-        self.difference: Literal["relative", "absolute"] = (
-            "absolute" if max_absolute_increase is not None else "relative"
-        )
-        self.tolerance = float(
-            max_absolute_increase if max_absolute_increase is not None else (max_relative_increase or 0.0)
-        )
+        self.difference: Literal["relative", "absolute"] = "absolute" if max_absolute_harm is not None else "relative"
+        self.tolerance = float(max_absolute_harm if max_absolute_harm is not None else (max_relative_harm or 0.0))
         if self.difference == "relative" and direction == "decrease" and self.tolerance >= 1:
-            raise ValueError("max_relative_increase must be < 1 for direction='decrease' (a drop cannot exceed 100%)")
+            raise ValueError("max_relative_harm must be < 1 for direction='decrease' (a drop cannot exceed 100%)")
         match = _QUANTILE_METRIC.search(metric)
         self.quantile: float | None = int(match.group(1)) / 100 if match else None
         if self.quantile is not None and not 0 < self.quantile < 1:
@@ -477,7 +475,7 @@ class GuardrailMonitor:
     def from_dict(cls, data: dict[str, Any]) -> GuardrailMonitor:
         if not isinstance(data, dict) or "metric" not in data:
             raise ValueError(f"a guardrail monitor needs a 'metric', got {data!r}")
-        key = "max_absolute_increase" if data.get("difference") == "absolute" else "max_relative_increase"
+        key = "max_absolute_harm" if data.get("difference") == "absolute" else "max_relative_harm"
         monitor = cls(
             data["metric"],
             **{key: data.get("tolerance", 0.0)},

@@ -657,7 +657,7 @@ def previous_method(
     for spec in plan.guardrails:
         monitors[spec.metric] = GuardrailMonitor(
             spec.metric,
-            max_relative_increase=spec.max_relative_increase,
+            max_relative_harm=spec.max_relative_increase,
             alpha=plan.alpha / k,
             min_units_per_arm=plan.min_users_per_arm,
             n_tune=plan.n_tune,

@@ -8,7 +8,7 @@ import msgspec
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from agents.metrics import WorkerMetrics
+from agents.prometheus import WorkerMetrics
 from safeswap.outcomes import OutcomeConfig, OutcomeProcessor
 from schemas import encode
 from streams.deadletter import DLQ_REASON_KINDS, dead_letter, reason_kind

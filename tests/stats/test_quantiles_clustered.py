@@ -134,7 +134,7 @@ def test_dict_round_trip_and_old_dicts():
     assert old_a.clusters is None and old_a.counts == a.counts and old_a.users is None
     assert quantile_compare(old_a, old_b).method == "request_cs"
     assert quantile_compare(old_a, b).method == "request_cs"  # both arms need the moments
-    monitor = GuardrailMonitor("latency_ms_p95", max_relative_increase=0.1)
+    monitor = GuardrailMonitor("latency_ms_p95", max_relative_harm=0.1)
     verdict = monitor.update(old_a, old_b)
     assert verdict.status == "ok" and verdict.n_control == a.n  # requests, the old path's units
     # Counts added up without their moments (a raw merge of partitions' dicts that carried

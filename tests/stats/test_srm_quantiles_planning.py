@@ -163,7 +163,7 @@ def test_guardrail_monitor_accepts_histograms_for_p95_metrics():
     rng = np.random.default_rng(6)
     a = LatencyHistogram.from_values(rng.lognormal(6, 1, 20_000))
     b = LatencyHistogram.from_values(rng.lognormal(6 + math.log(1.5), 1, 20_000))
-    m = GuardrailMonitor("latency_ms_p95", max_relative_increase=0.2)
+    m = GuardrailMonitor("latency_ms_p95", max_relative_harm=0.2)
     v = m.update(a, b)
     assert v.status == "breach" and "latency_ms_p95" in v.reason
     with pytest.raises(ValueError, match="LatencyHistogram"):
