@@ -37,26 +37,14 @@ from faust.sensors import Sensor
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from safeswap.metrics import variant_values
+from safeswap.metrics import METRICS, variant_values
 from streams.deadletter import reason_kind
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# The per-variant metrics exported as gauges (docs/metrics.md names; p50/p95 from the histogram).
-VARIANT_METRICS: tuple[str, ...] = (
-    "thumbs_down_rate",
-    "thumbs_up_rate",
-    "error_rate",
-    "retry_rate",
-    "abandon_rate",
-    "edit_rate",
-    "edit_distance_mean",
-    "cost_usd_mean",
-    "cost_per_session_mean",
-    "latency_ms_mean",
-    "cache_hit_rate",
-)
+# The per-variant metrics exported as gauges (the catalog's ``exported``; p50/p95 from the histogram).
+VARIANT_METRICS: tuple[str, ...] = tuple(name for name, info in METRICS.items() if info.exported)
 
 
 class _Status(msgspec.Struct):
@@ -122,14 +110,13 @@ class _Snapshot(msgspec.Struct):
 
 
 def exported_values(snapshots: list[Any]) -> dict[str, dict[str, float]]:
-    """The exported point estimates per variant (``VARIANT_METRICS``, latency p50 and p95) from
+    """The exported point estimates per variant (``VARIANT_METRICS``) from
     the latest snapshot of each partition; snapshots that cannot be merged export nothing."""
     try:
         values = variant_values(snapshots)
     except (ValueError, TypeError):  # a malformed snapshot must never break a scrape
         return {}
-    wanted = {*VARIANT_METRICS, "latency_ms_p50", "latency_ms_p95"}
-    return {variant: {m: v for m, v in found.items() if m in wanted} for variant, found in values.items()}
+    return {variant: {m: v for m, v in found.items() if m in VARIANT_METRICS} for variant, found in values.items()}
 
 
 class WorkerMetrics(Sensor):

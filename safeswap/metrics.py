@@ -16,19 +16,57 @@ import math
 from array import array
 from bisect import bisect_right
 from collections.abc import Iterable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 
 from safeswap.stats import Ratio
 from safeswap.stats.quantiles import LatencyHistogram
 from schemas import StatsSnapshot
+from schemas.events import ERROR_KINDS
 
 # --- Outcome metrics (docs/metrics.md) -------------------------------------------------
 
-ERROR_KIND_METRICS: tuple[str, ...] = tuple(
-    f"error_rate_{kind}" for kind in ("rate_limit", "tool_failure", "parse_error", "timeout", "refusal", "other")
-)
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What one per-variant metric is: how people read it, its unit, which way is harm, and
+    whether the worker exports it on ``/metrics``. The one catalog: plans, the dashboard and
+    the Prometheus gauges read it; docs/metrics.md describes each."""
+
+    label: str
+    unit: Literal["rate", "ratio", "ms", "usd", "count"]
+    harm: Literal["increase", "decrease"] = "increase"
+    exported: bool = False  # a gauge on /metrics (safeswap_variant_*)
+    shown: bool = True  # a row of the dashboard's per-variant table
+
+
+ERROR_KIND_METRICS: tuple[str, ...] = tuple(f"error_rate_{kind}" for kind in ERROR_KINDS)
+METRICS: dict[str, MetricInfo] = {
+    "latency_ms_p50": MetricInfo("latency p50", "ms", exported=True),  # from the latency histogram
+    "latency_ms_p95": MetricInfo("latency p95", "ms", exported=True),
+    "latency_ms_p95_cache_hit": MetricInfo("latency p95, cache hits", "ms", shown=False),
+    "latency_ms_p95_cache_miss": MetricInfo("latency p95, cache misses", "ms", shown=False),
+    "latency_ms_mean": MetricInfo("latency mean", "ms", exported=True, shown=False),
+    "latency_ms_mean_cache_hit": MetricInfo("latency mean, cache hits", "ms", shown=False),
+    "latency_ms_mean_cache_miss": MetricInfo("latency mean, cache misses", "ms", shown=False),
+    "cost_usd_mean": MetricInfo("cost per response", "usd", exported=True),
+    "cost_per_session_mean": MetricInfo("cost per session", "usd", exported=True),
+    "error_rate": MetricInfo("errors (all kinds)", "rate", exported=True),
+    **{f"error_rate_{kind}": MetricInfo(f"errors: {kind.replace('_', ' ')}", "rate") for kind in ERROR_KINDS},
+    "thumbs_down_rate": MetricInfo("thumbs-down", "rate", exported=True),
+    "thumbs_up_rate": MetricInfo("thumbs-up", "rate", harm="decrease", exported=True),
+    "edit_rate": MetricInfo("edited", "rate", exported=True),
+    "edit_distance_mean": MetricInfo("edit distance (normalised)", "ratio", exported=True),
+    "edit_distance_words_mean": MetricInfo("edit distance (words)", "ratio", shown=False),
+    "retry_rate": MetricInfo("retry", "rate", exported=True),
+    "follow_up_rate": MetricInfo("follow-up", "rate", harm="decrease", shown=False),
+    "session_turns_mean": MetricInfo("turns per session", "count", harm="decrease", shown=False),
+    "abandon_rate": MetricInfo("abandon", "rate", exported=True),
+    "cache_hit_rate": MetricInfo("cache hit", "rate", harm="decrease", exported=True),
+    "responses_per_user": MetricInfo("responses per user", "count", shown=False),
+}
 # Every ratio metric: per-user numerator and denominator sums (safeswap.stats.Ratio).
 RATIO_METRICS: tuple[str, ...] = (
     "thumbs_down_rate",
@@ -350,3 +388,7 @@ def model_drift_text(drift: Any) -> str:
         share = drift[variant]
         parts.append(f"{variant} {share:.1%}" if isinstance(share, (int, float)) else f"{variant} {share}")
     return ", ".join(parts)
+
+
+# Every metric a guardrail can watch, with the direction that is harm.
+GUARDABLE: dict[str, str] = {name: METRICS[name].harm for name in (*RATIO_METRICS, *HISTOGRAM_METRICS)}

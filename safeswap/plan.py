@@ -17,15 +17,12 @@ from typing import Any
 import msgspec
 
 from safeswap.config_files import ConfigIssue, convert_config, line_for, read_config
-from safeswap.metrics import HISTOGRAM_METRICS, RATIO_METRICS
+from safeswap.metrics import GUARDABLE
 from schemas import RolloutPlan
 
-# Guardrail metrics are the outcome metrics (docs/metrics.md). For most a rise is
-# harm; for these a drop is.
-GOOD_WHEN_HIGHER = frozenset({"thumbs_up_rate", "follow_up_rate", "session_turns_mean", "cache_hit_rate"})
-METRIC_HARM: dict[str, str] = {
-    name: "decrease" if name in GOOD_WHEN_HIGHER else "increase" for name in (*RATIO_METRICS, *HISTOGRAM_METRICS)
-}
+# Guardrail metrics are the outcome metrics (docs/metrics.md), each with the direction
+# that is harm (the catalog in safeswap.metrics).
+METRIC_HARM: dict[str, str] = GUARDABLE
 # Latency depends on cache hits; a cache-rate skew between arms must not pass for
 # a model effect, so latency guardrails are judged within these strata.
 CACHE_STRATA = ("cache_hit", "cache_miss")

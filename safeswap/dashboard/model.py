@@ -35,32 +35,15 @@ from safeswap.controller import (
     on_snapshot,
     parse_snapshot,
 )
-from safeswap.metrics import variant_values
+from safeswap.metrics import METRICS, variant_values
 from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
 from safeswap.stats.sequential import stratified_compare
 from schemas import DeadLetter, Decision, HealthSpec, RolloutPlan, RolloutStatus, StatsSnapshot
 from streams.deadletter import reason_kind
 
-# Per-variant rows of the page: (key, label, unit). p50/p95 come from the latency histogram.
-VARIANT_ROWS: tuple[tuple[str, str, str], ...] = (
-    ("latency_ms_p50", "latency p50", "ms"),
-    ("latency_ms_p95", "latency p95", "ms"),
-    ("cost_usd_mean", "cost per response", "usd"),
-    ("cost_per_session_mean", "cost per session", "usd"),
-    ("error_rate", "errors (all kinds)", "rate"),
-    ("error_rate_rate_limit", "errors: rate limit", "rate"),
-    ("error_rate_tool_failure", "errors: tool failure", "rate"),
-    ("error_rate_parse_error", "errors: parse error", "rate"),
-    ("error_rate_timeout", "errors: timeout", "rate"),
-    ("error_rate_refusal", "errors: refusal", "rate"),
-    ("error_rate_other", "errors: other", "rate"),
-    ("thumbs_down_rate", "thumbs-down", "rate"),
-    ("thumbs_up_rate", "thumbs-up", "rate"),
-    ("edit_rate", "edited", "rate"),
-    ("edit_distance_mean", "edit distance (normalised)", "ratio"),
-    ("retry_rate", "retry", "rate"),
-    ("abandon_rate", "abandon", "rate"),
-    ("cache_hit_rate", "cache hit", "rate"),
+# Per-variant rows of the page: (key, label, unit), from the metric catalog.
+VARIANT_ROWS: tuple[tuple[str, str, str], ...] = tuple(
+    (name, info.label, info.unit) for name, info in METRICS.items() if info.shown
 )
 # Metrics drawn over time per variant (a subset: the charts people watch).
 TREND_METRICS: tuple[str, ...] = ("latency_ms_p95", "cost_usd_mean", "error_rate", "thumbs_down_rate")

@@ -15,13 +15,8 @@ from typing import Any
 from urllib.parse import quote
 
 from safeswap.dashboard.charts import esc, fmt, interval_chart, interval_text, stage_timeline, trend_chart, when
+from safeswap.metrics import METRICS
 
-TREND_LABELS = {
-    "latency_ms_p95": ("latency p95", "ms"),
-    "cost_usd_mean": ("cost per response", "usd"),
-    "error_rate": ("error rate", "rate"),
-    "thumbs_down_rate": ("thumbs-down rate", "rate"),
-}
 STATUS_CLASS = {
     "breach": "bad",
     "ok": "good",
@@ -200,7 +195,7 @@ def _variants_html(view: dict[str, Any]) -> str:
         f'</tr></thead><tbody>{"".join(rows)}</tbody></table><div class="grid">'
     ]
     for metric, series in view["trends"].items():
-        label, unit = TREND_LABELS.get(metric, (metric, "num"))
+        label, unit = METRICS[metric].label, METRICS[metric].unit
         parts.append(
             '<div class="card">'
             + trend_chart(metric, label, unit, series, decisions, view.get("time_range"), view.get("current_stage"))
