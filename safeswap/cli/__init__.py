@@ -16,7 +16,15 @@ import typer
 from rich.console import Console
 
 from safeswap.cli import bench, dashboard, data, evalgate, judge, replay, stats
-from safeswap.cli.common import NO_BROKER, BrokerOption, OwnBrokerOption, UserError, err, settings_from
+from safeswap.cli.common import (
+    NO_BROKER,
+    BrokerOption,
+    OwnBrokerOption,
+    UserError,
+    err,
+    report_user_errors,
+    settings_from,
+)
 from streams.settings import Settings
 
 app = typer.Typer(
@@ -454,21 +462,12 @@ dashboard.register(app)  # safeswap dashboard
 bench.register(app)  # safeswap bench (docs/performance.md)
 evalgate.register(app)  # safeswap eval-gate (docs/shadow.md)
 judge.register(app)  # safeswap judge (docs/shadow.md)
+report_user_errors(app)
 
 
 def main() -> None:
     try:
         app(standalone_mode=True)
-    except UserError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        sys.exit(2)
-    except ValueError as exc:
-        from sinks.read import UnreadableFile  # a broken file in the data dir, from any command
-
-        if not isinstance(exc, UnreadableFile):
-            raise
-        err.print(f"[red]error:[/red] {exc}", highlight=False)
-        sys.exit(2)
     except KeyboardInterrupt:
         err.print("interrupted")
         sys.exit(130)

@@ -3,7 +3,9 @@ options, and settings read from the environment (a misconfiguration is a user er
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -35,7 +37,40 @@ NO_BROKER = (
 
 
 class UserError(Exception):
-    """A mistake the user can fix; printed as one line, exit code 2."""
+    """A mistake the user can fix: one line ``error: <what> (fix: ...)`` on stderr, exit code 2.
+    Raised anywhere below a command; ``report_user_errors`` prints it (no traceback)."""
+
+
+def report_user_errors(app: typer.Typer) -> typer.Typer:
+    """Every command of ``app`` and of its groups prints a ``UserError`` as one line and exits 2:
+    the one way user errors reach the terminal, in ``safeswap`` and in any app a module's
+    ``register`` adds its commands to."""
+    for info in app.registered_commands:
+        if info.callback is not None and not hasattr(info.callback, "__wrapped__"):
+            info.callback = _reporting(info.callback)
+    for group in app.registered_groups:
+        if group.typer_instance is not None:
+            report_user_errors(group.typer_instance)
+    return app
+
+
+def _reporting(command: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(command)  # typer reads the options from the wrapped signature
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except UserError as exc:
+            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+        except ValueError as exc:  # a broken file in the data folder, from any command that reads it
+            from sinks.read import UnreadableFile
+
+            if not isinstance(exc, UnreadableFile):
+                raise
+            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return run
 
 
 def settings_from(broker: str | None = None, **overrides) -> Settings:

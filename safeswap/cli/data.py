@@ -14,17 +14,14 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from safeswap.cli.common import UserError, report_user_errors
+
 err = Console(stderr=True, soft_wrap=True)
 
 DataOption = Annotated[
     str | None,
     typer.Option("--data", help="Dataset folder (env SAFESWAP_DATA_DIR, default ./safeswap-data)."),
 ]
-
-
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(2)
 
 
 def _data_dir(data: str | None) -> Path:
@@ -34,10 +31,10 @@ def _data_dir(data: str | None) -> Path:
         try:
             data = Settings.from_env().data_dir
         except ValueError as exc:
-            _fail(str(exc))
+            raise UserError(str(exc)) from None
     path = Path(data)
     if not path.is_dir():
-        _fail(
+        raise UserError(
             f"{path}: no dataset folder here (fix: pass --data DIR where a worker or `safeswap demo --data DIR` "
             f"wrote, or set SAFESWAP_DATA_DIR)"
         )
@@ -114,11 +111,11 @@ def register(app: typer.Typer) -> None:
         from sinks.read import UnreadableFile, find_unreadable
 
         if fmt not in ("table", "csv", "json"):
-            _fail(f"--format {fmt!r}: use table, csv or json")
+            raise UserError(f"--format {fmt!r}: use table, csv or json")
         if (name is None) == (sql is None):
-            _fail(f"give a query name ({names}) or --sql 'SELECT ...', not both or neither")
+            raise UserError(f"give a query name ({names}) or --sql 'SELECT ...', not both or neither")
         if name is not None and name not in QUERIES:
-            _fail(f"unknown query {name!r} (fix: use one of {names}, or --sql)")
+            raise UserError(f"unknown query {name!r} (fix: use one of {names}, or --sql)")
         folder = _data_dir(data)
         try:
             frame = (
@@ -134,14 +131,16 @@ def register(app: typer.Typer) -> None:
                 frame = frame.limit(limit)
             result = frame.collect(engine="streaming")
         except UnreadableFile as exc:
-            _fail(str(exc))
+            raise UserError(str(exc)) from None
         except (pl.exceptions.PolarsError, OSError) as exc:
             # Polars does not say which file it could not read: find it, so the fix is clear.
             bad = find_unreadable(folder, READS.get(name or ""))
             if bad is not None:
-                _fail(str(bad))
+                raise UserError(str(bad)) from None
             what = "--sql" if sql is not None else f"query {name}"
-            _fail(f"{what} over {folder}: {_first_line(exc)} (fix: tables and columns are listed in docs/data.md)")
+            raise UserError(
+                f"{what} over {folder}: {_first_line(exc)} (fix: tables and columns are listed in docs/data.md)"
+            ) from None
         _print(result, fmt, title=name or "sql")
 
     @app.command()
@@ -164,13 +163,13 @@ def register(app: typer.Typer) -> None:
         folder = _data_dir(data)
         for name in dataset or []:
             if name not in DATASETS:
-                _fail(f"--dataset {name!r}: unknown (fix: use one of {', '.join(DATASETS)})")
+                raise UserError(f"--dataset {name!r}: unknown (fix: use one of {', '.join(DATASETS)})")
         cutoff = None
         if before is not None:
             try:
                 cutoff = dt.date.fromisoformat(before)
             except ValueError:
-                _fail(f"--before {before!r}: not a date (fix: YYYY-MM-DD)")
+                raise UserError(f"--before {before!r}: not a date (fix: YYYY-MM-DD)") from None
         report = run_compact(folder, dataset or None, before=cutoff, grace_s=grace)
         if json_out:
             print(json.dumps(report.as_dict()))
@@ -181,3 +180,5 @@ def register(app: typer.Typer) -> None:
             )
         for line in report.errors:
             err.print(f"[yellow]skipped:[/yellow] {line}", highlight=False)
+
+    report_user_errors(app)

@@ -14,12 +14,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from safeswap.cli.common import UserError, report_user_errors
+
 __all__ = ["register"]
-
-
-def _fail(message: str) -> None:
-    Console(stderr=True).print(f"[red]error:[/red] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code=2)
 
 
 def _fmt_x(value: float | None) -> str:
@@ -85,8 +82,7 @@ def validate_stats(
             else:
                 result = run_validation(runs, seed, progress=report, scenarios=scenario or None)
     except ValueError as exc:
-        _fail(str(exc))
-        return
+        raise UserError(str(exc)) from None
     if realistic:
         console = Console(stderr=as_json)
         if not console.is_terminal:  # a log file: whole scenario names rather than 80 columns
@@ -207,8 +203,7 @@ def plan_size(
                 "sequential": watch_hours(plan.sequential_per_arm, users_per_hour, percent),
             }
     except ValueError as exc:
-        _fail(str(exc))
-        return
+        raise UserError(str(exc)) from None
     if as_json:
         print(json.dumps({**plan.to_dict(), "watch_hours": hours}))
         return
@@ -239,3 +234,5 @@ def register(app: typer.Typer, plan_app: typer.Typer) -> None:
     """Add ``validate-stats`` to ``app`` and ``size`` to the ``plan`` sub-app."""
     app.command("validate-stats")(validate_stats)
     plan_app.command("size")(plan_size)
+    report_user_errors(app)
+    report_user_errors(plan_app)

@@ -151,17 +151,24 @@ def test_demo_whose_worker_dies_says_so_at_once_and_keeps_its_log():
         log_path.unlink(missing_ok=True)
 
 
-def test_an_unreadable_data_file_from_any_command_is_one_error_line(monkeypatch, capsys):
+def test_an_unreadable_data_file_from_any_command_is_one_error_line():
     """The demo and simulate read the dataset back too: a broken file there is named, not a traceback."""
-    import safeswap.cli as cli
+    import typer
+    from typer.testing import CliRunner
+
+    from safeswap.cli.common import report_user_errors
     from sinks.read import UnreadableFile
 
-    def broken_app(**_):
+    app = typer.Typer()
+
+    @app.command()
+    def reads_data() -> None:
         raise UnreadableFile("data/traces/part-0-0-0.parquet", "magic bytes not found")
 
-    monkeypatch.setattr(cli, "app", broken_app)
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    assert exit_info.value.code == 2
-    out = capsys.readouterr()
-    assert "part-0-0-0.parquet" in out.err + out.out and "Traceback" not in out.err + out.out
+    @app.command()
+    def other() -> None:
+        pass
+
+    result = CliRunner().invoke(report_user_errors(app), ["reads-data"])
+    assert result.exit_code == 2
+    assert "part-0-0-0.parquet" in result.output and "Traceback" not in result.output
