@@ -142,6 +142,13 @@ class WorkerMetrics(Sensor):
         self.decisions = Counter(
             "safeswap_decisions", "Decisions published, by action.", ["rollout_id", "action"], registry=r
         )
+        self.otlp_spans = Counter(
+            "safeswap_otlp_spans",
+            "OTLP spans read, by outcome: mapped (became a trace or feedback event), skipped (not a model call "
+            "of a rollout), rejected (dead-lettered).",
+            ["outcome"],
+            registry=r,
+        )
         lag_labels = ["topic", "partition", "agent"]
         self.lag = Gauge(
             "safeswap_consumer_lag",
@@ -183,6 +190,9 @@ class WorkerMetrics(Sensor):
     def count_read(self, agent: str, topic: str, n: int) -> None:
         """Messages read outside Faust's consumer (the outcomes agent's and the sinks' batches)."""
         self.events.labels(topic, agent).inc(n)
+
+    def otlp_counted(self, outcome: str, n: int) -> None:
+        self.otlp_spans.labels(outcome).inc(n)
 
     def reader(self, agent: str) -> Callable[[str, int], None]:
         """The ``(topic, messages read)`` callback for one of the worker's own consumer loops."""

@@ -10,7 +10,7 @@ import asyncio
 
 import faust
 
-from agents import decide, judge, outcomes, prometheus, sink
+from agents import decide, judge, otlp, outcomes, prometheus, sink
 from streams.app import create_app
 from streams.settings import Settings
 from streams.worker import ensure_topics_with_retry, faust_worker
@@ -35,6 +35,9 @@ def worker_app(settings: Settings) -> faust.App:
         if sink_service is not None:
             sink_service.on_batch.append(worker_metrics.reader("sink"))
     judge.register(app, settings)  # shadow statistics + LLM judge (docs/shadow.md)
+    otlp_counts = otlp.register(app, settings)  # OpenTelemetry spans -> traces, feedback (off unless otlp_topic)
+    if otlp_counts is not None and worker_metrics is not None:
+        otlp_counts.on_count.append(worker_metrics.otlp_counted)
     return app
 
 

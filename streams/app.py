@@ -20,11 +20,12 @@ def faust_broker_url(bootstrap: str) -> str:
     return "kafka://" + ";".join(hosts)
 
 
-def raw_topic(app: faust.App, settings: Settings, *names: str) -> faust.TopicT:
+def raw_topic(app: faust.App, settings: Settings, *names: str, prefixed: bool = True) -> faust.TopicT:
     """A topic (or several, consumed as one stream) of raw bytes: we decode ourselves,
-    so a bad message reaches our code (and the DLQ) instead of Faust's error path."""
+    so a bad message reaches our code (and the DLQ) instead of Faust's error path.
+    ``prefixed=False``: the names are full topic names (another system's topic)."""
     return app.topic(
-        *(settings.topic(name) for name in names),
+        *(settings.topic(name) if prefixed else name for name in names),
         key_type=bytes,
         value_type=bytes,
         key_serializer="raw",

@@ -103,6 +103,10 @@ class Settings:
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = 8050
     dashboard_token: str = dataclasses.field(default="", repr=False)  # never printed or logged
+    # OTLP ingest (agents/otlp.py, README "OpenTelemetry ingest"): the topic the OpenTelemetry
+    # Collector's Kafka exporter writes (its full name, e.g. "otlp_spans"); "" = off.
+    otlp_topic: str = ""
+    otlp_encoding: str = "otlp_proto"  # otlp_proto | otlp_json (the exporter's `encoding`)
     # Prometheus /metrics of the worker (agents/prometheus.py): 0 = off.
     metrics_port: int = 0
     metrics_host: str = "127.0.0.1"
@@ -237,6 +241,8 @@ def settings_problems(settings: Settings) -> list[str]:
     for name, (low, high) in BOUNDED.items():
         if not low <= getattr(settings, name) <= high:
             problems.append(f"{value_of(name)}: must be between {low:g} and {high:g}")
+    if settings.otlp_encoding not in ("otlp_proto", "otlp_json"):
+        problems.append(f"{value_of('otlp_encoding')}: use otlp_proto or otlp_json")
     return problems
 
 

@@ -75,6 +75,14 @@ async def ensure_topics(settings: Settings, timeout_s: float = 20.0) -> list[str
                 for spec in TOPICS
                 if settings.topic(spec.name) not in existing
             ]
+            if settings.otlp_topic and settings.otlp_topic not in existing:  # the Collector's, if nothing made it
+                missing.append(
+                    NewTopic(
+                        name=settings.otlp_topic,
+                        num_partitions=settings.partitions,
+                        replication_factor=settings.replication_factor,
+                    )
+                )
             if missing:
                 response = await admin.create_topics(missing)
                 refused = creation_errors(response.topic_errors)

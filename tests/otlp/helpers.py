@@ -59,7 +59,7 @@ class App:
         self.tracer = self.provider.get_tracer("support-bot")
         api.clear_hooks()
         api.add_hooks([TracingHook()])
-        api.set_provider(provider or BucketingProvider(percent))
+        api.set_provider_and_wait(provider or BucketingProvider(percent))
         self.flags = api.get_client()
 
     def request(
@@ -69,6 +69,7 @@ class App:
         *,
         rng: random.Random,
         error: str | None = None,
+        errors: dict[str, float] | None = None,
         feedback: str | None = None,
         tokens: tuple[int, int] = (300, 120),
     ) -> str:
@@ -90,6 +91,8 @@ class App:
                 call.set_attribute("gen_ai.usage.input_tokens", tokens[0])
                 call.set_attribute("gen_ai.usage.output_tokens", tokens[1])
                 call.set_attribute("session.id", f"s-{user_id}")
+                if errors and rng.random() < errors.get(variant, 0.0):
+                    error = "TimeoutError"
                 if error:
                     call.set_attribute("error.type", error)
                     call.set_status(Status(StatusCode.ERROR))
