@@ -96,6 +96,88 @@ def simulated_events(flags: FlagClient, rollout_id: str, user_index: int, ts_ms:
     return variant, events
 
 
+class OtlpApp:
+    """The demo's app when it speaks only OpenTelemetry and OpenFeature (``demo --otlp``): the
+    flag is evaluated through OpenFeature (the SafeswapProvider over the demo's FlagClient) with
+    the OpenTelemetry hook recording it on the model call's span; spans leave as the
+    Collector's Kafka exporter writes them (one ``otlp_proto`` ExportTraceServiceRequest a
+    message). Same users, rates and models as ``simulated_events``."""
+
+    def __init__(self, flags: FlagClient) -> None:
+        from openfeature import api
+        from openfeature.contrib.hook.opentelemetry import TracingHook
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        from safeswap.openfeature import SafeswapProvider
+
+        self.exporter = InMemorySpanExporter()
+        tracing = TracerProvider()
+        tracing.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = tracing.get_tracer("safeswap-demo")
+        api.add_hooks([TracingHook()])
+        api.set_provider_and_wait(SafeswapProvider(flags))
+        self.flags = api.get_client()
+
+    def serve(self, rollout_id: str, user_index: int, ts_ms: int, rng: random.Random) -> tuple[str, int]:
+        """One user's request (a ``chat`` span) and maybe a thumbs-down (a ``safeswap.feedback``
+        event); returns the variant and the events the spans stand for."""
+        from openfeature.evaluation_context import EvaluationContext
+        from opentelemetry.trace import Status, StatusCode
+
+        context = EvaluationContext(targeting_key=f"user-{user_index}")
+        start = ts_ms * 1_000_000
+        with self.tracer.start_as_current_span("chat", start_time=start, end_on_exit=False) as call:
+            variant = self.flags.get_string_value(rollout_id, "control", context)
+            call.set_attributes(
+                {
+                    "gen_ai.operation.name": "chat",
+                    "gen_ai.request.model": MODELS[variant],
+                    "gen_ai.response.model": MODELS[variant],
+                    "gen_ai.usage.input_tokens": rng.randint(200, 800),
+                    "gen_ai.usage.output_tokens": rng.randint(50, 400),
+                    "session.id": f"s-{user_index}",
+                    "safeswap.prompt_version": "v41",
+                    "safeswap.cost_usd": 0.002,
+                    "safeswap.cache_hit": rng.random() < 0.3,
+                }
+            )
+            if rng.random() < ERROR_RATE[variant]:
+                call.set_attribute("error.type", "timeout")
+                call.set_status(Status(StatusCode.ERROR))
+            ids = call.get_span_context()
+            call.end(end_time=start + int(rng.lognormvariate(6.8, 0.5) * 1e6))
+        if rng.random() >= THUMBS_DOWN[variant]:
+            return variant, 1
+        at = start + 5_000_000_000
+        with self.tracer.start_as_current_span("POST /feedback", start_time=at, end_on_exit=False) as span:
+            self.flags.get_string_value(rollout_id, "control", context)
+            span.add_event(
+                "safeswap.feedback",
+                {
+                    "safeswap.feedback.kind": "thumbs_down",
+                    "safeswap.trace_id": f"{ids.trace_id:032x}:{ids.span_id:016x}",
+                },
+                timestamp=at,
+            )
+            span.end(end_time=at)
+        return variant, 2
+
+    def export(self) -> bytes:
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        request = encode_spans(self.exporter.get_finished_spans())
+        self.exporter.clear()
+        return request.SerializeToString()
+
+    def close(self) -> None:
+        from openfeature import api
+
+        api.shutdown()
+        api.clear_hooks()
+
+
 def _status_table(sent: int, users: dict[str, int], decision: Decision | None, elapsed: float) -> Table:
     table = Table(title="safeswap demo: candidate has 3x the thumbs-down rate", show_header=False)
     table.add_row("elapsed", f"{elapsed:5.1f} s")
@@ -117,6 +199,7 @@ async def _simulate(
     console: Console,
     started: float,
     worker: WorkerProcess,
+    otlp: bool = False,
 ) -> dict:
     plan = demo_plan(rollout_id)
     rng = random.Random(7)
@@ -139,6 +222,7 @@ async def _simulate(
         with Live(_status_table(0, users, None, 0), console=console, refresh_per_second=8, transient=False) as live:
             await _wait(lambda: flags.decision(rollout_id) is not None, deadline, worker)
             index = 0
+            app = OtlpApp(flags) if otlp else None
             while time.monotonic() < deadline:
                 worker.check_alive()
                 decision = flags.decision(rollout_id)
@@ -146,18 +230,37 @@ async def _simulate(
                     break
                 if index < max_users:
                     for _ in range(100):  # a batch of users, then a beat for the worker
-                        variant, events = simulated_events(flags, rollout_id, index, event_time, rng)
+                        if app is not None:
+                            variant, count = app.serve(rollout_id, index, event_time, rng)
+                            sent += count
+                        else:
+                            variant, events = simulated_events(flags, rollout_id, index, event_time, rng)
+                            for event in events:
+                                sent += (emitter.trace if isinstance(event, TraceEvent) else emitter.feedback)(event)
                         users[variant] += 1
                         index += 1
                         event_time += 1_000
-                        for event in events:
-                            sent += (emitter.trace if isinstance(event, TraceEvent) else emitter.feedback)(event)
+                    if app is not None:  # the batch as one message of the Collector's Kafka exporter
+                        await producer_send(settings, settings.otlp_topic, app.export())
                 live.update(_status_table(sent, users, decision, time.monotonic() - started))
                 await asyncio.sleep(0.05)
+            if app is not None:
+                app.close()
             decision = flags.decision(rollout_id)
             live.update(_status_table(sent, users, decision, time.monotonic() - started))
         candidates_served = sum(flags.variant(rollout_id, f"user-{i}") == "candidate" for i in range(index))
     return {"decision": decision, "events_sent": sent, "users": users, "candidate_users_now": candidates_served}
+
+
+async def producer_send(settings: Settings, topic: str, value: bytes) -> None:
+    from aiokafka import AIOKafkaProducer
+
+    producer = AIOKafkaProducer(**client_options(settings))
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, value)
+    finally:
+        await producer.stop()
 
 
 async def _wait(condition, deadline: float, worker: WorkerProcess) -> None:
@@ -167,7 +270,13 @@ async def _wait(condition, deadline: float, worker: WorkerProcess) -> None:
 
 
 def run_demo(
-    settings: Settings, *, max_users: int, timeout_s: float, json_out: bool, data_dir: str | None = None
+    settings: Settings,
+    *,
+    max_users: int,
+    timeout_s: float,
+    json_out: bool,
+    data_dir: str | None = None,
+    otlp: bool = False,
 ) -> dict:
     console = Console(stderr=json_out)
     started = time.monotonic()
@@ -180,13 +289,17 @@ def run_demo(
             console.print(f"embedded Kafka-protocol broker (Tansu) on {broker.bootstrap}")
         state_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="safeswap-demo-"))
         settings = settings.replace(state_dir=state_dir, data_dir=data_dir or settings.data_dir)
+        if otlp:  # the worker's OTLP agent reads what the app's spans become
+            settings = settings.replace(otlp_topic=settings.otlp_topic or settings.topic("otlp_spans"))
         asyncio.run(ensure_topics_with_retry(settings))
         worker = stack.enter_context(WorkerProcess(settings))
         keep_log = False  # the log of a worker that died is what the user needs next
         stack.callback(lambda: keep_log or not os.path.exists(worker.log_path) or os.unlink(worker.log_path))
         console.print(f"worker started (pid {worker.pid}); registering plan {rollout_id}")
         try:
-            outcome = asyncio.run(_simulate(settings, rollout_id, max_users, deadline, console, started, worker))
+            outcome = asyncio.run(
+                _simulate(settings, rollout_id, max_users, deadline, console, started, worker, otlp=otlp)
+            )
         except WorkerExited:
             keep_log = True
             console.print(f"[bold red]the worker exited[/]; the last lines of {worker.log_path}:", highlight=False)

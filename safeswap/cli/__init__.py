@@ -51,16 +51,34 @@ def demo(
     users: Annotated[int, typer.Option(help="Simulated users at most.", min=100)] = 20_000,
     timeout: Annotated[float, typer.Option(help="Give up after this many seconds.", min=5)] = 85.0,
     data: Annotated[str | None, typer.Option("--data", help="Parquet dataset folder (env SAFESWAP_DATA_DIR).")] = None,
+    otlp: Annotated[
+        bool,
+        typer.Option(
+            "--otlp",
+            help="The app speaks only OpenTelemetry and OpenFeature: spans in the Collector's Kafka "
+            "format, read by the worker's OTLP agent (pip install 'safeswap[otlp]').",
+        ),
+    ] = False,
 ) -> None:
     """Run the whole loop on the embedded broker: events in, rollback decision out."""
     from safeswap.demo import run_demo
+
+    if otlp:
+        try:
+            import openfeature.contrib.hook.opentelemetry  # noqa: F401
+            import opentelemetry.exporter.otlp.proto.common
+            import opentelemetry.sdk  # noqa: F401
+        except ImportError as exc:
+            raise UserError(
+                f"--otlp needs the OpenTelemetry SDK ({exc.name} is missing): pip install 'safeswap[otlp]'"
+            ) from None
     from streams.broker import BrokerError
     from streams.process import WorkerExited
     from streams.topics import TopicCreationError
 
     settings = settings_from(broker)
     try:
-        result = run_demo(settings, max_users=users, timeout_s=timeout, json_out=json_out, data_dir=data)
+        result = run_demo(settings, max_users=users, timeout_s=timeout, json_out=json_out, data_dir=data, otlp=otlp)
     except (ConnectionError, TopicCreationError, BrokerError, WorkerExited) as exc:
         raise UserError(str(exc)) from None
     if json_out:

@@ -112,12 +112,14 @@ def test_sigkill_while_writing_then_restart_leaves_every_event_exactly_once(sett
 
 
 def test_demo_writes_the_dataset_and_reports_rows_twice_into_the_same_folder(tmp_path: Path):
-    """Two demo runs (two fresh embedded brokers, offsets from 0 again) into one data folder."""
+    """Two demo runs (two fresh embedded brokers, offsets from 0 again) into one data folder: the
+    Emitter's, then the app that speaks only OpenTelemetry and OpenFeature (``--otlp``), whose
+    spans reach the same rollback and the same last-line JSON."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SAFESWAP_")}
     results = []
-    for _ in range(2):
+    for extra in ([], ["--otlp"]):
         run = subprocess.run(
-            [sys.executable, "-m", "safeswap", "demo", "--json", "--data", str(tmp_path / "data")],
+            [sys.executable, "-m", "safeswap", "demo", "--json", *extra, "--data", str(tmp_path / "data")],
             capture_output=True,
             text=True,
             env=env,
@@ -126,6 +128,8 @@ def test_demo_writes_the_dataset_and_reports_rows_twice_into_the_same_folder(tmp
         )
         assert run.returncode == 0, run.stderr[-2000:]
         results.append(json.loads(run.stdout.strip().splitlines()[-1]))
+    assert set(results[0]) == set(results[1])  # --otlp prints the same JSON
+    assert results[1]["action"] == "rollback" and results[1]["rows"]["dlq"] == 0  # every span mapped
     for result in results:
         assert result["data_dir"] == str(tmp_path / "data")
         rows = result["rows"]
