@@ -62,3 +62,20 @@ def test_bench_tiny_run(broker: str) -> None:
     assert abs(result["pipeline_vs_bare_faust"] - result["pipeline_eps"] / result["bare_faust_eps"]) < 0.01
     assert result["decision_latency_p50_s"] <= result["decision_latency_p99_s"]
     assert any(line.startswith("pipeline, 1 worker") for line in lines[:-1])  # the table comes first
+
+
+def test_otlp_bench_runs_both_paths_over_the_same_calls() -> None:
+    run = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "bench_otlp.py"), "--events", "1000", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["events"] == 1000 and result["native_eps"] > 0 and result["otlp_eps"] > 0
+    assert (
+        result["otlp_vs_native"] == round(result["otlp_eps"] / result["native_eps"], 3)
+        or abs(result["otlp_vs_native"] - result["otlp_eps"] / result["native_eps"]) < 0.01
+    )
