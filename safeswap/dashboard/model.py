@@ -479,10 +479,14 @@ class DashboardModel:
                         "threshold": _finite(item.get("threshold")),
                     }
                 )
-        # The latest evidence: the live status if there is one, else the last look's.
+        # The latest evidence is the worker's own: the live status if there is one, else the
+        # last decision's evidence (recorded mode: the replay's coalesced looks can differ from
+        # the worker's at the look that decided), else the replay's last look.
         latest: dict[str, dict[str, Any]] = {}
         if track.status is not None:
             latest = {g.metric: msgspec.to_builtins(g) for g in track.status.guardrails}
+        elif track.decisions:
+            latest = {e.metric: msgspec.to_builtins(e) for e in self._last_decision(track).evidence}
         for metric, points in series.items():
             latest.setdefault(metric, points[-1])
         out = []

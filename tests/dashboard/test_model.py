@@ -199,3 +199,39 @@ def test_a_gate_attached_to_a_registered_plan_is_replayed_like_the_controller_do
     model.add_plan(msgspec.structs.replace(high, eval_gate=gate), 600)
     track = model.tracks[EVIL]
     assert track.replay.stage == "canary" and track.plan.eval_gate == gate and track.plan_ts == 500
+
+
+def test_without_a_live_status_the_cards_show_the_evidence_of_the_decision_that_was_made():
+    # Recorded mode: the replay's coalesced looks may not clear the limit where the worker did;
+    # the card must say what the worker saw when it decided, not the replay's last look.
+    from schemas import GuardrailEvidence
+
+    model = fed_model()
+    evidence = GuardrailEvidence(
+        metric="thumbs_down_rate",
+        status="breach",
+        estimate=0.9,
+        ci_low=0.25,
+        ci_high=1.5,
+        p_value=0.001,
+        threshold=0.2,
+        users_control=800,
+        users_candidate=400,
+        reason="thumbs_down_rate +90.0% vs control exceeds the +20.0% limit",
+    )
+    model.add_decision(
+        Decision(
+            rollout_id=EVIL,
+            seq=2,
+            ts=20_000_000,
+            action="rollback",
+            stage="rolled_back",
+            percent=0,
+            salt=EVIL,
+            reason="rolled back",
+            evidence=[evidence],
+        )
+    )
+    card = next(g for g in model.view(EVIL)["guardrails"] if g["metric"] == "thumbs_down_rate")
+    assert (card["status"], card["ci_low"], card["ci_high"]) == ("breach", 0.25, 1.5)
+    assert card["points"]  # the replayed interval over time is still drawn
