@@ -36,6 +36,14 @@ def guarded_metrics(metric: str) -> list[str]:
 
 
 CHANGEABLE = ("model", "prompt_version", "tools_version", "system_prompt_version", "retrieval_version")
+# Changes that carry a model swap's risk: users must not see them before a shadow stage.
+MAJOR_CHANGES = {
+    "model": "a model change",
+    "tools_version": "a tool-definition change (treat it as a major change: the model now calls "
+    "different tools, with different arguments)",
+    "retrieval_version": "a retrieval change (an indexing migration plus a model swap: every answer "
+    "reads different context)",
+}
 # A pinned model names a dated snapshot (claude-sonnet-4-5-20250929, gpt-4o-2024-08-06)
 # or an explicit version/digest (name@v3); an alias can change under you.
 PINNED_MODEL = re.compile(r"(\d{8}|\d{4}-\d{2}-\d{2}|@[\w.:-]+)$")
@@ -250,9 +258,9 @@ def check_plan(plan: RolloutPlan) -> tuple[list[tuple[str, str]], list[tuple[str
     if not changes:
         warnings.append(("candidate", "identical to control: this rollout is an A/A rehearsal"))
     has_shadow = any(stage.name == "shadow" for stage in plan.stages)
-    needs_shadow = "model" in changes or plan.stakes == "high"
-    if needs_shadow and not has_shadow and not (plan.skip_shadow or "").strip():
-        why = "a model change" if "model" in changes else "a high-stakes plan"
+    major = [MAJOR_CHANGES[c] for c in changes if c in MAJOR_CHANGES]
+    if (major or plan.stakes == "high") and not has_shadow and not (plan.skip_shadow or "").strip():
+        why = " and ".join(major) if major else "a high-stakes plan"
         errors.append(
             (
                 "stages",
@@ -262,6 +270,25 @@ def check_plan(plan: RolloutPlan) -> tuple[list[tuple[str, str]], list[tuple[str
             )
         )
 
+    if "retrieval_version" in changes:
+        index = plan.candidate.retrieval_index
+        if not index:
+            errors.append(
+                (
+                    "candidate.retrieval_index",
+                    "missing: a retrieval change must pin the candidate's index like a model version "
+                    "(e.g. docs-index-20261130 or docs-index@v7), so the rollout tests one index that cannot "
+                    "change under it",
+                )
+            )
+        elif not PINNED_MODEL.search(index) and not plan.allow_unpinned:
+            errors.append(
+                (
+                    "candidate.retrieval_index",
+                    f"{index!r} does not name one version of the index: end it with a date (-20261130) or "
+                    "@version (like a pinned model), or set allow_unpinned: true",
+                )
+            )
     if not plan.guardrails:
         warnings.append(("guardrails", "no guardrails: nothing can roll this rollout back automatically"))
     for index, guardrail in enumerate(plan.guardrails):

@@ -118,6 +118,9 @@ class VariantSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit
     tools_version: str | None = None
     system_prompt_version: str | None = None
     retrieval_version: str | None = None
+    # The index a retrieval change reads, pinned like a model (name-20261130, name@v3):
+    # part of the retrieval change, not a change of its own.
+    retrieval_index: str | None = None
 
 
 StageName = Literal["shadow", "canary", "ramp"]

@@ -134,3 +134,60 @@ def test_pinned_models(model, pinned):
     from safeswap.plan import is_pinned
 
     assert is_pinned(model) is pinned
+
+
+LOW_STAKES_NO_SHADOW = """
+rollout_id: {rollout}
+stakes: low
+control:   {{model: claude-sonnet-4-5-20250929, prompt_version: v41, {control}}}
+candidate: {{model: claude-sonnet-4-5-20250929, prompt_version: v41, {candidate}}}
+stages:
+  - {{name: canary, percent: 5, min_duration: 24h}}
+  - {{name: ramp, percent: 100}}
+guardrails:
+  - {{metric: thumbs_down_rate, max_relative_increase: 0.2, action: rollback}}
+"""
+
+
+@pytest.mark.parametrize(
+    ("control", "candidate", "words"),
+    [
+        ("tools_version: t1", "tools_version: t2", "a tool-definition change (treat it as a major change"),
+        (
+            "retrieval_version: r1",
+            "retrieval_version: r2, retrieval_index: docs-index-20261130",
+            "a retrieval change (an indexing migration plus a model swap",
+        ),
+    ],
+)
+def test_tool_and_retrieval_changes_need_a_shadow_stage_like_a_model_change(tmp_path, control, candidate, words):
+    text = LOW_STAKES_NO_SHADOW.format(rollout="r", control=control, candidate=candidate)
+    report = load_plan(write(tmp_path, text))
+    refusal = next(i for i in report.errors if i.path == "stages")
+    assert words in refusal.message and "needs a shadow stage" in refusal.message and "skip_shadow" in refusal.message
+    assert load_plan(write(tmp_path, text + "skip_shadow: tools replayed on a week of traffic\n")).ok
+    # a prompt change alone, low stakes, may go to users without shadowing
+    prompt_only = LOW_STAKES_NO_SHADOW.format(rollout="r", control="tools_version: t1", candidate="tools_version: t1")
+    assert load_plan(
+        write(tmp_path, prompt_only.replace("prompt_version: v41, tools", "prompt_version: v42, tools", 1))
+    ).ok
+
+
+@pytest.mark.parametrize(
+    ("index", "words"),
+    [
+        ("", "missing: a retrieval change must pin the candidate's index"),
+        (", retrieval_index: docs-index-latest", "does not name one version of the index"),
+    ],
+)
+def test_a_retrieval_change_pins_the_candidates_index(tmp_path, index, words):
+    text = LOW_STAKES_NO_SHADOW.format(
+        rollout="r", control="retrieval_version: r1", candidate=f"retrieval_version: r2{index}"
+    )
+    report = load_plan(write(tmp_path, text + "skip_shadow: shadowed offline\n"))
+    issue = next(i for i in report.errors if i.path == "candidate.retrieval_index")
+    assert words in issue.message
+    pinned = text.replace("retrieval_version: r2", "retrieval_version: r2, retrieval_index: docs-index@v7", 1)
+    if index:
+        pinned = text.replace(index, ", retrieval_index: docs-index@v7")
+    assert load_plan(write(tmp_path, pinned + "skip_shadow: shadowed offline\n")).ok
