@@ -83,6 +83,9 @@ class EmbeddedBroker:
             stdout=subprocess.DEVNULL,
             # A file, not a pipe: an unread pipe fills up and stalls the broker.
             stderr=self._log,
+            # Its own session, like the worker's: a Ctrl-C in the terminal reaches the parent, which
+            # stops the worker first (its sinks and checkpoints still need the broker), then this.
+            start_new_session=True,
         )
         if not wait_for_port(self.host, self.port, self.start_timeout_s):
             err = self._stderr_tail()

@@ -66,3 +66,13 @@ def test_commands_that_need_a_broker_say_how_to_get_one():
     assert result.returncode == 2 and "safeswap dev" in result.stderr, result.stderr
     helped = _safeswap("rollout", "status", "--help", env=dict(env, COLUMNS="200"))
     assert "safeswap dev" in helped.stdout and "empty: the embedded" not in helped.stdout
+
+
+def test_a_ctrl_c_in_the_terminal_reaches_the_parent_not_the_broker():
+    # The parent stops the worker first (its sinks commit and its checkpoints are written to the
+    # broker), then the broker: a broker in the terminal's process group would die first.
+    from streams.broker import EmbeddedBroker
+
+    with EmbeddedBroker() as broker:
+        assert os.getpgid(broker.process.pid) != os.getpgrp()
+        assert os.getsid(broker.process.pid) == broker.process.pid
