@@ -25,7 +25,7 @@ from pathlib import Path
 import msgspec
 from aiokafka import AIOKafkaProducer
 
-from safeswap.demo import MODELS
+from safeswap.demo import MODELS, OtelApp
 from schemas import TraceEvent, encode
 from streams.broker import EmbeddedBroker
 from streams.compacted import CompactedView
@@ -69,15 +69,9 @@ def native_events(n: int, rollout_id: str, start_ms: int, rng: random.Random) ->
 
 def otlp_messages(n: int, rollout_id: str, start_ms: int, rng: random.Random) -> list[bytes]:
     """The same model calls as spans of the real SDK, evaluated through OpenFeature's hook."""
-    from openfeature import api
-    from openfeature.contrib.hook.opentelemetry import TracingHook
     from openfeature.evaluation_context import EvaluationContext
     from openfeature.flag_evaluation import FlagResolutionDetails
     from openfeature.provider import AbstractProvider, Metadata
-    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-    from opentelemetry.sdk.trace import TracerProvider
-    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
     class Alternating(AbstractProvider):  # the same arms as the native events: odd users see the candidate
         def get_metadata(self):
@@ -90,13 +84,8 @@ def otlp_messages(n: int, rollout_id: str, start_ms: int, rng: random.Random) ->
         resolve_boolean_details = resolve_integer_details = resolve_float_details = resolve_string_details
         resolve_object_details = resolve_string_details
 
-    exporter = InMemorySpanExporter()
-    tracing = TracerProvider()
-    tracing.add_span_processor(SimpleSpanProcessor(exporter))
-    tracer = tracing.get_tracer("bench")
-    api.add_hooks([TracingHook()])
-    api.set_provider_and_wait(Alternating())
-    flags = api.get_client()
+    app = OtelApp(Alternating(), "bench")
+    tracer, flags = app.tracer, app.flags
     messages = []
     for i in range(n):
         start = (start_ms + i) * 1_000_000
@@ -115,10 +104,8 @@ def otlp_messages(n: int, rollout_id: str, start_ms: int, rng: random.Random) ->
             )
             call.end(end_time=start + int(rng.lognormvariate(6.8, 0.5) * 1e6))
         if (i + 1) % SPANS_PER_MESSAGE == 0 or i == n - 1:
-            messages.append(encode_spans(exporter.get_finished_spans()).SerializeToString())
-            exporter.clear()
-    api.shutdown()
-    api.clear_hooks()
+            messages.append(app.export())
+    app.close()
     return messages
 
 

@@ -770,9 +770,7 @@ def health_checks(health: dict[str, Any], rules: HealthSpec) -> list[dict[str, A
     rows.append(
         row(
             "event_loss",
-            f"responses per user {loss['estimate']:+.1%}, p={loss['p_value']:.2g}"
-            if _number(loss.get("estimate")) and _number(loss.get("p_value"))
-            else "-",
+            _compared("responses per user", loss, ".1%"),
             f"p < {EVENT_LOSS_ALPHA:g}",
             "ok" if loss else "not checked",
             "pause",
@@ -782,15 +780,20 @@ def health_checks(health: dict[str, Any], rules: HealthSpec) -> list[dict[str, A
     rows.append(
         row(
             "cache_skew",
-            f"cache-hit rate {skew['estimate']:+.2%}, p={skew['p_value']:.2g}"
-            if _number(skew.get("estimate")) and _number(skew.get("p_value"))
-            else "-",
+            _compared("cache-hit rate", skew, ".2%"),
             f"p < {rules.cache_skew_alpha:g}",
             ("flagged" if skew.get("skewed") else "ok") if skew else "not checked",
             "flag only (latency and cost are confounded)",
         )
     )
     return rows
+
+
+def _compared(what: str, result: dict[str, Any], spec: str) -> str:
+    """A two-arm comparison's estimate and p-value as the health table shows them, or "-"."""
+    if not (_number(result.get("estimate")) and _number(result.get("p_value"))):
+        return "-"
+    return f"{what} {result['estimate']:+{spec}}, p={result['p_value']:.2g}"
 
 
 def _number(value: Any) -> bool:

@@ -96,7 +96,46 @@ def simulated_events(flags: FlagClient, rollout_id: str, user_index: int, ts_ms:
     return variant, events
 
 
-class OtlpApp:
+class OtelApp:
+    """An app instrumented only with OpenTelemetry and OpenFeature: a tracer whose spans are kept
+    in memory, and an OpenFeature client whose evaluations the OpenTelemetry hook records on the
+    active span. ``export`` hands the spans over as one message of the Collector's Kafka
+    exporter. The demo's, the tests' and the OTLP benchmark's apps are this one."""
+
+    def __init__(self, provider: Any, name: str = "safeswap-demo") -> None:
+        from openfeature import api
+        from openfeature.contrib.hook.opentelemetry import TracingHook
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+        self.exporter = InMemorySpanExporter()
+        tracing = TracerProvider()
+        tracing.add_span_processor(SimpleSpanProcessor(self.exporter))
+        self.tracer = tracing.get_tracer(name)
+        api.clear_hooks()
+        api.add_hooks([TracingHook()])
+        api.set_provider_and_wait(provider)
+        self.flags = api.get_client()
+
+    def export(self, encoding: str = "otlp_proto") -> bytes:
+        """Every span so far as one message, in ``otlp_proto`` or ``otlp_json``."""
+        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+        from safeswap.otlp import to_json
+
+        request = encode_spans(self.exporter.get_finished_spans())
+        self.exporter.clear()
+        return request.SerializeToString() if encoding == "otlp_proto" else to_json(request)
+
+    def close(self) -> None:
+        from openfeature import api
+
+        api.shutdown()
+        api.clear_hooks()
+
+
+class OtlpApp(OtelApp):
     """The demo's app when it speaks only OpenTelemetry and OpenFeature (``demo --otlp``): the
     flag is evaluated through OpenFeature (the SafeswapProvider over the demo's FlagClient) with
     the OpenTelemetry hook recording it on the model call's span; spans leave as the
@@ -104,21 +143,9 @@ class OtlpApp:
     message). Same users, rates and models as ``simulated_events``."""
 
     def __init__(self, flags: FlagClient) -> None:
-        from openfeature import api
-        from openfeature.contrib.hook.opentelemetry import TracingHook
-        from opentelemetry.sdk.trace import TracerProvider
-        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
         from safeswap.openfeature import SafeswapProvider
 
-        self.exporter = InMemorySpanExporter()
-        tracing = TracerProvider()
-        tracing.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self.tracer = tracing.get_tracer("safeswap-demo")
-        api.add_hooks([TracingHook()])
-        api.set_provider_and_wait(SafeswapProvider(flags))
-        self.flags = api.get_client()
+        super().__init__(SafeswapProvider(flags))
 
     def serve(self, rollout_id: str, user_index: int, ts_ms: int, rng: random.Random) -> tuple[str, int]:
         """One user's request (a ``chat`` span) and maybe a thumbs-down (a ``safeswap.feedback``
@@ -163,19 +190,6 @@ class OtlpApp:
             )
             span.end(end_time=at)
         return variant, 2
-
-    def export(self) -> bytes:
-        from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-
-        request = encode_spans(self.exporter.get_finished_spans())
-        self.exporter.clear()
-        return request.SerializeToString()
-
-    def close(self) -> None:
-        from openfeature import api
-
-        api.shutdown()
-        api.clear_hooks()
 
 
 def _status_table(sent: int, users: dict[str, int], decision: Decision | None, elapsed: float) -> Table:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import base64
 import json
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -229,20 +230,30 @@ def is_model_call(span: Span) -> bool:
     return "gen_ai.operation.name" in span.attributes or "gen_ai.request.model" in span.attributes
 
 
-def flag_evaluation(span: Span, trace: list[Span]) -> dict[str, Any]:
+def trace_evaluations(spans: list[Span]) -> dict[str, tuple[list[int], list[dict[str, Any]]]]:
+    """Per trace id, the flag evaluations recorded on its spans in this message, by time:
+    (times, attributes), sorted together (built once per message)."""
+    found: dict[str, list[tuple[int, dict[str, Any]]]] = {}
+    for span in spans:
+        for name, time, attrs in span.events:
+            if name in FLAG_EVENTS:
+                found.setdefault(span.trace_id, []).append((time, attrs))
+    out = {}
+    for trace_id, evaluations in found.items():
+        evaluations.sort(key=lambda item: item[0])
+        out[trace_id] = ([time for time, _ in evaluations], [attrs for _, attrs in evaluations])
+    return out
+
+
+def flag_evaluation(span: Span, evaluations: dict[str, tuple[list[int], list[dict[str, Any]]]]) -> dict[str, Any]:
     """The flag evaluation that served this span: on the span itself, else the latest one before
-    its end on another span of its trace (attributes, possibly empty)."""
+    its end on another span of its trace (``trace_evaluations``; attributes, possibly empty)."""
     own = [attrs for name, _, attrs in span.events if name in FLAG_EVENTS]
     if own:
         return own[-1]
-    earlier = sorted(
-        (time, attrs)
-        for other in trace
-        if other is not span
-        for name, time, attrs in other.events
-        if name in FLAG_EVENTS and time <= span.end_ns
-    )
-    return earlier[-1][1] if earlier else {}
+    times, attributes = evaluations.get(span.trace_id, ((), ()))
+    index = bisect_right(times, span.end_ns)
+    return attributes[index - 1] if index else {}
 
 
 def _first(attributes: dict[str, Any], *names: str) -> Any:
@@ -291,17 +302,17 @@ def _missing(found: dict[str, Any]) -> str | None:
 def map_spans(spans: list[Span]) -> Mapped:
     """The events one message's spans stand for (see the module docstring)."""
     out = Mapped()
-    by_trace: dict[str, list[Span]] = {}
+    evaluations = trace_evaluations(spans)
     for span in spans:
-        by_trace.setdefault(span.trace_id, []).append(span)
-    for span in spans:
-        flag = flag_evaluation(span, by_trace[span.trace_id])
         feedback_events = [(time, attrs) for name, time, attrs in span.events if name == FEEDBACK_EVENT]
+        model_call = is_model_call(span)
+        if not model_call and not feedback_events:  # most spans: nothing to look up
+            out.skipped += 1
+            continue
+        flag = flag_evaluation(span, evaluations)
         for time, attrs in feedback_events:
             _map_feedback(span, flag, time, attrs, out)
-        if not is_model_call(span):
-            if not feedback_events:
-                out.skipped += 1
+        if not model_call:
             continue
         found = who(span.attributes, flag)
         if not found["rollout_id"]:

@@ -99,24 +99,22 @@ class DeadLetterTally:
     by_kind: dict[str, int] = field(default_factory=dict)
     by_topic: dict[str, int] = field(default_factory=dict)
     latest: dict[str, tuple[int, str]] = field(default_factory=dict)  # kind -> (wall-clock ms, reason)
-    from_events: int = 0  # dead letters read from EVENT_TOPICS
     events: int | None = None  # records on EVENT_TOPICS; None until the source has counted them
 
     def add(self, letter: DeadLetter) -> None:
         kind, topic = reason_kind(letter.reason), topic_kind(letter.topic)
         self.by_kind[kind] = self.by_kind.get(kind, 0) + 1
         self.by_topic[topic] = self.by_topic.get(topic, 0) + 1
-        if topic in EVENT_TOPICS:
-            self.from_events += 1
         if letter.ts >= self.latest.get(kind, (-1, ""))[0]:
             self.latest[kind] = (letter.ts, letter.reason[:500])
 
     def view(self) -> dict[str, Any]:
         total = sum(self.by_kind.values())
-        rate = self.from_events / self.events if self.events else None
+        from_events = sum(self.by_topic.get(topic, 0) for topic in EVENT_TOPICS)
+        rate = from_events / self.events if self.events else None
         return {
             "total": total,
-            "from_events": self.from_events,
+            "from_events": from_events,
             "events": self.events,
             "rate": rate,
             "alert_rate": DLQ_ALERT_RATE,

@@ -7,19 +7,13 @@ import random
 import time
 from typing import Any
 
-from openfeature import api
-from openfeature.contrib.hook.opentelemetry import TracingHook
 from openfeature.evaluation_context import EvaluationContext
 from openfeature.flag_evaluation import FlagResolutionDetails, Reason
 from openfeature.provider import AbstractProvider, Metadata
-from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Status, StatusCode
 
 from safeswap.assignment import assign
-from safeswap.otlp import to_json
+from safeswap.demo import OtelApp
 
 
 class BucketingProvider(AbstractProvider):
@@ -49,18 +43,11 @@ class BucketingProvider(AbstractProvider):
         raise NotImplementedError
 
 
-class App:
+class App(OtelApp):
     """An app instrumented only with OpenTelemetry and OpenFeature."""
 
     def __init__(self, percent: float = 50.0, provider: Any = None) -> None:
-        self.exporter = InMemorySpanExporter()
-        self.provider = TracerProvider()
-        self.provider.add_span_processor(SimpleSpanProcessor(self.exporter))
-        self.tracer = self.provider.get_tracer("support-bot")
-        api.clear_hooks()
-        api.add_hooks([TracingHook()])
-        api.set_provider_and_wait(provider or BucketingProvider(percent))
-        self.flags = api.get_client()
+        super().__init__(provider or BucketingProvider(percent), "support-bot")
 
     def request(
         self,
@@ -112,9 +99,3 @@ class App:
                 )
                 span.end(end_time=at)
         return response_id
-
-    def export(self, encoding: str = "otlp_proto") -> bytes:
-        """Every span so far as one Kafka message of the Collector's Kafka exporter."""
-        request = encode_spans(self.exporter.get_finished_spans())
-        self.exporter.clear()
-        return request.SerializeToString() if encoding == "otlp_proto" else to_json(request)
