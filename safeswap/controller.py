@@ -29,7 +29,9 @@ the cohorts' comparisons with Cochran-Mantel-Haenszel weights, so a baseline tha
 while the split ramps does not bias the comparison. When the plan states the watch time
 of its serving stages, each monitor spends most of its alpha group-sequentially over
 that horizon (event time) and keeps the rest for an always-valid sequence
-(``SequentialSpec``). Every decision has a sequence number; the same inputs give the
+(``SequentialSpec``). A plan with ``segments`` also tests every guardrail in each value
+of those keys (segment guardrails), on half the alpha (``alpha_split``), so a regression
+confined to one language or tier is found and named ("... in locale=ja"). Every decision has a sequence number; the same inputs give the
 same decisions, so replays are idempotent.
 """
 
@@ -55,6 +57,8 @@ LIVE = ("shadow", "canary", "ramp")
 MIN_TRACES_FOR_DRIFT = 100
 EVENT_LOSS_ALPHA = 0.001
 HSD_GAMMA = -0.5  # the plans' default Hwang-Shih-DeCani spending (SequentialSpec.param)
+# A plan with segments gives this share of its alpha to the segment guardrails.
+SEGMENT_ALPHA_SHARE = 0.5
 
 
 def plan_hash(plan: RolloutPlan) -> str:
@@ -126,10 +130,17 @@ class Evaluation:
     stage_min_users: int
     # The shadow analysis (safeswap.shadow_analysis.analyze), when there are shadow statistics.
     shadow: dict[str, Any] | None = None
+    # Segment guardrails: (segment, metric) -> verdict; segments seen beyond the plan's cap.
+    segment_verdicts: dict[tuple[str, str], Any] = field(default_factory=dict)
+    segments_untested: list[str] = field(default_factory=list)
 
     @property
     def evidence(self) -> list[GuardrailEvidence]:
         return [_evidence(metric, verdict) for metric, verdict in self.verdicts.items()]
+
+    @property
+    def segment_evidence(self) -> list[GuardrailEvidence]:
+        return [_evidence(metric, verdict, segment) for (segment, metric), verdict in self.segment_verdicts.items()]
 
 
 @dataclass
@@ -151,12 +162,17 @@ class RolloutState:
     srm_min_p: float = 1.0
     snapshots: dict[int, StatsSnapshot] = field(default_factory=dict)
     monitors: dict[str, GuardrailMonitor] = field(default_factory=dict)
+    # Segment guardrails, created as segment values appear: segment -> metric -> monitor.
+    segment_monitors: dict[str, dict[str, GuardrailMonitor]] = field(default_factory=dict)
     last_decision: Decision | None = None
     last_evaluation: Evaluation | None = None
     # The judge agent's shadow statistics, latest per (source, partition).
     shadow_snapshots: dict[str, StatsSnapshot] = field(default_factory=dict)
     # Each kept snapshot's statistics parsed once (not persisted: rebuilt from ``snapshots``).
     parsed: dict[int, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict, repr=False)
+    parsed_segments: dict[int, dict[str, dict[str, dict[str, dict[str, Any]]]]] = field(
+        default_factory=dict, repr=False
+    )
 
     @property
     def live(self) -> bool:
@@ -189,6 +205,10 @@ class RolloutState:
             "srm_min_p": self.srm_min_p,
             "snapshots": {str(p): s for p, s in self.snapshots.items()},
             "monitors": {m: monitor.to_dict() for m, monitor in self.monitors.items()},
+            "segment_monitors": {
+                segment: {m: monitor.to_dict() for m, monitor in monitors.items()}
+                for segment, monitors in self.segment_monitors.items()
+            },
             "last_decision": self.last_decision,
             "shadow_snapshots": dict(self.shadow_snapshots),
         }
@@ -213,6 +233,10 @@ class RolloutState:
         )
         state.snapshots = {int(p): msgspec.convert(s, StatsSnapshot) for p, s in data["snapshots"].items()}
         state.monitors = {m: GuardrailMonitor.from_dict(d) for m, d in data["monitors"].items()}
+        state.segment_monitors = {
+            segment: {m: GuardrailMonitor.from_dict(d) for m, d in monitors.items()}
+            for segment, monitors in (data.get("segment_monitors") or {}).items()
+        }
         if data.get("last_decision"):
             state.last_decision = msgspec.convert(data["last_decision"], Decision)
         state.shadow_snapshots = {
@@ -238,13 +262,29 @@ def on_plan(rollouts: dict[str, RolloutState], plan: RolloutPlan, ts: int) -> De
             "a started plan is immutable: give the changed plan a new rollout_id"
         )
     state = RolloutState(plan=plan, plan_hash=plan_hash(plan))  # now_ts: event time, from the first statistics
-    alpha_each = split_alpha(plan.alpha, max(1, len(plan.guardrails)))
+    alpha_each, _ = alpha_split(plan)
     for spec in plan.guardrails:
         judged_on = guarded_metrics(spec.metric)  # latency: one monitor per cache stratum
         for metric in judged_on:
             state.monitors[metric] = _monitor(plan, spec, metric, split_alpha(alpha_each, len(judged_on)))
     rollouts[plan.rollout_id] = state
     return _start_or_hold(state, ts)
+
+
+def alpha_split(plan: RolloutPlan) -> tuple[float, float]:
+    """The false-rollback budget: (each guardrail's alpha on the whole population, each
+    segment guardrail's). Bonferroni throughout, so the plan as a whole rolls back a
+    harmless candidate with probability <= ``plan.alpha``: without segments the k guardrails
+    share it; with segments, half goes to the k whole-population guardrails and half is
+    shared equally by every (guardrail, segment key, value slot), ``max_segment_values``
+    slots a key, whether or not that many values appear. A latency guardrail splits its
+    share again over its cache strata."""
+    k = max(1, len(plan.guardrails))
+    if not plan.segments:
+        return split_alpha(plan.alpha, k), 0.0
+    segments = plan.alpha * SEGMENT_ALPHA_SHARE
+    slots = k * len(plan.segments) * plan.max_segment_values
+    return split_alpha(plan.alpha - segments, k), split_alpha(segments, slots)
 
 
 def _start_or_hold(state: RolloutState, ts: int) -> Decision:
@@ -272,8 +312,10 @@ def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None
             return None  # a replayed or older snapshot: already counted
         # Parsed before it is kept (a bad one must not block every later look), and only what a look reads.
         parsed = parse_snapshot(snapshot, looked_at(state))
+        segments = parse_segments(snapshot, state.monitors)
         state.snapshots[snapshot.partition] = snapshot
         state.parsed[snapshot.partition] = parsed
+        state.parsed_segments[snapshot.partition] = segments
     state.now_ts = max(state.now_ts, snapshot.ts)
     if not state.live:
         return None
@@ -327,8 +369,24 @@ def parse_snapshot(
     A snapshot without cohorts (written before them) counts as cohort "0". Raises ValueError
     naming the partition, cohort, variant and metric of any statistic that cannot be used (NaN,
     negative sums, inconsistent squares): it never reaches a decision."""
+    return _parse_cohorts(snapshot, snapshot.cohorts or {"0": snapshot.metrics}, metrics)
+
+
+def parse_segments(
+    snapshot: StatsSnapshot, metrics: Collection[str] | None = None
+) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """The snapshot's segment statistics, parsed: parsed[segment][cohort][variant][metric]."""
+    return {
+        segment: _parse_cohorts(snapshot, cohorts, metrics, f" {segment}")
+        for segment, cohorts in snapshot.segments.items()
+    }
+
+
+def _parse_cohorts(
+    snapshot: StatsSnapshot, cohorts: dict, metrics: Collection[str] | None, where: str = ""
+) -> dict[str, dict[str, dict[str, Any]]]:
     parsed: dict[str, dict[str, dict[str, Any]]] = {}
-    for cohort, variants in (snapshot.cohorts or {"0": snapshot.metrics}).items():
+    for cohort, variants in cohorts.items():
         for variant, stats in variants.items():
             into = parsed.setdefault(cohort, {}).setdefault(variant, {})
             for metric, stat in stats.items():
@@ -339,7 +397,7 @@ def parse_snapshot(
                 except ValueError as exc:
                     raise ValueError(
                         f"statistics snapshot of {snapshot.rollout_id!r} from partition "
-                        f"{snapshot.partition}, cohort {cohort}, {variant} {metric}: {exc}; the "
+                        f"{snapshot.partition},{where} cohort {cohort}, {variant} {metric}: {exc}; the "
                         "snapshot is ignored (the partition's next snapshot replaces it)"
                     ) from None
     return parsed
@@ -351,6 +409,17 @@ def merge_cohorts(state: RolloutState) -> dict[str, dict[str, dict[str, Any]]]:
         if partition not in state.parsed:  # restored state: parse once more
             state.parsed[partition] = parse_snapshot(snapshot, looked_at(state))
     return add_cohorts(state.parsed[p] for p in state.snapshots)
+
+
+def merge_segments(state: RolloutState) -> dict[str, dict[str, dict[str, dict[str, Any]]]]:
+    """``merge_cohorts`` per segment: merged[segment][cohort][variant][metric]."""
+    by_segment: dict[str, list] = {}
+    for partition, snapshot in state.snapshots.items():
+        if partition not in state.parsed_segments:  # restored state: parse once more
+            state.parsed_segments[partition] = parse_segments(snapshot, state.monitors)
+        for segment, parsed in state.parsed_segments[partition].items():
+            by_segment.setdefault(segment, []).append(parsed)
+    return {segment: add_cohorts(parsed) for segment, parsed in sorted(by_segment.items())}
 
 
 def add_cohorts(
@@ -399,12 +468,23 @@ def evaluate(state: RolloutState) -> Evaluation:
     cohorts = merge_cohorts(state)
     users = _sum_by_variant(state.snapshots, "users")
     verdicts: dict[str, Any] = {}
+    segment_verdicts: dict[tuple[str, str], Any] = {}
+    untested: list[str] = []
     if state.stage != "shadow":  # in shadow nobody is served the candidate: nothing to compare
         fraction = watch_fraction(state)
         for metric, monitor in state.monitors.items():
             strata = cohort_strata(cohorts, metric)
             if strata[0]:
                 verdicts[metric] = monitor.update(*strata, fraction=fraction)
+        for segment, segment_cohorts in (merge_segments(state) if state.plan.segments else {}).items():
+            monitors = segment_monitors(state, segment)
+            if monitors is None:
+                untested.append(segment)
+                continue
+            for metric, monitor in monitors.items():
+                strata = cohort_strata(segment_cohorts, metric)
+                if strata[0]:
+                    segment_verdicts[(segment, metric)] = monitor.update(*strata, fraction=fraction)
     stage = state.current_stage
     return Evaluation(
         ts=state.now_ts,
@@ -415,7 +495,28 @@ def evaluate(state: RolloutState) -> Evaluation:
         stage_min_duration_s=parse_duration(stage.min_duration) if stage and stage.min_duration else 0.0,
         stage_min_users=(stage.min_users_per_arm or 0) if stage else 0,
         shadow=shadow_analysis(state),
+        segment_verdicts=segment_verdicts,
+        segments_untested=untested,
     )
+
+
+def segment_monitors(state: RolloutState, segment: str) -> dict[str, GuardrailMonitor] | None:
+    """The guardrails of ``segment`` ("locale=ja"), made when the segment first has data, for
+    the first ``max_segment_values`` values of its key (the slots ``alpha_split`` budgets);
+    None for a value beyond them."""
+    monitors = state.segment_monitors.get(segment)
+    if monitors is not None:
+        return monitors
+    plan, key = state.plan, segment.split("=", 1)[0]
+    if sum(s.split("=", 1)[0] == key for s in state.segment_monitors) >= plan.max_segment_values:
+        return None
+    _, alpha_each = alpha_split(plan)
+    monitors = state.segment_monitors[segment] = {}
+    for spec in plan.guardrails:
+        judged_on = guarded_metrics(spec.metric)
+        for metric in judged_on:
+            monitors[metric] = _monitor(plan, spec, metric, split_alpha(alpha_each, len(judged_on)), segment)
+    return monitors
 
 
 def shadow_analysis(state: RolloutState) -> dict[str, Any] | None:
@@ -566,6 +667,13 @@ def decide(state: RolloutState, evaluation: Evaluation) -> Decision | None:
         for metric in guarded_metrics(spec.metric)
         if (v := evaluation.verdicts.get(metric)) is not None and v.status == "breach"
     ]
+    breaches += [
+        (v.reason, spec.action)
+        for spec in state.plan.guardrails
+        for metric in guarded_metrics(spec.metric)
+        for (_, verdict_metric), v in evaluation.segment_verdicts.items()
+        if verdict_metric == metric and v.status == "breach"
+    ]
     problems = [(reason, action) for _, action, reason in evaluation.health.problems]
     for action in ("rollback", "pause"):
         reasons = [reason for reason, act in breaches + problems if act == action]
@@ -685,11 +793,14 @@ def _decide(
         reason=reason,
         plan_hash=state.plan_hash,
         evidence=evaluation.evidence if evaluation else [],
+        segment_evidence=evaluation.segment_evidence if evaluation else [],
         shadow_percent=state.shadow_percent,
         control=_variant_meta(state.plan.control),
         candidate=_variant_meta(state.plan.candidate),
         health=health_dict(evaluation.health) if evaluation else {},
         cohort_starts=list(state.cohort_starts),
+        segments=list(state.plan.segments),
+        segment_metrics=sorted(state.monitors) if state.plan.segments else [],
     )
     state.last_decision = decision
     return decision
@@ -826,11 +937,13 @@ def status_of(state: RolloutState) -> RolloutStatus:
         stage_min_users=evaluation.stage_min_users if evaluation else min_users,
         users=evaluation.users if evaluation else {},
         guardrails=evaluation.evidence if evaluation else [],
+        segment_guardrails=evaluation.segment_evidence if evaluation else [],
         health=health_dict(evaluation.health) if evaluation else {},
         last_decision=state.last_decision,
         plan_hash=state.plan_hash,
         watermark=min((s.ts for s in state.snapshots.values()), default=0),
         shadow=(evaluation.shadow or {}) if evaluation else {},
+        segments_untested=evaluation.segments_untested if evaluation else [],
     )
 
 
@@ -851,7 +964,7 @@ def group_sequential_config(plan: RolloutPlan) -> dict[str, Any] | None:
     return {"spending": sequential.spending, "param": param, "share": sequential.share, "analyses": sequential.analyses}
 
 
-def _monitor(plan: RolloutPlan, spec, metric: str, alpha: float) -> GuardrailMonitor:
+def _monitor(plan: RolloutPlan, spec, metric: str, alpha: float, segment: str = "") -> GuardrailMonitor:
     direction = METRIC_HARM.get(spec.metric, "increase")
     relative = spec.max_relative_increase if direction == "increase" else spec.max_relative_decrease
     absolute = spec.max_absolute_increase if direction == "increase" else spec.max_absolute_decrease
@@ -864,10 +977,11 @@ def _monitor(plan: RolloutPlan, spec, metric: str, alpha: float) -> GuardrailMon
         min_units_per_arm=plan.min_users_per_arm,
         n_tune=plan.n_tune,
         group_sequential=group_sequential_config(plan),
+        scope=segment,
     )
 
 
-def _evidence(metric: str, verdict) -> GuardrailEvidence:
+def _evidence(metric: str, verdict, segment: str = "") -> GuardrailEvidence:
     return GuardrailEvidence(
         metric=metric,
         status=verdict.status,
@@ -882,4 +996,5 @@ def _evidence(metric: str, verdict) -> GuardrailEvidence:
         gst_z=verdict.gst_z,
         gst_bound=verdict.gst_bound,
         gst_spent=verdict.gst_spent,
+        segment=segment,
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from array import array
 from bisect import bisect_right
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -172,6 +172,21 @@ class VariantSums:
         self.responses += other.responses
         self.sessions += other.sessions
 
+    @classmethod
+    def combined(cls, cells: list[VariantSums]) -> VariantSums:
+        """A read-only view of cells of disjoint users (one arm and cohort, all its segments)
+        whose every (cell, bucket) stays a unit of its own: sums add, latency buckets are
+        listed side by side. One cell is returned as it is."""
+        if len(cells) == 1:
+            return cells[0]
+        view = cls()
+        view.sums = [sum(column) for column in zip(*(cell.sums for cell in cells))]
+        view.latency = {i: row for i, row in enumerate(row for cell in cells for row in cell.latency.values())}
+        view.users = sum(cell.users for cell in cells)
+        view.responses = sum(cell.responses for cell in cells)
+        view.sessions = sum(cell.sessions for cell in cells)
+        return view
+
     def add(self, totals: list[float], m: int, d_num: float, d_den: float) -> None:
         i = 2 * m
         a = totals[i]
@@ -268,15 +283,22 @@ class VariantSums:
     def histogram(self, stratum: str):
         return self.histograms().get(stratum)
 
-    def stats(self) -> dict[str, dict]:
-        """``metrics[metric] = stat.to_dict()`` for a StatsSnapshot (empty metrics left out)."""
+    def stats(self, metrics: Collection[str] | None = None) -> dict[str, dict]:
+        """``metrics[metric] = stat.to_dict()`` for a StatsSnapshot (empty metrics left out);
+        of ``metrics`` only, when given."""
         out: dict[str, dict] = {}
         for m, name in enumerate(RATIO_METRICS):
+            if metrics is not None and name not in metrics:
+                continue
             ratio = self.ratio(m)
             if ratio is not None:
                 out[name] = ratio.to_dict()
+        if metrics is not None and not any(name in metrics for name in HISTOGRAM_METRICS):
+            return out
         hists = self.histograms()
         for name, stratum in HISTOGRAM_METRICS.items():
+            if metrics is not None and name not in metrics:
+                continue
             hist = hists.get(stratum)
             if hist is not None:
                 out[name] = hist.to_dict()

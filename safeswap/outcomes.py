@@ -14,10 +14,10 @@ Per (rollout, user) the state holds (:class:`UserState`):
   passes ``ts + join_ttl`` (streams.join);
 * ``pending``: feedback that arrived before its trace;
 * ``ids``: event ids seen, for dedup (forgotten once a repeat would be late);
-* ``arm`` and ``cohort``: the variant and the split period of the user's first
-  exposure to the rollout.
+* ``arm``, ``cohort`` and ``segment``: the variant and the split period of the user's
+  first exposure to the rollout, and the segment values its first trace carried.
 
-The statistics are kept per *cell* = (rollout, arm, cohort) (:class:`VariantSums`),
+The statistics are kept per *cell* = (rollout, arm, cohort, segment) (:class:`VariantSums`),
 and within a cell per hash bucket of the user id (``safeswap.metrics.UNIT_BUCKETS``):
 every response and its feedback add to the running totals of the user's bucket, from
 which the sums of squares are kept exact. A user never changes bucket, arm or cohort,
@@ -33,10 +33,17 @@ for the whole rollout, in constant memory (docs/statistics.md "The unit").
   cohort the split was fixed when its users arrived, so the arms are comparable; the
   controller combines cohorts with Cochran-Mantel-Haenszel weights, which removes the
   time bias of pooling a ramp whose split changed while the baseline moved.
+* **Segment.** For a plan with segment guardrails (``Decision.segments``: keys such as
+  ``locale``), the values of those keys on the user's first trace, as a label
+  (``locale=ja,tier=free``; ``""`` without segment keys). A snapshot adds the cells of
+  all labels for the whole population, and those of each ``key=value`` for the segment
+  guardrails; each (label, bucket) is then its own unit, which keeps units independent.
+  At most ``MAX_SEGMENT_VALUES`` values of a key are kept per partition, later ones
+  count as ``other``.
 
 A user's state is released when the watermark has passed the session gap and the
 join TTL of everything it holds. What must outlive it is kept compactly: per
-(rollout, arm, cohort) the 64-bit hashes of the users first exposed there
+(rollout, arm, cohort, segment) the 64-bit hashes of the users first exposed there
 (``first_seen``), and per (rollout, variant) those served it outside their arm
 (``also_served``), so ``users`` is the exact number of distinct users and a
 returning user finds its arm and cohort again. The metric contract is
@@ -71,6 +78,9 @@ TRACE, FEEDBACK = "trace", "feedback"
 FAR_FUTURE = 1 << 62
 LATE_REASONS = ("late_event", "feedback_unjoined")
 INVALID_REASONS = ("invalid", "too_large", "future_timestamp")
+# Values of one segment key kept apart per (rollout, partition); later ones are "other".
+MAX_SEGMENT_VALUES = 16
+SEGMENT_MISSING, SEGMENT_OTHER = "(missing)", "other"
 
 _THUMBS_DOWN, _THUMBS_UP, _EDIT = M["thumbs_down_rate"], M["thumbs_up_rate"], M["edit_rate"]
 _EDIT_DIST, _EDIT_WORDS = M["edit_distance_mean"], M["edit_distance_words_mean"]
@@ -238,6 +248,7 @@ class UserState:
         "ids",
         "arm",
         "cohort",
+        "segment",
         "due",
         "release_at",
     )
@@ -252,6 +263,7 @@ class UserState:
         self.variants: tuple[str, ...] | None = None  # a tuple: ~150 bytes less than a set per held user
         self.arm = ""
         self.cohort = 0
+        self.segment = ""
         self.crossed = False
         self.open: list[Response] = []
         self.by_trace: dict[str, Response] = {}
@@ -281,7 +293,8 @@ class OutcomeProcessor:
     # version is not loaded (the partition is rebuilt from its topics' start).
     # 2: distinct-user hash sets and n_units. 3: cells per (arm, cohort) summed in user buckets.
     # 4: latency histograms per user bucket (VariantSums.latency) instead of per cell.
-    STATE_VERSION = 4
+    # 5: cells and first exposures per (rollout, arm, cohort, segment).
+    STATE_VERSION = 5
 
     def __init__(self, partition: int = 0, config: OutcomeConfig | None = None) -> None:
         self.state_version = self.STATE_VERSION
@@ -292,15 +305,20 @@ class OutcomeProcessor:
         # Distinct users: first exposed per (rollout, arm, cohort); served a variant outside
         # their arm per (rollout, variant); per rollout those counted as crossovers. Hashes
         # that outlive the released per-user state (checkpointed with the rest).
-        self.first_seen: dict[tuple[str, str, int], DistinctHashes] = {}
+        self.first_seen: dict[tuple[str, str, int, str], DistinctHashes] = {}
         self.also_served: dict[tuple[str, str], DistinctHashes] = {}
         self.crossed_users: dict[str, DistinctHashes] = {}
         self.due = DueQueue()
-        self.cells: dict[tuple[str, str, int], VariantSums] = {}
+        self.cells: dict[tuple[str, str, int, str], VariantSums] = {}  # (rollout, arm, cohort, segment)
         # Per (rollout, served variant): responses and the models that served them.
         self.served: dict[tuple[str, str], dict[str, int]] = {}
         # Per rollout: event times at which the split changed (Decision.cohort_starts).
         self.cohort_starts: dict[str, list[int]] = {}
+        # Per rollout: the plan's segment keys and the metrics its segment guardrails read
+        # (Decision.segments, .segment_metrics); per (rollout, key) the values kept apart.
+        self.segment_keys: dict[str, tuple[str, ...]] = {}
+        self.segment_metrics: dict[str, tuple[str, ...]] = {}
+        self.segment_values: dict[tuple[str, str], set[str]] = {}
         self.counts = {"read": 0, "invalid": 0, "duplicates": 0, "late": 0}
         self.reasons: dict[str, int] = {}
         self.latest_ts: dict[str, int] = {}
@@ -384,10 +402,10 @@ class OutcomeProcessor:
         variant = trace.variant
         served = user.variants
         if served is None or variant not in served:
-            served = self._served(user, variant, trace.ts)
+            served = self._served(user, variant, trace.ts, trace.segment)
         if variant == "control" and "candidate" in served and not user.crossed:
             self._crossover(user)
-        sums = self.cells[(trace.rollout_id, user.arm, user.cohort)]
+        sums = self.cells[(trace.rollout_id, user.arm, user.cohort, user.segment)]
         totals = sums.bucket(user.uid)
         sums.add(totals, _RESPONSES_PER_USER, 1.0, 0.0)
         sums.responses += 1
@@ -425,15 +443,15 @@ class OutcomeProcessor:
         self._advance()
         return None
 
-    def _served(self, user: UserState, variant: str, ts: int) -> tuple[str, ...]:
-        """Record that ``user`` was served ``variant``: first exposure (arm, cohort), distinct users."""
+    def _served(self, user: UserState, variant: str, ts: int, segment: dict[str, str] | None) -> tuple[str, ...]:
+        """Record that ``user`` was served ``variant``: first exposure (arm, cohort, segment), distinct users."""
         rollout, uid = user.rollout_id, user.uid
         served = user.variants
         if served is None:  # this state's first trace: what the distinct sets already know
             served = ()
-            for (r, arm, cohort), seen in self.first_seen.items():
+            for (r, arm, cohort, label), seen in self.first_seen.items():
                 if r == rollout and uid in seen:
-                    user.arm, user.cohort = arm, cohort
+                    user.arm, user.cohort, user.segment = arm, cohort, label
                     served = (arm,)
                     break
             if served:
@@ -446,7 +464,8 @@ class OutcomeProcessor:
         if variant not in served:
             if not served:  # the user's first trace in this rollout: its arm and cohort
                 user.arm, user.cohort = variant, bisect_right(self.cohort_starts.get(rollout, ()), ts)
-                cell_key = (rollout, variant, user.cohort)
+                user.segment = self._segment_label(rollout, segment)
+                cell_key = (rollout, variant, user.cohort, user.segment)
                 sums = self.cells.get(cell_key)
                 if sums is None:
                     sums = self.cells[cell_key] = VariantSums()
@@ -462,6 +481,26 @@ class OutcomeProcessor:
             seen.add_new(uid)  # not a member: ``served`` was read from the sets, and only this state adds
             served = user.variants = served + (variant,)
         return served
+
+    def _segment_label(self, rollout: str, segment: dict[str, str] | None) -> str:
+        """The user's cell label for the rollout's segment keys: ``locale=ja,tier=free``."""
+        keys = self.segment_keys.get(rollout)
+        if not keys:
+            return ""
+        parts = []
+        for key in keys:
+            value = segment.get(key) if segment else None
+            if value is None:
+                value = SEGMENT_MISSING
+            else:
+                kept = self.segment_values.setdefault((rollout, key), set())
+                if value not in kept:
+                    if len(kept) >= MAX_SEGMENT_VALUES:
+                        value = SEGMENT_OTHER
+                    else:
+                        kept.add(value)
+            parts.append(f"{key}={value}")
+        return ",".join(parts)
 
     def _crossover(self, user: UserState) -> None:
         """Served the candidate, then control: a ramp only moves users the other way (a leak)."""
@@ -480,6 +519,10 @@ class OutcomeProcessor:
         starts = list(decision.cohort_starts)
         if len(starts) > len(self.cohort_starts.get(decision.rollout_id, ())):
             self.cohort_starts[decision.rollout_id] = starts
+        # A plan's segment keys never change; users first seen before they are known have none.
+        if decision.segments and decision.rollout_id not in self.segment_keys:
+            self.segment_keys[decision.rollout_id] = tuple(decision.segments)
+            self.segment_metrics[decision.rollout_id] = tuple(decision.segment_metrics)
 
     def _on_feedback(self, feedback: FeedbackEvent, now_ms: int, origin: Any) -> str | None:
         config = self.config
@@ -745,7 +788,7 @@ class OutcomeProcessor:
 
     # -- output ---------------------------------------------------------------------------
     def rollouts(self) -> list[str]:
-        return sorted({rollout for rollout, _ in self.served} | {rollout for rollout, _, _ in self.cells})
+        return sorted({rollout for rollout, _ in self.served} | {key[0] for key in self.cells})
 
     def snapshot(self, rollout_id: str, seq: int) -> StatsSnapshot:
         users: dict[str, int] = {}
@@ -755,9 +798,17 @@ class OutcomeProcessor:
         cohorts: dict[str, dict[str, dict[str, dict]]] = {}
         cohort_exposures: dict[str, dict[str, int]] = {}
         pooled: dict[str, VariantSums] = {}
-        for (rollout, arm, cohort), sums in sorted(self.cells.items()):
+        cells: dict[tuple[int, str], list[VariantSums]] = {}  # (cohort, arm) -> its segments' cells
+        by_segment: dict[tuple[str, int, str], list[VariantSums]] = {}  # ("locale=ja", cohort, arm) -> cells
+        for (rollout, arm, cohort, label), sums in sorted(self.cells.items()):
             if rollout != rollout_id:
                 continue
+            cells.setdefault((cohort, arm), []).append(sums)
+            for part in label.split(",") if label else ():
+                if not part.endswith((f"={SEGMENT_MISSING}", f"={SEGMENT_OTHER}")):
+                    by_segment.setdefault((part, cohort, arm), []).append(sums)
+        for (cohort, arm), parts in cells.items():
+            sums = VariantSums.combined(parts)
             cohorts.setdefault(str(cohort), {})[arm] = sums.stats()
             cohort_exposures.setdefault(str(cohort), {})[arm] = sums.users
             exposures[arm] = exposures.get(arm, 0) + sums.users
@@ -765,6 +816,12 @@ class OutcomeProcessor:
             if into is None:
                 into = pooled[arm] = VariantSums()
             into.absorb(sums)
+        segments: dict[str, dict[str, dict[str, dict[str, dict]]]] = {}
+        wanted = self.segment_metrics.get(rollout_id, ())
+        for (segment, cohort, arm), parts in by_segment.items():
+            stats = VariantSums.combined(parts).stats(wanted)
+            if stats:
+                segments.setdefault(segment, {}).setdefault(str(cohort), {})[arm] = stats
         for arm, sums in pooled.items():
             metrics[arm] = sums.stats()
             counts[arm] = {"sessions": sums.sessions, "n_units": int(round(sums.sums[6 * _THUMBS_DOWN]))}
@@ -791,6 +848,7 @@ class OutcomeProcessor:
             cohorts=cohorts,
             cohort_exposures=cohort_exposures,
             cohort_starts=list(self.cohort_starts.get(rollout_id, ())),
+            segments=segments,
         )
 
     def take_dirty_snapshots(self, seq: int) -> list[StatsSnapshot]:

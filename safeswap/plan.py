@@ -319,6 +319,20 @@ def check_plan(plan: RolloutPlan) -> tuple[list[tuple[str, str]], list[tuple[str
     metrics = [g.metric for g in plan.guardrails]
     for metric in {m for m in metrics if metrics.count(m) > 1}:
         errors.append(("guardrails", f"{metric} is guarded twice: keep one rule per metric"))
+    if plan.segments:
+        for key in {k for k in plan.segments if plan.segments.count(k) > 1}:
+            errors.append(("segments", f"{key} is listed twice"))
+        if not plan.guardrails:
+            errors.append(("segments", "segment guardrails test the plan's guardrails per segment: add guardrails"))
+        slots = max(1, len(plan.guardrails)) * len(plan.segments) * plan.max_segment_values
+        warnings.append(
+            (
+                "segments",
+                f"half the alpha ({plan.alpha / 2:g}) is shared by {slots} segment tests "
+                f"(guardrails x keys x max_segment_values), {plan.alpha / 2 / slots:.2g} each: a segment "
+                "needs more users than the whole population to show the same harm",
+            )
+        )
     return errors, warnings
 
 

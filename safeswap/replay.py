@@ -70,12 +70,17 @@ def replay_lines(
     look_every: int = 1000,
     pinned: tuple[str, dict[str, str | None]] | None = None,
     on_recorded_decision=None,
+    decisions: Iterable[Decision] = (),
 ) -> dict[str, Any]:
     """Run the outcome logic over JSONL lines; ``report(line_no, reason)`` hears every rejected line,
     ``look(processors)`` is called every ``look_every`` lines and at the end (the controller's looks).
-    ``pinned = (rollout_id, {variant: model})`` (from a plan) adds each variant's ``model_drift``."""
+    ``pinned = (rollout_id, {variant: model})`` (from a plan) adds each variant's ``model_drift``;
+    ``decisions`` are known before the first line (a plan's start decision)."""
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
     processors = [OutcomeProcessor(p, config) for p in range(partitions)]
+    for decision in decisions:  # a plan's start: its segment keys, before the first event
+        for processor in processors:
+            processor.on_decision(decision)
     counts = {"read": 0, "invalid": 0, "duplicates": 0, "late": 0}
     reasons: dict[str, int] = {}
     report = report or (lambda line_no, reason: None)

@@ -138,6 +138,14 @@ class JudgeSpec(msgspec.Struct, forbid_unknown_fields=True):
     control_wins: float = 0.35
 
 
+class SegmentSpec(msgspec.Struct, forbid_unknown_fields=True):
+    """A segment key of the simulated users (sent as the traces' ``segment``) and the shares
+    of users with each value."""
+
+    key: str
+    shares: dict[str, float]
+
+
 class Scenario(msgspec.Struct, forbid_unknown_fields=True):
     duration: str = "10d"
     users_per_hour: float = 400.0
@@ -146,6 +154,10 @@ class Scenario(msgspec.Struct, forbid_unknown_fields=True):
     variants: Variants = msgspec.field(default_factory=Variants)
     judge: JudgeSpec = msgspec.field(default_factory=JudgeSpec)
     faults: list[Fault] = []
+    segments: list[SegmentSpec] = []
+    # How the users of one segment value ("locale=ja") behave, over the variants' behaviour:
+    # its control fields apply to both arms, its candidate fields to the candidate.
+    segment_variants: dict[str, Variants] = {}
     step: str = "1h"  # event time per closed-loop step
     seed: int = 0
 
@@ -190,6 +202,20 @@ def load_scenario(path: str) -> Scenario:
             if getattr(behaviour, field) is not None:
                 shares[f"variants.{name}.{field}"] = getattr(behaviour, field)
     checks += [ConfigIssue(name, "a share is between 0 and 1") for name, share in shares.items() if not 0 <= share <= 1]
+    for index, segment in enumerate(scenario.segments):
+        if not segment.shares or abs(sum(segment.shares.values()) - 1) > 1e-6:
+            checks.append(ConfigIssue(f"segments[{index}].shares", "the shares of a key's values add up to 1"))
+        if any(not 0 <= share <= 1 for share in segment.shares.values()):
+            checks.append(ConfigIssue(f"segments[{index}].shares", "a share is between 0 and 1"))
+    known = {f"{s.key}={value}" for s in scenario.segments for value in s.shares}
+    for name in scenario.segment_variants:
+        if name not in known:
+            checks.append(
+                ConfigIssue(
+                    f"segment_variants.{name}",
+                    f"not a segment value of the scenario: use key=value, one of {', '.join(sorted(known)) or 'none'}",
+                )
+            )
     if scenario.judge.candidate_wins + scenario.judge.control_wins > 1:
         checks.append(ConfigIssue("judge", "candidate_wins + control_wins is at most 1 (the rest are ties)"))
     if checks:
@@ -215,15 +241,18 @@ class ArmModel:
     cost_mean: float
 
 
-def arm_models(scenario: Scenario) -> dict[str, ArmModel]:
+def arm_models(scenario: Scenario, segment: Variants | None = None) -> dict[str, ArmModel]:
+    """Each variant's behaviour; ``segment``: a segment value's behaviour over it."""
+
     def merged(*layers: Behaviour) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for layer in layers:
             out.update({k: v for k, v in msgspec.structs.asdict(layer).items() if v is not None})
         return out
 
-    control = merged(CONTROL_DEFAULTS, scenario.variants.control)
-    candidate = merged(CONTROL_DEFAULTS, scenario.variants.control, scenario.variants.candidate)
+    extra = (segment.control, segment.candidate) if segment is not None else ()
+    control = merged(CONTROL_DEFAULTS, scenario.variants.control, *extra[:1])
+    candidate = merged(CONTROL_DEFAULTS, scenario.variants.control, scenario.variants.candidate, *extra)
     models = {}
     for name, fields in (("control", control), ("candidate", candidate)):
         latency = fields["latency_ms"]
@@ -298,6 +327,9 @@ class Traffic:
         # same whether or not a shadow stage runs.
         self.shadow_rng = random.Random(f"{scenario.seed}:shadow")
         self.arms = arm_models(scenario)
+        # Users' segments draw from their own stream too: a scenario without segments is unchanged.
+        self.segment_rng = random.Random(f"{scenario.seed}:segments")
+        self.segment_arms = {name: arm_models(scenario, v) for name, v in scenario.segment_variants.items()}
         self.next_user = 0
         self.switches = [
             (f, start_ms + int(parse_duration(f.at) * 1000)) for f in scenario.faults if isinstance(f, ModelSwitch)
@@ -326,6 +358,20 @@ class Traffic:
             product *= self.rng.random()
         return k
 
+    def _segment(self) -> tuple[dict[str, str] | None, dict[str, ArmModel]]:
+        """A new user's segment values, and the behaviour of the first that has its own."""
+        if not self.scenario.segments:
+            return None, self.arms
+        segment = {}
+        for spec in self.scenario.segments:
+            values, shares = zip(*spec.shares.items())
+            segment[spec.key] = self.segment_rng.choices(values, weights=shares)[0]
+        for key, value in segment.items():
+            arms = self.segment_arms.get(f"{key}={value}")
+            if arms is not None:
+                return segment, arms
+        return segment, self.arms
+
     def _model(self, variant: str, ts: int) -> str:
         model = self.pinned[variant]
         for fault, at in self.switches:
@@ -349,6 +395,7 @@ class Traffic:
             prompt = " ".join(rng.choice(WORDS) for _ in range(8))
             user_variant = flags.variant(self.rollout_id, user_id)
             shadowed = flags.should_shadow(self.rollout_id, user_id)
+            segment, arms = self._segment()
             for index in range(requests):
                 if self.by_request:  # the bug: a coin per request
                     decision = flags.decision(self.rollout_id)
@@ -356,7 +403,7 @@ class Traffic:
                     variant = "candidate" if rng.random() < share else "control"
                 else:
                     variant = user_variant
-                arm = self.arms[variant]
+                arm = arms[variant]
                 trace_id = f"{user_id}-{index}"
                 expects_json = self.scenario.expects_json_share > 0 and rng.random() < self.scenario.expects_json_share
                 served = simulated_answer(rng, arm, prompt, expects_json)
@@ -376,6 +423,7 @@ class Traffic:
                     error=served.error,
                     prompt_text=prompt,
                     response_text=response,
+                    segment=segment,
                     **common,
                 )
                 events.append(trace)

@@ -27,6 +27,12 @@ ERROR_KINDS: tuple[str, ...] = ("rate_limit", "tool_failure", "parse_error", "ti
 FeedbackKind = Literal["thumbs_up", "thumbs_down", "edit", "retry", "abandon", "follow_up", "copy"]
 
 NonEmpty = Annotated[str, Meta(min_length=1, max_length=512)]
+# Segments: a few low-cardinality facts about the user (locale, region, tier) that
+# segment guardrails test separately; keys are identifiers, values short labels
+# (no "," or "=": a segment is named "key=value" in reasons and snapshots).
+SegmentKey = Annotated[str, Meta(pattern=r"^[A-Za-z][A-Za-z0-9_.-]{0,31}$")]
+SegmentValue = Annotated[str, Meta(pattern=r"^[^,=]{1,64}$")]
+Segment = Annotated[dict[SegmentKey, SegmentValue], Meta(max_length=8)]
 NonNegative = Annotated[float, Meta(ge=0)]
 Count = Annotated[int, Meta(ge=0)]
 # RFC 3339 with an offset (naive times are refused: they are ambiguous), or epoch ms.
@@ -80,6 +86,9 @@ class TraceEvent(_Event, kw_only=True):
     error: ErrorKind = "none"
     prompt_text: str | None = None
     response_text: str | None = None
+    # The user's segments ({"locale": "ja", "tier": "enterprise"}): a user is counted in
+    # the segment of its first trace in the rollout (docs/rollouts.md "Segment guardrails").
+    segment: Segment | None = None
 
 
 class FeedbackEvent(_Event, kw_only=True):
@@ -199,6 +208,11 @@ class RolloutPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     allow_unpinned: bool = False
     allow_multiple_changes: str | None = None
     skip_shadow: str | None = None
+    # Segment guardrails: every guardrail is also tested in each value of these trace
+    # ``segment`` keys (at most 3), for the first ``max_segment_values`` values of each
+    # key, with half the plan's alpha shared among them (docs/rollouts.md).
+    segments: Annotated[list[SegmentKey], Meta(max_length=3)] = []
+    max_segment_values: Annotated[int, Meta(ge=1, le=16)] = 8
     # The offline eval gate's result (safeswap eval-gate --json), attached by rollout start.
     eval_gate: dict[str, Any] | None = None
 
@@ -225,6 +239,8 @@ class GuardrailEvidence(msgspec.Struct, kw_only=True):
     gst_z: float | None = None
     gst_bound: float | None = None
     gst_spent: float | None = None
+    # A segment guardrail's segment ("locale=ja"); "" = the whole population.
+    segment: str = ""
 
 
 class Decision(msgspec.Struct, kw_only=True):
@@ -257,6 +273,12 @@ class Decision(msgspec.Struct, kw_only=True):
     # Event times at which the served split changed (each promotion between serving
     # stages): the exposure cohorts' boundaries, which the outcomes agents follow.
     cohort_starts: list[int] = []
+    # The plan's segment keys and the metrics its segment guardrails read: what the
+    # outcomes agents keep per segment.
+    segments: list[str] = []
+    segment_metrics: list[str] = []
+    # The segment guardrails at the decision (``evidence`` is the whole population's).
+    segment_evidence: list[GuardrailEvidence] = []
 
 
 class RolloutStatus(msgspec.Struct, kw_only=True):
@@ -288,6 +310,10 @@ class RolloutStatus(msgspec.Struct, kw_only=True):
     # Shadow analysis: judge win/tie/loss with always-valid intervals,
     # tail/cost/latency checks and the promotion verdict (safeswap.shadow_analysis).
     shadow: dict[str, Any] = {}
+    # Segment guardrails (the plan's ``segments``): one row per (segment value, guardrail);
+    # segment values seen beyond the plan's max_segment_values are not tested.
+    segment_guardrails: list[GuardrailEvidence] = []
+    segments_untested: list[str] = []
 
 
 class Command(msgspec.Struct, kw_only=True):
@@ -466,6 +492,9 @@ class StatsSnapshot(msgspec.Struct, kw_only=True):
     cohorts: dict[str, dict[str, dict[str, dict[str, Any]]]] = {}
     cohort_exposures: dict[str, dict[str, int]] = {}
     cohort_starts: list[int] = []
+    # Segment guardrails: ``segments["locale=ja"][cohort][variant][metric]``, the cohorts'
+    # statistics of the users in each segment value, for the metrics the decision asked for.
+    segments: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]] = {}
 
 
 EVENT_TYPES["stats_snapshot"] = StatsSnapshot

@@ -167,21 +167,20 @@ def _cols(*spec: tuple) -> tuple[Col, ...]:
 
 S, F, I, B = pa.string(), pa.float64(), pa.int64(), pa.bool_()  # noqa: E741 - short names keep the column tables readable
 
-EVIDENCE = pa.list_(
-    pa.struct(
-        [
-            ("metric", S),
-            ("status", S),
-            ("estimate", F),
-            ("ci_low", F),
-            ("ci_high", F),
-            ("p_value", F),
-            ("threshold", F),
-            ("users_control", I),
-            ("users_candidate", I),
-        ]
-    )
-)
+_EVIDENCE_FIELDS = [
+    ("metric", S),
+    ("status", S),
+    ("estimate", F),
+    ("ci_low", F),
+    ("ci_high", F),
+    ("p_value", F),
+    ("threshold", F),
+    ("users_control", I),
+    ("users_candidate", I),
+]
+EVIDENCE = pa.list_(pa.struct(_EVIDENCE_FIELDS))
+# Segment guardrails' evidence: which segment, and why (a row per segment value and guardrail).
+SEGMENT_EVIDENCE = pa.list_(pa.struct([("segment", S), *_EVIDENCE_FIELDS, ("reason", S)]))
 
 # One side of a shadow pair (schemas.events.ShadowSide), as an Arrow struct.
 SHADOW_SIDE = pa.struct(
@@ -205,7 +204,7 @@ DATASETS: dict[str, Dataset] = {
             "traces",
             "traces",
             TraceEvent,
-            1,
+            2,
             _cols(
                 ("event_id", S),
                 ("ts", TS),
@@ -224,6 +223,8 @@ DATASETS: dict[str, Dataset] = {
                 ("error", S),
                 ("prompt_text", S),
                 ("response_text", S),
+                # v2: the user's segments ({"locale": "ja"}), as JSON
+                ("segment_json", S, "segment", "json"),
             ),
         ),
         Dataset(
@@ -276,7 +277,7 @@ DATASETS: dict[str, Dataset] = {
             "stats",
             "stats",
             StatsSnapshot,
-            3,
+            4,
             _cols(
                 ("source_partition", pa.int32(), "partition"),
                 ("seq", I),
@@ -295,13 +296,15 @@ DATASETS: dict[str, Dataset] = {
                 ("cohorts_json", S, "cohorts", "json"),
                 ("cohort_exposures_json", S, "cohort_exposures", "json"),
                 ("cohort_starts_json", S, "cohort_starts", "json"),
+                # v4: the segment guardrails' statistics (plans with ``segments``)
+                ("segments_json", S, "segments", "json"),
             ),
         ),
         Dataset(
             "decisions",
             "decisions",
             Decision,
-            1,
+            2,
             _cols(
                 ("seq", I),
                 ("ts", TS),
@@ -317,6 +320,8 @@ DATASETS: dict[str, Dataset] = {
                 ("control_json", S, "control", "json"),
                 ("candidate_json", S, "candidate", "json"),
                 ("health_json", S, "health", "json"),
+                # v2: the segment guardrails (plans with ``segments``)
+                ("segment_evidence", SEGMENT_EVIDENCE, None, "builtins"),
             ),
         ),
         Dataset(

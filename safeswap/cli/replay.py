@@ -71,6 +71,7 @@ def register(app: typer.Typer) -> None:
                 look=controller.look if controller else None,
                 pinned=pinned,
                 on_recorded_decision=controller.recorded if controller else None,
+                decisions=list(controller.decisions) if controller else (),
             )
         if controller is not None:
             result["plan"] = controller.summary()

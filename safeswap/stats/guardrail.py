@@ -136,6 +136,15 @@ class GuardrailVerdict:
         return d
 
 
+def _level(confidence: float) -> str:
+    """96.7%, not 96.6667%; 99.97%, not 100%."""
+    for digits in range(3, 8):
+        text = f"{confidence * 100:.{digits}g}"
+        if text != "100":
+            return f"{text}%"
+    return f"{confidence * 100}%"
+
+
 def _fmt(x: float, relative: bool) -> str:
     if not math.isfinite(x):
         return "+inf" if x > 0 else "-inf"
@@ -165,6 +174,8 @@ class GuardrailMonitor:
         relies on needs some data).
     n_tune:
         Total units (both arms) at which the confidence sequence is tightest.
+    scope:
+        The users compared when not all of them (a segment, ``"locale=ja"``), named in reasons.
     """
 
     def __init__(
@@ -178,6 +189,7 @@ class GuardrailMonitor:
         min_units_per_arm: int = 100,
         n_tune: float = 5000,
         group_sequential: dict[str, Any] | None = None,
+        scope: str = "",
     ) -> None:
         if not isinstance(metric, str) or not metric:
             raise ValueError(f"metric must be a non-empty string, got {metric!r}")
@@ -196,6 +208,7 @@ class GuardrailMonitor:
         if isinstance(min_units_per_arm, bool) or not isinstance(min_units_per_arm, Integral) or min_units_per_arm < 2:
             raise ValueError(f"min_units_per_arm must be an integer >= 2, got {min_units_per_arm!r}")
         self.metric = metric
+        self.scope = scope
         self.direction = direction
         self.alpha = _check_alpha(alpha, one_sided=True)
         self.n_tune = _check_n_tune(n_tune)
@@ -316,32 +329,32 @@ class GuardrailMonitor:
             users_control, users_candidate = (sum(pair[i].users for pair in strata) for i in (0, 1))
             if min(users_control, users_candidate) < self.min_units_per_arm:
                 return (
-                    f"{self.metric}: {users_control} control / {users_candidate} candidate users, "
+                    f"{self._named}: {users_control} control / {users_candidate} candidate users, "
                     f"need {self.min_units_per_arm} per arm"
                 )
             try:
                 quantile_strata_moments(strata, self.quantile, self.difference)
             except ValueError as exc:
-                return f"{self.metric}: {exc}"
+                return f"{self._named}: {exc}"
             return None
         n_control, n_candidate = (sum(pair[i].n for pair in strata) for i in (0, 1))
         if min(n_control, n_candidate) < self.min_units_per_arm:
             return (
-                f"{self.metric}: {n_control} control / {n_candidate} candidate units, "
+                f"{self._named}: {n_control} control / {n_candidate} candidate units, "
                 f"need {self.min_units_per_arm} per arm"
             )
         if self.quantile is not None and self.difference == "relative":
             try:
                 base = _pooled(strata)[0].quantile(self.quantile)
             except ValueError as exc:
-                return f"{self.metric}: {exc}"
+                return f"{self._named}: {exc}"
             if base == 0:
-                return f"{self.metric}: control value is 0, relative change undefined yet"
+                return f"{self._named}: control value is 0, relative change undefined yet"
         elif self.quantile is None:
             try:
                 stratified_moments(strata, "absolute")
             except ValueError as exc:
-                return f"{self.metric}: {exc}"
+                return f"{self._named}: {exc}"
         return None
 
     def update(self, control, candidate, *, fraction: float | None = None) -> GuardrailVerdict:
@@ -375,9 +388,9 @@ class GuardrailMonitor:
                 self.gst_z, self.gst_bound = z, look.bound
                 gst_breach = look.breach
         # Two one-sided (1 - alpha) bounds make a (1 - 2 alpha) two-sided interval.
-        level = f"{(1 - 2 * self.cs_alpha) * 100:.3g}%"  # 96.7%, not 96.6667%
+        level = _level(1 - 2 * self.cs_alpha)
         ci = f"always-valid {level} CI {_fmt(self.ci_low, relative)}..{_fmt(self.ci_high, relative)}"
-        head = f"{self.metric} {_fmt(estimate, relative)} vs control ({ci})"
+        head = f"{self.metric} {_fmt(estimate, relative)} vs control{self._in_scope} ({ci})"
         limit = f"the {_fmt(self.threshold, relative)} limit"
         if gst_breach and not breach:
             reason = (
@@ -408,18 +421,26 @@ class GuardrailMonitor:
                 n_control,
                 n_candidate,
                 (
-                    f"{self.metric}: 0 in both arms so far ({n_control:,} control / {n_candidate:,} candidate users); "
+                    f"{self._named}: 0 in both arms so far ({n_control:,} control / {n_candidate:,} candidate users); "
                     "a relative change from 0 is undefined, so it counts as ok until control has events"
                 ),
             )
         bound = result.ci_low if harm_alt == "greater" else result.ci_high
         what = (
-            f"{self.metric}: control 0, candidate {candidate_rate:.4g} (tested as an absolute difference, "
+            f"{self._named}: control 0, candidate {candidate_rate:.4g} (tested as an absolute difference, "
             f"always-valid bound {_fmt(bound, False)}); with control at 0, any harm shown breaches a relative limit"
         )
         if result.significant:
             return self._verdict("breach", None, n_control, n_candidate, what)
         return self._verdict("ok", None, n_control, n_candidate, f"{what}: none shown yet")
+
+    @property
+    def _in_scope(self) -> str:
+        return f" in {self.scope}" if self.scope else ""
+
+    @property
+    def _named(self) -> str:
+        return f"{self.metric}{self._in_scope}"
 
     def _harm_ruled_out(self) -> bool:
         if self.looks == 0:
@@ -469,6 +490,7 @@ class GuardrailMonitor:
             "gst": self.gst.to_dict() if self.gst is not None else None,
             "gst_z": self.gst_z,
             "gst_bound": self.gst_bound,
+            "scope": self.scope,
         }
 
     @classmethod
@@ -484,6 +506,7 @@ class GuardrailMonitor:
             min_units_per_arm=data.get("min_units_per_arm", 100),
             n_tune=data.get("n_tune", 5000),
             group_sequential=data.get("group_sequential"),
+            scope=data.get("scope", ""),
         )
         if data.get("gst") is not None:
             monitor.gst = GroupSequentialTest.from_dict(data["gst"])

@@ -114,6 +114,9 @@ MIN_USERS_PER_ARM = 25
 # end of the 50% stage at the planned traffic.
 N_TUNE = 2000
 LOOK_MINUTES = 60
+# Users of the segment power scenario: a +50% harm in a tenth of them must show at a
+# segment test's alpha (0.025 / 8) within the planned horizon.
+SEGMENT_POWER_USERS = 16000
 
 Progress = Callable[[str, int, int], None]
 
@@ -147,9 +150,19 @@ class Scenario:
     latency_guardrail: bool = False
     latency_tolerance: float | None = None
     min_users_per_arm: int = MIN_USERS_PER_ARM  # the plan's, and the canary's
+    # Segments: users' shares of the ``locale`` values (() = no segment, no segment guardrails),
+    # each value's thumbs-down multiplier (segments differ), and the one segment value the
+    # candidate harms (``thumbs_down_effect`` then applies there only).
+    segment_shares: tuple[float, ...] = ()
+    segment_baseline: tuple[float, ...] = ()
+    harmed_segment: int | None = None
 
 
 _RETURNING = Scenario("aa", "returning users: Beta(1, 19) propensity, heavy-tailed visits, flat baseline")
+LOCALES = ("en", "es", "ja", "de", "fr", "pt", "ko", "it")
+# Eight locales, ja 10% of users; thumbs-down differs by locale (ja, ko higher).
+_LOCALE_SHARES = (0.40, 0.18, 0.10, 0.10, 0.08, 0.06, 0.05, 0.03)
+_LOCALE_BASELINE = (1.0, 0.9, 1.4, 0.8, 1.0, 1.1, 1.3, 0.9)
 SCENARIOS: dict[str, Scenario] = {
     "returning_users": _RETURNING,
     "returning_users_heavy": replace(
@@ -181,6 +194,24 @@ SCENARIOS: dict[str, Scenario] = {
     ),
     "traffic_0.7x": replace(_RETURNING, description="returning users at 0.7x the planned traffic", traffic=0.7),
     "traffic_1.3x": replace(_RETURNING, description="returning users at 1.3x the planned traffic", traffic=1.3),
+    "segments_aa": replace(
+        _RETURNING,
+        description="8 locale segments guarded (3-40% of users, baselines 0.8-1.4x): no segment harmed",
+        segment_shares=_LOCALE_SHARES,
+        segment_baseline=_LOCALE_BASELINE,
+    ),
+    "ab_segment_plus_50": replace(
+        _RETURNING,
+        kind="ab",
+        description="candidate thumbs-down +50% in locale=ja only (10% of users), +20% tolerance: should roll back",
+        users=SEGMENT_POWER_USERS,
+        min_users_per_arm=SEGMENT_POWER_USERS // 60,
+        segment_shares=_LOCALE_SHARES,
+        segment_baseline=_LOCALE_BASELINE,
+        harmed_segment=LOCALES.index("ja"),
+        thumbs_down_effect=0.5,
+        thumbs_down_tolerance=0.2,
+    ),
     "ab_thumbs_down_plus_50": replace(
         _RETURNING,
         kind="ab",
@@ -213,6 +244,7 @@ def build_plan(scenario: Scenario, salt: str) -> RolloutPlan:
             latency["max_relative_increase"] = scenario.latency_tolerance
         guardrails.append(latency)
     identical = scenario.kind == "aa"
+    segments = {"segments": ["locale"], "max_segment_values": len(scenario.segment_shares)}
     return msgspec.convert(
         {
             "rollout_id": ROLLOUT_ID,
@@ -229,6 +261,7 @@ def build_plan(scenario: Scenario, salt: str) -> RolloutPlan:
             "min_users_per_arm": scenario.min_users_per_arm,
             "n_tune": N_TUNE,
             "guardrails": guardrails,
+            **(segments if scenario.segment_shares else {}),
         },
         RolloutPlan,
     )
@@ -262,6 +295,7 @@ class Traffic:
     feedback_delay: np.ndarray
     input_tokens: np.ndarray
     output_tokens: np.ndarray
+    segment: np.ndarray | None = None  # per user: the index of its locale (scenarios with segments)
 
     @property
     def requests(self) -> int:
@@ -374,6 +408,10 @@ def generate_traffic(scenario: Scenario, rng: np.random.Generator, salt: str, ho
         ),
         input_tokens=rng.integers(200, 1500, m),
         output_tokens=rng.integers(50, 800, m),
+        # drawn last, so scenarios without segments draw the same traffic as before them
+        segment=rng.choice(len(scenario.segment_shares), size=users, p=scenario.segment_shares)
+        if scenario.segment_shares
+        else None,
     )
 
 
@@ -431,6 +469,10 @@ class EventStream:
         self._output = traffic.output_tokens.tolist()
         self._buckets = traffic.buckets.tolist()
         self._propensity = traffic.propensity.tolist()
+        segment = traffic.segment
+        self._segment = segment.tolist() if segment is not None else None
+        self._segment_baseline = scenario.segment_baseline or (1.0,) * len(scenario.segment_shares)
+        self._harmed = scenario.harmed_segment
 
     def set_percent(self, percent: float) -> None:
         self.threshold = round(percent * 100)
@@ -452,10 +494,16 @@ class EventStream:
         candidate = self._buckets[u] < self.threshold
         variant = "candidate" if candidate else "control"
         p = self._propensity[u] * self._baseline[i] * self.step
+        segment = None
+        if self._segment is not None:
+            locale = self._segment[u]
+            p *= self._segment_baseline[locale]
+            segment = {"locale": LOCALES[locale]}
         latency = self._latency[i]
         if candidate:
             self.served[i] = True
-            p *= self.down_effect
+            if self._harmed is None or (self._segment is not None and self._segment[u] == self._harmed):
+                p *= self.down_effect
             latency *= self.latency_effect
         user_id = self.traffic.user_ids[u]
         session_id = f"{user_id}/{self._visit_no[i]}"
@@ -476,6 +524,7 @@ class EventStream:
             output_tokens=n_out,
             cost_usd=(3 * n_in + 15 * n_out) * 1e-6,
             cache_hit=False,
+            segment=segment,
         )
         if self._u_down[i] < p:
             self.down[i] = True

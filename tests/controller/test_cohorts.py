@@ -52,8 +52,8 @@ def test_a_new_user_is_filed_under_the_split_period_of_its_first_exposure():
     processor.apply(trace(2, T0 + 2 * HOUR, user="late", prompt="b"), NOW)
     processor.apply(trace(3, T0 + 3 * HOUR, user="early", prompt="c"), NOW)  # back after the promotion
     assert {key: sums.users for key, sums in processor.cells.items()} == {
-        ("r1", "control", 0): 1,
-        ("r1", "control", 1): 1,
+        ("r1", "control", 0, ""): 1,
+        ("r1", "control", 1, ""): 1,
     }
     snapshot = processor.snapshot("r1", seq=1)
     assert snapshot.cohort_starts == [T0 + HOUR]
@@ -93,10 +93,10 @@ def test_a_returning_user_adds_to_the_same_bucket_after_its_state_was_released()
     assert ("r1", "u") not in processor.users  # released: only the distinct sets remember u
     processor.on_decision(decision([T0 + 30 * HOUR]))
     processor.apply(trace(4, T0 + 32 * HOUR, user="u", prompt="again"), NOW + 32 * HOUR)
-    cell = processor.cells[("r1", "control", 0)]
+    cell = processor.cells[("r1", "control", 0, "")]
     totals = cell.buckets[id_hash("u") % UNIT_BUCKETS]
     assert totals[2 * M["thumbs_down_rate"] + 1] == 2  # u's two responses, days apart, in one unit
-    assert cell.users == 2 and ("r1", "control", 1) not in processor.cells  # u and "other", both from before
+    assert cell.users == 2 and ("r1", "control", 1, "") not in processor.cells  # u and "other", both from before
 
 
 def test_bucket_sums_give_the_user_level_delta_method_variance():

@@ -147,7 +147,7 @@ def test_latency_and_cost_are_stratified_by_cache_and_models_are_counted():
 def test_users_are_the_unit_of_the_ratio_statistics():
     events = [trace(i, T0 + i, user="heavy", prompt=f"q{i}") for i in range(10)] + [trace(99, T0, user="light")]
     processor, _ = run(events)
-    ratio = processor.cells[("r1", "control", 0)].ratio(0)  # thumbs_down_rate
+    ratio = processor.cells[("r1", "control", 0, "")].ratio(0)  # thumbs_down_rate
     assert ratio.n_units == 2 and ratio.users == ratio.n == 2  # two users, in two hash buckets
     assert ratio.den == 11 and ratio.den_sq == 10**2 + 1
 

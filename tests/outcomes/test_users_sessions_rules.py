@@ -59,7 +59,7 @@ def test_a_user_back_after_three_hours_is_one_user_and_the_same_unit():
     got = values(processor)["control"]
     assert got["users"] == 2 and got["n_units"] == 2  # u1's two visits add to u1's totals: one unit
     assert got["responses"] == 3
-    ratio = processor.cells[("r1", "control", 0)].ratio(0)
+    ratio = processor.cells[("r1", "control", 0, "")].ratio(0)
     assert ratio.den_sq == 2**2 + 1  # per-user totals since first exposure: 2 responses and 1
     replayed = replay_lines(jsonl(events), OutcomeConfig(), partitions=3, now_ms=NOW)
     assert replayed["rollouts"]["r1"]["variants"]["control"]["users"] == 2
