@@ -181,7 +181,7 @@ class VariantSums:
             return cells[0]
         view = cls()
         view.sums = [sum(column) for column in zip(*(cell.sums for cell in cells))]
-        view.latency = {i: row for i, row in enumerate(row for cell in cells for row in cell.latency.values())}
+        view.latency = dict(enumerate(row for cell in cells for row in cell.latency.values()))
         view.users = sum(cell.users for cell in cells)
         view.responses = sum(cell.responses for cell in cells)
         view.sessions = sum(cell.sessions for cell in cells)
@@ -266,6 +266,7 @@ class VariantSums:
         the cluster moments of its latency buckets (strata without requests left out)."""
         if self.cached_histograms is not None and self.cached_histograms[0] in ((self.responses, self.users), (-1, -1)):
             return self.cached_histograms[1]
+
         if not HIST_BINS or not self.latency:
             return {}
         key = (self.responses, self.users)

@@ -328,6 +328,9 @@ class OutcomeProcessor:
         # checks the log still holds it (a recreated topic starts its offsets again)
         self.log_marks: dict[str, list[int]] = {}
         self.rejected: list[tuple[Any, str]] = []
+        # Per (rollout, cohort, arm) of a rollout with segments: the combined latency histograms
+        # and the (responses, users) of the cells they were built from (a cache, not state).
+        self.view_histograms: dict[tuple[str, int, str], tuple[tuple, dict[str, Any]]] = {}
         self.events_since_snapshot = 0
         self.events_since_checkpoint = 0
         # The agent sets this and drains the records (replay leaves it off).
@@ -809,6 +812,14 @@ class OutcomeProcessor:
                     by_segment.setdefault((part, cohort, arm), []).append(sums)
         for (cohort, arm), parts in cells.items():
             sums = VariantSums.combined(parts)
+            if len(parts) > 1:  # the histograms of a view whose cells have no new request: as last time
+                key = (rollout_id, cohort, arm)
+                seen = tuple((part.responses, part.users) for part in parts)
+                cached = self.view_histograms.get(key)
+                if cached is not None and cached[0] == seen:
+                    sums.cached_histograms = ((sums.responses, sums.users), cached[1])
+                else:
+                    self.view_histograms[key] = (seen, sums.histograms())
             cohorts.setdefault(str(cohort), {})[arm] = sums.stats()
             cohort_exposures.setdefault(str(cohort), {})[arm] = sums.users
             exposures[arm] = exposures.get(arm, 0) + sums.users

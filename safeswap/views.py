@@ -22,17 +22,28 @@ def _num(value: float | None, relative: bool = True) -> str:
 
 def evidence_table(evidence: list[GuardrailEvidence], title: str) -> Table:
     table = Table(title=title)
-    for column in ("guardrail", "status", "estimate", "always-valid CI", "p-value", "limit", "users ctl / cand"):
+    segmented = any(item.segment for item in evidence)
+    for column in (
+        *(("segment",) if segmented else ()),
+        "guardrail",
+        "status",
+        "estimate",
+        "always-valid CI",
+        "p-value",
+        "limit",
+        "users ctl / cand",
+    ):
         table.add_column(column)
     notes = [item for item in evidence if item.reason and (item.status != "ok" or item.estimate is None)]
-    if notes:  # what a bare status cannot say: insufficient data, a zero control rate
-        table.caption = "\n".join(f"{item.metric}: {item.reason.removeprefix(item.metric + ': ')}" for item in notes)
+    if notes:  # what a bare status cannot say: insufficient data (a segment too small to test), a zero control rate
+        table.caption = "\n".join(_note(item) for item in notes)
     for item in evidence:
         interval = (
             "-" if item.ci_low is None and item.ci_high is None else f"[{_num(item.ci_low)}, {_num(item.ci_high)}]"
         )
         style = {"breach": "bold red", "ok": "green"}.get(item.status, "yellow")
         table.add_row(
+            *((item.segment,) if segmented else ()),
             item.metric,
             f"[{style}]{item.status}[/]",
             _num(item.estimate),
@@ -42,6 +53,11 @@ def evidence_table(evidence: list[GuardrailEvidence], title: str) -> Table:
             f"{item.users_control:,} / {item.users_candidate:,}",
         )
     return table
+
+
+def _note(item: GuardrailEvidence) -> str:
+    name = f"{item.metric} in {item.segment}" if item.segment else item.metric
+    return f"{name}: {item.reason.removeprefix(name + ': ')}"
 
 
 def decision_line(decision: Decision) -> str:
@@ -117,6 +133,17 @@ def status_view(status: RolloutStatus | None, decision: Decision | None) -> list
     )
     if evidence:
         out.append(evidence_table(evidence, "guardrails"))
+    segments = (
+        status.segment_guardrails
+        if status is not None and status.segment_guardrails
+        else (decision.segment_evidence if decision else [])
+    )
+    if segments:
+        table = evidence_table(segments, "segment guardrails (each value tested on its share of half the alpha)")
+        if status is not None and status.segments_untested:
+            untested = f"not tested (beyond max_segment_values): {', '.join(status.segments_untested)}"
+            table.caption = f"{table.caption}\n{untested}" if table.caption else untested
+        out.append(table)
     if status is not None and getattr(status, "shadow", None):
         out.extend(shadow_view(status.shadow))
     return out

@@ -417,6 +417,7 @@ class DashboardModel:
                 for d in decisions
             ],
             "guardrails": self._guardrails(track),
+            "segment_guardrails": self._segment_guardrails(track),
             "variant_rows": [
                 {
                     "key": key,
@@ -456,6 +457,22 @@ class DashboardModel:
                 found = {}
             track.differences = (tuple(outcome), found)
         return track.differences[1]
+
+    def _segment_guardrails(self, track: RolloutTrack) -> dict[str, Any]:
+        """The plan's segment guardrails at the worker's latest look (live status, else the last
+        decision): a row per (segment value, guardrail), breaches first."""
+        keys = list(track.plan.segments) if track.plan is not None else []
+        rows, untested = [], []
+        if track.status is not None:
+            rows, untested = list(track.status.segment_guardrails), list(track.status.segments_untested)
+        elif (decision := self._last_decision(track)) is not None:
+            rows = list(decision.segment_evidence)
+        order = {"breach": 0, "ok": 1}
+        return {
+            "keys": keys,
+            "rows": [msgspec.to_builtins(e) for e in sorted(rows, key=lambda e: (order.get(e.status, 2), e.segment))],
+            "untested": untested,
+        }
 
     def _guardrails(self, track: RolloutTrack) -> list[dict[str, Any]]:
         plan = track.plan

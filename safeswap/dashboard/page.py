@@ -231,6 +231,32 @@ def _badge(status: str) -> str:
     return f'<span class="badge {STATUS_CLASS.get(status, "wait")}">{esc(status)}</span>'
 
 
+def _segments_html(view: dict[str, Any]) -> str:
+    segments = view.get("segment_guardrails") or {}
+    keys = segments.get("keys") or []
+    if not keys:
+        return ""
+    rows = "".join(
+        f"<tr><td>{esc(e.get('segment'))}</td><td>{esc(e.get('metric'))}</td><td>{_badge(e.get('status'))}</td>"
+        f"<td>{esc(fmt(e.get('estimate'), 'pct'))} {esc(interval_text(e.get('ci_low'), e.get('ci_high'), 'pct'))}</td>"
+        f"<td>{e.get('users_control', 0):,} / {e.get('users_candidate', 0):,}</td>"
+        f"<td>{esc(e.get('reason') if e.get('status') != 'ok' else '')}</td></tr>"
+        for e in segments.get("rows") or []
+    )
+    untested = segments.get("untested") or []
+    note = (
+        f'<p class="muted">Not tested (beyond max_segment_values): {esc(", ".join(untested))}</p>' if untested else ""
+    )
+    return (
+        f'<section class="segments"><h3>Segment guardrails <span class="muted">({esc(", ".join(keys))})</span></h3>'
+        '<p class="muted">Every guardrail tested again in each segment value, on its share of half the alpha: '
+        "a regression confined to one segment rolls back, named. A segment too small to test says so.</p>"
+        '<table class="checks"><thead><tr><th>segment</th><th>guardrail</th><th>status</th>'
+        "<th>candidate vs control (always-valid interval)</th><th>users ctl / cand</th><th>why</th></tr></thead>"
+        f"<tbody>{rows or '<tr><td colspan=6>no segment has data yet</td></tr>'}</tbody></table>{note}</section>"
+    )
+
+
 def _health_html(view: dict[str, Any]) -> str:
     health = view.get("health") or {}
     if not isinstance(health, dict):
@@ -292,6 +318,7 @@ SECTIONS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("summary", _summary_html),
     ("stage timeline", _timeline_html),
     ("guardrails", _guardrails_html),
+    ("segment guardrails", _segments_html),
     ("per variant", _variants_html),
     ("judge preference", _judge_html),
     ("data health", _health_html),

@@ -116,7 +116,7 @@ N_TUNE = 2000
 LOOK_MINUTES = 60
 # Users of the segment power scenario: a +50% harm in a tenth of them must show at a
 # segment test's alpha (0.025 / 8) within the planned horizon.
-SEGMENT_POWER_USERS = 16000
+SEGMENT_POWER_USERS = 30000
 
 Progress = Callable[[str, int, int], None]
 
@@ -203,14 +203,17 @@ SCENARIOS: dict[str, Scenario] = {
     "ab_segment_plus_50": replace(
         _RETURNING,
         kind="ab",
-        description="candidate thumbs-down +50% in locale=ja only (10% of users), +20% tolerance: should roll back",
+        description=(
+            f"candidate thumbs-down +50% in locale=ja only (10% of {SEGMENT_POWER_USERS:,} users, "
+            "8% base rate), tolerance 0: should roll back naming locale=ja"
+        ),
         users=SEGMENT_POWER_USERS,
-        min_users_per_arm=SEGMENT_POWER_USERS // 60,
+        thumbs_down=0.08,
+        min_users_per_arm=300,
         segment_shares=_LOCALE_SHARES,
         segment_baseline=_LOCALE_BASELINE,
         harmed_segment=LOCALES.index("ja"),
         thumbs_down_effect=0.5,
-        thumbs_down_tolerance=0.2,
     ),
     "ab_thumbs_down_plus_50": replace(
         _RETURNING,
@@ -677,6 +680,7 @@ def _stage_label(state) -> str:
 
 def _causes(decision: Decision) -> list[str]:
     breached = [e.metric for e in decision.evidence if e.status == "breach"]
+    breached += [f"{e.metric} in {e.segment}" for e in decision.segment_evidence if e.status == "breach"]
     checks = [p["check"] for p in decision.health.get("problems", []) if p["action"] == "rollback"]
     return sorted(set(breached + checks)) or [_first_words(decision.reason)]
 
@@ -838,6 +842,9 @@ def summarise(name: str, results: list[dict[str, Any]]) -> dict[str, Any]:
         "seconds_per_run": round(float(np.mean([r["seconds"] for r in results])), 3),
         "plan": _plan_dict(build_plan(scenario, "<per run>")),
     }
+    if scenario.harmed_segment is not None:  # found where it is: the rollback names the harmed segment
+        harmed = f" in locale={LOCALES[scenario.harmed_segment]}"
+        out["segment_named"] = _rate(sum(any(c.endswith(harmed) for c in r["rollback_causes"]) for r in results), runs)
     if scenario.kind == "ab":
         rollbacks = [r["stop_ts"] if r["outcome"] == "rolled_back" else None for r in results]
         out["safeswap"]["median_stop_fraction"], out["safeswap"]["median_stop_fraction_detected"] = _median_fraction(

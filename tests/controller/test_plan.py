@@ -191,3 +191,20 @@ def test_a_retrieval_change_pins_the_candidates_index(tmp_path, index, words):
     if index:
         pinned = text.replace(index, ", retrieval_index: docs-index@v7")
     assert load_plan(write(tmp_path, pinned + "skip_shadow: shadowed offline\n")).ok
+
+
+def test_segment_guardrails_validate_keys_and_say_what_the_budget_costs(tmp_path):
+    report = load_plan(Path(__file__).resolve().parents[2] / "examples" / "plan-segments.yaml")
+    assert report.ok, report.lines()
+    assert report.plan.segments == ["locale"]
+    budget = next(w for w in report.warnings if w.path == "segments")
+    assert "8 segment tests" in budget.message and "0.0031 each" in budget.message
+    doubled = load_plan(write(tmp_path, GOOD + "segments: [locale, locale]\n"))
+    assert not doubled.ok and any(e.path == "segments" and "twice" in e.message for e in doubled.errors)
+    many = load_plan(write(tmp_path, GOOD + "segments: [a, b, c, d]\n"))
+    assert not many.ok and any(e.path == "segments" for e in many.errors)
+    bad_key = load_plan(write(tmp_path, GOOD + 'segments: ["two words"]\n'))
+    assert not bad_key.ok
+    unguarded = GOOD.split("guardrails:")[0] + "segments: [locale]\n"
+    report = load_plan(write(tmp_path, unguarded))
+    assert any(e.path == "segments" and "add guardrails" in e.message for e in report.errors)

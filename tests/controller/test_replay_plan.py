@@ -13,12 +13,20 @@ from schemas import encode
 from tests.controller.test_simulate import PLAN
 from tests.outcomes.helpers import T0, feedback, trace
 
+LOCALES = ("en", "es", "ja", "de", "fr")
 
-def recorded_week(path, thumbs_down: dict[str, float], users: int = 3000, seed: int = 1) -> None:
+
+def recorded_week(
+    path, thumbs_down: dict[str, float], users: int = 3000, seed: int = 1, ja_candidate: float | None = None
+) -> None:
+    """``ja_candidate``: the candidate's thumbs-down rate for users with locale ja (a fifth of them);
+    given, every trace carries its user's locale."""
     rng = random.Random(seed)
     lines, n = [], 0
     for u in range(users):
         variant = "candidate" if u % 2 else "control"
+        locale = LOCALES[(u // 2) % len(LOCALES)]
+        rate = ja_candidate if ja_candidate is not None and variant == "candidate" and locale == "ja" else None
         ts = T0 + u * 60_000  # a user a minute: ~2 days
         for _ in range(rng.randint(1, 3)):
             n += 1
@@ -34,13 +42,14 @@ def recorded_week(path, thumbs_down: dict[str, float], users: int = 3000, seed: 
                                 rollout="sim",
                                 prompt=f"question {n}",
                                 model_version=PLAN[variant]["model"],
+                                segment={"locale": locale} if ja_candidate is not None else None,
                             )
                         )
                     ),
                     type="trace",
                 )
             )
-            if rng.random() < thumbs_down[variant]:
+            if rng.random() < (rate if rate is not None else thumbs_down[variant]):
                 lines.append(
                     dict(
                         json.loads(
@@ -56,9 +65,9 @@ def recorded_week(path, thumbs_down: dict[str, float], users: int = 3000, seed: 
     path.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
 
 
-def replay(tmp_path, events) -> dict:
+def replay(tmp_path, events, plan_fields: dict | None = None) -> dict:
     plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump(PLAN))
+    plan.write_text(yaml.safe_dump({**PLAN, **(plan_fields or {})}))
     result = subprocess.run(
         [sys.executable, "-m", "safeswap", "replay", str(events), "--plan", str(plan), "--json"],
         capture_output=True,
@@ -85,3 +94,13 @@ def test_replay_of_healthy_traffic_takes_no_rollback(tmp_path):
     out = replay(tmp_path, events)
     assert "rollback" not in [d["action"] for d in out["plan"]["decisions"]]
     assert out["plan"]["guardrails"]
+
+
+def test_replay_finds_a_regression_confined_to_one_segment_and_names_it(tmp_path):
+    events = tmp_path / "week.jsonl"
+    recorded_week(events, {"control": 0.2, "candidate": 0.2}, users=6000, ja_candidate=0.4)
+    whole = replay(tmp_path, events)  # the whole population's guardrail alone: no rollback
+    assert "rollback" not in [d["action"] for d in whole["plan"]["decisions"]]
+    out = replay(tmp_path, events, {"segments": ["locale"]})
+    rollback = out["plan"]["decisions"][-1]
+    assert rollback["action"] == "rollback" and "in locale=ja" in rollback["reason"], out["plan"]["decisions"]

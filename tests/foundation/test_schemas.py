@@ -50,13 +50,22 @@ def test_encode_roundtrips_with_rfc3339_on_the_wire():
         ({"input_tokens": "many"}, "input_tokens", "Expected"),
         ({"error": "boom"}, "error", "Invalid enum value"),
         ({"user_id": ""}, "user_id", "length"),
+        ({"segment": {"locale": "ja,en"}}, "segment", "regex"),  # a segment is named key=value
+        ({"segment": {"1locale": "ja"}}, "segment", "regex"),
+        ({"segment": {f"k{i}": "v" for i in range(9)}}, "segment", "length"),
     ],
 )
 def test_validation_errors_name_the_field_and_reason(overrides, field, reason):
     with pytest.raises(InvalidEvent) as info:
         convert(TraceEvent, trace_fields(**overrides))
-    assert f"`$.{field}`" in str(info.value)
+    assert f"`$.{field}" in str(info.value)
     assert reason in str(info.value)
+
+
+def test_a_trace_carries_its_users_segment():
+    event = convert(TraceEvent, trace_fields(segment={"locale": "ja", "tier": "enterprise"}))
+    assert decode(TraceEvent, encode(event)).segment == {"locale": "ja", "tier": "enterprise"}
+    assert convert(TraceEvent, trace_fields()).segment is None
 
 
 def test_missing_field_is_named():
