@@ -48,8 +48,9 @@ def traffic(seed: int) -> list[tuple[TraceEvent | FeedbackEvent, tuple]]:
         later.append(trace(f"back-{seed}-{i}", ts, user=user, variant=r1_variant[user], prompt=f"back {i}"))
         later.append(feedback(f"back-{seed}-{i}", f"back-{seed}-{i}", ts + 5_000, "thumbs_up", user=user))
     candidates = [user for user, variant in r1_variant.items() if variant == "candidate"]
-    for i, user in enumerate(candidates[:4]):  # candidate users later served control: crossovers
-        later.append(trace(f"cross-{seed}-{i}", T0 + 5 * HOUR + 30 * MIN + i, user=user, variant="control"))
+    for i, user in enumerate(candidates[:6]):  # candidate users later served control: crossovers
+        ts = T0 + (45 * MIN if i % 2 else 5 * HOUR + 30 * MIN) + i
+        later.append(trace(f"cross-{seed}-{i}", ts, user=user, variant="control"))
     for i in range(3):  # feedback whose trace never comes: waits, then expires to the DLQ
         later.append(feedback(f"orphan-{seed}-{i}", f"never-{seed}-{i}", T0 + 90 * MIN + i * MIN, "thumbs_down"))
     events = first + later
@@ -87,13 +88,16 @@ def test_a_restored_processor_goes_on_exactly_like_the_original(seed):
     original = OutcomeProcessor(2, config)
     original.collect_outcomes = True
     original.on_decision(decision("r1", [T0 + 5 * MIN]))  # a second cohort from 5 min on
-    split = random.Random(seed).randint(len(events) // 3, len(events) // 2)
+    cut = T0 + random.Random(seed).randint(60, 150) * MIN  # some sessions closed, some users released
+    split = next(i for i, (event, _) in enumerate(events) if event.ts >= cut)
     feed(original, events[:split])
     while not original.state_size()["pending_feedback"]:  # cut where feedback waits for its trace
         feed(original, [events[split]])
         split += 1
     size = original.state_size()
-    assert size["open_responses"] and size["join_responses"] and split < len(events) * 3 // 4, size
+    assert size["open_responses"] and size["join_responses"], size
+    assert any(response.last for _, response in held_responses(original))  # closed, waiting for the TTL
+    assert original.crossed_users and events[split][0].ts < T0 + 5 * HOUR  # more crossovers after the cut
     assert {cohort for _, _, cohort in original.cells} == {0, 1} and len(original.rollouts()) == 2
 
     restored = restore_processor(encode_state(original.to_state()), config)
