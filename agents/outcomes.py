@@ -86,11 +86,18 @@ def restore_processor(payload: bytes, config: OutcomeConfig) -> OutcomeProcessor
     """The processor a checkpoint holds, or None (logged with the reason) when it cannot be
     loaded: written by a safeswap of another state version (``OutcomeProcessor.STATE_VERSION``),
     or not a state payload at all (e.g. a pickle from before version 5)."""
+    import gc
+
+    collecting = gc.isenabled()
+    gc.disable()  # loading builds millions of objects and no cycle: a collection meanwhile only scans them
     try:
         processor = OutcomeProcessor.from_state(decode_state(payload), config)
     except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint: rebuild the partition, never crash
         log.warning("outcomes: checkpoint not loaded: %s: %s", type(exc).__name__, exc)
         return None
+    finally:
+        if collecting:
+            gc.enable()
     processor.collect_outcomes = True
     return processor
 
