@@ -46,7 +46,9 @@ Determinism: every decision is a function of event times and the watermarks of
 streams.dedup, so two runs over the same per-topic logs give the same metrics
 however the two topics interleave (up to float summation order). That is what
 makes the crash recovery (replay from a checkpoint) and ``safeswap replay``
-agree with the streaming path.
+agree with the streaming path. A checkpoint carries the state as plain data:
+:meth:`OutcomeProcessor.to_state` and :meth:`OutcomeProcessor.from_state`
+(schemas/state.py).
 """
 
 from __future__ import annotations

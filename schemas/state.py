@@ -33,7 +33,7 @@ STATE_VERSION = 5
 Key = list[str | int]
 # Where a dead letter's input came from: the agent's (topic, partition, offset, key, value),
 # replay's line number, or nothing.
-Origin = tuple[str, int, int, bytes | None, bytes] | int | None
+Origin = tuple[str, int, int, bytes | None, bytes | None] | int | None
 
 
 class StateVersion(msgspec.Struct):
