@@ -83,18 +83,22 @@ MAX_RECORDS = 1_000  # per fetch: a batch is folded under the lock, so this boun
 
 
 def restore_processor(payload: bytes, config: OutcomeConfig) -> OutcomeProcessor | None:
-    """The processor a checkpoint holds, or None when another safeswap version wrote it
-    (its pickled state has another shape: ``OutcomeProcessor.STATE_VERSION``)."""
+    """The processor a checkpoint holds, or None (logged with the reason) when it cannot be
+    loaded: written by a safeswap of another state version (``OutcomeProcessor.STATE_VERSION``),
+    or not a state payload at all (e.g. a pickle from before version 5)."""
+    import gc
+
+    collecting = gc.isenabled()
+    gc.disable()  # loading builds millions of objects and no cycle: a collection meanwhile only scans them
     try:
-        processor = decode_state(payload)
-    except (AttributeError, ImportError, TypeError, ValueError, EOFError):  # a class renamed or moved since
+        processor = OutcomeProcessor.from_state(decode_state(payload), config)
+    except Exception as exc:  # noqa: BLE001 - any unreadable checkpoint: rebuild the partition, never crash
+        log.warning("outcomes: checkpoint not loaded: %s: %s", type(exc).__name__, exc)
         return None
-    if getattr(processor, "state_version", 1) != OutcomeProcessor.STATE_VERSION:
-        return None
-    processor.config = config
+    finally:
+        if collecting:
+            gc.enable()
     processor.collect_outcomes = True
-    if not hasattr(processor, "log_marks"):  # a checkpoint written before marks: same_log trusts the offsets
-        processor.log_marks = {}
     return processor
 
 
@@ -102,7 +106,7 @@ def restore_processor(payload: bytes, config: OutcomeConfig) -> OutcomeProcessor
 class Owned:
     processor: OutcomeProcessor
     writer: CheckpointWriter
-    # A checkpoint pickles the whole partition (in a forked child, but on the same
+    # A checkpoint encodes the whole partition (in a forked child, but on the same
     # two cores): its cost sets how often it may run (see checkpoint_due).
     last_checkpoint: float = 0.0  # time.monotonic()
     encode_s: float = 0.0  # how long the last one took to encode
@@ -166,7 +170,7 @@ class OutcomesService:
         await self.app.producer.flush()
         processor.events_since_checkpoint = 0
         state.last_checkpoint = time.monotonic()
-        encoding = ForkedEncoding.start(processor)  # the state as of now, whatever happens next
+        encoding = ForkedEncoding.start(processor.to_state)  # the state as of now, whatever happens next
         state.writing = asyncio.create_task(self.write_checkpoint(partition, state, encoding, dict(processor.offsets)))
         return state.writing
 

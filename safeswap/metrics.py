@@ -13,6 +13,7 @@ sums of squares and cross-products incrementally, O(1) per event.
 from __future__ import annotations
 
 import math
+import sys
 from array import array
 from bisect import bisect_right
 from collections.abc import Collection, Iterable
@@ -23,7 +24,7 @@ import numpy as np
 
 from safeswap.stats import Ratio
 from safeswap.stats.quantiles import LatencyHistogram
-from schemas import StatsSnapshot
+from schemas import CellSums, StatsSnapshot
 from schemas.events import ERROR_KINDS
 
 # --- Outcome metrics (docs/metrics.md) -------------------------------------------------
@@ -118,6 +119,26 @@ LATENCY_BUCKETS = 128
 _LAT_TYPE = "I" if array("I").itemsize == 4 else "L"
 _LAT_DTYPE = np.dtype(f"u{array(_LAT_TYPE).itemsize}")
 _LAT_ZERO = array(_LAT_TYPE, [0]) * (2 * HIST_BINS)
+_LITTLE_ENDIAN = sys.byteorder == "little"
+
+
+def _le_bytes(values: array) -> bytes:
+    """An array's items as little-endian bytes (the checkpoint's byte order)."""
+    if _LITTLE_ENDIAN:
+        return values.tobytes()
+    swapped = array(values.typecode, values)
+    swapped.byteswap()
+    return swapped.tobytes()
+
+
+def _from_le_bytes(typecode: str, raw: bytes, length: int) -> array:
+    values = array(typecode)
+    values.frombytes(raw)
+    if len(values) != length:  # another metric or bin layout than this version's
+        raise ValueError(f"a checkpointed row has {len(values)} values, this version keeps {length}")
+    if not _LITTLE_ENDIAN:
+        values.byteswap()
+    return values
 
 
 class VariantSums:
@@ -147,6 +168,28 @@ class VariantSums:
         # (responses, users) when the histograms were last built, and them: a cell with no new
         # request since its last snapshot (an older cohort, an idle arm) is not summed again.
         self.cached_histograms: tuple[tuple[int, int], dict[str, Any]] | None = None
+
+    def to_state(self) -> CellSums:
+        """Everything but the histogram cache, which the next snapshot rebuilds."""
+        return CellSums(
+            sums=list(self.sums),
+            buckets={b: _le_bytes(totals) for b, totals in self.buckets.items()},
+            latency={b: _le_bytes(counts) for b, counts in self.latency.items()},
+            users=self.users,
+            responses=self.responses,
+            sessions=self.sessions,
+        )
+
+    @classmethod
+    def from_state(cls, state: CellSums) -> VariantSums:
+        if len(state.sums) != 6 * N_RATIO:
+            raise ValueError(f"a checkpointed cell has {len(state.sums)} sums, this version keeps {6 * N_RATIO}")
+        sums = cls()
+        sums.sums = list(state.sums)
+        sums.buckets = {b: _from_le_bytes("d", raw, 2 * N_RATIO) for b, raw in state.buckets.items()}
+        sums.latency = {b: _from_le_bytes(_LAT_TYPE, raw, 2 * HIST_BINS) for b, raw in state.latency.items()}
+        sums.users, sums.responses, sums.sessions = state.users, state.responses, state.sessions
+        return sums
 
     def bucket(self, uid: int) -> array:
         """The running totals of the bucket that holds user hash ``uid``: doubles in an

@@ -53,7 +53,9 @@ Determinism: every decision is a function of event times and the watermarks of
 streams.dedup, so two runs over the same per-topic logs give the same metrics
 however the two topics interleave (up to float summation order). That is what
 makes the crash recovery (replay from a checkpoint) and ``safeswap replay``
-agree with the streaming path.
+agree with the streaming path. A checkpoint carries the state as plain data:
+:meth:`OutcomeProcessor.to_state` and :meth:`OutcomeProcessor.from_state`
+(schemas/state.py).
 """
 
 from __future__ import annotations
@@ -68,7 +70,20 @@ from rapidfuzz import fuzz
 from rapidfuzz.distance import Levenshtein
 
 from safeswap.metrics import M, VariantSums
-from schemas import Decision, FeedbackEvent, InvalidEvent, OutcomeRecord, StatsSnapshot, TraceEvent, decode
+from schemas import (
+    STATE_VERSION,
+    Decision,
+    FeedbackEvent,
+    HeldResponse,
+    HeldUser,
+    InvalidEvent,
+    OutcomeRecord,
+    PartitionState,
+    PendingFeedback,
+    StatsSnapshot,
+    TraceEvent,
+    decode,
+)
 from schemas.events import Variant, rfc3339
 from streams.dedup import DistinctHashes, DueQueue, Watermarks, id_hash
 from streams.join import PendingJoin, expired, joinable
@@ -194,6 +209,52 @@ class Response:
         self.last_positive: int | None = None
         self.abandon_feedback = False
 
+    def to_state(self, cell: list, bucket: int) -> HeldResponse:
+        """``cell``, ``bucket``: the keys of ``self.cell`` and ``self.totals`` (shared references)."""
+        return HeldResponse(
+            trace=self.trace,
+            cell=cell,
+            bucket=bucket,
+            prompt=self.prompt,
+            text=self.text,
+            closed=self.closed,
+            last=self.last,
+            down=self.down,
+            up=self.up,
+            edited=self.edited,
+            edit_key=self.edit_key,
+            dist=self.dist,
+            dist_words=self.dist_words,
+            explicit_retry=self.explicit_retry,
+            implicit_retry=self.implicit_retry,
+            explicit_follow=self.explicit_follow,
+            has_next=self.has_next,
+            counted_retry=self.counted_retry,
+            counted_follow=self.counted_follow,
+            counted_abandon=self.counted_abandon,
+            last_negative=self.last_negative,
+            last_positive=self.last_positive,
+            abandon_feedback=self.abandon_feedback,
+        )
+
+    @classmethod
+    def from_state(cls, saved: HeldResponse, cell: VariantSums, totals: list[float]) -> Response:
+        response = cls.__new__(cls)  # the trace is stored without its texts already
+        trace = response.trace = saved.trace
+        response.trace_id, response.ts, response.variant = trace.trace_id, trace.ts, trace.variant
+        response.error, response.cost = trace.error, trace.cost_usd
+        response.cell, response.totals = cell, totals
+        response.prompt, response.text = saved.prompt, saved.text
+        response.closed, response.last = saved.closed, saved.last
+        response.down, response.up, response.edited = saved.down, saved.up, saved.edited
+        response.edit_key, response.dist, response.dist_words = saved.edit_key, saved.dist, saved.dist_words
+        response.explicit_retry, response.implicit_retry = saved.explicit_retry, saved.implicit_retry
+        response.explicit_follow, response.has_next = saved.explicit_follow, saved.has_next
+        response.counted_retry, response.counted_follow = saved.counted_retry, saved.counted_follow
+        response.counted_abandon, response.abandon_feedback = saved.counted_abandon, saved.abandon_feedback
+        response.last_negative, response.last_positive = saved.last_negative, saved.last_positive
+        return response
+
     def abandoned(self) -> bool:
         """As the last response of a session: explicit abandon, an error, or a thumbs-down
         or retry with no thumbs-up, copy or edit at or after it."""
@@ -278,6 +339,57 @@ class UserState:
         if ts + hold_ms > self.release_at:
             self.release_at = ts + hold_ms
 
+    def to_state(self, cell_keys: dict[int, list], bucket_of: dict[int, int]) -> HeldUser:
+        """``cell_keys``/``bucket_of``: a cell's key and a bucket's index by the ``id`` of the
+        VariantSums and of the running totals its responses share."""
+        responses = list(self.by_trace.values())  # open responses are held for the join too
+        index = {id(response): i for i, response in enumerate(responses)}
+        for response in self.open:
+            if id(response) not in index:
+                index[id(response)] = len(responses)
+                responses.append(response)
+        return HeldUser(
+            rollout_id=self.rollout_id,
+            user_id=self.user_id,
+            uid=self.uid,
+            variants=None if self.variants is None else list(self.variants),
+            arm=self.arm,
+            cohort=self.cohort,
+            segment=self.segment,
+            crossed=self.crossed,
+            responses=[r.to_state(cell_keys[id(r.cell)], bucket_of[id(r.totals)]) for r in responses],
+            open=[index[id(response)] for response in self.open],
+            by_trace=list(range(len(self.by_trace))),
+            pending={
+                trace_id: [PendingFeedback(ts=ts, feedback=feedback, origin=origin) for ts, (feedback, origin) in items]
+                for trace_id, items in self.pending
+            },
+            ids=dict(self.ids),
+            due=self.due,
+            release_at=self.release_at,
+        )
+
+    @classmethod
+    def from_state(cls, saved: HeldUser, cells: dict[tuple, VariantSums]) -> UserState:
+        user = cls.__new__(cls)  # uid comes with the state: no hashing
+        user.rollout_id, user.user_id, user.uid = saved.rollout_id, saved.user_id, saved.uid
+        user.variants = None if saved.variants is None else tuple(saved.variants)
+        user.arm, user.cohort, user.segment, user.crossed = saved.arm, saved.cohort, saved.segment, saved.crossed
+        responses = []
+        for response in saved.responses:
+            cell = cells[tuple(response.cell)]
+            responses.append(Response.from_state(response, cell, cell.buckets[response.bucket]))
+        user.open = [responses[i] for i in saved.open]
+        user.by_trace = {responses[i].trace_id: responses[i] for i in saved.by_trace}
+        user.pending = PendingJoin()
+        user.pending.waiting = {
+            trace_id: [(item.ts, (item.feedback, item.origin)) for item in items]
+            for trace_id, items in saved.pending.items()
+        }
+        user.ids = dict(saved.ids)
+        user.due, user.release_at = saved.due, saved.release_at
+        return user
+
 
 class OutcomeProcessor:
     """The outcome state of one source partition; see the module docstring.
@@ -289,15 +401,11 @@ class OutcomeProcessor:
     ``(origin, reason)`` for the caller to dead-letter.
     """
 
-    # Bumped whenever the pickled state changes shape: a checkpoint of another
-    # version is not loaded (the partition is rebuilt from its topics' start).
-    # 2: distinct-user hash sets and n_units. 3: cells per (arm, cohort) summed in user buckets.
-    # 4: latency histograms per user bucket (VariantSums.latency) instead of per cell.
-    # 5: cells and first exposures per (rollout, arm, cohort, segment).
-    STATE_VERSION = 5
+    # The version of ``to_state``'s shape (schemas/state.py says what each version was): a
+    # checkpoint of another version is not loaded (the partition is rebuilt from its topics' start).
+    STATE_VERSION = STATE_VERSION
 
     def __init__(self, partition: int = 0, config: OutcomeConfig | None = None) -> None:
-        self.state_version = self.STATE_VERSION
         self.partition = partition
         self.config = config or OutcomeConfig()
         self.marks = Watermarks((TRACE, FEEDBACK), self.config.lateness_ms, self.config.max_skew_ms)
@@ -336,6 +444,71 @@ class OutcomeProcessor:
         # The agent sets this and drains the records (replay leaves it off).
         self.collect_outcomes = False
         self.outcome_records: list[OutcomeRecord] = []
+
+    # -- checkpoints ----------------------------------------------------------------------
+    def to_state(self) -> PartitionState:
+        """The whole state as plain data (schemas/state.py), for a checkpoint; the config is
+        not part of it (``from_state`` takes the running one)."""
+        cell_keys = {id(sums): list(key) for key, sums in self.cells.items()}
+        bucket_of = {id(totals): b for sums in self.cells.values() for b, totals in sums.buckets.items()}
+        return PartitionState(
+            version=self.STATE_VERSION,
+            partition=self.partition,
+            watermarks=self.marks.to_state(),
+            users=[user.to_state(cell_keys, bucket_of) for user in self.users.values()],
+            first_seen=[(list(key), seen.to_state()) for key, seen in self.first_seen.items()],
+            also_served=[(list(key), seen.to_state()) for key, seen in self.also_served.items()],
+            crossed_users={rollout: seen.to_state() for rollout, seen in self.crossed_users.items()},
+            due=self.due.to_state(),
+            cells=[(list(key), sums.to_state()) for key, sums in self.cells.items()],
+            served=[(list(key), dict(models)) for key, models in self.served.items()],
+            cohort_starts={rollout: list(starts) for rollout, starts in self.cohort_starts.items()},
+            segment_keys={rollout: list(keys) for rollout, keys in self.segment_keys.items()},
+            segment_metrics={rollout: list(metrics) for rollout, metrics in self.segment_metrics.items()},
+            segment_values=[(list(key), sorted(values)) for key, values in self.segment_values.items()],
+            counts=dict(self.counts),
+            reasons=dict(self.reasons),
+            latest_ts=dict(self.latest_ts),
+            dirty=sorted(self.dirty),
+            offsets=dict(self.offsets),
+            log_marks={topic: list(mark) for topic, mark in self.log_marks.items()},
+            rejected=list(self.rejected),
+            events_since_snapshot=self.events_since_snapshot,
+            events_since_checkpoint=self.events_since_checkpoint,
+            outcome_records=list(self.outcome_records),
+        )
+
+    @classmethod
+    def from_state(cls, state: PartitionState, config: OutcomeConfig | None = None) -> OutcomeProcessor:
+        """The processor ``state`` describes, with ``config`` (the running one). Raises ValueError
+        or KeyError for a state of another version or whose references do not resolve."""
+        if state.version != cls.STATE_VERSION:
+            raise ValueError(f"state version {state.version}, this safeswap reads version {cls.STATE_VERSION}")
+        processor = cls(state.partition, config)
+        config = processor.config
+        processor.marks = Watermarks.from_state(state.watermarks, config.lateness_ms, config.max_skew_ms)
+        cells = processor.cells = {tuple(key): VariantSums.from_state(sums) for key, sums in state.cells}
+        processor.users = {(user.rollout_id, user.user_id): UserState.from_state(user, cells) for user in state.users}
+        processor.first_seen = {tuple(key): DistinctHashes.from_state(seen) for key, seen in state.first_seen}
+        processor.also_served = {tuple(key): DistinctHashes.from_state(seen) for key, seen in state.also_served}
+        processor.crossed_users = {r: DistinctHashes.from_state(seen) for r, seen in state.crossed_users.items()}
+        processor.due = DueQueue.from_state(state.due)
+        processor.served = {tuple(key): dict(models) for key, models in state.served}
+        processor.cohort_starts = {rollout: list(starts) for rollout, starts in state.cohort_starts.items()}
+        processor.segment_keys = {rollout: tuple(keys) for rollout, keys in state.segment_keys.items()}
+        processor.segment_metrics = {rollout: tuple(metrics) for rollout, metrics in state.segment_metrics.items()}
+        processor.segment_values = {tuple(key): set(values) for key, values in state.segment_values}
+        processor.counts = dict(state.counts)
+        processor.reasons = dict(state.reasons)
+        processor.latest_ts = dict(state.latest_ts)
+        processor.dirty = set(state.dirty)
+        processor.offsets = dict(state.offsets)
+        processor.log_marks = {topic: list(mark) for topic, mark in state.log_marks.items()}
+        processor.rejected = list(state.rejected)
+        processor.events_since_snapshot = state.events_since_snapshot
+        processor.events_since_checkpoint = state.events_since_checkpoint
+        processor.outcome_records = list(state.outcome_records)
+        return processor
 
     @property
     def _hold_ms(self) -> int:

@@ -1,4 +1,4 @@
-"""Wire contracts: events, plans, decisions. No Faust or Kafka imports here."""
+"""Wire contracts: events, plans, decisions, the checkpointed outcome state. No Faust or Kafka imports here."""
 
 from schemas.events import (
     Command,
@@ -21,6 +21,17 @@ from schemas.events import (
     encode,
     json_schemas,
 )
+from schemas.state import (
+    STATE_VERSION,
+    CellSums,
+    DistinctSet,
+    DueState,
+    HeldResponse,
+    HeldUser,
+    PartitionState,
+    PendingFeedback,
+    StateVersion,
+)
 
 __all__ = [
     "OutcomeRecord",
@@ -42,4 +53,13 @@ __all__ = [
     "decode",
     "encode",
     "json_schemas",
+    "STATE_VERSION",
+    "CellSums",
+    "DistinctSet",
+    "DueState",
+    "HeldResponse",
+    "HeldUser",
+    "PartitionState",
+    "PendingFeedback",
+    "StateVersion",
 ]

@@ -2,24 +2,28 @@
 
 Layout: topic ``<prefix>.checkpoints`` with the same partition count as the
 sources; source partition *p* writes only checkpoint partition *p*. One
-checkpoint = its payload (zlib'd pickle of the partition state, which includes
-the source offsets it covers) cut into chunks of at most ``CHUNK_BYTES``,
-written under keys ``p:<slot>:<i>`` (two slots, alternating, so a crash halfway
-through a write never damages the previous checkpoint), then one *head* record
-``p:head`` naming the generation, the slot, the chunks' offsets and a sha256.
-A checkpoint exists once its head is written; the reader takes the last head
-in the partition (it is the last record but for a write cut short by a crash)
-and verifies every chunk against it. Compaction keeps the log at ~2 checkpoints
-per partition on a real Kafka cluster (Tansu does not compact: reading the last
-head seeks from the end, so history does not slow recovery).
+checkpoint = its payload (the partition state as a ``schemas.PartitionState``,
+msgpack-encoded and zlib'd; it includes the source offsets it covers) cut into
+chunks of at most ``CHUNK_BYTES``, written under keys ``p:<slot>:<i>`` (two
+slots, alternating, so a crash halfway through a write never damages the
+previous checkpoint), then one *head* record ``p:head`` naming the generation,
+the slot, the chunks' offsets and a sha256. A checkpoint exists once its head
+is written; the reader takes the last head in the partition (it is the last
+record but for a write cut short by a crash) and verifies every chunk against
+it. Compaction keeps the log at ~2 checkpoints per partition on a real Kafka
+cluster (Tansu does not compact: reading the last head seeks from the end, so
+history does not slow recovery).
 
-The pickle is trusted input: only the worker writes this internal topic.
+The payload is plain data: it names no Python class or module, so moving code
+leaves checkpoints readable. One of another ``version`` (``schemas.STATE_VERSION``)
+or that does not decode is refused with :class:`UnreadableCheckpoint`.
 
-Encoding a partition holding ~50k users takes seconds (the cost is the size of
-the state, not pickle's overhead), so the worker encodes in a forked child
+Building and encoding the state of a partition holding ~50k users takes seconds
+(the cost is the size of the state), so the worker does it in a forked child
 (:class:`ForkedEncoding`): ``fork()`` freezes a copy-on-write image of the state
-at a consistent point in a few milliseconds, the child pickles it into a pipe,
-and the parent's event loop goes on folding events meanwhile.
+at a consistent point in a few milliseconds, the child builds the struct and
+writes its encoding into a pipe, and the parent's event loop goes on folding
+events meanwhile.
 """
 
 from __future__ import annotations
@@ -29,36 +33,56 @@ import gc
 import hashlib
 import json
 import os
-import pickle
 import signal
 import time
 import zlib
 from collections.abc import Awaitable, Callable
-from typing import Any
 
+import msgspec
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
+from schemas import STATE_VERSION, PartitionState, StateVersion
 from streams.resume import log_ends
 
 CHUNK_BYTES = 512 * 1024
 FORMAT = 1
 
 
-def encode_state(state: Any) -> bytes:
-    return zlib.compress(pickle.dumps(state, protocol=pickle.HIGHEST_PROTOCOL), 1)
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(PartitionState)
+_version_decoder = msgspec.msgpack.Decoder(StateVersion)
 
 
-def decode_state(payload: bytes) -> Any:
-    return pickle.loads(zlib.decompress(payload))
+class UnreadableCheckpoint(ValueError):
+    """A payload this version cannot load; the message says why."""
+
+
+def encode_state(state: PartitionState) -> bytes:
+    return zlib.compress(_encoder.encode(state), 1)
+
+
+def decode_state(payload: bytes) -> PartitionState:
+    """The state a payload holds; UnreadableCheckpoint if it is of another version or does not decode."""
+    try:
+        raw = zlib.decompress(payload)
+        version = _version_decoder.decode(raw).version  # first: another version may have another shape
+    except (zlib.error, msgspec.DecodeError) as exc:
+        raise UnreadableCheckpoint(f"not a state payload ({exc})") from exc
+    if version != STATE_VERSION:
+        raise UnreadableCheckpoint(f"state version {version}, this safeswap reads version {STATE_VERSION}")
+    try:
+        return _decoder.decode(raw)
+    except msgspec.DecodeError as exc:
+        raise UnreadableCheckpoint(f"state version {version} does not decode ({exc})") from exc
 
 
 class ForkedEncoding:
-    """``encode_state(state)`` computed by a forked child; ``await payload()`` for the bytes.
+    """``encode_state(build())`` computed by a forked child; ``await payload()`` for the bytes.
 
-    The child sees the state as it was at ``start`` (copy-on-write), whatever the
-    parent does to it afterwards. Where fork is unavailable the state is encoded
-    at once, in the caller. ``blocked_s``: how long ``start`` held the caller;
+    ``build`` (e.g. ``OutcomeProcessor.to_state``) runs in the child, which sees the
+    state as it was at ``start`` (copy-on-write), whatever the parent does to it
+    afterwards. Where fork is unavailable the state is encoded at once, in the caller. ``blocked_s``: how long ``start`` held the caller;
     ``encode_s``: how long the encoding took (known after ``payload``)."""
 
     def __init__(self) -> None:
@@ -70,11 +94,11 @@ class ForkedEncoding:
         self._started = 0.0
 
     @classmethod
-    def start(cls, state: Any) -> ForkedEncoding:
+    def start(cls, build: Callable[[], PartitionState]) -> ForkedEncoding:
         self = cls()
         self._started = time.monotonic()
         if not hasattr(os, "fork"):
-            self.inline = encode_state(state)
+            self.inline = encode_state(build())
             self.blocked_s = self.encode_s = time.monotonic() - self._started
             return self
         read_fd, write_fd = os.pipe()
@@ -87,7 +111,7 @@ class ForkedEncoding:
                 signal.set_wakeup_fd(-1)  # signals to the child must not wake the parent's loop
                 for number in (signal.SIGINT, signal.SIGTERM):
                     signal.signal(number, signal.SIG_DFL)
-                view = memoryview(encode_state(state))
+                view = memoryview(encode_state(build()))
                 while view:
                     view = view[os.write(write_fd, view) :]
                 code = 0

@@ -25,6 +25,8 @@ from hashlib import blake2b
 
 import numpy as np
 
+from schemas.state import DistinctSet, DueState
+
 NEVER = -(1 << 62)  # a watermark before any event
 
 
@@ -43,6 +45,15 @@ class Watermarks:
     def observe(self, source: str, ts: int) -> None:
         if ts > self.newest[source]:
             self.newest[source] = ts
+
+    def to_state(self) -> dict[str, int]:
+        return dict(self.newest)
+
+    @classmethod
+    def from_state(cls, newest: dict[str, int], lateness_ms: int, max_skew_ms: int) -> Watermarks:
+        marks = cls(tuple(newest), lateness_ms, max_skew_ms)
+        marks.newest.update(newest)
+        return marks
 
     def of(self, source: str) -> int:
         newest = self.newest[source]
@@ -84,6 +95,21 @@ class DueQueue:
         else:
             keys.append(key)
 
+    def to_state(self) -> DueState:
+        """Keys are tuples: written as lists of their components."""
+        return DueState(
+            bucket_ms=self.bucket_ms,
+            heap=list(self.heap),
+            buckets={bucket: [list(key) for key in keys] for bucket, keys in self.buckets.items()},
+        )
+
+    @classmethod
+    def from_state(cls, state: DueState) -> DueQueue:
+        queue = cls(state.bucket_ms)
+        queue.heap = list(state.heap)
+        queue.buckets = {bucket: [tuple(key) for key in keys] for bucket, keys in state.buckets.items()}
+        return queue
+
     def next_due(self) -> int | None:
         return self.heap[0] * self.bucket_ms if self.heap else None
 
@@ -107,7 +133,7 @@ class DistinctHashes:
     ``uint64`` array and only recent additions in a set, merged into the array once
     they reach 1/64 of it (two sorted runs: the stable sort merges them in linear
     time), so the amortised cost stays O(1) per new member and memory ~8 bytes.
-    Pickles compactly (the checkpoint carries it)."""
+    The checkpoint carries the array as bytes (``to_state``)."""
 
     __slots__ = ("members", "recent", "min_merge")
 
@@ -118,6 +144,21 @@ class DistinctHashes:
 
     def __len__(self) -> int:
         return len(self.members) + len(self.recent)
+
+    def to_state(self) -> DistinctSet:
+        return DistinctSet(
+            members=self.members.astype("<u8", copy=False).tobytes(),
+            recent=sorted(self.recent),
+            min_merge=self.min_merge,
+        )
+
+    @classmethod
+    def from_state(cls, state: DistinctSet) -> DistinctHashes:
+        hashes = cls(state.min_merge)
+        # a copy: a view of the payload's bytes would be read-only
+        hashes.members = np.frombuffer(state.members, dtype="<u8").astype(np.uint64)
+        hashes.recent = set(state.recent)
+        return hashes
 
     def __contains__(self, h: int) -> bool:
         if h in self.recent:

@@ -66,7 +66,7 @@ class Settings:
     max_edit_chars: int = 10_000  # texts are truncated to this for edit distance
     max_event_bytes: int = 1_000_000  # larger messages go to the DLQ undecoded
     # Crash safety of the outcomes agent: whole-partition checkpoints (agents/outcomes.py).
-    checkpoint_interval_s: float = 30.0  # a checkpoint pickles the whole partition: not too often
+    checkpoint_interval_s: float = 30.0  # a checkpoint encodes the whole partition: not too often
     checkpoint_every_events: int = 200_000
     # Parquet sinks (sinks/, agents/sink.py): which datasets the worker writes
     # ("all", "" for none, or names: "traces,feedback,decisions"), and when a

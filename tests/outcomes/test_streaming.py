@@ -11,7 +11,7 @@ import time
 import msgspec
 import pytest
 
-from safeswap.outcomes import OutcomeConfig, merged_snapshot_values
+from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
 from safeswap.replay import partition_for, replay_lines
 from schemas import DeadLetter, StatsSnapshot
 from streams.checkpoint import read_latest
@@ -178,3 +178,55 @@ def test_sigkill_mid_stream_then_restart_gives_the_same_metrics(settings, worker
     assert want["events"]["duplicates"] == 100
     assert_same_metrics(merged_snapshot_values(streamed.values()), want["rollouts"][ROLLOUT]["variants"])
     assert "from checkpoint" in restarted.log()
+
+
+def test_a_checkpoint_this_version_cannot_load_is_logged_and_its_partition_rebuilt(settings, worker_factory):
+    """Old-format (pickle) and other-version checkpoints that claim to cover every event: loaded,
+    they would skip them all; refused, the partitions are rebuilt from their topics' start."""
+    import pickle
+    import zlib
+
+    from aiokafka import AIOKafkaProducer, TopicPartition
+
+    from streams.checkpoint import CheckpointWriter, encode_state, ensure_checkpoint_topic
+    from streams.resume import log_ends
+
+    events = simulated_events(seed=13, users=200, text_len=100)
+    lines = jsonl(events) + jsonl(flush_events(settings.partitions, events[-1].ts + 4 * 3600_000))
+    asyncio.run(produce_lines(settings.broker, settings, lines))
+    client = {"bootstrap_servers": settings.broker}
+    sources = (settings.topic("traces"), settings.topic("feedback"))
+
+    async def write_unloadable_checkpoints() -> None:
+        ends = await log_ends(client, [TopicPartition(t, p) for t in sources for p in range(settings.partitions)])
+        topic = settings.topic("checkpoints")
+        await ensure_checkpoint_topic(client, topic, settings.partitions, settings.replication_factor)
+        producer = AIOKafkaProducer(**client, max_request_size=20_000_000)
+        await producer.start()
+        try:
+            for p in range(settings.partitions):
+                covered = OutcomeProcessor(p)
+                covered.offsets = {t: ends[TopicPartition(t, p)] for t in sources}
+                if p % 2:
+                    payload = encode_state(msgspec.structs.replace(covered.to_state(), version=4))
+                else:  # the format before state version 5
+                    payload = zlib.compress(pickle.dumps(covered, protocol=pickle.HIGHEST_PROTOCOL), 1)
+
+                async def send(key: bytes, value: bytes, p: int = p) -> int:
+                    return (await producer.send_and_wait(topic, value, key=key, partition=p)).offset
+
+                await CheckpointWriter(p).write(send, payload)
+        finally:
+            await producer.stop()
+
+    asyncio.run(write_unloadable_checkpoints())
+    worker = worker_factory()
+    streamed = asyncio.run(wait_until_covered(settings, worker))
+    want = expected(lines, settings)
+    assert_same_metrics(merged_snapshot_values(streamed.values()), want["rollouts"][ROLLOUT]["variants"])
+    log = worker.log()
+    assert log.count("checkpoint not loaded") >= settings.partitions, log[-3000:]
+    assert (
+        "not a state payload" in log
+        and f"state version 4, this safeswap reads version {OutcomeProcessor.STATE_VERSION}" in log
+    )

@@ -4,15 +4,16 @@ that stay inside their session, retried xor followed up, and replay's stderr/JSO
 from __future__ import annotations
 
 import json
-import pickle
 import subprocess
 import sys
 
+import msgspec
 import pytest
 
 from safeswap.metrics import model_drift
 from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
 from safeswap.replay import replay_lines, short_values
+from schemas import DistinctSet
 from streams.checkpoint import decode_state, encode_state
 from streams.dedup import DistinctHashes, id_hash
 from tests.outcomes.helpers import NOW, T0, assert_same_metrics, feedback, jsonl, simulated_events, trace
@@ -37,13 +38,16 @@ def values(processor, rollout="r1"):
 # -- users: distinct user_ids ---------------------------------------------------------------
 
 
-def test_distinct_hashes_membership_survives_merges_and_pickling():
+def test_distinct_hashes_membership_survives_merges_and_the_checkpoint_state():
     hashes = DistinctHashes(min_merge=4)
     ids = [id_hash(f"user-{i}") for i in range(1000)]
     assert all(hashes.add(h) for h in ids)
     assert not any(hashes.add(h) for h in ids)  # every one already a member, merged or recent
     assert len(hashes) == 1000 and len(hashes.members) > 900  # most live in the compact array
-    restored = pickle.loads(pickle.dumps(hashes))
+    restored = DistinctHashes.from_state(
+        msgspec.msgpack.decode(msgspec.msgpack.encode(hashes.to_state()), type=DistinctSet)
+    )
+    assert len(restored.recent) == len(hashes.recent) > 0  # both parts carried
     assert len(restored) == 1000 and all(h in restored for h in ids)
     assert id_hash("user-1000") not in restored
     assert id_hash("user-7") == id_hash("user-7") != id_hash("user-8")
@@ -80,7 +84,7 @@ def test_distinct_users_survive_a_checkpoint_round_trip_while_the_state_is_relea
     for event in events:
         processor.apply(event, NOW)
     assert any(("r1", user) not in processor.users for user in back)  # only the distinct sets remember them
-    restored = decode_state(encode_state(processor))  # what the agent's checkpoint carries
+    restored = OutcomeProcessor.from_state(decode_state(encode_state(processor.to_state())))  # a checkpoint's trip
     assert restored is not processor
     for event in returning:
         assert restored.apply(event, NOW) is None
