@@ -21,6 +21,8 @@ The mapping (README "OpenTelemetry ingest" has the table):
 * a model call of a rollout without a variant or a user is dead-lettered once, with
   the attribute to set.
 
+A span's ``safeswap.segment.<key>`` attributes are the user's segment (``TraceEvent.segment``).
+
 Feedback is a span event ``safeswap.feedback`` with ``safeswap.feedback.kind`` (a
 ``FeedbackEvent`` kind) and ``safeswap.trace_id`` (the response it is about), on a span
 that names the rollout, variant and user the same way.
@@ -342,12 +344,22 @@ def map_spans(spans: list[Span]) -> Mapped:
                 > 0
             ),
             "error": error_kind(span),
+            "segment": segment_of(attrs),
         }
         try:
             out.traces.append(convert(TraceEvent, fields))
         except InvalidEvent as exc:
             out.rejected.append(f"invalid OTLP span: {where}: {exc}")
     return out
+
+
+SEGMENT_PREFIX = "safeswap.segment."
+
+
+def segment_of(attributes: dict[str, Any]) -> dict[str, str] | None:
+    """The user's segment from ``safeswap.segment.<key>`` attributes (``safeswap.segment.locale``)."""
+    found = {k[len(SEGMENT_PREFIX) :]: str(v) for k, v in attributes.items() if k.startswith(SEGMENT_PREFIX)}
+    return found or None
 
 
 def _map_feedback(span: Span, flag: dict[str, Any], time_ns: int, attrs: dict[str, Any], out: Mapped) -> None:

@@ -99,8 +99,13 @@ def test_replay_of_healthy_traffic_takes_no_rollback(tmp_path):
 def test_replay_finds_a_regression_confined_to_one_segment_and_names_it(tmp_path):
     events = tmp_path / "week.jsonl"
     recorded_week(events, {"control": 0.2, "candidate": 0.2}, users=6000, ja_candidate=0.4)
-    whole = replay(tmp_path, events)  # the whole population's guardrail alone: no rollback
+    # ja, a fifth of users, doubles: +20% overall, within the +25% the whole population may move
+    plan = {
+        "stages": [{"name": "canary", "percent": 50, "min_duration": "40h"}, {"name": "ramp", "percent": 100}],
+        "guardrails": [{"metric": "thumbs_down_rate", "max_relative_increase": 0.25, "action": "rollback"}],
+    }
+    whole = replay(tmp_path, events, plan)
     assert "rollback" not in [d["action"] for d in whole["plan"]["decisions"]]
-    out = replay(tmp_path, events, {"segments": ["locale"]})
+    out = replay(tmp_path, events, {**plan, "segments": ["locale"]})
     rollback = out["plan"]["decisions"][-1]
     assert rollback["action"] == "rollback" and "in locale=ja" in rollback["reason"], out["plan"]["decisions"]

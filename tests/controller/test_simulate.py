@@ -366,3 +366,29 @@ def test_traffic_goes_out_never_further_behind_than_the_lead_and_past_each_step_
     # every feedback event's trace was sent before it (or waits with it)
     traces = {e.trace_id for e in sent + traffic.later if type(e).__name__ == "TraceEvent"}
     assert {e.trace_id for e in sent if type(e).__name__ == "FeedbackEvent"} <= traces
+
+
+@pytest.mark.integration
+def test_a_candidate_that_breaks_one_locale_rolls_back_naming_it(tmp_path):
+    """Fine on average (+45% thumbs-down, within the +50% allowed), +150% for Japanese users."""
+    plan = {
+        **PLAN,
+        "guardrails": [{"metric": "thumbs_down_rate", "max_relative_increase": 0.5, "action": "rollback"}],
+        "segments": ["locale"],
+    }
+    segments = [{"key": "locale", "shares": {"en": 0.5, "ja": 0.3, "de": 0.2}}]
+    out = simulate(
+        tmp_path,
+        scenario(segments=segments, segment_variants={"locale=ja": {"candidate": {"thumbs_down_rate": 0.5}}}),
+        plan,
+    )
+    rollback = out["decisions"][-1]
+    assert rollback["action"] == "rollback", actions(out)
+    assert "in locale=ja" in rollback["reason"] and "locale=en" not in rollback["reason"]
+    import polars as pl
+
+    import sinks
+
+    traces = pl.read_parquet(sinks.list_files(Path(out["data_dir"]) / "traces"))
+    locales = traces["segment_json"].str.json_decode().struct.field("locale")  # each trace's segment, on disk
+    assert set(locales.unique()) == {"en", "ja", "de"} and locales.null_count() == 0

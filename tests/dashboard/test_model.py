@@ -235,3 +235,54 @@ def test_without_a_live_status_the_cards_show_the_evidence_of_the_decision_that_
     card = next(g for g in model.view(EVIL)["guardrails"] if g["metric"] == "thumbs_down_rate")
     assert (card["status"], card["ci_low"], card["ci_high"]) == ("breach", 0.25, 1.5)
     assert card["points"]  # the replayed interval over time is still drawn
+
+
+def test_segment_guardrails_show_the_breached_segment_first_and_what_was_too_small():
+    from schemas import GuardrailEvidence
+
+    segmented = msgspec.convert({**msgspec.to_builtins(PLAN), "segments": ["locale"]}, RolloutPlan)
+    model = DashboardModel()
+    model.add_plan(segmented, 500)
+
+    def row(segment: str, status: str, reason: str) -> GuardrailEvidence:
+        return GuardrailEvidence(
+            metric="thumbs_down_rate",
+            status=status,
+            estimate=0.6 if status == "breach" else None,
+            ci_low=0.3 if status == "breach" else None,
+            ci_high=0.9 if status == "breach" else None,
+            p_value=None,
+            threshold=0.2,
+            users_control=900,
+            users_candidate=300,
+            reason=reason,
+            segment=segment,
+        )
+
+    model.add_decision(
+        Decision(
+            rollout_id=EVIL,
+            seq=2,
+            ts=20_000_000,
+            action="rollback",
+            stage="rolled_back",
+            percent=0,
+            salt=EVIL,
+            reason="thumbs_down_rate +60.0% vs control in locale=ja exceeds the +20.0% limit",
+            segment_evidence=[
+                row("locale=fr", "insufficient_data", "thumbs_down_rate in locale=fr: 20 control / 8 candidate users"),
+                row("locale=ja", "breach", "thumbs_down_rate +60.0% vs control in locale=ja exceeds the +20.0% limit"),
+            ],
+        )
+    )
+    view = model.view(EVIL)
+    segments = view["segment_guardrails"]
+    assert segments["keys"] == ["locale"]
+    assert [(r["segment"], r["status"]) for r in segments["rows"]] == [
+        ("locale=ja", "breach"),
+        ("locale=fr", "insufficient_data"),
+    ]
+    html = rollout_html(view)
+    assert "Segment guardrails" in html and "locale=ja" in html and "8 candidate users" in html
+    # a plan without segments shows no such section
+    assert "Segment guardrails" not in rollout_html(fed_model().view(EVIL))

@@ -58,11 +58,14 @@ def test_the_rollout_and_variant_may_be_span_attributes_instead_of_a_flag_evalua
                 "safeswap.cost_usd": 0.002,
                 "gen_ai.usage.cache_read_input_tokens": 120,
                 "safeswap.prompt_version": "v42",
+                "safeswap.segment.locale": "ja",
+                "safeswap.segment.tier": "enterprise",
             }
         )
     (trace,) = map_spans(decode_spans(app.export(), "otlp_proto")).traces
     assert (trace.rollout_id, trace.variant, trace.user_id, trace.session_id) == ("r2", "candidate", "ann", "c1")
     assert trace.cost_usd == 0.002 and trace.cache_hit and trace.prompt_version == "v42" and trace.model_version == "m"
+    assert trace.segment == {"locale": "ja", "tier": "enterprise"}
 
 
 def test_spans_that_are_not_model_calls_of_a_rollout_are_skipped_and_broken_ones_name_the_field():

@@ -31,13 +31,13 @@ def test_files_from_before_and_after_a_new_optional_column_read_as_one_table(tmp
     write_rows(Layout(tmp_path), old, 0, [r[: len(old.value_columns)] + r[-2:] for r in rows])
     newer = [trace(i) for i in range(5, 10)]
     for event in newer:
-        event.response_text = f"answer {event.event_id}"
+        event.segment = {"locale": f"l{event.event_id}"}
     write_traces(tmp_path, newer, first_offset=5)
     files = list_files(tmp_path / "traces")
-    assert len(files) == 2 and "response_text" not in pq.ParquetFile(files[0]).schema_arrow.names
+    assert len(files) == 2 and "segment_json" not in pq.ParquetFile(files[0]).schema_arrow.names
     frame = scan("traces", tmp_path).sort("kafka_offset").collect()
     assert frame.height == 10
-    assert frame["response_text"].to_list() == [None] * 5 + [f"answer t-{i}" for i in range(5, 10)]
+    assert frame["segment_json"].to_list() == [None] * 5 + [f'{{"locale":"lt-{i}"}}' for i in range(5, 10)]
 
 
 def test_scan_ignores_staging_hidden_and_foreign_files_and_types_hive_columns(tmp_path: Path):

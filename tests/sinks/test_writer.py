@@ -56,7 +56,7 @@ def test_files_land_in_hive_folders_named_by_offsets_with_the_pinned_schema(tmp_
     meta = pq.ParquetFile(files[0])
     schema = meta.schema_arrow
     assert schema.field("ts").type == pa.timestamp("ms", tz="UTC")
-    assert schema.metadata[b"safeswap.schema_version"] == b"1" and schema.metadata[b"safeswap.dataset"] == b"traces"
+    assert schema.metadata[b"safeswap.schema_version"] == b"2" and schema.metadata[b"safeswap.dataset"] == b"traces"
     assert meta.metadata.row_group(0).column(0).compression == "ZSTD"
     assert not any((tmp_path / "_staging" / "traces").iterdir())  # nothing left in staging
     frame = scan("traces", tmp_path).collect()
