@@ -266,3 +266,32 @@ def test_the_summary_counts_users_and_sessions_exactly_and_gives_p95_at_any_size
     assert approx.select(*keys, "thumbs_down_rate", "thumbs_up_rate").equals(
         expected.select(*keys, "thumbs_down_rate", "thumbs_up_rate")
     )
+
+
+def test_decisions_keep_the_segment_guardrails_evidence(tmp_path: Path):
+    from schemas import Decision, GuardrailEvidence, encode
+    from sinks.datasets import DATASETS
+
+    decisions = DATASETS["decisions"]
+    evidence = GuardrailEvidence(
+        metric="thumbs_down_rate",
+        status="breach",
+        estimate=0.5,
+        ci_low=0.2,
+        ci_high=0.8,
+        p_value=0.001,
+        threshold=0.2,
+        users_control=900,
+        users_candidate=300,
+        reason="thumbs_down_rate +50.0% vs control in locale=ja exceeds the +20.0% limit",
+        segment="locale=ja",
+    )
+    decision = Decision(
+        rollout_id="r1", seq=3, ts=1_700_000_000_000, action="rollback", stage="rolled_back", percent=0.0,
+        salt="s", reason=evidence.reason, segment_evidence=[evidence],
+    )  # fmt: skip
+    write_rows(Layout(tmp_path), decisions, 0, [decisions.row(encode(decision))])
+    (row,) = scan("decisions", tmp_path).collect()["segment_evidence"].to_list()
+    assert [(e["segment"], e["status"], e["users_candidate"], e["reason"]) for e in row] == [
+        ("locale=ja", "breach", 300, evidence.reason)
+    ]
