@@ -10,7 +10,7 @@ import pytest
 
 from safeswap.controller import RolloutState, alpha_split, on_plan, on_snapshot, status_of
 from safeswap.outcomes import OutcomeProcessor
-from safeswap.stats.scenarios import SCENARIOS, run_rollout
+from safeswap.stats.scenarios import SCENARIOS, run_rollout, summarise
 from safeswap.views import status_view
 from schemas import RolloutPlan
 from tests.outcomes.helpers import NOW, T0, feedback, trace
@@ -137,3 +137,5 @@ def test_closed_loop_rollout_rolls_back_naming_the_harmed_locale():
     result = run_rollout("ab_segment_plus_50", seed=2, run=0, scenario=scenario, look_minutes=180)
     assert result["outcome"] == "rolled_back"
     assert "thumbs_down_rate in locale=ja" in result["rollback_causes"]
+    summary = summarise("ab_segment_plus_50", [result, {**result, "outcome": "complete", "rollback_causes": []}])
+    assert summary["segment_named"]["rate"] == 0.5 and summary["safeswap"]["rate"] == 0.5

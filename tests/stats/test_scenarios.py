@@ -178,13 +178,18 @@ def test_previous_method_sums_equal_the_per_unit_ratio():
             )
 
 
+# Every scenario but the segment power one, whose 30,000 users take a minute a run (its traffic
+# and code path, smaller, are tests/controller/test_segments.py's).
+EVERY = [name for name in SCENARIOS if name != "ab_segment_plus_50"]
+
+
 @pytest.fixture(scope="module")
 def every_scenario():
-    return run_realistic(None, runs=2, seed=0, look_minutes=LOOK_MINUTES)
+    return run_realistic(EVERY, runs=2, seed=0, look_minutes=LOOK_MINUTES)
 
 
 def test_every_scenario_runs_end_to_end(every_scenario):
-    assert list(every_scenario["scenarios"]) == list(SCENARIOS)
+    assert list(every_scenario["scenarios"]) == EVERY
     for name, s in every_scenario["scenarios"].items():
         assert s["runs"] == 2, name
         assert s["users_per_run"] > 300 and s["events_per_run"] > 1000, name
