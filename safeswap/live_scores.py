@@ -178,17 +178,21 @@ def summarize(merged: dict[str, Any], plan) -> dict[str, Any]:
         result = sequential_compare(
             control, candidate, alpha=plan.alpha, n_tune=plan.n_tune, difference="absolute", alternative="two-sided"
         )
+        # A difference of scores cannot leave +-(max - min): the interval is cut to that range
+        # (intersecting with the possible values keeps it always-valid).
+        span = LIVE_SCORE_MAX - LIVE_SCORE_MIN
+        low, high = max(-span, result.ci_low), min(span, result.ci_high)
         difference = {
             "estimate": result.estimate,
-            "ci_low": result.ci_low,
-            "ci_high": result.ci_high,
+            "ci_low": low,
+            "ci_high": high,
             "alpha": plan.alpha,
             "users_control": control.n,
             "users_candidate": candidate.n,
         }
         reason = (
             f"candidate - control {result.estimate:+.2f} points, always-valid {1 - plan.alpha:.0%} interval "
-            f"[{result.ci_low:+.2f}, {result.ci_high:+.2f}] ({control.n:,} / {candidate.n:,} users)"
+            f"[{low:+.2f}, {high:+.2f}] ({control.n:,} / {candidate.n:,} users)"
         )
     budget_skipped = sum(v["budget_skipped"] for v in variants.values())
     return {

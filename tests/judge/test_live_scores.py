@@ -291,6 +291,10 @@ def test_no_interval_below_the_plans_users_per_arm_and_a_spent_budget_is_said():
     assert summary["difference"] is None
     assert summary["reason"] == "no interval yet: 2 users scored in the smaller arm, needs 3"
     assert summary["budget_skipped"] == 4 and "judge budget reached: 4 sampled responses" in summary["budget"]
+    # With few users the interval is wide: it is cut to the possible differences, -9..+9.
+    fold(accumulator, "candidate", {"z": [10]})
+    wide = summarize(merge([accumulator.to_dict()]), PLAN)["difference"]
+    assert wide["ci_low"] == -9 and wide["ci_high"] == 9 and wide["estimate"] == pytest.approx(7 - 6)
     empty = summarize(merge([]), PLAN)
     assert empty["variants"]["control"]["mean"] is None and empty["difference"] is None
 
