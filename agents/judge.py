@@ -246,11 +246,12 @@ def register_live(app: faust.App, settings: Settings, judge: Judge, reserve, slo
         try:
             async for event in stream.events():
                 message = event.message
-                if len(message.value or b"") > settings.max_event_bytes:
+                raw = message.value or b""
+                if len(raw) > settings.max_event_bytes:
                     continue  # the outcomes agent dead-letters it
                 try:
-                    trace = decode(TraceEvent, message.value)
-                except InvalidEvent:
+                    trace = decode(TraceEvent, raw)
+                except (InvalidEvent, RecursionError):
                     continue  # the outcomes agent dead-letters it (once, with the reason)
                 try:
                     decision = flags.decision(trace.rollout_id)
