@@ -105,3 +105,27 @@ def test_the_live_snapshots_survive_the_decide_agents_table():
     restored = RolloutState.from_dict(msgspec.json.decode(msgspec.json.encode(state.to_dict())))
     assert status_of(restored).live_judge == status_of(state).live_judge != {}
     assert encode(status_of(restored))  # the status still encodes for the status topic
+
+
+def test_rollout_status_prints_the_judge_score_by_variant_and_its_role():
+    from rich.console import Console
+
+    from safeswap.views import status_view
+
+    rollouts: dict[str, RolloutState] = {}
+    start = on_plan(rollouts, plan(), ts=1)
+    state = rollouts["r1"]
+    console = Console(record=True, width=250)
+    for renderable in status_view(status_of(state), start):
+        console.print(renderable)
+    assert "judge score by variant" not in console.export_text()  # nothing scored: no table
+    on_snapshot(state, live_snapshot("r1", 0, 1, 5_000, 150, {"control": 8, "candidate": 3}))
+    status = status_of(state)
+    for renderable in status_view(status, start):
+        console.print(renderable)
+    text = console.export_text()
+    assert "judge score by variant, 1-10 (monitored, not a decision input)" in text
+    assert "8.50" in text and "3.50" in text and "150" in text  # means, scored and users per variant
+    assert "candidate - control -5.00 points, always-valid 95% interval" in text
+    # --json: the same summary under status.live_judge
+    assert msgspec.to_builtins(status)["live_judge"]["variants"]["candidate"]["mean"] == 3.5
