@@ -276,7 +276,13 @@ def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None
         previous = state.live_judge_snapshots.get(key)
         if previous is not None and previous.seq >= snapshot.seq:
             return None
-        live_scores.validate(snapshot.live_judge)  # a bad one is refused (ValueError), never kept
+        try:
+            live_scores.validate(snapshot.live_judge)
+        except ValueError as exc:  # refused (the decide agent dead-letters it), never kept
+            raise ValueError(
+                f"live judge snapshot of {snapshot.rollout_id!r} from partition {snapshot.partition}: {exc}; "
+                "the snapshot is ignored (the partition's next snapshot replaces it)"
+            ) from None
         state.live_judge_snapshots[key] = snapshot
         return None
     if snapshot.source:  # the judge agent's shadow statistics: kept apart, per (source, partition)

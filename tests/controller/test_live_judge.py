@@ -90,7 +90,7 @@ def test_live_snapshots_take_no_look_and_a_malformed_one_is_refused_before_it_is
     assert state.now_ts == 0 and state.last_evaluation is None and state.stage_started_ts == 0  # no look
     assert on_snapshot(state, msgspec.structs.replace(good, seq=1, live_judge={})) is None  # older: ignored
     bad = msgspec.structs.replace(good, seq=2, live_judge={"variants": {"control": {"scored": -4}}})
-    with pytest.raises(ValueError, match="live_judge control scored"):
+    with pytest.raises(ValueError, match="live judge snapshot of 'r1' from partition 0: live_judge control scored"):
         on_snapshot(state, bad)
     assert state.live_judge_snapshots["live_judge:worker1|0"].seq == 1
     assert status_of(state).live_judge["variants"]["control"]["scored"] == 3
