@@ -31,6 +31,28 @@ the partition over seeds its budget from it. A reservation settled below its
 worst case lowers the stored figure at the key's next write (a timer or a
 background task cannot write a Faust table), so the stored figure is never
 below what was spent.
+
+Live scores (the ``live_judge`` agent, registered only when the judge runs and
+``judge_live_sample_rate`` > 0): the traces topic (keyed by user_id, partitioned
+like the shadow topic), read after the app emitted it, so the app waits for
+nothing. For every trace of a rollout whose latest decision (a FlagClient on the
+decisions topic) is in canary or ramp:
+
+1. count it in the (rollout, partition) :class:`LiveScoreAccumulator`;
+2. ``Judge.admit_trace``: sampled by trace_id, scoreable (prompt and response
+   texts), and its worst case reserved in the same ``judge_spend`` key as the
+   shadow pairs of that partition (one budget per rollout, durable the same way);
+3. score it in the background (one forced ``record_score`` call, sharing the
+   judge's concurrency limit and retries): the score goes to
+   ``safeswap.live_scores`` (key rollout_id), a reply without a valid score to
+   the DLQ with the reason;
+4. every ``snapshot_interval_s`` changed accumulators go to ``safeswap.stats`` with
+   ``source="live_judge:<incarnation>"`` and the counts in ``live_judge``; the
+   controller keeps them for the status and never decides on them.
+
+Invalid traces are skipped: the outcomes agent, which reads the same topic, sends
+them to the DLQ once. Delivery is the shadow pairs': a crash loses the scores in
+flight and may count the traces since the last commit twice.
 """
 
 from __future__ import annotations
@@ -38,12 +60,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from functools import partial
 
 import faust
 
-from safeswap.judge import Budget, Judge, JudgeResult
+from safeswap.flags import FlagClient
+from safeswap.judge import Budget, Judge, JudgeResult, ScoreAdmission
+from safeswap.live_scores import SCORED_STAGES, SOURCE_PREFIX, LiveScoreAccumulator
 from safeswap.shadow_analysis import ShadowAccumulator
-from schemas import InvalidEvent, StatsSnapshot, decode, encode
+from schemas import InvalidEvent, StatsSnapshot, TraceEvent, decode, encode
 from schemas.events import ShadowPair
 from streams.app import raw_topic
 from streams.deadletter import DeadLetters
@@ -57,7 +82,8 @@ def register(app: faust.App, settings: Settings) -> None:
     judgments_topic = raw_topic(app, settings, "judgments")
     stats_topic = raw_topic(app, settings, "stats")
     dead_letters = DeadLetters(app, settings, agent="judge")
-    source = f"shadow:{uuid.uuid4().hex[:12]}"
+    incarnation = uuid.uuid4().hex[:12]
+    source = f"shadow:{incarnation}"
     share = settings.judge_budget_usd / max(1, settings.partitions)
     judge = Judge.from_settings(settings, budget=Budget(share))
     spend = app.Table(
@@ -84,18 +110,22 @@ def register(app: faust.App, settings: Settings) -> None:
 
     @app.on_partitions_revoked.connect
     async def forget_spend(app: faust.App, revoked, **kwargs) -> None:
-        # A revoked shadow partition that comes back may have been judged elsewhere meanwhile:
-        # seed its keys ("rollout|partition") again. Kept partitions keep their seeding.
-        gone = {tp.partition for tp in revoked if tp.topic == settings.topic("shadow")}
+        # A revoked shadow (or traces: partitioned alike) partition that comes back may have been
+        # judged elsewhere meanwhile: seed its keys ("rollout|partition") again. Kept partitions
+        # keep their seeding.
+        judged = (settings.topic("shadow"), settings.topic("traces"))
+        gone = {tp.partition for tp in revoked if tp.topic in judged}
         seeded.difference_update({key for key in seeded if int(key.rsplit("|", 1)[1]) in gone})
 
-    def admit(pair: ShadowPair, budget_key: str):
-        """Seed the key's budget from the table once, reserve, and store spent + reserved."""
+    def reserve(budget_key: str, admit):
+        """Seed the key's budget from the table once, admit (``admit()``: sampling, the check
+        and the reservation), and store spent + reserved before any call. Called in an agent's
+        stream iteration: the table's changelog partition is the event's."""
         if budget_key not in seeded:
             if (stored := spend.get(budget_key)) is not None:
                 judge.budget.seed(budget_key, float(stored))
             seeded.add(budget_key)
-        admission = judge.admit(pair, budget_key)
+        admission = admit()
         if not isinstance(admission, JudgeResult):
             spend[budget_key] = repr(judge.budget.committed(budget_key)).encode()
         return admission
@@ -136,7 +166,8 @@ def register(app: faust.App, settings: Settings) -> None:
                 if judge is None:
                     accumulator.add_judge_result("disabled")
                     continue
-                admission = admit(pair, f"{pair.rollout_id}|{message.partition}")
+                budget_key = f"{pair.rollout_id}|{message.partition}"
+                admission = reserve(budget_key, partial(judge.admit, pair, budget_key))
                 if isinstance(admission, JudgeResult):  # not sampled, no answer to judge, or over budget
                     accumulator.add_judge_result(admission.status)
                     continue
@@ -164,5 +195,105 @@ def register(app: faust.App, settings: Settings) -> None:
                 metrics={},
                 source=source,
                 shadow=accumulator.to_dict(),
+            )
+            await stats_topic.send(key=rollout_id.encode(), value=encode(snapshot))
+
+    if judge is not None and judge.live_sample_rate > 0:
+        register_live(app, settings, judge, reserve, slots, incarnation)
+
+
+def register_live(app: faust.App, settings: Settings, judge: Judge, reserve, slots, incarnation: str) -> None:
+    """The live judge: canary and ramp responses of both variants -> scores (see the module doc).
+    ``reserve`` and ``slots`` are the shadow judge's: one budget table, one limit on work in flight."""
+    traces_topic = raw_topic(app, settings, "traces")
+    scores_topic = raw_topic(app, settings, "live_scores")
+    stats_topic = raw_topic(app, settings, "stats")
+    dead_letters = DeadLetters(app, settings, agent="live_judge")
+    source = f"{SOURCE_PREFIX}{incarnation}"
+    accumulators: dict[tuple[str, int], LiveScoreAccumulator] = {}
+    seqs: dict[tuple[str, int], int] = {}
+    dirty: set[tuple[str, int]] = set()
+    pending: set[asyncio.Task] = set()
+    spent: set[str] = set()  # budget keys whose refusal was logged
+    log.warning(
+        "live judge: scoring %.1f%% of canary and ramp responses (monitored, never a decision input)",
+        100 * judge.live_sample_rate,
+    )
+
+    async def score_one(admission: ScoreAdmission, message, key: tuple[str, int]) -> None:
+        trace = admission.trace
+        try:
+            result = await judge.score_admitted(admission)
+            score = result.score.score if result.score is not None else None
+            accumulators[key].add_result(trace.variant, result.status, trace.user_id, score, result.cost_usd)
+            dirty.add(key)
+            if result.score is not None:
+                await scores_topic.send(key=trace.rollout_id.encode(), value=encode(result.score))
+            elif result.status == "malformed":
+                await dead_letters.send(message, result.reason)
+            else:
+                log.warning("live judge: trace %s not scored: %s", trace.trace_id, result.reason)
+        except Exception as exc:  # never let a background task die silently
+            log.exception("live judge: failed on trace %s", trace.trace_id)
+            await dead_letters.send(message, f"internal error: {exc!r}")
+        finally:
+            slots.release()
+
+    @app.agent(traces_topic, name="live_judge", concurrency=1)
+    async def live_judge_agent(stream: faust.StreamT) -> None:
+        flags = FlagClient(settings=settings)  # each rollout's stage, as the apps learn it
+        await flags.start()
+        try:
+            async for event in stream.events():
+                message = event.message
+                raw = message.value or b""
+                if len(raw) > settings.max_event_bytes:
+                    continue  # the outcomes agent dead-letters it
+                try:
+                    trace = decode(TraceEvent, raw)
+                except (InvalidEvent, RecursionError):
+                    continue  # the outcomes agent dead-letters it (once, with the reason)
+                try:
+                    decision = flags.decision(trace.rollout_id)
+                    if decision is None or decision.stage not in SCORED_STAGES:
+                        continue
+                    key = (trace.rollout_id, message.partition)
+                    accumulator = accumulators.setdefault(key, LiveScoreAccumulator())
+                    accumulator.add_trace(trace.variant, trace.ts)
+                    dirty.add(key)
+                    budget_key = f"{trace.rollout_id}|{message.partition}"
+                    admission = reserve(budget_key, partial(judge.admit_trace, trace, budget_key, decision.stage))
+                    if isinstance(admission, JudgeResult):  # not sampled, no texts, or over budget
+                        accumulator.add_result(trace.variant, admission.status)
+                        if admission.status == "budget" and budget_key not in spent:
+                            spent.add(budget_key)
+                            log.warning("live judge: scoring stops for %s: %s", budget_key, admission.reason)
+                        continue
+                    await slots.acquire()  # backpressure, shared with the shadow pairs
+                    task = asyncio.create_task(score_one(admission, message, key), name=f"live-judge-{trace.trace_id}")
+                    pending.add(task)
+                    task.add_done_callback(pending.discard)
+                except Exception as exc:  # never leave the loop
+                    log.exception("live judge: failed on %s[%s]@%s", message.topic, message.partition, message.offset)
+                    await dead_letters.send(message, f"internal error: {exc!r}")
+        finally:
+            await flags.stop()
+
+    @app.timer(settings.snapshot_interval_s)
+    async def publish_live_scores() -> None:
+        while dirty:
+            key = dirty.pop()
+            accumulator = accumulators[key]
+            seqs[key] = seqs.get(key, 0) + 1
+            rollout_id, partition = key
+            snapshot = StatsSnapshot(
+                rollout_id=rollout_id,
+                partition=partition,
+                seq=seqs[key],
+                ts=accumulator.ts,
+                users={},
+                metrics={},
+                source=source,
+                live_judge=accumulator.to_dict(),
             )
             await stats_topic.send(key=rollout_id.encode(), value=encode(snapshot))

@@ -11,7 +11,8 @@ Off unless ``metrics_port`` is set (``SAFESWAP_METRICS_PORT``); binds
   (traces, feedback) and the Parquet sinks' (every dataset topic), each under its own
   ``agent`` label, so one message read by both is counted once per reader;
 * ``on_send_initiated``: what the agents publish: decisions by action, dead
-  letters by agent and reason kind, and each rollout's status (guardrail intervals, split, users);
+  letters by agent and reason kind, and each rollout's status (guardrail intervals, split, users,
+  the live judge scores per variant: monitored, never a decision input);
 * a timer: consumer lag per assigned partition (high water minus position) of every
   consumer: Faust's, the outcomes agent's and the sinks'.
 
@@ -54,6 +55,7 @@ class _Status(msgspec.Struct):
     percent: float = 0.0
     users: dict[str, int] = {}
     guardrails: list[dict[str, Any]] = []
+    live_judge: dict[str, Any] = {}
 
 
 class _Decision(msgspec.Struct):
@@ -179,6 +181,32 @@ class WorkerMetrics(Sensor):
             "safeswap_rollout_candidate_ratio", "Share of users (0-1) served the candidate.", ["rollout_id"], registry=r
         )
         self.users = Gauge("safeswap_rollout_users", "Users per arm.", ["rollout_id", "variant"], registry=r)
+        variant_labels = ["rollout_id", "variant"]
+        self.live_score = Gauge(
+            "safeswap_live_judge_score",
+            "Live judge: mean score (1-10) of canary and ramp responses per variant, users as the unit. "
+            "Monitored, not a decision input.",
+            variant_labels,
+            registry=r,
+        )
+        self.live_scored = Gauge(
+            "safeswap_live_judge_scored", "Live judge: responses scored per variant.", variant_labels, registry=r
+        )
+        self.live_users = Gauge(
+            "safeswap_live_judge_users",
+            "Live judge: users with a scored response per variant.",
+            variant_labels,
+            registry=r,
+        )
+        self.live_difference = {
+            key: Gauge(
+                f"safeswap_live_judge_difference_{key}",
+                f"Live judge: candidate - control mean score, {text} (always-valid, the plan's alpha).",
+                ["rollout_id"],
+                registry=r,
+            )
+            for key, text in (("estimate", "estimate"), ("ci_low", "interval lower bound"), ("ci_high", "upper bound"))
+        }
         self._snapshots: dict[str, dict[tuple[str, int], _Snapshot]] = {}
         self._lock = threading.Lock()  # snapshots are read by the scrape thread
         r.register(_VariantCollector(self))
@@ -251,6 +279,21 @@ class WorkerMetrics(Sensor):
                 value = item.get(key)
                 gauge.labels(rollout, metric).set(float("nan") if value is None else float(value))
             self.breach.labels(rollout, metric).set(1.0 if item.get("status") == "breach" else 0.0)
+        self.observe_live_judge(rollout, status.live_judge)
+
+    def observe_live_judge(self, rollout: str, live: dict[str, Any]) -> None:
+        """The status's live judge summary (safeswap.live_scores.summarize) as gauges."""
+        if not live:
+            return
+        for variant, values in (live.get("variants") or {}).items():
+            mean = values.get("mean")
+            self.live_score.labels(rollout, variant).set(float("nan") if mean is None else float(mean))
+            self.live_scored.labels(rollout, variant).set(float(values.get("scored", 0)))
+            self.live_users.labels(rollout, variant).set(float(values.get("users", 0)))
+        difference = live.get("difference") or {}
+        for key, gauge in self.live_difference.items():
+            value = difference.get(key)
+            gauge.labels(rollout).set(float("nan") if value is None else float(value))
 
     def observe_snapshot(self, value: bytes) -> None:
         snapshot = self._snapshot_decoder.decode(value)

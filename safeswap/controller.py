@@ -20,6 +20,8 @@ State machine (event time, never wall-clock, so a replay decides the same)::
   model drift within an arm, or one arm losing events (responses per user differ).
   A cache-hit-rate difference between arms is flagged as a confounder for latency
   and cost in the evidence; it does not act by itself.
+- Live judge scores (``source="live_judge:..."`` snapshots) are monitored only: they
+  are kept for the status, take no look and never reach a rule (``live_judge_view``).
 
 Guardrail monitors run cumulatively over the whole rollout, each with ``alpha / k``
 (Bonferroni over the k guardrails), on exposure cohorts: every promotion starts a new
@@ -45,6 +47,7 @@ from typing import Any
 
 import msgspec
 
+from safeswap import live_scores
 from safeswap.metrics import model_drift, model_drift_text
 from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
 from safeswap.stats import GuardrailMonitor, split_alpha, stat_from_dict
@@ -168,6 +171,8 @@ class RolloutState:
     last_evaluation: Evaluation | None = None
     # The judge agent's shadow statistics, latest per (source, partition).
     shadow_snapshots: dict[str, StatsSnapshot] = field(default_factory=dict)
+    # The judge agent's live scores, latest per (source, partition): shown, never decided on.
+    live_judge_snapshots: dict[str, StatsSnapshot] = field(default_factory=dict)
     # Each kept snapshot's statistics parsed once (not persisted: rebuilt from ``snapshots``).
     parsed: dict[int, dict[str, dict[str, dict[str, Any]]]] = field(default_factory=dict, repr=False)
     parsed_segments: dict[int, dict[str, dict[str, dict[str, dict[str, Any]]]]] = field(
@@ -211,6 +216,7 @@ class RolloutState:
             },
             "last_decision": self.last_decision,
             "shadow_snapshots": dict(self.shadow_snapshots),
+            "live_judge_snapshots": dict(self.live_judge_snapshots),
         }
 
     @classmethod
@@ -241,6 +247,9 @@ class RolloutState:
             state.last_decision = msgspec.convert(data["last_decision"], Decision)
         state.shadow_snapshots = {
             k: msgspec.convert(s, StatsSnapshot) for k, s in (data.get("shadow_snapshots") or {}).items()
+        }
+        state.live_judge_snapshots = {
+            k: msgspec.convert(s, StatsSnapshot) for k, s in (data.get("live_judge_snapshots") or {}).items()
         }
         return state
 
@@ -300,6 +309,22 @@ def _start_or_hold(state: RolloutState, ts: int) -> Decision:
 
 def on_snapshot(state: RolloutState, snapshot: StatsSnapshot) -> Decision | None:
     """Fold one partition's cumulative snapshot in and look at the rollout once more."""
+    if snapshot.source.startswith(live_scores.SOURCE_PREFIX):
+        # Live judge scores are monitored, never a decision input: kept for the status only,
+        # with no look (not even event time moves), so they cannot roll back, pause or hold.
+        key = f"{snapshot.source}|{snapshot.partition}"
+        previous = state.live_judge_snapshots.get(key)
+        if previous is not None and previous.seq >= snapshot.seq:
+            return None
+        try:
+            live_scores.validate(snapshot.live_judge)
+        except ValueError as exc:  # refused (the decide agent dead-letters it), never kept
+            raise ValueError(
+                f"live judge snapshot of {snapshot.rollout_id!r} from partition {snapshot.partition}: {exc}; "
+                "the snapshot is ignored (the partition's next snapshot replaces it)"
+            ) from None
+        state.live_judge_snapshots[key] = snapshot
+        return None
     if snapshot.source:  # the judge agent's shadow statistics: kept apart, per (source, partition)
         key = f"{snapshot.source}|{snapshot.partition}"
         previous = state.shadow_snapshots.get(key)
@@ -528,6 +553,15 @@ def shadow_analysis(state: RolloutState) -> dict[str, Any] | None:
     merged = merge([s.shadow for s in state.shadow_snapshots.values()])
     stage = state.current_stage if state.stage == "shadow" else None
     return analyze(merged, state.plan, stage)
+
+
+def live_judge_view(state: RolloutState) -> dict[str, Any]:
+    """The live judge scores per variant and their interval (safeswap.live_scores.summarize),
+    for the status and the dashboard; {} before any. Nothing in a look reads this."""
+    if not state.live_judge_snapshots:
+        return {}
+    merged = live_scores.merge([s.live_judge for s in state.live_judge_snapshots.values()])
+    return live_scores.summarize(merged, state.plan)
 
 
 def check_health(state: RolloutState, cohorts: dict[str, dict[str, dict[str, Any]]], users: dict[str, int]) -> Health:
@@ -944,6 +978,7 @@ def status_of(state: RolloutState) -> RolloutStatus:
         watermark=min((s.ts for s in state.snapshots.values()), default=0),
         shadow=(evaluation.shadow or {}) if evaluation else {},
         segments_untested=evaluation.segments_untested if evaluation else [],
+        live_judge=live_judge_view(state),
     )
 
 

@@ -29,6 +29,18 @@ Rules (docs/shadow.md):
   replaces the reservation when the calls return. ``Budget.committed`` (spent +
   reserved) is what a worker stores to survive a restart; ``Budget.seed`` gives
   it back to a new judge (agents/judge.py).
+
+Live scores (docs/shadow.md "Live judge scores"): in canary and ramp the same judge
+scores live responses of both variants, one at a time, against the same rubric:
+
+- sampled by a hash of the trace_id at ``judge_sample_rate x judge_live_sample_rate``
+  (a replay picks the same responses); a trace without ``prompt_text`` and
+  ``response_text`` is not scoreable and is counted as such;
+- an absolute score from 1 (fails the user) to 10 (could not be better), only
+  through a forced tool call ``record_score`` with ``{"score": 1..10, "reason":
+  "..."}``; a reply without a valid one raises :class:`MalformedScore`;
+- the same pinned model, budget (one call's worst case reserved before it), concurrency
+  limit and retries as the pairs. The scores are monitored, never a decision input.
 """
 
 from __future__ import annotations
@@ -44,7 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from safeswap.plan import is_pinned
-from schemas.events import Judgment, ShadowPair
+from schemas.events import LIVE_SCORE_MAX, LIVE_SCORE_MIN, Judgment, LiveScore, ShadowPair, TraceEvent
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -80,6 +92,35 @@ SYSTEM_PROMPT = (
     f"Give your verdict only by calling the {TOOL_NAME} tool."
 )
 
+SCORE_TOOL_NAME = "record_score"
+SCORE_TOOL: dict[str, Any] = {
+    "name": SCORE_TOOL_NAME,
+    "description": "Record how well the answer serves the user's request under the rubric.",
+    "input_schema": {
+        "type": "object",
+        "properties": {
+            "score": {
+                "type": "integer",
+                "minimum": LIVE_SCORE_MIN,
+                "maximum": LIVE_SCORE_MAX,
+                "description": f"{LIVE_SCORE_MIN} (fails the user) to {LIVE_SCORE_MAX} (could not be better).",
+            },
+            "reason": {"type": "string", "description": "One or two sentences: what decided the score."},
+        },
+        "required": ["score", "reason"],
+    },
+}
+SCORE_TOOL_CHOICE: dict[str, str] = {"type": "tool", "name": SCORE_TOOL_NAME}
+# Anchors keep scores comparable between requests; rubrics are often written for comparing
+# two answers, so the judge is told to apply their criteria to the one answer shown.
+SCORE_SYSTEM_PROMPT = (
+    "You are an impartial judge grading one answer to a user request. Apply the rubric's criteria "
+    "to this answer alone (if the rubric speaks of comparing answers, judge this answer by the same "
+    f"standards). Score from {LIVE_SCORE_MIN} to {LIVE_SCORE_MAX}: 1-2 fails the user (wrong, harmful, "
+    "or refuses a reasonable request), 3-4 poor, 5-6 acceptable with clear flaws, 7-8 good, 9-10 "
+    f"excellent. Rubric:\n{{rubric}}\nGive your score only by calling the {SCORE_TOOL_NAME} tool."
+)
+
 # USD per million tokens (input, output). Check against the current price list;
 # SAFESWAP_JUDGE_PRICES adds or overrides entries.
 BUILTIN_PRICES: dict[str, tuple[float, float]] = {
@@ -102,6 +143,10 @@ MAX_BACKOFF_S = 8.0
 
 class MalformedVerdict(ValueError):
     """The judge replied without a valid ``record_verdict`` call."""
+
+
+class MalformedScore(MalformedVerdict):
+    """The judge replied without a valid ``record_score`` call."""
 
 
 class JudgeCallError(RuntimeError):
@@ -165,6 +210,11 @@ def sampled(event_id: str, rate: float) -> bool:
     return bucket < rate * 1_000_000
 
 
+def scoreable(trace: TraceEvent) -> bool:
+    """A live response can be scored only with the request and the answer's text."""
+    return bool((trace.prompt_text or "").strip()) and bool((trace.response_text or "").strip())
+
+
 def judgeable(pair: ShadowPair) -> bool:
     """Both variants answered (a refusal is an answer); errors are the tails' business."""
     return all(side.response_text and side.error in ("none", "refusal") for side in (pair.control, pair.candidate))
@@ -195,19 +245,58 @@ def judge_request(
     }
 
 
-def parse_verdict(message: Any) -> tuple[str, str]:
-    """("A"|"B"|"tie", reason) from a Message (SDK object or dict); MalformedVerdict otherwise."""
+def score_request(trace: TraceEvent, rubric: str, *, model: str, max_tokens: int, max_chars: int) -> dict[str, Any]:
+    """The ``messages.create`` arguments that score one live response. The variant is not
+    shown: both are graded blind, by the same words."""
+    content = (
+        f"<request>\n{_cut(trace.prompt_text or '', max_chars)}\n</request>\n\n"
+        f"<answer>\n{_cut(trace.response_text or '', max_chars)}\n</answer>"
+    )
+    return {
+        "model": model,
+        "max_tokens": max_tokens,
+        "system": SCORE_SYSTEM_PROMPT.format(rubric=rubric),
+        "messages": [{"role": "user", "content": content}],
+        "tools": [SCORE_TOOL],
+        "tool_choice": SCORE_TOOL_CHOICE,
+    }
+
+
+def _tool_input(message: Any, name: str, malformed: type[MalformedVerdict]) -> dict[str, Any]:
+    """The input of the reply's one ``name`` tool call; ``malformed`` otherwise."""
     content = _get(message, "content") or []
-    calls = [block for block in content if _get(block, "type") == "tool_use" and _get(block, "name") == TOOL_NAME]
+    calls = [block for block in content if _get(block, "type") == "tool_use" and _get(block, "name") == name]
     if len(calls) != 1:
         kinds = [f"{_get(b, 'type')}:{_get(b, 'name') or ''}".rstrip(":") for b in content]
-        raise MalformedVerdict(
-            f"expected one {TOOL_NAME} tool call, got {len(calls)} (content: {kinds or 'empty'}, "
+        raise malformed(
+            f"expected one {name} tool call, got {len(calls)} (content: {kinds or 'empty'}, "
             f"stop_reason {_get(message, 'stop_reason')!r})"
         )
     arguments = _get(calls[0], "input")
     if not isinstance(arguments, dict):
-        raise MalformedVerdict(f"{TOOL_NAME} input is not an object: {arguments!r:.200}")
+        raise malformed(f"{name} input is not an object: {arguments!r:.200}")
+    return arguments
+
+
+def parse_score(message: Any) -> tuple[int, str]:
+    """(score 1..10, reason) from a Message (SDK object or dict); MalformedScore otherwise."""
+    arguments = _tool_input(message, SCORE_TOOL_NAME, MalformedScore)
+    score, reason = arguments.get("score"), arguments.get("reason", "")
+    # 7.0 is the integer 7 written as JSON may; "7", true or 7.5 are not scores.
+    whole = isinstance(score, int) or (isinstance(score, float) and math.isfinite(score) and score.is_integer())
+    if isinstance(score, bool) or not whole or not LIVE_SCORE_MIN <= score <= LIVE_SCORE_MAX:
+        raise MalformedScore(
+            f"{SCORE_TOOL_NAME} score must be a whole number from {LIVE_SCORE_MIN} to {LIVE_SCORE_MAX}, "
+            f"got {score!r:.100}"
+        )
+    if not isinstance(reason, str):
+        raise MalformedScore(f"{SCORE_TOOL_NAME} reason must be a string, got {type(reason).__name__}")
+    return int(score), reason
+
+
+def parse_verdict(message: Any) -> tuple[str, str]:
+    """("A"|"B"|"tie", reason) from a Message (SDK object or dict); MalformedVerdict otherwise."""
+    arguments = _tool_input(message, TOOL_NAME, MalformedVerdict)
     winner, reason = arguments.get("winner"), arguments.get("reason", "")
     if winner not in ("A", "B", "tie"):
         raise MalformedVerdict(f"{TOOL_NAME} winner must be A, B or tie, got {winner!r:.100}")
@@ -227,14 +316,28 @@ def combine(control_first: str, candidate_first: str) -> str:
     return first if first == second else "tie"
 
 
+def _worst_case(
+    texts, rubric: str, model: str, max_tokens: int, max_chars: int, prices: dict[str, tuple[float, float]]
+) -> float:
+    """Worst-case USD of one call showing ``texts`` (each cut to ``max_chars``) and the rubric."""
+    size = sum(len(_cut(t or "", max_chars).encode()) for t in texts) + len(rubric.encode())
+    input_tokens = math.ceil(size / BYTES_PER_TOKEN_ESTIMATE) + PROMPT_OVERHEAD_TOKENS
+    return call_cost(model, input_tokens, max_tokens, prices)
+
+
 def reserve_estimate(
     pair: ShadowPair, rubric: str, model: str, max_tokens: int, max_chars: int, prices: dict[str, tuple[float, float]]
 ) -> float:
     """Worst-case USD of judging a pair (both orders)."""
     texts = (pair.prompt_text, pair.control.response_text, pair.candidate.response_text)
-    size = sum(len(_cut(t or "", max_chars).encode()) for t in texts) + len(rubric.encode())
-    input_tokens = math.ceil(size / BYTES_PER_TOKEN_ESTIMATE) + PROMPT_OVERHEAD_TOKENS
-    return 2 * call_cost(model, input_tokens, max_tokens, prices)
+    return 2 * _worst_case(texts, rubric, model, max_tokens, max_chars, prices)
+
+
+def score_reserve_estimate(
+    trace: TraceEvent, rubric: str, model: str, max_tokens: int, max_chars: int, prices: dict[str, tuple[float, float]]
+) -> float:
+    """Worst-case USD of scoring one live response (one call)."""
+    return _worst_case((trace.prompt_text, trace.response_text), rubric, model, max_tokens, max_chars, prices)
 
 
 class Budget:
@@ -305,7 +408,15 @@ class JudgeStats:
     timeouts: int = 0
     in_flight: int = 0
     max_in_flight: int = 0
-    cost_usd: float = 0.0
+    cost_usd: float = 0.0  # pairs and live scores
+    # Live responses (canary and ramp) offered to the judge, and what became of them.
+    live_traces: int = 0
+    live_scored: int = 0
+    live_not_sampled: int = 0
+    live_not_scoreable: int = 0  # no prompt_text or response_text
+    live_budget_skipped: int = 0
+    live_malformed: int = 0  # replies without a valid record_score
+    live_errors: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -315,10 +426,11 @@ class JudgeStats:
 class JudgeResult:
     """What happened to one pair: a judgment, or why there is none."""
 
-    status: str  # judged | malformed | error | not_sampled | not_judgeable | budget
+    status: str  # judged | scored | malformed | error | not_sampled | not_judgeable | not_scoreable | budget
     judgment: Judgment | None = None
     reason: str = ""
     cost_usd: float = 0.0
+    score: LiveScore | None = None  # a live response's score (status "scored")
 
 
 @dataclass
@@ -329,6 +441,17 @@ class Admission:
     rubric: str
     payer: str
     reserved: float
+
+
+@dataclass
+class ScoreAdmission:
+    """A live response let through sampling, the scoreable check and the budget: its reservation is made."""
+
+    trace: TraceEvent
+    rubric: str
+    payer: str
+    reserved: float
+    stage: str = ""
 
 
 @dataclass
@@ -357,6 +480,7 @@ class Judge:
         rubrics: dict[str, str] | None = None,
         budget: Budget | None = None,
         sample_rate: float | None = None,
+        live_sample_rate: float | None = None,
     ):
         self.settings = settings
         self.model = settings.judge_model
@@ -379,6 +503,11 @@ class Judge:
         )
         self.budget = budget or Budget(settings.judge_budget_usd)
         self.sample_rate = settings.judge_sample_rate if sample_rate is None else sample_rate
+        self.live_sample_rate = (
+            settings.judge_sample_rate * settings.judge_live_sample_rate
+            if live_sample_rate is None
+            else live_sample_rate
+        )
         self.stats = JudgeStats()
         self._limit = asyncio.Semaphore(max(1, settings.judge_concurrency))
         self._client = client
@@ -505,6 +634,102 @@ class Judge:
             retries=control_first.retries + candidate_first.retries,
         )
         return JudgeResult("judged", judgment=judgment, cost_usd=cost)
+
+    # -- one live response -----------------------------------------------------------------
+    async def score_trace(self, trace: TraceEvent, budget_key: str | None = None, stage: str = "") -> JudgeResult:
+        """Score one live response; never raises for API or reply trouble."""
+        admission = self.admit_trace(trace, budget_key, stage)
+        if isinstance(admission, JudgeResult):
+            return admission
+        return await self.score_admitted(admission)
+
+    def admit_trace(
+        self, trace: TraceEvent, budget_key: str | None = None, stage: str = ""
+    ) -> ScoreAdmission | JudgeResult:
+        """Sampling (by trace_id), the scoreable check and the budget reservation, at once (no
+        await), like :meth:`admit` for pairs; ``stage`` is the rollout's, for the record."""
+        self.stats.live_traces += 1
+        if not sampled(trace.trace_id, self.live_sample_rate):
+            self.stats.live_not_sampled += 1
+            return JudgeResult("not_sampled")
+        if not scoreable(trace):
+            self.stats.live_not_scoreable += 1
+            return JudgeResult("not_scoreable", reason="the trace carries no prompt_text or response_text")
+        rubric = self.rubric_for(trace.rollout_id)
+        settings = self.settings
+        reserved = score_reserve_estimate(
+            trace, rubric, self.model, settings.judge_max_tokens, settings.judge_max_answer_chars, self.prices
+        )
+        payer = budget_key or trace.rollout_id
+        if not self.budget.reserve(payer, reserved):
+            self.stats.live_budget_skipped += 1
+            return JudgeResult(
+                "budget",
+                reason=(
+                    f"judge budget for {payer}: {self.budget.remaining(payer):.4f} USD left, "
+                    f"a score may cost {reserved:.4f}"
+                ),
+            )
+        return ScoreAdmission(trace, rubric, payer, reserved, stage)
+
+    async def score_admitted(self, admission: ScoreAdmission) -> JudgeResult:
+        """The one call of an admitted response; settles its reservation with the actual cost."""
+        trace, rubric, settings = admission.trace, admission.rubric, self.settings
+        request = score_request(
+            trace,
+            rubric,
+            model=self.model,
+            max_tokens=settings.judge_max_tokens,
+            max_chars=settings.judge_max_answer_chars,
+        )
+        cost, input_tokens, output_tokens, retries = 0.0, 0, 0, 0
+        try:
+            message, retries = await self._create(request)
+            usage = _get(message, "usage")
+            input_tokens = int(_get(usage, "input_tokens") or 0)
+            output_tokens = int(_get(usage, "output_tokens") or 0)
+            cost = call_cost(self.model, input_tokens, output_tokens, self.prices)  # paid, valid reply or not
+            score, reason = parse_score(message)
+        except MalformedScore as exc:
+            failure: JudgeResult | None = JudgeResult(
+                "malformed", reason=f"judge reply without a valid score: {exc}", cost_usd=cost
+            )
+            self.stats.live_malformed += 1
+        except JudgeCallError as exc:
+            failure = JudgeResult("error", reason=f"judge call failed: {exc}", cost_usd=cost)
+            self.stats.live_errors += 1
+        except Exception as exc:  # noqa: BLE001 - counted and reported, never raised into the agent
+            failure = JudgeResult("error", reason=f"judge call failed: {exc!r}", cost_usd=cost)
+            self.stats.live_errors += 1
+        else:
+            failure = None
+        self.budget.settle(admission.payer, admission.reserved, cost)
+        self.stats.cost_usd += cost
+        if failure is not None:
+            return failure
+        self.stats.live_scored += 1
+        live_score = LiveScore(
+            event_id=f"{trace.event_id}:score",
+            ts=trace.ts,
+            rollout_id=trace.rollout_id,
+            variant=trace.variant,
+            trace_id=trace.trace_id,
+            user_id=trace.user_id,
+            trace_event_id=trace.event_id,
+            session_id=trace.session_id,
+            stage=admission.stage,
+            model_version=trace.model_version,
+            prompt_version=trace.prompt_version,
+            judge_model=self.model,
+            rubric_hash=rubric_hash(rubric),
+            score=score,
+            reason=reason,
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cost_usd=cost,
+            retries=retries,
+        )
+        return JudgeResult("scored", score=live_score, cost_usd=cost)
 
     async def _judge_order(self, pair: ShadowPair, rubric: str, candidate_first: bool) -> _CallOutcome:
         settings = self.settings
@@ -642,7 +867,12 @@ __all__ = [
     "JudgeResult",
     "JudgeStats",
     "JudgeUnavailable",
+    "MalformedScore",
     "MalformedVerdict",
+    "SCORE_TOOL",
+    "SCORE_TOOL_CHOICE",
+    "SCORE_TOOL_NAME",
+    "ScoreAdmission",
     "TOOL_CHOICE",
     "TOOL_NAME",
     "VERDICT_TOOL",
@@ -651,6 +881,7 @@ __all__ = [
     "judge_pairs",
     "judge_request",
     "judgeable",
+    "parse_score",
     "parse_verdict",
     "price_table",
     "read_pairs",
@@ -658,6 +889,9 @@ __all__ = [
     "retry_after_s",
     "rubric_hash",
     "sampled",
+    "score_request",
+    "score_reserve_estimate",
+    "scoreable",
     "summary",
 ]
 

@@ -10,6 +10,9 @@ and cost, the budget) should run as in production. So the simulation starts a
 loop, ``POST /v1/messages``, the Message shape); the test fake
 (tests/judge/fake_anthropic.py) builds on it with its scripted answers.
 
+Live responses (canary and ramp) get a forced ``record_score`` call instead: a refusal
+scores 2, any other answer 5 to 9 from a stable hash of the request and the answer.
+
 The simulated verdicts follow the scenario's ``judge:`` block
 (``candidate_wins``, ``control_wins``, the rest ties). The simulated candidate's
 answers carry :data:`CANDIDATE_TAG`, so the endpoint knows which position holds
@@ -29,7 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
-from safeswap.judge import TOOL_NAME
+from safeswap.judge import SCORE_TOOL_NAME, TOOL_NAME
 from safeswap.shadow_analysis import REFUSAL_OPENINGS
 
 # Appended (or, in a JSON answer, written inside a string) to every simulated
@@ -150,10 +153,26 @@ class MessagesEndpoint:
         }
         return self.message([tool], "tool_use", body)
 
+    def score(self, score: Any, reason: str, body: dict[str, Any]) -> web.Response:
+        """The forced ``record_score`` call the judge asks for a live response."""
+        tool = {
+            "type": "tool_use",
+            "id": "toolu_simulated",
+            "name": SCORE_TOOL_NAME,
+            "input": {"score": score, "reason": reason},
+        }
+        return self.message([tool], "tool_use", body)
+
     def usage(self, body: dict[str, Any]) -> tuple[int, int]:
         """(input, output) tokens billed: about 4 bytes a token of the prompt, plus the tool definition."""
         size = len(body.get("system", "").encode()) + len(request_text(body).encode())
         return size // 4 + 300, 60
+
+
+def forced_tool(body: dict[str, Any]) -> str:
+    """The tool the request forces (``record_verdict`` for a pair, ``record_score`` for a live response)."""
+    choice = body.get("tool_choice")
+    return choice.get("name", "") if isinstance(choice, dict) else ""
 
 
 def request_text(body: dict[str, Any]) -> str:
@@ -191,8 +210,17 @@ def simulated_winner(request: str, control: str, candidate: str, candidate_wins:
     return "tie"
 
 
+def simulated_score(request: str, answer: str) -> int:
+    """A live response's score: 2 for a refusal, else 5 to 9 from a stable hash."""
+    if REFUSAL_OPENINGS.match(answer[:200]) is not None:
+        return 2
+    digest = hashlib.sha256("\x00".join((request, answer)).encode()).digest()
+    return 5 + int.from_bytes(digest[:8], "big") % 5
+
+
 class SimulatedJudge(MessagesEndpoint):
-    """Answers the judge's ``record_verdict`` call as the scenario's ``judge:`` block says."""
+    """Answers the judge's ``record_verdict`` call as the scenario's ``judge:`` block says, and
+    its ``record_score`` call with :func:`simulated_score`."""
 
     def __init__(self, candidate_wins: float = 0.35, control_wins: float = 0.35):
         super().__init__()
@@ -200,6 +228,9 @@ class SimulatedJudge(MessagesEndpoint):
 
     async def answer(self, body: dict[str, Any]) -> web.Response:
         text = request_text(body)
+        if forced_tool(body) == SCORE_TOOL_NAME:
+            score = simulated_score(between(text, "request"), between(text, "answer"))
+            return self.score(score, f"simulated judge: {score}", body)
         answer_a, answer_b = between(text, "answer_A"), between(text, "answer_B")
         candidate_is_a, candidate_is_b = CANDIDATE_TAG in answer_a, CANDIDATE_TAG in answer_b
         if candidate_is_a == candidate_is_b:  # not a simulated pair: no side to prefer

@@ -626,6 +626,10 @@ def shadow_settled(shadow: dict[str, Any], pairs_sent: int) -> bool:
     return (shadow or {}).get("pairs", 0) >= pairs_sent and accounted >= pairs_sent
 
 
+# The share of live canary and ramp responses the simulated judge scores (at most).
+SIMULATED_LIVE_SAMPLE_RATE = 0.02
+
+
 def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *, progress=None) -> dict[str, Any]:
     """Start what is needed (embedded broker, worker), run the loop, stop everything.
 
@@ -661,6 +665,8 @@ def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *,
                 sink_idle_s=1.0,
                 anthropic_api_key="simulated-judge-no-key",
                 anthropic_base_url=judge.base_url,
+                # A few live scores show the live judge; every response would slow the closed loop.
+                judge_live_sample_rate=min(settings.judge_live_sample_rate, SIMULATED_LIVE_SAMPLE_RATE),
             )
             asyncio.run(ensure_topics(settings))
             rows_before = sinks.count_rows(settings.data_dir, rollout_id=plan.rollout_id)

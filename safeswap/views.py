@@ -146,7 +146,33 @@ def status_view(status: RolloutStatus | None, decision: Decision | None) -> list
         out.append(table)
     if status is not None and getattr(status, "shadow", None):
         out.extend(shadow_view(status.shadow))
+    if status is not None and getattr(status, "live_judge", None):
+        out.append(live_judge_table(status.live_judge))
     return out
+
+
+def live_judge_table(live: dict) -> Table:
+    """The live judge scores per variant (safeswap.live_scores.summarize): monitored only."""
+    low, high = live.get("scale") or [1, 10]
+    table = Table(title=f"judge score by variant, {low}-{high} ({live.get('role', '')})")
+    for column in ("variant", "mean score", "scored", "users", "seen", "not scoreable", "over budget", "bad replies"):
+        table.add_column(column)
+    for variant in ("control", "candidate"):
+        v = (live.get("variants") or {}).get(variant) or {}
+        mean = v.get("mean")
+        table.add_row(
+            variant,
+            "-" if mean is None else f"{mean:.2f}",
+            f"{v.get('scored', 0):,}",
+            f"{v.get('users', 0):,}",
+            f"{v.get('traces', 0):,}",
+            f"{v.get('not_scoreable', 0):,}",
+            f"{v.get('budget_skipped', 0):,}",
+            f"{v.get('malformed', 0) + v.get('errors', 0):,}",
+        )
+    notes = [live.get("reason", ""), live.get("budget", "")]
+    table.caption = "\n".join(note for note in notes if note)
+    return table
 
 
 def shadow_view(shadow: dict) -> list:

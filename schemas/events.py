@@ -314,6 +314,10 @@ class RolloutStatus(msgspec.Struct, kw_only=True):
     # segment values seen beyond the plan's max_segment_values are not tested.
     segment_guardrails: list[GuardrailEvidence] = []
     segments_untested: list[str] = []
+    # Live judge scores of canary and ramp responses per variant, with the always-valid
+    # interval of candidate - control (safeswap.live_scores.summarize): monitored, never a
+    # decision input.
+    live_judge: dict[str, Any] = {}
 
 
 class Command(msgspec.Struct, kw_only=True):
@@ -495,6 +499,10 @@ class StatsSnapshot(msgspec.Struct, kw_only=True):
     # Segment guardrails: ``segments["locale=ja"][cohort][variant][metric]``, the cohorts'
     # statistics of the users in each segment value, for the metrics the decision asked for.
     segments: dict[str, dict[str, dict[str, dict[str, dict[str, Any]]]]] = {}
+    # Live judge scores. ``source="live_judge:<worker incarnation>"``: the judge agent's
+    # per-partition scores of live responses (safeswap.live_scores), which the controller
+    # keeps apart from every other snapshot and never decides on.
+    live_judge: dict[str, Any] = {}
 
 
 EVENT_TYPES["stats_snapshot"] = StatsSnapshot
@@ -564,3 +572,38 @@ class Judgment(_Event, kw_only=True):
 
 EVENT_TYPES["shadow_pair"] = ShadowPair
 EVENT_TYPES["judgment"] = Judgment
+
+
+# Scores run from LIVE_SCORE_MIN (fails the user) to LIVE_SCORE_MAX (could not be better).
+LIVE_SCORE_MIN, LIVE_SCORE_MAX = 1, 10
+
+
+class LiveScore(_Event, kw_only=True):
+    """The judge's absolute score of one live response (canary or ramp) against the
+    rollout's rubric, 1 (fails the user) to 10 (could not be better).
+
+    ``event_id`` is the trace's event_id + ``":score"`` (one score per response, so a
+    redelivered trace's score is recognisable); ``ts`` is the trace's event time.
+    Published to ``safeswap.live_scores`` keyed by rollout_id. Monitored beside the
+    guardrails, never a decision input."""
+
+    rollout_id: NonEmpty
+    variant: Variant
+    trace_id: NonEmpty
+    user_id: NonEmpty
+    trace_event_id: NonEmpty
+    session_id: str | None = None
+    stage: str = ""  # the rollout's stage when the response was scored: canary | ramp
+    model_version: str = ""  # what served the response
+    prompt_version: str = ""
+    judge_model: NonEmpty
+    rubric_hash: str = ""
+    score: Annotated[int, Meta(ge=LIVE_SCORE_MIN, le=LIVE_SCORE_MAX)]
+    reason: str = ""
+    input_tokens: Count = 0
+    output_tokens: Count = 0
+    cost_usd: NonNegative = 0.0
+    retries: Count = 0
+
+
+EVENT_TYPES["live_score"] = LiveScore

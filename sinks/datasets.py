@@ -31,7 +31,7 @@ import msgspec
 import pyarrow as pa
 
 from schemas import DeadLetter, Decision, FeedbackEvent, OutcomeRecord, RolloutPlan, StatsSnapshot, TraceEvent
-from schemas.events import Judgment, ShadowPair
+from schemas.events import Judgment, LiveScore, ShadowPair
 
 TS = pa.timestamp("ms", tz="UTC")
 DAY_MS = 86_400_000
@@ -277,7 +277,7 @@ DATASETS: dict[str, Dataset] = {
             "stats",
             "stats",
             StatsSnapshot,
-            4,
+            5,
             _cols(
                 ("source_partition", pa.int32(), "partition"),
                 ("seq", I),
@@ -296,7 +296,9 @@ DATASETS: dict[str, Dataset] = {
                 ("cohorts_json", S, "cohorts", "json"),
                 ("cohort_exposures_json", S, "cohort_exposures", "json"),
                 ("cohort_starts_json", S, "cohort_starts", "json"),
-                # v4: the segment guardrails' statistics (plans with ``segments``)
+                # v4: the live judge's per-partition scores ("live_judge:<worker>" snapshots)
+                ("live_judge_json", S, "live_judge", "json"),
+                # v5: the segment guardrails' statistics (plans with ``segments``)
                 ("segments_json", S, "segments", "json"),
             ),
         ),
@@ -376,6 +378,32 @@ DATASETS: dict[str, Dataset] = {
                 ("verdict_candidate_first", S),
                 ("reason_control_first", S),
                 ("reason_candidate_first", S),
+                ("input_tokens", I),
+                ("output_tokens", I),
+                ("cost_usd", F),
+                ("retries", I),
+            ),
+        ),
+        Dataset(
+            "live_scores",
+            "live_scores",
+            LiveScore,
+            1,
+            _cols(
+                ("event_id", S),
+                ("ts", TS),
+                ("variant", S),
+                ("trace_id", S),
+                ("user_id", S),
+                ("session_id", S),
+                ("trace_event_id", S),
+                ("stage", S),
+                ("model_version", S),
+                ("prompt_version", S),
+                ("judge_model", S),
+                ("rubric_hash", S),
+                ("score", I),
+                ("reason", S),
                 ("input_tokens", I),
                 ("output_tokens", I),
                 ("cost_usd", F),

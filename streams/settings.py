@@ -87,6 +87,9 @@ class Settings:
     judge_model: str = "claude-sonnet-4-6"  # pinned: a judge that changes under you moves the verdicts
     judge_concurrency: int = 4  # judge API calls in flight per worker, never more
     judge_sample_rate: float = 1.0  # share of shadow pairs judged (by event_id hash: replays pick the same)
+    # Live scoring in canary and ramp (docs/shadow.md "Live judge scores"): responses of both
+    # variants are scored at judge_sample_rate x this (by trace_id hash); 0 turns it off.
+    judge_live_sample_rate: float = 1.0
     judge_budget_usd: float = 20.0  # per rollout (a worker spends at most its partitions' share)
     judge_prices: str = ""  # JSON/YAML file {model: {input_per_mtok, output_per_mtok}} added to the built-in table
     judge_rubrics: str = ""  # JSON/YAML file {rollout_id: rubric, "*": default rubric}
@@ -212,6 +215,7 @@ NOT_NEGATIVE = (  # zero is a meaningful "none" here
 )
 BOUNDED = {  # inclusive ranges; port 0 = off (metrics) or any free port (dashboard)
     "judge_sample_rate": (0.0, 1.0),
+    "judge_live_sample_rate": (0.0, 1.0),
     "retry_similarity": (0.0, 100.0),
     "dashboard_port": (0, 65535),
     "metrics_port": (0, 65535),

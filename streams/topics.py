@@ -46,6 +46,8 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec("commands", key="rollout_id"),
     TopicSpec("status", key="rollout_id", config=COMPACT),
     TopicSpec("judgments", key="rollout_id"),
+    # The judge's scores of live canary and ramp responses (monitored, never a decision input).
+    TopicSpec("live_scores", key="rollout_id"),
     TopicSpec("dlq", key="source key"),
     # The outcomes agent's whole-partition state checkpoints (streams/checkpoint.py).
     TopicSpec("checkpoints", key="source partition", config=COMPACT),

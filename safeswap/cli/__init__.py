@@ -444,6 +444,7 @@ def simulate(
         "guardrails": [msgspec.to_builtins(g) for g in status.guardrails] if status else [],
         "health": status.health if status else {},
         "shadow": status.shadow if status else {},  # the shadow analysis: pairs, judge, checks
+        "live_judge": status.live_judge if status else {},  # live judge scores: monitored only
     }
     if json_out:
         print(

@@ -86,7 +86,8 @@ def register(app: typer.Typer) -> None:
             str | None,
             typer.Option(
                 "--sql",
-                help="Polars SQL; tables: traces, feedback, outcomes, stats, decisions, plans, shadow, judgments, dlq.",
+                help="Polars SQL; tables: traces, feedback, outcomes, stats, decisions, plans, shadow, judgments, "
+                "live_scores, dlq.",
             ),
         ] = None,
         data: DataOption = None,

@@ -31,6 +31,7 @@ from safeswap.controller import (
     add_cohorts,
     cohort_strata,
     health_checks,
+    live_judge_view,
     on_plan,
     on_snapshot,
     parse_snapshot,
@@ -430,6 +431,8 @@ class DashboardModel:
             ],
             "trends": self._trends(track),
             "judge": self._judge(track),
+            # Live judge scores by variant: the controller's own summary of the same snapshots.
+            "live_judge": live_judge_view(track.replay) if track.replay is not None else {},
             "health": health,
             "health_checks": health_checks(
                 health if isinstance(health, dict) else {}, plan.health if plan else HealthSpec()

@@ -223,6 +223,37 @@ def _judge_html(view: dict[str, Any]) -> str:
     )
 
 
+def _live_judge_html(view: dict[str, Any]) -> str:
+    live = view.get("live_judge") or {}
+    head = '<section class="live-judge"><h3>Judge score by variant (monitored, not a decision input)</h3>'
+    if not live:
+        return (
+            head + '<p class="muted">No live judge scores: the judge scores canary and ramp responses that carry '
+            "their prompt and response texts, when it runs (ANTHROPIC_API_KEY).</p></section>"
+        )
+    low, high = live.get("scale") or [1, 10]
+    rows = []
+    for variant in ("control", "candidate"):
+        v = (live.get("variants") or {}).get(variant) or {}
+        mean = v.get("mean")
+        rows.append(
+            f'<tr><td class="{variant}">{variant}</td><td>{"-" if mean is None else f"{mean:.2f}"}</td>'
+            f"<td>{v.get('scored', 0):,}</td><td>{v.get('users', 0):,}</td><td>{v.get('traces', 0):,}</td>"
+            f"<td>{v.get('not_scoreable', 0):,}</td><td>{v.get('budget_skipped', 0):,}</td>"
+            f"<td>{v.get('malformed', 0) + v.get('errors', 0):,}</td><td>{v.get('cost_usd', 0.0):.2f}</td></tr>"
+        )
+    budget = f'<p class="wait">{esc(live["budget"])}</p>' if live.get("budget") else ""
+    return (
+        head + f'<p class="muted">Scores from {low} (fails the user) to {high} (could not be better) against the '
+        "rollout's rubric; the mean is each user's mean score averaged over users. The judge measures what the "
+        "judge measures: watch it beside the guardrails, never decide on it.</p>"
+        f"<p>{esc(live.get('reason', ''))}</p>{budget}"
+        '<table class="live-judge"><thead><tr><th>variant</th><th>mean score</th><th>scored</th><th>users</th>'
+        "<th>responses seen</th><th>not scoreable</th><th>over budget</th><th>malformed / errors</th>"
+        f"<th>cost (USD)</th></tr></thead><tbody>{''.join(rows)}</tbody></table></section>"
+    )
+
+
 def _problem_text(problem: Any) -> str:
     return str(problem.get("reason", "")) if isinstance(problem, dict) else str(problem)
 
@@ -321,6 +352,7 @@ SECTIONS: tuple[tuple[str, Callable[[dict[str, Any]], str]], ...] = (
     ("segment guardrails", _segments_html),
     ("per variant", _variants_html),
     ("judge preference", _judge_html),
+    ("judge score by variant", _live_judge_html),
     ("data health", _health_html),
     ("dead letters", _dead_letters_html),
 )

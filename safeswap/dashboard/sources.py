@@ -97,6 +97,7 @@ def load_recorded(
         if row.get("source"):
             fields["source"] = row["source"]
             fields["shadow"] = _json(row.get("shadow_json"), {})  # the replayed shadow stage promotes on these
+            fields["live_judge"] = _json(row.get("live_judge_json"), {})  # null in files written before v4
         try:
             by_rollout.setdefault(row["rollout_id"], []).append(msgspec.convert(fields, StatsSnapshot))
         except msgspec.ValidationError:

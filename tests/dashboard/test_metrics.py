@@ -97,3 +97,37 @@ def test_dead_letters_by_reason_events_per_agent_and_unit_families():
     down = variant("safeswap_variant_metric", metric="thumbs_down_rate")
     assert 0 < down < 1 and variant("safeswap_variant_rate_ratio", metric="thumbs_down_rate") == down
     assert not [k for k in samples if k[0] == "safeswap_variant_rate_ratio" and "latency" in dict(k[1])["metric"]]
+
+
+def test_live_judge_scores_from_the_status_become_gauges():
+    from safeswap.live_scores import LiveScoreAccumulator, merge, summarize
+    from tests.dashboard.test_model import PLAN
+
+    accumulator = LiveScoreAccumulator()
+    for user in range(12):
+        for variant, score in (("control", 8 + user % 2), ("candidate", 3 + user % 3)):
+            accumulator.add_trace(variant, 1_000)
+            accumulator.add_result(variant, "scored", f"{variant}{user}", score)
+    live = summarize(merge([accumulator.to_dict()]), PLAN)
+    settings = Settings(topic_prefix="m")
+    metrics = WorkerMetrics(settings)
+    metrics.observe_sent(settings.topic("status"), msgspec.json.encode({"rollout_id": "r", "live_judge": live}))
+    samples = scrape(metrics)
+
+    def gauge(name: str, **labels) -> float:
+        return samples[(name, tuple(sorted({"rollout_id": "r", **labels}.items())))]
+
+    assert gauge("safeswap_live_judge_score", variant="control") == 8.5
+    assert gauge("safeswap_live_judge_score", variant="candidate") == 4.0
+    assert (
+        gauge("safeswap_live_judge_scored", variant="candidate")
+        == 12
+        == gauge("safeswap_live_judge_users", variant="control")
+    )
+    assert gauge("safeswap_live_judge_difference_estimate") == -4.5
+    low, high = gauge("safeswap_live_judge_difference_ci_low"), gauge("safeswap_live_judge_difference_ci_high")
+    assert (low, high) == (live["difference"]["ci_low"], live["difference"]["ci_high"]) and low < -4.5 < high
+    # A status before any score exports none of them.
+    quiet = WorkerMetrics(settings)
+    quiet.observe_sent(settings.topic("status"), msgspec.json.encode({"rollout_id": "q", "live_judge": {}}))
+    assert not [key for key in scrape(quiet) if key[0].startswith("safeswap_live_judge")]

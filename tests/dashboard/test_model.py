@@ -286,3 +286,61 @@ def test_segment_guardrails_show_the_breached_segment_first_and_what_was_too_sma
     assert "Segment guardrails" in html and "locale=ja" in html and "8 candidate users" in html
     # a plan without segments shows no such section
     assert "Segment guardrails" not in rollout_html(fed_model().view(EVIL))
+
+
+def live_judge_snapshot(seq: int, control: list[int], candidate: list[int], ts: int = 20_000_000) -> StatsSnapshot:
+    from safeswap.live_scores import LiveScoreAccumulator
+
+    accumulator = LiveScoreAccumulator()
+    for variant, scores in (("control", control), ("candidate", candidate)):
+        for user, score in enumerate(scores):
+            accumulator.add_trace(variant, ts)
+            accumulator.add_result(variant, "scored", f"{variant}{user}", score, 0.003)
+    accumulator.add_trace("candidate", ts)
+    accumulator.add_result("candidate", "budget")
+    return StatsSnapshot(
+        rollout_id=EVIL,
+        partition=0,
+        seq=seq,
+        ts=ts,
+        users={},
+        metrics={},
+        source="live_judge:w1",
+        live_judge=accumulator.to_dict(),
+    )
+
+
+def test_the_judge_score_by_variant_section_shows_means_users_and_the_interval_as_monitored():
+    model = fed_model()
+    before = model.view(EVIL)
+    assert before["live_judge"] == {}
+    assert "No live judge scores" in rollout_html(before)
+    looks = len(model.tracks[EVIL].looks)
+    decisions = model.tracks[EVIL].replay.seq
+    model.add_snapshot(live_judge_snapshot(1, [8, 9, 7] * 5, [2, 3] * 8))
+    view = model.view(EVIL)
+    live = view["live_judge"]
+    assert live["variants"]["control"]["mean"] == pytest.approx(8.0) and live["variants"]["control"]["users"] == 15
+    assert live["variants"]["candidate"]["mean"] == pytest.approx(2.5) and live["variants"]["candidate"]["scored"] == 16
+    assert live["difference"]["ci_high"] < 0 and live["budget_skipped"] == 1
+    # Shown, not decided on: no look, no decision of the replayed controller.
+    assert len(model.tracks[EVIL].looks) == looks and model.tracks[EVIL].replay.seq == decisions
+    html = rollout_html(view)
+    assert "Judge score by variant (monitored, not a decision input)" in html
+    assert "<td>8.00</td>" in html and "<td>2.50</td>" in html and "judge budget reached: 1 sampled" in html
+    assert "never decide on it" in html
+    json.dumps(view, allow_nan=False)
+
+
+def test_recorded_stats_rows_carry_the_live_judge_scores_to_the_page(tmp_path):
+    from safeswap.dashboard.sources import load_recorded
+    from sinks.datasets import DATASETS
+    from sinks.writer import Layout, write_rows
+
+    stats, plans = DATASETS["stats"], DATASETS["plans"]
+    write_rows(Layout(tmp_path), plans, 0, [plans.row(msgspec.json.encode(PLAN)) + (500,)])
+    rows = [stats.row(msgspec.json.encode(snapshot(0, 2, 600_000, 40, {"control": 0.1, "candidate": 0.1})))]
+    rows.append(stats.row(msgspec.json.encode(live_judge_snapshot(1, [6, 7, 8], [5, 6, 7]))))
+    write_rows(Layout(tmp_path), stats, 0, rows)
+    live = load_recorded(tmp_path).view(EVIL)["live_judge"]
+    assert live["variants"]["control"]["mean"] == pytest.approx(7.0) and live["variants"]["candidate"]["users"] == 3

@@ -19,6 +19,7 @@ CORE = (
     "safeswap.stats",
     "safeswap.assignment",
     "safeswap.shadow_analysis",
+    "safeswap.live_scores",
     "safeswap.otlp",
     "streams.sessions",
     "streams.join",

@@ -14,6 +14,11 @@ The judge is scripted by markers in the request text:
 - ``[malformed]``: replies with text, no tool call;
 - ``[bad-winner]``: calls the tool with ``winner: "C"``.
 
+A live response (the request forces ``record_score``) is scored from its answer:
+``[score-N]`` scores N (also out of range: ``[score-11]``), ``[score-text]`` sends
+``"seven"``; otherwise ``GOOD`` scores 9 and anything else 4. The markers above
+work for it too.
+
 It records every request body, counts requests in flight and keeps the maximum.
 ``input_tokens=None`` bills one input token per character of the system prompt
 and the message, plus 300 for the tool definition (like CJK text, where a
@@ -24,12 +29,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 from typing import Any
 
 from aiohttp import web
 
-from safeswap.judge_sim import MessagesEndpoint, request_text
+from safeswap.judge import SCORE_TOOL_NAME
+from safeswap.judge_sim import MessagesEndpoint, forced_tool, request_text
 from safeswap.judge_sim import between as _between
 
 
@@ -51,7 +58,8 @@ class FakeAnthropic(MessagesEndpoint):
         text = request_text(body)
         answer_a = _between(text, "answer_A")
         answer_b = _between(text, "answer_B")
-        key = answer_a + "|" + answer_b
+        answer = _between(text, "answer")  # a live response's
+        key = answer_a + "|" + answer_b + "|" + answer
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if "[hang]" in text:
@@ -65,6 +73,8 @@ class FakeAnthropic(MessagesEndpoint):
             return _error(529)
         if "[malformed]" in text:
             return self.message([{"type": "text", "text": "I think A is better."}], "end_turn", body)
+        if forced_tool(body) == SCORE_TOOL_NAME:
+            return self.score(_scripted_score(answer), "scripted score", body)
         if "[bad-winner]" in text:
             winner = "C"
         elif "[bias-A]" in text:
@@ -87,6 +97,15 @@ class FakeAnthropic(MessagesEndpoint):
         if self.input_tokens is not None:
             return self.input_tokens, self.output_tokens
         return len(body.get("system", "")) + len(request_text(body)) + 300, self.output_tokens
+
+
+def _scripted_score(answer: str):
+    if "[score-text]" in answer:
+        return "seven"
+    marked = re.search(r"\[score-(-?\d+)\]", answer)
+    if marked:
+        return int(marked.group(1))
+    return 9 if "GOOD" in answer else 4
 
 
 def _error(status: int, headers: dict[str, str] | None = None) -> web.Response:
@@ -143,3 +162,35 @@ def answers_in_order(request: dict[str, Any]) -> tuple[str, str]:
 
 def to_json(fields: dict[str, Any]) -> str:
     return json.dumps(fields)
+
+
+def trace_fields(
+    index: int,
+    *,
+    variant: str = "candidate",
+    answer: str | None = "an answer",
+    prompt: str | None = "question",
+    rollout_id: str = "r1",
+    user: str | None = None,
+    **extra,
+) -> dict[str, Any]:
+    """A live response (TraceEvent fields) with its texts, for the live judge."""
+    return {
+        "event_id": f"t-{index}",
+        "ts": 1_767_225_600_000 + index * 1000,
+        "rollout_id": rollout_id,
+        "variant": variant,
+        "user_id": user or f"u{index}",
+        "session_id": f"s{index}",
+        "trace_id": f"tr{index}",
+        "prompt_version": "v1",
+        "model_version": "m-candidate" if variant == "candidate" else "m-control",
+        "latency_ms": 100.0 + index,
+        "input_tokens": 10,
+        "output_tokens": 20,
+        "cost_usd": 0.001,
+        "cache_hit": False,
+        "prompt_text": None if prompt is None else f"{prompt} {index}",
+        "response_text": answer,
+        **extra,
+    }

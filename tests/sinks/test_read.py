@@ -295,3 +295,39 @@ def test_decisions_keep_the_segment_guardrails_evidence(tmp_path: Path):
     assert [(e["segment"], e["status"], e["users_candidate"], e["reason"]) for e in row] == [
         ("locale=ja", "breach", 300, evidence.reason)
     ]
+
+
+def test_live_scores_land_in_their_dataset_with_pinned_types_and_answer_sql(tmp_path: Path):
+    from schemas.events import LiveScore
+
+    scores = DATASETS["live_scores"]
+    records = [
+        LiveScore(
+            event_id=f"t-{i}:score",
+            ts=BASE_TS + i * 1000,
+            rollout_id="r1",
+            variant="candidate" if i % 2 else "control",
+            trace_id=f"tr{i}",
+            user_id=f"u{i % 3}",
+            trace_event_id=f"t-{i}",
+            stage="canary",
+            judge_model="claude-haiku-4-5-20251001",
+            rubric_hash="abc",
+            score=3 + i,
+            reason="scripted",
+            cost_usd=0.001,
+        )
+        for i in range(6)
+    ]
+    write_rows(Layout(tmp_path), scores, 0, [scores.row(raw(r)) for r in records])
+    frame = scan("live_scores", tmp_path).collect()
+    assert frame.height == 6 and frame.schema["score"] == pl.Int64 and frame.schema["ts"] == pl.Datetime("ms", "UTC")
+    assert frame["event_id"].to_list() == [f"t-{i}:score" for i in range(6)] and set(frame["rollout_id"]) == {"r1"}
+    by_variant = sinks.sql(
+        tmp_path, "SELECT variant, AVG(score) AS mean, COUNT(*) AS n FROM live_scores GROUP BY variant ORDER BY variant"
+    ).collect()
+    assert by_variant.to_dicts() == [
+        {"variant": "candidate", "mean": 6.0, "n": 3},  # scores 4, 6, 8
+        {"variant": "control", "mean": 5.0, "n": 3},  # scores 3, 5, 7
+    ]
+    assert count_rows(tmp_path)["live_scores"] == 6

@@ -142,6 +142,7 @@ def test_demo_writes_the_dataset_and_reports_rows_twice_into_the_same_folder(tmp
             "plans",
             "shadow",
             "judgments",
+            "live_scores",
             "dlq",
         }
         assert rows["traces"] + rows["feedback"] == result["events_sent"]
