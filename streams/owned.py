@@ -172,7 +172,7 @@ class OwnedConsumer(ConsumerRebalanceListener):
             # seek, not seek_to_beginning: it also drops records already fetched past the offset
             # (a partition restored mid-stream); below the log's start the consumer resets to it
             consumer.seek(tp, offset)
-        self.moved |= set(partitions) | set(positions)
+            self.moved.add(tp)  # a batch in hand was fetched from elsewhere
         self.pending -= set(partitions) | set(positions)
         self.owner.adopt(recreated)
 
