@@ -107,7 +107,7 @@ class OwnedConsumer(ConsumerRebalanceListener):
         self.options = options
         self.consumer: AIOKafkaConsumer | None = None  # None between runs
         self.lock = asyncio.Lock()  # one load, fold or release at a time; the owner's timers take it too
-        self.on_batch: list[Any] = []  # callables (topic, messages read): /metrics
+        self.on_batch: list[Callable[[str, int], None]] = []  # (topic, messages read): /metrics
         self.pending: set[TopicPartition] = set()  # assigned, not loaded yet (the hook failed)
         self.moved: set[TopicPartition] = set()  # sought since the batch in hand was fetched
         self.committed: dict[TopicPartition, int] = {}  # by this run's consumer
@@ -119,11 +119,11 @@ class OwnedConsumer(ConsumerRebalanceListener):
         """Commit to the group the offsets that moved since this consumer's last commit (for lag
         tools). Nothing without a consumer; raises what the commit raises."""
         consumer = self.consumer
-        moved = {tp: offset for tp, offset in offsets.items() if self.committed.get(tp) != offset}
-        if not moved or consumer is None:
+        changed = {tp: offset for tp, offset in offsets.items() if self.committed.get(tp) != offset}
+        if not changed or consumer is None:
             return
-        await consumer.commit(moved)
-        self.committed.update(moved)
+        await consumer.commit(changed)
+        self.committed.update(changed)
 
     # -- partitions moving between workers ---------------------------------------------------
     async def on_partitions_revoked(self, revoked: Any) -> None:
