@@ -12,10 +12,12 @@ machines that costs ~110 us per message, more than the whole outcome step
 (~25 us, ``benchmarks/bench_outcomes.py step``): over Faust, the pipeline reached
 0.46-0.59x a bare Faust agent that does nothing (docs/performance.md). So the
 agent runs in the Faust worker like the sinks, as a task with **its own aiokafka
-consumer** in the group ``<app_id>.outcomes``, and folds each fetched batch in
-one pass. The group uses the range assignor, which gives partition *p* of both
-topics to the same member (co-partitioning, which Faust's assignor did before).
-Faust still runs the decide and judge agents, the timers and the producer.
+consumer** in the group ``<app_id>.outcomes`` (``streams.owned.OwnedConsumer``,
+which owns the group membership, the resume and the fetch loop), and folds each
+fetched batch in one pass. The group uses the range assignor, which gives
+partition *p* of both topics to the same member (co-partitioning, which Faust's
+assignor did before). Faust still runs the decide and judge agents, the timers
+and the producer.
 
 Exactly-once effect on at-least-once delivery -- the state persistence design
 -----------------------------------------------------------------------------
@@ -38,12 +40,13 @@ FIELD_NOTES), so the state is not kept in a table. Instead:
 3. **On (re)assignment** of partition *p* the agent loads *p*'s last checkpoint
    and **seeks** traces-*p* and feedback-*p* to the checkpoint's offsets (the
    start of the log when there is none), so the gap between checkpoint and crash
-   is re-read. It first reads the record just before those offsets and compares
-   it with the one the state last folded (streams/resume.py): another record, or
-   a log that no longer reaches the offsets, means the topic was recreated and is
-   read from its start. The consumer is ours, so the seek cannot race anyone's fetcher
-   (aiokafka drops what it fetched before a seek). After each checkpoint its
-   offsets are committed to the group, for lag tools; the checkpoint is the truth.
+   is re-read. The consumer (streams/owned.py) first reads the record just before
+   those offsets and compares it with the one the state last folded
+   (streams/resume.py): another record, or a log that no longer reaches the
+   offsets, means the topic was recreated and is read from its start. The consumer
+   is ours, so the seek cannot race anyone's fetcher (aiokafka drops what it
+   fetched before a seek). After each checkpoint its offsets are committed to the
+   group, for lag tools; the checkpoint is the truth.
 4. **Replaying the gap is idempotent**: the restored state is exactly the state
    after the checkpoint's offsets, and events below those offsets are skipped by
    offset; event-id dedup inside the state covers repeats the producers made.
@@ -59,12 +62,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import faust
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.partitioner import DefaultPartitioner
 
@@ -73,8 +77,9 @@ from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor
 from schemas import Decision, OutcomeRecord, encode
 from streams.checkpoint import CheckpointWriter, ForkedEncoding, decode_state, ensure_checkpoint_topic, read_latest
 from streams.deadletter import DeadLetters
-from streams.kafka import RebalanceForwarder, client_options, run_restarting
-from streams.resume import probe_logs, record_mark, same_log
+from streams.kafka import client_options
+from streams.owned import OwnedConsumer, Resume
+from streams.resume import record_mark
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -121,7 +126,8 @@ CHECKPOINT_COST_FACTOR = 20
 
 
 class OutcomesService:
-    """The consumer loop over traces + feedback, and the per-partition states it folds into."""
+    """The per-partition states of traces + feedback, folded from the owned-partition consumer
+    ``reader`` (streams.owned: it calls ``load``, ``adopt``, ``fold``, ``release``, ``close``)."""
 
     def __init__(self, app: faust.App, settings: Settings) -> None:
         self.app = app
@@ -133,11 +139,21 @@ class OutcomesService:
         self.checkpoint_topic = settings.topic("checkpoints")
         self.config = OutcomeConfig.from_settings(settings)
         self.owned: dict[int, Owned] = {}
+        self.loading: dict[int, Owned] = {}  # loaded, owned once both topics are sought (``adopt``)
         # (topic, partition, offset) -> reason: events whose step raised (see ``undo``)
         self.failed: dict[tuple[str, int, int], str] = {}
-        self.lock = asyncio.Lock()  # one batch, one publish or one checkpoint at a time
-        self.consumer: AIOKafkaConsumer | None = None
-        self.on_batch: list[Callable[[str, int], None]] = []  # (topic, messages read): /metrics
+        # The consumer of traces + feedback; its lock: one batch, one publish or one checkpoint at a time.
+        self.reader = OwnedConsumer(
+            settings,
+            self,
+            name="outcomes",
+            group_id=f"{settings.app_id}.outcomes",
+            topics=[self.traces, self.feedback],
+            poll_ms=POLL_MS,
+            max_records=MAX_RECORDS,
+            partition_assignment_strategy=(RangePartitionAssignor,),  # partition p of both topics together
+            fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
+        )
         # The decisions topic, read like the apps' flag clients read it: where each rollout's
         # split periods begin (its exposure cohorts), passed to every partition's processor.
         self.flags: FlagClient | None = None
@@ -203,11 +219,10 @@ class OutcomesService:
 
     async def commit(self, offsets: dict[str, int], partition: int) -> None:
         """The checkpoint's offsets as the group's committed offsets: for lag tools only."""
-        consumer = self.consumer
-        if consumer is None or partition not in self.owned:
+        if partition not in self.owned:
             return
         try:
-            await consumer.commit({TopicPartition(topic, partition): offset for topic, offset in offsets.items()})
+            await self.reader.commit({TopicPartition(topic, partition): offset for topic, offset in offsets.items()})
         except Exception as exc:  # noqa: BLE001 - mid-rebalance, say: the checkpoint still holds
             log.debug("outcomes: offset commit of partition %d skipped: %r", partition, exc)
 
@@ -227,17 +242,18 @@ class OutcomesService:
         return Owned(processor, CheckpointWriter(partition))
 
     # -- the hot path -----------------------------------------------------------------------
-    async def fold_batch(self, tp: TopicPartition, records: list) -> bool:
-        """Fold one fetched batch of one partition (the caller holds the lock). False when the
-        partition was restored from its checkpoint meanwhile (``undo``): drop what else was
+    async def fold(self, tp: TopicPartition, records: list) -> None:
+        """One fetched batch of one partition, then its snapshot if due (the reader holds the lock)."""
+        await self.fold_batch(tp, records)
+        await self.publish_if_due(tp.partition)
+
+    async def fold_batch(self, tp: TopicPartition, records: list) -> None:
+        """Fold one fetched batch of one partition (the caller holds the lock). Stops when the
+        partition is restored from its checkpoint (``undo``): the reader drops what else was
         fetched for it, its topics are read again from the checkpoint."""
         state = self.owned.get(tp.partition)
         if state is None:
-            if self.consumer is not None and tp in self.consumer.assignment():
-                # The assignment hook failed (the broker was away, say): load the state now and
-                # seek; aiokafka then drops this batch and fetches from the state's offsets.
-                await self.adopt({tp.partition})
-            return False  # otherwise revoked since the fetch: the next owner reads it from the checkpoint
+            return  # not loaded: the reader loads and seeks before it hands over records
         processor = state.processor
         topic, partition = tp.topic, tp.partition
         source = TRACE if topic == self.traces else FEEDBACK
@@ -272,7 +288,7 @@ class OutcomesService:
                 except Exception as exc:  # a bug must not stop the partition, nor leave it half-updated
                     log.exception("outcomes: failed on %s[%s]@%s", topic, partition, offset)
                     await self.undo(tp, record, f"internal error: {exc!r}")
-                    return False
+                    return
             covered = processor.offsets[topic] = offset + 1
             processor.log_marks[topic] = record_mark(record.timestamp, record.value)
             if reason is not None:
@@ -291,7 +307,6 @@ class OutcomesService:
             ):
                 await self.checkpoint(partition, state)
         await producer.send_outcomes()
-        return True
 
     async def undo(self, tp: TopicPartition, record: Any, error: str) -> None:
         """An event whose step raised: the partition's state may hold part of it. Send the event
@@ -308,107 +323,73 @@ class OutcomesService:
                 await state.writing
             except Exception:
                 log.exception("outcomes: checkpoint of partition %d failed", partition)
-        await self.adopt({partition})  # loads the checkpoint and seeks both topics to its offsets
+        # loads the checkpoint and seeks both topics to its offsets
+        await self.reader.resume({TopicPartition(topic, partition) for topic in (self.traces, self.feedback)})
 
-    async def run_once(self) -> None:
-        settings = self.settings
-        self.consumer = consumer = AIOKafkaConsumer(
-            **client_options(settings),
-            group_id=f"{settings.app_id}.outcomes",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            partition_assignment_strategy=(RangePartitionAssignor,),  # partition p of both topics together
-            session_timeout_ms=int(settings.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
-            rebalance_timeout_ms=int(settings.rebalance_timeout_s * 1000),
-            fetch_max_wait_ms=settings.consumer_fetch_max_wait_ms,
-            max_poll_records=MAX_RECORDS,
-        )
-        self.producer = producer = OutcomeProducer(settings, self.outcomes_topic)
+    @asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """A producer of its own for each run of the reader; the decisions topic read from the first."""
+        self.producer = producer = OutcomeProducer(self.settings, self.outcomes_topic)
         if self.flags is None:
-            self.flags = FlagClient(settings=settings)
+            self.flags = FlagClient(settings=self.settings)
             self.flags.on_change(self.on_decision)
             await self.flags.start()
         try:
             await producer.start()
-            await consumer.start()
-            try:
-                consumer.subscribe(topics=[self.traces, self.feedback], listener=RebalanceForwarder(self))
-                while True:
-                    batch = await consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
-                    restored: set[int] = set()  # partitions sought back to their checkpoint in this batch
-                    for tp, records in batch.items():
-                        if tp.partition in restored:
-                            continue
-                        async with self.lock:
-                            if not await self.fold_batch(tp, records):
-                                restored.add(tp.partition)
-                            await self.publish_if_due(tp.partition)
-                        for observe in self.on_batch:
-                            observe(tp.topic, len(records))
-                        await asyncio.sleep(0)  # snapshots and checkpoints between batches
-            finally:
-                await self.checkpoint_all()  # shutdown (SIGINT cancels this task) or a crash of the loop
+            yield
         finally:
-            self.consumer = None
-            await consumer.stop()
             await producer.stop()
+
+    async def fetched(self) -> None:
+        """Nothing after a poll: snapshots are published per batch (``fold``) and by the timer."""
 
     async def run(self) -> None:
         try:
-            await run_restarting(self.run_once, "outcomes")
+            await self.reader.run()
         finally:
             if self.flags is not None:
                 await self.flags.stop()
 
     # -- partitions moving between workers --------------------------------------------------
-    async def checkpoint_all(self) -> None:
-        """Checkpoint and let go of every partition (revocation, shutdown)."""
+    async def close(self) -> None:
+        """Checkpoint and let go of every partition (shutdown, or the reader's loop failed)."""
         for partition in sorted(self.owned):
-            await self.release(partition)
+            async with self.reader.lock:
+                await self.release_partition(partition)
 
-    async def release(self, partition: int) -> None:
-        async with self.lock:
-            state = self.owned.pop(partition, None)
-            if state is None:
-                return
-            try:
-                if state.writing is not None:  # never two writers on one checkpoint partition
-                    await state.writing
-                if state.processor.events_since_checkpoint:
-                    await (await self.checkpoint(partition, state))
-            except Exception:  # the next owner replays from the previous checkpoint
-                log.exception("outcomes: checkpoint on revocation of partition %d failed", partition)
+    async def release(self, partitions: set[TopicPartition]) -> None:
+        """Revoked: checkpoint and let go of their source partitions (the reader holds the lock)."""
+        for partition in sorted({tp.partition for tp in partitions}):
+            await self.release_partition(partition)
 
-    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        for partition in sorted({tp.partition for tp in revoked}):
-            await self.release(partition)
-
-    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        async with self.lock:
-            for gone in set(self.owned) - {tp.partition for tp in assigned}:
-                self.owned.pop(gone)
-            try:
-                await self.adopt({tp.partition for tp in assigned})
-            except Exception:  # aiokafka would log and go on: the loop adopts them before any record counts
-                log.exception(
-                    "outcomes: loading the checkpoints of %s failed; retrying from the loop",
-                    sorted({tp.partition for tp in assigned}),
-                )
-
-    async def adopt(self, partitions: set[int]) -> None:
-        """Load each new partition's checkpoint and seek both of its topics to the offsets it
-        covers (the caller holds the lock). Raises when a checkpoint cannot be read."""
-        consumer = self.consumer
-        assert consumer is not None
-        settings = self.settings
-        new = sorted(partitions - set(self.owned))
-        if not new:
+    async def release_partition(self, partition: int) -> None:
+        state = self.owned.pop(partition, None)
+        if state is None:
             return
+        try:
+            if state.writing is not None:  # never two writers on one checkpoint partition
+                await state.writing
+            if state.processor.events_since_checkpoint:
+                await (await self.checkpoint(partition, state))
+        except Exception:  # the next owner replays from the previous checkpoint
+            log.exception("outcomes: checkpoint on revocation of partition %d failed", partition)
+
+    async def load(self, partitions: set[TopicPartition]) -> dict[TopicPartition, Resume | None]:
+        """Load each new source partition's checkpoint: where both of its topics resume (the
+        reader holds the lock, checks the logs, seeks, then calls ``adopt``). Raises when a
+        checkpoint cannot be read."""
+        settings = self.settings
+        # A state whose partition is no longer assigned belongs to another worker now: dropped
+        # without a checkpoint (its revocation already wrote one).
+        for gone in set(self.owned) - {tp.partition for tp in self.reader.assignment()}:
+            self.owned.pop(gone)
+        new = sorted({tp.partition for tp in partitions} - set(self.owned))
+        self.loading = {}
+        if not new:
+            return {}
         await ensure_checkpoint_topic(
             client_options(settings), self.checkpoint_topic, settings.partitions, settings.replication_factor
         )
-        tps = [TopicPartition(topic, p) for p in new for topic in (self.traces, self.feedback)]
         loaded: dict[int, Owned] = {}
         for partition in new:
             found = await read_latest(client_options(settings), self.checkpoint_topic, partition)
@@ -436,31 +417,27 @@ class OutcomesService:
                 dict(loaded[partition].processor.offsets),
                 "from checkpoint" if found else "no checkpoint",
             )
-        # Is each log still the one the state covers? Read from the records at the state's
-        # offsets, not the broker's reported end offset (streams/resume.py).
-        resumed = {
-            tp: covered - 1 for tp in tps if (covered := loaded[tp.partition].processor.offsets.get(tp.topic, 0))
+        self.loading = loaded
+        return {
+            TopicPartition(topic, partition): Resume(
+                state.processor.offsets.get(topic, 0), state.processor.log_marks.get(topic)
+            )
+            for partition, state in loaded.items()
+            for topic in (self.traces, self.feedback)
         }
-        probes = await probe_logs(client_options(settings), resumed)
-        for tp in tps:
-            processor = loaded[tp.partition].processor
-            covered = processor.offsets.get(tp.topic, 0)
-            if tp in resumed:
-                same, evidence = same_log(covered - 1, processor.log_marks.get(tp.topic), probes[tp])
-                if not same:
-                    # An empty broker came back, or the topic was deleted and made again: read it
-                    # from its start, or every new event would pass for one already counted.
-                    log.warning(
-                        "outcomes: %s[%d]: %s: the topic was recreated; reading it from its start",
-                        tp.topic,
-                        tp.partition,
-                        evidence,
-                    )
-                    covered = processor.offsets[tp.topic] = 0
-            # seek, not seek_to_beginning: it also drops records already fetched past the offset
-            # (a partition restored mid-stream); below the log's start the consumer resets to it
-            consumer.seek(tp, covered)
-        self.owned.update(loaded)
+
+    def adopt(self, recreated: dict[TopicPartition, str]) -> None:
+        """Own the loaded partitions, both topics sought; a recreated topic's state starts at 0."""
+        for tp, evidence in recreated.items():
+            log.warning(
+                "outcomes: %s[%d]: %s: the topic was recreated; reading it from its start",
+                tp.topic,
+                tp.partition,
+                evidence,
+            )
+            self.loading[tp.partition].processor.offsets[tp.topic] = 0
+        self.owned.update(self.loading)
+        self.loading = {}
 
     # -- timers -----------------------------------------------------------------------------
     async def publish_if_due(self, partition: int) -> None:
@@ -477,12 +454,12 @@ class OutcomesService:
 
     async def publish_due(self) -> None:
         for partition in list(self.owned):
-            async with self.lock:
+            async with self.reader.lock:
                 await self.publish_if_due(partition)
 
     async def checkpoint_due_partitions(self) -> None:
         for partition in list(self.owned):
-            async with self.lock:
+            async with self.reader.lock:
                 state = self.owned.get(partition)
                 if (
                     state is not None

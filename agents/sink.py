@@ -9,10 +9,11 @@ agents/outcomes.py). A sink in the same group would be re-positioned past rows
 it had not written yet: data loss after a crash. Its own group also lets the
 sink commit exactly what is on disk, and reads ~10x faster than a Faust stream.
 
-The loop (one task): ``getmany`` -> per record, decode + validate into a row tuple
-and append it to its (dataset, partition) buffer -> flush what rotation says is
-due -> commit ``last_offset + 1`` of every flushed partition. Records that do not
-decode go to the DLQ (``agent="sink:<dataset>"``), never into the dataset.
+The loop (one task, ``streams.owned.OwnedConsumer``): ``getmany`` -> per record,
+decode + validate into a row tuple and append it to its (dataset, partition)
+buffer -> flush what rotation says is due -> commit ``last_offset + 1`` of every
+flushed partition. Records that do not decode go to the DLQ
+(``agent="sink:<dataset>"``), never into the dataset.
 
 Offsets and crashes (the file protocol is in sinks/writer.py): the writer's
 checkpoint, written after the rename, is the truth. On assignment every
@@ -26,20 +27,19 @@ resumes right after the last file: every record lands exactly once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Callable
 from typing import Any
 
 import faust
 import msgspec
-from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka import TopicPartition
 
 from sinks.datasets import DATASETS, Dataset
 from sinks.writer import Layout, PartitionWriter, Rotation
 from streams.deadletter import DeadLetters
-from streams.kafka import RebalanceForwarder, client_options, run_restarting
-from streams.resume import probe_logs, same_log
+from streams.owned import OwnedConsumer, Resume
 from streams.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,8 @@ class DatasetSink:
 
 
 class SinkService:
-    """The consumer loop of every selected dataset (one task in the worker)."""
+    """The writers of every selected dataset, fed by one owned-partition consumer ``reader``
+    (streams.owned: it calls ``load``, ``adopt``, ``fold``, ``fetched``, ``release``, ``close``)."""
 
     def __init__(self, app: faust.App, settings: Settings, datasets: list[Dataset]) -> None:
         self.app = app
@@ -180,17 +181,22 @@ class SinkService:
             )
             for ds in datasets
         }
-        self.consumer: AIOKafkaConsumer | None = None
-        self.committed: dict[TopicPartition, int] = {}
-        self.lock = asyncio.Lock()  # a flush in its thread and a rebalance never touch a writer together
-        self.on_batch: list[Callable[[str, int], None]] = []  # (topic, messages read): /metrics
+        self.rejects: list = []  # (sink, record, reason) of the batch in hand
+        # The consumer of every dataset's topic; its lock: a flush in its thread and a rebalance
+        # never touch a writer together.
+        self.reader = OwnedConsumer(
+            settings,
+            self,
+            name="sink",
+            group_id=f"{settings.app_id}.sink",
+            topics=list(self.sinks),
+            poll_ms=POLL_MS,
+            max_records=MAX_RECORDS,
+        )
 
     # -- partitions moving between workers --------------------------------------------
-    async def on_revoked(self, revoked: set[TopicPartition]) -> None:
-        async with self.lock:
-            await self._revoke(revoked)
-
-    async def _revoke(self, revoked: set[TopicPartition]) -> None:
+    async def release(self, revoked: set[TopicPartition]) -> None:
+        """Revoked: their buffers flushed and committed, their writers dropped (the reader holds the lock)."""
         for sink in self.sinks.values():
             mine = {tp.partition for tp in revoked if tp.topic == sink.topic}
             if mine:
@@ -201,38 +207,43 @@ class SinkService:
                 if tp.topic == sink.topic:
                     sink.writers.pop(tp.partition, None)
 
-    async def on_assigned(self, assigned: set[TopicPartition]) -> None:
-        async with self.lock:
-            await self._assign(assigned)
-
-    async def _assign(self, assigned: set[TopicPartition]) -> None:
-        assert self.consumer is not None
+    async def load(self, assigned: set[TopicPartition]) -> dict[TopicPartition, Resume | None]:
+        """A writer per partition, rebuilt from its files (a half-done flush rolled forward): it
+        resumes after the last offset written (none written: at the group's committed offset)."""
         writers = {tp: self.sinks[tp.topic].open(tp.partition) for tp in assigned}
-        # Is each log still the one the files cover? Read from the records, not the broker's
-        # reported end offset (streams/resume.py).
-        resumed = {tp: writer.last_offset for tp, writer in writers.items() if writer.last_offset >= 0}
-        probes = await probe_logs(client_options(self.settings), resumed)
-        for tp, last in resumed.items():
-            writer = writers[tp]
-            same, evidence = same_log(last, writer.fingerprint, probes[tp])
-            if same:
-                self.consumer.seek(tp, last + 1)
-            else:
-                recreated(writer, evidence)
-                self.consumer.seek(tp, 0)
+        return {
+            tp: Resume(writer.last_offset + 1, writer.fingerprint) if writer.last_offset >= 0 else None
+            for tp, writer in writers.items()
+        }
+
+    def adopt(self, recreated_logs: dict[TopicPartition, str]) -> None:
+        for tp, evidence in recreated_logs.items():
+            recreated(self.sinks[tp.topic].writers[tp.partition], evidence)
 
     # -- the loop -------------------------------------------------------------------------
+    def running(self) -> contextlib.AbstractAsyncContextManager[None]:
+        return contextlib.nullcontext()  # the writers need nothing more
+
+    async def fold(self, tp: TopicPartition, records: list) -> None:
+        self.sinks[tp.topic].consume(tp.partition, records, self.rejects)
+
+    async def fetched(self) -> None:
+        """The batch's rejects to the DLQ, the due buffers to files, their offsets committed."""
+        rejects, self.rejects = self.rejects, []
+        for sink, record, reason in rejects:
+            await _reject(sink, record, reason)
+        now = time.monotonic()
+        async with self.reader.lock:
+            for sink in self.sinks.values():
+                await sink.flush_due(now)
+        await self.commit()
+
     async def commit(self) -> None:
         offsets: dict[TopicPartition, int] = {}
         for sink in self.sinks.values():
-            for tp, offset in sink.committable().items():
-                if self.committed.get(tp) != offset:
-                    offsets[tp] = offset
-        if not offsets or self.consumer is None:
-            return
+            offsets.update(sink.committable())
         try:
-            await self.consumer.commit(offsets)
-            self.committed.update(offsets)
+            await self.reader.commit(offsets)
         except Exception as exc:  # noqa: BLE001 - the checkpoint is the truth; the group offset is for lag only
             log.warning("sink: offset commit failed (%s); the checkpoints still hold", exc)
 
@@ -240,49 +251,19 @@ class SinkService:
         for sink in self.sinks.values():
             sink.flush(force=True)
 
-    async def run_once(self) -> None:
-        settings = self.settings
-        self.consumer = AIOKafkaConsumer(
-            **client_options(settings),
-            group_id=f"{settings.app_id}.sink",
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=int(settings.session_timeout_s * 1000),
-            heartbeat_interval_ms=int(settings.heartbeat_interval_s * 1000),
-            rebalance_timeout_ms=int(settings.rebalance_timeout_s * 1000),
-            max_poll_records=MAX_RECORDS,
-        )
-        self.committed = {}
-        await self.consumer.start()
+    async def close(self) -> None:
+        """Shutdown (SIGINT cancels the reader) or a crash of its loop: write what is buffered
+        first (synchronous, so a second cancel cannot cut it short)."""
+        self.rejects = []  # their records are read again by the next run
+        self.flush_all()
         try:
-            self.consumer.subscribe(topics=list(self.sinks), listener=RebalanceForwarder(self))
-            while True:
-                batch = await self.consumer.getmany(timeout_ms=POLL_MS, max_records=MAX_RECORDS)
-                rejects: list = []
-                for tp, records in batch.items():
-                    self.sinks[tp.topic].consume(tp.partition, records, rejects)
-                    for observe in self.on_batch:
-                        observe(tp.topic, len(records))
-                for sink, record, reason in rejects:
-                    await _reject(sink, record, reason)
-                now = time.monotonic()
-                async with self.lock:
-                    for sink in self.sinks.values():
-                        await sink.flush_due(now)
-                await self.commit()
+            await asyncio.wait_for(self.commit(), 5.0)
         finally:
-            # Shutdown (SIGINT cancels this task) or a crash of the loop: write what is
-            # buffered first (synchronous, so a second cancel cannot cut it short).
-            self.flush_all()
-            try:
-                await asyncio.wait_for(self.commit(), 5.0)
-            finally:
-                await self.consumer.stop()
-                for sink in self.sinks.values():
-                    sink.writers.clear()
+            for sink in self.sinks.values():
+                sink.writers.clear()
 
     async def run(self) -> None:
-        await run_restarting(self.run_once, "sink")
+        await self.reader.run()
 
 
 def recreated(writer: PartitionWriter, evidence: str) -> None:

@@ -26,14 +26,14 @@ def worker_app(settings: Settings) -> faust.App:
         app,
         settings,
         consumers=lambda: {
-            "outcomes": outcomes_service.consumer,
-            "sink": sink_service.consumer if sink_service else None,
+            "outcomes": outcomes_service.reader.consumer,
+            "sink": sink_service.reader.consumer if sink_service else None,
         },
     )
     if worker_metrics is not None:
-        outcomes_service.on_batch.append(worker_metrics.reader("outcomes"))
+        outcomes_service.reader.on_batch.append(worker_metrics.reader("outcomes"))
         if sink_service is not None:
-            sink_service.on_batch.append(worker_metrics.reader("sink"))
+            sink_service.reader.on_batch.append(worker_metrics.reader("sink"))
     judge.register(app, settings)  # shadow statistics + LLM judge (docs/shadow.md)
     otlp_counts = otlp.register(app, settings)  # OpenTelemetry spans -> traces, feedback (off unless otlp_topic)
     if otlp_counts is not None and worker_metrics is not None:

@@ -15,12 +15,8 @@ disagree. Only ``credentials`` imports Faust: apps that use the SDK never load i
 
 from __future__ import annotations
 
-import asyncio
-import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiokafka import ConsumerRebalanceListener
 from aiokafka.helpers import create_ssl_context
 
 from streams.settings import Settings
@@ -88,35 +84,3 @@ def credentials(settings: Settings) -> Any:
         ssl_context=ssl_context(settings) if protocol == "SASL_SSL" else None,
         mechanism=mechanism,
     )
-
-
-class RebalanceForwarder(ConsumerRebalanceListener):
-    """An aiokafka rebalance listener that hands the partitions, as sets, to a service's
-    ``on_revoked`` / ``on_assigned`` (the outcomes agent's and the sinks' own consumers)."""
-
-    def __init__(self, service: Any) -> None:
-        self.service = service
-
-    async def on_partitions_revoked(self, revoked: Any) -> None:
-        await self.service.on_revoked(set(revoked))
-
-    async def on_partitions_assigned(self, assigned: Any) -> None:
-        await self.service.on_assigned(set(assigned))
-
-
-RESTART_DELAY_S = 2.0
-
-
-async def run_restarting(run_once: Callable[[], Awaitable[None]], name: str) -> None:
-    """Run a consumer loop for the worker's lifetime: a failure is logged and the loop
-    starts again (with a new consumer) after RESTART_DELAY_S; cancellation stops it."""
-    while True:
-        try:
-            await run_once()
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logging.getLogger(__name__).exception(
-                "%s: consumer loop failed; restarting in %.0f s", name, RESTART_DELAY_S
-            )
-            await asyncio.sleep(RESTART_DELAY_S)

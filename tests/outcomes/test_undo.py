@@ -49,7 +49,7 @@ class CapturedTopic:
 async def _run(settings, lines: list[bytes]) -> tuple[dict, dict, list]:
     service = OutcomesService(create_app(settings), settings)
     service.dead_letters.topic = dlq = CapturedTopic()
-    task = asyncio.create_task(service.run_once())
+    task = asyncio.create_task(service.reader.run_once())
 
     async def publish_timer() -> None:  # the worker's snapshot timer (agents/outcomes.py, register)
         while True:
@@ -70,7 +70,7 @@ async def _run(settings, lines: list[bytes]) -> tuple[dict, dict, list]:
         else:
             raise AssertionError(f"the agent did not cover {ends}: { ({p: s.seq for p, s in seen.items()}) }")
         counts = {"read": 0, "invalid": 0}
-        async with service.lock:
+        async with service.reader.lock:
             for state in service.owned.values():
                 for name in counts:
                     counts[name] += state.processor.counts[name]
