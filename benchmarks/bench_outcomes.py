@@ -32,11 +32,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safeswap.bench import BARE_APP, T0, make_events
+from benchmarks.pipeline import BARE_APP, T0, make_events
 from safeswap.outcomes import TRACE, OutcomeProcessor
 from schemas import FeedbackEvent, TraceEvent, decode
 
-# One way to make events and run the bare-Faust baseline: shared with `safeswap bench` (safeswap/bench.py).
+# One way to make events and run the bare-Faust baseline: shared with `safeswap bench` (benchmarks/pipeline.py).
 
 
 def bench_step(n_events: int) -> dict:

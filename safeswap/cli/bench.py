@@ -1,4 +1,4 @@
-"""``safeswap bench``: the pipeline's benchmarks (safeswap.bench)."""
+"""``safeswap bench``: the pipeline's benchmarks (benchmarks.pipeline), a thin entry point."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from safeswap.bench import BenchConfig, Reporter, run_bench, table_lines
+from benchmarks.pipeline import BenchConfig, Reporter, run_bench, table_lines
 
 
 def register(app) -> None:

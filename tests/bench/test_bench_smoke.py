@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from safeswap.bench import JSON_KEYS, iter_events, make_events
+from benchmarks.pipeline import JSON_KEYS, iter_events, make_events
 from schemas import FeedbackEvent, TraceEvent, decode
 
 REPO = Path(__file__).resolve().parents[2]
