@@ -402,9 +402,9 @@ class OutcomesService:
                     # Written by another safeswap version: its state has another shape. Rebuild
                     # from the topics' start (exact while the broker still holds them).
                     log.warning(
-                        "outcomes: partition %d: the checkpoint was written by another safeswap "
-                        "version (state version %s): rebuilding the partition from the start of its "
-                        "topics (metrics cover only what the broker still retains)",
+                        "outcomes: partition %d: the checkpoint cannot be loaded by this safeswap "
+                        "(it reads state version %s; the line above says why): rebuilding the partition "
+                        "from the start of its topics (metrics cover only what the broker still retains)",
                         partition,
                         OutcomeProcessor.STATE_VERSION,
                     )
