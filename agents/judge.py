@@ -181,12 +181,26 @@ def register(app: faust.App, settings: Settings) -> None:
 
     @app.timer(settings.snapshot_interval_s)
     async def publish_shadow_stats() -> None:
-        while dirty:
-            key = dirty.pop()
-            accumulator = accumulators[key]
-            seqs[key] = seqs.get(key, 0) + 1
-            rollout_id, partition = key
-            snapshot = StatsSnapshot(
+        for snapshot in dirty_snapshots(dirty, accumulators, seqs, source, "shadow"):
+            await stats_topic.send(key=snapshot.rollout_id.encode(), value=encode(snapshot))
+
+    if judge is not None and judge.live_sample_rate > 0:
+        register_live(app, settings, judge, reserve, slots, incarnation)
+
+
+def dirty_snapshots(
+    dirty: set[tuple[str, int]], accumulators: dict, seqs: dict[tuple[str, int], int], source: str, field: str
+) -> list[StatsSnapshot]:
+    """A snapshot of each (rollout, partition) accumulator changed since the last ones, each with
+    the next ``seq``; its statistics in the StatsSnapshot field ``field`` (``shadow``, ``live_judge``)."""
+    snapshots = []
+    while dirty:
+        key = dirty.pop()
+        accumulator = accumulators[key]
+        seqs[key] = seqs.get(key, 0) + 1
+        rollout_id, partition = key
+        snapshots.append(
+            StatsSnapshot(
                 rollout_id=rollout_id,
                 partition=partition,
                 seq=seqs[key],
@@ -194,12 +208,10 @@ def register(app: faust.App, settings: Settings) -> None:
                 users={},
                 metrics={},
                 source=source,
-                shadow=accumulator.to_dict(),
+                **{field: accumulator.to_dict()},
             )
-            await stats_topic.send(key=rollout_id.encode(), value=encode(snapshot))
-
-    if judge is not None and judge.live_sample_rate > 0:
-        register_live(app, settings, judge, reserve, slots, incarnation)
+        )
+    return snapshots
 
 
 def register_live(app: faust.App, settings: Settings, judge: Judge, reserve, slots, incarnation: str) -> None:
@@ -281,19 +293,5 @@ def register_live(app: faust.App, settings: Settings, judge: Judge, reserve, slo
 
     @app.timer(settings.snapshot_interval_s)
     async def publish_live_scores() -> None:
-        while dirty:
-            key = dirty.pop()
-            accumulator = accumulators[key]
-            seqs[key] = seqs.get(key, 0) + 1
-            rollout_id, partition = key
-            snapshot = StatsSnapshot(
-                rollout_id=rollout_id,
-                partition=partition,
-                seq=seqs[key],
-                ts=accumulator.ts,
-                users={},
-                metrics={},
-                source=source,
-                live_judge=accumulator.to_dict(),
-            )
-            await stats_topic.send(key=rollout_id.encode(), value=encode(snapshot))
+        for snapshot in dirty_snapshots(dirty, accumulators, seqs, source, "live_judge"):
+            await stats_topic.send(key=snapshot.rollout_id.encode(), value=encode(snapshot))

@@ -572,17 +572,19 @@ class Judge:
             pair, rubric, self.model, settings.judge_max_tokens, settings.judge_max_answer_chars, self.prices
         )
         payer = budget_key or pair.rollout_id
-        if not self.budget.reserve(payer, reserved):
+        if (refused := self._reserve(payer, reserved, "a pair")) is not None:
             self.stats.budget_skipped += 1
-            return JudgeResult(
-                "budget",
-                reason=(
-                    f"judge budget for {payer}: "
-                    f"{self.budget.remaining(payer):.4f} USD left, "
-                    f"a pair may cost {reserved:.4f}"
-                ),
-            )
+            return refused
         return Admission(pair, rubric, payer, reserved)
+
+    def _reserve(self, payer: str, reserved: float, what: str) -> JudgeResult | None:
+        """Reserve ``reserved`` USD of ``payer``'s budget; the refusal when it does not fit."""
+        if self.budget.reserve(payer, reserved):
+            return None
+        return JudgeResult(
+            "budget",
+            reason=f"judge budget for {payer}: {self.budget.remaining(payer):.4f} USD left, {what} may cost {reserved:.4f}",
+        )
 
     async def judge_admitted(self, admission: Admission) -> JudgeResult:
         """Both orders of an admitted pair; settles its reservation with the actual cost."""
@@ -661,15 +663,9 @@ class Judge:
             trace, rubric, self.model, settings.judge_max_tokens, settings.judge_max_answer_chars, self.prices
         )
         payer = budget_key or trace.rollout_id
-        if not self.budget.reserve(payer, reserved):
+        if (refused := self._reserve(payer, reserved, "a score")) is not None:
             self.stats.live_budget_skipped += 1
-            return JudgeResult(
-                "budget",
-                reason=(
-                    f"judge budget for {payer}: {self.budget.remaining(payer):.4f} USD left, "
-                    f"a score may cost {reserved:.4f}"
-                ),
-            )
+            return refused
         return ScoreAdmission(trace, rubric, payer, reserved, stage)
 
     async def score_admitted(self, admission: ScoreAdmission) -> JudgeResult:

@@ -145,22 +145,14 @@ class MessagesEndpoint:
 
     def verdict(self, winner: str, reason: str, body: dict[str, Any]) -> web.Response:
         """The forced tool call the judge asks for."""
-        tool = {
-            "type": "tool_use",
-            "id": "toolu_simulated",
-            "name": TOOL_NAME,
-            "input": {"winner": winner, "reason": reason},
-        }
-        return self.message([tool], "tool_use", body)
+        return self.tool_call(TOOL_NAME, {"winner": winner, "reason": reason}, body)
 
     def score(self, score: Any, reason: str, body: dict[str, Any]) -> web.Response:
         """The forced ``record_score`` call the judge asks for a live response."""
-        tool = {
-            "type": "tool_use",
-            "id": "toolu_simulated",
-            "name": SCORE_TOOL_NAME,
-            "input": {"score": score, "reason": reason},
-        }
+        return self.tool_call(SCORE_TOOL_NAME, {"score": score, "reason": reason}, body)
+
+    def tool_call(self, name: str, arguments: dict[str, Any], body: dict[str, Any]) -> web.Response:
+        tool = {"type": "tool_use", "id": "toolu_simulated", "name": name, "input": arguments}
         return self.message([tool], "tool_use", body)
 
     def usage(self, body: dict[str, Any]) -> tuple[int, int]:
