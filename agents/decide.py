@@ -18,7 +18,7 @@ import logging
 import faust
 import msgspec
 
-from safeswap.controller import PlanConflict, RolloutState, on_command, on_plan, on_snapshot, status_of
+from safeswap.core.controller import PlanConflict, RolloutState, on_command, on_plan, on_snapshot, status_of
 from schemas import Command, InvalidEvent, RolloutPlan, StatsSnapshot, decode, encode
 from streams.app import raw_topic
 from streams.deadletter import DeadLetters

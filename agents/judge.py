@@ -64,10 +64,10 @@ from functools import partial
 
 import faust
 
+from safeswap.core.live_scores import SCORED_STAGES, SOURCE_PREFIX, LiveScoreAccumulator
+from safeswap.core.shadow_analysis import ShadowAccumulator
 from safeswap.flags import FlagClient
 from safeswap.judge import Budget, Judge, JudgeResult, ScoreAdmission
-from safeswap.live_scores import SCORED_STAGES, SOURCE_PREFIX, LiveScoreAccumulator
-from safeswap.shadow_analysis import ShadowAccumulator
 from schemas import InvalidEvent, StatsSnapshot, TraceEvent, decode, encode
 from schemas.events import ShadowPair
 from streams.app import raw_topic

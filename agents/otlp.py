@@ -2,7 +2,7 @@
 
 On when ``SAFESWAP_OTLP_TOPIC`` names the topic the Collector's Kafka exporter writes
 (``otlp_spans`` by default there), in ``SAFESWAP_OTLP_ENCODING`` (``otlp_proto`` or
-``otlp_json``). Each message goes through the pure mapping of ``safeswap.otlp``; its events
+``otlp_json``). Each message goes through the pure mapping of ``safeswap.core.otlp``; its events
 are produced keyed by user_id, exactly as the Emitter sends them, so the outcomes agent,
 sessions, joins and the controller see no difference. A message that is not OTLP, and a
 model call of a rollout without a variant or user, are dead-lettered once each with the
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import faust
 
-from safeswap.otlp import decode_spans, map_spans
+from safeswap.core.otlp import decode_spans, map_spans
 from schemas import InvalidEvent, encode
 from streams.app import raw_topic
 from streams.deadletter import DeadLetters

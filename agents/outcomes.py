@@ -1,6 +1,6 @@
 """Outcomes agent: traces + feedback -> per-partition outcome statistics snapshots (docs/metrics.md).
 
-A thin loop over :class:`safeswap.outcomes.OutcomeProcessor`, one per source
+A thin loop over :class:`safeswap.core.outcomes.OutcomeProcessor`, one per source
 partition (both topics are keyed by user_id with the same partition count, so
 partition *p* of each holds the same users).
 
@@ -72,8 +72,8 @@ from aiokafka import AIOKafkaProducer, TopicPartition
 from aiokafka.coordinator.assignors.range import RangePartitionAssignor
 from aiokafka.partitioner import DefaultPartitioner
 
+from safeswap.core.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor
 from safeswap.flags import FlagClient
-from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor
 from schemas import Decision, OutcomeRecord, encode
 from streams.checkpoint import CheckpointWriter, ForkedEncoding, decode_state, ensure_checkpoint_topic, read_latest
 from streams.deadletter import DeadLetters

@@ -38,7 +38,7 @@ from faust.sensors import Sensor
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from safeswap.metrics import METRICS, variant_values
+from safeswap.core.metrics import METRICS, variant_values
 from streams.deadletter import reason_kind
 from streams.settings import Settings
 
@@ -282,7 +282,7 @@ class WorkerMetrics(Sensor):
         self.observe_live_judge(rollout, status.live_judge)
 
     def observe_live_judge(self, rollout: str, live: dict[str, Any]) -> None:
-        """The status's live judge summary (safeswap.live_scores.summarize) as gauges."""
+        """The status's live judge summary (safeswap.core.live_scores.summarize) as gauges."""
         if not live:
             return
         for variant, values in (live.get("variants") or {}).items():

@@ -27,7 +27,7 @@ import uuid
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 
-from safeswap.assignment import assign
+from safeswap.core.assignment import assign
 from safeswap.flags import FlagClient
 from schemas import Decision, encode
 from streams.broker import EmbeddedBroker

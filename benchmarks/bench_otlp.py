@@ -25,7 +25,7 @@ from pathlib import Path
 import msgspec
 from aiokafka import AIOKafkaProducer
 
-from safeswap.demo import MODELS, OtelApp
+from safeswap.tools.demo import MODELS, OtelApp
 from schemas import TraceEvent, encode
 from streams.broker import EmbeddedBroker
 from streams.compacted import CompactedView

@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.pipeline import BARE_APP, T0, make_events
-from safeswap.outcomes import TRACE, OutcomeProcessor
+from safeswap.core.outcomes import TRACE, OutcomeProcessor
 from schemas import FeedbackEvent, TraceEvent, decode
 
 # One way to make events and run the bare-Faust baseline: shared with `safeswap bench` (benchmarks/pipeline.py).
@@ -249,7 +249,7 @@ def _without_gc(work):
 def bench_checkpoint(n_events: int, users: int, runs: int = 3) -> dict:
     """Both formats encode and restore the same processor, ``runs`` times each; best times."""
     from agents.outcomes import restore_processor
-    from safeswap.outcomes import OutcomeConfig
+    from safeswap.core.outcomes import OutcomeConfig
     from streams.checkpoint import ForkedEncoding, encode_state
 
     processor = OutcomeProcessor(0)

@@ -14,7 +14,7 @@ import timeit
 import numpy as np
 from scipy.stats import norm
 
-from safeswap.stats import (
+from safeswap.core.stats import (
     GuardrailMonitor,
     LatencyHistogram,
     Mean,

@@ -60,7 +60,7 @@ from typing import Any
 
 T0 = 1_700_000_000_000
 WORDS = ["alpha", "beta", "gamma", "delta", "kafka", "faust", "token", "model", "prompt", "answer"]
-TRACE, FEEDBACK = "trace", "feedback"  # the same names as safeswap.outcomes (not imported: keep this light)
+TRACE, FEEDBACK = "trace", "feedback"  # the same names as safeswap.core.outcomes (not imported: keep this light)
 JSON_KEYS = (
     "pipeline_eps",
     "bare_faust_eps",
@@ -656,7 +656,7 @@ def _trace(rollout_id: str, user: str, variant: str, error: bool, ts: int, event
 
 
 def _pick_users(salt: str, prefix: str, n_control: int, n_candidate: int) -> tuple[list[str], list[str]]:
-    from safeswap.assignment import in_candidate
+    from safeswap.core.assignment import in_candidate
 
     control, candidate, k = [], [], 0
     while len(control) < n_control or len(candidate) < n_candidate:
@@ -744,7 +744,7 @@ async def _latency(bootstrap: str, settings, cfg: BenchConfig, say) -> dict[str,
     from aiokafka import AIOKafkaProducer
 
     from safeswap.flags import FlagClient, rolled_back
-    from safeswap.simulate import status_view
+    from safeswap.tools.simulate import status_view
 
     n = cfg.min_users
     run = uuid.uuid4().hex[:6]

@@ -1,7 +1,7 @@
 """safeswap: ship LLM prompt changes and model bumps like risky migrations.
 
 What apps import: ``Emitter`` (send trace and feedback events), ``FlagClient``
-(which variant a user sees). Statistics live in ``safeswap.stats``.
+(which variant a user sees). Statistics live in ``safeswap.core.stats``.
 """
 
 from __future__ import annotations

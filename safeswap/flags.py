@@ -14,7 +14,7 @@ Serving rules (``variant(rollout_id, user_id)``):
 - ``rollback`` (action) or ``rolled_back`` (stage): control for everyone,
   whatever ``percent`` says.
 - otherwise the decision's ``percent`` with the bucketing contract of
-  :mod:`safeswap.assignment`. Buckets are fixed per (salt, user), so raising the
+  :mod:`safeswap.core.assignment`. Buckets are fixed per (salt, user), so raising the
   percentage only adds users (5% -> 10% -> 50% keeps every 5% user in the
   candidate), ``pause`` holds whatever split the pause decision carries (the
   controller republishes the current percent), and ``complete`` (percent 100)
@@ -76,7 +76,7 @@ from types import MappingProxyType
 
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
-from safeswap.assignment import assign, in_candidate
+from safeswap.core.assignment import assign, in_candidate
 from schemas import Decision, InvalidEvent, decode
 from streams.compacted import assign_from_beginning, at_end
 from streams.kafka import client_options

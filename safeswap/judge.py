@@ -55,7 +55,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from safeswap.plan import is_pinned
+from safeswap.core.plan import is_pinned
 from schemas.events import LIVE_SCORE_MAX, LIVE_SCORE_MIN, Judgment, LiveScore, ShadowPair, TraceEvent
 from streams.settings import Settings
 
@@ -793,9 +793,9 @@ class Judge:
 def read_pairs(path: Path) -> tuple[list[ShadowPair], list[str]]:
     """Pairs from a JSONL file, and one problem line per line that is not a valid pair.
 
-    Lines are read like every JSONL input (:func:`safeswap.evalgate.jsonl_lines`):
+    Lines are read like every JSONL input (:func:`safeswap.core.evalgate.jsonl_lines`):
     split on newlines only, a non-UTF-8 line is a problem, not a crash."""
-    from safeswap.evalgate import jsonl_lines
+    from safeswap.core.evalgate import jsonl_lines
     from schemas import InvalidEvent, decode
 
     pairs, problems = [], []

@@ -133,7 +133,7 @@ class VariantSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit
 
 
 StageName = Literal["shadow", "canary", "ramp"]
-Duration = str  # "24h", "7d", "1d12h", "90m", "30s": parsed by safeswap.plan.parse_duration
+Duration = str  # "24h", "7d", "1d12h", "90m", "30s": parsed by safeswap.core.plan.parse_duration
 
 
 class StageSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_defaults=True):
@@ -145,7 +145,7 @@ class StageSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, omit_d
     min_duration: Duration | None = None
     min_users_per_arm: Annotated[int, Meta(ge=0)] | None = None
     # Shadow only: promote when the judge does not prefer control by more than
-    # this share of judged pairs (default 0.10; safeswap.shadow_analysis.stage_rule).
+    # this share of judged pairs (default 0.10; safeswap.core.shadow_analysis.stage_rule).
     judge_max_control_preference: Annotated[float, Meta(ge=0, le=1)] | None = None
     # Shadow only: pairs analysed, and pairs judged, before promotion (default: the
     # plan's min_users_per_arm; min_judged_pairs 0 = no judge runs for this rollout).
@@ -185,7 +185,7 @@ class SequentialSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True, o
 class RolloutPlan(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     """A rollout declared before it starts: stages, watch periods, guardrails, health.
 
-    Validated by ``safeswap plan validate`` (safeswap/plan.py); hashed when it
+    Validated by ``safeswap plan validate`` (safeswap/core/plan.py); hashed when it
     starts, and immutable from then on: a changed plan is a new rollout.
     """
 
@@ -308,14 +308,14 @@ class RolloutStatus(msgspec.Struct, kw_only=True):
     # partitions): what a closed-loop simulation waits for.
     watermark: int = 0
     # Shadow analysis: judge win/tie/loss with always-valid intervals,
-    # tail/cost/latency checks and the promotion verdict (safeswap.shadow_analysis).
+    # tail/cost/latency checks and the promotion verdict (safeswap.core.shadow_analysis).
     shadow: dict[str, Any] = {}
     # Segment guardrails (the plan's ``segments``): one row per (segment value, guardrail);
     # segment values seen beyond the plan's max_segment_values are not tested.
     segment_guardrails: list[GuardrailEvidence] = []
     segments_untested: list[str] = []
     # Live judge scores of canary and ramp responses per variant, with the always-valid
-    # interval of candidate - control (safeswap.live_scores.summarize): monitored, never a
+    # interval of candidate - control (safeswap.core.live_scores.summarize): monitored, never a
     # decision input.
     live_judge: dict[str, Any] = {}
 
@@ -485,7 +485,7 @@ class StatsSnapshot(msgspec.Struct, kw_only=True):
     # a ramp only moves users the other way, so these are assignment leaks.
     crossover_users: int = 0
     # Shadow analysis. "" = the outcomes agent; "shadow:<worker incarnation>"
-    # = the judge agent's per-partition shadow statistics (safeswap.shadow_analysis),
+    # = the judge agent's per-partition shadow statistics (safeswap.core.shadow_analysis),
     # which the controller keeps apart from the outcome snapshots, per (source, partition).
     source: str = ""
     shadow: dict[str, Any] = {}
@@ -516,7 +516,7 @@ EVENT_TYPES["command"] = Command
 
 class ShadowSide(msgspec.Struct, kw_only=True):
     """What one variant answered to a shadowed request. Refusal and JSON validity
-    are derived from these fields (safeswap.shadow_analysis), never sent."""
+    are derived from these fields (safeswap.core.shadow_analysis), never sent."""
 
     response_text: str | None = None
     latency_ms: NonNegative

@@ -1,6 +1,6 @@
 """The checkpoint payload: one source partition's outcome state as plain data.
 
-The outcomes agent checkpoints each partition's :class:`safeswap.outcomes.OutcomeProcessor`
+The outcomes agent checkpoints each partition's :class:`safeswap.core.outcomes.OutcomeProcessor`
 as a :class:`PartitionState` (``OutcomeProcessor.to_state``/``from_state``), msgpack-encoded
 and zlib'd by ``streams.checkpoint``. Nothing in it names a Python class or module, so
 code may move or be renamed without making checkpoints unreadable; a change of shape bumps
@@ -45,7 +45,7 @@ class StateVersion(msgspec.Struct):
 
 
 class DistinctSet(msgspec.Struct, kw_only=True):
-    """``streams.dedup.DistinctHashes``: sorted members and recent additions."""
+    """``safeswap.core.dedup.DistinctHashes``: sorted members and recent additions."""
 
     members: bytes  # sorted uint64 hashes
     recent: list[int]  # sorted
@@ -53,7 +53,7 @@ class DistinctSet(msgspec.Struct, kw_only=True):
 
 
 class DueState(msgspec.Struct, kw_only=True):
-    """``streams.dedup.DueQueue``: the heap of due buckets and each bucket's keys."""
+    """``safeswap.core.dedup.DueQueue``: the heap of due buckets and each bucket's keys."""
 
     bucket_ms: int
     heap: list[int]  # in heap order
@@ -61,7 +61,7 @@ class DueState(msgspec.Struct, kw_only=True):
 
 
 class CellSums(msgspec.Struct, kw_only=True):
-    """``safeswap.metrics.VariantSums`` of one cell."""
+    """``safeswap.core.metrics.VariantSums`` of one cell."""
 
     sums: list[float]  # 6 per ratio metric
     buckets: dict[int, bytes]  # bucket -> float64 running totals, (num, den) per ratio metric
@@ -72,7 +72,7 @@ class CellSums(msgspec.Struct, kw_only=True):
 
 
 class PendingFeedback(msgspec.Struct, kw_only=True):
-    """Feedback waiting for its trace (``streams.join.PendingJoin``)."""
+    """Feedback waiting for its trace (``safeswap.core.join.PendingJoin``)."""
 
     ts: int
     feedback: FeedbackEvent
@@ -80,7 +80,7 @@ class PendingFeedback(msgspec.Struct, kw_only=True):
 
 
 class HeldResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
-    """A response held for its session or its join (``safeswap.outcomes.Response``)."""
+    """A response held for its session or its join (``safeswap.core.outcomes.Response``)."""
 
     trace: TraceEvent  # without its texts
     cell: Key  # the cell it counts in
@@ -108,11 +108,11 @@ class HeldResponse(msgspec.Struct, kw_only=True, omit_defaults=True):
 
 
 class HeldUser(msgspec.Struct, kw_only=True):
-    """One (rollout, user) held in memory (``safeswap.outcomes.UserState``)."""
+    """One (rollout, user) held in memory (``safeswap.core.outcomes.UserState``)."""
 
     rollout_id: str
     user_id: str
-    uid: int  # streams.dedup.id_hash(user_id)
+    uid: int  # safeswap.core.dedup.id_hash(user_id)
     variants: list[str] | None
     arm: str
     cohort: int

@@ -14,7 +14,7 @@ log = logging.getLogger(__name__)
 VALUE_LIMIT = 256 * 1024  # larger originals are cut in the DLQ record (the producer's max is ~1 MB)
 
 # Reason kinds of dead letters: the outcomes agent's reason keys (``reason_key`` in
-# safeswap/outcomes.py, the prefix of the reason it sends, also kept per partition in
+# safeswap/core/outcomes.py, the prefix of the reason it sends, also kept per partition in
 # ``processor.reasons``), plus the kinds other agents' reasons start with. A fixed set:
 # free-text reasons must not become label values.
 DLQ_REASON_KINDS: frozenset[str] = frozenset(

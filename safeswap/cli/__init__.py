@@ -61,7 +61,7 @@ def demo(
     ] = False,
 ) -> None:
     """Run the whole loop on the embedded broker: events in, rollback decision out."""
-    from safeswap.demo import run_demo
+    from safeswap.tools.demo import run_demo
 
     if otlp:
         try:
@@ -94,7 +94,7 @@ def dev(
 ) -> None:
     """Run a local stack without Docker until Ctrl-C: the embedded broker on 127.0.0.1:PORT, the
     topics and a worker; prints the SAFESWAP_BROKER to export for every other command."""
-    from safeswap.dev import PortInUse, run_dev
+    from safeswap.tools.dev import PortInUse, run_dev
     from streams.broker import BrokerError
     from streams.topics import TopicCreationError
 
@@ -169,7 +169,7 @@ WaitOption = Annotated[float, typer.Option("--wait", help="Seconds to wait for t
 
 
 def _load_plan(path: Path, eval_gate: Path | None = None):
-    from safeswap.plan import load_plan
+    from safeswap.core.plan import load_plan
 
     report = load_plan(path)
     if report.plan is not None and eval_gate is not None:
@@ -221,7 +221,7 @@ def plan_validate(
 def _run(coroutine):
     import asyncio
 
-    from safeswap.rollouts import RolloutError
+    from safeswap.tools.rollouts import RolloutError
 
     try:
         return asyncio.run(coroutine)
@@ -248,8 +248,8 @@ def rollout_start(
 ) -> None:
     """Validate and publish a plan; the plan is hashed and immutable from now on (a high-stakes
     plan needs --eval-gate with a passing `safeswap eval-gate --stakes high --json` result)."""
-    from safeswap.evalgate import gate_problem
-    from safeswap.rollouts import start_rollout
+    from safeswap.core.evalgate import gate_problem
+    from safeswap.tools.rollouts import start_rollout
 
     the_plan = _plan_or_exit(plan, eval_gate)
     gate = the_plan.eval_gate
@@ -267,7 +267,7 @@ def rollout_start(
 
 
 def _print_decision_result(rollout_id: str, outcome: str, decision, json_out: bool, wait: float) -> None:
-    from safeswap.views import decision_line
+    from safeswap.tools.views import decision_line
 
     if decision is None:
         err.print(
@@ -290,7 +290,7 @@ def _print_decision_result(rollout_id: str, outcome: str, decision, json_out: bo
 
 
 def _command(command: str, rollout_id: str, reason: str, broker: str | None, wait: float, json_out: bool) -> None:
-    from safeswap.rollouts import command_rollout
+    from safeswap.tools.rollouts import command_rollout
 
     decision = _run(command_rollout(_broker_or_fail(broker), rollout_id, command, reason, wait))
     _print_decision_result(rollout_id, f"{command} sent", decision, json_out, wait)
@@ -341,8 +341,8 @@ def rollout_status(rollout_id: str, broker: BrokerOption = None, json_out: JsonO
     import msgspec
     from rich.console import Console
 
-    from safeswap.rollouts import rollout_states
-    from safeswap.views import status_view
+    from safeswap.tools.rollouts import rollout_states
+    from safeswap.tools.views import status_view
 
     decisions, statuses = _run(rollout_states(_broker_or_fail(broker)))
     decision, status = decisions.get(rollout_id), statuses.get(rollout_id)
@@ -369,8 +369,8 @@ def rollout_list(broker: BrokerOption = None, json_out: JsonOption = False) -> N
     import msgspec
     from rich.console import Console
 
-    from safeswap.rollouts import rollout_states
-    from safeswap.views import rollout_list_table
+    from safeswap.tools.rollouts import rollout_states
+    from safeswap.tools.views import rollout_list_table
 
     decisions, _ = _run(rollout_states(_broker_or_fail(broker)))
     Console(stderr=json_out).print(rollout_list_table(decisions))
@@ -394,8 +394,8 @@ def simulate(
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from safeswap.simulate import ScenarioError, load_scenario, run_simulation
-    from safeswap.views import decision_line
+    from safeswap.tools.simulate import ScenarioError, load_scenario, run_simulation
+    from safeswap.tools.views import decision_line
 
     the_plan = _plan_or_exit(plan, eval_gate)
     try:
@@ -405,7 +405,7 @@ def simulate(
             err.print(f"error: {line}", highlight=False, markup=False)
         raise typer.Exit(2) from None
     if the_plan.stakes == "high" and the_plan.eval_gate is None:
-        from safeswap.evalgate import assumed_gate
+        from safeswap.core.evalgate import assumed_gate
 
         err.print("note: rehearsal assumes the offline eval gate passed (give --eval-gate to use a real result)")
         the_plan.eval_gate = assumed_gate("simulate")

@@ -1,4 +1,4 @@
-"""``safeswap eval-gate``: the offline eval gate (safeswap.evalgate)."""
+"""``safeswap eval-gate``: the offline eval gate (safeswap.core.evalgate)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from safeswap.evalgate import GateInputError, run_gate
+from safeswap.core.evalgate import GateInputError, run_gate
 
 
 def register(app) -> None:

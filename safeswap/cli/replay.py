@@ -1,4 +1,4 @@
-"""``safeswap replay``: the outcomes logic offline (safeswap.replay)."""
+"""``safeswap replay``: the outcomes logic offline (safeswap.tools.replay)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
-from safeswap.outcomes import OutcomeConfig
-from safeswap.replay import DecisionReplay, replay_lines, result_table, short_values
+from safeswap.core.outcomes import OutcomeConfig
+from safeswap.tools.replay import DecisionReplay, replay_lines, result_table, short_values
 from streams.settings import Settings
 
 
@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
         controller = None
         pinned = None
         if plan is not None:
-            from safeswap.plan import load_plan
+            from safeswap.core.plan import load_plan
 
             loaded = load_plan(plan)
             for line in loaded.lines():
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
             )
         if controller is not None:
             result["plan"] = controller.summary()
-            from safeswap.views import decision_line
+            from safeswap.tools.views import decision_line
 
             for decision in controller.decisions:
                 err.print(decision_line(decision), highlight=False, markup=False, soft_wrap=True)

@@ -34,7 +34,7 @@ def validate_stats(
         typer.Option(
             "--realistic",
             help="Closed-loop rollouts of realistic traffic through the worker's own code "
-            "(safeswap.stats.scenarios) instead of the idealised streams.",
+            "(safeswap.core.stats.scenarios) instead of the idealised streams.",
         ),
     ] = False,
     scenario: Annotated[
@@ -54,7 +54,7 @@ def validate_stats(
     ] = 60.0,
 ) -> None:
     """Monte-Carlo validation: false-rollback and detection rates, safeswap vs naive z-tests."""
-    from safeswap.stats.validation import run_validation
+    from safeswap.core.stats.validation import run_validation
 
     err = Console(stderr=True)
     if runs is None:
@@ -74,7 +74,7 @@ def validate_stats(
                 progress.update(task, description=name, completed=done, total=total)
 
             if realistic:
-                from safeswap.stats.scenarios import run_realistic
+                from safeswap.core.stats.scenarios import run_realistic
 
                 result = run_realistic(
                     scenario or None, runs, seed, jobs=jobs, progress=report, look_minutes=look_minutes
@@ -92,7 +92,7 @@ def validate_stats(
             print(json.dumps(result))
         return
     table = Table(
-        title=f"safeswap.stats validation: {runs} runs, seed {seed}, alpha {result['alpha']}, "
+        title=f"safeswap.core.stats validation: {runs} runs, seed {seed}, alpha {result['alpha']}, "
         f"n_tune {result['n_tune']}, fixed-horizon n {result['fixed_horizon_per_arm']}/arm, "
         f"looks every {result['look_every_per_arm']} to {result['horizon_per_arm']}/arm"
     )
@@ -180,7 +180,7 @@ def plan_size(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Users per arm for the fixed-horizon and the sequential test, and how long to watch."""
-    from safeswap.stats.planning import plan_sample_size, watch_hours
+    from safeswap.core.stats.planning import plan_sample_size, watch_hours
 
     try:
         plan = plan_sample_size(

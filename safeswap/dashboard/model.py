@@ -7,7 +7,7 @@ rollout, JSON-ready). A live source feeds it from Kafka, a recorded one from the
 Parquet datasets: the page cannot tell them apart.
 
 The guardrail intervals *over time* are recomputed here by running the
-controller's own pure functions (``safeswap.controller.on_plan`` /
+controller's own pure functions (``safeswap.core.controller.on_plan`` /
 ``on_snapshot``) over the plan and the statistics snapshots, in the order the
 decide agent read them (snapshots are keyed by rollout, so one partition holds
 them all, in order). Every snapshot is one look, as in the worker, so the
@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from safeswap.controller import (
+from safeswap.core.controller import (
     LIVE,
     PlanConflict,
     RolloutState,
@@ -36,9 +36,9 @@ from safeswap.controller import (
     on_snapshot,
     parse_snapshot,
 )
-from safeswap.metrics import METRICS, variant_values
-from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
-from safeswap.stats.sequential import stratified_compare
+from safeswap.core.metrics import METRICS, variant_values
+from safeswap.core.plan import METRIC_HARM, guarded_metrics, parse_duration
+from safeswap.core.stats.sequential import stratified_compare
 from schemas import DeadLetter, Decision, HealthSpec, RolloutPlan, RolloutStatus, StatsSnapshot
 from streams.deadletter import reason_kind
 

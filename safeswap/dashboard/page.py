@@ -14,8 +14,8 @@ from collections.abc import Callable
 from typing import Any
 from urllib.parse import quote
 
+from safeswap.core.metrics import METRICS
 from safeswap.dashboard.charts import esc, fmt, interval_chart, interval_text, stage_timeline, trend_chart, when
-from safeswap.metrics import METRICS
 
 STATUS_CLASS = {
     "breach": "bad",

@@ -11,9 +11,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass, field
 
-from safeswap.assignment import assign
-from safeswap.stats import Ratio
-from safeswap.stats.quantiles import LatencyHistogram
+from safeswap.core.assignment import assign
+from safeswap.core.stats import Ratio
+from safeswap.core.stats.quantiles import LatencyHistogram
 from schemas import StatsSnapshot
 
 HOUR_MS = 3_600_000

@@ -9,7 +9,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from safeswap.controller import (
+from safeswap.core.controller import (
     RolloutState,
     cohort_strata,
     evaluate,
@@ -19,12 +19,12 @@ from safeswap.controller import (
     plan_hash,
     watch_horizon_s,
 )
-from safeswap.metrics import UNIT_BUCKETS, M
-from safeswap.outcomes import OutcomeProcessor
-from safeswap.stats import Ratio
+from safeswap.core.dedup import id_hash
+from safeswap.core.metrics import UNIT_BUCKETS, M
+from safeswap.core.outcomes import OutcomeProcessor
+from safeswap.core.stats import Ratio
 from schemas import Decision, StatsSnapshot
 from schemas.events import SequentialSpec
-from streams.dedup import id_hash
 from tests.controller.test_controller import plan
 from tests.outcomes.helpers import NOW, T0, feedback, trace
 
@@ -336,8 +336,8 @@ def test_a_snapshot_with_unusable_totals_never_reaches_a_decision():
 def test_replay_follows_recorded_decisions_for_the_cohorts():
     import json
 
-    from safeswap.outcomes import OutcomeConfig
-    from safeswap.replay import DecisionReplay, replay_lines
+    from safeswap.core.outcomes import OutcomeConfig
+    from safeswap.tools.replay import DecisionReplay, replay_lines
 
     events = [trace(1, T0, user="a"), trace(2, T0 + 2 * HOUR, user="b", prompt="q")]
     recorded = decision([T0 + HOUR])

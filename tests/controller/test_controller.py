@@ -5,8 +5,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from safeswap.controller import PlanConflict, RolloutState, on_command, on_plan, on_snapshot, plan_hash
-from safeswap.evalgate import gate, result_hash
+from safeswap.core.controller import PlanConflict, RolloutState, on_command, on_plan, on_snapshot, plan_hash
+from safeswap.core.evalgate import gate, result_hash
 from schemas import GuardrailSpec, RolloutPlan, StageSpec, VariantSpec, encode
 from tests.controller.sim import Behaviour, Sim
 
@@ -166,7 +166,7 @@ def test_high_stakes_plan_waits_for_a_passing_eval_gate_then_starts_in_shadow():
 
 
 def test_shadow_promotes_to_canary_after_its_watch_once_shadow_pairs_are_in():
-    from safeswap.shadow_analysis import ShadowAccumulator
+    from safeswap.core.shadow_analysis import ShadowAccumulator
     from schemas import StatsSnapshot, convert
     from schemas.events import ShadowPair
     from tests.judge.fake_anthropic import pair_fields
@@ -282,8 +282,8 @@ def test_latency_guardrail_breaches_when_a_stratum_is_slower():
 def test_status_before_any_statistics_says_it_waits_and_what_the_stage_needs():
     from rich.console import Console
 
-    from safeswap.controller import status_of
-    from safeswap.views import status_view
+    from safeswap.core.controller import status_of
+    from safeswap.tools.views import status_view
 
     rollouts: dict[str, RolloutState] = {}
     start = on_plan(rollouts, plan(), ts=1_796_000_000_000)  # a plan arrives at wall-clock time

@@ -14,9 +14,9 @@ import msgspec
 import pytest
 import yaml
 
-from safeswap.controller import PlanConflict, RolloutState, on_plan
-from safeswap.evalgate import assumed_gate, result_hash
-from safeswap.plan import load_plan
+from safeswap.core.controller import PlanConflict, RolloutState, on_plan
+from safeswap.core.evalgate import assumed_gate, result_hash
+from safeswap.core.plan import load_plan
 from schemas import StageSpec, encode
 from tests.controller.test_controller import gate_result, plan
 from tests.kafka_helpers import produce

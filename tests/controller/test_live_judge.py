@@ -6,8 +6,8 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from safeswap.controller import RolloutState, on_plan, on_snapshot, status_of
-from safeswap.live_scores import LiveScoreAccumulator
+from safeswap.core.controller import RolloutState, on_plan, on_snapshot, status_of
+from safeswap.core.live_scores import LiveScoreAccumulator
 from schemas import StatsSnapshot, encode
 from tests.controller.sim import Behaviour, Sim
 from tests.controller.test_controller import plan
@@ -110,7 +110,7 @@ def test_the_live_snapshots_survive_the_decide_agents_table():
 def test_rollout_status_prints_the_judge_score_by_variant_and_its_role():
     from rich.console import Console
 
-    from safeswap.views import status_view
+    from safeswap.tools.views import status_view
 
     rollouts: dict[str, RolloutState] = {}
     start = on_plan(rollouts, plan(), ts=1)

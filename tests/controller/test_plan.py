@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from safeswap.plan import load_plan, parse_duration
+from safeswap.core.plan import load_plan, parse_duration
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "plan.yaml"
 GOOD = EXAMPLE.read_text()
@@ -131,7 +131,7 @@ def test_cli_validate_exit_codes_and_one_line_per_error(tmp_path):
     ],
 )
 def test_pinned_models(model, pinned):
-    from safeswap.plan import is_pinned
+    from safeswap.core.plan import is_pinned
 
     assert is_pinned(model) is pinned
 

@@ -8,10 +8,10 @@ from dataclasses import replace
 import msgspec
 import pytest
 
-from safeswap.controller import RolloutState, alpha_split, on_plan, on_snapshot, status_of
-from safeswap.outcomes import OutcomeProcessor
-from safeswap.stats.scenarios import SCENARIOS, run_rollout, summarise
-from safeswap.views import status_view
+from safeswap.core.controller import RolloutState, alpha_split, on_plan, on_snapshot, status_of
+from safeswap.core.outcomes import OutcomeProcessor
+from safeswap.core.stats.scenarios import SCENARIOS, run_rollout, summarise
+from safeswap.tools.views import status_view
 from schemas import RolloutPlan
 from tests.outcomes.helpers import NOW, T0, feedback, trace
 

@@ -125,7 +125,7 @@ def test_assignment_by_request_pauses_on_crossover(tmp_path):
 
 
 def test_scenario_files_are_checked_with_field_and_line(tmp_path):
-    from safeswap.simulate import ScenarioError, arm_models, load_scenario
+    from safeswap.tools.simulate import ScenarioError, arm_models, load_scenario
 
     good = tmp_path / "good.yaml"
     good.write_text(
@@ -182,9 +182,9 @@ def shadow_traffic(scenario_fields: dict, shadow_percent: float = 50.0):
     """One hour of a scenario's traffic under a shadow decision, from a FlagClient fed by apply()."""
     import msgspec
 
+    from safeswap.core.plan import validate_plan_data
     from safeswap.flags import FlagClient
-    from safeswap.plan import validate_plan_data
-    from safeswap.simulate import Scenario, Traffic
+    from safeswap.tools.simulate import Scenario, Traffic
     from schemas import Decision, encode
     from streams.settings import Settings
 
@@ -211,8 +211,8 @@ def shadow_traffic(scenario_fields: dict, shadow_percent: float = 50.0):
 
 
 def test_shadow_stage_pairs_each_shadowed_request_with_the_candidates_answer_users_see_control():
-    from safeswap.judge_sim import CANDIDATE_TAG
-    from safeswap.shadow_analysis import json_broken
+    from safeswap.core.shadow_analysis import json_broken
+    from safeswap.tools.judge_sim import CANDIDATE_TAG
     from schemas import FeedbackEvent, TraceEvent
     from schemas.events import ShadowPair
 
@@ -260,7 +260,7 @@ def test_simulated_judge_follows_the_judge_block_in_both_orders_through_the_real
     import asyncio
 
     from safeswap.judge import Judge, judge_pairs
-    from safeswap.judge_sim import SimulatedJudge
+    from safeswap.tools.judge_sim import SimulatedJudge
     from schemas.events import ShadowPair
     from streams.settings import Settings
 
@@ -346,7 +346,7 @@ def test_traffic_goes_out_never_further_behind_than_the_lead_and_past_each_step_
     flags, plan, _ = shadow_traffic(scenario(), shadow_percent=0.0)
     import msgspec
 
-    from safeswap.simulate import Scenario, Traffic
+    from safeswap.tools.simulate import Scenario, Traffic
 
     start, step, lead = 1_767_225_600_000, 600_000, 150_000
     traffic = Traffic(msgspec.convert(scenario(users_per_hour=600), Scenario), plan, plan.rollout_id, start, lead)

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 
 from safeswap.dashboard.server import Dashboard
-from safeswap.simulate import Scenario, closed_loop
+from safeswap.tools.simulate import Scenario, closed_loop
 from schemas import RolloutPlan
 from sinks.read import wait_for_rows
 from streams.broker import free_port

@@ -15,7 +15,7 @@ import pytest
 from aiokafka import AIOKafkaProducer
 from prometheus_client.parser import text_string_to_metric_families
 
-from safeswap.rollouts import command_rollout
+from safeswap.tools.rollouts import command_rollout
 from streams.kafka import client_options
 from tests.dashboard.browser import save, visit_page
 

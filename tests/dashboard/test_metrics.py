@@ -9,7 +9,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from agents.prometheus import WorkerMetrics
-from safeswap.outcomes import OutcomeConfig, OutcomeProcessor
+from safeswap.core.outcomes import OutcomeConfig, OutcomeProcessor
 from schemas import encode
 from streams.deadletter import DLQ_REASON_KINDS, dead_letter, reason_kind
 from streams.settings import Settings
@@ -100,7 +100,7 @@ def test_dead_letters_by_reason_events_per_agent_and_unit_families():
 
 
 def test_live_judge_scores_from_the_status_become_gauges():
-    from safeswap.live_scores import LiveScoreAccumulator, merge, summarize
+    from safeswap.core.live_scores import LiveScoreAccumulator, merge, summarize
     from tests.dashboard.test_model import PLAN
 
     accumulator = LiveScoreAccumulator()

@@ -9,12 +9,12 @@ import msgspec
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
+from safeswap.core.metrics import add_published, metric_values, variant_values
+from safeswap.core.stats import LatencyHistogram, Ratio, stat_from_dict
 from safeswap.dashboard.charts import interval_chart, stage_timeline, trend_chart
 from safeswap.dashboard.model import DashboardModel, coalesce
 from safeswap.dashboard.page import nav_html, page_html, rollout_html
 from safeswap.dashboard.server import DashboardState, build_app, is_loopback
-from safeswap.metrics import add_published, metric_values, variant_values
-from safeswap.stats import LatencyHistogram, Ratio, stat_from_dict
 from schemas import Decision, RolloutPlan, StatsSnapshot
 
 EVIL = '"><script>alert(1)</script>'
@@ -188,7 +188,7 @@ def test_headers_forbid_foreign_scripts_and_api_answers():
 def test_a_gate_attached_to_a_registered_plan_is_replayed_like_the_controller_does():
     """rollout start may republish a high-stakes plan waiting in registered with its gate:
     the page must follow it out of registered, not keep the first, gateless plan."""
-    from safeswap.evalgate import result_hash
+    from safeswap.core.evalgate import result_hash
 
     high = msgspec.structs.replace(PLAN, stakes="high")
     gate = {"passed": True, "stakes": "high", "lost_count": 0, "lost": []}
@@ -289,7 +289,7 @@ def test_segment_guardrails_show_the_breached_segment_first_and_what_was_too_sma
 
 
 def live_judge_snapshot(seq: int, control: list[int], candidate: list[int], ts: int = 20_000_000) -> StatsSnapshot:
-    from safeswap.live_scores import LiveScoreAccumulator
+    from safeswap.core.live_scores import LiveScoreAccumulator
 
     accumulator = LiveScoreAccumulator()
     for variant, scores in (("control", control), ("candidate", candidate)):

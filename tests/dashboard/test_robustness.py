@@ -7,11 +7,11 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from safeswap.controller import health_checks
+from safeswap.core.controller import health_checks
+from safeswap.core.metrics import model_drift_text
 from safeswap.dashboard.model import DashboardModel
 from safeswap.dashboard.page import rollout_html
 from safeswap.dashboard.server import DashboardState
-from safeswap.metrics import model_drift_text
 from schemas import Decision, HealthSpec
 from tests.dashboard.test_model import EVIL, _with_client, fed_model, snapshot
 

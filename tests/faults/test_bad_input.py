@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, Phase, given
 from hypothesis import settings as hypothesis_settings
 from hypothesis import strategies as st
 
-from safeswap.outcomes import merged_snapshot_values
-from safeswap.rollouts import start_rollout
+from safeswap.core.outcomes import merged_snapshot_values
+from safeswap.tools.rollouts import start_rollout
 from schemas import StatsSnapshot, encode
 from streams.process import WorkerProcess
 from tests.faults.badinput import TOPICS, check_rejected, malformed

@@ -31,10 +31,10 @@ import uuid
 import msgspec
 import pytest
 
-from safeswap.assignment import assign
+from safeswap.core.assignment import assign
 from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
-from safeswap.rollouts import start_rollout
+from safeswap.tools.rollouts import start_rollout
 from schemas import StatsSnapshot, TraceEvent
 from streams.broker import EmbeddedBroker, free_port
 from streams.process import WorkerProcess

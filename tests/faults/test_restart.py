@@ -23,7 +23,7 @@ import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 
 import sinks
-from safeswap.outcomes import merged_snapshot_values
+from safeswap.core.outcomes import merged_snapshot_values
 from streams.process import WorkerProcess
 from streams.resume import log_ends
 from tests.faults.helpers import dead_letters, fresh_settings, wait_until

@@ -23,8 +23,8 @@ import polars as pl
 import pytest
 
 import sinks
-from safeswap.outcomes import merged_snapshot_values
-from safeswap.rollouts import start_rollout
+from safeswap.core.outcomes import merged_snapshot_values
+from safeswap.tools.rollouts import start_rollout
 from streams.process import WorkerProcess
 from tests.faults.helpers import by_seq, decisions, fresh_settings, wait_until, walk_plan
 from tests.outcomes.helpers import assert_same_metrics, simulated_events

@@ -7,7 +7,7 @@ import asyncio
 import threading
 import time
 
-from safeswap.assignment import assign
+from safeswap.core.assignment import assign
 from safeswap.flags import FlagClient
 from streams.broker import EmbeddedBroker, free_port
 from streams.topics import ensure_topics

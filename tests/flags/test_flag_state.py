@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from safeswap.assignment import assign, bucket
+from safeswap.core.assignment import assign, bucket
 from safeswap.flags import FlagClient
 from streams.settings import Settings
 from tests.flags.helpers import USERS, raw

@@ -12,7 +12,7 @@ from openfeature.event import ProviderEvent
 from openfeature.exception import ErrorCode
 from openfeature.flag_evaluation import Reason
 
-from safeswap.assignment import assign
+from safeswap.core.assignment import assign
 from safeswap.flags import FlagClient
 from safeswap.openfeature import SafeswapProvider
 from streams.settings import Settings

@@ -2,7 +2,7 @@ import os
 import subprocess
 import sys
 
-from safeswap.assignment import BUCKETS, assign, bucket, in_candidate
+from safeswap.core.assignment import BUCKETS, assign, bucket, in_candidate
 
 
 def test_bucket_matches_the_documented_formula_computed_by_sha256sum():
@@ -43,7 +43,7 @@ def test_different_salts_give_independent_assignments():
 def test_identical_buckets_in_a_subprocess_with_another_hash_seed():
     ids = [f"user-{i}" for i in range(500)]
     here = [bucket("salt", u) for u in ids]
-    code = "from safeswap.assignment import bucket; print([bucket('salt', f'user-{i}') for i in range(500)])"
+    code = "from safeswap.core.assignment import bucket; print([bucket('salt', f'user-{i}') for i in range(500)])"
     for seed in ("1", "12345"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

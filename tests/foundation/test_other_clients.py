@@ -14,7 +14,7 @@ import json
 import confluent_kafka
 import pytest
 
-from safeswap.replay import partition_for
+from safeswap.tools.replay import partition_for
 from tests.faults.helpers import fresh_settings
 from tests.kafka_helpers import read_topic
 

@@ -9,9 +9,9 @@ import random
 import msgspec
 import pytest
 
-from safeswap.demo import demo_plan, simulated_events
 from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
+from safeswap.tools.demo import demo_plan, simulated_events
 from schemas import DeadLetter, TraceEvent, encode
 from tests.kafka_helpers import produce, read_topic
 

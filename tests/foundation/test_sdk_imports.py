@@ -8,7 +8,7 @@ import sys
 
 # Importing any of these from the SDK would mean an app loads the worker or the CLI.
 FORBIDDEN = ("faust", "typer", "rich", "polars", "pyarrow", "agents", "sinks")
-SDK = ("safeswap.emitter", "safeswap.flags", "safeswap.openfeature", "safeswap.shadow", "safeswap.assignment")
+SDK = ("safeswap.emitter", "safeswap.flags", "safeswap.openfeature", "safeswap.shadow", "safeswap.core.assignment")
 
 PROBE = """
 import importlib.abc, sys

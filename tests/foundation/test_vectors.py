@@ -21,7 +21,7 @@ FLOAT_TOLERANCE = 1e-9  # relative: the statistics are floating point in every l
 
 
 def bucketing(case: dict[str, Any]) -> dict[str, Any]:
-    from safeswap.assignment import assign, bucket
+    from safeswap.core.assignment import assign, bucket
 
     return {
         "bucket": bucket(case["salt"], case["user_id"]),
@@ -37,7 +37,7 @@ def partitioning(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def sessions(case: dict[str, Any]) -> dict[str, Any]:
-    from streams.sessions import closable_sessions
+    from safeswap.core.sessions import closable_sessions
 
     return {
         "closed_sessions": [list(pair) for pair in closable_sessions(case["times"], case["watermark"], case["gap_ms"])]
@@ -45,7 +45,7 @@ def sessions(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def sequential(case: dict[str, Any]) -> dict[str, Any]:
-    from safeswap.stats import Proportion, Ratio, sequential_compare
+    from safeswap.core.stats import Proportion, Ratio, sequential_compare
 
     kind = {"proportion": Proportion, "ratio": Ratio}[case["kind"]]
     result = sequential_compare(
@@ -60,7 +60,7 @@ def sequential(case: dict[str, Any]) -> dict[str, Any]:
 
 
 def srm(case: dict[str, Any]) -> dict[str, Any]:
-    from safeswap.stats import srm_test
+    from safeswap.core.stats import srm_test
 
     result = srm_test(case["counts"], case["weights"])
     return {"p_value": result.p_value}

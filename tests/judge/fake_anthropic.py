@@ -1,5 +1,5 @@
 """A fake Anthropic Messages API on 127.0.0.1 (real HTTP, its own thread and loop: the
-package's ``safeswap.judge_sim.MessagesEndpoint``, which ``safeswap simulate`` also uses).
+package's ``safeswap.tools.judge_sim.MessagesEndpoint``, which ``safeswap simulate`` also uses).
 
 The judge is scripted by markers in the request text:
 
@@ -36,12 +36,12 @@ from typing import Any
 from aiohttp import web
 
 from safeswap.judge import SCORE_TOOL_NAME
-from safeswap.judge_sim import MessagesEndpoint, forced_tool, request_text
-from safeswap.judge_sim import between as _between
+from safeswap.tools.judge_sim import MessagesEndpoint, forced_tool, request_text
+from safeswap.tools.judge_sim import between as _between
 
 
 class FakeAnthropic(MessagesEndpoint):
-    """The scripted judge on the package's endpoint plumbing (safeswap.judge_sim)."""
+    """The scripted judge on the package's endpoint plumbing (safeswap.tools.judge_sim)."""
 
     def __init__(
         self, delay_s: float = 0.0, hang_s: float = 5.0, input_tokens: int | None = 1000, output_tokens: int = 50

@@ -12,8 +12,8 @@ import pytest
 from typer.testing import CliRunner
 
 from safeswap.cli import _read_gate, app
-from safeswap.controller import gate_passed
-from safeswap.evalgate import gate, result_hash
+from safeswap.core.controller import gate_passed
+from safeswap.core.evalgate import gate, result_hash
 from schemas import RolloutPlan
 from tests.judge.fake_anthropic import FakeAnthropic, pair_fields
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from safeswap.cli import app
-from safeswap.evalgate import jsonl_lines
+from safeswap.core.evalgate import jsonl_lines
 from safeswap.judge import read_pairs
 from schemas import convert, encode
 from schemas.events import ShadowPair

@@ -11,9 +11,9 @@ import time
 import msgspec
 
 import sinks
+from safeswap.core.live_scores import ROLE
 from safeswap.emitter import Emitter
 from safeswap.judge import DEFAULT_RUBRIC, price_table, score_reserve_estimate
-from safeswap.live_scores import ROLE
 from schemas import Decision, GuardrailSpec, RolloutPlan, RolloutStatus, StageSpec, VariantSpec, convert, decode, encode
 from schemas.events import DeadLetter, LiveScore, TraceEvent
 from tests.judge.fake_anthropic import FakeAnthropic, trace_fields

@@ -8,6 +8,8 @@ import math
 
 import pytest
 
+from safeswap.core.live_scores import ROLE, LiveScoreAccumulator, merge, summarize, validate
+from safeswap.core.stats import Mean, sequential_compare
 from safeswap.judge import (
     DEFAULT_RUBRIC,
     SCORE_TOOL_CHOICE,
@@ -21,8 +23,6 @@ from safeswap.judge import (
     score_reserve_estimate,
     scoreable,
 )
-from safeswap.live_scores import ROLE, LiveScoreAccumulator, merge, summarize, validate
-from safeswap.stats import Mean, sequential_compare
 from schemas import RolloutPlan, convert
 from schemas.events import TraceEvent
 from tests.judge.fake_anthropic import FakeAnthropic, trace_fields

@@ -7,8 +7,8 @@ import random
 import msgspec
 import pytest
 
-from safeswap.controller import RolloutState, on_plan, on_snapshot, status_of
-from safeswap.shadow_analysis import (
+from safeswap.core.controller import RolloutState, on_plan, on_snapshot, status_of
+from safeswap.core.shadow_analysis import (
     DEFAULT_JUDGE_MAX_CONTROL_PREFERENCE,
     ShadowAccumulator,
     analyze,
@@ -16,7 +16,7 @@ from safeswap.shadow_analysis import (
     json_broken,
     merge,
 )
-from safeswap.views import status_view
+from safeswap.tools.views import status_view
 from schemas import GuardrailSpec, RolloutPlan, StageSpec, StatsSnapshot, VariantSpec, convert
 from schemas.events import ShadowPair, ShadowSide
 from tests.controller.sim import Sim
@@ -214,7 +214,7 @@ def test_a_relative_tail_limit_on_a_zero_control_rate_reads_as_any_increase():
     ],
 )
 def test_the_stage_numbers_are_validated(field, value, message):
-    from safeswap.plan import validate_plan_data
+    from safeswap.core.plan import validate_plan_data
 
     data = msgspec.to_builtins(plan(None))
     data["stages"][0][field] = value

@@ -12,8 +12,8 @@ from openfeature.flag_evaluation import FlagResolutionDetails, Reason
 from openfeature.provider import AbstractProvider, Metadata
 from opentelemetry.trace import Status, StatusCode
 
-from safeswap.assignment import assign
-from safeswap.demo import OtelApp
+from safeswap.core.assignment import assign
+from safeswap.tools.demo import OtelApp
 
 
 class BucketingProvider(AbstractProvider):

@@ -8,8 +8,8 @@ import random
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
-from safeswap.assignment import assign
-from safeswap.otlp import decode_spans, map_spans
+from safeswap.core.assignment import assign
+from safeswap.core.otlp import decode_spans, map_spans
 from schemas import InvalidEvent
 from tests.otlp.helpers import App
 
@@ -107,7 +107,7 @@ def test_the_json_encoding_is_the_otlp_json_form_with_hex_ids():
     proto = app.exporter.get_finished_spans()
     from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-    from safeswap.otlp import to_json
+    from safeswap.core.otlp import to_json
 
     request = encode_spans(proto)
     document = to_json(request).decode()

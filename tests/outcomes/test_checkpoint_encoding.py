@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from safeswap.outcomes import OutcomeProcessor
+from safeswap.core.outcomes import OutcomeProcessor
 from streams.checkpoint import ForkedEncoding, decode_state, encode_state
 from tests.outcomes.helpers import simulated_events
 

@@ -10,8 +10,8 @@ import msgspec
 import pytest
 
 from agents.outcomes import restore_processor
-from safeswap.metrics import UNIT_BUCKETS
-from safeswap.outcomes import OutcomeConfig, OutcomeProcessor
+from safeswap.core.metrics import UNIT_BUCKETS
+from safeswap.core.outcomes import OutcomeConfig, OutcomeProcessor
 from schemas import Decision, FeedbackEvent, PartitionState, TraceEvent, encode
 from streams.checkpoint import decode_state, encode_state
 from tests.outcomes.helpers import NOW, T0, feedback, simulated_events, trace

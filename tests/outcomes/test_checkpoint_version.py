@@ -8,7 +8,7 @@ import zlib
 import msgspec
 
 from agents.outcomes import restore_processor
-from safeswap.outcomes import OutcomeConfig, OutcomeProcessor
+from safeswap.core.outcomes import OutcomeConfig, OutcomeProcessor
 from streams.checkpoint import encode_state
 from tests.outcomes.helpers import NOW, simulated_events
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from streams.dedup import NEVER, DueQueue, Watermarks
-from streams.join import PendingJoin, expired, joinable
-from streams.sessions import closable_sessions, first_session_end, same_session, session_close_time
+from safeswap.core.dedup import NEVER, DueQueue, Watermarks
+from safeswap.core.join import PendingJoin, expired, joinable
+from safeswap.core.sessions import closable_sessions, first_session_end, same_session, session_close_time
 
 GAP = 30 * 60_000
 
@@ -84,7 +84,7 @@ def test_add_response_equals_one_add_per_metric():
     """The hot path's fused update gives the sums and per-user totals of ``add(totals, m, x, 1.0)``."""
     import random
 
-    from safeswap.metrics import N_RATIO, VariantSums
+    from safeswap.core.metrics import N_RATIO, VariantSums
 
     rng = random.Random(5)
     fused, single = VariantSums(), VariantSums()

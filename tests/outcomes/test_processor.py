@@ -5,7 +5,7 @@ import random
 import pytest
 from rapidfuzz.distance import Levenshtein
 
-from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
+from safeswap.core.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
 from schemas import encode
 from tests.outcomes.helpers import NOW, T0, assert_same_metrics, feedback, simulated_events, trace
 

@@ -3,8 +3,8 @@ carries the whole population (all segments added) and each ``key=value`` apart."
 
 from __future__ import annotations
 
-from safeswap.controller import parse_snapshot
-from safeswap.outcomes import MAX_SEGMENT_VALUES, OutcomeProcessor
+from safeswap.core.controller import parse_snapshot
+from safeswap.core.outcomes import MAX_SEGMENT_VALUES, OutcomeProcessor
 from schemas import Decision
 from tests.outcomes.helpers import NOW, T0, feedback, trace
 

@@ -11,8 +11,8 @@ import time
 import msgspec
 import pytest
 
-from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
-from safeswap.replay import partition_for, replay_lines
+from safeswap.core.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
+from safeswap.tools.replay import partition_for, replay_lines
 from schemas import DeadLetter, StatsSnapshot
 from streams.checkpoint import read_latest
 from tests.kafka_helpers import read_topic

@@ -17,7 +17,7 @@ import msgspec
 import pytest
 
 from agents.outcomes import OutcomesService
-from safeswap.outcomes import OutcomeProcessor, merged_snapshot_values
+from safeswap.core.outcomes import OutcomeProcessor, merged_snapshot_values
 from schemas import DeadLetter
 from streams.app import create_app
 from tests.faults.helpers import fresh_settings

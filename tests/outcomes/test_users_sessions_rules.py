@@ -10,12 +10,12 @@ import sys
 import msgspec
 import pytest
 
-from safeswap.metrics import model_drift
-from safeswap.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
-from safeswap.replay import replay_lines, short_values
+from safeswap.core.dedup import DistinctHashes, id_hash
+from safeswap.core.metrics import model_drift
+from safeswap.core.outcomes import OutcomeConfig, OutcomeProcessor, merged_snapshot_values
+from safeswap.tools.replay import replay_lines, short_values
 from schemas import DistinctSet
 from streams.checkpoint import decode_state, encode_state
-from streams.dedup import DistinctHashes, id_hash
 from tests.outcomes.helpers import NOW, T0, assert_same_metrics, feedback, jsonl, simulated_events, trace
 
 MIN = 60_000

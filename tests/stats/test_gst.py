@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy.special import ndtr, ndtri
 
-from safeswap.stats import GroupSequentialTest, GSTLook, gst_bounds, spending_alpha
+from safeswap.core.stats import GroupSequentialTest, GSTLook, gst_bounds, spending_alpha
 
 INF = math.inf
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from safeswap.stats import GuardrailMonitor, Proportion, split_alpha
+from safeswap.core.stats import GuardrailMonitor, Proportion, split_alpha
 
 
 def test_insufficient_data_below_min_units():

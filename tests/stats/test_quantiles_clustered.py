@@ -1,6 +1,6 @@
 """p95 latency with users as the unit: the delta method for quantiles over hash buckets of
 users (Deng, Knoblich & Lu, KDD 2018, "outer" interval), tested by the asymptotic
-confidence sequence of safeswap.stats.sequential."""
+confidence sequence of safeswap.core.stats.sequential."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from safeswap.metrics import HIST_BINS, LATENCY_BUCKETS, VariantSums
-from safeswap.stats import GuardrailMonitor, Ratio, stat_from_dict
-from safeswap.stats.quantiles import (
+from safeswap.core.metrics import HIST_BINS, LATENCY_BUCKETS, VariantSums
+from safeswap.core.stats import GuardrailMonitor, Ratio, stat_from_dict
+from safeswap.core.stats.quantiles import (
     OUTER_Z,
     LatencyHistogram,
     _concentration,
@@ -21,7 +21,7 @@ from safeswap.stats.quantiles import (
     quantile_std_error,
     quantile_strata_moments,
 )
-from safeswap.stats.validation import cs_reject, quantile_certified
+from safeswap.core.stats.validation import cs_reject, quantile_certified
 
 Q = 0.95
 MU = math.log(400.0)  # median latency 400 ms

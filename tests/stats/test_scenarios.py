@@ -1,4 +1,4 @@
-"""Realistic rollouts (safeswap.stats.scenarios): the generated traffic's properties, the closed
+"""Realistic rollouts (safeswap.core.stats.scenarios): the generated traffic's properties, the closed
 loop through the real processor and controller, determinism across worker processes, the CLI."""
 
 import json
@@ -10,10 +10,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from safeswap.assignment import in_candidate
 from safeswap.cli.stats import register
-from safeswap.stats import Ratio
-from safeswap.stats.scenarios import (
+from safeswap.core.assignment import in_candidate
+from safeswap.core.stats import Ratio
+from safeswap.core.stats.scenarios import (
     DAY_MS,
     SCENARIOS,
     SESSION_GAP_MS,

@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
-from safeswap.stats import Mean, Proportion, Ratio, sequential_compare
-from safeswap.stats.sequential import cs_halfwidth, sequential_rho
+from safeswap.core.stats import Mean, Proportion, Ratio, sequential_compare
+from safeswap.core.stats.sequential import cs_halfwidth, sequential_rho
 
 # Test vectors from GrowthBook gbstats, packages/stats/tests/frequentist/test_tests.py
 # (TestSequentialTTest, TestSequentialOneSided{Greater,Lesser}TTest).  gbstats'

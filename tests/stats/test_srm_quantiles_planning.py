@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.special import gammaln
 
-from safeswap.stats import (
+from safeswap.core.stats import (
     GuardrailMonitor,
     LatencyHistogram,
     SRMMonitor,

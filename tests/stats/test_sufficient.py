@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from safeswap.stats import Mean, Proportion, Ratio, stat_from_dict
+from safeswap.core.stats import Mean, Proportion, Ratio, stat_from_dict
 
 
 def test_proportion_merge_equals_concatenated_data():

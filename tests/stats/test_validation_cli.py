@@ -9,9 +9,9 @@ import typer
 from typer.testing import CliRunner
 
 from safeswap.cli.stats import register
-from safeswap.stats import Proportion, sequential_compare
-from safeswap.stats.quantiles import LatencyHistogram, _concentration, quantile_bounds
-from safeswap.stats.validation import N_TUNE, cs_reject, quantile_certified, run_validation
+from safeswap.core.stats import Proportion, sequential_compare
+from safeswap.core.stats.quantiles import LatencyHistogram, _concentration, quantile_bounds
+from safeswap.core.stats.validation import N_TUNE, cs_reject, quantile_certified, run_validation
 
 
 def test_vectorised_boundary_agrees_with_sequential_compare():

@@ -5,7 +5,7 @@ rollout and variant).
 
 Request-level rates (thumbs-down per response, errors per response) are ratios
 of per-user sums: a user who sends 20 requests is one unit, not 20, so the
-delta-method variance in :mod:`safeswap.stats` sees the clustering. Each
+delta-method variance in :mod:`safeswap.core.stats` sees the clustering. Each
 accumulator keeps every user's running (numerator, denominator) and updates the
 sums of squares and cross-products incrementally, O(1) per event.
 """
@@ -22,8 +22,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from safeswap.stats import Ratio
-from safeswap.stats.quantiles import LatencyHistogram
+from safeswap.core.stats import Ratio
+from safeswap.core.stats.quantiles import LatencyHistogram
 from schemas import CellSums, StatsSnapshot
 from schemas.events import ERROR_KINDS
 
@@ -68,7 +68,7 @@ METRICS: dict[str, MetricInfo] = {
     "cache_hit_rate": MetricInfo("cache hit", "rate", harm="decrease", exported=True),
     "responses_per_user": MetricInfo("responses per user", "count", shown=False),
 }
-# Every ratio metric: per-user numerator and denominator sums (safeswap.stats.Ratio).
+# Every ratio metric: per-user numerator and denominator sums (safeswap.core.stats.Ratio).
 RATIO_METRICS: tuple[str, ...] = (
     "thumbs_down_rate",
     "thumbs_up_rate",
@@ -91,7 +91,7 @@ RATIO_METRICS: tuple[str, ...] = (
 )
 M = {name: index for index, name in enumerate(RATIO_METRICS)}
 N_RATIO = len(RATIO_METRICS)
-# Latency quantiles (safeswap.stats LatencyHistogram with users' hash buckets as clusters), per cache stratum.
+# Latency quantiles (safeswap.core.stats LatencyHistogram with users' hash buckets as clusters), per cache stratum.
 HISTOGRAM_METRICS: dict[str, str] = {
     "latency_ms_p95": "all",
     "latency_ms_p95_cache_hit": "cache_hit",
@@ -403,7 +403,7 @@ def merge_variant_stats(snapshots: Iterable[StatsSnapshot]) -> dict[str, dict[st
     ({variant: {metric: stat}}), as a look sees the pooled arms: the published dicts are summed
     first, then each metric is parsed once. A statistic that cannot be parsed (a kind this
     version does not know) is left out; one whose parts cannot be added raises ValueError."""
-    from safeswap.stats import stat_from_dict
+    from safeswap.core.stats import stat_from_dict
 
     merged: dict[str, dict[str, Any]] = {}
     for variant, raw in add_published(snapshots).items():

@@ -15,7 +15,7 @@ The shadow stage is rehearsed too: each request of a user the FlagClient
 shadows (``should_shadow``) becomes a shadow pair, the served control answer
 beside a candidate answer drawn from the scenario's candidate model; the user
 still sees control only. The worker's judge agent judges the pairs against a
-simulated Anthropic endpoint on 127.0.0.1 (safeswap.judge_sim) whose verdicts
+simulated Anthropic endpoint on 127.0.0.1 (safeswap.tools.judge_sim) whose verdicts
 follow the scenario's ``judge:`` block, so the real judge path runs and no
 real API is called. Each step then also waits until every pair sent is
 analysed and has the judge's word.
@@ -39,12 +39,12 @@ from typing import Any, Literal
 import msgspec
 
 import sinks
-from safeswap.config_files import ConfigIssue, convert_config, read_config
+from safeswap.core.config_files import ConfigIssue, convert_config, read_config
+from safeswap.core.plan import parse_duration
 from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
-from safeswap.judge_sim import CANDIDATE_TAG, SimulatedJudge
-from safeswap.plan import parse_duration
-from safeswap.rollouts import start_rollout
+from safeswap.tools.judge_sim import CANDIDATE_TAG, SimulatedJudge
+from safeswap.tools.rollouts import start_rollout
 from schemas import (
     Decision,
     FeedbackEvent,

@@ -15,7 +15,7 @@ that look*::
 
     delta >= hw(n) + z_{power} * SE(n),   SE(n) = sqrt((v_a + v_b) * inflation / n)
 
-where hw is the CS half-width of ``safeswap.stats.sequential`` at t = 2 n
+where hw is the CS half-width of ``safeswap.core.stats.sequential`` at t = 2 n
 (one- or two-sided, rho tuned at ``n_tune`` total units).  Because the test
 may also stop at any earlier look, the true power at n is a little higher:
 the figure is conservative (see docs/statistics.md for simulated stop times).
@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from scipy.special import ndtri
 
-from safeswap.stats.sequential import _check_alpha, _check_n_tune, cs_halfwidth, sequential_rho
+from safeswap.core.stats.sequential import _check_alpha, _check_n_tune, cs_halfwidth, sequential_rho
 
 __all__ = ["SamplePlan", "plan_sample_size", "watch_hours"]
 

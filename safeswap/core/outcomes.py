@@ -3,22 +3,22 @@
 :class:`OutcomeProcessor` is the whole state of one source partition (both input
 topics are keyed by user_id, so partition *p* of traces and of feedback hold the
 same users). The outcomes agent (agents/outcomes.py) and ``safeswap replay``
-(safeswap/replay.py) drive the *same* object; nothing in here knows about Kafka,
+(safeswap/tools/replay.py) drive the *same* object; nothing in here knows about Kafka,
 wall clocks (``now_ms`` is passed in) or Faust.
 
 Per (rollout, user) the state holds (:class:`UserState`):
 
 * ``open``: the requests of the sessions not closed yet, sorted by event time
-  (streams.sessions derives the sessions from them);
+  (safeswap.core.sessions derives the sessions from them);
 * ``by_trace``: responses kept for the trace/feedback join until the watermark
-  passes ``ts + join_ttl`` (streams.join);
+  passes ``ts + join_ttl`` (safeswap.core.join);
 * ``pending``: feedback that arrived before its trace;
 * ``ids``: event ids seen, for dedup (forgotten once a repeat would be late);
 * ``arm``, ``cohort`` and ``segment``: the variant and the split period of the user's
   first exposure to the rollout, and the segment values its first trace carried.
 
 The statistics are kept per *cell* = (rollout, arm, cohort, segment) (:class:`VariantSums`),
-and within a cell per hash bucket of the user id (``safeswap.metrics.UNIT_BUCKETS``):
+and within a cell per hash bucket of the user id (``safeswap.core.metrics.UNIT_BUCKETS``):
 every response and its feedback add to the running totals of the user's bucket, from
 which the sums of squares are kept exact. A user never changes bucket, arm or cohort,
 so a user who comes back after days adds to the same totals: the user is the unit
@@ -50,7 +50,7 @@ returning user finds its arm and cohort again. The metric contract is
 docs/metrics.md.
 
 Determinism: every decision is a function of event times and the watermarks of
-streams.dedup, so two runs over the same per-topic logs give the same metrics
+safeswap.core.dedup, so two runs over the same per-topic logs give the same metrics
 however the two topics interleave (up to float summation order). That is what
 makes the crash recovery (replay from a checkpoint) and ``safeswap replay``
 agree with the streaming path. A checkpoint carries the state as plain data:
@@ -69,7 +69,10 @@ import msgspec
 from rapidfuzz import fuzz
 from rapidfuzz.distance import Levenshtein
 
-from safeswap.metrics import M, VariantSums
+from safeswap.core.dedup import DistinctHashes, DueQueue, Watermarks, id_hash
+from safeswap.core.join import PendingJoin, expired, joinable
+from safeswap.core.metrics import M, VariantSums
+from safeswap.core.sessions import closable_sessions, first_session_end, same_session
 from schemas import (
     STATE_VERSION,
     Decision,
@@ -85,9 +88,6 @@ from schemas import (
     decode,
 )
 from schemas.events import Variant, rfc3339
-from streams.dedup import DistinctHashes, DueQueue, Watermarks, id_hash
-from streams.join import PendingJoin, expired, joinable
-from streams.sessions import closable_sessions, first_session_end, same_session
 
 TRACE, FEEDBACK = "trace", "feedback"
 FAR_FUTURE = 1 << 62
@@ -1055,7 +1055,7 @@ class OutcomeProcessor:
 def merged_snapshot_values(snapshots: Iterable[StatsSnapshot]) -> dict[str, dict[str, Any]]:
     """Per-variant metric values (docs/metrics.md) of a rollout from the latest snapshot of
     each partition, merged the way the decide agent merges them. Used by replay and tests."""
-    from safeswap.metrics import merge_variant_stats, metric_values
+    from safeswap.core.metrics import merge_variant_stats, metric_values
 
     snapshots = list(snapshots)
     merged = merge_variant_stats(snapshots)

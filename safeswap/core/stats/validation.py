@@ -15,15 +15,12 @@ with its Monte-Carlo standard error) and, for A/B, the stop size as a multiple
 of the fixed-horizon n (median and p80 over all runs, ``None`` if more than
 that share never stops; plus the median over detecting runs).
 
-Run:  python -m safeswap.stats.validation --runs 2000 --seed 0
+Run:  safeswap validate-stats --runs 2000 --seed 0 --json
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 import time
 from collections.abc import Callable
 from numbers import Integral
@@ -31,9 +28,9 @@ from numbers import Integral
 import numpy as np
 from scipy.special import betaln, ndtri
 
-from safeswap.stats.planning import plan_sample_size
-from safeswap.stats.quantiles import LatencyHistogram, _concentration
-from safeswap.stats.sequential import sequential_rho
+from safeswap.core.stats.planning import plan_sample_size
+from safeswap.core.stats.quantiles import LatencyHistogram, _concentration
+from safeswap.core.stats.sequential import sequential_rho
 
 __all__ = ["run_validation", "cs_reject", "quantile_certified", "SCENARIOS"]
 
@@ -132,8 +129,8 @@ def gst_plan(
     k / horizon and information proportional to the users): +inf where a look is not an
     analysis or the plan is spent. Traffic at the planned rate makes the information
     deterministic, so one boundary sequence serves every run."""
-    from safeswap.controller import HSD_GAMMA
-    from safeswap.stats.gst import GroupSequentialTest
+    from safeswap.core.controller import HSD_GAMMA
+    from safeswap.core.stats.gst import GroupSequentialTest
 
     test = GroupSequentialTest(alpha=alpha * share, spending="hsd", param=HSD_GAMMA, analyses=analyses)
     bounds = np.full(looks, np.inf)
@@ -366,22 +363,3 @@ def run_validation(
         }
     out["elapsed_seconds"] = round(time.perf_counter() - started, 1)
     return out
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=2000)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    def report(name: str, done: int, total: int) -> None:
-        print(f"\r[{done}/{total}] {name:<28}", end="", file=sys.stderr, flush=True)
-
-    result = run_validation(args.runs, args.seed, progress=report)
-    print(file=sys.stderr)
-    print(json.dumps(result))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -11,7 +11,7 @@ Pure functions over plain data (docs/shadow.md "Live judge scores"):
 - :func:`summarize` gives, per variant, the mean score with users as the unit
   (each user's mean score, averaged over users: a user who sent 50 scored requests
   counts once), the responses scored and the users, and the always-valid interval
-  of candidate - control at the plan's alpha (``safeswap.stats.sequential_compare``
+  of candidate - control at the plan's alpha (``safeswap.core.stats.sequential_compare``
   on the two ``Mean`` statistics, absolute difference in score points).
 
 The scores are monitored, never a decision input: the controller keeps these
@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from safeswap.stats import Mean, sequential_compare
+from safeswap.core.stats import Mean, sequential_compare
 from schemas.events import LIVE_SCORE_MAX, LIVE_SCORE_MIN
 
 SOURCE_PREFIX = "live_judge:"

@@ -25,7 +25,7 @@ from rich.table import Table
 import sinks
 from safeswap.emitter import Emitter
 from safeswap.flags import FlagClient
-from safeswap.views import evidence_table
+from safeswap.tools.views import evidence_table
 from schemas import (
     Decision,
     FeedbackEvent,
@@ -122,7 +122,7 @@ class OtelApp:
         """Every span so far as one message, in ``otlp_proto`` or ``otlp_json``."""
         from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 
-        from safeswap.otlp import to_json
+        from safeswap.core.otlp import to_json
 
         request = encode_spans(self.exporter.get_finished_spans())
         self.exporter.clear()

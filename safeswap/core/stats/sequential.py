@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from numbers import Real
 from typing import Any, Literal
 
-from safeswap.stats.sufficient import Mean, Proportion, Ratio
+from safeswap.core.stats.sufficient import Mean, Proportion, Ratio
 
 __all__ = [
     "SequentialResult",

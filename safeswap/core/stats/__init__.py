@@ -1,4 +1,4 @@
-"""safeswap.stats: pure statistics for guarded rollouts (numpy + scipy only).
+"""safeswap.core.stats: pure statistics for guarded rollouts (numpy + scipy only).
 
 Public API (names are a contract used by the decide agent and the stream processor):
 
@@ -16,13 +16,13 @@ See docs/statistics.md for the methods, references and validation figures.
 from collections.abc import Mapping
 from typing import Any
 
-from safeswap.stats.gst import GroupSequentialTest, GSTLook, gst_bounds, spending_alpha
-from safeswap.stats.guardrail import GuardrailMonitor, GuardrailVerdict, split_alpha
-from safeswap.stats.planning import SamplePlan, plan_sample_size, watch_hours
-from safeswap.stats.quantiles import LatencyHistogram, QuantileResult, quantile_bounds, quantile_compare
-from safeswap.stats.sequential import SequentialResult, sequential_compare
-from safeswap.stats.srm import SRMMonitor, SRMResult, srm_test
-from safeswap.stats.sufficient import Mean, Proportion, Ratio
+from safeswap.core.stats.gst import GroupSequentialTest, GSTLook, gst_bounds, spending_alpha
+from safeswap.core.stats.guardrail import GuardrailMonitor, GuardrailVerdict, split_alpha
+from safeswap.core.stats.planning import SamplePlan, plan_sample_size, watch_hours
+from safeswap.core.stats.quantiles import LatencyHistogram, QuantileResult, quantile_bounds, quantile_compare
+from safeswap.core.stats.sequential import SequentialResult, sequential_compare
+from safeswap.core.stats.srm import SRMMonitor, SRMResult, srm_test
+from safeswap.core.stats.sufficient import Mean, Proportion, Ratio
 
 __all__ = [
     "GSTLook",

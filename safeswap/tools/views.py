@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 from rich.table import Table
 
-from safeswap.metrics import model_drift_text
+from safeswap.core.metrics import model_drift_text
 from schemas import Decision, GuardrailEvidence, RolloutStatus
 
 
@@ -152,7 +152,7 @@ def status_view(status: RolloutStatus | None, decision: Decision | None) -> list
 
 
 def live_judge_table(live: dict) -> Table:
-    """The live judge scores per variant (safeswap.live_scores.summarize): monitored only."""
+    """The live judge scores per variant (safeswap.core.live_scores.summarize): monitored only."""
     low, high = live.get("scale") or [1, 10]
     table = Table(title=f"judge score by variant, {low}-{high} ({live.get('role', '')})")
     for column in ("variant", "mean score", "scored", "users", "seen", "not scoreable", "over budget", "bad replies"):
@@ -176,7 +176,7 @@ def live_judge_table(live: dict) -> Table:
 
 
 def shadow_view(shadow: dict) -> list:
-    """The shadow analysis (safeswap.shadow_analysis): judge, tails, cost, latency."""
+    """The shadow analysis (safeswap.core.shadow_analysis): judge, tails, cost, latency."""
     judge = shadow.get("judge") or {}
     summary = Table(show_header=False, title=f"shadow analysis ({shadow.get('pairs', 0):,} pairs)")
     preference = judge.get("control_preference")

@@ -1,7 +1,7 @@
 """Realistic rollouts: A/A and A/B traffic generated as events and judged by the worker's own code.
 
 The rollback guarantee ("a harmless candidate is rolled back in at most alpha of
-rollouts, however often we look") is validated in :mod:`safeswap.stats.validation`
+rollouts, however often we look") is validated in :mod:`safeswap.core.stats.validation`
 on idealised streams: one unit a user, a fixed 50/50 split, independent requests.
 Real LLM traffic is not like that, and every way it differs can bias a test that
 pools the whole rollout:
@@ -21,13 +21,13 @@ pools the whole rollout:
 * traffic is slower or faster than the plan expected (0.7x, 1.3x).
 
 Each run is a closed loop in event time, like a real rollout: a plan is registered
-with :func:`safeswap.controller.on_plan`; every request is assigned the way the flag
-client assigns it, from the split of the latest decision (:mod:`safeswap.assignment`:
+with :func:`safeswap.core.controller.on_plan`; every request is assigned the way the flag
+client assigns it, from the split of the latest decision (:mod:`safeswap.core.assignment`:
 sticky buckets, so a ramp only moves control users to the candidate); the requests
 and their thumbs-down feedback are built as the wire types (``TraceEvent``,
 ``FeedbackEvent``) and fed in event-time order to one
-:class:`~safeswap.outcomes.OutcomeProcessor`; at every look the processor's snapshot
-goes to :func:`safeswap.controller.on_snapshot`, and every decision goes back to the
+:class:`~safeswap.core.outcomes.OutcomeProcessor`; at every look the processor's snapshot
+goes to :func:`safeswap.core.controller.on_snapshot`, and every decision goes back to the
 processor (``on_decision``: where the split periods begin) and to the flag
 assignment. A run ends at a rollback, at ``complete``, at a pause (nothing moves
 after one until a person resumes), or when the generated traffic ends.
@@ -72,7 +72,7 @@ from typing import Any, Literal
 import msgspec
 import numpy as np
 
-from safeswap.assignment import bucket
+from safeswap.core.assignment import bucket
 from schemas import Decision, FeedbackEvent, RolloutPlan, TraceEvent
 
 __all__ = [
@@ -436,7 +436,7 @@ class EventStream:
 
     The variant of a request is decided when it is materialised, from ``threshold``
     (buckets below it are served the candidate: ``round(percent * 100)``, exactly
-    ``safeswap.assignment.in_candidate``), which the runner updates from every
+    ``safeswap.core.assignment.in_candidate``), which the runner updates from every
     decision; ``step`` multiplies the thumbs-down baseline from the moment it is set.
     ``served`` and ``down`` record, per request, the candidate flag and the thumbs-down.
     """
@@ -579,8 +579,8 @@ def run_rollout(
 
     ``scenario`` replaces ``SCENARIOS[name]`` (a variant of it, for experiments); the
     name still seeds the run."""
-    from safeswap.controller import on_plan, on_snapshot
-    from safeswap.outcomes import OutcomeProcessor
+    from safeswap.core.controller import on_plan, on_snapshot
+    from safeswap.core.outcomes import OutcomeProcessor
 
     started = time.perf_counter()
     scenario = scenario or SCENARIOS[name]
@@ -695,8 +695,8 @@ def previous_method(
     variant is the arm, and everything since the start is pooled: no cohorts, no
     users. Latency: per-request p95 histograms. Both with ``alpha / guardrails``.
     """
-    from safeswap.metrics import HIST_EDGES
-    from safeswap.stats import GuardrailMonitor, LatencyHistogram, Ratio
+    from safeswap.core.metrics import HIST_EDGES
+    from safeswap.core.stats import GuardrailMonitor, LatencyHistogram, Ratio
 
     if not looks:
         return None
@@ -793,7 +793,7 @@ def _histograms_by_look(ts, arm, latency, looks, edges):
 
 # ------------------------------------------------------------------ many rollouts
 def _wilson(hits: int, runs: int, z: float = 1.959964) -> list[float]:
-    from safeswap.stats.validation import _wilson as wilson
+    from safeswap.core.stats.validation import _wilson as wilson
 
     return wilson(hits, runs, z)
 

@@ -79,7 +79,7 @@ span of the CDF over which the density is averaged (asymptotically any z gives
 the same SE); 1.96 is the paper's choice and spans several bins once sigma is
 larger than a bin's probability mass.  The difference of the arms' quantiles
 (absolute, or relative by the delta method) is then tested with the asymptotic
-confidence sequence of ``safeswap.stats.sequential`` with ``t`` = users of both
+confidence sequence of ``safeswap.core.stats.sequential`` with ``t`` = users of both
 arms: by the Bahadur representation, Q is asymptotically a mean of independent
 per-user terms, which is what that sequence needs.  Exposure cohorts combine
 with Cochran-Mantel-Haenszel weights (``quantile_strata_moments``).
@@ -102,8 +102,8 @@ from typing import Any, Literal
 import numpy as np
 from scipy.special import betaln
 
-from safeswap.stats.sequential import _check_alpha, _check_n_tune, _compare_moments, _json_float
-from safeswap.stats.sufficient import _check_kind, _count, _finite, _nonneg
+from safeswap.core.stats.sequential import _check_alpha, _check_n_tune, _compare_moments, _json_float
+from safeswap.core.stats.sufficient import _check_kind, _count, _finite, _nonneg
 
 __all__ = [
     "LatencyHistogram",

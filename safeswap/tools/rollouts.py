@@ -15,7 +15,7 @@ from typing import Any
 import msgspec
 from aiokafka import AIOKafkaProducer
 
-from safeswap.controller import only_gate_changed, plan_hash
+from safeswap.core.controller import only_gate_changed, plan_hash
 from schemas import (
     Command,
     Decision,

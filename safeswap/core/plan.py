@@ -16,12 +16,12 @@ from typing import Any
 
 import msgspec
 
-from safeswap.config_files import ConfigIssue, convert_config, line_for, read_config
-from safeswap.metrics import GUARDABLE
+from safeswap.core.config_files import ConfigIssue, convert_config, line_for, read_config
+from safeswap.core.metrics import GUARDABLE
 from schemas import RolloutPlan
 
 # Guardrail metrics are the outcome metrics (docs/metrics.md), each with the direction
-# that is harm (the catalog in safeswap.metrics).
+# that is harm (the catalog in safeswap.core.metrics).
 METRIC_HARM: dict[str, str] = GUARDABLE
 # Latency depends on cache hits; a cache-rate skew between arms must not pass for
 # a model effect, so latency guardrails are judged within these strata.

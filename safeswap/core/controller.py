@@ -47,12 +47,12 @@ from typing import Any
 
 import msgspec
 
-from safeswap import live_scores
-from safeswap.metrics import model_drift, model_drift_text
-from safeswap.plan import METRIC_HARM, guarded_metrics, parse_duration
-from safeswap.stats import GuardrailMonitor, split_alpha, stat_from_dict
-from safeswap.stats.sequential import stratified_compare
-from safeswap.stats.srm import srm_test
+from safeswap.core import live_scores
+from safeswap.core.metrics import model_drift, model_drift_text
+from safeswap.core.plan import METRIC_HARM, guarded_metrics, parse_duration
+from safeswap.core.stats import GuardrailMonitor, split_alpha, stat_from_dict
+from safeswap.core.stats.sequential import stratified_compare
+from safeswap.core.stats.srm import srm_test
 from schemas import Decision, GuardrailEvidence, HealthSpec, RolloutPlan, RolloutStatus, StatsSnapshot
 
 LIVE = ("shadow", "canary", "ramp")
@@ -86,8 +86,8 @@ def gate_refusal(plan: RolloutPlan) -> str | None:
     """Why a high-stakes plan may not leave ``registered`` yet; None when its gate lets it.
 
     ``passed`` alone is not enough: a hand-written ``{passed: true}`` or a
-    low-stakes result with losses must not open the way (safeswap.evalgate.gate_problem)."""
-    from safeswap.evalgate import gate_problem
+    low-stakes result with losses must not open the way (safeswap.core.evalgate.gate_problem)."""
+    from safeswap.core.evalgate import gate_problem
 
     return gate_problem(plan.eval_gate) if plan.stakes == "high" else None
 
@@ -131,7 +131,7 @@ class Evaluation:
     stage_elapsed_s: float
     stage_min_duration_s: float
     stage_min_users: int
-    # The shadow analysis (safeswap.shadow_analysis.analyze), when there are shadow statistics.
+    # The shadow analysis (safeswap.core.shadow_analysis.analyze), when there are shadow statistics.
     shadow: dict[str, Any] | None = None
     # Segment guardrails: (segment, metric) -> verdict; segments seen beyond the plan's cap.
     segment_verdicts: dict[tuple[str, str], Any] = field(default_factory=dict)
@@ -548,7 +548,7 @@ def shadow_analysis(state: RolloutState) -> dict[str, Any] | None:
     """The shadow analysis while in shadow (or whenever shadow statistics exist)."""
     if state.stage != "shadow" and not state.shadow_snapshots:
         return None
-    from safeswap.shadow_analysis import analyze, merge
+    from safeswap.core.shadow_analysis import analyze, merge
 
     merged = merge([s.shadow for s in state.shadow_snapshots.values()])
     stage = state.current_stage if state.stage == "shadow" else None
@@ -556,7 +556,7 @@ def shadow_analysis(state: RolloutState) -> dict[str, Any] | None:
 
 
 def live_judge_view(state: RolloutState) -> dict[str, Any]:
-    """The live judge scores per variant and their interval (safeswap.live_scores.summarize),
+    """The live judge scores per variant and their interval (safeswap.core.live_scores.summarize),
     for the status and the dashboard; {} before any. Nothing in a look reads this."""
     if not state.live_judge_snapshots:
         return {}
@@ -750,7 +750,7 @@ def _ready_to_promote(state: RolloutState, evaluation: Evaluation) -> bool:
     if state.stage == "shadow":
         # Evidence, not the absence of a breach: enough shadow and judged pairs, every
         # enforced tail/cost/latency check ok, the judge within the stage's margin
-        # (safeswap.shadow_analysis, docs/shadow.md).
+        # (safeswap.core.shadow_analysis, docs/shadow.md).
         return evaluation.shadow is not None and bool(evaluation.shadow["ready"])
     # Every guardrail must have looked and be ok (not insufficient data); a
     # stratified one in every stratum that has data, and at least one.

@@ -65,15 +65,15 @@ from dataclasses import asdict, dataclass
 from numbers import Integral, Real
 from typing import Any, Literal
 
-from safeswap.stats.gst import GroupSequentialTest
-from safeswap.stats.sequential import (
+from safeswap.core.stats.gst import GroupSequentialTest
+from safeswap.core.stats.sequential import (
     _check_alpha,
     _check_n_tune,
     _compare_moments,
     stratified_compare,
     stratified_moments,
 )
-from safeswap.stats.sufficient import Mean, Proportion, Ratio
+from safeswap.core.stats.sufficient import Mean, Proportion, Ratio
 
 __all__ = ["GuardrailMonitor", "GuardrailVerdict", "split_alpha"]
 
@@ -253,7 +253,7 @@ class GuardrailMonitor:
         """(estimate, lower bound, upper bound, p-value of H0: harm <= tolerance, z, information)."""
         harm_alt = "greater" if self.direction == "increase" else "less"
         if self.quantile is not None:
-            from safeswap.stats.quantiles import quantile_compare, quantile_strata_moments
+            from safeswap.core.stats.quantiles import quantile_compare, quantile_strata_moments
 
             if _clustered(strata):
                 # Users as the unit (delta method over users' hash buckets), cohorts combined
@@ -302,7 +302,7 @@ class GuardrailMonitor:
     def _check_inputs(self, strata) -> str | None:
         """Raise on wrong types; return a reason string when data are insufficient."""
         if self.quantile is not None:
-            from safeswap.stats.quantiles import LatencyHistogram
+            from safeswap.core.stats.quantiles import LatencyHistogram
 
             expected: tuple[type, ...] = (LatencyHistogram,)
         else:
@@ -324,7 +324,7 @@ class GuardrailMonitor:
         if self.quantile is not None and _clustered(strata):
             # Clustered histograms: the units are users, and every estimability problem (no
             # data, < 2 buckets, a quantile outside the histogram's range) is insufficient data.
-            from safeswap.stats.quantiles import quantile_strata_moments
+            from safeswap.core.stats.quantiles import quantile_strata_moments
 
             users_control, users_candidate = (sum(pair[i].users for pair in strata) for i in (0, 1))
             if min(users_control, users_candidate) < self.min_units_per_arm:

@@ -32,8 +32,8 @@ from typing import Any
 
 from aiohttp import web
 
+from safeswap.core.shadow_analysis import REFUSAL_OPENINGS
 from safeswap.judge import SCORE_TOOL_NAME, TOOL_NAME
-from safeswap.shadow_analysis import REFUSAL_OPENINGS
 
 # Appended (or, in a JSON answer, written inside a string) to every simulated
 # candidate answer: the endpoint finds the candidate by it, whatever the order.

@@ -23,7 +23,7 @@ Derived per side of a pair (never sent by the app):
 Statistics. The unit is the shadow pair (requests from one user are treated as
 independent: with many requests per user the intervals are somewhat too narrow).
 Tails, cost and latency compare the two sides with the guardrail monitors of
-``safeswap.stats`` (always-valid, one-sided); both sides answer the same
+``safeswap.core.stats`` (always-valid, one-sided); both sides answer the same
 requests, so the two-sample variance is conservative. The judge's control
 preference is ``(control wins - candidate wins) / judged pairs`` (a tie counts
 0), with a one-sample asymptotic confidence sequence (Waudby-Smith et al.). The
@@ -54,8 +54,8 @@ import math
 import re
 from typing import Any
 
-from safeswap.stats import GuardrailMonitor, LatencyHistogram, Mean, Proportion, split_alpha
-from safeswap.stats.sequential import cs_halfwidth, sequential_rho
+from safeswap.core.stats import GuardrailMonitor, LatencyHistogram, Mean, Proportion, split_alpha
+from safeswap.core.stats.sequential import cs_halfwidth, sequential_rho
 
 REFUSAL_OPENINGS = re.compile(
     r"^\W*(i'm sorry,? but|i am sorry,? but|sorry,? (but )?i (can't|cannot)|i (can't|cannot|won't|will not|am unable to|"

@@ -3,7 +3,7 @@
 Each line is one JSON trace or feedback event with ``"type": "trace"|"feedback"``.
 Lines are routed to partitions exactly like the emitters' Kafka producer does
 (murmur2 of the user_id, ``--partitions``, default ``SAFESWAP_PARTITIONS``), and
-each partition runs the same :class:`~safeswap.outcomes.OutcomeProcessor` as the
+each partition runs the same :class:`~safeswap.core.outcomes.OutcomeProcessor` as the
 streaming agent, in file order per event type (= per topic). Its snapshots are
 merged the way the decide agent merges them, so replay and the streaming path
 give the same metrics on the same events (tests/outcomes/test_streaming.py).
@@ -25,8 +25,8 @@ from typing import Any
 
 import msgspec
 
-from safeswap.metrics import model_drift
-from safeswap.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor, merged_snapshot_values
+from safeswap.core.metrics import model_drift
+from safeswap.core.outcomes import FEEDBACK, TRACE, OutcomeConfig, OutcomeProcessor, merged_snapshot_values
 from schemas import Decision, RolloutPlan
 
 
@@ -142,8 +142,8 @@ class DecisionReplay:
     the decisions is what the controller would have asked for."""
 
     def __init__(self, plan: RolloutPlan):
-        from safeswap.controller import on_plan
-        from safeswap.evalgate import assumed_gate
+        from safeswap.core.controller import on_plan
+        from safeswap.core.evalgate import assumed_gate
 
         if plan.stakes == "high" and plan.eval_gate is None:
             plan.eval_gate = assumed_gate("replay")
@@ -158,7 +158,7 @@ class DecisionReplay:
             self.follows_recording = True
 
     def look(self, processors: list[OutcomeProcessor]) -> None:
-        from safeswap.controller import on_snapshot
+        from safeswap.core.controller import on_snapshot
 
         self.seq += 1
         state = self.rollouts[self.rollout_id]
