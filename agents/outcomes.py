@@ -21,8 +21,9 @@ and the producer.
 
 Exactly-once effect on at-least-once delivery -- the state persistence design
 -----------------------------------------------------------------------------
-A Faust table write per event costs more than the rest of the loop (~3,600/s,
-FIELD_NOTES), so the state is not kept in a table. Instead:
+A Faust table write per event costs more than the rest of the loop (about 3,600
+writes/s on a 2-core machine, faust-streaming 0.15), so the state is not kept in a
+table. Instead:
 
 1. **The state is plain Python in memory** (OutcomeProcessor: users, joins,
    sessions, dedup ids, per-variant sums) and it *includes the source offsets it

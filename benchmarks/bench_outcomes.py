@@ -147,7 +147,7 @@ def bench_agent(n_events: int) -> dict:
     from streams.process import WorkerProcess
     from streams.settings import Settings
     from streams.topics import ensure_topics
-    from tests.kafka_helpers import read_topic
+    from tests.support.kafka import read_topic
 
     events = make_events(n_events, users=max(1000, n_events // 10))
     with EmbeddedBroker() as broker, tempfile.TemporaryDirectory() as tmp:

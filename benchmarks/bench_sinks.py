@@ -125,7 +125,7 @@ async def produce_traces(bootstrap: str, topic: str, events: int) -> None:
     from aiokafka import AIOKafkaProducer
 
     from schemas import encode
-    from tests.sinks.helpers import trace
+    from tests.support.sinks import trace
 
     producer = AIOKafkaProducer(bootstrap_servers=bootstrap, linger_ms=5, max_batch_size=256 * 1024)
     await producer.start()

@@ -92,10 +92,6 @@ def gate_refusal(plan: RolloutPlan) -> str | None:
     return gate_problem(plan.eval_gate) if plan.stakes == "high" else None
 
 
-def gate_passed(plan: RolloutPlan) -> bool:
-    return gate_refusal(plan) is None
-
-
 def only_gate_changed(old: RolloutPlan, new: RolloutPlan) -> bool:
     """The same plan but for the attached eval gate (what a plan waiting in registered may change)."""
     return plan_hash(msgspec.structs.replace(old, eval_gate=None)) == plan_hash(

@@ -55,10 +55,6 @@ class Watermarks:
         marks.newest.update(newest)
         return marks
 
-    def of(self, source: str) -> int:
-        newest = self.newest[source]
-        return NEVER if newest == NEVER else newest - self.lateness_ms
-
     def combined(self) -> int:
         """No event that is not late can be older than this, on any source.
 
@@ -109,9 +105,6 @@ class DueQueue:
         queue.heap = list(state.heap)
         queue.buckets = {bucket: [tuple(key) for key in keys] for bucket, keys in state.buckets.items()}
         return queue
-
-    def next_due(self) -> int | None:
-        return self.heap[0] * self.bucket_ms if self.heap else None
 
     def pop_due(self, watermark: int) -> Iterator[Hashable]:
         """Keys whose bucket the watermark has reached (a key may come more than once)."""

@@ -81,10 +81,6 @@ _UNIT_S = {"w": 604_800, "d": 86_400, "h": 3_600, "m": 60, "s": 1}
 DAY_S = 86_400
 
 
-class PlanError(ValueError):
-    """A plan that cannot be used; the message names file, field, line and fix."""
-
-
 def parse_duration(text: str) -> float:
     """ "24h" -> 86400.0; "1d12h" -> 129600.0. Raises ValueError with the accepted form."""
     position, total = 0, 0.0

@@ -1,6 +1,8 @@
 """Session windows in event time, as pure functions over a sorted list of request times.
 
-Faust has no session windows (FIELD_NOTES), so the outcomes agent keeps each
+A session here is inferred from the gap between a user's requests; the app's own
+``session_id`` label plays no part in it (docs/architecture.md, "Words that mean one
+thing"). Faust has no session windows, so the outcomes agent keeps each
 user's open requests in a list sorted by event time and asks these functions:
 
 * two consecutive requests are in the same session when the later one starts
@@ -48,10 +50,3 @@ def closable_sessions(times: Sequence[int], watermark: int, gap_ms: int) -> list
         closed.append((start, end))
         start = end + 1
     return closed
-
-
-def session_close_time(times: Sequence[int], gap_ms: int) -> int | None:
-    """Watermark at which the first session of sorted ``times`` closes (None if empty)."""
-    if not times:
-        return None
-    return times[first_session_end(times, gap_ms)] + gap_ms

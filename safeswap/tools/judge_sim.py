@@ -8,7 +8,7 @@ and cost, the budget) should run as in production. So the simulation starts a
 
 :class:`MessagesEndpoint` is the HTTP plumbing (aiohttp in its own thread and
 loop, ``POST /v1/messages``, the Message shape); the test fake
-(tests/judge/fake_anthropic.py) builds on it with its scripted answers.
+(tests/support/fake_anthropic.py) builds on it with its scripted answers.
 
 Live responses (canary and ramp) get a forced ``record_score`` call instead: a refusal
 scores 2, any other answer 5 to 9 from a stable hash of the request and the answer.

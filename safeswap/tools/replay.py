@@ -6,7 +6,7 @@ Lines are routed to partitions exactly like the emitters' Kafka producer does
 each partition runs the same :class:`~safeswap.core.outcomes.OutcomeProcessor` as the
 streaming agent, in file order per event type (= per topic). Its snapshots are
 merged the way the decide agent merges them, so replay and the streaming path
-give the same metrics on the same events (tests/outcomes/test_streaming.py).
+give the same metrics on the same events (tests/agents/test_outcomes.py).
 At the end of the input every session is closed and every join expired.
 
 Lines with ``"type": "decision"`` (a recorded ``Decision``, e.g. from the Parquet

@@ -17,7 +17,7 @@ from schemas import DeadLetter, Decision, RolloutPlan, encode
 from streams.broker import free_port
 from streams.settings import Settings
 from streams.topics import ensure_topics
-from tests.kafka_helpers import read_topic
+from tests.support.kafka import read_topic
 
 
 def fresh_settings(broker: str, tmp_path: Path, name: str, **overrides) -> Settings:
@@ -43,7 +43,7 @@ def walk_plan(rollout_id: str) -> RolloutPlan:
 
     A stage's watch starts at the first snapshot the controller sees in it, and a fast
     worker may publish that one late in the data: a test must end with events of this
-    rollout well past 30 min later (``rollout_tail`` in tests/outcomes/test_streaming.py), or "complete"
+    rollout well past 30 min later (``rollout_tail`` in tests/agents/test_outcomes.py), or "complete"
     depends on the worker's speed."""
     return msgspec.convert(
         {
@@ -153,7 +153,7 @@ def latest_snapshots(settings: Settings, rollout: str) -> dict:
 
 def wait_until_covered(settings: Settings, worker, rollout: str, flush: str, timeout_s: float) -> dict:
     """Like tests/outcomes' helper, tolerant of bad records on the stats topic."""
-    from tests.outcomes.test_streaming import end_offsets
+    from tests.agents.test_outcomes import end_offsets
 
     ends = asyncio.run(end_offsets(settings))
     wait_until(

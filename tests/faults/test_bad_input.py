@@ -29,6 +29,7 @@ from safeswap.core.outcomes import merged_snapshot_values
 from safeswap.tools.rollouts import start_rollout
 from schemas import StatsSnapshot, encode
 from streams.process import WorkerProcess
+from tests.agents.test_outcomes import FLUSH, ROLLOUT, expected, jsonl, rollout_tail
 from tests.faults.badinput import TOPICS, check_rejected, malformed
 from tests.faults.helpers import (
     dead_letters,
@@ -39,9 +40,8 @@ from tests.faults.helpers import (
     wait_until_covered,
     walk_plan,
 )
-from tests.kafka_helpers import read_topic
-from tests.outcomes.helpers import assert_same_metrics, simulated_events
-from tests.outcomes.test_streaming import FLUSH, ROLLOUT, expected, jsonl, rollout_tail
+from tests.support.events import assert_same_metrics, simulated_events
+from tests.support.kafka import read_topic
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

@@ -41,7 +41,7 @@ from streams.process import WorkerProcess
 from streams.settings import Settings
 from streams.topics import ensure_topics
 from tests.faults.helpers import CuttableProxy, walk_plan
-from tests.kafka_helpers import read_topic
+from tests.support.kafka import read_topic
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

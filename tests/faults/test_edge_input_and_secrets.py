@@ -31,8 +31,8 @@ from schemas import TraceEvent, encode
 from streams.broker import free_port
 from streams.process import WorkerProcess
 from tests.faults.helpers import dead_letters, decisions, fresh_settings, latest_snapshots, produce_many, wait_until
-from tests.kafka_helpers import read_topic
-from tests.outcomes.helpers import trace
+from tests.support.events import trace
+from tests.support.kafka import read_topic
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

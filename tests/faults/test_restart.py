@@ -26,9 +26,7 @@ import sinks
 from safeswap.core.outcomes import merged_snapshot_values
 from streams.process import WorkerProcess
 from streams.resume import log_ends
-from tests.faults.helpers import dead_letters, fresh_settings, wait_until
-from tests.outcomes.helpers import assert_same_metrics, simulated_events
-from tests.outcomes.test_streaming import (
+from tests.agents.test_outcomes import (
     ROLLOUT,
     end_offsets,
     expected,
@@ -38,6 +36,8 @@ from tests.outcomes.test_streaming import (
     rollout_tail,
     wait_until_covered,
 )
+from tests.faults.helpers import dead_letters, fresh_settings, wait_until
+from tests.support.events import assert_same_metrics, simulated_events
 
 pytestmark = [pytest.mark.faults, pytest.mark.integration]
 

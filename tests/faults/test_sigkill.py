@@ -26,9 +26,7 @@ import sinks
 from safeswap.core.outcomes import merged_snapshot_values
 from safeswap.tools.rollouts import start_rollout
 from streams.process import WorkerProcess
-from tests.faults.helpers import by_seq, decisions, fresh_settings, wait_until, walk_plan
-from tests.outcomes.helpers import assert_same_metrics, simulated_events
-from tests.outcomes.test_streaming import (
+from tests.agents.test_outcomes import (
     ROLLOUT,
     end_offsets,
     expected,
@@ -38,6 +36,8 @@ from tests.outcomes.test_streaming import (
     rollout_tail,
     wait_until_covered,
 )
+from tests.faults.helpers import by_seq, decisions, fresh_settings, wait_until, walk_plan
+from tests.support.events import assert_same_metrics, simulated_events
 
 # Once flaky (Faust resumed a partition past the checkpoint's offsets); the outcomes
 # agent now has its own consumer and seeks to the checkpoint itself (agents/outcomes.py).

@@ -15,7 +15,7 @@ import sinks
 from schemas import Decision, GuardrailEvidence
 from sinks import DATASETS, Layout, compact, count_rows, list_files, scan
 from sinks.writer import write_rows
-from tests.sinks.helpers import BASE_TS, feedback, raw, trace
+from tests.support.sinks import BASE_TS, feedback, raw, trace
 
 TRACES = DATASETS["traces"]
 

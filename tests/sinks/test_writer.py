@@ -15,7 +15,7 @@ import pytest
 
 from sinks import DATASETS, Layout, PartitionWriter, Rotation, scan
 from sinks.writer import parse_file_name
-from tests.sinks.helpers import BASE_TS, raw, trace
+from tests.support.sinks import BASE_TS, raw, trace
 
 TRACES = DATASETS["traces"]
 NEVER = Rotation(max_rows=10**9, max_bytes=2**60, max_age_s=1e9, idle_s=1e9)
