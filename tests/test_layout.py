@@ -120,3 +120,19 @@ def test_only_the_cli_imports_typer_and_the_core_imports_no_runtime():
         or (under(name, ("safeswap.core", "schemas")) and under(target, RUNTIME))
     ]
     assert not wrong, wrong
+
+
+def test_the_tests_mirror_the_tree():
+    # tests/<path>/ tests the package (or the module, when it has many tests) at <path>
+    beside = {"support", "faults"}  # shared helpers; the running system under faults
+    tests = ROOT / "tests"
+    wrong = [
+        str(folder.relative_to(ROOT))
+        for folder in tests.rglob("*")
+        if folder.is_dir()
+        and folder.name != "__pycache__"
+        and folder.relative_to(tests).parts[0] not in beside
+        and not (ROOT / folder.relative_to(tests)).is_dir()
+        and not (ROOT / folder.relative_to(tests)).with_suffix(".py").is_file()
+    ]
+    assert not wrong, f"{wrong}: no package or module at that path to mirror"
