@@ -58,10 +58,6 @@ def dead_letter(
     return encode(record)
 
 
-def original_value(record: DeadLetter) -> bytes:
-    return base64.b64decode(record.value_b64)
-
-
 class DeadLetters:
     """The one way an agent sends bad input to the dead-letter topic: the original bytes
     (cut to ``VALUE_LIMIT``, the reason says so), where they came from, the agent and a

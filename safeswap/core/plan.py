@@ -8,13 +8,10 @@ field (``stages[1].percent``), the line in the file and the fix. Pure: no Kafka.
 from __future__ import annotations
 
 import functools
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from safeswap.core.config_files import ConfigIssue, convert_config, line_for, read_config
 from safeswap.core.metrics import GUARDABLE
@@ -337,7 +334,3 @@ def _safe_duration(text: str | None) -> float:
         return parse_duration(text) if text else 0.0
     except ValueError:
         return 0.0
-
-
-def plan_json(plan: RolloutPlan) -> dict[str, Any]:
-    return json.loads(msgspec.json.encode(plan))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 
-import msgspec
 from hypothesis import strategies as st
 
 from schemas import Command, FeedbackEvent, InvalidEvent, RolloutPlan, StatsSnapshot, TraceEvent, decode
@@ -206,11 +205,3 @@ def check_rejected(topic: str, raw: bytes) -> None:
     except InvalidEvent:
         return
     raise AssertionError(f"{topic}: generated message is valid: {raw!r}")
-
-
-def decodes(topic: str, raw: bytes) -> bool:
-    try:
-        msgspec.json.decode(raw, type=STRUCT[topic])
-        return True
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return False

@@ -6,14 +6,13 @@ import asyncio
 import threading
 import time
 import uuid
-from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 from aiokafka import AIOKafkaProducer
 
-from schemas import DeadLetter, Decision, RolloutPlan, encode
+from schemas import DeadLetter, Decision, RolloutPlan
 from streams.broker import free_port
 from streams.settings import Settings
 from streams.topics import ensure_topics
@@ -90,13 +89,6 @@ def dead_letters(settings: Settings, until_count: int = 0, timeout_s: float = 30
     return [msgspec.json.decode(r.value, type=DeadLetter) for r in records]
 
 
-def dead_letters_by_agent(records: list[DeadLetter]) -> dict[str, list[DeadLetter]]:
-    out: dict[str, list[DeadLetter]] = defaultdict(list)
-    for record in records:
-        out[record.agent].append(record)
-    return out
-
-
 def decisions(settings: Settings, rollout_id: str) -> list[Decision]:
     records = asyncio.run(read_topic(settings.broker, settings.topic("decisions"), timeout_s=5))
     out = [msgspec.json.decode(r.value, type=Decision) for r in records if r.value is not None]
@@ -125,10 +117,6 @@ def wait_until(condition: Callable[[], object], timeout_s: float, what: str, log
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}\n{log()[-3000:]}")
         time.sleep(0.3)
-
-
-def plan_bytes(plan: RolloutPlan) -> bytes:
-    return encode(plan)
 
 
 def latest_snapshots(settings: Settings, rollout: str) -> dict:
