@@ -401,9 +401,7 @@ def simulate(
     try:
         loaded = load_scenario(str(scenario))
     except ScenarioError as exc:
-        for line in str(exc).splitlines():
-            err.print(f"error: {line}", highlight=False, markup=False)
-        raise typer.Exit(2) from None
+        raise UserError(str(exc)) from None
     if the_plan.stakes == "high" and the_plan.eval_gate is None:
         from safeswap.core.evalgate import assumed_gate
 

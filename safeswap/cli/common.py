@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from streams.settings import Settings
 
@@ -60,17 +61,24 @@ def _reporting(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except UserError as exc:
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            print_error(exc)
             raise typer.Exit(2) from None
         except ValueError as exc:  # a broken file in the data folder, from any command that reads it
             from sinks.read import UnreadableFile
 
             if not isinstance(exc, UnreadableFile):
                 raise
-            err.print(f"[red]error:[/red] {exc}", highlight=False)
+            print_error(exc)
             raise typer.Exit(2) from None
 
     return run
+
+
+def print_error(exc: Exception) -> None:
+    """``error: <line>`` for each line of the message, which is printed as it is (a path or a
+    value in square brackets is not taken for console markup)."""
+    for line in str(exc).splitlines() or [""]:
+        err.print(Text.assemble(("error:", "red"), " ", line), highlight=False)
 
 
 def settings_from(broker: str | None = None, **overrides) -> Settings:

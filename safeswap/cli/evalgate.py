@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from safeswap.cli.common import UserError
 from safeswap.core.evalgate import GateInputError, run_gate
 
 
@@ -43,13 +44,11 @@ def register(app) -> None:
 
         err = Console(stderr=True, soft_wrap=True)
         if stakes not in ("high", "low"):
-            err.print(f"error: --stakes {stakes!r}: use high or low", highlight=False, markup=False)
-            raise typer.Exit(2)
+            raise UserError(f"--stakes {stakes!r}: use high or low")
         try:
             result = run_gate(baseline, candidate, stakes, min_net_gain, pass_threshold, score_tolerance)
         except GateInputError as exc:
-            err.print(f"error: {exc}", highlight=False, markup=False)
-            raise typer.Exit(2) from None
+            raise UserError(str(exc)) from None
         verdict = "PASS" if result["passed"] else "FAIL"
         err.print(
             f"eval gate {verdict} ({stakes} stakes, {result['common']} cases in common): {result['reason']}",

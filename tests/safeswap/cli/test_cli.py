@@ -172,3 +172,20 @@ def test_an_unreadable_data_file_from_any_command_is_one_error_line():
     result = CliRunner().invoke(report_user_errors(app), ["reads-data"])
     assert result.exit_code == 2
     assert "part-0-0-0.parquet" in result.output and "Traceback" not in result.output
+
+
+def test_every_user_error_is_error_lines_printed_as_written(tmp_path: Path):
+    # One style for every command: each line of the message as "error: ...", exit 2, and
+    # square brackets in a path or value shown as they are (not taken for console markup).
+    result = safeswap("eval-gate", "--baseline", "b.jsonl", "--candidate", "c.jsonl", "--stakes", "[bold]medium")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == ["error: --stakes '[bold]medium': use high or low"]
+
+    plan = Path(__file__).resolve().parents[3] / "examples" / "plan.yaml"
+    scenario = tmp_path / "[draft] scenario.yaml"
+    scenario.write_text("users: many\nbad_field: 1\n")
+    result = safeswap("simulate", "--plan", str(plan), "--scenario", str(scenario))
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert len(lines) == 2 and all(line.startswith(f"error: {scenario}:") for line in lines), lines
+    assert "users: unknown field" in lines[0] and "bad_field: unknown field" in lines[1]
