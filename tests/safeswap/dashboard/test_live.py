@@ -19,7 +19,8 @@ from safeswap.tools.rollouts import command_rollout
 from streams.kafka import client_options
 from tests.safeswap.dashboard.browser import save, visit_page
 
-pytestmark = pytest.mark.integration
+# one simulated rollout (the module fixture) serves every test here, in one xdist process
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("dashboard_live")]
 
 
 def get_json(url: str, token: str | None = None) -> dict:

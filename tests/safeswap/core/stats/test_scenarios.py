@@ -183,11 +183,13 @@ def test_previous_method_sums_equal_the_per_unit_ratio():
 EVERY = [name for name in SCENARIOS if name != "ab_segment_plus_50"]
 
 
+# The tests sharing a module fixture run in one xdist process, so it is computed once.
 @pytest.fixture(scope="module")
 def every_scenario():
     return run_realistic(EVERY, runs=2, seed=0, look_minutes=LOOK_MINUTES)
 
 
+@pytest.mark.xdist_group("every_scenario")
 def test_every_scenario_runs_end_to_end(every_scenario):
     assert list(every_scenario["scenarios"]) == EVERY
     for name, s in every_scenario["scenarios"].items():
@@ -217,6 +219,7 @@ def _without_timings(figures: dict) -> dict:
     return {name: {k: v for k, v in s.items() if k != "seconds_per_run"} for name, s in figures["scenarios"].items()}
 
 
+@pytest.mark.xdist_group("every_scenario")
 def test_results_do_not_depend_on_the_number_of_jobs(every_scenario):
     names = ["returning_users"]
     parallel = run_realistic(names, runs=2, seed=0, jobs=2, look_minutes=LOOK_MINUTES)

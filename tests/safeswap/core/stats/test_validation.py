@@ -41,11 +41,13 @@ def test_vectorised_quantile_bounds_agree_with_quantile_bounds():
         assert (lower, upper) == quantile_bounds(hist, q, alpha, n_tune)
 
 
+# The tests sharing this module fixture run in one xdist process, so it is computed once.
 @pytest.fixture(scope="module")
 def smoke():
     return run_validation(300, seed=1)
 
 
+@pytest.mark.xdist_group("validation_smoke")
 def test_validation_smoke_false_rollback_below_alpha(smoke):
     """300 runs per scenario: every A/A false-rollback rate below alpha + 3 MC SE."""
     se = math.sqrt(0.05 * 0.95 / 300)
@@ -54,6 +56,7 @@ def test_validation_smoke_false_rollback_below_alpha(smoke):
             assert s["safeswap"]["rate"] <= 0.05 + 3 * se, name
 
 
+@pytest.mark.xdist_group("validation_smoke")
 def test_validation_smoke_shows_naive_peeking_inflates_errors_and_we_detect(smoke):
     se = math.sqrt(0.05 * 0.95 / 300)
     assert smoke["scenarios"]["bernoulli_aa"]["naive"]["rate"] > 0.05 + 3 * se
