@@ -688,6 +688,14 @@ def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *,
                 rollout_id=plan.rollout_id,
                 timeout_s=60.0,
             )
+            # and every decision the loop saw: the last one is published just before the loop
+            # ends, and a loaded machine's sink can read it after the worker was told to stop
+            sinks.wait_for_rows(
+                settings.data_dir,
+                ["decisions"],
+                rows_before.get("decisions", 0) + len(result["decisions"]),
+                rollout_id=plan.rollout_id,
+            )
     result["seconds"] = round(time.monotonic() - started, 2)
     result["rollout_id"] = plan.rollout_id
     if own_worker:
