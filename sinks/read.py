@@ -171,20 +171,23 @@ def find_unreadable(data_dir: str | os.PathLike, datasets: list[str] | None = No
 
 def wait_for_rows(
     data_dir: str | os.PathLike,
-    datasets: list[str],
-    at_least: int,
+    at_least: dict[tuple[str, ...], int],
     *,
     rollout_id: str | None = None,
     timeout_s: float = 20.0,
     poll_s: float = 0.25,
-) -> int:
-    """Wait until the datasets together hold ``at_least`` rows (the worker is a separate
-    process: its sinks flush on rotation). Returns the rows found; no error on timeout."""
+) -> dict[str, int]:
+    """Wait until each group of datasets together holds its number of rows, e.g.
+    ``{("traces", "feedback"): events_sent, ("decisions",): 3}`` (the worker is a separate
+    process: its sinks flush on rotation). Returns the rows found per dataset; no error on
+    timeout."""
     import time
 
+    datasets = sorted({name for group in at_least for name in group})
     deadline = time.monotonic() + timeout_s
     while True:
-        found = sum(count_rows(data_dir, datasets, rollout_id=rollout_id).values())
-        if found >= at_least or time.monotonic() >= deadline:
+        found = count_rows(data_dir, datasets, rollout_id=rollout_id)
+        reached = all(sum(found.get(name, 0) for name in group) >= n for group, n in at_least.items())
+        if reached or time.monotonic() >= deadline:
             return found
         time.sleep(poll_s)

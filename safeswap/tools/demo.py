@@ -320,9 +320,13 @@ def run_demo(
             console.print(worker.log_tail(20), markup=False, highlight=False, soft_wrap=True)
             raise
         # The worker's sinks flush on rotation (idle/age), and the rest when it stops (SIGINT).
-        sinks.wait_for_rows(settings.data_dir, ["traces", "feedback"], outcome["events_sent"], rollout_id=rollout_id)
-        if outcome["decision"] is not None:  # and the decisions up to the last one, just published
-            sinks.wait_for_rows(settings.data_dir, ["decisions"], outcome["decision"].seq, rollout_id=rollout_id)
+        # Wait for the events, and the decisions up to the last one, just published.
+        last_seq = outcome["decision"].seq if outcome["decision"] is not None else 0
+        sinks.wait_for_rows(
+            settings.data_dir,
+            {("traces", "feedback"): outcome["events_sent"], ("decisions",): last_seq},
+            rollout_id=rollout_id,
+        )
     rows = sinks.count_rows(settings.data_dir, rollout_id=rollout_id)
     decision: Decision | None = outcome["decision"]
     seconds = round(time.monotonic() - started, 2)

@@ -674,27 +674,20 @@ def run_simulation(settings: Settings, plan: RolloutPlan, scenario: Scenario, *,
         result = asyncio.run(closed_loop(settings, plan, scenario, progress=progress))
         if own_worker:
             # Stopping the worker flushes what its sinks hold, not what they have not read
-            # yet: wait until every event sent is on disk first (as the demo does).
-            events = ["traces", "feedback", "shadow", "judgments"]
+            # yet: wait until every event sent and every decision the loop saw is on disk
+            # first (as the demo does; the last decision is published just before the loop ends).
+            events = ("traces", "feedback", "shadow", "judgments")
             status = result["status"]
             judged = ((status.shadow or {}).get("judge") or {}).get("judged", 0) if status is not None else 0
+            sent = result["events_sent"] + result["shadow_pairs_sent"] + judged
             sinks.wait_for_rows(
                 settings.data_dir,
-                events,
-                sum(rows_before.get(name, 0) for name in events)
-                + result["events_sent"]
-                + result["shadow_pairs_sent"]
-                + judged,
+                {
+                    events: sum(rows_before.get(name, 0) for name in events) + sent,
+                    ("decisions",): rows_before.get("decisions", 0) + len(result["decisions"]),
+                },
                 rollout_id=plan.rollout_id,
                 timeout_s=60.0,
-            )
-            # and every decision the loop saw: the last one is published just before the loop
-            # ends, and a loaded machine's sink can read it after the worker was told to stop
-            sinks.wait_for_rows(
-                settings.data_dir,
-                ["decisions"],
-                rows_before.get("decisions", 0) + len(result["decisions"]),
-                rollout_id=plan.rollout_id,
             )
     result["seconds"] = round(time.monotonic() - started, 2)
     result["rollout_id"] = plan.rollout_id

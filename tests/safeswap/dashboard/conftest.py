@@ -71,8 +71,9 @@ def simulated(broker: str, tmp_path_factory: pytest.TempPathFactory):
         result = asyncio.run(closed_loop(settings, plan, scenario))
         decisions = result["decisions"]
         assert decisions, f"no decision reached the flag client; worker log:\n{worker.log()[-3000:]}"
-        wait_for_rows(settings.data_dir, ["decisions"], len(decisions), rollout_id=plan.rollout_id, timeout_s=30)
-        wait_for_rows(settings.data_dir, ["stats"], 5, rollout_id=plan.rollout_id, timeout_s=30)
+        wait_for_rows(
+            settings.data_dir, {("decisions",): len(decisions), ("stats",): 5}, rollout_id=plan.rollout_id, timeout_s=30
+        )
         yield {"settings": settings, "plan": plan, "result": result, "worker": worker, "root": root}
     finally:
         worker.stop()
